@@ -1,0 +1,328 @@
+"""Typed, immutable, validated run configs.
+
+Choice: plain frozen :mod:`dataclasses` plus ~150 lines of validation here, rather than a
+config library. Reasons: no extra dependency on pods, configs are ordinary pytrees-of-values
+that pickle and hash, type hints are the schema, and errors can name the bad field and list
+the valid ones (``ConfigError: unknown key 'optimizer.lrr'; valid keys: b1, b2, ...``).
+
+A run config is composed from sections::
+
+    Config(model=..., mesh=..., optimizer=..., rollout=..., data=..., stage=..., run=...)
+
+and is built from JSON files (``load``), dicts (``from_dict``) and command-line overrides
+(``apply_overrides(cfg, ["optimizer.lr=2e-6", "stage.steps=52"])``), and written back with
+``to_json``. Values in overrides are parsed as JSON when possible (``1e-3``, ``true``,
+``[1, 2]``, ``null``) and fall back to the raw string.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from typing import Any, Literal, Optional, Sequence
+
+__all__ = [
+    "ConfigError", "ModelSection", "MeshConfig", "OptimizerConfig", "RolloutConfig",
+    "DataConfig", "StageConfig", "RunConfig", "Config", "from_dict", "to_dict", "to_json",
+    "load", "apply_overrides", "replace_path",
+]
+
+
+class ConfigError(ValueError):
+    """A config value or key is invalid. The message names the dotted path of the field."""
+
+
+# --------------------------------------------------------------------------------------------
+# Sections
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSection:
+    """Which policy to build. ``overrides`` are ``ModelConfig`` fields applied to the preset or
+    to the checkpoint's config (validated against ``ModelConfig``'s fields)."""
+
+    preset: str = "tiny"
+    checkpoint: Optional[str] = None  # Hub-layout directory; wins over ``preset``
+    dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    overrides: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh axis sizes; -1 means "all remaining devices" (at most one axis)."""
+
+    data: int = 1
+    fsdp: int = -1
+    expert: int = 1
+    tensor: int = 1
+    context: int = 1
+
+    def __post_init__(self):
+        sizes = dataclasses.astuple(self)
+        if sum(s == -1 for s in sizes) > 1:
+            raise ConfigError("mesh: at most one axis may be -1")
+        for f, s in zip(dataclasses.fields(self), sizes):
+            if s == 0 or s < -1:
+                raise ConfigError(f"mesh.{f.name}: must be a positive size or -1, got {s}")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """AdamW with linear warm-up from ``warmup_init_lr`` to ``lr`` over ``warmup_steps``, then
+    ``schedule`` (constant or cosine down to ``min_lr`` at ``decay_steps``)."""
+
+    lr: float = 3e-6
+    warmup_init_lr: float = 0.0
+    warmup_steps: int = 0
+    schedule: Literal["constant", "cosine"] = "constant"
+    min_lr: float = 0.0
+    decay_steps: int = 0
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+
+    def __post_init__(self):
+        if self.lr <= 0:
+            raise ConfigError(f"optimizer.lr: must be > 0, got {self.lr}")
+        if self.grad_accum < 1:
+            raise ConfigError(f"optimizer.grad_accum: must be >= 1, got {self.grad_accum}")
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutConfig:
+    """How responses are generated (embedded JAX engine or an SGLang server)."""
+
+    engine: Literal["jax", "sglang"] = "jax"
+    server_url: Optional[str] = None
+    n_samples: int = 16
+    max_prompt_len: int = 1024
+    max_response_len: int = 49152
+    temperature: float = 1.0
+    top_p: float = 1.0
+    thinking: bool = True
+
+    def __post_init__(self):
+        if self.n_samples < 1:
+            raise ConfigError(f"rollout.n_samples: must be >= 1, got {self.n_samples}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"rollout.top_p: must be in (0, 1], got {self.top_p}")
+        if self.engine == "sglang" and not self.server_url:
+            raise ConfigError("rollout.server_url: required when rollout.engine is 'sglang'")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Prompt / SFT data source."""
+
+    source: str = "synthetic"
+    domains: tuple = ()
+    batch_prompts: int = 128
+    seq_len: int = 4096
+    shuffle_seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class StageConfig:
+    """One cascade stage (algorithms.md §3)."""
+
+    name: str = "demo"
+    objective: Literal["sft", "grpo", "mopd", "demo"] = "demo"
+    steps: int = 1
+    kl_coef: float = 0.0
+    overlong_filtering: bool = False
+    dynamic_filtering: bool = False
+    leave_one_out: bool = False
+    is_correction: Literal["none", "tis", "icepop"] = "tis"
+    is_low: float = 0.5
+    is_high: float = 2.0
+    teachers: dict = dataclasses.field(default_factory=dict)  # domain -> checkpoint
+
+    def __post_init__(self):
+        if self.steps < 0:
+            raise ConfigError(f"stage.steps: must be >= 0, got {self.steps}")
+        if not 0.0 < self.is_low < self.is_high:
+            raise ConfigError(
+                f"stage.is_low/is_high: need 0 < is_low < is_high, got {self.is_low}, {self.is_high}")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """Bookkeeping: output directory, seed, logging cadence."""
+
+    out_dir: str = "runs/default"
+    seed: int = 0
+    log_every: int = 1
+    checkpoint_every: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    model: ModelSection = ModelSection()
+    mesh: MeshConfig = MeshConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    data: DataConfig = DataConfig()
+    stage: StageConfig = StageConfig()
+    run: RunConfig = RunConfig()
+
+
+# --------------------------------------------------------------------------------------------
+# Generic machinery: dict <-> dataclass with type checks
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    """Check ``value`` against type hint ``tp``; return the (possibly converted) value."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin is typing.Union or origin is types.UnionType:
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, path)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{path}: must be one of {list(args)}, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping for section {tp.__name__}, got {value!r}")
+        return from_dict(tp, value, _path=path)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected bool, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected int, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: expected float, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected str, got {value!r}")
+        return value
+    if tp is tuple or origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        return tuple(value)
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+        return dict(value)
+    raise ConfigError(f"{path}: unsupported field type {tp!r}")
+
+
+def from_dict(cls, d: dict, *, _path: str = ""):
+    """Build dataclass ``cls`` from a (nested) dict; unknown keys and ill-typed values raise
+    :class:`ConfigError` naming the dotted path and listing the valid keys."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"{_path or cls.__name__}: expected a mapping, got {d!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    kwargs = {}
+    for key, value in d.items():
+        path = f"{_path}.{key}" if _path else key
+        if key not in fields:
+            raise ConfigError(
+                f"unknown key '{path}'; valid keys{' of ' + _path if _path else ''}: "
+                f"{', '.join(sorted(fields))}")
+        kwargs[key] = _coerce(value, hints[key], path)
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        if _path and not str(e).startswith(_path):
+            raise ConfigError(f"{_path}: {e}") from None
+        raise
+
+
+def to_dict(cfg) -> dict:
+    """Nested plain-python dict (tuples become lists) suitable for ``json.dumps``."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(v):
+            v = to_dict(v)
+        elif isinstance(v, tuple):
+            v = list(v)
+        out[f.name] = v
+    return out
+
+
+def to_json(cfg, indent: int = 2) -> str:
+    return json.dumps(to_dict(cfg), indent=indent, sort_keys=False)
+
+
+def load(path: str, cls=Config):
+    """Load a JSON config file (missing sections/fields keep their defaults)."""
+    with open(path) as f:
+        try:
+            d = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    return from_dict(cls, d)
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def replace_path(cfg, path: str, value: Any):
+    """Return ``cfg`` with dotted field ``path`` set to ``value`` (validated)."""
+    head, _, rest = path.partition(".")
+    names = [f.name for f in dataclasses.fields(cfg)]
+    if head not in names:
+        raise ConfigError(f"unknown key '{path}'; valid keys: {', '.join(names)}")
+    cur = getattr(cfg, head)
+    if rest:
+        if dataclasses.is_dataclass(cur):
+            new = replace_path(cur, rest, value)
+        elif isinstance(cur, dict):  # free-form mapping such as model.overrides
+            new = dict(cur)
+            new[rest] = value
+        else:
+            raise ConfigError(f"'{head}' is a value, not a section; cannot set '{path}'")
+    else:
+        new = value
+    d = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+    d[head] = new
+    hints = typing.get_type_hints(type(cfg))
+    try:
+        d[head] = _coerce(new, hints[head], head)
+        return type(cfg)(**d)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") if not str(e).startswith(head) else e from None
+
+
+def apply_overrides(cfg, overrides: Sequence[str]):
+    """Apply ``["a.b=value", ...]`` overrides (``--set`` on the command line)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. optimizer.lr=2e-6")
+        key, text = item.split("=", 1)
+        cfg = replace_path(cfg, key.strip(), _parse_value(text))
+    return cfg

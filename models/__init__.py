@@ -1,0 +1,1 @@
+"""The policy models of cascade-jax (pure JAX functions over parameter pytrees)."""
