@@ -99,6 +99,9 @@ class ModelConfig:
     moe_impl: Impl = "auto"
     attention_impl: Impl = "auto"
     ssd_impl: Impl = "auto"
+    # Hub directory these weights were loaded from (set by load_checkpoint); the exporter copies
+    # its config.json, generation config and tokenizer files verbatim. Not part of equality.
+    hf_source: Optional[str] = dataclasses.field(default=None, compare=False)
 
     def __post_init__(self):
         bad = set(self.pattern) - set(_CHAR_TO_LIST)
@@ -257,7 +260,8 @@ class ModelConfig:
             raise ModelConfigError(f"{path}: {e}") from None
 
 
-_JAX_ONLY = ("dt_floor", "remat", "freeze_router", "moe_impl", "attention_impl", "ssd_impl")
+_JAX_ONLY = ("dt_floor", "remat", "freeze_router", "moe_impl", "attention_impl", "ssd_impl",
+             "hf_source")
 
 
 def _check_hf_type(key, value, default):
