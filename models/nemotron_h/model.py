@@ -1,0 +1,357 @@
+"""NemotronH forward pass, prefill and single-token decode as pure functions over params.
+
+Shapes: ``B`` batch, ``T`` tokens, ``H`` hidden, ``V`` vocab. Activations run in the params'
+dtype (bf16 for the checkpoint) with fp32 where model.md says fp32: RMSNorm statistics and weight
+multiply, router, routed-expert accumulation, the whole SSM (dt, A, state, y, gated norm) and the
+logits. Packed rows: tokens with different ``segment_ids`` never see each other — attention is
+masked, the Mamba conv does not read across a segment start, and the SSM state is reset there.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+import kernels
+
+from .config import ModelConfig
+
+__all__ = ["forward", "hidden_states", "logits_from_hidden", "prefill", "decode_step",
+           "init_cache", "rms_norm"]
+
+f32 = jnp.float32
+
+
+# --------------------------------------------------------------------------------------------
+# Norms
+
+
+def rms_norm(x, w, eps):
+    """``(w_fp32 · x_fp32 · rsqrt(mean(x²) + eps))`` cast to ``x.dtype`` (model.md §3)."""
+    xf = x.astype(f32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return (w.astype(f32) * xf).astype(x.dtype)
+
+
+def gated_group_norm(y, z, w, groups, eps, out_dtype):
+    """Gate-before-norm grouped RMSNorm (model.md §4.6): ``g = y·silu(z)`` in fp32, normalised
+    over ``groups`` contiguous groups, times the weight in fp32, cast to ``out_dtype``."""
+    g = y.astype(f32) * jax.nn.silu(z.astype(f32))
+    shape = g.shape
+    g = g.reshape(*shape[:-1], groups, shape[-1] // groups)
+    g = g * jax.lax.rsqrt(jnp.mean(g * g, axis=-1, keepdims=True) + eps)
+    return (w.astype(f32) * g.reshape(shape)).astype(out_dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Mamba2 mixer
+
+
+def _mamba_in(p, u):
+    """Split projections: z [.., Di], xBC [.., Di+2GN], dt_raw [.., Hm]."""
+    z = u @ p["in_z"]
+    xbc = jnp.concatenate([u @ p["in_x"], u @ p["in_B"], u @ p["in_C"]], axis=-1)
+    return z, xbc, u @ p["in_dt"]
+
+
+def _dt(p, dt_raw, cfg: ModelConfig):
+    """``clip(softplus(dt_raw + dt_bias), lo, hi)`` in fp32 (lo = max(dt_floor, limit[0]))."""
+    dt = jax.nn.softplus(dt_raw.astype(f32) + p["dt_bias"].astype(f32))
+    return jnp.clip(dt, cfg.dt_min_clamp, cfg.dt_max_clamp)
+
+
+def _split_xbc(xbc, cfg: ModelConfig):
+    di, gn = cfg.d_inner, cfg.n_groups * cfg.ssm_state_size
+    x, b, c = xbc[..., :di], xbc[..., di:di + gn], xbc[..., di + gn:]
+    return (x.reshape(*x.shape[:-1], cfg.mamba_num_heads, cfg.mamba_head_dim),
+            b.reshape(*b.shape[:-1], cfg.n_groups, cfg.ssm_state_size),
+            c.reshape(*c.shape[:-1], cfg.n_groups, cfg.ssm_state_size))
+
+
+def _mamba_out(p, y, x, z, cfg: ModelConfig, dtype):
+    """y [B,T,Hm,P] fp32 (without D) -> out [B,T,H]."""
+    y = y + p["D"].astype(f32)[:, None] * x.astype(f32)
+    y = y.reshape(*y.shape[:-2], cfg.d_inner)
+    g = gated_group_norm(y, z, p["norm"], cfg.n_groups, cfg.layer_norm_epsilon, dtype)
+    return g @ p["out_proj"]
+
+
+def causal_conv(xbc, w, b, segment_ids):
+    """Depthwise causal conv: ``out_t = Σ_k w[k]·xbc[t-(K-1)+k] + b``, taps before the start of
+    ``t``'s segment read zero. xbc [B,T,C], w [K,C]."""
+    k = w.shape[0]
+    t = xbc.shape[1]
+    out = xbc * w[k - 1]
+    for shift in range(1, k):
+        prev = jnp.pad(xbc, ((0, 0), (shift, 0), (0, 0)))[:, :t]
+        if segment_ids is not None:
+            prev_seg = jnp.pad(segment_ids, ((0, 0), (shift, 0)), constant_values=-1)[:, :t]
+            prev = jnp.where((prev_seg == segment_ids)[..., None], prev, jnp.zeros((), prev.dtype))
+        out = out + prev * w[k - 1 - shift]
+    return out + b
+
+
+def mamba_mixer(p, u, cfg: ModelConfig, *, segment_ids=None, valid=None, return_state=False):
+    """Full-sequence Mamba2 mixer. u [B,T,H] -> [B,T,H] (and the decode state if asked)."""
+    dtype = u.dtype
+    z, xbc_in, dt_raw = _mamba_in(p, u)
+    xbc = jax.nn.silu(causal_conv(xbc_in, p["conv_w"], p["conv_b"], segment_ids))
+    x, bm, cm = _split_xbc(xbc, cfg)
+    dt = _dt(p, dt_raw, cfg)
+    if valid is not None:  # padded positions: dt = 0 leaves the state untouched
+        dt = jnp.where(valid[..., None], dt, 0.0)
+    A = -jnp.exp(p["A_log"].astype(f32))
+    y, state = kernels.ssd(x, dt, A, bm, cm, chunk_size=cfg.chunk_size, segment_ids=segment_ids,
+                           impl=cfg.ssd_impl)
+    out = _mamba_out(p, y, x, z, cfg, dtype)
+    if not return_state:
+        return out
+    return out, {"conv": _last_inputs(xbc_in, valid, cfg.conv_kernel - 1), "ssm": state}
+
+
+def _last_inputs(xbc, valid, n):
+    """The last ``n`` valid rows of xbc [B,T,C] per batch row (zeros before t = 0) -> [B,n,C]."""
+    b, t, _ = xbc.shape
+    length = jnp.full((b,), t, jnp.int32) if valid is None else jnp.sum(valid, axis=1).astype(jnp.int32)
+    idx = length[:, None] - n + jnp.arange(n)[None]  # [B,n]
+    rows = jnp.take_along_axis(xbc, jnp.clip(idx, 0, t - 1)[..., None], axis=1)
+    return jnp.where((idx >= 0)[..., None], rows, jnp.zeros((), xbc.dtype))
+
+
+def mamba_step(p, u, state, cfg: ModelConfig):
+    """One decode step. u [B,H]; state {"conv": [B,K-1,C], "ssm": [B,Hm,P,N] fp32}."""
+    dtype = u.dtype
+    z, xbc_new, dt_raw = _mamba_in(p, u)
+    window = jnp.concatenate([state["conv"], xbc_new[:, None]], axis=1)  # [B,K,C]
+    xbc = jax.nn.silu(jnp.einsum("bkc,kc->bc", window, p["conv_w"]) + p["conv_b"])
+    x, bm, cm = _split_xbc(xbc, cfg)  # [B,Hm,P], [B,G,N]
+    dt = _dt(p, dt_raw, cfg)  # [B,Hm]
+    A = -jnp.exp(p["A_log"].astype(f32))
+    rep = cfg.mamba_num_heads // cfg.n_groups
+    bh = jnp.repeat(bm.astype(f32), rep, axis=1)  # [B,Hm,N]
+    ch = jnp.repeat(cm.astype(f32), rep, axis=1)
+    s = state["ssm"] * jnp.exp(dt * A)[..., None, None] + jnp.einsum(
+        "bhp,bhn->bhpn", x.astype(f32) * dt[..., None], bh)
+    y = jnp.einsum("bhpn,bhn->bhp", s, ch)
+    out = _mamba_out(p, y[:, None], x[:, None], z[:, None], cfg, dtype)[:, 0]
+    return out, {"conv": window[:, 1:], "ssm": s}
+
+
+# --------------------------------------------------------------------------------------------
+# Attention
+
+
+def _qkv(p, u, cfg: ModelConfig):
+    hd = cfg.head_dim
+    q = (u @ p["q_proj"]).reshape(*u.shape[:-1], cfg.num_attention_heads, hd)
+    k = (u @ p["k_proj"]).reshape(*u.shape[:-1], cfg.num_key_value_heads, hd)
+    v = (u @ p["v_proj"]).reshape(*u.shape[:-1], cfg.num_key_value_heads, hd)
+    return q, k, v
+
+
+def attention_mixer(p, u, cfg: ModelConfig, *, positions, segment_ids=None):
+    """Causal GQA attention with no positional encoding (NoPE). u [B,T,H] -> [B,T,H]."""
+    q, k, v = _qkv(p, u, cfg)
+    o = kernels.attention(q, k, v, q_positions=positions, kv_positions=positions,
+                          q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
+                          impl=cfg.attention_impl)
+    return o.reshape(*u.shape[:-1], -1) @ p["o_proj"], (k, v)
+
+
+def attention_step(p, u, state, positions, cfg: ModelConfig):
+    """u [B,H]; state {"k","v": [B,S,Hkv,D]}; writes the new K/V at ``positions[b]``."""
+    q, k, v = _qkv(p, u[:, None], cfg)
+    bidx = jnp.arange(u.shape[0])
+    kc = state["k"].at[bidx, positions].set(k[:, 0])
+    vc = state["v"].at[bidx, positions].set(v[:, 0])
+    s = kc.shape[1]
+    kv_pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (u.shape[0], s))
+    o = kernels.attention(q, kc, vc, q_positions=positions[:, None], kv_positions=kv_pos,
+                          impl=cfg.attention_impl)
+    return o.reshape(u.shape[0], -1) @ p["o_proj"], {"k": kc, "v": vc}
+
+
+# --------------------------------------------------------------------------------------------
+# MoE and dense MLP
+
+
+def relu2_mlp(x, up, down):
+    h = jax.nn.relu(x @ up)
+    return (h * h) @ down
+
+
+def route(p, x, cfg: ModelConfig):
+    """Sigmoid router with correction-biased, group-limited top-k (model.md §6.1).
+    x [n,H] -> (weights [n,k] fp32, expert ids [n,k] int32)."""
+    gate = p["gate"]
+    if cfg.freeze_router:
+        gate = jax.lax.stop_gradient(gate)
+    scores = jax.nn.sigmoid(jnp.dot(x.astype(f32), gate.astype(f32)))
+    sel = scores + jax.lax.stop_gradient(p["e_score_correction_bias"].astype(f32))
+    if cfg.n_group > 1:
+        n, e = sel.shape
+        grouped = sel.reshape(n, cfg.n_group, e // cfg.n_group)
+        group_scores = jnp.sum(jax.lax.top_k(grouped, 2)[0], axis=-1)  # [n, n_group]
+        _, keep = jax.lax.top_k(group_scores, cfg.topk_group)
+        keep_mask = jnp.zeros_like(group_scores, bool).at[jnp.arange(n)[:, None], keep].set(True)
+        sel = jnp.where(jnp.repeat(keep_mask, e // cfg.n_group, axis=1), sel, -jnp.inf)
+    _, idx = jax.lax.top_k(sel, cfg.num_experts_per_tok)
+    w = jnp.take_along_axis(scores, idx, axis=1)
+    if cfg.norm_topk_prob:
+        w = w / (jnp.sum(w, axis=-1, keepdims=True) + 1e-20)
+    return w * cfg.routed_scaling_factor, idx.astype(jnp.int32)
+
+
+def moe_mixer(p, u, cfg: ModelConfig):
+    """Dropless routed experts (sort by expert, one grouped matmul per projection, unsort,
+    fp32-weighted sum of the k contributions) + shared expert on the same input."""
+    shape = u.shape
+    x = u.reshape(-1, shape[-1])
+    n, k, e = x.shape[0], cfg.num_experts_per_tok, cfg.n_routed_experts
+    w, idx = route(p, x, cfg)
+    flat = idx.reshape(-1)  # [n*k]
+    order = jnp.argsort(flat, stable=True)
+    group_sizes = jnp.bincount(flat, length=e).astype(jnp.int32)
+    xs = x[order // k]  # [n*k, H], expert-sorted
+    h = kernels.grouped_matmul(xs, p["experts_up"], group_sizes, impl=cfg.moe_impl)
+    h = jax.nn.relu(h)
+    ys = kernels.grouped_matmul(h * h, p["experts_down"], group_sizes, impl=cfg.moe_impl)
+    y = jnp.zeros_like(ys).at[order].set(ys).reshape(n, k, -1)  # unsort
+    routed = jnp.sum(y.astype(f32) * w[..., None], axis=1).astype(u.dtype)
+    if cfg.n_shared_experts:
+        routed = routed + relu2_mlp(x, p["shared_up"], p["shared_down"])
+    return routed.reshape(shape)
+
+
+# --------------------------------------------------------------------------------------------
+# Model
+
+
+_REMAT_POLICIES = {
+    "full": None,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _layer(kind, lp, h, cfg, positions, segment_ids):
+    u = rms_norm(h.astype(lp["norm"].dtype), lp["norm"], cfg.layer_norm_epsilon)
+    mp = lp["mixer"]
+    if kind == "M":
+        out = mamba_mixer(mp, u, cfg, segment_ids=segment_ids)
+    elif kind == "*":
+        out, _ = attention_mixer(mp, u, cfg, positions=positions, segment_ids=segment_ids)
+    elif kind == "E":
+        out = moe_mixer(mp, u, cfg)
+    else:
+        out = relu2_mlp(u, mp["up_proj"], mp["down_proj"])
+    return h + out.astype(h.dtype)
+
+
+def _default_positions(tokens, positions):
+    if positions is None:
+        b, t = tokens.shape
+        positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    return positions.astype(jnp.int32)
+
+
+def hidden_states(params, tokens, cfg: ModelConfig, *, positions=None, segment_ids=None):
+    """Final-normed hidden states ``[B, T, H]`` (params' dtype). ``positions`` [B,T] (default
+    arange) order the causal mask; ``segment_ids`` [B,T] isolate packed documents."""
+    positions = _default_positions(tokens, positions)
+    h = params["embed"][tokens]
+    for i, kind in enumerate(cfg.pattern):
+        fn = functools.partial(_layer, kind, cfg=cfg)
+        if cfg.remat != "none":
+            fn = jax.checkpoint(fn, policy=_REMAT_POLICIES[cfg.remat])
+        h = fn(params["layers"][i], h, positions=positions, segment_ids=segment_ids)
+    return rms_norm(h, params["norm_f"], cfg.layer_norm_epsilon)
+
+
+def logits_from_hidden(params, h):
+    """``h @ lm_head`` with fp32 accumulation -> fp32 logits."""
+    return jnp.dot(h, params["lm_head"], preferred_element_type=f32)
+
+
+def forward(params, tokens, cfg: ModelConfig, *, positions=None, segment_ids=None):
+    """Logits ``[B, T, V]`` (fp32). For RL log-probs over a large vocabulary use
+    :func:`hidden_states` and chunk the ``lm_head`` product instead."""
+    return logits_from_hidden(params, hidden_states(params, tokens, cfg, positions=positions,
+                                                    segment_ids=segment_ids))
+
+
+# --------------------------------------------------------------------------------------------
+# Decode
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.bfloat16) -> list:
+    """Empty decode cache: per layer ``{"k","v": [B,S,Hkv,D]}`` (attention),
+    ``{"conv": [B,K-1,C], "ssm": [B,Hm,P,N] fp32}`` (Mamba) or ``{}`` (MoE / MLP)."""
+    cache = []
+    for kind in cfg.pattern:
+        if kind == "*":
+            shp = (batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
+            cache.append({"k": jnp.zeros(shp, dtype), "v": jnp.zeros(shp, dtype)})
+        elif kind == "M":
+            cache.append({
+                "conv": jnp.zeros((batch, cfg.conv_kernel - 1, cfg.conv_dim), dtype),
+                "ssm": jnp.zeros((batch, cfg.mamba_num_heads, cfg.mamba_head_dim, cfg.ssm_state_size), f32),
+            })
+        else:
+            cache.append({})
+    return cache
+
+
+def prefill(params, tokens, cfg: ModelConfig, *, lengths=None, max_len: Optional[int] = None):
+    """Run right-padded prompts ``tokens [B,T]`` (valid lengths ``lengths [B]``, default T) and
+    return ``(logits [B,T,V], cache)`` with room for ``max_len`` (default T) tokens per row.
+    Rows continue with :func:`decode_step` at ``positions = lengths``."""
+    b, t = tokens.shape
+    max_len = t if max_len is None else max_len
+    if max_len < t:
+        raise ValueError(f"prefill: max_len ({max_len}) < prompt length ({t})")
+    positions = _default_positions(tokens, None)
+    valid = None if lengths is None else positions < lengths[:, None]
+    h = params["embed"][tokens]
+    cache = []
+    for i, kind in enumerate(cfg.pattern):
+        lp = params["layers"][i]
+        u = rms_norm(h.astype(lp["norm"].dtype), lp["norm"], cfg.layer_norm_epsilon)
+        if kind == "M":
+            out, st = mamba_mixer(lp["mixer"], u, cfg, valid=valid, return_state=True)
+        elif kind == "*":
+            out, (k, v) = attention_mixer(lp["mixer"], u, cfg, positions=positions)
+            pad = ((0, 0), (0, max_len - t), (0, 0), (0, 0))
+            st = {"k": jnp.pad(k, pad), "v": jnp.pad(v, pad)}
+        elif kind == "E":
+            out, st = moe_mixer(lp["mixer"], u, cfg), {}
+        else:
+            out, st = relu2_mlp(u, lp["mixer"]["up_proj"], lp["mixer"]["down_proj"]), {}
+        h = h + out.astype(h.dtype)
+        cache.append(st)
+    h = rms_norm(h, params["norm_f"], cfg.layer_norm_epsilon)
+    return logits_from_hidden(params, h), cache
+
+
+def decode_step(params, cache, tokens, positions, cfg: ModelConfig):
+    """One token per row: ``tokens [B]`` at ``positions [B]`` -> ``(logits [B,V], cache)``."""
+    positions = positions.astype(jnp.int32)
+    h = params["embed"][tokens]
+    new_cache = []
+    for i, kind in enumerate(cfg.pattern):
+        lp = params["layers"][i]
+        u = rms_norm(h.astype(lp["norm"].dtype), lp["norm"], cfg.layer_norm_epsilon)
+        if kind == "M":
+            out, st = mamba_step(lp["mixer"], u, cache[i], cfg)
+        elif kind == "*":
+            out, st = attention_step(lp["mixer"], u, cache[i], positions, cfg)
+        elif kind == "E":
+            out, st = moe_mixer(lp["mixer"], u, cfg), {}
+        else:
+            out, st = relu2_mlp(u, lp["mixer"]["up_proj"], lp["mixer"]["down_proj"]), {}
+        h = h + out.astype(h.dtype)
+        new_cache.append(st)
+    h = rms_norm(h, params["norm_f"], cfg.layer_norm_epsilon)
+    return logits_from_hidden(params, h), new_cache
