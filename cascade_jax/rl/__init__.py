@@ -1,0 +1,31 @@
+"""RL and SFT update steps as pure functions (algorithms.md §5–§8).
+
+Pure array functions (no model needed): :func:`group_advantages`, :func:`grpo_advantages`,
+:func:`grpo_loss`, :func:`mopd_loss`, :func:`sft_loss`, :func:`is_weights`,
+:func:`chunked_logprobs`. Model-level: :func:`token_logprobs`, :func:`routed_logprobs`,
+:class:`TrainState`, :func:`make_optimizer`, the train steps and a minimal :func:`sample`.
+"""
+
+from .advantages import group_advantages, group_stats, grpo_advantages
+from .batch import (FINISH_ABORT, FINISH_LENGTH, FINISH_STOP, RLBatch, SFTBatch, num_sequences,
+                    response_lengths, sequence_index)
+from .is_correction import is_weights, masked_mean, masked_quantile
+from .logprobs import DEFAULT_VOCAB_CHUNK, chunked_logprobs, routed_logprobs, token_logprobs
+from .losses import grpo_loss, k3_kl, mopd_loss, segment_start_mask, sft_loss
+from .optim import (TrainState, compute_params, decay_mask, lr_schedule, make_optimizer,
+                    mopd_optimizer_config, param_labels, trainable_mask)
+from .steps import (accumulate_gradients, grpo_train_step, make_train_step, mopd_train_step,
+                    sft_train_step)
+
+__all__ = [
+    "group_advantages", "group_stats", "grpo_advantages",
+    "FINISH_ABORT", "FINISH_LENGTH", "FINISH_STOP", "RLBatch", "SFTBatch", "num_sequences",
+    "response_lengths", "sequence_index",
+    "is_weights", "masked_mean", "masked_quantile",
+    "DEFAULT_VOCAB_CHUNK", "chunked_logprobs", "routed_logprobs", "token_logprobs",
+    "grpo_loss", "k3_kl", "mopd_loss", "segment_start_mask", "sft_loss",
+    "TrainState", "compute_params", "decay_mask", "lr_schedule", "make_optimizer",
+    "mopd_optimizer_config", "param_labels", "trainable_mask",
+    "accumulate_gradients", "grpo_train_step", "make_train_step", "mopd_train_step",
+    "sft_train_step",
+]

@@ -1,0 +1,181 @@
+"""The three objectives as pure functions of per-token log-probs (no model inside).
+
+All per-token arrays are ``[B, T]`` float32 aligned with the tokens (see ``batch.py``);
+``mask`` is 1.0 on the tokens that are trained on. ``logp`` carries the gradient; every other
+input is treated as a constant.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+import jax
+import jax.numpy as jnp
+
+from .is_correction import is_weights, masked_mean
+
+__all__ = ["grpo_loss", "mopd_loss", "sft_loss", "segment_start_mask", "k3_kl"]
+
+sg = jax.lax.stop_gradient
+
+
+def k3_kl(logp: jax.Array, ref_logp: jax.Array) -> jax.Array:
+    """Per-token k3 estimator of KL(π_θ‖π_ref) on tokens sampled from π_θ:
+    ``exp(lp_ref − lp) − (lp_ref − lp) − 1`` (≥ 0, unbiased; gradient flows through ``lp``)."""
+    d = ref_logp - logp
+    return jnp.exp(d) - d - 1.0
+
+
+def grpo_loss(logp: jax.Array, old_logp: Optional[jax.Array], advantages: jax.Array,
+              mask: jax.Array, *, rollout_logp: Optional[jax.Array] = None,
+              ref_logp: Optional[jax.Array] = None, num_tokens=None, kl_coef: float = 0.0,
+              clip_low: float = 0.2, clip_high: float = 0.2,
+              is_correction: Literal["none", "tis", "icepop"] = "tis", tis_cap: float = 2.0,
+              is_low: float = 0.5, is_high: float = 2.0):
+    """GRPO / DAPO token-level clipped policy-gradient loss (algorithms.md §5, §7).
+
+    With ``ρ_t = exp(lp_t − lp_old,t)`` (``lp_old = sg(lp)`` when ``old_logp is None``, the
+    strictly on-policy case: ρ ≡ 1 in value, ∇ρ = ∇lp), IS weight ``w_t`` from
+    ``rollout_logp`` (``δ_t = lp_old − lp_rollout``; :func:`is_weights`) and advantage ``Â``::
+
+        ℓ_t = w_t · −min(ρ_t Â_t, clip(ρ_t, 1−ε_lo, 1+ε_hi) Â_t)  +  β · k3(lp_t, lp_ref,t)
+        L   = (1 / num_tokens) Σ_{b,t} mask_{b,t} ℓ_{b,t}
+
+    ``num_tokens`` is the number of valid response tokens in the **whole optimiser batch**
+    (defaults to ``Σ mask``) so that summing the losses of k micro-batches gives the loss of
+    the batch. On-policy with ``w = 1`` the gradient is REINFORCE's,
+    ``−(1/num_tokens) Σ mask Â ∇lp``.
+
+    Args:
+      logp: ``[B, T]`` log π_θ of the sampled tokens (differentiated).
+      old_logp: ``[B, T]`` log π_old, or ``None`` for on-policy.
+      advantages: ``[B]`` (per sequence, broadcast over tokens) or ``[B, T]``.
+      mask: ``[B, T]`` loss mask (response tokens, after filtering).
+      rollout_logp: ``[B, T]`` inference-engine log-probs; ``None`` → no IS correction.
+      ref_logp: ``[B, T]`` reference-policy log-probs for the KL term (used iff ``kl_coef``).
+    Returns ``(loss, metrics)``.
+    """
+    logp = logp.astype(jnp.float32)
+    m = mask.astype(jnp.float32)
+    old = sg(logp) if old_logp is None else old_logp.astype(jnp.float32)
+    adv = advantages.astype(jnp.float32)
+    if adv.ndim == 1:
+        adv = adv[:, None]
+    adv = jnp.broadcast_to(adv, logp.shape)
+    ratio = jnp.exp(logp - old)
+    clipped = jnp.clip(ratio, 1.0 - clip_low, 1.0 + clip_high)
+    pg = -jnp.minimum(ratio * adv, clipped * adv)
+    metrics = {}
+    if rollout_logp is not None:
+        w, is_m = is_weights(old, rollout_logp, m, mode=is_correction, cap=tis_cap,
+                             low=is_low, high=is_high)
+        metrics.update(is_m)
+    else:
+        w = m
+    per_tok = w * pg
+    if kl_coef and ref_logp is not None:
+        kl = k3_kl(logp, ref_logp.astype(jnp.float32))
+        per_tok = per_tok + kl_coef * m * kl
+        metrics["kl_ref"] = masked_mean(sg(kl), m)
+    n = m.sum() if num_tokens is None else jnp.asarray(num_tokens, jnp.float32)
+    loss = (per_tok * m).sum() / jnp.maximum(n, 1.0)
+    rv = sg(ratio)
+    metrics.update({
+        "pg_loss": (sg(w * pg) * m).sum() / jnp.maximum(n, 1.0),
+        "ratio_mean": masked_mean(rv, m),
+        "clip_frac": masked_mean(((rv * adv) > (jnp.clip(rv, 1.0 - clip_low, 1.0 + clip_high) * adv))
+                                 .astype(jnp.float32), m),
+        "token_adv_mean": masked_mean(adv, m),
+        "num_tokens": m.sum(),
+    })
+    return loss, metrics
+
+
+def mopd_loss(logp: jax.Array, teacher_logp: jax.Array, inference_logp: jax.Array,
+              mask: jax.Array, *, is_low: float = 0.5, is_high: float = 2.0,
+              advantages: Optional[jax.Array] = None, advantage_coef: float = 1.0,
+              normalization: Literal["sequence", "token"] = "sequence",
+              seq_index: Optional[jax.Array] = None, num_segments: Optional[int] = None,
+              num_sequences=None, num_tokens=None):
+    """Multi-domain on-policy distillation loss (algorithms.md §6, Eqs. 2–4).
+
+    Per sampled token ``y_t`` (sampled from π_inf)::
+
+        a_t = sg(lp_teacher,t − lp_t)                      (+ c·Â_seq if ``advantages``)
+        r_t = exp(sg(lp_t) − lp_inf,t)
+        w_t = r_t · 1[is_low ≤ r_t ≤ is_high]              (masked, not clamped)
+        L   = −(1/N_seq) Σ_seq (1/|V(y)|) Σ_{t∈V(y)} w_t a_t lp_t        ("sequence", Eq. 4)
+        L   = −(1/num_tokens) Σ_{b,t} mask w_t a_t lp_t                  ("token", NeMo-RL)
+
+    ``|V(y)|`` counts the **original** valid tokens (band-masked tokens still count).
+    ``N_seq`` (``num_sequences``) defaults to the number of sequences with ``|V| > 0``; pass
+    the whole optimiser batch's count when accumulating micro-batches. In the padded layout
+    a sequence is a row; for packed rows give ``seq_index [B, T]`` and static
+    ``num_segments``. ``advantages`` (``[B]`` or ``[B, T]``, optional) mixes an outcome-reward
+    (GRPO) advantage into ``a_t`` with weight ``advantage_coef``.
+
+    Metrics: ``reverse_kl`` = mean over valid tokens of ``lp − lp_teacher`` (sampled-token
+    estimate of KL(π_train‖π_teacher)), ``mopd_adv_mean``, IS stats (masked fraction = tokens
+    outside the band).
+    """
+    logp = logp.astype(jnp.float32)
+    m = mask.astype(jnp.float32)
+    adv = sg(teacher_logp.astype(jnp.float32) - logp)
+    if advantages is not None:
+        extra = advantages.astype(jnp.float32)
+        extra = extra[:, None] if extra.ndim == 1 else extra
+        adv = adv + advantage_coef * extra
+    w, is_m = is_weights(logp, inference_logp, m, mode="icepop", low=is_low, high=is_high)
+    tok = w * adv * logp * m  # w is already 0 off the mask
+    if normalization == "sequence":
+        if seq_index is None:
+            seq_sum, seq_len = tok.sum(-1), m.sum(-1)
+        else:
+            if num_segments is None:
+                raise ValueError("mopd_loss: packed rows need a static num_segments")
+            seq_sum = jax.ops.segment_sum(tok.ravel(), seq_index.ravel(), num_segments)
+            seq_len = jax.ops.segment_sum(m.ravel(), seq_index.ravel(), num_segments)
+        n = (seq_len > 0).sum() if num_sequences is None else num_sequences
+        n = jnp.maximum(jnp.asarray(n, jnp.float32), 1.0)
+        loss = -(seq_sum / jnp.maximum(seq_len, 1.0)).sum() / n
+    elif normalization == "token":
+        n = m.sum() if num_tokens is None else num_tokens
+        loss = -tok.sum() / jnp.maximum(jnp.asarray(n, jnp.float32), 1.0)
+    else:
+        raise ValueError(f"unknown normalization {normalization!r}; valid: sequence, token")
+    rkl = sg(logp) - teacher_logp.astype(jnp.float32)
+    metrics = {
+        "reverse_kl": masked_mean(rkl, m),
+        "mopd_adv_mean": masked_mean(adv, m),
+        "num_tokens": m.sum(),
+        **is_m,
+    }
+    return loss, metrics
+
+
+def segment_start_mask(segment_ids: jax.Array) -> jax.Array:
+    """``[B, T]`` float32: 1 where token ``t`` has a prefix in its own segment
+    (``seg[t] > 0`` and ``seg[t] == seg[t−1]``), i.e. where a next-token prediction exists."""
+    seg = segment_ids
+    prev = jnp.pad(seg[:, :-1], ((0, 0), (1, 0)), constant_values=-1)
+    return ((seg > 0) & (seg == prev)).astype(jnp.float32)
+
+
+def sft_loss(logp: jax.Array, loss_mask: jax.Array, *, segment_ids: Optional[jax.Array] = None,
+             num_tokens=None):
+    """Next-token negative log-likelihood on assistant tokens of packed rows (algorithms.md §8)::
+
+        L = −(1/num_tokens) Σ_{b,t} mask_{b,t} · lp_{b,t},   mask = loss_mask · has_prefix
+
+    ``has_prefix`` (from ``segment_ids``) drops the first token of every segment so no
+    prediction crosses a packing boundary. ``num_tokens`` defaults to ``Σ mask`` (pass the
+    optimiser batch's total when accumulating). Metrics: ``nll`` (per-token mean), ``ppl``.
+    """
+    m = loss_mask.astype(jnp.float32)
+    if segment_ids is not None:
+        m = m * segment_start_mask(segment_ids)
+    n = m.sum() if num_tokens is None else jnp.asarray(num_tokens, jnp.float32)
+    lp = logp.astype(jnp.float32)
+    loss = -(lp * m).sum() / jnp.maximum(n, 1.0)
+    nll = -masked_mean(sg(lp), m)
+    return loss, {"nll": nll, "ppl": jnp.exp(nll), "num_tokens": m.sum()}

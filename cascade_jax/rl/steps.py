@@ -1,0 +1,225 @@
+"""Pure train steps: ``step(state, batch, **static) -> (state, metrics)``.
+
+Each step: fp32 master params → compute copy (bf16 by default) inside the differentiated
+function → per-token log-probs (:func:`token_logprobs`) → objective → fp32 grads, summed over
+``grad_accum`` micro-batches (a ``lax.scan``; every micro-batch loss is normalised by the
+**whole** batch's token / sequence count so the sum equals the one-batch loss) → optax update.
+
+No device assumptions, no randomness, no hidden state: the same inputs give bitwise-identical
+outputs. Keyword arguments are static; bind them with :func:`functools.partial` and
+``jax.jit`` the result (see :func:`make_train_step`).
+
+Metrics (scalars): ``loss``, ``grad_norm`` (before clipping), ``lr``, ``entropy``,
+``resp_len_mean/max/min``, ``num_tokens`` (trained tokens), ``total_tokens``; per objective
+the advantage and IS statistics of :mod:`.advantages`, :mod:`.losses`, :mod:`.is_correction`.
+With ``grad_accum > 1``, ``loss``/``pg_loss``/``num_tokens`` are summed over micro-batches,
+``*_max`` are maxima and all other loss metrics are micro-batch means.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from cascade_jax.config import StageConfig
+
+from .advantages import grpo_advantages
+from .batch import FINISH_ABORT, RLBatch, SFTBatch, num_sequences, response_lengths, sequence_index
+from .is_correction import masked_mean
+from .logprobs import DEFAULT_VOCAB_CHUNK, token_logprobs
+from .losses import grpo_loss, mopd_loss, segment_start_mask, sft_loss
+from .optim import TrainState, compute_params, trainable_mask
+
+__all__ = ["grpo_train_step", "mopd_train_step", "sft_train_step", "make_train_step",
+           "accumulate_gradients"]
+
+_SUM_KEYS = ("loss", "pg_loss", "num_tokens")
+
+
+def _split(x: jax.Array, k: int) -> jax.Array:
+    if x.shape[0] % k:
+        raise ValueError(f"batch dim {x.shape[0]} is not divisible by grad_accum={k}")
+    return x.reshape(k, x.shape[0] // k, *x.shape[1:])
+
+
+def accumulate_gradients(loss_fn: Callable, params, micro: dict, grad_accum: int = 1):
+    """``Σ_k ∇ loss_fn(params, micro_k)`` over ``grad_accum`` equal slices of the ``[B, ...]``
+    arrays in ``micro`` (a ``lax.scan``; grads accumulated in fp32). ``loss_fn`` returns
+    ``(loss, metrics)``. Returns ``(grads, metrics)`` with metrics reduced as the module
+    docstring says."""
+    vg = jax.value_and_grad(loss_fn, has_aux=True)
+    if grad_accum == 1:
+        (loss, metrics), grads = vg(params, micro)
+        return grads, {**metrics, "loss": loss}
+    stacked = jax.tree.map(lambda x: _split(x, grad_accum), micro)
+
+    def body(acc, mb):
+        (loss, metrics), g = vg(params, mb)
+        acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), acc, g)
+        return acc, {**metrics, "loss": loss}
+
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    grads, ms = jax.lax.scan(body, zeros, stacked)
+
+    def reduce(name, v):
+        if name in _SUM_KEYS:
+            return v.sum(0)
+        if name.endswith("_max"):
+            return v.max(0)
+        return v.mean(0)
+
+    return grads, {k: reduce(k, v) for k, v in ms.items()}
+
+
+def _apply(state: TrainState, grads, metrics: dict, freeze_router: bool):
+    train = trainable_mask(state.params, freeze_router=freeze_router)
+    gnorm = optax.global_norm(jax.tree.map(lambda g, t: g if t else jnp.zeros_like(g), grads, train))
+    lr = state.lr_fn(state.step) if state.lr_fn is not None else jnp.nan
+    new_state = state.apply_gradients(grads)
+    return new_state, {**metrics, "grad_norm": gnorm, "lr": jnp.asarray(lr, jnp.float32)}
+
+
+def _view(mb: dict) -> SFTBatch:
+    return SFTBatch(tokens=mb["tokens"], positions=mb["positions"], segment_ids=mb["segment_ids"],
+                    loss_mask=mb["mask"])
+
+
+def _length_metrics(batch: RLBatch) -> dict:
+    lens = response_lengths(batch)
+    has = lens > 0
+    return {
+        "resp_len_mean": jnp.where(has, lens, 0).sum() / jnp.maximum(has.sum(), 1),
+        "resp_len_max": lens.max(),
+        "resp_len_min": jnp.where(has, lens, jnp.inf).min(),
+        "total_tokens": (batch.segment_ids > 0).sum().astype(jnp.float32),
+    }
+
+
+def grpo_train_step(state: TrainState, batch: RLBatch, *, model_cfg,
+                    stage: StageConfig = StageConfig(objective="grpo"), grad_accum: int = 1,
+                    compute_dtype=jnp.bfloat16, temperature: float = 1.0,
+                    vocab_chunk: int = DEFAULT_VOCAB_CHUNK, clip_low: float = 0.2,
+                    clip_high: float = 0.2, model=None):
+    """One strictly on-policy GRPO update (algorithms.md §5).
+
+    1. ``Â, keep = grpo_advantages(rewards, group_ids, finish_reason)`` with the stage's
+       leave-one-out / overlong / dynamic-filtering switches;
+    2. ``mask = loss_mask · keep[seq]``, ``num_tokens = Σ mask`` over the whole batch;
+    3. ``L = grpo_loss(lp, None, Â[seq], mask, rollout_logp, ref_logp, num_tokens,
+       kl_coef=stage.kl_coef, is_correction=stage.is_correction, tis_cap=stage.is_high,
+       is_low/is_high=stage.is_low/is_high)``, summed over micro-batches;
+    4. AdamW update. Returns ``(state, metrics)``.
+    """
+    adv, keep, adv_metrics = grpo_advantages(
+        batch.rewards, batch.group_ids, batch.finish_reason, leave_one_out=stage.leave_one_out,
+        overlong_filtering=stage.overlong_filtering, dynamic_filtering=stage.dynamic_filtering)
+    seq = sequence_index(batch)
+    mask = batch.loss_mask.astype(jnp.float32) * keep[seq] * segment_start_mask(batch.segment_ids)
+    num_tokens = mask.sum()
+    micro = dict(tokens=batch.tokens, positions=batch.positions, segment_ids=batch.segment_ids,
+                 mask=mask, adv=adv[seq], rollout_logp=batch.rollout_logp)
+    use_kl = bool(stage.kl_coef) and batch.ref_logp is not None
+    if use_kl:
+        micro["ref_logp"] = batch.ref_logp
+
+    def loss_fn(master, mb):
+        params = compute_params(master, compute_dtype)
+        lp, ent = token_logprobs(params, _view(mb), model_cfg, temperature=temperature,
+                                 vocab_chunk=vocab_chunk, model=model)
+        loss, m = grpo_loss(lp, None, mb["adv"], mb["mask"], rollout_logp=mb["rollout_logp"],
+                            ref_logp=mb.get("ref_logp"), num_tokens=num_tokens,
+                            kl_coef=stage.kl_coef if use_kl else 0.0, clip_low=clip_low,
+                            clip_high=clip_high, is_correction=stage.is_correction,
+                            tis_cap=stage.is_high, is_low=stage.is_low, is_high=stage.is_high)
+        return loss, {**m, "entropy": masked_mean(ent, mb["mask"])}
+
+    grads, metrics = accumulate_gradients(loss_fn, state.params, micro, grad_accum)
+    metrics = {**metrics, **adv_metrics, **_length_metrics(batch)}
+    return _apply(state, grads, metrics, model_cfg.freeze_router)
+
+
+def mopd_train_step(state: TrainState, batch: RLBatch, *, model_cfg,
+                    stage: StageConfig = StageConfig(objective="mopd"), grad_accum: int = 1,
+                    compute_dtype=jnp.bfloat16, temperature: float = 1.0,
+                    vocab_chunk: int = DEFAULT_VOCAB_CHUNK, normalization: str = "sequence",
+                    grpo_coef: float = 0.0, model=None):
+    """One MOPD update (algorithms.md §6): ``batch.teacher_logp`` holds each sequence's
+    domain teacher's log-probs (:func:`routed_logprobs`), ``batch.rollout_logp`` the
+    inference engine's. ``L = mopd_loss(lp, teacher_logp, rollout_logp, loss_mask,
+    is_low=stage.is_low, is_high=stage.is_high)`` normalised per sequence over the whole
+    batch's sequence count. ``grpo_coef > 0`` mixes in ``grpo_coef · Â`` from the rewards."""
+    if batch.teacher_logp is None:
+        raise ValueError("mopd_train_step: batch.teacher_logp is required")
+    n_seq = num_sequences(batch)
+    seq = sequence_index(batch)
+    alive = (batch.finish_reason != FINISH_ABORT).astype(jnp.float32)
+    mask = batch.loss_mask.astype(jnp.float32) * alive[seq] * segment_start_mask(batch.segment_ids)
+    seq_len = jax.ops.segment_sum(mask.ravel(), seq.ravel(), num_segments=n_seq)
+    n_valid_seq = (seq_len > 0).sum()
+    num_tokens = mask.sum()
+    micro = dict(tokens=batch.tokens, positions=batch.positions, segment_ids=batch.segment_ids,
+                 mask=mask, teacher_logp=batch.teacher_logp, rollout_logp=batch.rollout_logp)
+    packed = batch.seq_index is not None
+    if packed:
+        micro["seq"] = seq
+    extra = {}
+    if grpo_coef:
+        adv, _, extra = grpo_advantages(batch.rewards, batch.group_ids, batch.finish_reason,
+                                        leave_one_out=stage.leave_one_out)
+        micro["adv"] = adv[seq]
+
+    def loss_fn(master, mb):
+        params = compute_params(master, compute_dtype)
+        lp, ent = token_logprobs(params, _view(mb), model_cfg, temperature=temperature,
+                                 vocab_chunk=vocab_chunk, model=model)
+        loss, m = mopd_loss(lp, mb["teacher_logp"], mb["rollout_logp"], mb["mask"],
+                            is_low=stage.is_low, is_high=stage.is_high,
+                            advantages=mb.get("adv"), advantage_coef=grpo_coef,
+                            normalization=normalization, seq_index=mb.get("seq"),
+                            num_segments=n_seq if packed else None,
+                            num_sequences=n_valid_seq, num_tokens=num_tokens)
+        return loss, {**m, "entropy": masked_mean(ent, mb["mask"])}
+
+    grads, metrics = accumulate_gradients(loss_fn, state.params, micro, grad_accum)
+    metrics = {**metrics, **extra, **_length_metrics(batch),
+               "reward_mean": batch.rewards.astype(jnp.float32).mean(),
+               "num_sequences": n_valid_seq.astype(jnp.float32)}
+    return _apply(state, grads, metrics, model_cfg.freeze_router)
+
+
+def sft_train_step(state: TrainState, batch: SFTBatch, *, model_cfg, grad_accum: int = 1,
+                   compute_dtype=jnp.bfloat16, vocab_chunk: int = DEFAULT_VOCAB_CHUNK,
+                   model=None):
+    """One SFT update on packed rows (algorithms.md §8): next-token NLL on ``loss_mask``
+    tokens that have a prefix in their segment, normalised by the batch's token count."""
+    mask = batch.loss_mask.astype(jnp.float32) * segment_start_mask(batch.segment_ids)
+    num_tokens = mask.sum()
+    micro = dict(tokens=batch.tokens, positions=batch.positions, segment_ids=batch.segment_ids,
+                 mask=mask)
+
+    def loss_fn(master, mb):
+        params = compute_params(master, compute_dtype)
+        lp, ent = token_logprobs(params, _view(mb), model_cfg, vocab_chunk=vocab_chunk,
+                                 model=model)
+        loss, m = sft_loss(lp, mb["mask"], num_tokens=num_tokens)
+        return loss, {**m, "entropy": masked_mean(ent, mb["mask"])}
+
+    grads, metrics = accumulate_gradients(loss_fn, state.params, micro, grad_accum)
+    metrics = {**metrics, "total_tokens": (batch.segment_ids > 0).sum().astype(jnp.float32)}
+    return _apply(state, grads, metrics, model_cfg.freeze_router)
+
+
+_STEPS = {"grpo": grpo_train_step, "mopd": mopd_train_step, "sft": sft_train_step}
+
+
+def make_train_step(objective: str, *, jit: bool = True, **static) -> Callable:
+    """``step(state, batch) -> (state, metrics)`` for ``objective`` in ``grpo``, ``mopd``,
+    ``sft`` with the keyword arguments bound (and ``jax.jit``-ed unless ``jit=False``)."""
+    if objective not in _STEPS:
+        raise ValueError(f"unknown objective {objective!r}; valid: {', '.join(_STEPS)}")
+    fn = functools.partial(_STEPS[objective], **static)
+    return jax.jit(fn) if jit else fn
