@@ -1,0 +1,48 @@
+"""Canonical domain names of the cascade.
+
+One home for the names that configs, data, teacher routing, rewards and reports use. Import the
+constants (``from cascade_jax.domains import MATH``) or validate a name with :func:`check_domain`.
+
+=====================  =========================================================
+name                   what is verified
+=====================  =========================================================
+math                   final answer, equivalence via ``math-verify``
+instruction_following  IFEval/IFBench-style rule checks on the answer
+mcq                    STEM multiple-choice answer letter
+structured_output      JSON validated against a JSON schema
+tool_call              tool calls in the chat template's Qwen3-Coder XML format
+code                   programs run against test cases in the sandbox
+rlhf                   pairwise GenRM preferences, aggregated to win rates
+long_context           judged QA over long inputs
+swe                    judged agentless repair patches
+=====================  =========================================================
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "MATH", "INSTRUCTION_FOLLOWING", "MCQ", "STRUCTURED_OUTPUT", "TOOL_CALL", "CODE", "RLHF",
+    "LONG_CONTEXT", "SWE", "DOMAINS", "check_domain",
+]
+
+MATH = "math"
+INSTRUCTION_FOLLOWING = "instruction_following"
+MCQ = "mcq"
+STRUCTURED_OUTPUT = "structured_output"
+TOOL_CALL = "tool_call"
+CODE = "code"
+RLHF = "rlhf"
+LONG_CONTEXT = "long_context"
+SWE = "swe"
+
+#: All canonical domains, in cascade order of first appearance.
+DOMAINS: tuple[str, ...] = (
+    INSTRUCTION_FOLLOWING, MCQ, TOOL_CALL, STRUCTURED_OUTPUT, MATH, RLHF, LONG_CONTEXT, CODE, SWE,
+)
+
+
+def check_domain(name: str) -> str:
+    """Return ``name`` if it is a canonical domain, else raise ``ValueError`` listing the valid ones."""
+    if name not in DOMAINS:
+        raise ValueError(f"unknown domain {name!r}; valid domains: {', '.join(sorted(DOMAINS))}")
+    return name
