@@ -68,8 +68,8 @@ def _randomize(model, seed: int) -> None:
             v = torch.log(0.5 + 7.5 * rand(shape))
         elif name.endswith(".D"):
             v = randn(shape)
-        elif name.endswith("dt_bias"):  # some dt below time_step_min, most well above
-            v = -4.0 + 3.0 * rand(shape)
+        elif name.endswith("dt_bias"):  # dt from ~3e-4 (clamped at time_step_min) to ~0.3
+            v = -8.0 + 7.0 * rand(shape)
         elif name.endswith("e_score_correction_bias"):
             v = 0.1 * randn(shape)
         elif name.endswith("conv1d.weight"):
