@@ -14,6 +14,7 @@ from .logprobs import DEFAULT_VOCAB_CHUNK, chunked_logprobs, routed_logprobs, to
 from .losses import grpo_loss, k3_kl, mopd_loss, segment_start_mask, sft_loss
 from .optim import (TrainState, compute_params, decay_mask, lr_schedule, make_optimizer,
                     mopd_optimizer_config, param_labels, trainable_mask)
+from .sampler import sample
 from .steps import (accumulate_gradients, grpo_train_step, make_train_step, mopd_train_step,
                     sft_train_step)
 
@@ -27,5 +28,5 @@ __all__ = [
     "TrainState", "compute_params", "decay_mask", "lr_schedule", "make_optimizer",
     "mopd_optimizer_config", "param_labels", "trainable_mask",
     "accumulate_gradients", "grpo_train_step", "make_train_step", "mopd_train_step",
-    "sft_train_step",
+    "sft_train_step", "sample",
 ]

@@ -1,0 +1,368 @@
+"""cascade_jax.rl pure-array functions vs independent NumPy implementations of the formulas
+(algorithms.md §5–§8). Tolerances: float32 math, compared at rtol 1e-5 / atol 1e-6 unless said."""
+
+import numpy as np
+import jax
+import jax.numpy as jnp
+import pytest
+
+import cascade_jax.rl as rl
+
+RTOL, ATOL = 1e-5, 1e-6
+
+
+# ---------------------------------------------------------------------------------------------
+# NumPy references (written from the formulas, loops on purpose)
+
+
+def np_group_adv(r, ids, loo=False, valid=None, eps=1e-6):
+    r = np.asarray(r, np.float64)
+    ids = np.asarray(ids)
+    valid = np.ones(len(r), bool) if valid is None else np.asarray(valid, bool)
+    out = np.zeros(len(r))
+    for i in range(len(r)):
+        if not valid[i]:
+            continue
+        members = [j for j in range(len(r)) if ids[j] == ids[i] and valid[j]]
+        rg = r[members]
+        if rg.max() == rg.min():
+            continue
+        std = np.sqrt(np.mean((rg - rg.mean()) ** 2))
+        base = (rg.sum() - r[i]) / (len(rg) - 1) if loo else rg.mean()
+        out[i] = (r[i] - base) / (std + eps)
+    return out
+
+
+def np_is_weight(train_lp, roll_lp, mode, cap=2.0, lo=0.5, hi=2.0):
+    r = np.exp(train_lp - roll_lp)
+    if mode == "none":
+        return 1.0
+    if mode == "tis":
+        return min(r, cap)
+    return r if lo <= r <= hi else 0.0
+
+
+def np_grpo(lp, old, adv, mask, roll=None, ref=None, n=None, kl=0.0, eps_lo=0.2, eps_hi=0.2,
+            mode="tis", cap=2.0, lo=0.5, hi=2.0):
+    B, T = lp.shape
+    old = lp if old is None else old
+    adv = np.broadcast_to(adv[:, None] if adv.ndim == 1 else adv, (B, T))
+    n = mask.sum() if n is None else n
+    tot = 0.0
+    for b in range(B):
+        for t in range(T):
+            if not mask[b, t]:
+                continue
+            ratio = np.exp(lp[b, t] - old[b, t])
+            a = adv[b, t]
+            pg = -min(ratio * a, np.clip(ratio, 1 - eps_lo, 1 + eps_hi) * a)
+            w = 1.0 if roll is None else np_is_weight(old[b, t], roll[b, t], mode, cap, lo, hi)
+            tot += w * pg
+            if kl:
+                d = ref[b, t] - lp[b, t]
+                tot += kl * (np.exp(d) - d - 1)
+    return tot / n
+
+
+def np_mopd(lp, teacher, inf, mask, lo=0.5, hi=2.0, per="sequence"):
+    B, T = lp.shape
+    rows, tot, ntok = [], 0.0, 0
+    for b in range(B):
+        s, v = 0.0, 0
+        for t in range(T):
+            if not mask[b, t]:
+                continue
+            v += 1
+            r = np.exp(lp[b, t] - inf[b, t])
+            w = r if lo <= r <= hi else 0.0
+            s += w * (teacher[b, t] - lp[b, t]) * lp[b, t]
+        if v:
+            rows.append(s / v)
+        tot += s
+        ntok += v
+    return -np.mean(rows) if per == "sequence" else -tot / ntok
+
+
+def np_mopd_grad(lp, teacher, inf, mask, lo=0.5, hi=2.0):
+    """d L / d lp with a and w held fixed (stop-gradient)."""
+    g = np.zeros_like(lp)
+    nseq = (mask.sum(1) > 0).sum()
+    for b in range(lp.shape[0]):
+        v = mask[b].sum()
+        for t in range(lp.shape[1]):
+            if mask[b, t]:
+                r = np.exp(lp[b, t] - inf[b, t])
+                w = r if lo <= r <= hi else 0.0
+                g[b, t] = -w * (teacher[b, t] - lp[b, t]) / v / nseq
+    return g
+
+
+def hand_batch(seed=0):
+    """6 responses in 3 groups of unequal sizes {3, 2, 1}; group 1 all-equal; varying lengths;
+    rollout log-probs with tokens far outside the IS window."""
+    rng = np.random.default_rng(seed)
+    B, T = 6, 7
+    lengths = [7, 4, 1, 5, 0, 3]  # row 4: fully masked
+    mask = np.zeros((B, T), np.float32)
+    for b, L in enumerate(lengths):
+        mask[b, T - L:] = 1.0  # prompt on the left, response on the right
+    mask[0, 3] = 0.0  # a masked hole inside a response
+    lp = -rng.uniform(0.1, 3.0, (B, T)).astype(np.float32)
+    delta = rng.normal(0, 0.3, (B, T)).astype(np.float32)
+    delta[0, 5], delta[1, 6], delta[3, 4], delta[5, 5] = 1.2, -1.0, 0.8, -0.9  # outside [0.5, 2]
+    roll = (lp - delta).astype(np.float32)
+    teacher = (lp + rng.normal(0, 0.5, (B, T))).astype(np.float32)
+    ref = (lp + rng.normal(0, 0.2, (B, T))).astype(np.float32)
+    rewards = np.array([1.0, 0.0, 0.5, 1.0, 1.0, 0.3], np.float32)
+    ids = np.array([7, 7, 7, 3, 3, 9], np.int32)
+    return dict(mask=mask, lp=lp, roll=roll, teacher=teacher, ref=ref, rewards=rewards, ids=ids)
+
+
+# ---------------------------------------------------------------------------------------------
+# Advantages
+
+
+@pytest.mark.parametrize("loo", [False, True])
+def test_group_advantages_ids_unequal_sizes(loo):
+    r = np.array([1.0, 0.0, 0.5, 1.0, 1.0, 0.3, 2.0, 0.0, 0.0, 1.0], np.float32)
+    ids = np.array([4, 4, 4, 1, 1, 8, 2, 2, 2, 2])
+    got = rl.group_advantages(jnp.asarray(r), jnp.asarray(ids), leave_one_out=loo)
+    want = np_group_adv(r, ids, loo)
+    np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
+    assert np.all(np.asarray(got)[3:6] == 0.0)  # all-equal group and singleton: exactly 0
+
+
+def test_group_advantages_group_size_and_values():
+    r = np.array([0.1, 0.1, 0.1, 0.1, 0.0, 1.0, 1.0, 0.0], np.float32)
+    got = np.asarray(rl.group_advantages(jnp.asarray(r), 4))
+    assert np.all(got[:4] == 0.0)  # 0.1 is not exact in binary: still exactly zero
+    # mean 0.5, population std of {0,1,1,0} is 0.5 -> ±0.5/(0.5+1e-6)
+    np.testing.assert_allclose(got[4:], np.array([-.5, .5, .5, -.5]) / (0.5 + 1e-6), rtol=RTOL)
+    np.testing.assert_allclose(got, np_group_adv(r, np.arange(8) // 4), rtol=RTOL, atol=ATOL)
+
+
+def test_group_advantages_valid_mask():
+    r = np.array([1.0, 0.0, 0.5, 9.0], np.float32)
+    valid = np.array([True, True, True, False])
+    got = rl.group_advantages(jnp.asarray(r), 4, valid=jnp.asarray(valid))
+    np.testing.assert_allclose(got, np_group_adv(r, np.zeros(4), valid=valid), rtol=RTOL, atol=ATOL)
+
+
+def test_grpo_advantages_overlong_and_dynamic_filtering():
+    r = np.array([1.0, 1.0, 0.0, 1.0, 1.0, 1.0, 0.5, 0.2], np.float32)
+    ids = np.array([0, 0, 0, 0, 1, 1, 2, 2])
+    fr = np.array([0, 1, 0, 0, 0, 0, 0, 2])  # row 1 truncated, row 7 aborted
+    # overlong filtering on: truncated keeps its reward in the statistics, then is masked
+    adv, keep, _ = rl.grpo_advantages(r, ids, fr, overlong_filtering=True, dynamic_filtering=True)
+    valid = fr != 2
+    np.testing.assert_allclose(adv, np_group_adv(r, ids, valid=valid), rtol=RTOL, atol=ATOL)
+    np.testing.assert_array_equal(keep, [1, 0, 1, 1, 0, 0, 0, 0])  # group 1 all-equal, group 2 singleton
+    # overlong filtering off: truncated -> reward 0 and trained on
+    adv, keep, m = rl.grpo_advantages(r, ids, fr, overlong_filtering=False)
+    r0 = r.copy()
+    r0[1] = 0.0
+    np.testing.assert_allclose(adv, np_group_adv(r0, ids, valid=valid), rtol=RTOL, atol=ATOL)
+    np.testing.assert_array_equal(keep, [1, 1, 1, 1, 1, 1, 1, 0])
+    np.testing.assert_allclose(m["frac_truncated"], 1 / 7, rtol=RTOL)
+
+
+# ---------------------------------------------------------------------------------------------
+# IS correction
+
+
+@pytest.mark.parametrize("mode", ["none", "tis", "icepop"])
+def test_is_weights_and_metrics(mode):
+    d = hand_batch()
+    w, m = rl.is_weights(jnp.asarray(d["lp"]), jnp.asarray(d["roll"]), jnp.asarray(d["mask"]), mode=mode)
+    want = np.array([[np_is_weight(a, b, mode) * k for a, b, k in zip(ra, rb, rk)]
+                     for ra, rb, rk in zip(d["lp"], d["roll"], d["mask"])])
+    np.testing.assert_allclose(w, want, rtol=RTOL, atol=ATOL)
+    sel = d["mask"] > 0
+    ad = np.abs(d["lp"] - d["roll"])[sel]
+    np.testing.assert_allclose(m["is_abs_delta_mean"], ad.mean(), rtol=1e-5)
+    np.testing.assert_allclose(m["is_abs_delta_p99"], np.percentile(ad, 99), rtol=1e-5)
+    np.testing.assert_allclose(m["is_weight_mean"], want[sel].mean(), rtol=1e-5)
+    ratio = np.exp(d["lp"] - d["roll"])[sel]
+    frac = {"none": 0.0, "tis": (ratio > 2).mean(), "icepop": ((ratio < .5) | (ratio > 2)).mean()}[mode]
+    np.testing.assert_allclose(m["is_frac_corrected"], frac, atol=1e-7)
+    if mode != "none":
+        assert 0 < frac < 0.5  # the hand batch does put tokens outside the window
+
+
+def test_masked_quantile_matches_numpy():
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(5, 9)).astype(np.float32)
+    mask = rng.uniform(size=(5, 9)) < 0.6
+    for q in (0.0, 0.5, 0.9, 0.99, 1.0):
+        np.testing.assert_allclose(rl.masked_quantile(jnp.asarray(x), jnp.asarray(mask), q),
+                                   np.quantile(x[mask], q), rtol=1e-6, atol=1e-6)
+    assert float(rl.masked_quantile(jnp.asarray(x), jnp.zeros((5, 9)), 0.99)) == 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# GRPO loss
+
+
+@pytest.mark.parametrize("mode", ["none", "tis", "icepop"])
+@pytest.mark.parametrize("kl", [0.0, 0.03])
+def test_grpo_loss_matches_numpy(mode, kl):
+    d = hand_batch()
+    adv = np_group_adv(d["rewards"], d["ids"]).astype(np.float32)
+    n = 40.0  # whole-optimiser-batch token count (more than this micro-batch holds)
+    loss, m = rl.grpo_loss(jnp.asarray(d["lp"]), None, jnp.asarray(adv), jnp.asarray(d["mask"]),
+                           rollout_logp=jnp.asarray(d["roll"]), ref_logp=jnp.asarray(d["ref"]),
+                           num_tokens=n, kl_coef=kl, is_correction=mode)
+    want = np_grpo(d["lp"], None, adv, d["mask"], d["roll"], d["ref"], n, kl, mode=mode)
+    np.testing.assert_allclose(loss, want, rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(m["ratio_mean"], 1.0, rtol=1e-7)
+    assert float(m["clip_frac"]) == 0.0
+
+
+def test_grpo_loss_off_policy_clipping_and_token_advantages():
+    d = hand_batch(1)
+    rng = np.random.default_rng(5)
+    old = (d["lp"] + rng.normal(0, 0.4, d["lp"].shape)).astype(np.float32)  # ratios leave [0.8, 1.2]
+    adv_tok = rng.normal(size=d["lp"].shape).astype(np.float32)
+    loss, m = rl.grpo_loss(jnp.asarray(d["lp"]), jnp.asarray(old), jnp.asarray(adv_tok),
+                           jnp.asarray(d["mask"]), rollout_logp=jnp.asarray(d["roll"]),
+                           clip_low=0.2, clip_high=0.28)
+    want = np_grpo(d["lp"], old, adv_tok, d["mask"], d["roll"], eps_hi=0.28)
+    np.testing.assert_allclose(loss, want, rtol=RTOL, atol=ATOL)
+    assert 0 < float(m["clip_frac"]) < 1
+
+
+def test_grpo_gradient_on_policy_is_reinforce():
+    """d L / d lp = −mask·w·Â / num_tokens (+ KL term) when ρ ≡ 1."""
+    d = hand_batch()
+    adv = np_group_adv(d["rewards"], d["ids"]).astype(np.float32)
+    for mode in ("none", "tis", "icepop"):
+        g = jax.grad(lambda lp: rl.grpo_loss(lp, None, jnp.asarray(adv), jnp.asarray(d["mask"]),
+                                             rollout_logp=jnp.asarray(d["roll"]), num_tokens=33.0,
+                                             is_correction=mode)[0])(jnp.asarray(d["lp"]))
+        w = np.array([[np_is_weight(a, b, mode) for a, b in zip(ra, rb)]
+                      for ra, rb in zip(d["lp"], d["roll"])])
+        np.testing.assert_allclose(g, -d["mask"] * w * adv[:, None] / 33.0, rtol=RTOL, atol=ATOL)
+
+
+def test_grpo_micro_batches_sum_to_batch():
+    d = hand_batch()
+    adv = jnp.asarray(np_group_adv(d["rewards"], d["ids"]).astype(np.float32))
+    args = lambda s: (jnp.asarray(d["lp"][s]), None, adv[s], jnp.asarray(d["mask"][s]))
+    n = d["mask"].sum()
+    full = rl.grpo_loss(*args(slice(None)), rollout_logp=jnp.asarray(d["roll"]))[0]
+    parts = sum(rl.grpo_loss(*args(slice(i, i + 2)), rollout_logp=jnp.asarray(d["roll"][i:i + 2]),
+                             num_tokens=n)[0] for i in (0, 2, 4))
+    np.testing.assert_allclose(parts, full, rtol=RTOL, atol=ATOL)
+
+
+# ---------------------------------------------------------------------------------------------
+# MOPD loss
+
+
+@pytest.mark.parametrize("per", ["sequence", "token"])
+def test_mopd_loss_matches_numpy(per):
+    d = hand_batch()
+    loss, m = rl.mopd_loss(jnp.asarray(d["lp"]), jnp.asarray(d["teacher"]), jnp.asarray(d["roll"]),
+                           jnp.asarray(d["mask"]), normalization=per)
+    np.testing.assert_allclose(loss, np_mopd(d["lp"], d["teacher"], d["roll"], d["mask"], per=per),
+                               rtol=RTOL, atol=ATOL)
+    sel = d["mask"] > 0
+    np.testing.assert_allclose(m["reverse_kl"], (d["lp"] - d["teacher"])[sel].mean(), rtol=1e-5)
+    r = np.exp(d["lp"] - d["roll"])[sel]
+    np.testing.assert_allclose(m["is_frac_corrected"], ((r < .5) | (r > 2)).mean(), atol=1e-7)
+
+
+def test_mopd_gradient_masked_not_clamped():
+    d = hand_batch()
+    g = jax.grad(lambda lp: rl.mopd_loss(lp, jnp.asarray(d["teacher"]), jnp.asarray(d["roll"]),
+                                         jnp.asarray(d["mask"]))[0])(jnp.asarray(d["lp"]))
+    want = np_mopd_grad(d["lp"], d["teacher"], d["roll"], d["mask"])
+    np.testing.assert_allclose(g, want, rtol=RTOL, atol=ATOL)
+    # outside the band: weight 0 (not clamped), yet the token still counts in |V| (np reference)
+    assert d["mask"][0, 5] == 1 and float(g[0, 5]) == 0.0 and float(g[3, 4]) == 0.0
+
+
+def test_mopd_packed_equals_padded_and_advantage_mixing():
+    d = hand_batch()
+    B, T = d["lp"].shape
+    # pack rows (0, 1) and (2, 3) and (4, 5) into 3 rows of length 2T
+    cat = lambda x: np.concatenate([x[0::2], x[1::2]], axis=1)
+    seq = np.concatenate([np.arange(0, B, 2)[:, None].repeat(T, 1),
+                          np.arange(1, B, 2)[:, None].repeat(T, 1)], axis=1)
+    loss_p, _ = rl.mopd_loss(*(jnp.asarray(cat(d[k])) for k in ("lp", "teacher", "roll", "mask")),
+                             seq_index=jnp.asarray(seq), num_segments=B)
+    loss, _ = rl.mopd_loss(*(jnp.asarray(d[k]) for k in ("lp", "teacher", "roll", "mask")))
+    np.testing.assert_allclose(loss_p, loss, rtol=RTOL, atol=ATOL)
+    adv = np.linspace(-1, 1, B).astype(np.float32)
+    loss_mix, _ = rl.mopd_loss(*(jnp.asarray(d[k]) for k in ("lp", "teacher", "roll", "mask")),
+                               advantages=jnp.asarray(adv), advantage_coef=0.5)
+    want = np_mopd(d["lp"], d["teacher"] + 0.5 * adv[:, None], d["roll"], d["mask"])
+    np.testing.assert_allclose(loss_mix, want, rtol=RTOL, atol=ATOL)
+
+
+# ---------------------------------------------------------------------------------------------
+# SFT loss and chunked log-probs
+
+
+def test_sft_loss_packed_segments():
+    rng = np.random.default_rng(2)
+    lp = -rng.uniform(0.1, 4, (2, 8)).astype(np.float32)
+    seg = np.array([[1, 1, 1, 2, 2, 2, 2, 0], [1, 1, 1, 1, 1, 3, 3, 3]], np.int32)
+    amask = np.array([[0, 1, 1, 1, 0, 1, 1, 1], [0, 0, 1, 1, 1, 1, 1, 0]], np.float32)
+    loss, m = rl.sft_loss(jnp.asarray(lp), jnp.asarray(amask), segment_ids=jnp.asarray(seg))
+    keep = np.zeros_like(amask)
+    for b in range(2):
+        for t in range(1, 8):
+            keep[b, t] = amask[b, t] * (seg[b, t] > 0) * (seg[b, t] == seg[b, t - 1])
+    np.testing.assert_allclose(loss, -(lp * keep).sum() / keep.sum(), rtol=RTOL)
+    assert keep[0, 3] == 0 and keep[1, 5] == 0 and keep[0, 7] == 0  # segment starts / padding
+
+
+@pytest.mark.parametrize("chunk", [37, 10, 8])
+def test_chunked_logprobs_and_entropy(chunk):
+    rng = np.random.default_rng(0)
+    h = rng.normal(size=(2, 5, 8)).astype(np.float32)
+    W = rng.normal(size=(8, 37)).astype(np.float32)
+    y = rng.integers(0, 37, (2, 5))
+    tau = 0.7
+    lp, ent = rl.chunked_logprobs(jnp.asarray(h), jnp.asarray(W), jnp.asarray(y), temperature=tau,
+                                  vocab_chunk=chunk)
+    z = (h.astype(np.float64) @ W) / tau
+    logz = np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1)) + z.max(-1)
+    ls = z - logz[..., None]
+    np.testing.assert_allclose(lp, np.take_along_axis(ls, y[..., None], -1)[..., 0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(ent, -(np.exp(ls) * ls).sum(-1), rtol=1e-5, atol=1e-5)
+
+    def full(h, W):
+        return jnp.take_along_axis(jax.nn.log_softmax(h @ W / tau, -1), jnp.asarray(y)[..., None], -1).sum()
+
+    def chunked(h, W):
+        return rl.chunked_logprobs(h, W, jnp.asarray(y), temperature=tau, vocab_chunk=chunk)[0].sum()
+
+    g_full = jax.grad(full, argnums=(0, 1))(jnp.asarray(h), jnp.asarray(W))
+    g_chunk = jax.grad(chunked, argnums=(0, 1))(jnp.asarray(h), jnp.asarray(W))
+    for a, b in zip(g_chunk, g_full):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_chunked_logprobs_never_materialises_full_logits():
+    """The jaxpr of value-and-grad holds no [B, T, V] fp32 array, only [B, T, chunk] blocks."""
+    B, T, H, V, C = 2, 3, 4, 64, 16
+    f = lambda h, W: rl.chunked_logprobs(h, W, jnp.zeros((B, T), jnp.int32), vocab_chunk=C)[0].sum()
+    jaxpr = jax.make_jaxpr(jax.value_and_grad(f, argnums=(0, 1)))(jnp.ones((B, T, H)), jnp.ones((H, V)))
+    shapes = set()
+
+    def walk(jx):
+        for eqn in jx.eqns:
+            for v in eqn.outvars:
+                shapes.add(tuple(getattr(v.aval, "shape", ())))
+            for p in eqn.params.values():
+                for sub in (p if isinstance(p, (list, tuple)) else [p]):
+                    if hasattr(sub, "jaxpr"):
+                        walk(sub.jaxpr if hasattr(sub.jaxpr, "eqns") else sub.jaxpr.jaxpr)
+                    elif hasattr(sub, "eqns"):
+                        walk(sub)
+
+    walk(jaxpr.jaxpr)
+    assert (B, T, C) in shapes
+    assert not any(len(s) >= 3 and s[-1] == V and np.prod(s) >= B * T * V for s in shapes), shapes
