@@ -46,6 +46,7 @@ __all__ = [
 ]
 
 SANDBOX_UID = 65534  # "nobody" on Debian; used inside the namespace and as host uid when root
+TMP_PREFIX = "cascade-sbx-"  # host directories holding programs (tests make it unique to track runs)
 LANGUAGES = ("python", "cpp")
 
 
@@ -181,7 +182,7 @@ def prepare(program: str, *, language: str, compile_limits: Limits = COMPILE_LIM
     if not isinstance(program, str):
         raise TypeError(f"program: expected str, got {type(program).__name__}")
     _require_tools()
-    d = tempfile.mkdtemp(prefix="cascade-sbx-")
+    d = tempfile.mkdtemp(prefix=TMP_PREFIX)
     os.chmod(d, 0o755)
     uid = _host_uid()
     if uid is not None:
@@ -256,7 +257,7 @@ def _bwrap_argv(box: str, argv: tuple[str, ...], limits: Limits, status_fd: int,
         "--proc", "/proc", "--dev", "/dev",
         "--size", str(int(limits.tmp_bytes)), "--tmpfs", "/tmp",
         "--bind" if writable_box else "--ro-bind", box, "/box",
-        "--chdir", "/tmp",
+        "--remount-ro", "/", "--chdir", "/tmp",
         "--unshare-all", "--unshare-user", "--disable-userns", "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID),
         "--hostname", "sandbox", "--die-with-parent", "--new-session",
         "--clearenv", "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "HOME", "/tmp",
