@@ -20,9 +20,9 @@ import pytest
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
-from models.nemotron_h import (CheckpointError, ModelConfig, forward, init_params, load_checkpoint, preset,
+from models.nemotron_h import (CheckpointError, ModelConfig, forward, load_checkpoint, preset,
                                save_checkpoint)
-from models.nemotron_h.params import FP32_PARAMS
+from models.nemotron_h.params import FP32_PARAMS, ParamSpec, param_specs
 from tests.oracle_util import run_oracle
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,20 +30,26 @@ CFG = preset("tiny")  # all four layer kinds, 8 experts in 2 groups
 
 
 def random_params(cfg: ModelConfig, seed: int, dtype) -> dict:
-    """init_params with every vector perturbed (so zeros/ones/aranges are not special)."""
-    p = init_params(cfg, jax.random.key(seed), dtype=jnp.float32)
-    leaves, treedef = jax.tree.flatten(p)
-    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-    out = []
-    for x, k in zip(leaves, keys):
-        if x.ndim == 1:
-            x = x + 0.1 * jax.random.normal(k, x.shape, jnp.float32)
-        elif x.ndim >= 2:
-            x = x * 10.0  # std 0.2: non-trivial logits
-        out.append(x)
-    p = jax.tree.unflatten(treedef, out)
-    return jax.tree_util.tree_map_with_path(
-        lambda kp, x: x if kp[-1].key in FP32_PARAMS else x.astype(dtype), p)
+    """Random params (numpy-generated, fast) with non-trivial values for every leaf."""
+    rng = np.random.default_rng(seed)
+
+    def gen(kp, spec: ParamSpec):
+        name, shape = kp[-1].key, spec.shape
+        if name == "A_log":
+            v = np.log(rng.uniform(0.5, 8.0, shape))
+        elif name == "dt_bias":
+            v = rng.uniform(-6.0, -1.0, shape)
+        elif name in ("D", "e_score_correction_bias", "conv_b"):
+            v = (1.0 if name == "D" else 0.1) * rng.standard_normal(shape)
+        elif len(shape) == 1:  # norms
+            v = 1.0 + 0.2 * rng.standard_normal(shape)
+        elif name in ("embed", "conv_w"):
+            v = (1.0 if name == "embed" else 0.5) * rng.standard_normal(shape)
+        else:  # [.., in, out]
+            v = rng.standard_normal(shape) / np.sqrt(shape[-2])
+        return jnp.asarray(v, jnp.float32 if spec.fp32 else dtype)
+
+    return jax.tree_util.tree_map_with_path(gen, param_specs(cfg), is_leaf=lambda x: isinstance(x, ParamSpec))
 
 
 def assert_bitwise_equal(a, b):
@@ -170,6 +176,8 @@ def test_load_dtype_cast_and_single_device_sharding(base_dir, params32):
     want = jax.tree_util.tree_map_with_path(
         lambda kp, x: x if kp[-1].key in FP32_PARAMS else x.astype(jnp.bfloat16), params32)
     assert_bitwise_equal(want, p)
+    with pytest.raises(ValueError, match="floating"):
+        load_checkpoint(base_dir, dtype=jnp.int32)
 
 
 def test_load_named_sharding_8_devices(base_dir):

@@ -315,16 +315,30 @@ class _Reader:
             js = range(*index[0].indices(plan.shape[0]))
             out = np.empty(_sliced_shape(plan.shape, index), dtype)
             for n, j in enumerate(js):
-                out[n] = self.view(plan.sources[j].name)[index[2], index[1]].T
+                _assign(out[n], self.view(plan.sources[j].name)[index[2], index[1]].T)
             return out
         else:  # pragma: no cover
             raise AssertionError(k)
         out = np.empty(src.shape, dtype)
-        out[...] = src
+        _assign(out, src)
         return out
 
     def close(self):
         self._maps.clear()
+
+
+_TILE = 64
+
+
+def _assign(out: np.ndarray, src: np.ndarray) -> None:
+    """``out[...] = src`` (with a dtype cast), tiled when ``src`` is a transposed view: a plain
+    strided copy of a transposed bf16 matrix is ~3x slower (cache misses)."""
+    if src.ndim >= 2 and not src.flags.c_contiguous and min(src.shape[-2:]) > _TILE:
+        for i in range(0, src.shape[-2], _TILE):
+            for j in range(0, src.shape[-1], _TILE):
+                out[..., i:i + _TILE, j:j + _TILE] = src[..., i:i + _TILE, j:j + _TILE]
+    else:
+        out[...] = src
 
 
 def _sliced_shape(shape, index):
@@ -378,6 +392,9 @@ def load_checkpoint(path, *, dtype=None, sharding=None) -> tuple[ModelConfig, di
         nothing is returned unless every leaf loaded.
     """
     path = Path(path)
+    target = None if dtype is None else jnp.dtype(dtype)
+    if target is not None and not jnp.issubdtype(target, jnp.floating):
+        raise ValueError(f"load_checkpoint: dtype must be a floating dtype, got {target}")
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a checkpoint directory")
     cfg_file = path / "config.json"
@@ -419,7 +436,6 @@ def load_checkpoint(path, *, dtype=None, sharding=None) -> tuple[ModelConfig, di
         except (ValueError, TypeError) as e:
             raise ValueError(f"load_checkpoint: `sharding` must be None, a Sharding, or a pytree with "
                              f"the structure of the params ({e})") from None
-    target = None if dtype is None else jnp.dtype(dtype)
     reader = _Reader(by_canon)
     out = []
     try:
@@ -479,6 +495,22 @@ def _host(x) -> np.ndarray:
     return np.asarray(jax.device_get(x))
 
 
+def _contig(a: np.ndarray, dt) -> np.ndarray:
+    out = np.empty(a.shape, dt)
+    _assign(out, a)
+    return out
+
+
+def _fuse_rows(parts, dt) -> np.ndarray:
+    """Our [H, w_k] projections -> the Hub's fused [sum w_k, H] ``in_proj.weight``."""
+    out = np.empty((sum(p.shape[1] for p in parts), parts[0].shape[0]), dt)
+    row = 0
+    for p in parts:
+        _assign(out[row:row + p.shape[1]], _host(p).T)
+        row += p.shape[1]
+    return out
+
+
 def _out_dtype(x, fp32: bool, leaf: str) -> np.dtype:
     if fp32:
         return np.dtype(np.float32)
@@ -513,7 +545,7 @@ def _export_entries(params, cfg: ModelConfig) -> list[_Out]:
 
     def add(name, x, fn, shape, fp32=False, leaf=None):
         dt = _out_dtype(x, fp32, leaf or name)
-        entries.append(_Out(name, tuple(shape), dt, lambda: np.ascontiguousarray(fn(_host(x))).astype(dt, copy=False)))
+        entries.append(_Out(name, tuple(shape), dt, lambda: _contig(fn(_host(x)), dt)))
 
     def lin(name, x, leaf):  # ours [in, out] -> Hub [out, in]
         add(name, x, lambda a: a.T, (x.shape[1], x.shape[0]), leaf=leaf)
@@ -534,8 +566,7 @@ def _export_entries(params, cfg: ModelConfig) -> list[_Out]:
                 raise CheckpointError(f"save_checkpoint: param {lp}in_* has dtype {dt}")
             width = sum(p.shape[1] for p in parts)
             entries.append(_Out(pre + "in_proj.weight", (width, H), dt,
-                                lambda parts=parts, dt=dt: np.ascontiguousarray(
-                                    np.concatenate([_host(p).T.astype(dt) for p in parts], axis=0))))
+                                lambda parts=parts, dt=dt: _fuse_rows(parts, dt)))
             add(pre + "conv1d.weight", m["conv_w"], lambda a: a.T[:, None, :],
                 (cfg.conv_dim, 1, cfg.conv_kernel), leaf=lp + "conv_w")
             if cfg.use_conv_bias:
@@ -560,8 +591,7 @@ def _export_entries(params, cfg: ModelConfig) -> list[_Out]:
                 dt = _out_dtype(x, False, lp + leaf)
                 for j in range(x.shape[0]):
                     entries.append(_Out(pre + f"experts.{j}.{hub}.weight", (x.shape[2], x.shape[1]), dt,
-                                        lambda x=x, j=j, dt=dt: np.ascontiguousarray(
-                                            host_cached(x)[j].T).astype(dt, copy=False)))
+                                        lambda x=x, j=j, dt=dt: _contig(host_cached(x)[j].T, dt)))
             if cfg.n_shared_experts:
                 lin(pre + "shared_experts.up_proj.weight", m["shared_up"], lp + "shared_up")
                 lin(pre + "shared_experts.down_proj.weight", m["shared_down"], lp + "shared_down")
