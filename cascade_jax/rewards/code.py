@@ -8,6 +8,8 @@ Metadata:
 * ``fn_name`` — function to call (a top-level function, or a method of ``class Solution``
   as in LeetCode-style data); its presence selects the function-call style;
 * ``language`` — ``"python"`` or ``"cpp"``; default: the language of the code fence;
+* ``expression`` — if true, the answer is one Python expression (fenced, or the bare final answer)
+  and the program is ``print(<expression>)`` (the tiny preset's code domain);
 * ``limits`` — optional overrides of :class:`~cascade_jax.rewards.sandbox.Limits` per test
   (e.g. ``{"wall_s": 2, "cpu_s": 1}``).
 
@@ -151,6 +153,8 @@ def _parse_item(response: str, meta: Mapping[str, Any]) -> _Item | Score:
     if final is None:
         return Score(0.0, NO_ANSWER, _metrics(len(tests), 0))
     found = extract_program(final)
+    if found is None and meta.get("expression") and final.strip():
+        found = (final.strip().strip("`").strip(), "python")
     if found is None:
         return Score(0.0, "no ```python or ```cpp code block in the final answer",
                      _metrics(len(tests), 0))
@@ -162,6 +166,10 @@ def _parse_item(response: str, meta: Mapping[str, Any]) -> _Item | Score:
         raise MetadataError("function-call tests ('fn_name') are supported for Python only")
     if fn_name:
         code = _function_harness(code, str(fn_name))
+    elif meta.get("expression"):
+        if language != "python":
+            raise MetadataError("'expression' items are Python only")
+        code = f"print(eval(compile({code.strip()!r}, '<expression>', 'eval')))"
     return _Item(code, language, tuple(tests), fn_name, limits)
 
 

@@ -1,0 +1,81 @@
+"""``swe``: judged agentless repair (SWE agentless RL).
+
+Metadata: ``gold_patch`` (reference fix, unified diff); optional ``issue`` (default: the prompt)
+and ``context`` (the localised code shown to the model).
+
+Rules: the candidate patch is taken from the final answer (after ``</think>``): the last
+```` ```diff ```` / ```` ```patch ```` block, else Agentless ``<<<<<<< SEARCH / ======= / >>>>>>> REPLACE``
+edits (converted to removed/added lines), else a bare unified diff starting at ``diff --git`` or
+``--- ``. No patch scores 0. The repair judge rates it in [0, 1]: the paper's GPT-OSS-120B judge
+via :class:`~cascade_jax.rewards.judges.ServedJudge` with the ``swe_repair`` prompt (0–10 scale),
+or the rule-based :class:`~cascade_jax.rewards.judges.RulePatchJudge` (changed-line F1) for the
+tiny preset. ``metrics["above_half"]`` marks scores > 0.5: the stage masks the loss of prompts where
+no rollout exceeds 0.5 (algorithms.md §3).
+
+**Agentic SWE RL (OpenHands) — how it would plug in.** That stage is out of scope here; it needs
+a multi-turn environment rather than a one-shot scorer. It would reuse this interface at the end
+of an episode: the rollout driver runs the OpenHands loop (≤ 200 turns, non-thinking mode) with
+tool calls parsed by :func:`cascade_jax.rewards.tool_call.parse_tool_calls` and tool results
+returned in user turns (``<tool_response>``), each action executed in a per-episode container
+(Docker with the repository image — bubblewrap is not enough for repository test suites); the
+episode's final ``git diff`` becomes ``response`` and a scorer with the same signature runs the
+task's FAIL_TO_PASS/PASS_TO_PASS tests in that container, returning 1 iff all pass. The
+``Score``/``Scorer`` types and the domain name ``swe`` stay the same; only the scorer differs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Mapping, Optional
+
+from cascade_jax.rewards.base import NO_ANSWER, Score, final_answer, require
+from cascade_jax.rewards.judges import Judge, RulePatchJudge
+
+__all__ = ["SWERepair", "extract_patch"]
+
+_DIFF_FENCE = re.compile(r"```[ \t]*(?:diff|patch)[^\n]*\n(.*?)```", re.S)
+_SEARCH_REPLACE = re.compile(r"<<<<<<< SEARCH\n(.*?)\n?=======\n(.*?)\n?>>>>>>> REPLACE", re.S)
+
+
+def extract_patch(text: str) -> Optional[str]:
+    """The candidate patch in ``text`` (rules above), as a unified-diff-like string, or None."""
+    fences = _DIFF_FENCE.findall(text)
+    if fences:
+        return fences[-1]
+    edits = _SEARCH_REPLACE.findall(text)
+    if edits:
+        lines = []
+        for search, replace in edits:
+            lines += ["-" + ln for ln in search.splitlines()] + ["+" + ln for ln in replace.splitlines()]
+        return "\n".join(lines)
+    m = re.search(r"^(diff --git |--- )", text, flags=re.M)
+    if m:
+        return text[m.start():]
+    return None
+
+
+@dataclasses.dataclass
+class SWERepair:
+    """Pointwise function ``(prompt, response, meta) -> Score`` around a repair judge."""
+
+    judge: Judge = dataclasses.field(default_factory=RulePatchJudge)
+
+    def __call__(self, prompt: str, response: str, meta: Mapping[str, Any]) -> Score:
+        gold = str(require(meta, "gold_patch", str))
+        final = final_answer(response)
+        if final is None:
+            return Score(0.0, NO_ANSWER, {"above_half": 0.0})
+        patch = extract_patch(final)
+        if patch is None or not patch.strip():
+            return Score(0.0, "no patch (```diff block, SEARCH/REPLACE edit or unified diff) "
+                              "in the final answer", {"above_half": 0.0})
+        fields = {"issue": meta.get("issue", prompt), "context": meta.get("context", ""),
+                  "gold_patch": gold, "patch": patch}
+        try:
+            v = self.judge(fields)
+        except Exception as e:
+            return Score(0.0, f"judge error: {type(e).__name__}: {e}",
+                         {"judge_error": 1.0, "above_half": 0.0})
+        return Score(v.value, f"repair judge: {v.label} ({v.reason})",
+                     {"judge_error": 0.0, "above_half": float(v.value > 0.5)})
