@@ -1,8 +1,11 @@
 """Kernels behind one switch each: ``impl in {"auto", "pallas", "cudnn", "xla"}``.
 
 Every kernel has an XLA reference with the same signature (``kernels.xla_gmm``, ``kernels.xla_attention``,
-``kernels.xla_ssd``); ``auto`` picks the fastest correct implementation measured for the platform and
-is always XLA on CPU. The model calls only the three dispatchers below.
+``kernels.xla_ssd``) and a Pallas implementation (``kernels.pallas_gmm``, ``kernels.pallas_attention``,
+``kernels.pallas_ssd``; on CPU they run with ``interpret=True``). Attention also has ``cudnn``
+(``jax.nn.dot_product_attention(implementation="cudnn")``, see :mod:`kernels.cudnn_attention`).
+``auto`` picks, per platform, the fastest implementation *validated* there (:data:`AUTO`); it is
+always XLA on CPU. The model calls only the three dispatchers below.
 """
 
 from __future__ import annotations
@@ -13,38 +16,75 @@ from . import xla_attention as _attention_xla
 from . import xla_gmm as _gmm_xla
 from . import xla_ssd as _ssd_xla
 
-__all__ = ["grouped_matmul", "attention", "ssd", "resolve_impl"]
+__all__ = ["grouped_matmul", "attention", "ssd", "resolve_impl", "AUTO", "IMPLS"]
 
 IMPLS = ("auto", "pallas", "cudnn", "xla")
+
+# What ``auto`` resolves to per platform. Only implementations validated on the platform belong
+# here: the Pallas kernels are verified in interpret mode on CPU but not yet timed or checked on
+# an H100/TPU, so ``auto`` keeps XLA for them until a device session flips these entries; cuDNN
+# attention is the measured best complete attention on the H100 (performance anchors) and is
+# used whenever its mask support covers the call (otherwise attention falls back to XLA).
+AUTO = {
+    "cpu": {"gmm": "xla", "attention": "xla", "ssd": "xla"},
+    "gpu": {"gmm": "xla", "attention": "cudnn", "ssd": "xla"},
+    "tpu": {"gmm": "xla", "attention": "xla", "ssd": "xla"},
+}
+_KERNELS = ("gmm", "attention", "ssd")
+
+
+def _platform() -> str:
+    p = jax.default_backend()
+    return "gpu" if p in ("cuda", "rocm", "gpu") else p
 
 
 def resolve_impl(kernel: str, impl: str) -> str:
     """Concrete implementation for ``kernel`` ("gmm", "attention", "ssd") on this platform."""
     if impl not in IMPLS:
         raise ValueError(f"{kernel}: impl must be one of {IMPLS}, got {impl!r}")
+    if kernel not in _KERNELS:
+        raise ValueError(f"unknown kernel {kernel!r}; valid: {_KERNELS}")
+    if impl == "cudnn" and kernel != "attention":
+        raise ValueError(f"{kernel}: no cudnn implementation (only attention has one)")
     if impl != "auto":
         return impl
-    return "xla" if jax.default_backend() == "cpu" else "xla"
+    return AUTO.get(_platform(), AUTO["cpu"])[kernel]
 
 
-def _unavailable(kernel, impl):
-    raise NotImplementedError(f"{kernel}: implementation {impl!r} is not available; use 'xla' or 'auto'")
+def grouped_matmul(lhs, rhs, group_sizes, *, impl: str = "auto", epilogue=None):
+    """``[M, K] × [E, K, N]`` over expert-sorted rows with ``group_sizes [E]`` -> ``[M, N]``.
 
-
-def grouped_matmul(lhs, rhs, group_sizes, *, impl: str = "auto"):
-    """``[M, K] × [E, K, N]`` over expert-sorted rows with ``group_sizes [E]`` -> ``[M, N]``."""
+    ``epilogue="relu2"`` returns ``relu(out)²`` (fused into the Pallas kernel; applied after the
+    matmul, on the fp32 accumulator, in the same dtype handling for XLA)."""
     impl = resolve_impl("gmm", impl)
     if impl == "xla":
-        return _gmm_xla.gmm(lhs, rhs, group_sizes)
-    return _unavailable("gmm", impl)
+        if epilogue is None:
+            return _gmm_xla.gmm(lhs, rhs, group_sizes)
+        if epilogue != "relu2":
+            raise ValueError(f"gmm: unknown epilogue {epilogue!r}")
+        h = jax.nn.relu(_gmm_xla.gmm(lhs, rhs, group_sizes))
+        return h * h
+    from . import pallas_gmm
+    return pallas_gmm.gmm(lhs, rhs, group_sizes, epilogue=epilogue)
 
 
 def attention(q, k, v, *, impl: str = "auto", **kw):
-    """Causal GQA attention; see :func:`kernels.xla_attention.attention` for arguments."""
+    """Causal GQA attention; see :func:`kernels.xla_attention.attention` for arguments.
+
+    ``cudnn`` covers only calls :func:`kernels.cudnn_attention.supported` accepts (on a GPU, bf16/fp16,
+    self-attention without segment ids / kv_valid / custom positions); other calls fall back to
+    ``pallas`` when ``cudnn`` was asked for explicitly and to ``xla`` when ``auto`` chose it."""
+    requested = impl
     impl = resolve_impl("attention", impl)
+    if impl == "cudnn":
+        from . import cudnn_attention
+        if cudnn_attention.supported(q, k, v, **kw):
+            return cudnn_attention.attention(q, k, v, **kw)
+        impl = "xla" if requested == "auto" else "pallas"
     if impl == "xla":
         return _attention_xla.attention(q, k, v, **kw)
-    return _unavailable("attention", impl)
+    from . import pallas_attention
+    return pallas_attention.attention(q, k, v, **kw)
 
 
 def ssd(x, dt, A, Bm, Cm, *, chunk_size, segment_ids=None, initial_state=None, impl: str = "auto"):
@@ -53,4 +93,6 @@ def ssd(x, dt, A, Bm, Cm, *, chunk_size, segment_ids=None, initial_state=None, i
     if impl == "xla":
         return _ssd_xla.ssd(x, dt, A, Bm, Cm, chunk_size=chunk_size, segment_ids=segment_ids,
                             initial_state=initial_state)
-    return _unavailable("ssd", impl)
+    from . import pallas_ssd
+    return pallas_ssd.ssd(x, dt, A, Bm, Cm, chunk_size=chunk_size, segment_ids=segment_ids,
+                          initial_state=initial_state)
