@@ -53,3 +53,30 @@ def tracked_sandbox(monkeypatch):
     assert not left, f"sandbox processes left behind: {left}"
     new = [c for c in children_of(os.getpid()) if c[0] not in before]
     assert not new, f"child processes left behind (pid, state): {new}"
+
+
+@contextlib.contextmanager
+def sglang_stub(*flags: str):
+    """Start the rule-based SGLang stand-in (a separate HTTP server process on 127.0.0.1) and
+    yield its base URL; the process is terminated on exit."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    proc = subprocess.Popen([sys.executable, "-m", "tests.rewards.sglang_stub", *flags], cwd=root,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(proc.stdout.readline())
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        proc.stdout.close()
+
+
+def byte_tokenizer(text: str) -> list[int]:
+    """Trivial tokenizer for tests: UTF-8 bytes."""
+    return list(text.encode("utf-8"))
+
+
+def byte_detokenizer(ids) -> str:
+    return bytes(ids).decode("utf-8")
