@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from models.nemotron_h import ModelConfig, forward, load_checkpoint
+from models.nemotron_h import ModelConfig, forward, hidden_states, load_checkpoint
 from tests.oracle_util import run_oracle
 
 pytestmark = pytest.mark.oracle
@@ -60,15 +60,31 @@ def oracle(tmp_path_factory):
         np.save(root / f"{name}-tokens.npy", tokens)
         jobs += [{"op": "build", "config": cfg.to_hf_dict(), "seed": 100 + k, "out": str(d)},
                  {"op": "logits", "model": str(d), "tokens": str(root / f"{name}-tokens.npy"),
-                  "out": str(root / f"{name}-logits.npy")}]
-        out[name] = (d, tokens, root / f"{name}-logits.npy")
+                  "out": str(root / f"{name}-logits.npy"), "hidden_out": str(root / f"{name}-hidden.npz")}]
+        out[name] = (d, tokens, root / f"{name}-logits.npy", root / f"{name}-hidden.npz")
     run_oracle(jobs, root)
-    return {name: (d, tokens, np.load(lp)) for name, (d, tokens, lp) in out.items()}
+    return {name: (d, tokens, np.load(lp), hp) for name, (d, tokens, lp, hp) in out.items()}
+
+
+def _divergence_report(params, tokens, cfg, hidden_file) -> str:
+    """Per layer: max-abs between our and transformers' residual stream after that layer (both
+    passed through norm_f, since our public API returns normed hidden states). Failure-only."""
+    theirs = np.load(hidden_file)
+    lines = []
+    for i, kind in enumerate(cfg.pattern):
+        c = dataclasses.replace(cfg, pattern=cfg.pattern[:i + 1])
+        p = dict(params, layers=params["layers"][:i + 1])
+        ours = np.asarray(hidden_states(p, tokens, c), np.float32)
+        h = theirs[f"layer_{i}"].astype(np.float32)
+        h = h / np.sqrt(np.mean(h * h, axis=-1, keepdims=True) + cfg.layer_norm_epsilon)
+        h = h * np.asarray(params["norm_f"], np.float32)
+        lines.append(f"  layer {i} ({kind}): max-abs {np.abs(ours - h).max():.3g}")
+    return "\n".join(lines)
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_logits_match_transformers(oracle, name):
-    model_dir, tokens, want = oracle[name]
+    model_dir, tokens, want, hidden_file = oracle[name]
     cfg, params = load_checkpoint(model_dir)
     expect_cfg = CONFIGS[name]
     assert cfg == expect_cfg, "config.json written by transformers does not parse back to the same config"
@@ -79,4 +95,6 @@ def test_logits_match_transformers(oracle, name):
     assert np.abs(want).max() > 0.5  # non-degenerate logits
     err = float(np.abs(got - want).max())
     print(f"parity {name}: max-abs {err:.3g} (logits max-abs {np.abs(want).max():.3g})")
-    assert err <= ATOL, f"{name}: our logits differ from transformers' by max-abs {err:.3g} > {ATOL}"
+    if err > ATOL:
+        pytest.fail(f"{name}: our logits differ from transformers' by max-abs {err:.3g} > {ATOL}; per layer "
+                    f"(normed residual stream):\n{_divergence_report(params, tokens, cfg, hidden_file)}")

@@ -6,6 +6,7 @@ subprocess through ``tests/oracle_util.py``. Subcommands::
 
     build  --config CFG.json --seed S --out DIR          random-weight fp32 model -> save_pretrained(DIR)
     logits --model DIR --tokens TOKENS.npy --out OUT.npy [--hidden-out HID.npz]
+           (HID.npz: ``layer_i`` = output of block i, the residual stream before ``norm_f``)
     batch  --jobs JOBS.json                              several of the above in one process
 
 ``JOBS.json`` is a list of ``{"op": "build" | "logits", ...}`` objects with the same keys as the
@@ -115,10 +116,18 @@ def _load(model_dir: str):
 def logits(model: str, tokens: str, out: str, hidden_out: str | None = None) -> None:
     m = _load(model)
     ids = torch.from_numpy(np.load(tokens).astype(np.int64))
-    res = m(input_ids=ids, output_hidden_states=hidden_out is not None, use_cache=False)
+    blocks = {}
+    hooks = []
+    if hidden_out is not None:  # every block's output (the residual stream after layer i, pre norm_f)
+        for i, layer in enumerate(m.model.layers):
+            hooks.append(layer.register_forward_hook(
+                lambda mod, args, output, i=i: blocks.__setitem__(f"layer_{i}", output.float().numpy())))
+    res = m(input_ids=ids, use_cache=False)
+    for h in hooks:
+        h.remove()
     np.save(out, res.logits.float().numpy())
     if hidden_out is not None:
-        np.savez(hidden_out, *[h.float().numpy() for h in res.hidden_states])
+        np.savez(hidden_out, **blocks)
 
 
 def run_job(job: dict) -> None:
