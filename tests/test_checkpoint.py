@@ -132,6 +132,23 @@ def test_roundtrip_bitwise(tmp_path, params32, params16, dtype, max_shard_bytes)
     assert_bitwise_equal(p, p2)
 
 
+def test_roundtrip_without_conv_bias(tmp_path):
+    cfg = preset("tiny", use_conv_bias=False)
+    p = random_params(cfg, 3, jnp.bfloat16)
+    for i, k in enumerate(cfg.pattern):
+        if k == "M":
+            p["layers"][i]["mixer"]["conv_b"] = jnp.zeros_like(p["layers"][i]["mixer"]["conv_b"])
+    save_checkpoint(p, cfg, tmp_path / "o")
+    assert "backbone.layers.0.mixer.conv1d.bias" not in _header(tmp_path / "o" / "model.safetensors")
+    cfg2, p2 = load_checkpoint(tmp_path / "o")
+    assert cfg2 == cfg
+    assert_bitwise_equal(p, p2)
+    p["layers"][0]["mixer"]["conv_b"] = p["layers"][0]["mixer"]["conv_b"] + 1
+    with pytest.raises(CheckpointError, match="conv_b"):
+        save_checkpoint(p, cfg, tmp_path / "o2")
+    assert not (tmp_path / "o2").exists()
+
+
 def test_hub_layout_on_disk(tmp_path, params16):
     save_checkpoint(params16, CFG, tmp_path / "o")
     c = CFG

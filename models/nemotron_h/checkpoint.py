@@ -202,6 +202,7 @@ class _Plan:
     kind: str  # "copy", "T" (transpose), "rows" (transposed slice of rows), "conv", "experts",
     #            "experts_stacked", "zeros"
     row0: int = 0
+    like: Optional[str] = None  # "zeros" only: take the dtype of this tensor when dtype=None
 
 
 def _layer_plans(cfg: ModelConfig, i: int, kind: str, stacked_experts: bool) -> dict:
@@ -227,7 +228,7 @@ def _layer_plans(cfg: ModelConfig, i: int, kind: str, stacked_experts: bool) -> 
             row += width
         plans["conv_w"] = _Plan((K, C), False, [_Source(pre + "conv1d.weight", (C, 1, K))], "conv")
         plans["conv_b"] = (vec("conv1d.bias", "conv_b") if cfg.use_conv_bias
-                           else _Plan((C,), False, [], "zeros"))
+                           else _Plan((C,), False, [], "zeros", like=fused.name))
         plans["dt_bias"] = vec("dt_bias", "dt_bias")
         plans["A_log"] = vec("A_log", "A_log")
         plans["D"] = vec("D", "D")
@@ -447,8 +448,7 @@ def load_checkpoint(path, *, dtype=None, sharding=None) -> tuple[ModelConfig, di
             elif plan.sources:
                 dt = _FLOAT_DTYPES[by_canon[plan.sources[0].name].dtype]
             else:  # zero conv bias of a use_conv_bias=False checkpoint: the in_proj dtype
-                dt = _FLOAT_DTYPES[by_canon[f"backbone.layers.0.mixer.in_proj.weight"].dtype] \
-                    if "backbone.layers.0.mixer.in_proj.weight" in by_canon else np.dtype(np.float32)
+                dt = _FLOAT_DTYPES[by_canon[plan.like].dtype]
             out.append(_materialize(reader, plan, dt, shd))
     except OSError as e:
         raise CheckpointError(f"{path}: read failed ({e})") from None
@@ -571,6 +571,9 @@ def _export_entries(params, cfg: ModelConfig) -> list[_Out]:
                 (cfg.conv_dim, 1, cfg.conv_kernel), leaf=lp + "conv_w")
             if cfg.use_conv_bias:
                 vec(pre + "conv1d.bias", m["conv_b"], lp + "conv_b")
+            elif np.any(_host(m["conv_b"]) != 0):
+                raise CheckpointError(f"save_checkpoint: param {lp}conv_b is non-zero but cfg.use_conv_bias is "
+                                      "False (the Hub layout would drop it)")
             vec(pre + "dt_bias", m["dt_bias"], lp + "dt_bias")
             vec(pre + "A_log", m["A_log"], lp + "A_log", fp32=True)
             vec(pre + "D", m["D"], lp + "D", fp32=True)
