@@ -184,6 +184,22 @@ def test_hub_layout_on_disk(tmp_path, params16):
     assert ModelConfig.from_json_file(tmp_path / "o" / "config.json") == CFG
 
 
+def test_nano_30b_hub_tensor_names():
+    """The loader's expected Hub tensors for the real 30B config (nothing allocated): 3 + 23 Mamba
+    layers x 9 + 6 attention x 5 + 23 MoE x (5 + 2 x 128) = 6,243 tensors, fp32 only for A_log, D,
+    e_score_correction_bias."""
+    from models.nemotron_h.checkpoint import _is_plan, _plans
+    cfg = preset("nano-30b-a3b")
+    plans = jax.tree.leaves(_plans(cfg, set()), is_leaf=_is_plan)
+    names = [s.name for p in plans for s in p.sources]
+    assert len(set(names)) == 6243  # (the fused in_proj feeds 5 leaves)
+    assert names.count("backbone.layers.1.mixer.experts.127.down_proj.weight") == 1
+    fp32 = {n.rsplit(".", 1)[-1] for p in plans if p.fp32 for n in [s.name for s in p.sources]}
+    assert fp32 == {"A_log", "D", "e_score_correction_bias"}
+    in_proj = [s for p in plans for s in p.sources if s.name.endswith("layers.0.mixer.in_proj.weight")][0]
+    assert in_proj.shape == (10304, 2688)
+
+
 def test_load_dtype_cast_and_single_device_sharding(base_dir, params32):
     dev = jax.devices()[0]
     cfg, p = load_checkpoint(base_dir, dtype=jnp.bfloat16, sharding=jax.sharding.SingleDeviceSharding(dev))
