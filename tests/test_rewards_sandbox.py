@@ -128,7 +128,7 @@ def test_connection_to_host_loopback_is_refused(monkeypatch):
 @pytest.mark.timeout(30)
 def test_write_outside_temp_dir(monkeypatch, tmp_path):
     target = tmp_path / "pwned.txt"
-    targets = ["/box/pwned", "/usr/pwned", "/etc/pwned", "/pwned", str(target),
+    targets = ["/box/pwned", "/usr/pwned", "/etc/pwned", "/pwned", "/dev/pwned", str(target),
                f"/proc/{os.getpid()}/cwd/pwned"]
     prog = ("import sys\nok = []\n"
             f"for p in {targets!r}:\n"
@@ -190,3 +190,18 @@ def test_background_children_die_with_the_program(monkeypatch):
             t.join()
         assert res.status == "ok" and res.stdout == "parent done\n"
         assert seen == [[]]
+
+
+@pytest.mark.timeout(30)
+def test_disk_fill_is_capped(monkeypatch):
+    lim = sandbox.Limits(wall_s=5.0, tmp_bytes=8 << 20, file_size_bytes=4 << 20)
+    prog = ("total = 0\nfor d in ('/tmp', '/dev/shm'):\n    for i in range(100):\n"
+            "        try:\n            open(f'{d}/f{i}', 'wb').write(b'x' * (1 << 20))\n"
+            "            total += 1 << 20\n        except OSError:\n            break\n"
+            "print(total)")
+    with tracked_sandbox(monkeypatch):
+        res, _ = _timed_run(prog, limits=lim)
+        assert res.status == "ok" and int(res.stdout) <= 2 * lim.tmp_bytes, res
+        res, _ = _timed_run("open('/tmp/big', 'wb').write(b'x' * (5 << 20))", limits=lim)
+        assert res.status == "runtime_error", res
+        assert "file size limit" in res.reason or "File too large" in res.reason

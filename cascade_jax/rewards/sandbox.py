@@ -8,8 +8,9 @@ Model output is hostile input. Every run gets, from Debian's ``bubblewrap`` (``b
   as host uid 65534 too: the kernel exempts uid 0 from ``RLIMIT_NPROC``, a non-root host uid is
   what makes the process limit bite (fork bombs) even on a CI machine running as root;
 * a **read-only host view** limited to ``/usr`` (plus the ``/bin``, ``/lib*`` links and the
-  dynamic-linker cache), a fresh size-capped writable tmpfs at ``/tmp`` (the working directory), the
-  program at ``/box`` read-only, a private ``/proc`` and minimal ``/dev``;
+  dynamic-linker cache) on a read-only root, fresh size-capped writable tmpfs at ``/tmp`` (the
+  working directory) and ``/dev/shm``, the program at ``/box`` read-only, a private ``/proc``
+  and a minimal read-only ``/dev``;
 * a **scrubbed environment** (``--clearenv``; only ``PATH``, ``HOME``, ``LANG`` are set);
 * **rlimits** set inside the namespace by ``prlimit`` just before the program is exec'd: CPU time,
   address space, file size, open files, process count, no core dumps. ``RLIMIT_NPROC`` counts
@@ -23,7 +24,7 @@ Statuses: ``ok`` (exit 0), ``runtime_error``, ``timeout`` (wall clock or CPU), `
 ``reason`` always says what happened in words.
 
 Total memory is bounded by ``processes x memory_bytes`` (address space is a per-process limit;
-there is no cgroup here) plus ``tmp_bytes``.
+there is no cgroup here) plus ``2 x tmp_bytes`` (``/tmp`` and ``/dev/shm``).
 """
 
 from __future__ import annotations
@@ -159,6 +160,7 @@ class Prepared:
     directory: str
     argv: tuple[str, ...]
     error: Optional[Result] = None
+    extra_ro: tuple[str, ...] = ()  # host directories bound read-only (an interpreter outside /usr)
 
     def close(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)
@@ -193,7 +195,13 @@ def prepare(program: str, *, language: str, compile_limits: Limits = COMPILE_LIM
     os.chmod(os.path.join(d, name), 0o644)
     if language == "python":
         interp = _python_interpreter()
-        return Prepared(language, d, (interp, "-I", "-S", "-B", "/box/prog.py"))
+        extra: tuple[str, ...] = ()
+        if not interp.startswith("/usr/"):
+            prefix = os.path.dirname(os.path.dirname(interp))  # .../bin/python3 -> ...
+            if prefix in ("", "/"):
+                raise SandboxUnavailable(f"refusing to expose {prefix!r} for interpreter {interp}")
+            extra = (prefix,)
+        return Prepared(language, d, (interp, "-I", "-S", "-B", "/box/prog.py"), extra_ro=extra)
     compile_argv = (_cxx_compiler(), "-O2", "-std=gnu++17", "-pipe", "-o", "/box/prog",
                     "/box/prog.cpp")
     res = _execute(d, compile_argv, b"", compile_limits, writable_box=True)
@@ -212,7 +220,7 @@ def run_prepared(prepared: Prepared, stdin: str = "", limits: Optional[Limits] =
     if prepared.error is not None:
         return prepared.error
     return _execute(prepared.directory, prepared.argv, stdin.encode("utf-8"),
-                    limits or DEFAULT_LIMITS, writable_box=False)
+                    limits or DEFAULT_LIMITS, writable_box=False, extra_ro=prepared.extra_ro)
 
 
 def run(program: str, *, language: str, stdin: str = "", limits: Optional[Limits] = None) -> Result:
@@ -244,17 +252,13 @@ def _mounts(extra_ro: tuple[str, ...]) -> list[str]:
 
 
 def _bwrap_argv(box: str, argv: tuple[str, ...], limits: Limits, status_fd: int,
-                writable_box: bool) -> list[str]:
+                writable_box: bool, extra_ro: tuple[str, ...]) -> list[str]:
     bwrap, prlimit = _require_tools()
-    extra = []
-    interp = argv[0]
-    if not interp.startswith("/usr/") and interp.startswith("/") and not interp.startswith("/box"):
-        # an interpreter outside /usr: expose its installation prefix read-only
-        extra.append(os.path.dirname(os.path.dirname(interp)))
     cpu = int(limits.cpu_s)
     cmd = [
-        bwrap, *_mounts(tuple(extra)),
+        bwrap, *_mounts(extra_ro),
         "--proc", "/proc", "--dev", "/dev",
+        "--size", str(int(limits.tmp_bytes)), "--tmpfs", "/dev/shm", "--remount-ro", "/dev",
         "--size", str(int(limits.tmp_bytes)), "--tmpfs", "/tmp",
         "--bind" if writable_box else "--ro-bind", box, "/box",
         "--remount-ro", "/", "--chdir", "/tmp",
@@ -351,14 +355,14 @@ def _classify(code: int, stderr: str, limits: Limits, cpu_s: float) -> tuple[str
 
 
 def _execute(box: str, argv: tuple[str, ...], stdin: bytes, limits: Limits,
-             writable_box: bool) -> Result:
+             writable_box: bool, extra_ro: tuple[str, ...] = ()) -> Result:
     _become_subreaper()
     status_r, status_w = os.pipe()
     stdin_file = tempfile.TemporaryFile()
     stdin_file.write(stdin)
     stdin_file.seek(0)
     uid = _host_uid()
-    cmd = _bwrap_argv(box, argv, limits, status_w, writable_box)
+    cmd = _bwrap_argv(box, argv, limits, status_w, writable_box, extra_ro)
     start = time.monotonic()
     try:
         proc = subprocess.Popen(
@@ -452,7 +456,8 @@ def _execute(box: str, argv: tuple[str, ...], stdin: bytes, limits: Limits,
     mem = int(rusage.ru_maxrss) * 1024
     cpu_s = rusage.ru_utime + rusage.ru_stime
     exit_code = _parse_exit_code(status_buf)
-    if child_pid is None and killed_for is None:
+    if killed_for is None and (child_pid is None or (
+            exit_code == 1 and stderr.startswith("bwrap: ") and not stdout)):
         return Result("sandbox_error", stdout, stderr, proc.returncode, elapsed, mem,
                       f"bwrap failed to set up the sandbox (exit {proc.returncode}): "
                       f"{stderr.strip()[-300:]}")
