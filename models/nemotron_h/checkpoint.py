@@ -42,7 +42,7 @@ import ml_dtypes
 import numpy as np
 
 from .config import ModelConfig, ModelConfigError, _HF_ALIASES, _JAX_ONLY
-from .params import FP32_PARAMS, ParamSpec, param_specs
+from .params import ParamSpec, param_specs
 
 __all__ = ["CheckpointError", "load_checkpoint", "save_checkpoint", "TOKENIZER_FILE_PATTERNS"]
 
