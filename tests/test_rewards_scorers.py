@@ -221,3 +221,12 @@ def test_instruction_following():
 def test_instruction_checks(iid, kwargs, good, bad):
     meta = {"instruction_id_list": [iid], "kwargs": [kwargs]}
     assert _values("instruction_following", [good, bad], meta) == [1, 0]
+
+
+@pytest.mark.timeout(30)
+def test_math_pathological_answer_is_time_bounded(monkeypatch):
+    import cascade_jax.rewards.math as m
+    monkeypatch.setattr(m, "TIMEOUT_S", 1)
+    t = time.monotonic()
+    out = score("math", ["p"], ["\\boxed{9^{9^{9^{9}}}}"], [{"answer": "1"}])[0]
+    assert out.value == 0 and time.monotonic() - t < 10

@@ -72,7 +72,7 @@ def make_scorer(domain: str, *, judge: Optional[Judge] = None, workers: Optional
                 timeout_s: float = 60.0, **options: Any) -> Scorer:
     """The batch scorer of ``domain``.
 
-    ``workers``: threads (default 8; for ``code``, the CPU count). ``timeout_s``: per-item limit
+    ``workers``: threads (default 8; ``math`` 1, see :mod:`~.math`; ``code`` the CPU count). ``timeout_s``: per-item limit
     of pointwise scorers (code runs are bounded by their sandbox limits instead). ``judge``: for
     ``rlhf``/``long_context``/``swe`` (default: rule-based synthetic judge). ``options`` go to
     :class:`CodeScorer` or :class:`GenRMScorer` (e.g. ``both_orders=True``,
@@ -92,7 +92,8 @@ def make_scorer(domain: str, *, judge: Optional[Judge] = None, workers: Optional
         if judge is not None:
             raise TypeError(f"domain {domain!r} is rule-verified and takes no judge")
         fn = POINTWISE[domain]
-    return Pointwise(fn, workers=workers or 8, timeout_s=timeout_s, name=domain)
+    default_workers = 1 if domain == _d.MATH else 8  # math: main-thread timeouts (math.py)
+    return Pointwise(fn, workers=workers or default_workers, timeout_s=timeout_s, name=domain)
 
 
 def score(domain: str, prompts: Sequence[str], responses: Sequence[str],

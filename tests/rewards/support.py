@@ -44,14 +44,15 @@ def children_of(pid: int) -> list[tuple[int, str]]:
 @contextlib.contextmanager
 def tracked_sandbox(monkeypatch):
     """Give this test's sandbox directories a unique prefix; on exit, assert that no process of
-    this test's sandboxes is alive and that the test process has no new children/zombies."""
+    this test's sandboxes is alive and that the test process has no new bwrap children/zombies."""
     marker = f"cascade-sbx-t{uuid.uuid4().hex[:12]}-"
     monkeypatch.setattr(sandbox, "TMP_PREFIX", marker)
     before = {p for p, _ in children_of(os.getpid())}
     yield marker
     left = processes_mounting(marker)
     assert not left, f"sandbox processes left behind: {left}"
-    new = [c for c in children_of(os.getpid()) if c[0] not in before]
+    new = [c for c in children_of(os.getpid()) if c[0] not in before
+           and "bwrap" in _read(f"/proc/{c[0]}/comm")]
     assert not new, f"child processes left behind (pid, state): {new}"
 
 
