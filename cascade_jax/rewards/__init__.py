@@ -72,11 +72,11 @@ def make_scorer(domain: str, *, judge: Optional[Judge] = None, workers: Optional
                 timeout_s: float = 60.0, **options: Any) -> Scorer:
     """The batch scorer of ``domain``.
 
-    ``workers``: threads (default 8; ``math`` 1, see :mod:`~.math`; ``code`` the CPU count). ``timeout_s``: per-item limit
-    of pointwise scorers (code runs are bounded by their sandbox limits instead). ``judge``: for
-    ``rlhf``/``long_context``/``swe`` (default: rule-based synthetic judge). ``options`` go to
-    :class:`CodeScorer` or :class:`GenRMScorer` (e.g. ``both_orders=True``,
-    ``length_penalty=0.1``)."""
+    ``workers``: threads (default 8; ``math`` 1, see :mod:`~.math`; ``code`` the CPU count).
+    ``timeout_s``: per-item limit of pointwise scorers (code runs are bounded by their sandbox
+    limits instead). ``judge``: for ``rlhf``/``long_context``/``swe`` (default: rule-based
+    synthetic judge). ``options`` go to :class:`CodeScorer` or :class:`GenRMScorer` (e.g.
+    ``both_orders=True``, ``length_penalty=0.1``)."""
     _d.check_domain(domain)
     if domain == _d.CODE:
         return CodeScorer(**({"workers": workers} if workers else {}), **options)

@@ -172,9 +172,10 @@ def load_judge_prompt(name_or_path: str) -> JudgePrompt:
         raw = tomllib.load(f)
     verdict = raw.pop("verdict", {})
     known = {f.name for f in dataclasses.fields(JudgePrompt)} - {"pattern", "labels", "scale"}
-    unknown = set(raw) - known
-    if unknown or set(verdict) - {"pattern", "labels", "scale"}:
-        raise ValueError(f"{path}: unknown keys {sorted(unknown | (set(verdict) - {'pattern', 'labels', 'scale'}))}")
+    unknown = sorted(set(raw) - known) + [
+        f"verdict.{k}" for k in sorted(set(verdict) - {"pattern", "labels", "scale"})]
+    if unknown:
+        raise ValueError(f"{path}: unknown keys {unknown}")
     return JudgePrompt(name=raw.pop("name", os.path.basename(path)[:-5]),
                        pattern=verdict.get("pattern", ""), labels=verdict.get("labels", {}),
                        scale=tuple(verdict.get("scale", ())), **raw)

@@ -262,7 +262,8 @@ def _bwrap_argv(box: str, argv: tuple[str, ...], limits: Limits, status_fd: int,
         "--size", str(int(limits.tmp_bytes)), "--tmpfs", "/tmp",
         "--bind" if writable_box else "--ro-bind", box, "/box",
         "--remount-ro", "/", "--chdir", "/tmp",
-        "--unshare-all", "--unshare-user", "--disable-userns", "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID),
+        "--unshare-all", "--unshare-user", "--disable-userns",
+        "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID),
         "--hostname", "sandbox", "--die-with-parent", "--new-session",
         "--clearenv", "--setenv", "PATH", "/usr/bin:/bin", "--setenv", "HOME", "/tmp",
         "--setenv", "LANG", "C.UTF-8", "--setenv", "TMPDIR", "/tmp",
@@ -438,15 +439,14 @@ def _execute(box: str, argv: tuple[str, ...], stdin: bytes, limits: Limits,
                 break
             time.sleep(0.002)
         proc.returncode = os.waitstatus_to_exitcode(wstatus)
+        status_buf += _drain(status_r)  # bwrap has exited: everything it wrote is in the pipe
+        if child_pid is None:
+            child_pid = _parse_child_pid(status_buf)
         init_rusage = _reap_init(child_pid)
         if init_rusage is not None and init_rusage.ru_maxrss > rusage.ru_maxrss:
             rusage = init_rusage
     finally:
         sel.close()
-        try:
-            status_buf += os.read(status_r, 65536)
-        except (BlockingIOError, OSError):
-            pass
         os.close(status_r)
         proc.stdout.close()
         proc.stderr.close()
@@ -470,6 +470,18 @@ def _execute(box: str, argv: tuple[str, ...], stdin: bytes, limits: Limits,
     code = exit_code if exit_code is not None else proc.returncode
     status, reason = _classify(code, stderr, limits, cpu_s)
     return Result(status, stdout, stderr, code, elapsed, mem, reason)
+
+
+def _drain(fd: int) -> bytes:
+    data = bytearray()
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except (BlockingIOError, OSError):
+            return bytes(data)
+        if not chunk:
+            return bytes(data)
+        data += chunk
 
 
 def _outputs(out: dict) -> tuple[bytes, bytes]:
