@@ -291,31 +291,30 @@ def _parse_value(text: str) -> Any:
         return text
 
 
-def replace_path(cfg, path: str, value: Any):
+def replace_path(cfg, path: str, value: Any, *, _prefix: str = ""):
     """Return ``cfg`` with dotted field ``path`` set to ``value`` (validated)."""
     head, _, rest = path.partition(".")
+    full = f"{_prefix}{head}"
     names = [f.name for f in dataclasses.fields(cfg)]
     if head not in names:
-        raise ConfigError(f"unknown key '{path}'; valid keys: {', '.join(names)}")
+        raise ConfigError(f"unknown key '{_prefix}{path}'; valid keys{' of ' + _prefix[:-1] if _prefix else ''}: "
+                          f"{', '.join(names)}")
     cur = getattr(cfg, head)
     if rest:
         if dataclasses.is_dataclass(cur):
-            new = replace_path(cur, rest, value)
+            new = replace_path(cur, rest, value, _prefix=full + ".")
         elif isinstance(cur, dict):  # free-form mapping such as model.overrides
-            new = dict(cur)
-            new[rest] = value
+            new = {**cur, rest: value}
         else:
-            raise ConfigError(f"'{head}' is a value, not a section; cannot set '{path}'")
+            raise ConfigError(f"'{full}' is a value, not a section; cannot set '{_prefix}{path}'")
     else:
         new = value
     d = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
-    d[head] = new
-    hints = typing.get_type_hints(type(cfg))
+    d[head] = _coerce(new, typing.get_type_hints(type(cfg))[head], full)
     try:
-        d[head] = _coerce(new, hints[head], head)
         return type(cfg)(**d)
     except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") if not str(e).startswith(head) else e from None
+        raise ConfigError(f"{_prefix[:-1] + ': ' if _prefix else ''}{e}") from None
 
 
 def apply_overrides(cfg, overrides: Sequence[str]):

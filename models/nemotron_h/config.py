@@ -211,12 +211,16 @@ class ModelConfig:
         kwargs: dict = {"pattern": pattern}
         for k, v in d.items():
             if k in fields and k not in ("pattern",) and k not in _JAX_ONLY:
+                if v is None and fields[k].default is not None:
+                    continue  # explicit null = use the default (e.g. head_dim)
                 kwargs[k] = _check_hf_type(k, v, fields[k].default)
         if "head_dim" not in d or d["head_dim"] is None:
             kwargs["head_dim"] = d.get("hidden_size", cls.hidden_size) // d.get(
                 "num_attention_heads", cls.num_attention_heads)
         if kwargs.get("num_key_value_heads") is None:
             kwargs["num_key_value_heads"] = kwargs.get("num_attention_heads", cls.num_attention_heads)
+        if isinstance(kwargs.get("eos_token_id"), list):  # keep the config hashable (jit static arg)
+            kwargs["eos_token_id"] = tuple(kwargs["eos_token_id"])
         if "time_step_limit" in kwargs:
             kwargs["time_step_limit"] = tuple(float(x) for x in kwargs["time_step_limit"])
         kwargs.update(jax_options)

@@ -1,0 +1,77 @@
+"""Run-config system: validation names the bad field, overrides, JSON round trip."""
+
+import json
+
+import pytest
+
+from cascade_jax import config as C
+
+
+def test_defaults_and_json_round_trip(tmp_path):
+    cfg = C.Config()
+    path = tmp_path / "c.json"
+    path.write_text(C.to_json(cfg))
+    assert C.load(str(path)) == cfg
+    assert json.loads(C.to_json(cfg))["optimizer"]["b2"] == 0.95
+
+
+def test_unknown_key_names_it_and_lists_valid_keys():
+    with pytest.raises(C.ConfigError) as e:
+        C.from_dict(C.Config, {"optimizer": {"lrr": 1e-3}})
+    msg = str(e.value)
+    assert "optimizer.lrr" in msg and "lr" in msg and "warmup_steps" in msg
+
+
+def test_unknown_section():
+    with pytest.raises(C.ConfigError, match="unknown key 'optimiser'"):
+        C.from_dict(C.Config, {"optimiser": {}})
+
+
+@pytest.mark.parametrize("override,match", [
+    ("optimizer.lr=abc", "optimizer.lr: expected float"),
+    ("stage.steps=1.5", "stage.steps: expected int"),
+    ("stage.objective=ppo", "stage.objective: must be one of"),
+    ("rollout.top_p=0", "rollout.top_p"),
+    ("mesh.tensor=0", "mesh.tensor"),
+    ("optimizer=3", "optimizer: expected a mapping"),
+    ("nokey", "expected KEY=VALUE"),
+    ("model.preset.x=1", "is a value, not a section"),
+])
+def test_bad_overrides(override, match):
+    with pytest.raises(C.ConfigError, match=match):
+        C.apply_overrides(C.Config(), [override])
+
+
+def test_overrides_parse_json_values():
+    cfg = C.apply_overrides(C.Config(), [
+        "optimizer.lr=2e-6", "stage.steps=52", "stage.objective=mopd", "rollout.thinking=false",
+        "data.domains=[\"math\", \"mcq\"]", "model.overrides.dt_floor=0.001", "run.out_dir=/x/y",
+    ])
+    assert cfg.optimizer.lr == 2e-6 and cfg.stage.steps == 52 and cfg.stage.objective == "mopd"
+    assert cfg.rollout.thinking is False and cfg.data.domains == ("math", "mcq")
+    assert cfg.model.overrides == {"dt_floor": 0.001} and cfg.run.out_dir == "/x/y"
+    # int given for a float field is accepted and widened
+    assert C.apply_overrides(cfg, ["optimizer.lr=1"]).optimizer.lr == 1.0
+
+
+def test_configs_are_immutable_and_hashable_sections():
+    cfg = C.Config()
+    with pytest.raises(Exception):
+        cfg.optimizer.lr = 1.0  # frozen
+    assert hash(cfg.optimizer) == hash(C.OptimizerConfig())
+
+
+def test_cross_field_validation():
+    with pytest.raises(C.ConfigError, match="rollout.server_url"):
+        C.from_dict(C.Config, {"rollout": {"engine": "sglang"}})
+    with pytest.raises(C.ConfigError, match="at most one axis"):
+        C.MeshConfig(data=-1, fsdp=-1)
+
+
+def test_shipped_configs_load():
+    import pathlib
+    root = pathlib.Path(__file__).resolve().parents[1] / "configs"
+    files = sorted(root.glob("*.json"))
+    assert files, "configs/ must ship at least one launch config"
+    for f in files:
+        C.load(str(f))
