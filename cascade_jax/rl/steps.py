@@ -77,7 +77,7 @@ def accumulate_gradients(loss_fn: Callable, params, micro: dict, grad_accum: int
 
 def _apply(state: TrainState, grads, metrics: dict, freeze_router: bool):
     train = trainable_mask(state.params, freeze_router=freeze_router)
-    gnorm = optax.global_norm(jax.tree.map(lambda g, t: g if t else jnp.zeros_like(g), grads, train))
+    gnorm = optax.tree.norm(jax.tree.map(lambda g, t: g if t else jnp.zeros_like(g), grads, train))
     lr = state.lr_fn(state.step) if state.lr_fn is not None else jnp.nan
     new_state = state.apply_gradients(grads)
     return new_state, {**metrics, "grad_norm": gnorm, "lr": jnp.asarray(lr, jnp.float32)}

@@ -1,0 +1,279 @@
+"""Train steps on a tiny NemotronH: optimiser rules, gradients (REINFORCE identity, micro-batch
+accumulation, finite differences), determinism, jit vs eager, sampler consistency.
+
+Tolerances: fp32 compute throughout; gradient identities at rtol 1e-5 of the largest entry;
+finite differences (central, ε = 1e-2 along a unit direction) at 2e-3 relative."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import cascade_jax.rl as rl
+from cascade_jax.config import OptimizerConfig, StageConfig
+from models import nemotron_h as nh
+
+# Attention + MLP keeps CPU compiles short (the model's own tests cover every layer kind); no
+# top-k routing, so losses are smooth for finite differences. CFG_ALL has all four kinds.
+CFG = nh.preset("tiny", vocab_size=48, hidden_size=32, pattern="*-", intermediate_size=48)
+CFG_SMOOTH = CFG
+CFG_ALL = nh.preset("tiny", vocab_size=48, hidden_size=32, pattern="ME*-", intermediate_size=48,
+                    chunk_size=8)
+F32 = jnp.float32
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def init(cfg, key):
+    return nh.init_params(cfg, key, dtype=F32)
+
+
+@functools.partial(jax.jit, static_argnums=2, static_argnames="temperature")
+def logprobs(params, batch, cfg, temperature=1.0):
+    return rl.token_logprobs(params, batch, cfg, temperature=temperature)
+
+
+def make_batch(cfg, seed=0, B=8, T=10):
+    """Padded rows: prompt (varying length) + response (varying length) + padding, groups of
+    sizes {3, 2, 3}, one truncated response, rollout log-probs = trainer's + noise."""
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(3, cfg.vocab_size, (B, T)).astype(np.int32)
+    plen = rng.integers(2, 5, B)
+    rlen = rng.integers(1, T - 4, B)
+    pos = np.broadcast_to(np.arange(T), (B, T)).astype(np.int32)
+    seg = (pos < (plen + rlen)[:, None]).astype(np.int32)
+    mask = ((pos >= plen[:, None]) & (seg > 0)).astype(np.float32)
+    params = init(cfg, jax.random.key(seed + 100))
+    probe = rl.SFTBatch(jnp.asarray(tokens), jnp.asarray(pos), jnp.asarray(seg), jnp.asarray(mask))
+    lp, _ = logprobs(params, probe, cfg)
+    roll = np.asarray(lp) + rng.normal(0, 0.3, (B, T)).astype(np.float32) * mask
+    teacher = np.asarray(lp) + rng.normal(0, 1.0, (B, T)).astype(np.float32) * mask
+    batch = rl.RLBatch(
+        tokens=jnp.asarray(tokens), positions=jnp.asarray(pos), segment_ids=jnp.asarray(seg),
+        loss_mask=jnp.asarray(mask), rollout_logp=jnp.asarray(roll * mask),
+        rewards=jnp.asarray(rng.integers(0, 2, B).astype(np.float32)),
+        group_ids=jnp.asarray([0, 0, 0, 1, 1, 2, 2, 2][:B], jnp.int32),
+        finish_reason=jnp.asarray([0, 1] + [0] * (B - 2), jnp.int32),
+        domain_ids=jnp.zeros((B,), jnp.int32), teacher_logp=jnp.asarray(teacher * mask),
+        ref_logp=jnp.asarray(roll * mask))
+    return params, batch
+
+
+def sgd_state(params):
+    return rl.TrainState.create(params, optax.sgd(1.0))
+
+
+def grads_of(step, params, batch, **kw):
+    """−Δparams after one SGD(lr=1) step = the gradient the step applied."""
+    state = sgd_state(params)
+    new, metrics = step(state, batch, **kw)
+    return jax.tree.map(lambda a, b: a - b, state.params, new.params), metrics
+
+
+def assert_tree_close(a, b, rtol):
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    scale = max(float(jnp.abs(x).max()) for x in lb)
+    for x, y in zip(la, lb):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0, atol=rtol * scale)
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimiser
+
+
+def test_param_labels_and_frozen_leaves():
+    params = init(CFG_ALL, jax.random.key(0))
+    labels = rl.param_labels(params)
+    moe = next(l["mixer"] for l, k in zip(labels["layers"], CFG_ALL.pattern) if k == "E")
+    mamba = labels["layers"][0]["mixer"]
+    assert moe["e_score_correction_bias"] == "frozen" and moe["gate"] == "decay"
+    for name in ("A_log", "D", "dt_bias", "norm", "conv_b"):
+        assert mamba[name] == "no_decay", name
+    assert labels["norm_f"] == "no_decay" and labels["layers"][1]["norm"] == "no_decay"
+    assert mamba["in_x"] == "decay" and labels["lm_head"] == "decay"
+    frozen_gate = rl.param_labels(params, freeze_router=True)
+    assert next(l["mixer"] for l, k in zip(frozen_gate["layers"], CFG_ALL.pattern) if k == "E")["gate"] == "frozen"
+
+    # one real step with weight decay: frozen leaves bitwise unchanged, no_decay leaves with a
+    # zero gradient unchanged, decayed matrices shrink even without gradient
+    ocfg = OptimizerConfig(lr=1e-2, weight_decay=0.1)
+    state = rl.TrainState.from_config(params, ocfg, freeze_router=True)
+    zero = jax.tree.map(jnp.zeros_like, state.params)
+    ones = jax.tree.map(jnp.ones_like, state.params)
+    apply = jax.jit(lambda s, g: s.apply_gradients(g))
+    new = apply(state, ones)
+    li = CFG_ALL.pattern.index("E")
+    for name in ("gate", "e_score_correction_bias"):
+        np.testing.assert_array_equal(new.params["layers"][li]["mixer"][name],
+                                      state.params["layers"][li]["mixer"][name])
+    new0 = apply(state, zero)
+    np.testing.assert_array_equal(new0.params["norm_f"], state.params["norm_f"])
+    np.testing.assert_array_equal(new0.params["layers"][0]["mixer"]["A_log"],
+                                  state.params["layers"][0]["mixer"]["A_log"])
+    np.testing.assert_allclose(new0.params["lm_head"], state.params["lm_head"] * (1 - 1e-2 * 0.1), rtol=1e-6)
+    assert int(new.step) == 1
+
+
+def test_lr_schedule_mopd_warmup():
+    f = rl.lr_schedule(rl.mopd_optimizer_config())
+    np.testing.assert_allclose([f(0), f(15), f(30), f(52)], [2e-7, 1.1e-6, 2e-6, 2e-6], rtol=1e-6)
+    g = rl.lr_schedule(OptimizerConfig(lr=5e-5, warmup_init_lr=0.0, warmup_steps=200,
+                                       schedule="cosine", min_lr=5e-6, decay_steps=1000))
+    np.testing.assert_allclose([g(0), g(200), g(1000)], [0.0, 5e-5, 5e-6], rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Gradients
+
+
+def test_grpo_on_policy_gradient_equals_reinforce():
+    params, batch = make_batch(CFG)
+    adv = jnp.asarray(np.random.default_rng(1).normal(size=8).astype(np.float32))
+    mask = batch.loss_mask * rl.segment_start_mask(batch.segment_ids)
+
+    def lp_of(p):
+        return rl.token_logprobs(p, batch, CFG)[0]
+
+    g_grpo = jax.jit(jax.grad(lambda p: rl.grpo_loss(lp_of(p), None, adv, mask, num_tokens=50.0)[0]))(params)
+    g_rf = jax.jit(jax.grad(lambda p: -(mask * adv[:, None] * lp_of(p)).sum() / 50.0))(params)
+    assert_tree_close(g_grpo, g_rf, 1e-6)
+
+
+@pytest.mark.parametrize("objective", ["grpo", "mopd", "sft"])
+def test_micro_batches_equal_one_batch(objective):
+    params, batch = make_batch(CFG)
+    stage = StageConfig(objective=objective, kl_coef=0.03, is_correction="icepop",
+                        overlong_filtering=True, dynamic_filtering=True)
+    kw = dict(model_cfg=CFG, compute_dtype=F32)
+    if objective == "sft":
+        batch = rl.SFTBatch(batch.tokens, batch.positions, batch.segment_ids, batch.loss_mask)
+    else:
+        kw["stage"] = stage
+    step = {"grpo": rl.grpo_train_step, "mopd": rl.mopd_train_step, "sft": rl.sft_train_step}[objective]
+    g1, m1 = grads_of(jax.jit(lambda s, b: step(s, b, grad_accum=1, **kw)), params, batch)
+    g4, m4 = grads_of(jax.jit(lambda s, b: step(s, b, grad_accum=4, **kw)), params, batch)
+    assert_tree_close(g4, g1, 1e-5)
+    np.testing.assert_allclose(m4["loss"], m1["loss"], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(m4["num_tokens"], m1["num_tokens"])
+    np.testing.assert_allclose(m1["grad_norm"], optax.tree.norm(g1), rtol=1e-5)
+    assert max(float(jnp.abs(x).max()) for x in jax.tree.leaves(g1)) > 0
+
+
+def _fd_check(loss_of_params, params, seed=0, eps=1e-2, rtol=2e-3):
+    """Central finite difference along a random unit direction vs the autodiff directional
+    derivative."""
+    leaves, tdef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    v = [jax.random.normal(k, x.shape, F32) for k, x in zip(keys, leaves)]
+    norm = jnp.sqrt(sum((x * x).sum() for x in v))
+    v = jax.tree.unflatten(tdef, [x / norm for x in v])
+    g = jax.jit(jax.grad(loss_of_params))(params)
+    analytic = sum((a * b).sum() for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(v)))
+    shift = lambda s: jax.tree.map(lambda p, d: p + s * d, params, v)
+    f = jax.jit(loss_of_params)
+    numeric = (f(shift(eps)) - f(shift(-eps))) / (2 * eps)
+    assert abs(float(analytic)) > 1e-4, float(analytic)
+    np.testing.assert_allclose(float(numeric), float(analytic), rtol=rtol)
+
+
+def test_finite_differences_grpo():
+    params, batch = make_batch(CFG_SMOOTH, seed=3)
+    mask = batch.loss_mask
+    adv = rl.group_advantages(batch.rewards, batch.group_ids)
+    lp_of = lambda p: rl.token_logprobs(p, batch, CFG_SMOOTH)[0]
+    lp0 = logprobs(params, batch, CFG_SMOOTH)[0]
+    kw = dict(rollout_logp=batch.rollout_logp, ref_logp=batch.ref_logp, kl_coef=0.5,
+              is_correction="tis")
+    # on-policy gradient (old = sg(lp)) vs finite differences of the surrogate with old fixed
+    g_on = jax.jit(jax.grad(lambda p: rl.grpo_loss(lp_of(p), None, adv, mask, **kw)[0]))(params)
+    g_off = jax.jit(jax.grad(lambda p: rl.grpo_loss(lp_of(p), lp0, adv, mask, **kw)[0]))(params)
+    assert_tree_close(g_on, g_off, 1e-6)
+    _fd_check(lambda p: rl.grpo_loss(lp_of(p), lp0, adv, mask, **kw)[0], params)
+
+
+def test_finite_differences_mopd():
+    params, batch = make_batch(CFG_SMOOTH, seed=4)
+    mask = batch.loss_mask
+    lp_of = lambda p: rl.token_logprobs(p, batch, CFG_SMOOTH)[0]
+    lp0 = logprobs(params, batch, CFG_SMOOTH)[0]
+    noise = jax.random.normal(jax.random.key(0), mask.shape) * 0.8
+    batch = batch.replace(rollout_logp=(lp0 + noise) * mask)
+    # stop-gradient quantities frozen at θ0: a = teacher − lp0, w = band-masked exp(lp0 − lp_inf)
+    a0 = batch.teacher_logp - lp0
+    r0 = jnp.exp(lp0 - batch.rollout_logp)
+    w0 = jnp.where((r0 >= 0.5) & (r0 <= 2.0), r0, 0.0) * mask
+    assert float((w0 == 0).sum()) > float((mask == 0).sum())  # some tokens are band-masked
+    nseq = (mask.sum(1) > 0).sum()
+    surrogate = lambda p: -((w0 * a0 * lp_of(p)).sum(1) / jnp.maximum(mask.sum(1), 1)).sum() / nseq
+    g = jax.jit(jax.grad(lambda p: rl.mopd_loss(lp_of(p), batch.teacher_logp, batch.rollout_logp, mask)[0]))(params)
+    assert_tree_close(g, jax.jit(jax.grad(surrogate))(params), 1e-5)
+    _fd_check(surrogate, params)
+
+
+def test_finite_differences_sft():
+    params, batch = make_batch(CFG_SMOOTH, seed=5)
+    sft = rl.SFTBatch(batch.tokens, batch.positions, batch.segment_ids, batch.loss_mask)
+    _fd_check(lambda p: rl.sft_loss(rl.token_logprobs(p, sft, CFG_SMOOTH)[0], sft.loss_mask,
+                                    segment_ids=sft.segment_ids)[0], params)
+
+
+# ---------------------------------------------------------------------------------------------
+# Determinism, jit, sampler
+
+
+def test_train_step_deterministic_and_jit_matches_eager():
+    params, batch = make_batch(CFG, seed=6)
+    stage = StageConfig(objective="grpo", is_correction="tis", kl_coef=0.03)
+    state = rl.TrainState.from_config(params, OptimizerConfig(lr=1e-3, warmup_steps=3,
+                                                              warmup_init_lr=1e-4))
+    step = rl.make_train_step("grpo", model_cfg=CFG, stage=stage, grad_accum=2)
+    s1, m1 = step(state, batch)
+    s2, m2 = step(state, batch)
+    for a, b in zip(jax.tree.leaves((s1, m1)), jax.tree.leaves((s2, m2))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    eager = rl.make_train_step("grpo", jit=False, model_cfg=CFG, stage=stage, grad_accum=2)
+    s3, m3 = eager(state, batch)
+    # bf16 compute: jit may fuse differently from eager; updates are lr-sized (1e-4 at step 0)
+    assert_tree_close(s3.params, s1.params, 1e-6)
+    for k in ("loss", "grad_norm", "entropy", "is_abs_delta_mean"):
+        np.testing.assert_allclose(m3[k], m1[k], rtol=2e-2, atol=1e-6, err_msg=k)
+    np.testing.assert_allclose(m1["lr"], 1e-4, rtol=1e-6)
+    expected = {"loss", "grad_norm", "lr", "entropy", "resp_len_mean", "num_tokens", "adv_mean",
+                "is_abs_delta_p99", "is_weight_mean", "is_frac_corrected", "reward_mean", "kl_ref"}
+    assert expected <= set(m1), expected - set(m1)
+
+
+def test_mopd_step_with_routed_teachers_and_grpo_mixing():
+    params, batch = make_batch(CFG, seed=7)
+    teacher_b = init(CFG, jax.random.key(9))
+    batch = batch.replace(domain_ids=jnp.asarray([0, 1] * 4, jnp.int32))
+    tlp = jax.jit(lambda ps, b: rl.routed_logprobs(ps, jnp.asarray([0, 1]), b, CFG))([params, teacher_b], batch)
+    lpa = logprobs(params, batch, CFG)[0]
+    lpb = logprobs(teacher_b, batch, CFG)[0]
+    np.testing.assert_array_equal(tlp[0::2], lpa[0::2])
+    np.testing.assert_array_equal(tlp[1::2], lpb[1::2])
+    state = rl.TrainState.from_config(params, rl.mopd_optimizer_config())
+    step = rl.make_train_step("mopd", model_cfg=CFG, grpo_coef=0.1)
+    new, m = step(state, batch.replace(teacher_logp=tlp))
+    assert np.isfinite(float(m["loss"])) and float(m["grad_norm"]) > 0
+    np.testing.assert_allclose(m["lr"], 2e-7, rtol=1e-6)
+    assert "reverse_kl" in m and "adv_mean" in m
+
+
+def test_sampler_logprobs_match_trainer():
+    params = init(CFG, jax.random.key(1))
+    prompts = jax.random.randint(jax.random.key(2), (4, 5), 3, CFG.vocab_size)
+    lengths = jnp.asarray([5, 3, 4, 2])
+    batch, resp = rl.sample(params, prompts, CFG, rng=jax.random.key(3), max_new_tokens=6,
+                            prompt_lengths=lengths, temperature=0.8, eos_id=2)
+    lp, _ = logprobs(params, batch, CFG, temperature=0.8)
+    m = batch.loss_mask
+    np.testing.assert_allclose(np.asarray(lp * m), np.asarray(batch.rollout_logp), atol=2e-5)
+    np.testing.assert_array_equal(np.asarray(m.sum(1)) > 0, True)
+    for b in range(4):  # prompt kept, response right after it
+        np.testing.assert_array_equal(batch.tokens[b, :int(lengths[b])], prompts[b, :int(lengths[b])])
+    g, _ = rl.sample(params, prompts, CFG, rng=jax.random.key(4), max_new_tokens=3, greedy=True)
+    g2, _ = rl.sample(params, prompts, CFG, rng=jax.random.key(5), max_new_tokens=3, greedy=True)
+    np.testing.assert_array_equal(g.tokens, g2.tokens)
