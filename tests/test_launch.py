@@ -1,0 +1,38 @@
+"""The entry point: demo end to end, config errors exit 2 naming the key."""
+
+import json
+import subprocess
+import sys
+import pathlib
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _run(*args):
+    return subprocess.run([sys.executable, str(ROOT / "launch" / "run.py"), *args],
+                          capture_output=True, text=True, timeout=300,
+                          env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"})
+
+
+def test_demo_runs(tmp_path):
+    r = _run("--stage=demo", f"--set=run.out_dir={tmp_path}", "--set=rollout.max_response_len=6",
+             "--set=rollout.n_samples=2")
+    assert r.returncode == 0, r.stderr
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["new_tokens"] == 2 * 2 * 6 and report["decode_tokens_per_s"] > 0
+    assert (tmp_path / "checkpoint" / "model.safetensors").exists()
+    assert json.loads((tmp_path / "config.json").read_text())["rollout"]["n_samples"] == 2
+
+
+def test_bad_key_and_stage():
+    r = _run("--stage=mopd", "--set=optimizer.lrr=1", "--print-config")
+    assert r.returncode == 2 and "optimizer.lrr" in r.stderr and "warmup_steps" in r.stderr
+    r = _run("--stage=nope")
+    assert r.returncode == 2 and "valid stages" in r.stderr and "mopd" in r.stderr
+
+
+def test_print_config():
+    r = _run("--stage=mopd", "--set=stage.steps=40", "--print-config")
+    assert r.returncode == 0, r.stderr
+    cfg = json.loads(r.stdout)
+    assert cfg["stage"]["steps"] == 40 and cfg["optimizer"]["warmup_init_lr"] == 2e-7
