@@ -1,0 +1,106 @@
+"""Seeded learning tests on a synthetic verifiable task (copy the prompt's symbol).
+
+Prompt ``[BOS, x]`` with ``x`` one of K = 8 symbols; the response is L = 3 tokens; reward =
+fraction of response tokens equal to ``x`` (a uniform policy over V = 16 scores 1/16).
+Rollouts come from the bf16 compute copy through ``prefill``/``decode_step`` (the sampler), as
+an inference engine would; training uses the default bf16 compute with fp32 master weights.
+
+* GRPO raises the mean reward of a random tiny model from < 0.15 to > 0.6 in 30 steps.
+* MOPD: a teacher SFT-trained on packed rows reaches reward > 0.95; a student from another
+  random init trained with MOPD against it cuts the sampled-token reverse KL by > 4x and gets
+  within 0.15 of the teacher's reward in 30 steps.
+Evaluations use 128 fresh samples at temperature 1 with a fixed key.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import cascade_jax.rl as rl
+from cascade_jax.config import OptimizerConfig, StageConfig
+from models import nemotron_h as nh
+
+CFG = nh.preset("tiny", vocab_size=16, hidden_size=32, pattern="*-", intermediate_size=48)
+K, L, ROWS = 8, 3, 128
+EVAL_KEY = jax.random.key(99)
+
+
+@functools.partial(jax.jit, static_argnames="group")
+def rollout(params, key, group):
+    """``ROWS // group`` prompts × ``group`` samples, scored."""
+    k1, k2 = jax.random.split(key)
+    x = jnp.repeat(jax.random.randint(k1, (ROWS // group,), 3, 3 + K), group)
+    prompts = jnp.stack([jnp.ones_like(x), x], 1).astype(jnp.int32)
+    batch, resp = rl.sample(params, prompts, CFG, rng=k2, max_new_tokens=L,
+                            group_ids=jnp.arange(ROWS) // group)
+    return batch.replace(rewards=(resp == x[:, None]).mean(1).astype(jnp.float32))
+
+
+def eval_reward(master):
+    return float(rollout(rl.compute_params(master), EVAL_KEY, 4).rewards.mean())
+
+
+def test_grpo_raises_reward():
+    params = nh.init_params(CFG, jax.random.key(0), dtype=jnp.float32)
+    state = rl.TrainState.from_config(params, OptimizerConfig(lr=1e-2, grad_clip=1.0))
+    step = rl.make_train_step("grpo", model_cfg=CFG, stage=StageConfig(objective="grpo"))
+    before = eval_reward(state.params)
+    key = jax.random.key(1)
+    for _ in range(30):
+        key, k = jax.random.split(key)
+        state, m = step(state, rollout(rl.compute_params(state.params), k, 8))
+        assert np.isfinite(float(m["loss"])) and np.isfinite(float(m["grad_norm"]))
+    after = eval_reward(state.params)
+    print(f"GRPO eval reward {before:.3f} -> {after:.3f}")
+    assert before < 0.15
+    assert after > 0.6 and after - before > 0.45
+
+
+def _packed_sft_batch(key, rows=32):
+    """Two examples per row, ``[BOS, x, x, x, x | BOS, y, y, y, y]``, segment ids 1 / 2,
+    positions restarting per segment, loss on the copied symbols after the prompt."""
+    x = jax.random.randint(key, (rows, 2), 3, 3 + K)
+    one = lambda v: jnp.stack([jnp.ones_like(v)] + [v] * (L + 1), 1)
+    tokens = jnp.concatenate([one(x[:, 0]), one(x[:, 1])], 1).astype(jnp.int32)
+    S = L + 2
+    pos = jnp.tile(jnp.arange(S, dtype=jnp.int32), 2)[None].repeat(rows, 0)
+    seg = jnp.repeat(jnp.array([1, 2], jnp.int32), S)[None].repeat(rows, 0)
+    return rl.SFTBatch(tokens, pos, seg, (pos >= 2).astype(jnp.float32))
+
+
+def test_mopd_student_approaches_teacher():
+    # teacher: SFT on packed rows
+    teacher = rl.TrainState.from_config(nh.init_params(CFG, jax.random.key(10), dtype=jnp.float32),
+                                        OptimizerConfig(lr=1e-2))
+    sft = rl.make_train_step("sft", model_cfg=CFG)
+    key = jax.random.key(0)
+    for _ in range(30):
+        key, k = jax.random.split(key)
+        teacher, m = sft(teacher, _packed_sft_batch(k))
+    assert float(m["nll"]) < 0.05
+    teacher_reward = eval_reward(teacher.params)
+    assert teacher_reward > 0.95
+
+    # student: another init, MOPD with a warm-up (the recipe's shape: lr/10 -> lr)
+    tparams = rl.compute_params(teacher.params)
+    teacher_lp = jax.jit(lambda p, b: rl.routed_logprobs([p], jnp.zeros(1, jnp.int32), b, CFG))
+    state = rl.TrainState.from_config(
+        nh.init_params(CFG, jax.random.key(20), dtype=jnp.float32),
+        OptimizerConfig(lr=1e-2, warmup_init_lr=1e-3, warmup_steps=5))
+    step = rl.make_train_step("mopd", model_cfg=CFG, stage=StageConfig(objective="mopd"))
+    before = eval_reward(state.params)
+    kls = []
+    for _ in range(30):
+        key, k = jax.random.split(key)
+        batch = rollout(rl.compute_params(state.params), k, 4)
+        state, m = step(state, batch.replace(teacher_logp=teacher_lp(tparams, batch)))
+        kls.append(float(m["reverse_kl"]))
+    after = eval_reward(state.params)
+    kl0, kl1 = np.mean(kls[:3]), np.mean(kls[-3:])
+    print(f"MOPD reverse KL {kl0:.3f} -> {kl1:.3f}; reward {before:.3f} -> {after:.3f} "
+          f"(teacher {teacher_reward:.3f})")
+    assert kl1 < kl0 / 4
+    assert before < 0.15
+    assert after > teacher_reward - 0.15
