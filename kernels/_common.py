@@ -38,3 +38,33 @@ def pick_block(dim: int, preferred: int, minimum: int = 8) -> int:
     while p < dim and p < preferred:
         p *= 2
     return p
+
+
+def match_vma(*xs):
+    """Inside ``shard_map`` (``check_vma``), make every operand vary over the union of the mesh
+    axes any of them varies over, and return ``(operands, manual_axis_type)`` for the outputs'
+    ``ShapeDtypeStruct``. Outside ``shard_map`` the operands come back unchanged."""
+    axes = frozenset().union(*(jax.typeof(x).mat.varying for x in xs))
+    if axes:
+        xs = tuple(x if jax.typeof(x).mat.varying >= axes
+                   else jax.lax.pcast(x, tuple(sorted(axes - jax.typeof(x).mat.varying)), to="varying")
+                   for x in xs)
+    return xs, jax.typeof(xs[0]).mat
+
+
+def out_struct(shape, dtype, mat):
+    """``jax.ShapeDtypeStruct`` carrying the operands' ``manual_axis_type`` (see :func:`match_vma`)."""
+    return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=mat)
+
+
+def pallas_call(kernel, *, out_shape, **kw):
+    """``pl.pallas_call`` that also works inside ``shard_map`` with ``check_vma`` (operands are
+    brought to a common varying-axes set and the outputs declared with it)."""
+    from jax.experimental import pallas as pl
+
+    def run(*args):
+        args, mat = match_vma(*args)
+        shapes = jax.tree.map(lambda s: out_struct(s.shape, s.dtype, mat), out_shape)
+        return pl.pallas_call(kernel, out_shape=shapes, **kw)(*args)
+
+    return run

@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from ._common import on_cpu, pick_block, round_up
+from ._common import on_cpu, pick_block, round_up, pallas_call
 
 __all__ = ["attention", "attention_context_parallel", "block_ranges", "zigzag_permutation"]
 
@@ -198,7 +198,7 @@ def _fwd_call(q, k, v, meta, ranges, cfg):
     qpos, qseg, kpos, kseg, kval = meta
     kv_lo, kv_hi = ranges[0], ranges[1]
     kernel = functools.partial(_fwd_kernel, bk=bk, scale=scale)
-    return pl.pallas_call(
+    return pallas_call(
         kernel,
         grid=(b, hq, tp // bq),
         in_specs=[
@@ -232,7 +232,7 @@ def _bwd_call(q, k, v, do, lse, delta, meta, ranges, cfg):
     qpos, qseg, kpos, kseg, kval = meta
     kv_lo, kv_hi, q_lo, q_hi = ranges
     params = None if interpret else _gpu_params(4 if d <= 64 else 8, 2)
-    dq = pl.pallas_call(
+    dq = pallas_call(
         functools.partial(_dq_kernel, bk=bk, scale=scale),
         grid=(b, hq, tp // bq),
         in_specs=[
@@ -256,7 +256,7 @@ def _bwd_call(q, k, v, do, lse, delta, meta, ranges, cfg):
                                       bytes_accessed=3 * q.nbytes + k.nbytes + v.nbytes),
         name="flash_attention_dq",
     )(kv_lo, kv_hi, q, k, v, do, lse, delta, qpos, qseg, kpos, kseg, kval)
-    dk, dv = pl.pallas_call(
+    dk, dv = pallas_call(
         functools.partial(_dkv_kernel, bq=bq, rep=rep, scale=scale),
         grid=(b, hkv, sp // bk),
         in_specs=[

@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from ._common import cdiv, on_cpu, pick_block, round_up
+from ._common import cdiv, on_cpu, pick_block, round_up, pallas_call
 
 __all__ = ["gmm", "tgmm", "group_offsets", "tile_group_ranges", "visit_schedule"]
 
@@ -170,7 +170,7 @@ def _gpu_gmm(lhs, rhs, group_sizes, *, tm, tk, tn, transpose_rhs, epilogue, out_
                                transpose_rhs=transpose_rhs, epilogue=epilogue)
     flops = 2 * mp * kp * np_
     out_shape = [jax.ShapeDtypeStruct((mp, np_), out_dtype)] * n_out
-    outs = pl.pallas_call(
+    outs = pallas_call(
         kernel,
         grid=(num_tiles, nn),
         in_specs=[pl.BlockSpec()] * 6,
@@ -192,7 +192,7 @@ def _gpu_tgmm(lhs, dout, group_sizes, *, tm, tk, tn, out_dtype, interpret):
     e = group_sizes.shape[0]
     starts, ends = group_offsets(group_sizes)
     kernel = functools.partial(_gpu_tgmm_kernel, tm=tm, tk=tk, tn=tn)
-    return pl.pallas_call(
+    return pallas_call(
         kernel,
         grid=(kp // tk, np_ // tn, e),
         in_specs=[pl.BlockSpec()] * 4,
@@ -280,7 +280,7 @@ def _tpu_gmm(lhs, rhs, group_sizes, *, tm, tk, tn, transpose_rhs, epilogue, out_
         rhs_spec = pl.BlockSpec((None, tk, tn), lambda j, v, kk, tids, gids, *_: (gids[v], kk, j))
     kernel = functools.partial(_tpu_gmm_kernel, tm=tm, nk=nk, transpose_rhs=transpose_rhs,
                                epilogue=epilogue)
-    return pl.pallas_call(
+    return pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=5,
@@ -308,7 +308,7 @@ def _tpu_tgmm(lhs, dout, group_sizes, *, tm, tk, tn, out_dtype, interpret):
     starts, ends = group_offsets(group_sizes)
     nv = tids.shape[0]
     kernel = functools.partial(_tpu_tgmm_kernel, tm=tm, nv=nv)
-    return pl.pallas_call(
+    return pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=5,

@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from ._common import on_cpu
+from ._common import on_cpu, pallas_call
 from .xla_ssd import segment_resets
 
 __all__ = ["ssd", "ssd_context_parallel"]
@@ -157,7 +157,7 @@ def _fwd_call(x, dt, acum, bm, cm, rc, s0, cfg, save_states):
     st_spec = (pl.BlockSpec((None, None, nc, p, n), lambda b_, h_: (b_, h_, 0, 0, 0)) if save_states
                else pl.BlockSpec((None, None, 1, p, n), lambda b_, h_: (0, 0, 0, 0, 0)))
     flops = b * h * nc * (2 * q * q * n + 2 * q * q * p + 4 * q * p * n)
-    return pl.pallas_call(
+    return pallas_call(
         functools.partial(_fwd_kernel, q=q, nc=nc, save_states=save_states),
         grid=(b, h),
         in_specs=[seq_x, seq_h, seq_h, seq_g, seq_g, seq_b, state],
@@ -180,7 +180,7 @@ def _bwd_call(x, dt, acum, bm, cm, rc, states, dy, dsf, cfg):
     seq_x, seq_h, seq_g, seq_hn, seq_b, state = _specs(tp, p, n, h // g)
     st_spec = pl.BlockSpec((None, None, nc, p, n), lambda b_, h_: (b_, h_, 0, 0, 0))
     flops = b * h * nc * (6 * q * q * n + 6 * q * q * p + 12 * q * p * n)
-    return pl.pallas_call(
+    return pallas_call(
         functools.partial(_bwd_kernel, q=q, nc=nc),
         grid=(b, h),
         in_specs=[seq_x, seq_h, seq_h, seq_g, seq_g, seq_b, st_spec, seq_x, state],
