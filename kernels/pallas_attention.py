@@ -185,6 +185,12 @@ def _dkv_kernel(lo_ref, hi_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
 # Launchers
 
 
+def _gpu_params_or_none(*a, **k):
+    """Triton compiler params, except on TPU (``None`` lets Mosaic TPU try its lowering)."""
+    from ._common import platform
+    return None if platform() == "tpu" else _gpu_params(*a, **k)
+
+
 def _gpu_params(num_warps, num_stages=2):
     from jax.experimental.pallas import triton as pltriton
     return pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
@@ -217,7 +223,7 @@ def _fwd_call(q, k, v, meta, ranges, cfg):
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                    jax.ShapeDtypeStruct((b, hq, tp), jnp.float32)],
         interpret=interpret,
-        compiler_params=None if interpret else _gpu_params(4 if d <= 64 else 8, 3),
+        compiler_params=None if interpret else _gpu_params_or_none(4 if d <= 64 else 8, 3),
         cost_estimate=pl.CostEstimate(flops=2 * b * hq * tp * sp * d, transcendentals=b * hq * tp * sp // 2,
                                       bytes_accessed=2 * q.nbytes + k.nbytes + v.nbytes),
         name="flash_attention_fwd",
@@ -231,7 +237,7 @@ def _bwd_call(q, k, v, do, lse, delta, meta, ranges, cfg):
     rep = hq // hkv
     qpos, qseg, kpos, kseg, kval = meta
     kv_lo, kv_hi, q_lo, q_hi = ranges
-    params = None if interpret else _gpu_params(4 if d <= 64 else 8, 2)
+    params = None if interpret else _gpu_params_or_none(4 if d <= 64 else 8, 2)
     dq = pallas_call(
         functools.partial(_dq_kernel, bk=bk, scale=scale),
         grid=(b, hq, tp // bq),

@@ -340,10 +340,14 @@ def _pad_to(x, axis, size):
     return jnp.pad(x, pads)
 
 
-def _blocks(m, k, n, block_m, block_k, block_n):
+def _blocks(m, k, n, block_m, block_k, block_n, variant, interpret):
+    """Row/contraction/column tiles. Compiled Mosaic TPU needs lane dims (tk, tn) that are
+    multiples of 128 (so N = 1856 is padded to 1920 there); GPU and interpret mode take any
+    power of two (1856 = 29·64 runs with 64-wide column tiles unpadded)."""
+    lane_min = 128 if (variant == "tpu" and not interpret) else 8
     tm = pick_block(m, block_m)
-    tk = pick_block(k, block_k)
-    tn = pick_block(n, block_n)
+    tk = pick_block(k, max(block_k, lane_min), lane_min)
+    tn = pick_block(n, max(block_n, lane_min), lane_min)
     return tm, tk, tn
 
 
@@ -352,7 +356,7 @@ def _gmm_call(lhs, rhs, group_sizes, cfg, *, transpose_rhs=False, epilogue=None,
     variant, bm, bk, bn, interpret = cfg
     m, k = lhs.shape
     n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
-    tm, tk, tn = _blocks(m, k, n, bm, bk, bn)
+    tm, tk, tn = _blocks(m, k, n, bm, bk, bn, variant, interpret)
     mp, kp, np_ = round_up(m, tm), round_up(k, tk), round_up(n, tn)
     lhs_p = _pad_to(_pad_to(lhs, 0, mp), 1, kp)
     if transpose_rhs:
@@ -369,7 +373,7 @@ def _tgmm_call(lhs, dout, group_sizes, cfg, out_dtype):
     variant, bm, bk, bn, interpret = cfg
     m, k = lhs.shape
     n = dout.shape[1]
-    tm, tk, tn = _blocks(m, k, n, bm, bk, bn)
+    tm, tk, tn = _blocks(m, k, n, bm, bk, bn, variant, interpret)
     mp, kp, np_ = round_up(m, tm), round_up(k, tk), round_up(n, tn)
     lhs_p = _pad_to(_pad_to(lhs, 0, mp), 1, kp)
     dout_p = _pad_to(_pad_to(dout, 0, mp), 1, np_)
