@@ -35,6 +35,7 @@ def test_sandbox_runs_python_and_cpp(monkeypatch):
     with tracked_sandbox(monkeypatch):
         r = sandbox.run("print(input()[::-1])", language="python", stdin="abc")
         assert (r.status, r.stdout, r.exit_code) == ("ok", "cba\n", 0) and r.reason
+        assert r.memory_bytes < 100e6  # the program's peak, not this (large) test process's
         r = sandbox.run("#include <iostream>\nint main(){int a,b;std::cin>>a>>b;std::cout<<a*b;}",
                         language="cpp", stdin="6 7")
         assert (r.status, r.stdout) == ("ok", "42")

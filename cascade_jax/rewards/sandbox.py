@@ -443,7 +443,9 @@ def _execute(box: str, argv: tuple[str, ...], stdin: bytes, limits: Limits,
         if child_pid is None:
             child_pid = _parse_child_pid(status_buf)
         init_rusage = _reap_init(child_pid)
-        if init_rusage is not None and init_rusage.ru_maxrss > rusage.ru_maxrss:
+        if init_rusage is not None:
+            # bwrap's own ru_maxrss inherits this (possibly large) process's RSS across
+            # fork+exec; the namespace init's rusage covers exactly the sandboxed program
             rusage = init_rusage
     finally:
         sel.close()
