@@ -65,6 +65,18 @@ def sgd_state(params):
     return rl.TrainState.create(params, optax.sgd(1.0))
 
 
+@functools.lru_cache(maxsize=None)
+def jitted_step(objective, grad_accum):
+    """One compiled step per (objective, grad_accum), shared between tests; GRPO/MOPD use every
+    switch: KL, icepop, overlong and dynamic filtering."""
+    fn = {"grpo": rl.grpo_train_step, "mopd": rl.mopd_train_step, "sft": rl.sft_train_step}[objective]
+    kw = dict(model_cfg=CFG, compute_dtype=F32, grad_accum=grad_accum)
+    if objective != "sft":
+        kw["stage"] = StageConfig(objective=objective, kl_coef=0.03, is_correction="icepop",
+                                  overlong_filtering=True, dynamic_filtering=True)
+    return jax.jit(functools.partial(fn, **kw))
+
+
 def grads_of(step, params, batch, **kw):
     """−Δparams after one SGD(lr=1) step = the gradient the step applied."""
     state = sgd_state(params)
@@ -144,21 +156,39 @@ def test_grpo_on_policy_gradient_equals_reinforce():
 @pytest.mark.parametrize("objective", ["grpo", "mopd", "sft"])
 def test_micro_batches_equal_one_batch(objective):
     params, batch = make_batch(CFG)
-    stage = StageConfig(objective=objective, kl_coef=0.03, is_correction="icepop",
-                        overlong_filtering=True, dynamic_filtering=True)
-    kw = dict(model_cfg=CFG, compute_dtype=F32)
     if objective == "sft":
         batch = rl.SFTBatch(batch.tokens, batch.positions, batch.segment_ids, batch.loss_mask)
-    else:
-        kw["stage"] = stage
-    step = {"grpo": rl.grpo_train_step, "mopd": rl.mopd_train_step, "sft": rl.sft_train_step}[objective]
-    g1, m1 = grads_of(jax.jit(lambda s, b: step(s, b, grad_accum=1, **kw)), params, batch)
-    g4, m4 = grads_of(jax.jit(lambda s, b: step(s, b, grad_accum=4, **kw)), params, batch)
+    g1, m1 = grads_of(jitted_step(objective, 1), params, batch)
+    g4, m4 = grads_of(jitted_step(objective, 4), params, batch)
     assert_tree_close(g4, g1, 1e-5)
     np.testing.assert_allclose(m4["loss"], m1["loss"], rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(m4["num_tokens"], m1["num_tokens"])
     np.testing.assert_allclose(m1["grad_norm"], optax.tree.norm(g1), rtol=1e-5)
+    for k in ("entropy", "is_abs_delta_mean", "is_weight_mean", "reverse_kl", "ratio_mean", "nll"):
+        if k in m1:  # token means survive accumulation (token-weighted over micro-batches)
+            np.testing.assert_allclose(m4[k], m1[k], rtol=1e-5, err_msg=k)
     assert max(float(jnp.abs(x).max()) for x in jax.tree.leaves(g1)) > 0
+
+
+def test_packed_rows_equal_padded_rows_grpo():
+    """Two padded rows packed into one (``seq_index`` maps tokens to sequences) give the same
+    GRPO gradient: advantages, filtering and the token count are per sequence, not per row."""
+    params, batch = make_batch(CFG)
+    B, T = batch.tokens.shape
+    cat = lambda x: jnp.concatenate([x[0::2], x[1::2]], axis=1)  # rows (0,1), (2,3), ... -> one row
+    seg = batch.segment_ids
+    packed = batch.replace(
+        tokens=cat(batch.tokens), positions=cat(batch.positions),
+        segment_ids=cat(jnp.where(seg > 0, seg + (jnp.arange(B) % 2)[:, None], 0)),
+        loss_mask=cat(batch.loss_mask), rollout_logp=cat(batch.rollout_logp),
+        teacher_logp=cat(batch.teacher_logp), ref_logp=cat(batch.ref_logp),
+        seq_index=cat(jnp.broadcast_to(jnp.arange(B, dtype=jnp.int32)[:, None], (B, T))))
+    step = jitted_step("grpo", 1)
+    g_pad, m_pad = grads_of(step, params, batch)
+    g_pack, m_pack = grads_of(step, params, packed)
+    assert_tree_close(g_pack, g_pad, 1e-5)
+    for k in ("loss", "num_tokens", "resp_len_mean", "adv_abs_mean", "entropy"):
+        np.testing.assert_allclose(m_pack[k], m_pad[k], rtol=1e-5, atol=1e-7, err_msg=k)
 
 
 def _fd_check(loss_of_params, params, seed=0, eps=1e-2, rtol=2e-3):

@@ -13,7 +13,9 @@ Metrics (scalars): ``loss``, ``grad_norm`` (before clipping), ``lr``, ``entropy`
 ``resp_len_mean/max/min``, ``num_tokens`` (trained tokens), ``total_tokens``; per objective
 the advantage and IS statistics of :mod:`.advantages`, :mod:`.losses`, :mod:`.is_correction`.
 With ``grad_accum > 1``, ``loss``/``pg_loss``/``num_tokens`` are summed over micro-batches,
-``*_max`` are maxima and all other loss metrics are micro-batch means.
+``*_max`` are maxima and all other loss metrics are means over micro-batches weighted by
+their token counts (exact for token means; quantiles such as ``is_abs_delta_p99`` become a
+weighted mean of the micro-batch quantiles).
 """
 
 from __future__ import annotations
@@ -49,8 +51,8 @@ def _split(x: jax.Array, k: int) -> jax.Array:
 def accumulate_gradients(loss_fn: Callable, params, micro: dict, grad_accum: int = 1):
     """``Σ_k ∇ loss_fn(params, micro_k)`` over ``grad_accum`` equal slices of the ``[B, ...]``
     arrays in ``micro`` (a ``lax.scan``; grads accumulated in fp32). ``loss_fn`` returns
-    ``(loss, metrics)``. Returns ``(grads, metrics)`` with metrics reduced as the module
-    docstring says."""
+    ``(loss, metrics)``; a ``num_tokens`` metric, if present, weights the averaged metrics.
+    Returns ``(grads, metrics)`` with metrics reduced as the module docstring says."""
     vg = jax.value_and_grad(loss_fn, has_aux=True)
     if grad_accum == 1:
         (loss, metrics), grads = vg(params, micro)
@@ -65,12 +67,16 @@ def accumulate_gradients(loss_fn: Callable, params, micro: dict, grad_accum: int
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
     grads, ms = jax.lax.scan(body, zeros, stacked)
 
+    # token-weighted means, so an (e.g. fully filtered) empty micro-batch does not dilute them
+    w = ms["num_tokens"] if "num_tokens" in ms else jnp.ones((grad_accum,), jnp.float32)
+    w = jnp.where(w.sum() > 0, w, 1.0)
+
     def reduce(name, v):
         if name in _SUM_KEYS:
             return v.sum(0)
         if name.endswith("_max"):
             return v.max(0)
-        return v.mean(0)
+        return (v * w).sum(0) / w.sum()
 
     return grads, {k: reduce(k, v) for k, v in ms.items()}
 
