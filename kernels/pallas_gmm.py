@@ -13,7 +13,7 @@ with fp32 accumulation and the output in ``lhs.dtype``. Optionally the relu² ep
     d rhs[e]  = lhs[rows_e]ᵀ @ dh[rows_e]     (transposed grouped matmul, "tgmm")
     dh        = dout                       (no epilogue)   |   dout · 2·relu(h)   (relu², h = pre-activation)
 
-Two launch layouts share the math:
+Three launch layouts share the math (the Mosaic GPU one lives in :mod:`kernels.pallas_gmm_mgpu`):
 
 * ``variant="gpu"`` (Triton-style Pallas; what CPU runs under ``interpret=True``): grid
   ``(M/tm, N/tn)``; program ``(t, j)`` loops over the (usually one or two) groups overlapping row
@@ -151,7 +151,7 @@ def _gpu_tgmm_kernel(starts_ref, ends_ref, lhs_ref, dout_ref, out_ref, *, tm, tk
                                          preferred_element_type=jnp.float32)
 
     acc = jax.lax.fori_loop(t0, t1, per_tile, jnp.zeros((tk, tn), jnp.float32))
-    out_ref[...] = acc.astype(out_ref.dtype)
+    out_ref[g, pl.ds(i * tk, tk), pl.ds(j * tn, tn)] = acc.astype(out_ref.dtype)
 
 
 def _gpu_params(num_warps=4, num_stages=3):
@@ -196,7 +196,7 @@ def _gpu_tgmm(lhs, dout, group_sizes, *, tm, tk, tn, out_dtype, interpret):
         kernel,
         grid=(kp // tk, np_ // tn, e),
         in_specs=[pl.BlockSpec()] * 4,
-        out_specs=pl.BlockSpec((None, tk, tn), lambda i, j, g: (g, i, j)),
+        out_specs=pl.BlockSpec(),  # whole array: each program stores its own [tk, tn] tile of drhs[g]
         out_shape=jax.ShapeDtypeStruct((e, kp, np_), out_dtype),
         interpret=interpret,
         compiler_params=None if interpret else _gpu_params(),
@@ -408,9 +408,16 @@ def _gmm_bwd(cfg, epilogue, res, dout):
 _gmm.defvjp(_gmm_fwd, _gmm_bwd)
 
 
-def _default_variant():
+def _default_variant(dtype=None):
+    """TPU: megablox layout; GPU: Mosaic GPU for 16-bit operands (wgmma), Triton otherwise;
+    CPU: the GPU (Triton-style) layout in interpret mode."""
     from ._common import platform
-    return "tpu" if platform() == "tpu" else "gpu"
+    p = platform()
+    if p == "tpu":
+        return "tpu"
+    if p == "gpu" and dtype is not None and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        return "mosaic"
+    return "gpu"
 
 
 def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, epilogue: Optional[str] = None,
@@ -419,14 +426,18 @@ def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, epilogue: Opt
     """Grouped matmul ``[M, K] × [E, K, N] -> [M, N]`` (see module docstring).
 
     ``epilogue``: ``None`` or ``"relu2"`` (``relu(·)²`` fused on the fp32 accumulator).
-    ``variant``: ``"gpu"`` | ``"tpu"`` (default: the platform's; ``"gpu"`` on CPU).
+    ``variant``: ``"mosaic"`` (Mosaic GPU, :mod:`kernels.pallas_gmm_mgpu`) | ``"gpu"`` (Triton
+    lowering) | ``"tpu"`` (Mosaic TPU); default: the platform's (``"gpu"`` layout on CPU).
     ``interpret``: default ``True`` exactly when running on CPU.
     """
     if lhs.ndim != 2 or rhs.ndim != 3 or lhs.shape[1] != rhs.shape[1] or group_sizes.shape != rhs.shape[:1]:
         raise ValueError(f"gmm: bad shapes lhs {lhs.shape}, rhs {rhs.shape}, group_sizes {group_sizes.shape}")
     if epilogue not in _EPILOGUES:
         raise ValueError(f"gmm: epilogue must be one of {_EPILOGUES}, got {epilogue!r}")
-    variant = variant or _default_variant()
+    variant = variant or _default_variant(lhs.dtype)
+    if variant == "mosaic":
+        from . import pallas_gmm_mgpu
+        return pallas_gmm_mgpu.gmm(lhs, rhs, group_sizes, epilogue=epilogue)
     interpret = on_cpu() if interpret is None else interpret
     cfg = (variant, block_m, block_k, block_n, interpret)
     return _gmm(lhs, rhs.astype(lhs.dtype), group_sizes.astype(jnp.int32), cfg, epilogue)
@@ -437,6 +448,8 @@ def tgmm(lhs: jax.Array, dout: jax.Array, group_sizes: jax.Array, *, variant: Op
          interpret: Optional[bool] = None) -> jax.Array:
     """``out[e] = lhs[rows_e]ᵀ @ dout[rows_e]`` -> ``[E, K, N]`` (fp32 accumulation, ``lhs.dtype``)."""
     variant = variant or _default_variant()
+    if variant == "mosaic":
+        variant = "gpu"  # the weight gradient runs on the Triton-lowered kernel
     interpret = on_cpu() if interpret is None else interpret
     cfg = (variant, block_m, block_k, block_n, interpret)
     return _tgmm_call(lhs, dout, group_sizes.astype(jnp.int32), cfg, lhs.dtype)
