@@ -341,8 +341,9 @@ def attention(q, k, v, *, q_positions=None, kv_positions=None, q_segment_ids=Non
         kv_segment_ids = jnp.zeros((b, s), i32)
     if kv_valid is None:
         kv_valid = jnp.ones((b, s), bool)
-    bq = pick_block(t, block_q)
-    bk = pick_block(s, block_k)
+    tmin = 8 if interpret else 16  # Triton dots need >= 16 rows/cols (a decode query pads to 16)
+    bq = pick_block(t, max(block_q, tmin), tmin)
+    bk = pick_block(s, max(block_k, tmin), tmin)
     tp, sp = round_up(t, bq), round_up(s, bk)
     qpos = _pad_seq(q_positions.astype(i32), tp)
     qseg = _pad_seq(q_segment_ids.astype(i32), tp)

@@ -343,9 +343,10 @@ def _pad_to(x, axis, size):
 def _blocks(m, k, n, block_m, block_k, block_n, variant, interpret):
     """Row/contraction/column tiles. Compiled Mosaic TPU needs lane dims (tk, tn) that are
     multiples of 128 (so N = 1856 is padded to 1920 there); GPU and interpret mode take any
-    power of two (1856 = 29·64 runs with 64-wide column tiles unpadded)."""
-    lane_min = 128 if (variant == "tpu" and not interpret) else 8
-    tm = pick_block(m, block_m)
+    power of two (1856 = 29·64 runs with 64-wide column tiles unpadded); compiled Triton dots need
+    every tile dim >= 16."""
+    lane_min = 128 if (variant == "tpu" and not interpret) else (8 if interpret else 16)
+    tm = pick_block(m, max(block_m, 8 if interpret else 16), 8 if interpret else 16)
     tk = pick_block(k, max(block_k, lane_min), lane_min)
     tn = pick_block(n, max(block_n, lane_min), lane_min)
     return tm, tk, tn
