@@ -8,7 +8,9 @@ Rows (Nemotron shapes unless ``--smoke``):
 
 * ``gmm`` — MoE expert matmul, T ∈ {4096, 16384} tokens × top-6 over 128 experts,
   2688→1856 (up) and 1856→2688 (down), balanced groups and skewed groups (Dirichlet α = 2 with 8
-  experts forced empty). Impls: ``pallas`` (ours), ``xla`` (reference loop), ``dense`` (one
+  experts forced empty). Impls: ``pallas`` (ours; on GPU also ``pallas_triton`` and the forward of
+  ``pallas_mosaic_aligned``, the Mosaic kernel alone on a prebuilt tile-aligned layout), ``xla``
+  (reference loop), ``dense`` (one
   ``[6T, K] × [K, N]`` matmul, the FLOP-equivalent upper bound), ``tokamax`` (``ragged_dot``) when
   importable. FLOPs ``2·6T·K·N`` (fwd), ×3 for fwd+bwd.
 * ``attention`` — causal GQA, B = 1, 32 query / 2 KV heads, head_dim 128, S ∈ {4K, 32K, 128K}.
@@ -82,8 +84,8 @@ class Bench:
             row = dict(kernel=kernel, case=case, impl=impl, **{"pass": pass_name})
             if interpret:
                 row["interpret"] = True
-            if skip:
-                row.update(status="skipped", reason=skip)
+            if skip or (pass_name == "fwd+bwd" and bwd_factor is None):
+                row.update(status="skipped", reason=skip or "forward-only row (no VJP)")
                 self.rows.append(row)
                 continue
             try:
@@ -147,6 +149,16 @@ def bench_gmm(b: Bench, cfg, rng, interpret):
                 case = f"T={tokens} M={m} {k}->{n} {'skewed' if skewed else 'balanced'}"
                 b.run("gmm", case, "pallas", lambda a, w, g=gs: pallas_gmm.gmm(a, w, g), (lhs, rhs), flops, 3.0,
                       interpret=interpret)
+                if platform() == "gpu":
+                    b.run("gmm", case, "pallas_triton", lambda a, w, g=gs: pallas_gmm.gmm(a, w, g, variant="gpu"),
+                          (lhs, rhs), flops, 3.0)
+                    # kernel alone on a prebuilt tile-aligned layout (what a fused permutation would feed)
+                    from . import pallas_gmm_mgpu
+                    dest, tg, rows_p = pallas_gmm_mgpu.aligned_tiles(gs, m, 128)
+                    lhs_p = jnp.zeros((rows_p, k), dtype).at[dest].set(lhs, mode="drop")
+                    b.run("gmm", case, "pallas_mosaic_aligned",
+                          lambda a, w, t=tg: pallas_gmm_mgpu.gmm_aligned(a, w, t, block_m=128, block_n=128 if n % 128 == 0 else 64)[0],
+                          (lhs_p, rhs), flops, None)
                 b.run("gmm", case, "xla", lambda a, w, g=gs: xla_gmm.gmm(a, w, g), (lhs, rhs), flops, 3.0)
                 b.run("gmm", case, "dense", lambda a, w: jnp.dot(a, w), (lhs, w2), flops, 3.0)
                 if tk is None:

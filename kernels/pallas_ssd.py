@@ -195,7 +195,7 @@ def _bwd_call(x, dt, acum, bm, cm, rc, states, dy, dsf, cfg):
                    jax.ShapeDtypeStruct((b, tp, h), f32), jax.ShapeDtypeStruct((b, tp, h, n), f32),
                    jax.ShapeDtypeStruct((b, tp, h, n), f32), jax.ShapeDtypeStruct((b, h, p, n), f32)],
         interpret=interpret,
-        compiler_params=None if interpret else _gpu_params_or_none(),
+        compiler_params=None if interpret else _gpu_params_or_none(8),
         cost_estimate=pl.CostEstimate(flops=flops, transcendentals=b * h * tp * (q + 2),
                                       bytes_accessed=2 * x.nbytes + 8 * b * tp * h * (p + n) + states.nbytes),
         name="ssd_bwd",
