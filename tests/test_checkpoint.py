@@ -82,11 +82,10 @@ def base_dir(tmp_path_factory, params32):
 
 
 def _header(file: Path) -> dict:
-    """{name: (safetensors dtype, shape)} read straight from the file header."""
-    with open(file, "rb") as f:
-        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-    assert header.pop("__metadata__") == {"format": "pt"}
-    return {k: (v["dtype"], v["shape"]) for k, v in header.items()}
+    """{name: (safetensors dtype, shape)} from the file header."""
+    with safe_open(file, "numpy") as f:
+        assert f.metadata() == {"format": "pt"}
+        return {k: (f.get_slice(k).get_dtype(), f.get_slice(k).get_shape()) for k in f.keys()}
 
 
 def _copy(base: Path, tmp_path: Path) -> Path:
@@ -395,15 +394,30 @@ def test_several_problems_in_one_error(tmp_path, base_dir):
 def test_corrupt_files(tmp_path, base_dir, params32):
     d = _copy(base_dir, tmp_path)
     f = d / "model.safetensors"
-    f.write_bytes(f.read_bytes()[:-100])
+    good = f.read_bytes()
+    f.write_bytes(good[:-100])
     _expect_error(d, "truncated", "model.safetensors")
     f.write_bytes(b"\x01")
-    _expect_error(d, "not a safetensors file")
-    # sharded: the index names a shard that is gone
+    _expect_error(d, "not a safetensors file", "model.safetensors")
+    n = int.from_bytes(good[:8], "little")
+    f.write_bytes(good[:8] + b"{" * n + good[8 + n:])  # header of the right length, not JSON
+    _expect_error(d, "corrupt", "model.safetensors")
+    # sharded: a truncated shard, and the index naming a shard that is gone
     s = tmp_path / "sharded"
     save_checkpoint(params32, CFG, s, max_shard_bytes=50_000)
-    os.remove(sorted(s.glob("model-00002-of-*.safetensors"))[0])
+    shard = sorted(s.glob("model-00002-of-*.safetensors"))[0]
+    shard.write_bytes(shard.read_bytes()[:-1])
+    _expect_error(s, "truncated", shard.name)
+    os.remove(shard)
     _expect_error(s, "model-00002-of-", "does not exist")
+    # the index maps a tensor to another shard than the one holding it
+    save_checkpoint(params32, CFG, s, max_shard_bytes=50_000)
+    index = json.loads((s / "model.safetensors.index.json").read_text())
+    name = "backbone.layers.0.mixer.in_proj.weight"
+    other = next(fn for fn in sorted(set(index["weight_map"].values())) if fn != index["weight_map"][name])
+    index["weight_map"][name] = other
+    (s / "model.safetensors.index.json").write_text(json.dumps(index))
+    _expect_error(s, re.escape(name), "model.safetensors.index.json", re.escape(other))
 
 
 # ---------------------------------------------------------------------------------------------

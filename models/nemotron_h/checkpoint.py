@@ -1,36 +1,42 @@
 """Hugging Face Hub checkpoint I/O for NemotronH (model.md §9).
 
-``load_checkpoint(path)`` reads a Hub-layout directory (``config.json`` plus ``model.safetensors`` or
-sharded ``model-0000k-of-0000n.safetensors`` with ``model.safetensors.index.json``) into the param
-pytree of ``params.py``; ``save_checkpoint(params, cfg, path)`` writes the same layout back.
+``load_checkpoint(path)`` reads a Hub-layout directory (``config.json`` plus ``model.safetensors``,
+or ``model-0000k-of-0000n.safetensors`` shards with ``model.safetensors.index.json``) into the
+param pytree of ``params.py``; ``save_checkpoint(params, cfg, path)`` writes that layout back.
+Files are read and written with the ``safetensors`` library (numpy framework, bf16 as
+``ml_dtypes.bfloat16``); a load reads each leaf (with a ``sharding``: each device's slice of it)
+straight from the file with ``safe_open(...).get_slice(name)[index]``.
 
-Hub layout versus ours:
+Hub names and layout versus ours (``M.`` = ``backbone.layers.{i}.mixer.``, ``L`` = ``layers[i]``)::
 
-* names start with ``backbone.`` (``model.`` and the singular ``backbone.embedding.weight`` are
-  accepted on load; ``mtp.*`` tensors are ignored); ``lm_head.weight`` has no prefix;
-* PyTorch ``[out, in]`` matrices become ``[in, out]``;
-* the fused Mamba ``in_proj.weight`` ``[Di + conv_dim + Hm, H]`` (rows z | x | B | C | dt) is split
-  into ``in_z``, ``in_x``, ``in_B``, ``in_C``, ``in_dt``;
-* ``conv1d.weight`` ``[conv_dim, 1, K]`` becomes ``conv_w`` ``[K, conv_dim]``;
-* per-expert ``mixer.experts.{j}.up_proj.weight`` / ``down_proj.weight`` are stacked into
-  ``experts_up`` ``[E, H, I]`` / ``experts_down`` ``[E, I, H]`` (transformers-5 stacked tensors
-  ``mixer.experts.up_proj`` ``[E, I, H]`` / ``down_proj`` ``[E, H, I]`` are accepted too);
-* ``A_log``, ``D`` and ``e_score_correction_bias`` are fp32.
+    Hub                                          ours
+    backbone.embeddings.weight  [V, H]           embed        [V, H]
+    lm_head.weight              [V, H]           lm_head      [H, V]      transposed
+    M.{q,k,v,o,up,down,out}_proj.weight [out,in] L.mixer.*    [in, out]   transposed
+    M.gate.weight [E, H], M.shared_experts.{up,down}_proj.weight -> gate, shared_up/down (transposed)
+    M.in_proj.weight  [Di + C + Hm, H]           in_z | in_x | in_B | in_C | in_dt  [H, width]
+                       (row blocks z | x | B | C | dt, each transposed; C = conv_dim = Di + 2 G N)
+    M.conv1d.weight   [C, 1, K]                  conv_w       [K, C]
+    M.conv1d.bias     [C]                        conv_b       [C]         (zeros if use_conv_bias=False)
+    M.experts.{j}.up_proj.weight   [I, H]        experts_up   [E, H, I]   stacked over j, transposed
+    M.experts.{j}.down_proj.weight [H, I]        experts_down [E, I, H]
+    M.A_log, M.D [Hm], M.gate.e_score_correction_bias [E]   fp32 always (other tensors keep their dtype)
+    backbone.layers.{i}.norm.weight, M.norm.weight, backbone.norm_f.weight, M.dt_bias   copied
 
-Safetensors files are parsed directly (8-byte header length, JSON header, raw little-endian data)
-and memory-mapped, so a tensor is read only when its leaf is materialized, bf16 needs no torch or
-framework round trip (``ml_dtypes.bfloat16``), and with a ``sharding`` each device reads only its
-own slice (``jax.make_array_from_callback``). At most one leaf is held on the host at a time.
+On load, ``model.`` for ``backbone.``, the singular ``backbone.embedding.weight`` and transformers-5
+stacked experts ``M.experts.up_proj`` ``[E, I, H]`` / ``M.experts.down_proj`` ``[E, H, I]`` are
+accepted; ``mtp.*`` tensors are ignored.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fnmatch
+import functools
 import json
 import os
 import shutil
-import struct
 import uuid
 import warnings
 from pathlib import Path
@@ -38,11 +44,13 @@ from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
+import ml_dtypes  # registers bfloat16 with numpy (safetensors' numpy framework needs it)
 import numpy as np
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
 
 from .config import ModelConfig, ModelConfigError, _HF_ALIASES, _JAX_ONLY
-from .params import ParamSpec, param_specs
+from .params import param_specs
 
 __all__ = ["CheckpointError", "load_checkpoint", "save_checkpoint", "TOKENIZER_FILE_PATTERNS"]
 
@@ -52,15 +60,8 @@ class CheckpointError(ValueError):
     tensor or config key and the file."""
 
 
-# safetensors dtype names -> numpy dtypes we load. Anything else is rejected.
-_FLOAT_DTYPES = {"BF16": np.dtype(ml_dtypes.bfloat16), "F16": np.dtype(np.float16),
-                 "F32": np.dtype(np.float32)}
-_ST_NAME = {v: k for k, v in _FLOAT_DTYPES.items()}
-# Byte sizes of every safetensors dtype (to validate offsets of tensors we then reject by dtype).
-_ST_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "I16": 2,
-                "U16": 2, "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8,
-                "F64": 8, "C64": 8}
-
+# safetensors dtype names we load and save. Anything else is rejected.
+_DTYPES = {"BF16": np.dtype(ml_dtypes.bfloat16), "F16": np.dtype(np.float16), "F32": np.dtype(np.float32)}
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 # Files copied verbatim from the source checkpoint on export (besides config.json).
@@ -72,122 +73,10 @@ TOKENIZER_FILE_PATTERNS = (
 
 
 # ---------------------------------------------------------------------------------------------
-# safetensors headers
+# Leaf plans: where each param leaf lives in the Hub layout (used by load and, reversed, by save)
 
 
 @dataclasses.dataclass(frozen=True)
-class _TensorRef:
-    name: str  # full name as stored
-    file: Path
-    dtype: str  # safetensors dtype name
-    shape: tuple
-    start: int  # absolute byte offsets in the file
-    end: int
-
-
-def _read_header(file: Path) -> dict[str, _TensorRef]:
-    try:
-        size = file.stat().st_size
-        with open(file, "rb") as f:
-            raw = f.read(8)
-            if len(raw) < 8:
-                raise CheckpointError(f"{file}: not a safetensors file (shorter than 8 bytes)")
-            (n,) = struct.unpack("<Q", raw)
-            if n > min(size - 8, 1 << 30):
-                raise CheckpointError(f"{file}: corrupt safetensors header length {n}")
-            header = json.loads(f.read(n))
-    except OSError as e:
-        raise CheckpointError(f"{file}: cannot read ({e})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{file}: corrupt safetensors header ({e})") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{file}: corrupt safetensors header (not a JSON object)")
-    base = 8 + n
-    out = {}
-    for name, h in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dt, shape, (b, e) = h["dtype"], tuple(int(s) for s in h["shape"]), h["data_offsets"]
-            b, e = int(b), int(e)
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{file}: corrupt safetensors header entry for tensor {name!r}") from None
-        if dt not in _ST_ITEMSIZE:
-            raise CheckpointError(f"{file}: tensor {name!r} has unknown dtype {dt!r}")
-        nbytes = int(np.prod(shape, dtype=np.int64)) * _ST_ITEMSIZE[dt]
-        if any(s < 0 for s in shape) or e - b != nbytes or b < 0 or base + e > size:
-            raise CheckpointError(
-                f"{file}: tensor {name!r} has inconsistent data offsets {[b, e]} for shape "
-                f"{list(shape)} {dt} (file size {size}; truncated file?)")
-        out[name] = _TensorRef(name, file, dt, shape, base + b, base + e)
-    return out
-
-
-def _list_tensors(path: Path) -> dict[str, _TensorRef]:
-    """All tensors of the checkpoint by stored name, validated against the index if present."""
-    index = path / INDEX_FILE
-    if index.exists():
-        try:
-            with open(index) as f:
-                weight_map = json.load(f)["weight_map"]
-            if not isinstance(weight_map, dict):
-                raise TypeError
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index}: malformed index (needs a 'weight_map' object; {e!r})") from None
-        files = sorted(set(weight_map.values()))
-    elif (path / SINGLE_FILE).exists():
-        weight_map, files = None, [SINGLE_FILE]
-    else:
-        found = sorted(p.name for p in path.glob("*.safetensors"))
-        if not found:
-            raise CheckpointError(f"{path}: no {SINGLE_FILE}, no {INDEX_FILE} and no *.safetensors files")
-        weight_map, files = None, found
-    tensors: dict[str, _TensorRef] = {}
-    for fname in files:
-        file = path / fname
-        if Path(fname).name != fname or not file.is_file():
-            raise CheckpointError(f"{index}: shard {fname!r} listed in the index does not exist in {path}")
-        for name, ref in _read_header(file).items():
-            if name in tensors:
-                raise CheckpointError(f"{path}: tensor {name!r} is stored twice ({tensors[name].file.name} "
-                                      f"and {fname})")
-            if weight_map is not None and weight_map.get(name) != fname:
-                raise CheckpointError(f"{file}: tensor {name!r} is not mapped to this file by {INDEX_FILE} "
-                                      f"(index says {weight_map.get(name)!r})")
-            tensors[name] = ref
-    if weight_map is not None:
-        for name, fname in weight_map.items():
-            if name not in tensors:
-                raise CheckpointError(f"{index}: tensor {name!r} is listed for {fname} but that file does not "
-                                      "contain it")
-    return tensors
-
-
-def _canonical(name: str) -> Optional[str]:
-    """Stored name -> canonical ``backbone.``/``lm_head`` name; None for ignored (``mtp.*``) tensors."""
-    body = None
-    for prefix in ("backbone.", "model."):
-        if name.startswith(prefix):
-            body = name[len(prefix):]
-            break
-    if body is None:
-        if name.startswith("mtp."):
-            return None
-        return name  # lm_head.weight, or unknown (reported later)
-    if body.startswith("mtp."):
-        return None
-    if body == "embedding.weight":
-        body = "embeddings.weight"
-    if body == "lm_head.weight":
-        return "lm_head.weight"
-    return "backbone." + body
-
-
-# ---------------------------------------------------------------------------------------------
-# Leaf plans: how each param leaf maps to Hub tensors
-
-
-@dataclasses.dataclass
 class _Source:
     name: str  # canonical Hub name
     shape: tuple  # Hub shape
@@ -195,140 +84,104 @@ class _Source:
 
 @dataclasses.dataclass
 class _Plan:
-    """One param leaf: its Hub sources and how an index into our layout reads them."""
-    shape: tuple  # our shape
+    """One param leaf of ``shape``: ours = Hub.transpose(perm), i.e. our dim d is Hub dim
+    ``perm[d]`` (Hub dims not in ``perm`` have size 1 and are dropped), Hub rows offset by ``row0``.
+    With several sources (per-expert tensors) our dim 0 picks the source and ``perm`` maps the
+    rest. No sources: zeros, in the dtype of tensor ``like``."""
+    shape: tuple
     fp32: bool
-    sources: list  # list[_Source]; alternatives handled before planning
-    kind: str  # "copy", "T" (transpose), "rows" (transposed slice of rows), "conv", "experts",
-    #            "experts_stacked", "zeros"
+    sources: list  # list[_Source]
+    perm: tuple
     row0: int = 0
-    like: Optional[str] = None  # "zeros" only: take the dtype of this tensor when dtype=None
+    like: Optional[str] = None
 
 
-def _layer_plans(cfg: ModelConfig, i: int, kind: str, stacked_experts: bool) -> dict:
-    pre = f"backbone.layers.{i}.mixer."
-    H = cfg.hidden_size
-    specs = param_specs(cfg)["layers"][i]["mixer"]
+def _plan(spec, name: str, perm: tuple) -> _Plan:
+    """The leaf of ``spec`` read from the one Hub tensor ``name``, ours = Hub.transpose(perm)."""
+    hub = [1] * (max(perm) + 1)
+    for d, p in enumerate(perm):
+        hub[p] = spec.shape[d]
+    return _Plan(tuple(spec.shape), spec.fp32, [_Source(name, tuple(hub))], perm)
 
-    def T(name, leaf):  # Hub [out, in] -> ours [in, out]
-        s = specs[leaf].shape
-        return _Plan(s, specs[leaf].fp32, [_Source(pre + name, (s[1], s[0]))], "T")
 
-    def vec(name, leaf):
-        s = specs[leaf].shape
-        return _Plan(s, specs[leaf].fp32, [_Source(pre + name, s)], "copy")
+# Our mixer leaf -> Hub name under backbone.layers.{i}.mixer. where it is not "{leaf}.weight"
+# (matrices) or "{leaf}" (vectors).
+_HUB_NAME = {"norm": "norm.weight", "conv_b": "conv1d.bias", "gate": "gate.weight",
+             "e_score_correction_bias": "gate.e_score_correction_bias",
+             "shared_up": "shared_experts.up_proj.weight", "shared_down": "shared_experts.down_proj.weight"}
+_FUSED = ("in_z", "in_x", "in_B", "in_C", "in_dt")  # row blocks of the Hub's in_proj, in order
 
-    if kind == "M":
-        Di, GN, Hm, C, K = cfg.d_inner, cfg.n_groups * cfg.ssm_state_size, cfg.mamba_num_heads, cfg.conv_dim, cfg.conv_kernel
-        fused = _Source(pre + "in_proj.weight", (Di + C + Hm, H))
-        plans = {}
+
+def _mixer_plans(cfg: ModelConfig, pre: str, specs: dict, stacked_experts: bool) -> dict:
+    plans = {}
+    for leaf, spec in specs.items():
+        s = tuple(spec.shape)
+        if leaf == "conv_w":  # [C, 1, K] -> [K, C]
+            plans[leaf] = _plan(spec, pre + "conv1d.weight", (2, 0))
+        elif leaf in ("experts_up", "experts_down"):
+            hub = leaf.replace("experts_", "") + "_proj"
+            if stacked_experts:  # transformers 5: [E, out, in]
+                plans[leaf] = _plan(spec, pre + f"experts.{hub}", (0, 2, 1))
+            else:
+                plans[leaf] = _Plan(s, False, [_Source(pre + f"experts.{j}.{hub}.weight", (s[2], s[1]))
+                                               for j in range(s[0])], (1, 0))
+        elif leaf not in _FUSED:
+            name = _HUB_NAME.get(leaf, f"{leaf}.weight" if len(s) == 2 else leaf)
+            plans[leaf] = _plan(spec, pre + name, (1, 0) if len(s) == 2 else (0,))
+    if "in_z" in specs:
+        fused = _Source(pre + "in_proj.weight", (sum(specs[k].shape[1] for k in _FUSED), cfg.hidden_size))
         row = 0
-        for leaf, width in (("in_z", Di), ("in_x", Di), ("in_B", GN), ("in_C", GN), ("in_dt", Hm)):
-            plans[leaf] = _Plan((H, width), False, [fused], "rows", row0=row)
-            row += width
-        plans["conv_w"] = _Plan((K, C), False, [_Source(pre + "conv1d.weight", (C, 1, K))], "conv")
-        plans["conv_b"] = (vec("conv1d.bias", "conv_b") if cfg.use_conv_bias
-                           else _Plan((C,), False, [], "zeros", like=fused.name))
-        plans["dt_bias"] = vec("dt_bias", "dt_bias")
-        plans["A_log"] = vec("A_log", "A_log")
-        plans["D"] = vec("D", "D")
-        plans["norm"] = vec("norm.weight", "norm")
-        plans["out_proj"] = T("out_proj.weight", "out_proj")
-        return plans
-    if kind == "*":
-        return {k: T(f"{k}.weight", k) for k in ("q_proj", "k_proj", "v_proj", "o_proj")}
-    if kind == "-":
-        return {"up_proj": T("up_proj.weight", "up_proj"), "down_proj": T("down_proj.weight", "down_proj")}
-    # E
-    E, I = cfg.n_routed_experts, cfg.moe_intermediate_size
-    plans = {"gate": T("gate.weight", "gate"),
-             "e_score_correction_bias": vec("gate.e_score_correction_bias", "e_score_correction_bias")}
-    if stacked_experts:
-        plans["experts_up"] = _Plan((E, H, I), False, [_Source(pre + "experts.up_proj", (E, I, H))],
-                                    "experts_stacked")
-        plans["experts_down"] = _Plan((E, I, H), False, [_Source(pre + "experts.down_proj", (E, H, I))],
-                                      "experts_stacked")
-    else:
-        plans["experts_up"] = _Plan((E, H, I), False, [
-            _Source(pre + f"experts.{j}.up_proj.weight", (I, H)) for j in range(E)], "experts")
-        plans["experts_down"] = _Plan((E, I, H), False, [
-            _Source(pre + f"experts.{j}.down_proj.weight", (H, I)) for j in range(E)], "experts")
-    if cfg.n_shared_experts:
-        plans["shared_up"] = T("shared_experts.up_proj.weight", "shared_up")
-        plans["shared_down"] = T("shared_experts.down_proj.weight", "shared_down")
+        for leaf in _FUSED:
+            plans[leaf] = _Plan(tuple(specs[leaf].shape), False, [fused], (1, 0), row0=row)
+            row += specs[leaf].shape[1]
+        if not cfg.use_conv_bias:
+            plans["conv_b"] = _Plan(tuple(specs["conv_b"].shape), False, [], (0,), like=fused.name)
     return plans
 
 
 def _plans(cfg: ModelConfig, stored: set) -> dict:
-    """Pytree (structure of the params) of :class:`_Plan`."""
-    H, V = cfg.hidden_size, cfg.vocab_size
+    """Pytree (structure of the params) of :class:`_Plan`; ``stored`` (canonical names present)
+    selects per-expert or stacked expert tensors."""
+    specs = param_specs(cfg)
     layers = []
-    for i, kind in enumerate(cfg.pattern):
-        stacked = f"backbone.layers.{i}.mixer.experts.up_proj" in stored
-        layers.append({"norm": _Plan((H,), False, [_Source(f"backbone.layers.{i}.norm.weight", (H,))], "copy"),
-                       "mixer": _layer_plans(cfg, i, kind, stacked)})
-    return {
-        "embed": _Plan((V, H), False, [_Source("backbone.embeddings.weight", (V, H))], "copy"),
-        "norm_f": _Plan((H,), False, [_Source("backbone.norm_f.weight", (H,))], "copy"),
-        "lm_head": _Plan((H, V), False, [_Source("lm_head.weight", (V, H))], "T"),
-        "layers": layers,
-    }
+    for i, layer in enumerate(specs["layers"]):
+        pre = f"backbone.layers.{i}."
+        stacked = pre + "mixer.experts.up_proj" in stored
+        layers.append({"norm": _plan(layer["norm"], pre + "norm.weight", (0,)),
+                       "mixer": _mixer_plans(cfg, pre + "mixer.", layer["mixer"], stacked)})
+    return {"embed": _plan(specs["embed"], "backbone.embeddings.weight", (0, 1)),
+            "norm_f": _plan(specs["norm_f"], "backbone.norm_f.weight", (0,)),
+            "lm_head": _plan(specs["lm_head"], "lm_head.weight", (1, 0)),
+            "layers": layers}
 
 
 def _is_plan(x) -> bool:
     return isinstance(x, _Plan)
 
 
-class _Reader:
-    """Memory-maps checkpoint files lazily and reads (slices of) tensors as numpy views."""
-
-    def __init__(self, refs: dict[str, _TensorRef]):
-        self.refs = refs
-        self._maps: dict[Path, np.memmap] = {}
-
-    def view(self, name: str) -> np.ndarray:
-        ref = self.refs[name]
-        mm = self._maps.get(ref.file)
-        if mm is None:
-            mm = self._maps[ref.file] = np.memmap(ref.file, dtype=np.uint8, mode="r")
-        return mm[ref.start:ref.end].view(_FLOAT_DTYPES[ref.dtype].newbyteorder("<")).reshape(ref.shape)
-
-    def read(self, plan: _Plan, index: tuple, dtype) -> np.ndarray:
-        """Our-layout slice ``index`` (tuple of slices, one per dim) of ``plan``, as a fresh
-        C-contiguous array of ``dtype`` (never a view of the file)."""
-        index = tuple(index) + (slice(None),) * (len(plan.shape) - len(index))
-        k = plan.kind
-        if k == "zeros":
-            return np.zeros(_sliced_shape(plan.shape, index), dtype)
-        if k == "copy":
-            src = self.view(plan.sources[0].name)[index]
-        elif k == "T":
-            src = self.view(plan.sources[0].name)[index[1], index[0]].T
-        elif k == "rows":
-            r = index[1].indices(plan.shape[1])
-            rows = slice(plan.row0 + r[0], plan.row0 + r[1], r[2])
-            src = self.view(plan.sources[0].name)[rows, index[0]].T
-        elif k == "conv":  # [C, 1, K] -> [K, C]
-            src = self.view(plan.sources[0].name)[index[1], 0, index[0]].T
-        elif k == "experts_stacked":  # [E, out, in] -> [E, in, out]
-            src = self.view(plan.sources[0].name)[index[0], index[2], index[1]].transpose(0, 2, 1)
-        elif k == "experts":
-            js = range(*index[0].indices(plan.shape[0]))
-            out = np.empty(_sliced_shape(plan.shape, index), dtype)
-            for n, j in enumerate(js):
-                _assign(out[n], self.view(plan.sources[j].name)[index[2], index[1]].T)
-            return out
-        else:  # pragma: no cover
-            raise AssertionError(k)
-        out = np.empty(src.shape, dtype)
-        _assign(out, src)
-        return out
-
-    def close(self):
-        self._maps.clear()
+def _full_index(shape: tuple, index=()) -> tuple:
+    """``index`` (slices, maybe open-ended or fewer than dims) as explicit start:stop:step slices."""
+    index = tuple(index) + (slice(None),) * (len(shape) - len(index))
+    return tuple(slice(*s.indices(n)) for s, n in zip(index, shape))
 
 
-_TILE = 64
+def _hub_index(plan: _Plan, index: tuple) -> tuple:
+    """The Hub index (of one source) behind our full ``index``."""
+    hub: list[Any] = [0] * len(plan.sources[0].shape)
+    for s, p in zip(index, plan.perm):
+        hub[p] = s
+    if plan.row0:
+        hub[0] = slice(hub[0].start + plan.row0, hub[0].stop + plan.row0, hub[0].step)
+    return tuple(hub)
+
+
+def _axes(plan: _Plan) -> list:
+    """Transpose axes from a Hub block (kept dims in Hub order) to our layout."""
+    kept = sorted(plan.perm)
+    return [kept.index(p) for p in plan.perm]
+
+
+_TILE = 128
 
 
 def _assign(out: np.ndarray, src: np.ndarray) -> None:
@@ -342,34 +195,174 @@ def _assign(out: np.ndarray, src: np.ndarray) -> None:
         out[...] = src
 
 
-def _sliced_shape(shape, index):
-    return tuple(len(range(*s.indices(n))) for s, n in zip(index, shape))
+# ---------------------------------------------------------------------------------------------
+# load
 
 
-def _validate(cfg: ModelConfig, path: Path, refs_by_canon: dict[str, _TensorRef], plans) -> list[str]:
-    problems = []
-    used = set()
+@dataclasses.dataclass(frozen=True)
+class _Stored:
+    name: str  # name as stored
+    file: Path
+    dtype: str  # safetensors dtype name
+    shape: tuple
+    data: Any  # the safetensors slice handle (reads nothing until indexed)
+
+
+def _open(file: Path, stack: contextlib.ExitStack) -> dict[str, _Stored]:
+    """The tensors of one safetensors file (header only; the library validates its offsets)."""
+    try:
+        f = stack.enter_context(safe_open(file, framework="numpy"))
+        out = {}
+        for name in f.keys():
+            sl = f.get_slice(name)
+            out[name] = _Stored(name, file, sl.get_dtype(), tuple(sl.get_shape()), sl)
+        return out
+    except OSError as e:
+        raise CheckpointError(f"{file}: cannot read ({e})") from None
+    except SafetensorError as e:
+        raise CheckpointError(f"{file}: not a safetensors file, or truncated or corrupt ({e})") from None
+
+
+def _weight_files(path: Path) -> tuple[list[str], Optional[dict]]:
+    """(safetensors file names, the index's weight_map or None)."""
+    index = path / INDEX_FILE
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise TypeError("not an object of file names")
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: malformed index (needs a 'weight_map' object; {e!r})") from None
+        return sorted(set(weight_map.values())), weight_map
+    if (path / SINGLE_FILE).exists():
+        return [SINGLE_FILE], None
+    found = sorted(p.name for p in path.glob("*.safetensors"))
+    if not found:
+        raise CheckpointError(f"{path}: no {SINGLE_FILE}, no {INDEX_FILE} and no *.safetensors files")
+    return found, None
+
+
+def _list_tensors(path: Path, stack: contextlib.ExitStack) -> dict[str, _Stored]:
+    """All tensors of the checkpoint by canonical name (``mtp.*`` left out), checked against the
+    index if there is one."""
+    files, weight_map = _weight_files(path)
+    tensors: dict[str, _Stored] = {}  # by stored name
+    for fname in files:
+        if Path(fname).name != fname or not (path / fname).is_file():
+            raise CheckpointError(f"{path / INDEX_FILE}: shard {fname!r} listed in the index does not exist "
+                                  f"in {path}")
+        for name, st in _open(path / fname, stack).items():
+            if name in tensors:
+                raise CheckpointError(f"{path}: tensor {name!r} is stored twice ({tensors[name].file.name} "
+                                      f"and {fname})")
+            tensors[name] = st
+    if weight_map is not None:
+        stored_in = {name: st.file.name for name, st in tensors.items()}
+        for name in sorted(stored_in.keys() | weight_map.keys()):
+            if weight_map.get(name) != stored_in.get(name):
+                raise CheckpointError(f"{path / INDEX_FILE}: maps tensor {name!r} to {weight_map.get(name)!r} "
+                                      f"but it is stored in {stored_in.get(name)!r}")
+    out: dict[str, _Stored] = {}
+    for name, st in tensors.items():
+        canon = _canonical(name)
+        if canon in out:
+            raise CheckpointError(f"{path}: tensors {out[canon].name!r} and {name!r} both map to {canon!r}")
+        if canon is not None:
+            out[canon] = st
+    return out
+
+
+def _canonical(name: str) -> Optional[str]:
+    """Stored name -> canonical ``backbone.``/``lm_head`` name; None for ignored (``mtp.*``) tensors."""
+    for prefix in ("backbone.", "model."):
+        if name.startswith(prefix):
+            body = name[len(prefix):]
+            if body.startswith("mtp."):
+                return None
+            if body == "lm_head.weight":
+                return body
+            return "backbone." + ("embeddings.weight" if body == "embedding.weight" else body)
+    return None if name.startswith("mtp.") else name  # lm_head.weight, or unknown (reported later)
+
+
+def _validate(cfg: ModelConfig, path: Path, stored: dict[str, _Stored], plans) -> None:
+    """One CheckpointError listing every problem of the stored tensors against the plans
+    (missing, unknown, shape, dtype)."""
+    problems, used = [], set()
     for plan in jax.tree.leaves(plans, is_leaf=_is_plan):
         for src in plan.sources:
-            ref = refs_by_canon.get(src.name)
-            if ref is None:
+            st = stored.get(src.name)
+            if st is None:
                 problems.append(f"missing tensor {src.name!r} (expected shape {list(src.shape)})")
                 continue
             used.add(src.name)
-            where = f"{ref.name!r} in {ref.file.name}"
-            if ref.shape != tuple(src.shape):
-                problems.append(f"tensor {where}: shape {list(ref.shape)}, expected {list(src.shape)}")
-            if ref.dtype not in _FLOAT_DTYPES:
-                problems.append(f"tensor {where}: dtype {ref.dtype} not supported (expected BF16, F16 or F32)")
-    for canon, ref in sorted(refs_by_canon.items()):
+            where = f"{st.name!r} in {st.file.name}"
+            if st.shape != src.shape:
+                problems.append(f"tensor {where}: shape {list(st.shape)}, expected {list(src.shape)}")
+            if st.dtype not in _DTYPES:
+                problems.append(f"tensor {where}: dtype {st.dtype} not supported (expected BF16, F16 or F32)")
+    for canon, st in sorted(stored.items()):
         if canon not in used:
-            problems.append(f"unknown tensor {ref.name!r} in {ref.file.name} (not part of the "
+            problems.append(f"unknown tensor {st.name!r} in {st.file.name} (not part of the "
                             f"{cfg.pattern!r} NemotronH layout)")
-    return problems
+    head = f"cannot load checkpoint {path}: "
+    if len(problems) == 1:
+        raise CheckpointError(head + problems[0])
+    if problems:
+        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+        raise CheckpointError(f"{head}{len(problems)} problems:\n  - " + "\n  - ".join(problems[:20]) + more)
 
 
-# ---------------------------------------------------------------------------------------------
-# load
+def _read(stored: dict[str, _Stored], plan: _Plan, index: tuple, dtype) -> np.ndarray:
+    """Block ``index`` of the leaf in our layout, as a new C-contiguous ``dtype`` array, reading
+    only the Hub bytes behind it (``get_slice(name)[hub_index]``)."""
+    index = _full_index(plan.shape, index)
+    shape = tuple(len(range(s.start, s.stop, s.step)) for s in index)
+    if not plan.sources:
+        return np.zeros(shape, dtype)
+
+    def block(src, index):  # what ``index`` covers of one source, as a view in our layout
+        return stored[src.name].data[_hub_index(plan, index)].transpose(_axes(plan))
+
+    out = np.empty(shape, dtype)
+    if len(plan.sources) > 1:  # per-expert tensors: our dim 0 picks the tensor
+        for n, src in enumerate(plan.sources[index[0]]):
+            _assign(out[n], block(src, index[1:]))
+        return out
+    b = block(plan.sources[0], index)
+    if b.dtype == dtype and b.flags.c_contiguous:
+        return b  # the library's fresh array already is the block
+    _assign(out, b)
+    return out
+
+
+def _materialize(stored, plan: _Plan, dtype, sharding) -> jax.Array:
+    if sharding is None:
+        return jax.device_put(_read(stored, plan, (), dtype))
+    cache: dict = {}  # replicated blocks are read once
+
+    def cb(index):
+        key = tuple((s.start, s.stop, s.step) for s in _full_index(plan.shape, index))
+        if key not in cache:
+            cache[key] = _read(stored, plan, index, dtype)
+        return cache[key]
+
+    return jax.make_array_from_callback(plan.shape, sharding, cb)
+
+
+def _load_config(path: Path) -> ModelConfig:
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a checkpoint directory")
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise CheckpointError(f"{path}: no config.json")
+    try:
+        cfg = ModelConfig.from_json_file(cfg_file)
+    except ModelConfigError as e:
+        raise CheckpointError(f"invalid config: {e}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{cfg_file}: cannot read ({e})") from None
+    return dataclasses.replace(cfg, hf_source=str(path))
 
 
 def load_checkpoint(path, *, dtype=None, sharding=None) -> tuple[ModelConfig, dict]:
@@ -388,105 +381,41 @@ def load_checkpoint(path, *, dtype=None, sharding=None) -> tuple[ModelConfig, di
       copies the original config and tokenizer files.
 
     Raises:
-      CheckpointError: malformed config.json or index, a missing / unknown tensor, a shape
-        mismatch or a non-float dtype. All headers are validated before any tensor is read, and
-        nothing is returned unless every leaf loaded.
+      CheckpointError: malformed config.json, index or safetensors file, a missing / unknown
+        tensor, a shape mismatch or a non-float dtype. All headers are validated before any
+        tensor is read, and nothing is returned unless every leaf loaded.
     """
     path = Path(path)
     target = None if dtype is None else jnp.dtype(dtype)
     if target is not None and not jnp.issubdtype(target, jnp.floating):
         raise ValueError(f"load_checkpoint: dtype must be a floating dtype, got {target}")
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: not a checkpoint directory")
-    cfg_file = path / "config.json"
-    if not cfg_file.is_file():
-        raise CheckpointError(f"{path}: no config.json")
-    try:
-        cfg = ModelConfig.from_json_file(cfg_file)
-    except ModelConfigError as e:
-        raise CheckpointError(f"invalid config: {e}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{cfg_file}: cannot read ({e})") from None
-    cfg = dataclasses.replace(cfg, hf_source=str(path))
-
-    refs = _list_tensors(path)
-    by_canon: dict[str, _TensorRef] = {}
-    for name, ref in refs.items():
-        canon = _canonical(name)
-        if canon is None:
-            continue
-        if canon in by_canon:
-            raise CheckpointError(f"{path}: tensors {by_canon[canon].name!r} and {name!r} both map to {canon!r}")
-        by_canon[canon] = ref
-    plans = _plans(cfg, set(by_canon))
-    problems = _validate(cfg, path, by_canon, plans)
-    if problems:
-        head = f"cannot load checkpoint {path}: "
-        if len(problems) == 1:
-            raise CheckpointError(head + problems[0])
-        shown = "\n  - ".join(problems[:20])
-        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
-        raise CheckpointError(f"{head}{len(problems)} problems:\n  - {shown}{more}")
-
-    leaves, treedef = jax.tree.flatten(plans, is_leaf=_is_plan)
-    if sharding is None or isinstance(sharding, jax.sharding.Sharding):
-        shardings = [sharding] * len(leaves)
-    else:
+    cfg = _load_config(path)
+    with contextlib.ExitStack() as stack:
+        stored = _list_tensors(path, stack)
+        plans = _plans(cfg, set(stored))
+        _validate(cfg, path, stored, plans)
+        leaves, treedef = jax.tree.flatten(plans, is_leaf=_is_plan)
+        if sharding is None or isinstance(sharding, jax.sharding.Sharding):
+            shardings = [sharding] * len(leaves)
+        else:
+            try:
+                shardings = treedef.flatten_up_to(sharding)
+            except (ValueError, TypeError) as e:
+                raise ValueError(f"load_checkpoint: `sharding` must be None, a Sharding, or a pytree with "
+                                 f"the structure of the params ({e})") from None
+        out = []
         try:
-            shardings = treedef.flatten_up_to(sharding)
-        except (ValueError, TypeError) as e:
-            raise ValueError(f"load_checkpoint: `sharding` must be None, a Sharding, or a pytree with "
-                             f"the structure of the params ({e})") from None
-    reader = _Reader(by_canon)
-    out = []
-    try:
-        for plan, shd in zip(leaves, shardings):
-            if plan.fp32:
-                dt = np.dtype(np.float32)
-            elif target is not None:
-                dt = target
-            elif plan.sources:
-                dt = _FLOAT_DTYPES[by_canon[plan.sources[0].name].dtype]
-            else:  # zero conv bias of a use_conv_bias=False checkpoint: the in_proj dtype
-                dt = _FLOAT_DTYPES[by_canon[plan.like].dtype]
-            out.append(_materialize(reader, plan, dt, shd))
-    except OSError as e:
-        raise CheckpointError(f"{path}: read failed ({e})") from None
-    finally:
-        reader.close()
+            for plan, shd in zip(leaves, shardings):
+                stored_dt = _DTYPES[stored[plan.sources[0].name if plan.sources else plan.like].dtype]
+                dt = np.dtype(np.float32) if plan.fp32 else (target if target is not None else stored_dt)
+                out.append(_materialize(stored, plan, dt, shd))
+        except (OSError, SafetensorError) as e:
+            raise CheckpointError(f"{path}: read failed ({e})") from None
     return cfg, jax.tree.unflatten(treedef, out)
-
-
-def _materialize(reader: _Reader, plan: _Plan, dt, sharding) -> jax.Array:
-    if sharding is None:
-        full = tuple(slice(None) for _ in plan.shape)
-        return jax.device_put(reader.read(plan, full, dt))
-    cache: dict = {}
-
-    def cb(index):
-        index = tuple(index) + (slice(None),) * (len(plan.shape) - len(index))
-        key = tuple(s.indices(n) for s, n in zip(index, plan.shape))
-        if key not in cache:
-            cache[key] = reader.read(plan, index, dt)
-        return cache[key]
-
-    return jax.make_array_from_callback(plan.shape, sharding, cb)
 
 
 # ---------------------------------------------------------------------------------------------
 # save
-
-
-@dataclasses.dataclass
-class _Out:
-    name: str
-    shape: tuple
-    dtype: np.dtype
-    produce: Callable[[], np.ndarray]
-
-    @property
-    def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
 
 
 def _host(x) -> np.ndarray:
@@ -495,142 +424,80 @@ def _host(x) -> np.ndarray:
     return np.asarray(jax.device_get(x))
 
 
-def _contig(a: np.ndarray, dt) -> np.ndarray:
-    out = np.empty(a.shape, dt)
-    _assign(out, a)
-    return out
-
-
-def _fuse_rows(parts, dt) -> np.ndarray:
-    """Our [H, w_k] projections -> the Hub's fused [sum w_k, H] ``in_proj.weight``."""
-    out = np.empty((sum(p.shape[1] for p in parts), parts[0].shape[0]), dt)
-    row = 0
-    for p in parts:
-        _assign(out[row:row + p.shape[1]], _host(p).T)
-        row += p.shape[1]
-    return out
-
-
-def _out_dtype(x, fp32: bool, leaf: str) -> np.dtype:
-    if fp32:
-        return np.dtype(np.float32)
-    dt = np.dtype(x.dtype)
-    if dt not in _ST_NAME:
-        raise CheckpointError(f"save_checkpoint: param {leaf} has dtype {dt}, expected bfloat16, float16 or float32")
-    return dt
-
-
-def _check_params(params, cfg: ModelConfig) -> None:
-    specs = param_specs(cfg)
-    spec_leaves, spec_def = jax.tree.flatten_with_path(specs, is_leaf=lambda x: isinstance(x, ParamSpec))
+def _hub_tensors(params, cfg: ModelConfig) -> list[tuple[str, int, Callable[[], np.ndarray]]]:
+    """``(Hub name, nbytes, produce)`` for each Hub tensor of ``params`` (the per-expert load plans
+    run backwards; ``produce()`` makes the array). Checks the params' layout and dtypes first."""
+    with_paths, treedef = jax.tree_util.tree_flatten_with_path(_plans(cfg, set()), is_leaf=_is_plan)
+    paths = [jax.tree_util.keystr(kp, simple=True, separator=".") for kp, _ in with_paths]
+    plans = [plan for _, plan in with_paths]
     try:
-        p_leaves = spec_def.flatten_up_to(params)
+        xs = treedef.flatten_up_to(params)
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"save_checkpoint: params do not have the layout of cfg ({cfg.pattern!r}): {e}") from None
-    for (kp, spec), x in zip(spec_leaves, p_leaves):
-        if tuple(getattr(x, "shape", ())) != tuple(spec.shape):
-            raise CheckpointError(f"save_checkpoint: param {jax.tree_util.keystr(kp)} has shape "
-                                  f"{tuple(getattr(x, 'shape', ()))}, expected {tuple(spec.shape)}")
-
-
-def _export_entries(params, cfg: ModelConfig) -> list[_Out]:
-    entries: list[_Out] = []
-    cache: dict = {}
-
-    def host_cached(x):  # one stacked expert tensor at a time on the host
-        if cache.get("id") is not x:
-            cache.clear()
-            cache.update(id=x, arr=_host(x))
-        return cache["arr"]
-
-    def add(name, x, fn, shape, fp32=False, leaf=None):
-        dt = _out_dtype(x, fp32, leaf or name)
-        entries.append(_Out(name, tuple(shape), dt, lambda: _contig(fn(_host(x)), dt)))
-
-    def lin(name, x, leaf):  # ours [in, out] -> Hub [out, in]
-        add(name, x, lambda a: a.T, (x.shape[1], x.shape[0]), leaf=leaf)
-
-    def vec(name, x, leaf, fp32=False):
-        add(name, x, lambda a: a, x.shape, fp32=fp32, leaf=leaf)
-
-    H, V = cfg.hidden_size, cfg.vocab_size
-    vec("backbone.embeddings.weight", params["embed"], "embed")
-    for i, (kind, layer) in enumerate(zip(cfg.pattern, params["layers"])):
-        pre, m = f"backbone.layers.{i}.mixer.", layer["mixer"]
-        lp = f"layers[{i}].mixer."
-        vec(f"backbone.layers.{i}.norm.weight", layer["norm"], f"layers[{i}].norm")
-        if kind == "M":
-            parts = [m[k] for k in ("in_z", "in_x", "in_B", "in_C", "in_dt")]
-            dt = np.dtype(jnp.result_type(*[p.dtype for p in parts]))
-            if dt not in _ST_NAME:
-                raise CheckpointError(f"save_checkpoint: param {lp}in_* has dtype {dt}")
-            width = sum(p.shape[1] for p in parts)
-            entries.append(_Out(pre + "in_proj.weight", (width, H), dt,
-                                lambda parts=parts, dt=dt: _fuse_rows(parts, dt)))
-            add(pre + "conv1d.weight", m["conv_w"], lambda a: a.T[:, None, :],
-                (cfg.conv_dim, 1, cfg.conv_kernel), leaf=lp + "conv_w")
-            if cfg.use_conv_bias:
-                vec(pre + "conv1d.bias", m["conv_b"], lp + "conv_b")
-            elif np.any(_host(m["conv_b"]) != 0):
-                raise CheckpointError(f"save_checkpoint: param {lp}conv_b is non-zero but cfg.use_conv_bias is "
+    host = functools.lru_cache(maxsize=1)(lambda k: _host(xs[k]))  # a stacked expert leaf: once
+    parts: dict[str, list] = {}  # Hub name -> [(leaf k, expert j or None)]
+    shapes, dtypes = {}, {}
+    for k, (plan, x, leaf) in enumerate(zip(plans, xs, paths)):
+        if tuple(getattr(x, "shape", ())) != plan.shape:
+            raise CheckpointError(f"save_checkpoint: param {leaf} has shape {tuple(getattr(x, 'shape', ()))}, "
+                                  f"expected {plan.shape}")
+        if not plan.sources:
+            if np.any(host(k) != 0):
+                raise CheckpointError(f"save_checkpoint: param {leaf} is non-zero but cfg.use_conv_bias is "
                                       "False (the Hub layout would drop it)")
-            vec(pre + "dt_bias", m["dt_bias"], lp + "dt_bias")
-            vec(pre + "A_log", m["A_log"], lp + "A_log", fp32=True)
-            vec(pre + "D", m["D"], lp + "D", fp32=True)
-            vec(pre + "norm.weight", m["norm"], lp + "norm")
-            lin(pre + "out_proj.weight", m["out_proj"], lp + "out_proj")
-        elif kind == "*":
-            for k in ("q_proj", "k_proj", "v_proj", "o_proj"):
-                lin(pre + f"{k}.weight", m[k], lp + k)
-        elif kind == "-":
-            lin(pre + "up_proj.weight", m["up_proj"], lp + "up_proj")
-            lin(pre + "down_proj.weight", m["down_proj"], lp + "down_proj")
-        else:
-            lin(pre + "gate.weight", m["gate"], lp + "gate")
-            vec(pre + "gate.e_score_correction_bias", m["e_score_correction_bias"],
-                lp + "e_score_correction_bias", fp32=True)
-            for leaf, hub in (("experts_up", "up_proj"), ("experts_down", "down_proj")):
-                x = m[leaf]
-                dt = _out_dtype(x, False, lp + leaf)
-                for j in range(x.shape[0]):
-                    entries.append(_Out(pre + f"experts.{j}.{hub}.weight", (x.shape[2], x.shape[1]), dt,
-                                        lambda x=x, j=j, dt=dt: _contig(host_cached(x)[j].T, dt)))
-            if cfg.n_shared_experts:
-                lin(pre + "shared_experts.up_proj.weight", m["shared_up"], lp + "shared_up")
-                lin(pre + "shared_experts.down_proj.weight", m["shared_down"], lp + "shared_down")
-    vec("backbone.norm_f.weight", params["norm_f"], "norm_f")
-    lin("lm_head.weight", params["lm_head"], "lm_head")
-    return entries
+            continue
+        dt = np.dtype(np.float32) if plan.fp32 else np.dtype(x.dtype)
+        if dt not in _DTYPES.values():
+            raise CheckpointError(f"save_checkpoint: param {leaf} has dtype {dt}, expected bfloat16, float16 "
+                                  "or float32")
+        for j, src in enumerate(plan.sources):
+            dtypes[src.name] = np.dtype(jnp.promote_types(dtypes.get(src.name, dt), dt))
+            shapes[src.name] = src.shape
+            parts.setdefault(src.name, []).append((k, j if len(plan.sources) > 1 else None))
+
+    def produce(name):
+        out = np.empty(shapes[name], dtypes[name])
+        for k, j in parts[name]:
+            a = host(k) if j is None else host(k)[j]
+            b = a.transpose(np.argsort(_axes(plans[k])))  # in Hub dim order
+            if b.shape == out.shape and b.dtype == out.dtype and b.flags.c_contiguous:
+                return b  # the host copy already is the Hub tensor
+            _assign(out[_hub_index(plans[k], _full_index(a.shape))], b)
+        return out
+
+    return [(name, int(np.prod(shapes[name])) * dtypes[name].itemsize, functools.partial(produce, name))
+            for name in parts]
 
 
-def _write_safetensors(file: Path, entries: list[_Out]) -> None:
-    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-    off = 0
-    for e in entries:
-        header[e.name] = {"dtype": _ST_NAME[e.dtype], "shape": list(e.shape), "data_offsets": [off, off + e.nbytes]}
-        off += e.nbytes
-    hb = json.dumps(header, separators=(",", ":")).encode()
-    hb += b" " * (-len(hb) % 8)
-    with open(file, "wb") as f:
-        f.write(struct.pack("<Q", len(hb)))
-        f.write(hb)
-        for e in entries:
-            a = e.produce()
-            if a.shape != e.shape or a.dtype != e.dtype:  # pragma: no cover - internal invariant
-                raise AssertionError(f"{e.name}: produced {a.shape} {a.dtype}, declared {e.shape} {e.dtype}")
-            a.tofile(f)
-            del a
-        f.flush()
-        os.fsync(f.fileno())
+def _write_shards(tmp: Path, tensors: list, max_shard_bytes: float) -> None:
+    """``model.safetensors``, or shards plus the index; one shard's tensors on the host at a time."""
+    shards: list[list] = [[]]
+    size = 0
+    for name, nbytes, produce in tensors:
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, nbytes, produce))
+        size += nbytes
+    n = len(shards)
+    names = [SINGLE_FILE] if n == 1 else [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
+    for fname, shard in zip(names, shards):
+        save_file({name: produce() for name, _, produce in shard}, tmp / fname, metadata={"format": "pt"})
+        with open(tmp / fname, "rb") as f:
+            os.fsync(f.fileno())
+    if n > 1:
+        weight_map = {name: fname for fname, shard in zip(names, shards) for name, _, _ in shard}
+        index = {"metadata": {"total_size": sum(nbytes for _, nbytes, _ in tensors)},
+                 "weight_map": dict(sorted(weight_map.items()))}
+        (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
 
 
-def _hf_fields() -> list[str]:
-    return [f.name for f in dataclasses.fields(ModelConfig) if f.name not in _JAX_ONLY]
-
-
-def _source_config(src: Path, cfg: ModelConfig) -> tuple[bytes | None, dict | None]:
-    """(verbatim bytes, None) when the source config.json describes ``cfg``; else (None, patched
-    dict): the source dict with the fields that differ rewritten."""
+def _write_config(tmp: Path, cfg: ModelConfig, src: Optional[Path]) -> None:
+    """Writes ``tmp/config.json``: ``cfg.to_hf_dict()`` without ``src``; else ``src``'s config.json,
+    verbatim when it describes ``cfg`` or with the differing fields rewritten, plus its tokenizer files."""
+    if src is None:
+        (tmp / "config.json").write_text(json.dumps(cfg.to_hf_dict(), indent=2) + "\n")
+        return
     file = src / "config.json"
     try:
         raw = file.read_bytes()
@@ -639,26 +506,29 @@ def _source_config(src: Path, cfg: ModelConfig) -> tuple[bytes | None, dict | No
     except (OSError, json.JSONDecodeError, ModelConfigError) as e:
         raise CheckpointError(f"save_checkpoint: cannot use {file} of cfg.hf_source ({e}); "
                               "set hf_source=None to write a fresh config.json") from None
-    diff = [f for f in _hf_fields() if getattr(src_cfg, f) != getattr(cfg, f)]
+    diff = [f.name for f in dataclasses.fields(ModelConfig)
+            if f.name not in _JAX_ONLY and getattr(src_cfg, f.name) != getattr(cfg, f.name)]
     if not diff:
-        return raw, None
-    new = cfg.to_hf_dict()
-    for f in diff:
-        for alias in [a for a, t in _HF_ALIASES.items() if t == f]:
-            d.pop(alias, None)
-        if f == "pattern":
-            if "hybrid_override_pattern" in d:
-                d["hybrid_override_pattern"] = cfg.pattern
-            for k in ("layers_block_type", "layer_types"):
+        (tmp / "config.json").write_bytes(raw)
+    else:
+        new = cfg.to_hf_dict()
+        for f in diff:
+            for alias in [a for a, t in _HF_ALIASES.items() if t == f]:
+                d.pop(alias, None)
+            if f != "pattern":
+                d[f] = new[f]
+                continue
+            for k, v in (("hybrid_override_pattern", cfg.pattern), ("layers_block_type", new["layers_block_type"]),
+                         ("layer_types", new["layers_block_type"]), ("num_hidden_layers", cfg.num_hidden_layers)):
                 if k in d:
-                    d[k] = new["layers_block_type"]
-            if "num_hidden_layers" in d:
-                d["num_hidden_layers"] = cfg.num_hidden_layers
-        else:
-            d[f] = new[f]
-    warnings.warn(f"save_checkpoint: cfg differs from {file} in {diff}; writing its config.json with "
-                  "those fields updated", stacklevel=3)
-    return None, d
+                    d[k] = v
+        warnings.warn(f"save_checkpoint: cfg differs from {file} in {diff}; writing its config.json with "
+                      "those fields updated", stacklevel=3)
+        (tmp / "config.json").write_text(json.dumps(d, indent=2) + "\n")
+    for p in sorted(src.iterdir()):
+        if p.is_file() and p.name != "config.json" and any(fnmatch.fnmatch(p.name, pat)
+                                                           for pat in TOKENIZER_FILE_PATTERNS):
+            shutil.copyfile(p, tmp / p.name)
 
 
 def save_checkpoint(params, cfg: ModelConfig, path, *, max_shard_bytes: float = 5e9) -> None:
@@ -668,55 +538,26 @@ def save_checkpoint(params, cfg: ModelConfig, path, *, max_shard_bytes: float = 
     weights; ``A_log``, ``D``, ``e_score_correction_bias`` are written fp32, every other tensor in
     its param dtype (bf16, fp16 or fp32). Files: ``model.safetensors`` when everything fits in one
     shard of ``max_shard_bytes``, else ``model-0000k-of-0000n.safetensors`` plus
-    ``model.safetensors.index.json``. With ``cfg.hf_source`` set, ``config.json`` (verbatim unless
-    ``cfg`` changed an HF field), the generation config and tokenizer files are copied from there;
-    otherwise ``cfg.to_hf_dict()`` is written. Everything goes to a temporary sibling directory that
-    is renamed into place at the end, so a crash leaves any previous checkpoint intact.
+    ``model.safetensors.index.json``; at most one shard's tensors are held on the host. With
+    ``cfg.hf_source`` set, ``config.json`` (verbatim unless ``cfg`` changed an HF field), the
+    generation config and tokenizer files are copied from there; otherwise ``cfg.to_hf_dict()`` is
+    written. Everything goes to a temporary sibling directory that is renamed into place at the
+    end, so a crash leaves any previous checkpoint intact.
     """
     path = Path(path)
-    _check_params(params, cfg)
-    entries = _export_entries(params, cfg)
+    tensors = _hub_tensors(params, cfg)
     if path.exists() and not path.is_dir():
         raise CheckpointError(f"save_checkpoint: {path} exists and is not a directory")
     src = Path(cfg.hf_source) if cfg.hf_source else None
     if src is not None and not src.is_dir():
         raise CheckpointError(f"save_checkpoint: cfg.hf_source {src} is not a directory (set hf_source=None "
                               "to write a fresh config.json without tokenizer files)")
-
-    shards: list[list[_Out]] = [[]]
-    size = 0
-    for e in entries:
-        if shards[-1] and size + e.nbytes > max_shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(e)
-        size += e.nbytes
-    n = len(shards)
-    names = [SINGLE_FILE] if n == 1 else [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
-
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        if src is not None:
-            raw, patched = _source_config(src, cfg)
-            if raw is not None:
-                (tmp / "config.json").write_bytes(raw)
-            else:
-                (tmp / "config.json").write_text(json.dumps(patched, indent=2) + "\n")
-            for p in sorted(src.iterdir()):
-                if p.is_file() and p.name != "config.json" and any(
-                        fnmatch.fnmatch(p.name, pat) for pat in TOKENIZER_FILE_PATTERNS):
-                    shutil.copyfile(p, tmp / p.name)
-        else:
-            (tmp / "config.json").write_text(json.dumps(cfg.to_hf_dict(), indent=2) + "\n")
-        for fname, shard in zip(names, shards):
-            _write_safetensors(tmp / fname, shard)
-        if n > 1:
-            index = {"metadata": {"total_size": sum(e.nbytes for e in entries)},
-                     "weight_map": {e.name: f for f, s in zip(names, shards) for e in s}}
-            index["weight_map"] = dict(sorted(index["weight_map"].items()))
-            (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        _write_config(tmp, cfg, src)
+        _write_shards(tmp, tensors, max_shard_bytes)
         if path.exists():
             old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
             os.rename(path, old)
