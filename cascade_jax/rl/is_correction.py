@@ -8,7 +8,8 @@ inference engine's) and ``r_t = exp(δ_t)``, the stop-gradient per-token weights
     "icepop"  w_t = r_t · 1[lo ≤ r_t ≤ hi]             (hard mask, *not* a clamp)
 
 Metrics (over ``mask`` tokens): mean and p99 and max of |δ|, fraction of tokens clipped
-(TIS: r > C) or masked (icepop: r outside [lo, hi]), mean weight, mean per-sequence Σδ.
+(TIS: r > C) or masked (icepop: r outside [lo, hi]), mean weight, and the mean over rows of
+Σ_t δ_t (per sequence in the padded layout).
 """
 
 from __future__ import annotations

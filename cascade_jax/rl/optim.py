@@ -137,7 +137,9 @@ class TrainState:
     @classmethod
     def from_config(cls, params, opt_cfg: OptimizerConfig, *, freeze_router: bool = False
                     ) -> "TrainState":
-        """``create`` with :func:`make_optimizer` and :func:`lr_schedule` of ``opt_cfg``."""
+        """``create`` with :func:`make_optimizer` and :func:`lr_schedule` of ``opt_cfg``.
+        Pass ``freeze_router=model_cfg.freeze_router`` so the router also escapes AdamW's
+        weight decay (the model already stops its gradient)."""
         tx = make_optimizer(opt_cfg, params, freeze_router=freeze_router)
         return cls.create(params, tx, lr_schedule(opt_cfg))
 

@@ -128,7 +128,9 @@ def grpo_train_step(state: TrainState, batch: RLBatch, *, model_cfg,
     num_tokens = mask.sum()
     micro = dict(tokens=batch.tokens, positions=batch.positions, segment_ids=batch.segment_ids,
                  mask=mask, adv=adv[seq], rollout_logp=batch.rollout_logp)
-    use_kl = bool(stage.kl_coef) and batch.ref_logp is not None
+    use_kl = bool(stage.kl_coef)
+    if use_kl and batch.ref_logp is None:
+        raise ValueError(f"grpo_train_step: stage.kl_coef={stage.kl_coef} needs batch.ref_logp")
     if use_kl:
         micro["ref_logp"] = batch.ref_logp
 
@@ -222,10 +224,13 @@ def sft_train_step(state: TrainState, batch: SFTBatch, *, model_cfg, grad_accum:
 _STEPS = {"grpo": grpo_train_step, "mopd": mopd_train_step, "sft": sft_train_step}
 
 
-def make_train_step(objective: str, *, jit: bool = True, **static) -> Callable:
+def make_train_step(objective: str, *, jit: bool = True, opt_cfg=None, **static) -> Callable:
     """``step(state, batch) -> (state, metrics)`` for ``objective`` in ``grpo``, ``mopd``,
-    ``sft`` with the keyword arguments bound (and ``jax.jit``-ed unless ``jit=False``)."""
+    ``sft`` with the keyword arguments bound (and ``jax.jit``-ed unless ``jit=False``).
+    ``opt_cfg`` (an ``OptimizerConfig``) supplies ``grad_accum`` unless it is given."""
     if objective not in _STEPS:
         raise ValueError(f"unknown objective {objective!r}; valid: {', '.join(_STEPS)}")
+    if opt_cfg is not None:
+        static.setdefault("grad_accum", opt_cfg.grad_accum)
     fn = functools.partial(_STEPS[objective], **static)
     return jax.jit(fn) if jit else fn
