@@ -134,6 +134,8 @@ def test_lr_schedule_mopd_warmup():
     g = rl.lr_schedule(OptimizerConfig(lr=5e-5, warmup_init_lr=0.0, warmup_steps=200,
                                        schedule="cosine", min_lr=5e-6, decay_steps=1000))
     np.testing.assert_allclose([g(0), g(200), g(1000)], [0.0, 5e-5, 5e-6], rtol=1e-6)
+    h = rl.lr_schedule(rl.sft_optimizer_config())
+    np.testing.assert_allclose([h(0), h(100), h(200), h(40000)], [0.0, 2.5e-5, 5e-5, 5e-6], rtol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,6 +259,7 @@ def test_train_step_deterministic_and_jit_matches_eager():
     state = rl.TrainState.from_config(params, OptimizerConfig(lr=1e-3, warmup_steps=3,
                                                               warmup_init_lr=1e-4))
     step = rl.make_train_step("grpo", model_cfg=CFG, stage=stage, grad_accum=2)
+    batch = batch.replace(policy_version=jnp.zeros((8,), jnp.int32))
     s1, m1 = step(state, batch)
     s2, m2 = step(state, batch)
     for a, b in zip(jax.tree.leaves((s1, m1)), jax.tree.leaves((s2, m2))):
@@ -269,7 +272,8 @@ def test_train_step_deterministic_and_jit_matches_eager():
         np.testing.assert_allclose(m3[k], m1[k], rtol=2e-2, atol=1e-6, err_msg=k)
     np.testing.assert_allclose(m1["lr"], 1e-4, rtol=1e-6)
     expected = {"loss", "grad_norm", "lr", "entropy", "resp_len_mean", "num_tokens", "adv_mean",
-                "is_abs_delta_p99", "is_weight_mean", "is_frac_corrected", "reward_mean", "kl_ref"}
+                "is_abs_delta_p99", "is_weight_mean", "is_frac_corrected", "reward_mean", "kl_ref",
+                "policy_lag_max"}
     assert expected <= set(m1), expected - set(m1)
 
 

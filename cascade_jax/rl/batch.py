@@ -59,6 +59,8 @@ class RLBatch:
       group_ids     int32   prompt/group id (responses to the same prompt share it)
       finish_reason int32   FINISH_STOP / FINISH_LENGTH / FINISH_ABORT
       domain_ids    int32   domain (routes the MOPD teacher)
+      policy_version int32  optional: trainer step whose weights generated the response
+                            (logged as the policy lag; strictly on-policy → lag 0)
     """
 
     tokens: jax.Array
@@ -73,6 +75,7 @@ class RLBatch:
     teacher_logp: Optional[jax.Array] = None
     ref_logp: Optional[jax.Array] = None
     seq_index: Optional[jax.Array] = None
+    policy_version: Optional[jax.Array] = None
 
     @property
     def shape(self):

@@ -27,7 +27,8 @@ import optax
 from cascade_jax.config import OptimizerConfig
 
 __all__ = ["TrainState", "make_optimizer", "lr_schedule", "param_labels", "decay_mask",
-           "trainable_mask", "compute_params", "NO_DECAY", "NEVER_TRAINED", "mopd_optimizer_config"]
+           "trainable_mask", "compute_params", "NO_DECAY", "NEVER_TRAINED", "mopd_optimizer_config",
+           "sft_optimizer_config"]
 
 NO_DECAY = frozenset({"norm", "norm_f", "conv_b", "dt_bias", "A_log", "D"})
 NEVER_TRAINED = frozenset({"e_score_correction_bias"})
@@ -83,6 +84,15 @@ def lr_schedule(cfg: OptimizerConfig) -> optax.Schedule:
 def mopd_optimizer_config(**overrides) -> OptimizerConfig:
     """The MOPD recipe (algorithms.md §6): AdamW(0.9, 0.95), 2e-7 → 2e-6 over 30 steps."""
     d = dict(lr=2e-6, warmup_init_lr=2e-7, warmup_steps=30, b1=0.9, b2=0.95, grad_clip=1.0)
+    d.update(overrides)
+    return OptimizerConfig(**d)
+
+
+def sft_optimizer_config(**overrides) -> OptimizerConfig:
+    """The SFT recipe (algorithms.md §8): AdamW(0.9, 0.98), weight decay 0.1, 200 warm-up steps
+    to 5e-5, cosine to 5e-6 at 40,000 steps."""
+    d = dict(lr=5e-5, warmup_init_lr=0.0, warmup_steps=200, schedule="cosine", min_lr=5e-6,
+             decay_steps=40000, b1=0.9, b2=0.98, weight_decay=0.1, grad_clip=1.0)
     d.update(overrides)
     return OptimizerConfig(**d)
 

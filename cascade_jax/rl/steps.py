@@ -81,7 +81,11 @@ def accumulate_gradients(loss_fn: Callable, params, micro: dict, grad_accum: int
     return grads, {k: reduce(k, v) for k, v in ms.items()}
 
 
-def _apply(state: TrainState, grads, metrics: dict, freeze_router: bool):
+def _apply(state: TrainState, grads, metrics: dict, freeze_router: bool, batch=None):
+    if getattr(batch, "policy_version", None) is not None:
+        lag = state.step - batch.policy_version.astype(jnp.int32)
+        metrics = {**metrics, "policy_lag_max": lag.max().astype(jnp.float32),
+                   "policy_lag_mean": lag.astype(jnp.float32).mean()}
     train = trainable_mask(state.params, freeze_router=freeze_router)
     gnorm = optax.tree.norm(jax.tree.map(lambda g, t: g if t else jnp.zeros_like(g), grads, train))
     lr = state.lr_fn(state.step) if state.lr_fn is not None else jnp.nan
@@ -147,7 +151,7 @@ def grpo_train_step(state: TrainState, batch: RLBatch, *, model_cfg,
 
     grads, metrics = accumulate_gradients(loss_fn, state.params, micro, grad_accum)
     metrics = {**metrics, **adv_metrics, **_length_metrics(batch)}
-    return _apply(state, grads, metrics, model_cfg.freeze_router)
+    return _apply(state, grads, metrics, model_cfg.freeze_router, batch)
 
 
 def mopd_train_step(state: TrainState, batch: RLBatch, *, model_cfg,
@@ -196,7 +200,7 @@ def mopd_train_step(state: TrainState, batch: RLBatch, *, model_cfg,
     metrics = {**metrics, **extra, **_length_metrics(batch),
                "reward_mean": batch.rewards.astype(jnp.float32).mean(),
                "num_sequences": n_valid_seq.astype(jnp.float32)}
-    return _apply(state, grads, metrics, model_cfg.freeze_router)
+    return _apply(state, grads, metrics, model_cfg.freeze_router, batch)
 
 
 def sft_train_step(state: TrainState, batch: SFTBatch, *, model_cfg, grad_accum: int = 1,
