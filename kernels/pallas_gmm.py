@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from ._common import cdiv, on_cpu, pick_block, round_up, pallas_call
+from ._common import on_cpu, pick_block, round_up, pallas_call
 
 __all__ = ["gmm", "tgmm", "group_offsets", "tile_group_ranges", "visit_schedule"]
 

@@ -15,6 +15,7 @@ from kernels import pallas_attention, pallas_gmm, pallas_ssd
 
 S = jax.ShapeDtypeStruct
 BF = jnp.bfloat16
+pytestmark = pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
 
 
 def _ctx(platform):
