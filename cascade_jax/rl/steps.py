@@ -104,7 +104,7 @@ def _length_metrics(batch: RLBatch) -> dict:
     return {
         "resp_len_mean": jnp.where(has, lens, 0).sum() / jnp.maximum(has.sum(), 1),
         "resp_len_max": lens.max(),
-        "resp_len_min": jnp.where(has, lens, jnp.inf).min(),
+        "resp_len_min": jnp.where(has.any(), jnp.where(has, lens, jnp.inf).min(), 0.0),
         "total_tokens": (batch.segment_ids > 0).sum().astype(jnp.float32),
     }
 
