@@ -152,8 +152,9 @@ def _qkv(p, u, cfg: ModelConfig):
     return q, k, v
 
 
-def attention_mixer(p, u, cfg: ModelConfig, *, positions, segment_ids=None):
-    """Causal GQA attention with no positional encoding (NoPE). u [B,T,H] -> [B,T,H]."""
+def attention_mixer(p, u, cfg: ModelConfig, *, positions=None, segment_ids=None):
+    """Causal GQA attention with no positional encoding (NoPE). u [B,T,H] -> [B,T,H].
+    ``positions`` [B,T] order the causal mask (None: arange)."""
     q, k, v = _qkv(p, u, cfg)
     o = kernels.attention(q, k, v, q_positions=positions, kv_positions=positions,
                           q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
@@ -216,9 +217,8 @@ def moe_mixer(p, u, cfg: ModelConfig):
     order = jnp.argsort(flat, stable=True)
     group_sizes = jnp.bincount(flat, length=e).astype(jnp.int32)
     xs = x[order // k]  # [n*k, H], expert-sorted
-    h = kernels.grouped_matmul(xs, p["experts_up"], group_sizes, impl=cfg.moe_impl)
-    h = jax.nn.relu(h)
-    ys = kernels.grouped_matmul(h * h, p["experts_down"], group_sizes, impl=cfg.moe_impl)
+    h = kernels.grouped_matmul(xs, p["experts_up"], group_sizes, impl=cfg.moe_impl, epilogue="relu2")
+    ys = kernels.grouped_matmul(h, p["experts_down"], group_sizes, impl=cfg.moe_impl)
     y = jnp.zeros_like(ys).at[order].set(ys).reshape(n, k, -1)  # unsort
     routed = jnp.sum(y.astype(f32) * w[..., None], axis=1).astype(u.dtype)
     if cfg.n_shared_experts:
@@ -260,7 +260,8 @@ def _default_positions(tokens, positions):
 def hidden_states(params, tokens, cfg: ModelConfig, *, positions=None, segment_ids=None):
     """Final-normed hidden states ``[B, T, H]`` (params' dtype). ``positions`` [B,T] (default
     arange) order the causal mask; ``segment_ids`` [B,T] isolate packed documents."""
-    positions = _default_positions(tokens, positions)
+    if positions is not None:  # None = arange, which lets fused kernels (cuDNN) take the causal path
+        positions = positions.astype(jnp.int32)
     h = params["embed"][tokens]
     for i, kind in enumerate(cfg.pattern):
         fn = functools.partial(_layer, kind, cfg=cfg)
@@ -322,7 +323,7 @@ def prefill(params, tokens, cfg: ModelConfig, *, lengths=None, max_len: Optional
         if kind == "M":
             out, st = mamba_mixer(lp["mixer"], u, cfg, valid=valid, return_state=True)
         elif kind == "*":
-            out, (k, v) = attention_mixer(lp["mixer"], u, cfg, positions=positions)
+            out, (k, v) = attention_mixer(lp["mixer"], u, cfg, positions=None)
             pad = ((0, 0), (0, max_len - t), (0, 0), (0, 0))
             st = {"k": jnp.pad(k, pad), "v": jnp.pad(v, pad)}
         elif kind == "E":
