@@ -236,18 +236,28 @@ _REMAT_POLICIES = {
 }
 
 
-def _layer(kind, lp, h, cfg, positions, segment_ids):
+def _channel_mixer(kind, mp, u, cfg):
+    """MoE (``E``) and dense MLP (``-``) layers: per-token, no decode state."""
+    if kind == "E":
+        return moe_mixer(mp, u, cfg)
+    return relu2_mlp(u, mp["up_proj"], mp["down_proj"])
+
+
+def _block(lp, h, cfg, mixer):
+    """Pre-norm residual block ``h + mixer(RMSNorm(h))``; ``mixer(mp, u) -> (out, state)``."""
     u = rms_norm(h.astype(lp["norm"].dtype), lp["norm"], cfg.layer_norm_epsilon)
-    mp = lp["mixer"]
-    if kind == "M":
-        out = mamba_mixer(mp, u, cfg, segment_ids=segment_ids)
-    elif kind == "*":
-        out, _ = attention_mixer(mp, u, cfg, positions=positions, segment_ids=segment_ids)
-    elif kind == "E":
-        out = moe_mixer(mp, u, cfg)
-    else:
-        out = relu2_mlp(u, mp["up_proj"], mp["down_proj"])
-    return h + out.astype(h.dtype)
+    out, state = mixer(lp["mixer"], u)
+    return h + out.astype(h.dtype), state
+
+
+def _layer(kind, lp, h, cfg, positions, segment_ids):
+    def mixer(mp, u):
+        if kind == "M":
+            return mamba_mixer(mp, u, cfg, segment_ids=segment_ids), None
+        if kind == "*":
+            return attention_mixer(mp, u, cfg, positions=positions, segment_ids=segment_ids)[0], None
+        return _channel_mixer(kind, mp, u, cfg), None
+    return _block(lp, h, cfg, mixer)[0]
 
 
 def _default_positions(tokens, positions):
@@ -318,20 +328,16 @@ def prefill(params, tokens, cfg: ModelConfig, *, lengths=None, max_len: Optional
     h = params["embed"][tokens]
     cache = []
     for i, kind in enumerate(cfg.pattern):
-        lp = params["layers"][i]
-        u = rms_norm(h.astype(lp["norm"].dtype), lp["norm"], cfg.layer_norm_epsilon)
-        if kind == "M":
-            out, st = mamba_mixer(lp["mixer"], u, cfg, valid=valid, return_state=True)
-        elif kind == "*":
-            out, (k, v) = attention_mixer(lp["mixer"], u, cfg, positions=None)
-            pad = ((0, 0), (0, max_len - t), (0, 0), (0, 0))
-            st = {"k": jnp.pad(k, pad), "v": jnp.pad(v, pad)}
-        elif kind == "E":
-            out, st = moe_mixer(lp["mixer"], u, cfg), {}
-        else:
-            out, st = relu2_mlp(u, lp["mixer"]["up_proj"], lp["mixer"]["down_proj"]), {}
-        h = h + out.astype(h.dtype)
-        cache.append(st)
+        def mixer(mp, u, kind=kind):
+            if kind == "M":
+                return mamba_mixer(mp, u, cfg, valid=valid, return_state=True)
+            if kind == "*":
+                out, (k, v) = attention_mixer(mp, u, cfg)
+                pad = ((0, 0), (0, max_len - t), (0, 0), (0, 0))
+                return out, {"k": jnp.pad(k, pad), "v": jnp.pad(v, pad)}
+            return _channel_mixer(kind, mp, u, cfg), {}
+        h, state = _block(params["layers"][i], h, cfg, mixer)
+        cache.append(state)
     h = rms_norm(h, params["norm_f"], cfg.layer_norm_epsilon)
     return logits_from_hidden(params, h), cache
 
@@ -342,17 +348,13 @@ def decode_step(params, cache, tokens, positions, cfg: ModelConfig):
     h = params["embed"][tokens]
     new_cache = []
     for i, kind in enumerate(cfg.pattern):
-        lp = params["layers"][i]
-        u = rms_norm(h.astype(lp["norm"].dtype), lp["norm"], cfg.layer_norm_epsilon)
-        if kind == "M":
-            out, st = mamba_step(lp["mixer"], u, cache[i], cfg)
-        elif kind == "*":
-            out, st = attention_step(lp["mixer"], u, cache[i], positions, cfg)
-        elif kind == "E":
-            out, st = moe_mixer(lp["mixer"], u, cfg), {}
-        else:
-            out, st = relu2_mlp(u, lp["mixer"]["up_proj"], lp["mixer"]["down_proj"]), {}
-        h = h + out.astype(h.dtype)
-        new_cache.append(st)
+        def mixer(mp, u, kind=kind, state=cache[i]):
+            if kind == "M":
+                return mamba_step(mp, u, state, cfg)
+            if kind == "*":
+                return attention_step(mp, u, state, positions, cfg)
+            return _channel_mixer(kind, mp, u, cfg), {}
+        h, state = _block(params["layers"][i], h, cfg, mixer)
+        new_cache.append(state)
     h = rms_norm(h, params["norm_f"], cfg.layer_norm_epsilon)
     return logits_from_hidden(params, h), new_cache
