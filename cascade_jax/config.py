@@ -38,6 +38,11 @@ class ConfigError(ValueError):
 # Sections
 
 
+def _hash_by_value(self) -> int:
+    """Hash for sections with free-form mapping fields, so every config can be a static jit arg."""
+    return hash(json.dumps(to_dict(self), sort_keys=True))
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelSection:
     """Which policy to build. ``overrides`` are ``ModelConfig`` fields applied to the preset or
@@ -47,6 +52,8 @@ class ModelSection:
     checkpoint: Optional[str] = None  # Hub-layout directory; wins over ``preset``
     dtype: Literal["bfloat16", "float32"] = "bfloat16"
     overrides: dict = dataclasses.field(default_factory=dict)
+
+    __hash__ = _hash_by_value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,6 +148,8 @@ class StageConfig:
     is_low: float = 0.5
     is_high: float = 2.0
     teachers: dict = dataclasses.field(default_factory=dict)  # domain -> checkpoint
+
+    __hash__ = _hash_by_value
 
     def __post_init__(self):
         if self.steps < 0:

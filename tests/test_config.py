@@ -59,6 +59,10 @@ def test_configs_are_immutable_and_hashable_sections():
     with pytest.raises(Exception):
         cfg.optimizer.lr = 1.0  # frozen
     assert hash(cfg.optimizer) == hash(C.OptimizerConfig())
+    # sections with mapping fields hash by value too (configs can be static jit arguments)
+    a = C.apply_overrides(cfg, ["stage.teachers.math=runs/sft"])
+    b = C.apply_overrides(cfg, ["stage.teachers.math=runs/sft"])
+    assert hash(a) == hash(b) and a == b and hash(a) != hash(cfg)
 
 
 def test_cross_field_validation():
