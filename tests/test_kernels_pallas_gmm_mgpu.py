@@ -1,5 +1,6 @@
 """Mosaic GPU grouped matmul (wgmma/TMA) on CPU through JAX's Mosaic GPU interpreter (a private API
-of the pinned JAX version; skipped if it moves), plus lowering for an H100.
+of the pinned JAX version: if a JAX upgrade moves it, this module fails to import, on purpose —
+the checks must be ported, not skipped), plus lowering for an H100.
 
 Checked in the interpreter: forward, the fused relu² epilogue (pre- and post-activation outputs)
 and the input-gradient kernel (rhs transposed in shared memory), with empty groups, a group of 3
@@ -12,13 +13,12 @@ Tolerance: bf16 operands, fp32 accumulation — exact match to the XLA reference
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
+from jax._src.pallas.mosaic_gpu.interpret import params as interp
 from jax.sharding import AbstractDevice, AbstractMesh
 
 from kernels import pallas_gmm_mgpu as mg
 from kernels import xla_gmm
 
-interp = pytest.importorskip("jax._src.pallas.mosaic_gpu.interpret.params")
 H100 = "NVIDIA H100 80GB HBM3"
 
 
