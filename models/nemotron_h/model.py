@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 import kernels
+from kernels import moe_dispatch
 
 from .config import ModelConfig
 
@@ -211,16 +212,12 @@ def moe_mixer(p, u, cfg: ModelConfig):
     fp32-weighted sum of the k contributions) + shared expert on the same input."""
     shape = u.shape
     x = u.reshape(-1, shape[-1])
-    n, k, e = x.shape[0], cfg.num_experts_per_tok, cfg.n_routed_experts
     w, idx = route(p, x, cfg)
-    flat = idx.reshape(-1)  # [n*k]
-    order = jnp.argsort(flat, stable=True)
-    group_sizes = jnp.bincount(flat, length=e).astype(jnp.int32)
-    xs = x[order // k]  # [n*k, H], expert-sorted
+    order, group_sizes = moe_dispatch.sort_by_expert(idx, cfg.n_routed_experts)
+    xs = moe_dispatch.permute(x, order, cfg.num_experts_per_tok)  # [n*k, H], expert-sorted
     h = kernels.grouped_matmul(xs, p["experts_up"], group_sizes, impl=cfg.moe_impl, epilogue="relu2")
     ys = kernels.grouped_matmul(h, p["experts_down"], group_sizes, impl=cfg.moe_impl)
-    y = jnp.zeros_like(ys).at[order].set(ys).reshape(n, k, -1)  # unsort
-    routed = jnp.sum(y.astype(f32) * w[..., None], axis=1).astype(u.dtype)
+    routed = moe_dispatch.unpermute(ys, order, w, out_dtype=u.dtype)
     if cfg.n_shared_experts:
         routed = routed + relu2_mlp(x, p["shared_up"], p["shared_down"])
     return routed.reshape(shape)
@@ -258,13 +255,6 @@ def _layer(kind, lp, h, cfg, positions, segment_ids):
             return attention_mixer(mp, u, cfg, positions=positions, segment_ids=segment_ids)[0], None
         return _channel_mixer(kind, mp, u, cfg), None
     return _block(lp, h, cfg, mixer)[0]
-
-
-def _default_positions(tokens, positions):
-    if positions is None:
-        b, t = tokens.shape
-        positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    return positions.astype(jnp.int32)
 
 
 def hidden_states(params, tokens, cfg: ModelConfig, *, positions=None, segment_ids=None):
@@ -323,8 +313,7 @@ def prefill(params, tokens, cfg: ModelConfig, *, lengths=None, max_len: Optional
     max_len = t if max_len is None else max_len
     if max_len < t:
         raise ValueError(f"prefill: max_len ({max_len}) < prompt length ({t})")
-    positions = _default_positions(tokens, None)
-    valid = None if lengths is None else positions < lengths[:, None]
+    valid = None if lengths is None else jnp.arange(t)[None, :] < lengths[:, None]
     h = params["embed"][tokens]
     cache = []
     for i, kind in enumerate(cfg.pattern):
