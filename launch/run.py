@@ -17,7 +17,6 @@ a later issue; their configs already load and validate.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import pathlib
@@ -66,8 +65,7 @@ def build_model(cfg: C.Config):
     dtype = jnp.dtype(cfg.model.dtype)
     if cfg.model.checkpoint:
         mcfg, params = nh.load_checkpoint(cfg.model.checkpoint, dtype=dtype)
-        if cfg.model.overrides:
-            mcfg = dataclasses.replace(mcfg, **cfg.model.overrides)
+        mcfg = nh.with_overrides(mcfg, **cfg.model.overrides)
     else:
         mcfg = nh.preset(cfg.model.preset, **cfg.model.overrides)
         params = jax.jit(nh.init_params, static_argnums=(0, 2))(mcfg, jax.random.key(cfg.run.seed), dtype)
@@ -118,9 +116,13 @@ def run_demo(cfg: C.Config, out_dir: pathlib.Path) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from models.nemotron_h import ModelConfigError, preset, with_overrides
+
     try:
         cfg = resolve_config(args)
-    except C.ConfigError as e:
+        if not cfg.model.checkpoint:  # validate the model section before any work
+            with_overrides(preset(cfg.model.preset), **cfg.model.overrides)
+    except (C.ConfigError, ModelConfigError) as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     if args.print_config:

@@ -27,6 +27,8 @@ def test_demo_runs(tmp_path):
 def test_bad_key_and_stage():
     r = _run("--stage=mopd", "--set=optimizer.lrr=1", "--print-config")
     assert r.returncode == 2 and "optimizer.lrr" in r.stderr and "warmup_steps" in r.stderr
+    r = _run("--stage=demo", "--set=model.overrides.hiden_size=8")
+    assert r.returncode == 2 and "hiden_size" in r.stderr and "hidden_size" in r.stderr
     r = _run("--stage=nope")
     assert r.returncode == 2 and "valid stages" in r.stderr and "mopd" in r.stderr
 

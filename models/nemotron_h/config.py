@@ -11,7 +11,7 @@ import json
 import math
 from typing import Any, Literal, Optional
 
-__all__ = ["ModelConfig", "ModelConfigError", "preset", "PRESETS"]
+__all__ = ["ModelConfig", "ModelConfigError", "preset", "with_overrides", "PRESETS"]
 
 
 class ModelConfigError(ValueError):
@@ -246,9 +246,7 @@ class ModelConfig:
             if f.name in _JAX_ONLY or f.name == "pattern":
                 continue
             v = getattr(self, f.name)
-            if isinstance(v, tuple):
-                v = [_encode_float(x) for x in v]
-            d[f.name] = _encode_float(v)
+            d[f.name] = [_encode_float(x) for x in v] if isinstance(v, tuple) else _encode_float(v)
         return d
 
     @classmethod
@@ -271,7 +269,7 @@ _JAX_ONLY = ("dt_floor", "remat", "freeze_router", "moe_impl", "attention_impl",
 def _check_hf_type(key, value, default):
     if isinstance(default, bool):
         ok = isinstance(value, bool)
-    elif isinstance(default, int) and default is not None:
+    elif isinstance(default, int):
         ok = isinstance(value, int) and not isinstance(value, bool)
     elif isinstance(default, float):
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -319,12 +317,17 @@ PRESETS = {
 }
 
 
-def preset(name: str, **overrides) -> ModelConfig:
-    """A named preset (``tiny`` or ``nano-30b-a3b``) with optional field overrides."""
-    if name not in PRESETS:
-        raise ModelConfigError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)}")
+def with_overrides(cfg: ModelConfig, **overrides) -> ModelConfig:
+    """``cfg`` with fields replaced; an unknown field is an error listing the valid ones."""
     fields = {f.name for f in dataclasses.fields(ModelConfig)}
     bad = sorted(set(overrides) - fields)
     if bad:
         raise ModelConfigError(f"unknown ModelConfig field(s) {bad}; valid fields: {', '.join(sorted(fields))}")
-    return ModelConfig(**{**PRESETS[name], **overrides})
+    return dataclasses.replace(cfg, **overrides)
+
+
+def preset(name: str, **overrides) -> ModelConfig:
+    """A named preset (``tiny`` or ``nano-30b-a3b``) with optional field overrides."""
+    if name not in PRESETS:
+        raise ModelConfigError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)}")
+    return with_overrides(ModelConfig(**PRESETS[name]), **overrides)
