@@ -292,7 +292,8 @@ def load(path: str, cls=Config):
     return from_dict(cls, d)
 
 
-def _parse_value(text: str) -> Any:
+def parse_value(text: str) -> Any:
+    """A command-line value: JSON when it parses (``1e-3``, ``true``, ``[1, 2]``), else the raw string."""
     try:
         return json.loads(text)
     except json.JSONDecodeError:
@@ -331,5 +332,5 @@ def apply_overrides(cfg, overrides: Sequence[str]):
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. optimizer.lr=2e-6")
         key, text = item.split("=", 1)
-        cfg = replace_path(cfg, key.strip(), _parse_value(text))
+        cfg = replace_path(cfg, key.strip(), parse_value(text))
     return cfg

@@ -8,8 +8,8 @@ Measured in one run, each with its baseline:
 * forward + backward tokens/s (``--backward``), same baseline at 3× the FLOPs;
 * decode tokens/s with the prefill/decode caches, vs re-running the full forward for each new
   token (no cache), the naive baseline.
-For the full-width proxy on a GPU: ``--preset nano-30b-a3b --set pattern=MEM*E`` style overrides
-via ``--override key=value``.
+For the full-width proxy on a GPU: ``--preset nano-30b-a3b --override pattern=MEM*E`` (any
+``ModelConfig`` field; values parse as JSON, else as strings).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ if str(ROOT) not in sys.path:
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+from cascade_jax.config import parse_value  # noqa: E402
 from models import nemotron_h as nh  # noqa: E402
 
 
@@ -49,8 +50,7 @@ def main(argv=None):
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--backward", action="store_true")
     args = ap.parse_args(argv)
-    over = {k: json.loads(v) if v[:1] in "0123456789-[{tfn\"" else v
-            for k, v in (o.split("=", 1) for o in args.override)}
+    over = {k: parse_value(v) for k, v in (o.split("=", 1) for o in args.override)}
     cfg = nh.preset(args.preset, **over)
     dtype = jnp.dtype(args.dtype)
     params = jax.jit(nh.init_params, static_argnums=(0, 2))(cfg, jax.random.key(0), dtype)

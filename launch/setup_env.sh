@@ -7,27 +7,23 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-find_python() {  # find_python 3.12 -> path of a python3.12 interpreter
-  local v=$1
-  for c in "python$v" "$HOME/.pyenv/versions/$v"*/bin/"python$v" /usr/bin/"python$v" /usr/local/bin/"python$v"; do
-    if command -v "$c" >/dev/null 2>&1 && PYENV_VERSION=$(ls "$HOME/.pyenv/versions" 2>/dev/null | grep "^$v" | head -1) "$c" -c "" >/dev/null 2>&1; then
-      echo "$(command -v "$c")"; return 0
-    fi
+find_python() {  # find_python 3.12 -> path of a working python3.12 (PATH first, then pyenv's builds)
+  local v=$1 c
+  for c in "$(command -v "python$v" 2>/dev/null)" "$HOME"/.pyenv/versions/"$v"*/bin/"python$v"; do
+    if [ -n "$c" ] && [ -x "$c" ] && "$c" -c "" >/dev/null 2>&1; then echo "$c"; return 0; fi
   done
   echo "error: python$v not found (install it, e.g. with pyenv)" >&2; return 1
 }
 
 if [ ! -x .venv/bin/python ]; then
-  PY=$(find_python 3.12)
-  PYENV_VERSION=$(ls "$HOME/.pyenv/versions" 2>/dev/null | grep '^3.12' | head -1) "$PY" -m venv .venv
+  "$(find_python 3.12)" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check -r requirements.txt -r requirements-test.txt
 .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps -e .
 
 if [ "${1:-}" = "--oracle" ]; then
   if [ ! -x .oracle-venv/bin/python ]; then
-    PY=$(find_python 3.11)
-    PYENV_VERSION=$(ls "$HOME/.pyenv/versions" 2>/dev/null | grep '^3.11' | head -1) "$PY" -m venv .oracle-venv
+    "$(find_python 3.11)" -m venv .oracle-venv
   fi
   .oracle-venv/bin/python -m pip install -q --disable-pip-version-check -r requirements-oracle.txt
 fi
