@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import dataclasses
-import re
 import time
 import traceback
 from typing import Any, Callable, Mapping, Optional, Protocol, Sequence
 
 __all__ = [
     "Score", "Scorer", "Pointwise", "MetadataError", "require", "final_answer", "check_batch",
-    "score_from_bool", "strip_code_fences", "NO_ANSWER",
+    "NO_ANSWER",
 ]
 
 
@@ -64,10 +63,6 @@ class Scorer(Protocol):
 
     def __call__(self, prompts: Sequence[str], responses: Sequence[str],
                  metadata: Sequence[Mapping[str, Any]]) -> list[Score]: ...
-
-
-def score_from_bool(ok: bool, reason: str, **metrics: float) -> Score:
-    return Score(1.0 if ok else 0.0, reason, dict(metrics))
 
 
 def check_batch(prompts: Sequence[str], responses: Sequence[str],
@@ -162,10 +157,3 @@ class Pointwise:
             raise TypeError(f"{self.name or self.fn}: expected Score, got {type(s).__name__}")
         return s
 
-
-def strip_code_fences(text: str, languages: Sequence[str] = ()) -> str:
-    """Return the body of the last fenced block (```lang ... ```) whose language is in
-    ``languages`` (any language when empty), else ``text`` unchanged."""
-    blocks = re.findall(r"```([\w+#-]*)[^\n]*\n(.*?)```", text, flags=re.S)
-    wanted = [b for lang, b in blocks if not languages or lang.lower() in languages]
-    return wanted[-1] if wanted else text
