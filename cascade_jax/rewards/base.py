@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import dataclasses
+import math
 import time
 import traceback
 from typing import Any, Callable, Mapping, Optional, Protocol, Sequence
 
 __all__ = [
     "Score", "Scorer", "Pointwise", "MetadataError", "require", "final_answer", "check_batch",
-    "NO_ANSWER",
+    "NO_ANSWER", "values_match",
 ]
 
 
@@ -157,3 +158,21 @@ class Pointwise:
             raise TypeError(f"{self.name or self.fn}: expected Score, got {type(s).__name__}")
         return s
 
+
+def values_match(got: Any, expected: Any, tol: float = 1e-6) -> bool:
+    """Equality of JSON values, lists == tuples, numbers within ``tol`` (bools stay bools)."""
+    if isinstance(got, bool) or isinstance(expected, bool):
+        return type(got) is type(expected) and got == expected
+    if isinstance(got, (int, float)) and isinstance(expected, (int, float)):
+        if isinstance(got, float) or isinstance(expected, float):
+            if math.isnan(got) or math.isnan(expected):
+                return False
+            return abs(got - expected) <= tol or abs(got - expected) <= tol * abs(expected)
+        return got == expected
+    if isinstance(got, (list, tuple)) and isinstance(expected, (list, tuple)):
+        return len(got) == len(expected) and all(values_match(x, y, tol)
+                                                 for x, y in zip(got, expected))
+    if isinstance(got, dict) and isinstance(expected, dict):
+        return got.keys() == expected.keys() and all(values_match(got[k], expected[k], tol)
+                                                     for k in got)
+    return got == expected

@@ -33,7 +33,6 @@ from __future__ import annotations
 import concurrent.futures as cf
 import dataclasses
 import json
-import math
 import os
 import re
 import threading
@@ -41,7 +40,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 from cascade_jax.rewards import sandbox
 from cascade_jax.rewards.base import (NO_ANSWER, MetadataError, Score, check_batch, final_answer,
-                                      require)
+                                      require, values_match)
 
 __all__ = ["CodeScorer", "score_code", "extract_program", "outputs_match", "values_match"]
 
@@ -79,25 +78,6 @@ def outputs_match(got: str, expected: str, tol: float = 1e-6) -> bool:
         if not (abs(fx - fy) <= tol or abs(fx - fy) <= tol * abs(fy)):
             return False
     return True
-
-
-def values_match(got: Any, expected: Any, tol: float = 1e-6) -> bool:
-    """Equality of JSON values, lists == tuples, numbers within ``tol`` (bools stay bools)."""
-    if isinstance(got, bool) or isinstance(expected, bool):
-        return type(got) is type(expected) and got == expected
-    if isinstance(got, (int, float)) and isinstance(expected, (int, float)):
-        if isinstance(got, float) or isinstance(expected, float):
-            if math.isnan(got) or math.isnan(expected):
-                return False
-            return abs(got - expected) <= tol or abs(got - expected) <= tol * abs(expected)
-        return got == expected
-    if isinstance(got, (list, tuple)) and isinstance(expected, (list, tuple)):
-        return len(got) == len(expected) and all(values_match(x, y, tol)
-                                                 for x, y in zip(got, expected))
-    if isinstance(got, dict) and isinstance(expected, dict):
-        return got.keys() == expected.keys() and all(values_match(got[k], expected[k], tol)
-                                                     for k in got)
-    return got == expected
 
 
 def _function_harness(program: str, fn_name: str) -> str:

@@ -31,7 +31,8 @@ import json
 import re
 from typing import Any, Mapping, Optional
 
-from cascade_jax.rewards.base import NO_ANSWER, MetadataError, Score, final_answer, require
+from cascade_jax.rewards.base import (NO_ANSWER, MetadataError, Score, final_answer, require,
+                                      values_match)
 
 __all__ = ["ToolCall", "ToolCallParseError", "parse_tool_calls", "format_tool_call",
            "score_tool_call"]
@@ -126,19 +127,7 @@ def _value_matches(raw: str, expected: Any) -> bool:
         got = json.loads(raw)
     except ValueError:
         return False
-    return _json_equal(got, expected)
-
-
-def _json_equal(a: Any, b: Any) -> bool:
-    if isinstance(a, bool) or isinstance(b, bool):
-        return type(a) is type(b) and a == b
-    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
-        return float(a) == float(b)
-    if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(_json_equal(a[k], b[k]) for k in a)
-    if isinstance(a, list) and isinstance(b, list):
-        return len(a) == len(b) and all(_json_equal(x, y) for x, y in zip(a, b))
-    return a == b
+    return values_match(got, expected, tol=0.0)
 
 
 def _call_matches(call: ToolCall, expected: Mapping[str, Any]) -> bool:
