@@ -227,11 +227,13 @@ class ServedJudge:
 # Rule-based synthetic judges (tiny preset, tests)
 
 
+_DROP_PUNCTUATION = str.maketrans("", "", string.punctuation)
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+
+
 def normalize_answer(s: str) -> str:
     """SQuAD-style normalisation: lower case, drop punctuation, articles and extra spaces."""
-    s = s.lower()
-    s = "".join(ch for ch in s if ch not in set(string.punctuation))
-    s = re.sub(r"\b(a|an|the)\b", " ", s)
+    s = _ARTICLES.sub(" ", s.lower().translate(_DROP_PUNCTUATION))
     return " ".join(s.split())
 
 
