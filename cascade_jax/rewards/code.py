@@ -48,6 +48,7 @@ _FENCE = re.compile(r"```[ \t]*([A-Za-z0-9+#]*)[^\n]*\n(.*?)```", re.S)
 _LANG = {"python": "python", "py": "python", "python3": "python", "cpp": "cpp", "c++": "cpp",
          "cxx": "cpp", "cc": "cpp"}
 _RESULT_MARK = "\x1e__CASCADE_RESULT__"
+_FLOAT_TOKEN = re.compile(r"[-+]?(\d+\.\d*|\.\d+|\d+(\.\d*)?[eE][-+]?\d+)")
 
 
 def extract_program(text: str) -> Optional[tuple[str, str]]:
@@ -57,8 +58,6 @@ def extract_program(text: str) -> Optional[tuple[str, str]]:
     return found[-1] if found else None
 
 
-def _is_float_token(tok: str) -> bool:
-    return bool(re.fullmatch(r"[-+]?(\d+\.\d*|\.\d+|\d+(\.\d*)?[eE][-+]?\d+)", tok))
 
 
 def outputs_match(got: str, expected: str, tol: float = 1e-6) -> bool:
@@ -69,7 +68,7 @@ def outputs_match(got: str, expected: str, tol: float = 1e-6) -> bool:
     for x, y in zip(a, b):
         if x == y:
             continue
-        if not _is_float_token(y):
+        if not _FLOAT_TOKEN.fullmatch(y):
             return False
         try:
             fx, fy = float(x), float(y)

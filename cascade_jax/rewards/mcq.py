@@ -30,6 +30,7 @@ _ANCHOR = re.compile(
     r"\s*(?:is|:|=|would\s+be|should\s+be)?\s*:?\s*(?:\*\*)?\s*", re.I)
 _HEAD = re.compile(r"^[\s\*\(\[\{$]*(?:\\text\{)?([A-Z])(?![A-Za-z0-9])[\)\]\}\.\*:]*")
 _CHAIN = re.compile(r"^\s*(?:,|/|&|\bor\b|\band\b)\s*[\*\(\[]*([A-Z])(?![A-Za-z0-9])[\)\]\.\*]*")
+_BOX_LETTER = re.compile(r"(?<![A-Za-z])([A-Z])(?![a-z])")
 _BARE = re.compile(r"^[\s\*\(\[]*([A-Z])[\)\]\.\*]*\s*$")
 
 
@@ -50,8 +51,7 @@ def extract_letters(text: str, valid: str) -> list[str]:
     """All distinct answer letters (in ``valid``) the text commits to, in order of appearance."""
     found: list[str] = []
     for box in boxed_contents(text):
-        letters = re.findall(r"(?<![A-Za-z])([A-Z])(?![a-z])", box.replace("\\text", ""))
-        found += letters
+        found += _BOX_LETTER.findall(box.replace("\\text", ""))
     for m in _ANCHOR.finditer(text):
         found += _letters_at(text[m.end():m.end() + 60])
     found = [c for c in found if c in valid]

@@ -35,6 +35,7 @@ from cascade_jax.rewards.judges import Judge, RulePatchJudge
 __all__ = ["SWERepair", "extract_patch"]
 
 _DIFF_FENCE = re.compile(r"```[ \t]*(?:diff|patch)[^\n]*\n(.*?)```", re.S)
+_BARE_DIFF = re.compile(r"^(diff --git |--- )", re.M)
 _SEARCH_REPLACE = re.compile(r"<<<<<<< SEARCH\n(.*?)\n?=======\n(.*?)\n?>>>>>>> REPLACE", re.S)
 
 
@@ -49,7 +50,7 @@ def extract_patch(text: str) -> Optional[str]:
         for search, replace in edits:
             lines += ["-" + ln for ln in search.splitlines()] + ["+" + ln for ln in replace.splitlines()]
         return "\n".join(lines)
-    m = re.search(r"^(diff --git |--- )", text, flags=re.M)
+    m = _BARE_DIFF.search(text)
     if m:
         return text[m.start():]
     return None
