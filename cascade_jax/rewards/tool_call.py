@@ -143,7 +143,7 @@ def score_tool_call(prompt: str, response: str, meta: Mapping[str, Any]) -> Scor
             raise MetadataError(f"field 'expected_calls[{j}]': needs a string 'name'")
     final = final_answer(response)
     if final is None:
-        return Score(0.0, NO_ANSWER)
+        return Score(0.0, NO_ANSWER, {"call_match": 0.0})
     try:
         calls = parse_tool_calls(final)
     except ToolCallParseError as e:
