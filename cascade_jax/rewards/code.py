@@ -204,31 +204,28 @@ class CodeScorer:
                 parsed.append(_parse_item(r, m))
             except MetadataError as e:
                 raise MetadataError(f"metadata[{i}]: {e}") from e
-        with cf.ThreadPoolExecutor(max_workers=max(1, self.workers),
-                                   thread_name_prefix="code-sandbox") as pool:
-            prep: dict[int, cf.Future] = {
-                i: pool.submit(sandbox.prepare, it.program, language=it.language,
-                               compile_limits=self.compile_limits)
-                for i, it in enumerate(parsed) if isinstance(it, _Item)}
-            failed = {i: threading.Event() for i in prep}
-            runs: dict[int, list[cf.Future]] = {}
-            prepared = {}
-            try:
+        prep: dict[int, cf.Future] = {}
+        try:
+            with cf.ThreadPoolExecutor(max_workers=max(1, self.workers),
+                                       thread_name_prefix="code-sandbox") as pool:
+                prep = {i: pool.submit(sandbox.prepare, it.program, language=it.language,
+                                       compile_limits=self.compile_limits)
+                        for i, it in enumerate(parsed) if isinstance(it, _Item)}
+                failed = {i: threading.Event() for i in prep}
+                runs: dict[int, list[cf.Future]] = {}
                 for i, fut in prep.items():
-                    prepared[i] = fut.result()
                     item = parsed[i]
-                    runs[i] = [pool.submit(self._run_test, item, prepared[i], t, failed[i])
+                    runs[i] = [pool.submit(self._run_test, item, fut.result(), t, failed[i])
                                for t in item.tests]
-                out: list[Score] = []
-                for i, it in enumerate(parsed):
-                    if isinstance(it, Score):
-                        out.append(it)
-                        continue
-                    out.append(self._aggregate(it, prepared[i], [f.result() for f in runs[i]]))
-                return out
-            finally:
-                for p in prepared.values():
-                    p.close()
+                return [it if isinstance(it, Score) else
+                        self._aggregate(it, prep[i].result(), [f.result() for f in runs[i]])
+                        for i, it in enumerate(parsed)]
+        finally:
+            # the pool has finished every job: close each program directory that was created,
+            # also when another item's preparation raised
+            for fut in prep.values():
+                if not fut.cancelled() and fut.exception() is None:
+                    fut.result().close()
 
     def _run_test(self, item: _Item, prepared: sandbox.Prepared, test: Mapping[str, Any],
                   failed: threading.Event) -> Optional[tuple[bool, str, sandbox.Result]]:
