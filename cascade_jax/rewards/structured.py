@@ -15,6 +15,7 @@ Rules (reward is binary):
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import re
 from typing import Any, Mapping
@@ -56,22 +57,30 @@ def extract_json(text: str) -> Any:
     return json.loads(body)
 
 
-def score_structured(prompt: str, response: str, meta: Mapping[str, Any]) -> Score:
+@functools.lru_cache(maxsize=1024)
+def _validator(schema_text: str, strict: bool):
+    """Checked validator of one schema (JSON text), cached: the rollouts of a prompt share their
+    schema, and checking it against its metaschema is most of the cost of scoring an item."""
     import jsonschema
 
-    schema = require(meta, "schema", (dict, str, bool))
-    if isinstance(schema, str):
-        try:
-            schema = json.loads(schema)
-        except ValueError as e:
-            raise MetadataError(f"field 'schema': not valid JSON: {e}") from e
-    if meta.get("strict", True):
+    try:
+        schema = json.loads(schema_text)
+    except ValueError as e:
+        raise MetadataError(f"field 'schema': not valid JSON: {e}") from e
+    if strict:
         schema = close_schema(schema)
     cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
     try:
         cls.check_schema(schema)
     except jsonschema.SchemaError as e:
         raise MetadataError(f"field 'schema': invalid JSON schema: {e.message}") from e
+    return cls(schema)
+
+
+def score_structured(prompt: str, response: str, meta: Mapping[str, Any]) -> Score:
+    schema = require(meta, "schema", (dict, str, bool))
+    validator = _validator(schema if isinstance(schema, str) else json.dumps(schema),
+                           bool(meta.get("strict", True)))
     final = final_answer(response)
     if final is None:
         return Score(0.0, NO_ANSWER)
@@ -79,7 +88,7 @@ def score_structured(prompt: str, response: str, meta: Mapping[str, Any]) -> Sco
         doc = extract_json(final)
     except ValueError as e:
         return Score(0.0, f"final answer is not a single JSON document: {e}")
-    errors = sorted(cls(schema).iter_errors(doc), key=lambda e: list(e.absolute_path))
+    errors = sorted(validator.iter_errors(doc), key=lambda e: list(e.absolute_path))
     if errors:
         where = "/".join(str(p) for p in errors[0].absolute_path) or "<root>"
         return Score(0.0, f"schema violation at {where}: {errors[0].message} "
