@@ -41,6 +41,14 @@ from cascade_jax.rewards.judges import Judge, RulePairwiseJudge
 __all__ = ["GenRMScorer", "aggregate_win_rates"]
 
 
+def _win_rates(outcomes: Sequence[Sequence[float]]) -> list[float]:
+    """Mean pairwise win rate of each response (diagonal ignored); 0.5 for a group of one."""
+    n = len(outcomes)
+    if n == 1:
+        return [0.5]
+    return [sum(outcomes[i][j] for j in range(n) if j != i) / (n - 1) for i in range(n)]
+
+
 def aggregate_win_rates(outcomes: Sequence[Sequence[float]], lengths: Sequence[float],
                         length_penalty: float = 0.0, conciseness_bonus: float = 0.0,
                         quality_gate: float = 0.5) -> list[float]:
@@ -48,7 +56,7 @@ def aggregate_win_rates(outcomes: Sequence[Sequence[float]], lengths: Sequence[f
     n = len(outcomes)
     if n == 1:
         return [0.5]
-    win = [sum(outcomes[i][j] for j in range(n) if j != i) / (n - 1) for i in range(n)]
+    win = _win_rates(outcomes)
     mean_l, std_l, max_l = statistics.fmean(lengths), statistics.pstdev(lengths), max(lengths)
     out = []
     for i in range(n):
@@ -121,8 +129,9 @@ class GenRMScorer:
             lengths = [len((finals[i] or "").split()) for i in idx]
             final_scores = aggregate_win_rates(o, lengths, self.length_penalty,
                                                self.conciseness_bonus, self.quality_gate)
+            wins = _win_rates(o)
             for a, i in enumerate(idx):
-                win = sum(o[a][b] for b in range(n) if b != a) / max(n - 1, 1) if n > 1 else 0.5
+                win = wins[a]
                 prefs = tuple((idx[b], o[a][b]) for b in range(n) if b != a)
                 if finals[i] is None:
                     reason = "no final answer (<think> never closed): loses every comparison"
