@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from .batch import FINISH_ABORT, FINISH_LENGTH
+from .is_correction import masked_mean
 
 __all__ = ["group_advantages", "group_stats", "grpo_advantages"]
 
@@ -73,7 +74,10 @@ def group_advantages(rewards: jax.Array, groups: Union[int, jax.Array], *,
         get advantage 0.
     """
     r = jnp.asarray(rewards, jnp.float32)
-    s = group_stats(r, groups, valid)
+    return _advantages(r, group_stats(r, groups, valid), leave_one_out, eps, valid)
+
+
+def _advantages(r, s, leave_one_out, eps, valid):
     if leave_one_out:
         baseline = (s["sum"] - r) / jnp.maximum(s["count"] - 1.0, 1.0)
     else:
@@ -108,7 +112,7 @@ def grpo_advantages(rewards: jax.Array, group_ids: jax.Array, finish_reason: jax
     if not overlong_filtering:
         r = jnp.where(truncated, jnp.float32(truncated_reward), r)
     stats = group_stats(r, group_ids, valid)
-    adv = group_advantages(r, group_ids, leave_one_out=leave_one_out, eps=eps, valid=valid)
+    adv = _advantages(r, stats, leave_one_out, eps, valid)
     keep = valid
     if overlong_filtering:
         keep = keep & ~truncated
@@ -116,11 +120,10 @@ def grpo_advantages(rewards: jax.Array, group_ids: jax.Array, finish_reason: jax
         keep = keep & ~stats["all_equal"]
     keep = keep.astype(jnp.float32)
     n_valid = jnp.maximum(valid.sum(), 1)
-    vf = valid.astype(jnp.float32)
     metrics = {
-        "reward_mean": (r * vf).sum() / n_valid,
-        "adv_mean": (adv * keep).sum() / jnp.maximum(keep.sum(), 1.0),
-        "adv_abs_mean": (jnp.abs(adv) * keep).sum() / jnp.maximum(keep.sum(), 1.0),
+        "reward_mean": masked_mean(r, valid),
+        "adv_mean": masked_mean(adv, keep),
+        "adv_abs_mean": masked_mean(jnp.abs(adv), keep),
         "adv_max": jnp.where(keep.sum() > 0, jnp.where(keep > 0, adv, -jnp.inf).max(), 0.0),
         "adv_min": jnp.where(keep.sum() > 0, jnp.where(keep > 0, adv, jnp.inf).min(), 0.0),
         "frac_all_equal_groups": (stats["all_equal"] & valid).sum() / n_valid,
