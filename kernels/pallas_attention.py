@@ -196,6 +196,19 @@ def _gpu_params(num_warps, num_stages=2):
     return pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
 
+def _query_grid_specs(bq, sp, d, rep):
+    """BlockSpecs on the grid ``(B, Hq, T/bq)`` shared by the forward and the dq kernel:
+    ``(q_tile, kv, row, meta)`` — a query-block tile (q, o, dO, dq), the full K/V of the head's KV
+    group, a per-(head, query-block) row (lse, Δ), and the five metadata specs in kernel order
+    (q positions, q segments, kv positions, kv segments, kv validity)."""
+    q_meta = pl.BlockSpec((None, bq), lambda b_, h, i: (b_, i))
+    kv_meta = pl.BlockSpec((None, sp), lambda b_, h, i: (b_, 0))
+    return (pl.BlockSpec((None, bq, None, d), lambda b_, h, i: (b_, i, h, 0)),
+            pl.BlockSpec((None, sp, None, d), lambda b_, h, i: (b_, 0, h // rep, 0)),
+            pl.BlockSpec((None, None, bq), lambda b_, h, i: (b_, h, i)),
+            [q_meta, q_meta, kv_meta, kv_meta, kv_meta])
+
+
 def _fwd_call(q, k, v, meta, ranges, cfg):
     bq, bk, scale, interpret = cfg
     b, tp, hq, d = q.shape
@@ -204,22 +217,12 @@ def _fwd_call(q, k, v, meta, ranges, cfg):
     qpos, qseg, kpos, kseg, kval = meta
     kv_lo, kv_hi = ranges[0], ranges[1]
     kernel = functools.partial(_fwd_kernel, bk=bk, scale=scale)
+    q_tile, kv, row, meta_specs = _query_grid_specs(bq, sp, d, rep)
     return pallas_call(
         kernel,
         grid=(b, hq, tp // bq),
-        in_specs=[
-            pl.BlockSpec(), pl.BlockSpec(),
-            pl.BlockSpec((None, bq, None, d), lambda b_, h, i: (b_, i, h, 0)),
-            pl.BlockSpec((None, sp, None, d), lambda b_, h, i: (b_, 0, h // rep, 0)),
-            pl.BlockSpec((None, sp, None, d), lambda b_, h, i: (b_, 0, h // rep, 0)),
-            pl.BlockSpec((None, bq), lambda b_, h, i: (b_, i)),
-            pl.BlockSpec((None, bq), lambda b_, h, i: (b_, i)),
-            pl.BlockSpec((None, sp), lambda b_, h, i: (b_, 0)),
-            pl.BlockSpec((None, sp), lambda b_, h, i: (b_, 0)),
-            pl.BlockSpec((None, sp), lambda b_, h, i: (b_, 0)),
-        ],
-        out_specs=[pl.BlockSpec((None, bq, None, d), lambda b_, h, i: (b_, i, h, 0)),
-                   pl.BlockSpec((None, None, bq), lambda b_, h, i: (b_, h, i))],
+        in_specs=[pl.BlockSpec(), pl.BlockSpec(), q_tile, kv, kv, *meta_specs],
+        out_specs=[q_tile, row],
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                    jax.ShapeDtypeStruct((b, hq, tp), jnp.float32)],
         interpret=interpret,
@@ -238,24 +241,12 @@ def _bwd_call(q, k, v, do, lse, delta, meta, ranges, cfg):
     qpos, qseg, kpos, kseg, kval = meta
     kv_lo, kv_hi, q_lo, q_hi = ranges
     params = None if interpret else _gpu_params_or_none(4 if d <= 64 else 8, 2)
+    q_tile, kv, row, meta_specs = _query_grid_specs(bq, sp, d, rep)
     dq = pallas_call(
         functools.partial(_dq_kernel, bk=bk, scale=scale),
         grid=(b, hq, tp // bq),
-        in_specs=[
-            pl.BlockSpec(), pl.BlockSpec(),
-            pl.BlockSpec((None, bq, None, d), lambda b_, h, i: (b_, i, h, 0)),
-            pl.BlockSpec((None, sp, None, d), lambda b_, h, i: (b_, 0, h // rep, 0)),
-            pl.BlockSpec((None, sp, None, d), lambda b_, h, i: (b_, 0, h // rep, 0)),
-            pl.BlockSpec((None, bq, None, d), lambda b_, h, i: (b_, i, h, 0)),
-            pl.BlockSpec((None, None, bq), lambda b_, h, i: (b_, h, i)),
-            pl.BlockSpec((None, None, bq), lambda b_, h, i: (b_, h, i)),
-            pl.BlockSpec((None, bq), lambda b_, h, i: (b_, i)),
-            pl.BlockSpec((None, bq), lambda b_, h, i: (b_, i)),
-            pl.BlockSpec((None, sp), lambda b_, h, i: (b_, 0)),
-            pl.BlockSpec((None, sp), lambda b_, h, i: (b_, 0)),
-            pl.BlockSpec((None, sp), lambda b_, h, i: (b_, 0)),
-        ],
-        out_specs=pl.BlockSpec((None, bq, None, d), lambda b_, h, i: (b_, i, h, 0)),
+        in_specs=[pl.BlockSpec(), pl.BlockSpec(), q_tile, kv, kv, q_tile, row, row, *meta_specs],
+        out_specs=q_tile,
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         interpret=interpret, compiler_params=params,
         cost_estimate=pl.CostEstimate(flops=4 * b * hq * tp * sp * d, transcendentals=b * hq * tp * sp // 2,
