@@ -93,16 +93,35 @@ def _apply(state: TrainState, grads, metrics: dict, freeze_router: bool, batch=N
     return new_state, {**metrics, "grad_norm": gnorm, "lr": jnp.asarray(lr, jnp.float32)}
 
 
-def _view(mb: dict) -> SFTBatch:
-    return SFTBatch(tokens=mb["tokens"], positions=mb["positions"], segment_ids=mb["segment_ids"],
-                    loss_mask=mb["mask"])
+def _micro(batch, mask: jax.Array, **extra) -> dict:
+    """The per-token arrays a micro-batch needs: the model inputs, ``mask`` and ``extra``."""
+    return dict(tokens=batch.tokens, positions=batch.positions, segment_ids=batch.segment_ids,
+                mask=mask, **extra)
+
+
+def _policy_loss(objective: Callable, *, model_cfg, compute_dtype, temperature: float = 1.0,
+                 vocab_chunk: int, model) -> Callable:
+    """``loss_fn(master, mb)`` for :func:`accumulate_gradients`: compute copy of ``master`` →
+    :func:`token_logprobs` of the micro-batch → ``objective(lp, mb) -> (loss, metrics)``, plus
+    the masked mean ``entropy``."""
+
+    def loss_fn(master, mb):
+        params = compute_params(master, compute_dtype)
+        view = SFTBatch(tokens=mb["tokens"], positions=mb["positions"],
+                        segment_ids=mb["segment_ids"], loss_mask=mb["mask"])
+        lp, ent = token_logprobs(params, view, model_cfg, temperature=temperature,
+                                 vocab_chunk=vocab_chunk, model=model)
+        loss, m = objective(lp, mb)
+        return loss, {**m, "entropy": masked_mean(ent, mb["mask"])}
+
+    return loss_fn
 
 
 def _length_metrics(batch: RLBatch) -> dict:
     lens = response_lengths(batch)
     has = lens > 0
     return {
-        "resp_len_mean": jnp.where(has, lens, 0).sum() / jnp.maximum(has.sum(), 1),
+        "resp_len_mean": masked_mean(lens, has),
         "resp_len_max": lens.max(),
         "resp_len_min": jnp.where(has.any(), jnp.where(has, lens, jnp.inf).min(), 0.0),
         "total_tokens": (batch.segment_ids > 0).sum().astype(jnp.float32),
@@ -130,25 +149,22 @@ def grpo_train_step(state: TrainState, batch: RLBatch, *, model_cfg,
     seq = sequence_index(batch)
     mask = batch.loss_mask.astype(jnp.float32) * keep[seq] * segment_start_mask(batch.segment_ids)
     num_tokens = mask.sum()
-    micro = dict(tokens=batch.tokens, positions=batch.positions, segment_ids=batch.segment_ids,
-                 mask=mask, adv=adv[seq], rollout_logp=batch.rollout_logp)
+    micro = _micro(batch, mask, adv=adv[seq], rollout_logp=batch.rollout_logp)
     use_kl = bool(stage.kl_coef)
     if use_kl and batch.ref_logp is None:
         raise ValueError(f"grpo_train_step: stage.kl_coef={stage.kl_coef} needs batch.ref_logp")
     if use_kl:
         micro["ref_logp"] = batch.ref_logp
 
-    def loss_fn(master, mb):
-        params = compute_params(master, compute_dtype)
-        lp, ent = token_logprobs(params, _view(mb), model_cfg, temperature=temperature,
-                                 vocab_chunk=vocab_chunk, model=model)
-        loss, m = grpo_loss(lp, None, mb["adv"], mb["mask"], rollout_logp=mb["rollout_logp"],
-                            ref_logp=mb.get("ref_logp"), num_tokens=num_tokens,
-                            kl_coef=stage.kl_coef if use_kl else 0.0, clip_low=clip_low,
-                            clip_high=clip_high, is_correction=stage.is_correction,
-                            tis_cap=stage.is_high, is_low=stage.is_low, is_high=stage.is_high)
-        return loss, {**m, "entropy": masked_mean(ent, mb["mask"])}
+    def objective(lp, mb):
+        return grpo_loss(lp, None, mb["adv"], mb["mask"], rollout_logp=mb["rollout_logp"],
+                         ref_logp=mb.get("ref_logp"), num_tokens=num_tokens,
+                         kl_coef=stage.kl_coef if use_kl else 0.0, clip_low=clip_low,
+                         clip_high=clip_high, is_correction=stage.is_correction,
+                         tis_cap=stage.is_high, is_low=stage.is_low, is_high=stage.is_high)
 
+    loss_fn = _policy_loss(objective, model_cfg=model_cfg, compute_dtype=compute_dtype,
+                           temperature=temperature, vocab_chunk=vocab_chunk, model=model)
     grads, metrics = accumulate_gradients(loss_fn, state.params, micro, grad_accum)
     metrics = {**metrics, **adv_metrics, **_length_metrics(batch)}
     return _apply(state, grads, metrics, model_cfg.freeze_router, batch)
@@ -173,8 +189,7 @@ def mopd_train_step(state: TrainState, batch: RLBatch, *, model_cfg,
     seq_len = jax.ops.segment_sum(mask.ravel(), seq.ravel(), num_segments=n_seq)
     n_valid_seq = (seq_len > 0).sum()
     num_tokens = mask.sum()
-    micro = dict(tokens=batch.tokens, positions=batch.positions, segment_ids=batch.segment_ids,
-                 mask=mask, teacher_logp=batch.teacher_logp, rollout_logp=batch.rollout_logp)
+    micro = _micro(batch, mask, teacher_logp=batch.teacher_logp, rollout_logp=batch.rollout_logp)
     packed = batch.seq_index is not None
     if packed:
         micro["seq"] = seq
@@ -184,18 +199,16 @@ def mopd_train_step(state: TrainState, batch: RLBatch, *, model_cfg,
                                         leave_one_out=stage.leave_one_out)
         micro["adv"] = adv[seq]
 
-    def loss_fn(master, mb):
-        params = compute_params(master, compute_dtype)
-        lp, ent = token_logprobs(params, _view(mb), model_cfg, temperature=temperature,
-                                 vocab_chunk=vocab_chunk, model=model)
-        loss, m = mopd_loss(lp, mb["teacher_logp"], mb["rollout_logp"], mb["mask"],
-                            is_low=stage.is_low, is_high=stage.is_high,
-                            advantages=mb.get("adv"), advantage_coef=grpo_coef,
-                            normalization=normalization, seq_index=mb.get("seq"),
-                            num_segments=n_seq if packed else None,
-                            num_sequences=n_valid_seq, num_tokens=num_tokens)
-        return loss, {**m, "entropy": masked_mean(ent, mb["mask"])}
+    def objective(lp, mb):
+        return mopd_loss(lp, mb["teacher_logp"], mb["rollout_logp"], mb["mask"],
+                         is_low=stage.is_low, is_high=stage.is_high,
+                         advantages=mb.get("adv"), advantage_coef=grpo_coef,
+                         normalization=normalization, seq_index=mb.get("seq"),
+                         num_segments=n_seq if packed else None,
+                         num_sequences=n_valid_seq, num_tokens=num_tokens)
 
+    loss_fn = _policy_loss(objective, model_cfg=model_cfg, compute_dtype=compute_dtype,
+                           temperature=temperature, vocab_chunk=vocab_chunk, model=model)
     grads, metrics = accumulate_gradients(loss_fn, state.params, micro, grad_accum)
     metrics = {**metrics, **extra, **_length_metrics(batch),
                "reward_mean": batch.rewards.astype(jnp.float32).mean(),
@@ -210,17 +223,10 @@ def sft_train_step(state: TrainState, batch: SFTBatch, *, model_cfg, grad_accum:
     tokens that have a prefix in their segment, normalised by the batch's token count."""
     mask = batch.loss_mask.astype(jnp.float32) * segment_start_mask(batch.segment_ids)
     num_tokens = mask.sum()
-    micro = dict(tokens=batch.tokens, positions=batch.positions, segment_ids=batch.segment_ids,
-                 mask=mask)
-
-    def loss_fn(master, mb):
-        params = compute_params(master, compute_dtype)
-        lp, ent = token_logprobs(params, _view(mb), model_cfg, vocab_chunk=vocab_chunk,
-                                 model=model)
-        loss, m = sft_loss(lp, mb["mask"], num_tokens=num_tokens)
-        return loss, {**m, "entropy": masked_mean(ent, mb["mask"])}
-
-    grads, metrics = accumulate_gradients(loss_fn, state.params, micro, grad_accum)
+    loss_fn = _policy_loss(lambda lp, mb: sft_loss(lp, mb["mask"], num_tokens=num_tokens),
+                           model_cfg=model_cfg, compute_dtype=compute_dtype,
+                           vocab_chunk=vocab_chunk, model=model)
+    grads, metrics = accumulate_gradients(loss_fn, state.params, _micro(batch, mask), grad_accum)
     metrics = {**metrics, "total_tokens": (batch.segment_ids > 0).sum().astype(jnp.float32)}
     return _apply(state, grads, metrics, model_cfg.freeze_router)
 
