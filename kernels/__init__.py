@@ -15,6 +15,7 @@ import jax
 from . import xla_attention as _attention_xla
 from . import xla_gmm as _gmm_xla
 from . import xla_ssd as _ssd_xla
+from ._common import platform
 
 __all__ = ["grouped_matmul", "attention", "ssd", "resolve_impl", "AUTO", "IMPLS"]
 
@@ -33,11 +34,6 @@ AUTO = {
 _KERNELS = ("gmm", "attention", "ssd")
 
 
-def _platform() -> str:
-    p = jax.default_backend()
-    return "gpu" if p in ("cuda", "rocm", "gpu") else p
-
-
 def resolve_impl(kernel: str, impl: str) -> str:
     """Concrete implementation for ``kernel`` ("gmm", "attention", "ssd") on this platform."""
     if impl not in IMPLS:
@@ -48,7 +44,7 @@ def resolve_impl(kernel: str, impl: str) -> str:
         raise ValueError(f"{kernel}: no cudnn implementation (only attention has one)")
     if impl != "auto":
         return impl
-    return AUTO.get(_platform(), AUTO["cpu"])[kernel]
+    return AUTO.get(platform(), AUTO["cpu"])[kernel]
 
 
 def grouped_matmul(lhs, rhs, group_sizes, *, impl: str = "auto", epilogue=None):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import jax
 
-__all__ = ["on_cpu", "platform", "pick_block", "round_up", "cdiv"]
+__all__ = ["on_cpu", "platform", "pick_block", "round_up", "cdiv", "triton_params"]
 
 
 def platform() -> str:
@@ -16,6 +16,15 @@ def platform() -> str:
 def on_cpu() -> bool:
     """True when Pallas kernels must run with ``interpret=True`` (no accelerator)."""
     return platform() == "cpu"
+
+
+def triton_params(interpret: bool, num_warps: int = 4, num_stages: int = 3):
+    """Triton compiler params for a compiled GPU launch; ``None`` in interpret mode and on TPU
+    (where ``None`` lets Mosaic TPU try its lowering)."""
+    if interpret or platform() == "tpu":
+        return None
+    from jax.experimental.pallas import triton as pltriton
+    return pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
 
 def cdiv(a: int, b: int) -> int:

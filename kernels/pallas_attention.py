@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from ._common import on_cpu, pick_block, round_up, pallas_call
+from ._common import on_cpu, pick_block, round_up, pallas_call, triton_params
 
 __all__ = ["attention", "attention_context_parallel", "block_ranges", "zigzag_permutation"]
 
@@ -185,17 +185,6 @@ def _dkv_kernel(lo_ref, hi_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
 # Launchers
 
 
-def _gpu_params_or_none(*a, **k):
-    """Triton compiler params, except on TPU (``None`` lets Mosaic TPU try its lowering)."""
-    from ._common import platform
-    return None if platform() == "tpu" else _gpu_params(*a, **k)
-
-
-def _gpu_params(num_warps, num_stages=2):
-    from jax.experimental.pallas import triton as pltriton
-    return pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
-
-
 def _query_grid_specs(bq, sp, d, rep):
     """BlockSpecs on the grid ``(B, Hq, T/bq)`` shared by the forward and the dq kernel:
     ``(q_tile, kv, row, meta)`` — a query-block tile (q, o, dO, dq), the full K/V of the head's KV
@@ -226,7 +215,7 @@ def _fwd_call(q, k, v, meta, ranges, cfg):
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                    jax.ShapeDtypeStruct((b, hq, tp), jnp.float32)],
         interpret=interpret,
-        compiler_params=None if interpret else _gpu_params_or_none(4 if d <= 64 else 8, 3),
+        compiler_params=triton_params(interpret, 4 if d <= 64 else 8, 3),
         cost_estimate=pl.CostEstimate(flops=2 * b * hq * tp * sp * d, transcendentals=b * hq * tp * sp // 2,
                                       bytes_accessed=2 * q.nbytes + k.nbytes + v.nbytes),
         name="flash_attention_fwd",
@@ -240,7 +229,7 @@ def _bwd_call(q, k, v, do, lse, delta, meta, ranges, cfg):
     rep = hq // hkv
     qpos, qseg, kpos, kseg, kval = meta
     kv_lo, kv_hi, q_lo, q_hi = ranges
-    params = None if interpret else _gpu_params_or_none(4 if d <= 64 else 8, 2)
+    params = triton_params(interpret, 4 if d <= 64 else 8, 2)
     q_tile, kv, row, meta_specs = _query_grid_specs(bq, sp, d, rep)
     dq = pallas_call(
         functools.partial(_dq_kernel, bk=bk, scale=scale),

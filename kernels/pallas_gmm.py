@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from ._common import on_cpu, pick_block, round_up, pallas_call
+from ._common import on_cpu, pick_block, platform, round_up, pallas_call, triton_params
 
 __all__ = ["gmm", "tgmm", "group_offsets", "tile_group_ranges", "visit_schedule"]
 
@@ -154,11 +154,6 @@ def _gpu_tgmm_kernel(starts_ref, ends_ref, lhs_ref, dout_ref, out_ref, *, tm, tk
     out_ref[g, pl.ds(i * tk, tk), pl.ds(j * tn, tn)] = acc.astype(out_ref.dtype)
 
 
-def _gpu_params(num_warps=4, num_stages=3):
-    from jax.experimental.pallas import triton as pltriton
-    return pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
-
-
 def _gpu_gmm(lhs, rhs, group_sizes, *, tm, tk, tn, transpose_rhs, epilogue, out_dtype, interpret):
     mp, kp = lhs.shape
     np_ = rhs.shape[1] if transpose_rhs else rhs.shape[2]
@@ -177,7 +172,7 @@ def _gpu_gmm(lhs, rhs, group_sizes, *, tm, tk, tn, transpose_rhs, epilogue, out_
         out_specs=[pl.BlockSpec((tm, tn), lambda t, j: (t, j))] * n_out,
         out_shape=out_shape,
         interpret=interpret,
-        compiler_params=None if interpret else _gpu_params(),
+        compiler_params=triton_params(interpret),
         cost_estimate=pl.CostEstimate(
             flops=flops, transcendentals=0,
             bytes_accessed=lhs.nbytes * nn + rhs.nbytes + n_out * mp * np_ * jnp.dtype(out_dtype).itemsize),
@@ -199,7 +194,7 @@ def _gpu_tgmm(lhs, dout, group_sizes, *, tm, tk, tn, out_dtype, interpret):
         out_specs=pl.BlockSpec(),  # whole array: each program stores its own [tk, tn] tile of drhs[g]
         out_shape=jax.ShapeDtypeStruct((e, kp, np_), out_dtype),
         interpret=interpret,
-        compiler_params=None if interpret else _gpu_params(),
+        compiler_params=triton_params(interpret),
         cost_estimate=pl.CostEstimate(flops=2 * mp * kp * np_, transcendentals=0,
                                       bytes_accessed=lhs.nbytes + dout.nbytes + e * kp * np_ * 2),
         name="tgmm_gpu",
@@ -412,7 +407,6 @@ _gmm.defvjp(_gmm_fwd, _gmm_bwd)
 def _default_variant(dtype=None):
     """TPU: megablox layout; GPU: Mosaic GPU for 16-bit operands (wgmma), Triton otherwise;
     CPU: the GPU (Triton-style) layout in interpret mode."""
-    from ._common import platform
     p = platform()
     if p == "tpu":
         return "tpu"

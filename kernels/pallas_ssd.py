@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from ._common import on_cpu, pallas_call
+from ._common import on_cpu, pallas_call, triton_params
 from .xla_ssd import segment_resets
 
 __all__ = ["ssd", "ssd_context_parallel"]
@@ -132,17 +132,6 @@ def _bwd_kernel(x_ref, dt_ref, acum_ref, b_ref, c_ref, rc_ref, st_ref, dy_ref, d
     ds0_ref[...] = jax.lax.fori_loop(0, nc, body, dsf_ref[...].astype(f32))
 
 
-def _gpu_params_or_none(*a, **k):
-    """Triton compiler params, except on TPU (``None`` lets Mosaic TPU try its lowering)."""
-    from ._common import platform
-    return None if platform() == "tpu" else _gpu_params(*a, **k)
-
-
-def _gpu_params(num_warps=4):
-    from jax.experimental.pallas import triton as pltriton
-    return pltriton.CompilerParams(num_warps=num_warps, num_stages=1)
-
-
 def _specs(tp, p, n, rep):
     seq_x = pl.BlockSpec((None, tp, None, p), lambda b, h: (b, 0, h, 0))
     seq_h = pl.BlockSpec((None, tp, None), lambda b, h: (b, 0, h))
@@ -171,7 +160,7 @@ def _fwd_call(x, dt, acum, bm, cm, rc, s0, cfg, save_states):
         out_shape=[jax.ShapeDtypeStruct((b, tp, h, p), f32), jax.ShapeDtypeStruct((b, h, p, n), f32),
                    jax.ShapeDtypeStruct(st_shape, f32)],
         interpret=interpret,
-        compiler_params=None if interpret else _gpu_params_or_none(),
+        compiler_params=triton_params(interpret, 4, 1),
         cost_estimate=pl.CostEstimate(flops=flops, transcendentals=b * h * tp * (q + 2),
                                       bytes_accessed=x.nbytes + 4 * b * tp * h * p + h // g * (bm.nbytes + cm.nbytes)),
         name="ssd_fwd",
@@ -195,7 +184,7 @@ def _bwd_call(x, dt, acum, bm, cm, rc, states, dy, dsf, cfg):
                    jax.ShapeDtypeStruct((b, tp, h), f32), jax.ShapeDtypeStruct((b, tp, h, n), f32),
                    jax.ShapeDtypeStruct((b, tp, h, n), f32), jax.ShapeDtypeStruct((b, h, p, n), f32)],
         interpret=interpret,
-        compiler_params=None if interpret else _gpu_params_or_none(8),
+        compiler_params=triton_params(interpret, 8, 1),
         cost_estimate=pl.CostEstimate(flops=flops, transcendentals=b * h * tp * (q + 2),
                                       bytes_accessed=2 * x.nbytes + 8 * b * tp * h * (p + n) + states.nbytes),
         name="ssd_bwd",
