@@ -83,8 +83,7 @@ def grpo_loss(logp: jax.Array, old_logp: Optional[jax.Array], advantages: jax.Ar
     metrics.update({
         "pg_loss": (sg(w * pg) * m).sum() / jnp.maximum(n, 1.0),
         "ratio_mean": masked_mean(rv, m),
-        "clip_frac": masked_mean(((rv * adv) > (jnp.clip(rv, 1.0 - clip_low, 1.0 + clip_high) * adv))
-                                 .astype(jnp.float32), m),
+        "clip_frac": masked_mean(((rv * adv) > (sg(clipped) * adv)).astype(jnp.float32), m),
         "token_adv_mean": masked_mean(adv, m),
         "num_tokens": m.sum(),
     })
