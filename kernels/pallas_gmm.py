@@ -40,6 +40,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from ._common import on_cpu, pick_block, platform, round_up, pallas_call, triton_params
+from .xla_gmm import group_offsets
 
 __all__ = ["gmm", "tgmm", "group_offsets", "tile_group_ranges", "visit_schedule"]
 
@@ -48,12 +49,6 @@ _EPILOGUES = (None, "relu2")
 
 # ------------------------------------------------------------------------------------------
 # Group metadata
-
-
-def group_offsets(group_sizes):
-    """``(starts [E], ends [E])`` row ranges of each group (int32)."""
-    ends = jnp.cumsum(group_sizes.astype(jnp.int32))
-    return ends - group_sizes.astype(jnp.int32), ends
 
 
 def tile_group_ranges(group_sizes, num_tiles: int, tm: int):

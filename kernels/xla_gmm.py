@@ -18,7 +18,14 @@ import functools
 import jax
 import jax.numpy as jnp
 
-__all__ = ["gmm", "tgmm", "visit_schedule"]
+__all__ = ["gmm", "tgmm", "group_offsets", "visit_schedule"]
+
+
+def group_offsets(group_sizes):
+    """``(starts [E], ends [E])`` row ranges of the groups (int32)."""
+    sizes = group_sizes.astype(jnp.int32)
+    ends = jnp.cumsum(sizes)
+    return ends - sizes, ends
 
 
 def visit_schedule(group_sizes: jax.Array, m: int, tile: int):
@@ -31,8 +38,7 @@ def visit_schedule(group_sizes: jax.Array, m: int, tile: int):
     num_tiles = -(-m // tile)
     v = num_tiles + e - 1
     sizes = group_sizes.astype(jnp.int32)
-    ends = jnp.cumsum(sizes)
-    starts = ends - sizes
+    starts, ends = group_offsets(sizes)
     first = starts // tile
     last = (jnp.maximum(ends, 1) - 1) // tile
     n_visits = jnp.where(sizes > 0, last - first + 1, 0)
@@ -44,11 +50,9 @@ def visit_schedule(group_sizes: jax.Array, m: int, tile: int):
     return jnp.where(valid, tid, 0), gid, valid
 
 
-def _row_mask(group_sizes, gid, tid, tile, valid):
-    ends = jnp.cumsum(group_sizes.astype(jnp.int32))
-    start, end = ends[gid] - group_sizes[gid], ends[gid]
+def _row_mask(starts, ends, gid, tid, tile, valid):
     rows = tid * tile + jnp.arange(tile)
-    return (rows >= start) & (rows < end) & valid
+    return (rows >= starts[gid]) & (rows < ends[gid]) & valid
 
 
 def _tile_for(m: int, tile: int) -> int:
@@ -63,12 +67,13 @@ def _gmm_fwd_impl(lhs, rhs, group_sizes, tile, out_dtype):
     mp = num_tiles * tile
     lhs_p = jnp.pad(lhs, ((0, mp - m), (0, 0)))
     tids, gids, valid = visit_schedule(group_sizes, m, tile)
+    starts, ends = group_offsets(group_sizes)
 
     def body(i, out):
         t, g = tids[i], gids[i]
         x = jax.lax.dynamic_slice_in_dim(lhs_p, t * tile, tile, 0)
         y = jnp.dot(x, rhs[g], preferred_element_type=jnp.float32)
-        mask = _row_mask(group_sizes, g, t, tile, valid[i])
+        mask = _row_mask(starts, ends, g, t, tile, valid[i])
         cur = jax.lax.dynamic_slice_in_dim(out, t * tile, tile, 0)
         return jax.lax.dynamic_update_slice_in_dim(out, cur + jnp.where(mask[:, None], y, 0.0), t * tile, 0)
 
@@ -86,10 +91,11 @@ def _tgmm_impl(lhs, dout, group_sizes, tile, out_dtype):
     lhs_p = jnp.pad(lhs, ((0, mp - m), (0, 0)))
     dout_p = jnp.pad(dout, ((0, mp - m), (0, 0)))
     tids, gids, valid = visit_schedule(group_sizes, m, tile)
+    starts, ends = group_offsets(group_sizes)
 
     def body(i, acc):
         t, g = tids[i], gids[i]
-        mask = _row_mask(group_sizes, g, t, tile, valid[i])
+        mask = _row_mask(starts, ends, g, t, tile, valid[i])
         x = jax.lax.dynamic_slice_in_dim(lhs_p, t * tile, tile, 0)
         dy = jax.lax.dynamic_slice_in_dim(dout_p, t * tile, tile, 0)
         x = jnp.where(mask[:, None], x, jnp.zeros((), x.dtype))
