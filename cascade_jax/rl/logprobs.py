@@ -19,6 +19,7 @@ from typing import Optional, Sequence
 import jax
 import jax.numpy as jnp
 
+from .batch import sequence_index
 from .losses import segment_start_mask
 
 __all__ = ["chunked_logprobs", "token_logprobs", "routed_logprobs", "DEFAULT_VOCAB_CHUNK"]
@@ -100,7 +101,6 @@ def routed_logprobs(teacher_params: Sequence, teacher_of_domain, batch, cfg, *,
     ``teacher_of_domain[batch.domain_ids[n]]`` (an int array indexing ``teacher_params``).
     All teachers share the student's tokenizer and ``cfg`` here (a list of configs can be
     added when teachers differ in architecture)."""
-    from .batch import sequence_index
     route = jnp.asarray(teacher_of_domain, jnp.int32)[batch.domain_ids]  # [N]
     tok_route = route[sequence_index(batch)]  # [B, T]
     out = jnp.zeros(batch.tokens.shape, jnp.float32)
