@@ -100,6 +100,14 @@ def _apply_epilogue(acc, epilogue):
     return acc
 
 
+def _epilogue_grad(dout, pre, epilogue, dtype):
+    """Gradient w.r.t. the pre-activation ``pre``: ``dout`` (no epilogue) or ``dout·2·relu(pre)``
+    (relu², in fp32), as ``dtype``. Shared with :mod:`kernels.pallas_gmm_mgpu`."""
+    if epilogue == "relu2":
+        return (dout.astype(jnp.float32) * 2.0 * jnp.maximum(pre.astype(jnp.float32), 0.0)).astype(dtype)
+    return dout.astype(dtype)
+
+
 def _gpu_gmm_kernel(glo_ref, ghi_ref, starts_ref, ends_ref, lhs_ref, rhs_ref, *out_refs,
                     tm, tk, tn, nk, transpose_rhs, epilogue):
     t = pl.program_id(0)
@@ -387,10 +395,7 @@ def _gmm_fwd(lhs, rhs, group_sizes, cfg, epilogue):
 
 def _gmm_bwd(cfg, epilogue, res, dout):
     lhs, rhs, group_sizes, pre = res
-    if epilogue == "relu2":
-        dh = (dout.astype(jnp.float32) * 2.0 * jnp.maximum(pre.astype(jnp.float32), 0.0)).astype(lhs.dtype)
-    else:
-        dh = dout
+    dh = _epilogue_grad(dout, pre, epilogue, lhs.dtype)
     dlhs = _gmm_call(dh, rhs, group_sizes, cfg, transpose_rhs=True, out_dtype=lhs.dtype)[0]
     drhs = _tgmm_call(lhs, dh, group_sizes, cfg, rhs.dtype)
     return dlhs, drhs, None

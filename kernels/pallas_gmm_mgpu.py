@@ -138,10 +138,7 @@ def _gmm_fwd(lhs, rhs, group_sizes, cfg, epilogue):
 
 def _gmm_bwd(cfg, epilogue, res, dout):
     lhs, rhs, group_sizes, pre = res
-    if epilogue == "relu2":
-        dh = (dout.astype(jnp.float32) * 2.0 * jnp.maximum(pre.astype(jnp.float32), 0.0)).astype(lhs.dtype)
-    else:
-        dh = dout.astype(lhs.dtype)
+    dh = pallas_gmm._epilogue_grad(dout, pre, epilogue, lhs.dtype)
     dlhs = _call(dh, rhs, group_sizes, cfg, transpose_rhs=True)[0]
     drhs = pallas_gmm.tgmm(lhs, dh, group_sizes, variant="gpu")  # Triton (interpret on CPU)
     return dlhs, drhs.astype(rhs.dtype), None
