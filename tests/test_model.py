@@ -18,7 +18,7 @@ from models import nemotron_h as nh
 TOL = 1e-4  # fp32 logits, max-abs
 
 fwd = jax.jit(nh.forward, static_argnums=2)
-prefill = jax.jit(nh.prefill, static_argnums=2, static_argnames="max_len")
+prefill = jax.jit(nh.prefill, static_argnums=2, static_argnames=("max_len", "last_only"))
 step = jax.jit(nh.decode_step, static_argnums=4)
 
 
@@ -119,7 +119,9 @@ def test_ragged_prefill_then_decode(tiny):
     L = 24
     padded = jnp.stack([jnp.pad(r, (0, 19 - len(r))) for r in rows])
     lengths = jnp.array([len(r) for r in rows])
-    _, cache = prefill(params, padded, cfg, lengths=lengths, max_len=L)
+    last, cache = prefill(params, padded, cfg, lengths=lengths, max_len=L, last_only=True)
+    for i, r in enumerate(rows):  # next-token logits at each row's own last prompt token
+        np.testing.assert_allclose(last[i], fwd(params, r[None], cfg)[0, -1], atol=TOL, rtol=0)
     nxt = jnp.array([7, 11])
     out, cache = step(params, cache, nxt, lengths, cfg)
     for i, r in enumerate(rows):

@@ -41,8 +41,8 @@ def sample(params, prompts: jax.Array, cfg, *, rng: jax.Array, max_new_tokens: i
     M = max_new_tokens
     lengths = (jnp.full((B,), P, jnp.int32) if prompt_lengths is None
                else jnp.asarray(prompt_lengths, jnp.int32))
-    logits, cache = model.prefill(params, prompts, cfg, lengths=lengths, max_len=P + M)
-    last = logits[jnp.arange(B), lengths - 1]  # [B, V]
+    last, cache = model.prefill(params, prompts, cfg, lengths=lengths, max_len=P + M,
+                                last_only=True)  # [B, V] next-token logits
 
     def step(carry, key):
         cache, z, pos, done = carry

@@ -305,9 +305,12 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.bfloat16) -
     return cache
 
 
-def prefill(params, tokens, cfg: ModelConfig, *, lengths=None, max_len: Optional[int] = None):
+def prefill(params, tokens, cfg: ModelConfig, *, lengths=None, max_len: Optional[int] = None,
+            last_only: bool = False):
     """Run right-padded prompts ``tokens [B,T]`` (valid lengths ``lengths [B]``, default T) and
     return ``(logits [B,T,V], cache)`` with room for ``max_len`` (default T) tokens per row.
+    ``last_only=True`` returns only each row's next-token logits ``[B,V]`` (at ``lengths - 1``),
+    skipping the ``[B,T,V]`` head product that sampling does not need.
     Rows continue with :func:`decode_step` at ``positions = lengths``."""
     b, t = tokens.shape
     max_len = t if max_len is None else max_len
@@ -327,6 +330,9 @@ def prefill(params, tokens, cfg: ModelConfig, *, lengths=None, max_len: Optional
             return _channel_mixer(kind, mp, u, cfg), {}
         h, state = _block(params["layers"][i], h, cfg, mixer)
         cache.append(state)
+    if last_only:
+        last = jnp.full((b,), t, jnp.int32) if lengths is None else lengths.astype(jnp.int32)
+        h = h[jnp.arange(b), last - 1]
     h = rms_norm(h, params["norm_f"], cfg.layer_norm_epsilon)
     return logits_from_hidden(params, h), cache
 
