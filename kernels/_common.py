@@ -1,10 +1,11 @@
-"""Small helpers shared by the Pallas kernels: backend detection and block-size choice."""
+"""Small helpers shared by the Pallas kernels: backend detection, compiler params, block sizes, padding."""
 
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 
-__all__ = ["on_cpu", "platform", "pick_block", "round_up", "cdiv", "triton_params"]
+__all__ = ["on_cpu", "platform", "pick_block", "round_up", "cdiv", "triton_params", "pad_to"]
 
 
 def platform() -> str:
@@ -33,6 +34,15 @@ def cdiv(a: int, b: int) -> int:
 
 def round_up(a: int, b: int) -> int:
     return cdiv(a, b) * b
+
+
+def pad_to(x, axis: int, size: int, value=0):
+    """Pad ``axis`` of ``x`` at the end up to ``size`` with ``value`` (no-op if already there)."""
+    if x.shape[axis] == size:
+        return x
+    pads = [(0, 0)] * x.ndim
+    pads[axis] = (0, size - x.shape[axis])
+    return jnp.pad(x, pads, constant_values=value)
 
 
 def pick_block(dim: int, preferred: int, minimum: int = 8) -> int:

@@ -20,6 +20,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from ._common import pad_to, round_up
+
 __all__ = ["sort_by_expert", "permute", "unpermute", "padded_layout", "pad_columns"]
 
 
@@ -68,10 +70,4 @@ def padded_layout(group_sizes: jax.Array, num_rows: int, tile: int):
 
 def pad_columns(w: jax.Array, multiple: int, axis: int = -1) -> jax.Array:
     """Zero-pad ``axis`` of ``w`` up to a multiple (e.g. expert width 1856 -> 1920 for 128 tiles)."""
-    size = w.shape[axis]
-    target = -(-size // multiple) * multiple
-    if target == size:
-        return w
-    pads = [(0, 0)] * w.ndim
-    pads[axis] = (0, target - size)
-    return jnp.pad(w, pads)
+    return pad_to(w, axis, round_up(w.shape[axis], multiple))

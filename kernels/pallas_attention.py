@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from ._common import on_cpu, pick_block, round_up, pallas_call, triton_params
+from ._common import on_cpu, pad_to, pick_block, round_up, pallas_call, triton_params
 
 __all__ = ["attention", "attention_context_parallel", "block_ranges", "zigzag_permutation"]
 
@@ -290,14 +290,6 @@ def _flash_bwd(cfg, res, do):
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
-def _pad_seq(x, n, value=0):
-    if x.shape[1] == n:
-        return x
-    pads = [(0, 0)] * x.ndim
-    pads[1] = (0, n - x.shape[1])
-    return jnp.pad(x, pads, constant_values=value)
-
-
 def attention(q, k, v, *, q_positions=None, kv_positions=None, q_segment_ids=None,
               kv_segment_ids=None, kv_valid=None, scale=None, block_q: int = 128,
               block_k: int = 128, interpret: Optional[bool] = None):
@@ -325,15 +317,15 @@ def attention(q, k, v, *, q_positions=None, kv_positions=None, q_segment_ids=Non
     bq = pick_block(t, max(block_q, tmin), tmin)
     bk = pick_block(s, max(block_k, tmin), tmin)
     tp, sp = round_up(t, bq), round_up(s, bk)
-    qpos = _pad_seq(q_positions.astype(i32), tp)
-    qseg = _pad_seq(q_segment_ids.astype(i32), tp)
-    q_valid = _pad_seq(jnp.ones((b, t), bool), tp, False)
-    kpos = _pad_seq(kv_positions.astype(i32), sp)
-    kseg = _pad_seq(kv_segment_ids.astype(i32), sp)
-    kval = _pad_seq(kv_valid.astype(bool), sp, False)
+    qpos = pad_to(q_positions.astype(i32), 1, tp)
+    qseg = pad_to(q_segment_ids.astype(i32), 1, tp)
+    q_valid = pad_to(jnp.ones((b, t), bool), 1, tp, False)
+    kpos = pad_to(kv_positions.astype(i32), 1, sp)
+    kseg = pad_to(kv_segment_ids.astype(i32), 1, sp)
+    kval = pad_to(kv_valid.astype(bool), 1, sp, False)
     ranges = block_ranges(qpos, kpos, qseg, kseg, q_valid, kval, bq, bk)
     meta = (qpos, qseg, kpos, kseg, kval.astype(i32))
-    o = _flash(_pad_seq(q, tp), _pad_seq(k, sp), _pad_seq(v.astype(k.dtype), sp), meta, ranges,
+    o = _flash(pad_to(q, 1, tp), pad_to(k, 1, sp), pad_to(v.astype(k.dtype), 1, sp), meta, ranges,
                (bq, bk, scale, interpret))
     return o[:, :t]
 

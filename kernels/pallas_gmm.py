@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from ._common import on_cpu, pick_block, platform, round_up, pallas_call, triton_params
+from ._common import on_cpu, pad_to, pick_block, platform, round_up, pallas_call, triton_params
 from .xla_gmm import group_offsets
 
 __all__ = ["gmm", "tgmm", "group_offsets", "tile_group_ranges", "visit_schedule"]
@@ -330,14 +330,6 @@ def _tpu_tgmm(lhs, dout, group_sizes, *, tm, tk, tn, out_dtype, interpret):
 # Padding wrappers and the custom VJP
 
 
-def _pad_to(x, axis, size):
-    if x.shape[axis] == size:
-        return x
-    pads = [(0, 0)] * x.ndim
-    pads[axis] = (0, size - x.shape[axis])
-    return jnp.pad(x, pads)
-
-
 def _blocks(m, k, n, block_m, block_k, block_n, variant, interpret):
     """Row/contraction/column tiles. Compiled Mosaic TPU needs lane dims (tk, tn) that are
     multiples of 128 (so N = 1856 is padded to 1920 there); GPU and interpret mode take any
@@ -357,11 +349,11 @@ def _gmm_call(lhs, rhs, group_sizes, cfg, *, transpose_rhs=False, epilogue=None,
     n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
     tm, tk, tn = _blocks(m, k, n, bm, bk, bn, variant, interpret)
     mp, kp, np_ = round_up(m, tm), round_up(k, tk), round_up(n, tn)
-    lhs_p = _pad_to(_pad_to(lhs, 0, mp), 1, kp)
+    lhs_p = pad_to(pad_to(lhs, 0, mp), 1, kp)
     if transpose_rhs:
-        rhs_p = _pad_to(_pad_to(rhs, 1, np_), 2, kp)
+        rhs_p = pad_to(pad_to(rhs, 1, np_), 2, kp)
     else:
-        rhs_p = _pad_to(_pad_to(rhs, 1, kp), 2, np_)
+        rhs_p = pad_to(pad_to(rhs, 1, kp), 2, np_)
     fn = _tpu_gmm if variant == "tpu" else _gpu_gmm
     outs = fn(lhs_p, rhs_p, group_sizes, tm=tm, tk=tk, tn=tn, transpose_rhs=transpose_rhs,
               epilogue=epilogue, out_dtype=out_dtype or lhs.dtype, interpret=interpret)
@@ -374,8 +366,8 @@ def _tgmm_call(lhs, dout, group_sizes, cfg, out_dtype):
     n = dout.shape[1]
     tm, tk, tn = _blocks(m, k, n, bm, bk, bn, variant, interpret)
     mp, kp, np_ = round_up(m, tm), round_up(k, tk), round_up(n, tn)
-    lhs_p = _pad_to(_pad_to(lhs, 0, mp), 1, kp)
-    dout_p = _pad_to(_pad_to(dout, 0, mp), 1, np_)
+    lhs_p = pad_to(pad_to(lhs, 0, mp), 1, kp)
+    dout_p = pad_to(pad_to(dout, 0, mp), 1, np_)
     fn = _tpu_tgmm if variant == "tpu" else _gpu_tgmm
     out = fn(lhs_p, dout_p, group_sizes, tm=tm, tk=tk, tn=tn, out_dtype=out_dtype, interpret=interpret)
     return out[:, :k, :n]

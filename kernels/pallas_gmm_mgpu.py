@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from . import pallas_gmm
-from ._common import round_up
+from ._common import pad_to, round_up
 from .moe_dispatch import padded_layout
 
 __all__ = ["gmm", "gmm_aligned", "aligned_tiles"]
@@ -116,9 +116,9 @@ def _call(lhs, rhs, group_sizes, cfg, *, transpose_rhs=False, epilogue=None):
     n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
     kp, np_ = round_up(k, bk), round_up(n, 64)
     bn = _pick_bn(np_)
-    lhs = pallas_gmm._pad_to(lhs, 1, kp)
-    rhs = (pallas_gmm._pad_to(pallas_gmm._pad_to(rhs, 1, np_), 2, kp) if transpose_rhs
-           else pallas_gmm._pad_to(pallas_gmm._pad_to(rhs, 1, kp), 2, np_))
+    lhs = pad_to(lhs, 1, kp)
+    rhs = (pad_to(pad_to(rhs, 1, np_), 2, kp) if transpose_rhs
+           else pad_to(pad_to(rhs, 1, kp), 2, np_))
     dest, tile_group, rows_p = aligned_tiles(group_sizes, m, bm)
     lhs_p = jnp.zeros((rows_p, kp), lhs.dtype).at[dest].set(lhs, mode="drop")
     outs = gmm_aligned(lhs_p, rhs, tile_group, block_m=bm, block_k=bk, block_n=bn,

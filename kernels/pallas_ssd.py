@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from ._common import on_cpu, pallas_call, triton_params
+from ._common import on_cpu, pad_to, pallas_call, triton_params
 from .xla_ssd import segment_resets
 
 __all__ = ["ssd", "ssd_context_parallel"]
@@ -224,7 +224,7 @@ def _prepare(x, dt, A, Bm, Cm, chunk_size, segment_ids):
     tp = t + pad
 
     def padt(z):
-        return jnp.pad(z, [(0, 0), (0, pad)] + [(0, 0)] * (z.ndim - 2)) if pad else z
+        return pad_to(z, 1, tp)
 
     dt = padt(dt.astype(f32))
     a = dt * A.astype(f32)[None, None, :]
