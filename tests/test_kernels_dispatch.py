@@ -9,11 +9,9 @@ import pytest
 
 import kernels
 from kernels import cudnn_attention
+from tests.numerics import rel_err
 
 
-def _rel(a, b):
-    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
-    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-6))
 
 
 def test_resolve_impl():
@@ -36,19 +34,19 @@ def test_dispatchers_agree():
     for ep in (None, "relu2"):
         a = kernels.grouped_matmul(lhs, rhs, gs, impl="pallas", epilogue=ep)
         b = kernels.grouped_matmul(lhs, rhs, gs, impl="xla", epilogue=ep)
-        assert _rel(a, b) < 1e-5
+        assert rel_err(a, b) < 1e-5
     q = jnp.asarray(rng.normal(size=(1, 20, 4, 16)), jnp.float32)
     k = jnp.asarray(rng.normal(size=(1, 20, 2, 16)), jnp.float32)
     ref = kernels.attention(q, k, k, impl="xla")
     for impl in ("pallas", "cudnn", "auto"):
-        assert _rel(kernels.attention(q, k, k, impl=impl), ref) < 1e-5
+        assert rel_err(kernels.attention(q, k, k, impl=impl), ref) < 1e-5
     x = jnp.asarray(rng.normal(size=(1, 20, 4, 8)), jnp.float32)
     dt = jnp.asarray(rng.uniform(0.1, 0.5, size=(1, 20, 4)), jnp.float32)
     A = -jnp.ones((4,), jnp.float32)
     bm = jnp.asarray(rng.normal(size=(1, 20, 2, 8)), jnp.float32)
     ya, fa = kernels.ssd(x, dt, A, bm, bm, chunk_size=8, impl="pallas")
     yb, fb = kernels.ssd(x, dt, A, bm, bm, chunk_size=8, impl="xla")
-    assert _rel(ya, yb) < 1e-5 and _rel(fa, fb) < 1e-5
+    assert rel_err(ya, yb) < 1e-5 and rel_err(fa, fb) < 1e-5
 
 
 def test_cudnn_support_rules():

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import pytest
 
 from kernels import pallas_attention, xla_attention
+from tests.numerics import rel_err
 
 B, T, HQ, HKV, D = 2, 37, 4, 2, 16
 
@@ -38,9 +39,6 @@ def _qkv(dtype=jnp.float32, t=T, s=T, seed=0):
             jnp.asarray(rng.normal(size=(B, s, HKV, D)), dtype))
 
 
-def _rel(a, b):
-    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
-    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-6))
 
 
 def _fwd_and_grads(fn, q, k, v):
@@ -54,11 +52,11 @@ def test_attention_matches_reference(packed):
     q, k, v = _qkv()
     out, grads = _fwd_and_grads(lambda q, k, v: pallas_attention.attention(q, k, v, block_q=8, block_k=16, **kw), q, k, v)
     out_r, grads_r = _fwd_and_grads(lambda q, k, v: xla_attention.attention(q, k, v, **kw), q, k, v)
-    assert _rel(out, out_r) < 2e-5
+    assert rel_err(out, out_r) < 2e-5
     if packed:
         assert np.all(np.asarray(out)[0, 10] == 0)
     for g, g_r in zip(grads, grads_r):
-        assert _rel(g, g_r) < 2e-5
+        assert rel_err(g, g_r) < 2e-5
 
 
 def test_attention_decode_and_bf16():
@@ -67,7 +65,7 @@ def test_attention_decode_and_bf16():
               kv_positions=jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T)))
     out = jax.jit(lambda q, k, v: pallas_attention.attention(q, k, v, block_k=16, **kw))(q, k, v)
     assert out.dtype == jnp.bfloat16 and out.shape == q.shape
-    assert _rel(out, xla_attention.attention(q, k, v, **kw)) < 2e-2
+    assert rel_err(out, xla_attention.attention(q, k, v, **kw)) < 2e-2
 
 
 def test_block_ranges_skip_dead_blocks():

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import pytest
 
 from kernels import moe_dispatch, pallas_gmm, xla_gmm
+from tests.numerics import rel_err
 
 BLOCKS = dict(block_m=16, block_k=8, block_n=16)
 CASES = {
@@ -29,9 +30,6 @@ def _data(dtype=jnp.float32, m=45, k=24, n=40, e=6, seed=0):
     return lhs, rhs
 
 
-def _rel(a, b):
-    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
-    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-6))
 
 
 @pytest.mark.parametrize("variant,case", [("gpu", c) for c in CASES] + [("tpu", "ragged"), ("tpu", "all_empty")])
@@ -46,11 +44,11 @@ def test_gmm_forward_and_grads(variant, case):
     ref = lambda a, b: xla_gmm.gmm(a, b, gs, tile=8)
     out, grads = jax.jit(lambda a, b: (ours(a, b), jax.grad(loss(ours), (0, 1))(a, b)))(lhs, rhs)
     out_r, grads_r = jax.jit(lambda a, b: (ref(a, b), jax.grad(loss(ref), (0, 1))(a, b)))(lhs, rhs)
-    assert _rel(out, out_r) < 1e-5
+    assert rel_err(out, out_r) < 1e-5
     used = int(np.sum(CASES[case]))
     assert np.all(np.asarray(out)[used:] == 0)
     for g, g_r in zip(grads, grads_r):
-        assert _rel(g, g_r) < 1e-5
+        assert rel_err(g, g_r) < 1e-5
 
 
 @pytest.mark.parametrize("variant", ["gpu", "tpu"])
@@ -62,9 +60,9 @@ def test_gmm_relu2_epilogue(variant):
     loss = lambda fn: (lambda a, b: jnp.sum(jnp.sin(fn(a, b))))
     out, grads = jax.jit(lambda a, b: (ours(a, b), jax.grad(loss(ours), (0, 1))(a, b)))(lhs, rhs)
     out_r, grads_r = jax.jit(lambda a, b: (ref(a, b), jax.grad(loss(ref), (0, 1))(a, b)))(lhs, rhs)
-    assert _rel(out, out_r) < 1e-5
+    assert rel_err(out, out_r) < 1e-5
     for g, g_r in zip(grads, grads_r):
-        assert _rel(g, g_r) < 1e-5
+        assert rel_err(g, g_r) < 1e-5
 
 
 def test_gmm_bf16_and_tgmm():
@@ -72,12 +70,12 @@ def test_gmm_bf16_and_tgmm():
     gs = jnp.asarray(CASES["tiny_groups"], jnp.int32)
     out = jax.jit(lambda a, b: pallas_gmm.gmm(a, b, gs, **BLOCKS))(lhs, rhs)
     assert out.dtype == jnp.bfloat16
-    assert _rel(out, xla_gmm.gmm(lhs, rhs, gs, tile=8)) < 2e-2
+    assert rel_err(out, xla_gmm.gmm(lhs, rhs, gs, tile=8)) < 2e-2
     dout = _data(jnp.bfloat16, n=40, k=40, seed=3)[0]
     for variant in ("gpu", "tpu"):
         w = jax.jit(lambda a, d: pallas_gmm.tgmm(a, d, gs, variant=variant, **BLOCKS))(lhs, dout)
         assert w.shape == (6, 24, 40)
-        assert _rel(w, xla_gmm.tgmm(lhs, dout, gs, tile=8)) < 2e-2
+        assert rel_err(w, xla_gmm.tgmm(lhs, dout, gs, tile=8)) < 2e-2
 
 
 def test_visit_schedule_covers_every_row_once():

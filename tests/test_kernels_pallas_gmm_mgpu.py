@@ -18,13 +18,11 @@ from jax.sharding import AbstractDevice, AbstractMesh
 
 from kernels import pallas_gmm_mgpu as mg
 from kernels import xla_gmm
+from tests.numerics import rel_err
 
 H100 = "NVIDIA H100 80GB HBM3"
 
 
-def _rel(a, b):
-    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
-    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-6))
 
 
 def test_mosaic_gmm_in_gpu_interpreter():
@@ -46,10 +44,10 @@ def test_mosaic_gmm_in_gpu_interpreter():
         getattr(ipc, "reset_gpu_interpret_mode_state", lambda: None)()
         raise
     ref = xla_gmm.gmm(lhs, rhs, gs)
-    assert _rel(out, ref) < 1e-6 and _rel(pre, ref) < 1e-6
+    assert rel_err(out, ref) < 1e-6 and rel_err(pre, ref) < 1e-6
     assert np.all(np.asarray(out, np.float32)[143:] == 0)
-    assert _rel(post, jnp.maximum(ref.astype(jnp.float32), 0.0) ** 2) < 1e-2
-    assert _rel(dlhs, xla_gmm.gmm(dout, jnp.swapaxes(rhs, 1, 2), gs)) < 1e-6
+    assert rel_err(post, jnp.maximum(ref.astype(jnp.float32), 0.0) ** 2) < 1e-2
+    assert rel_err(dlhs, xla_gmm.gmm(dout, jnp.swapaxes(rhs, 1, 2), gs)) < 1e-6
 
 
 def test_aligned_tiles():

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import pytest
 
 from kernels import pallas_ssd, xla_ssd
+from tests.numerics import rel_err
 
 B, T, H, P, G, N, Q = 2, 45, 4, 8, 2, 16, 16
 
@@ -34,9 +35,6 @@ def _inputs(dtype=jnp.float32, seed=0):
     return x, jnp.asarray(dt), A, Bm, Cm, jnp.asarray(seg), s0
 
 
-def _rel(a, b):
-    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
-    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-6))
 
 
 def _run(fn, x, dt, A, Bm, Cm, seg, s0):
@@ -54,13 +52,13 @@ def test_ssd_matches_reference(with_segments):
     grads, (y, f) = _run(pallas_ssd.ssd, x, dt, A, Bm, Cm, seg, s0)
     grads_r, (y_r, f_r) = _run(xla_ssd.ssd, x, dt, A, Bm, Cm, seg, s0)
     assert y.dtype == jnp.float32 and y.shape == (B, T, H, P) and f.shape == (B, H, P, N)
-    assert _rel(y, y_r) < 1e-5 and _rel(f, f_r) < 1e-5
+    assert rel_err(y, y_r) < 1e-5 and rel_err(f, f_r) < 1e-5
     for name, g, g_r in zip(["x", "dt", "A", "B", "C", "s0"], grads, grads_r):
-        assert _rel(g, g_r) < 1e-5, name
+        assert rel_err(g, g_r) < 1e-5, name
 
 
 def test_ssd_bf16_no_initial_state():
     x, dt, A, Bm, Cm, seg, _ = _inputs(jnp.bfloat16, seed=1)
     y, f = jax.jit(lambda *a: pallas_ssd.ssd(*a, chunk_size=Q, segment_ids=seg))(x, dt, A, Bm, Cm)
     y_r, f_r = xla_ssd.ssd(x, dt, A, Bm, Cm, chunk_size=Q, segment_ids=seg)
-    assert _rel(y, y_r) < 2e-2 and _rel(f, f_r) < 2e-2
+    assert rel_err(y, y_r) < 2e-2 and rel_err(f, f_r) < 2e-2
