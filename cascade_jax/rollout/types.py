@@ -1,0 +1,133 @@
+"""The rollout protocol: what the trainer asks of any generation backend, and what it gets back.
+
+Three backends implement :class:`RolloutEngine` and look the same to the trainer: the embedded
+JAX engine (in process), the client of JAX rollout servers (``launch/serve.py``) and the client of
+SGLang servers. Everything here is host-side (numpy / Python); nothing is jitted.
+
+Log-prob semantics follow SGLang's default: the log-prob recorded for a sampled token ``y`` is
+``log softmax(z / τ)[y]`` of the temperature-scaled logits ``z``, *not* renormalised over the
+top-p / top-k support that ``y`` was actually drawn from. ``τ = 0`` means greedy decoding and
+then the log-prob is that of the unscaled logits, ``log softmax(z)[y]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional, Protocol, Sequence, runtime_checkable
+
+import numpy as np
+
+__all__ = ["FINISH_REASONS", "SamplingParams", "Request", "Sample", "Rollouts", "RolloutEngine",
+           "RolloutError"]
+
+#: SGLang's ``meta_info.finish_reason.type`` values, in the order of ``rl.batch.FINISH_*`` codes.
+FINISH_REASONS = ("stop", "length", "abort")
+
+
+class RolloutError(RuntimeError):
+    """A backend could not produce what was asked (server unreachable, bad reply, sync failed)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """Per-request sampling settings (a subset of SGLang 0.5.23's ``sampling_params``).
+
+    max_new_tokens   response length limit (finish reason ``length`` when reached)
+    temperature      τ >= 0; 0 = greedy
+    top_p            nucleus mass in (0, 1]
+    top_k            -1 = off, else keep the k largest logits
+    stop_token_ids   a sampled id in this set ends the response (it is kept, finish ``stop``)
+    n                samples per request (one group)
+    seed             per-request seed: sample ``i`` of the request draws from a key derived
+                     from ``(seed, i, step)`` only, so it never depends on slot or batch
+    """
+
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    stop_token_ids: tuple = ()
+    n: int = 1
+    seed: Optional[int] = None
+
+    def __post_init__(self):
+        if self.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens: must be >= 0, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature: must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p: must be in (0, 1], got {self.top_p}")
+        if self.top_k == 0 or self.top_k < -1:
+            raise ValueError(f"top_k: must be -1 (off) or >= 1, got {self.top_k}")
+        if self.n < 1:
+            raise ValueError(f"n: must be >= 1, got {self.n}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """One prompt to sample ``sampling.n`` responses for. ``domain`` and ``metadata`` are carried
+    through untouched (the trainer routes rewards and teachers by them)."""
+
+    prompt_ids: tuple  # token ids (ints)
+    sampling: SamplingParams = SamplingParams()
+    rid: Optional[str] = None
+    domain: Optional[str] = None
+    metadata: Any = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Sample:
+    """One generated response.
+
+    prompt_ids      [P] int32
+    response_ids    [R] int32 (a stop token, when hit, is the last one)
+    logprobs        [R] float32 sampling log-probs (SGLang semantics, see module doc)
+    finish_reason   "stop" | "length" | "abort"
+    weight_version  version of the weights that produced every token of it
+    routed_experts  optional [P + R - 1, n_moe_layers, top_k] int32 expert ids per token and
+                    MoE layer (SGLang's ``return_routed_experts`` layout); ``None`` when not asked
+    """
+
+    prompt_ids: np.ndarray
+    response_ids: np.ndarray
+    logprobs: np.ndarray
+    finish_reason: str
+    weight_version: str
+    routed_experts: Optional[np.ndarray] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Rollouts:
+    """Samples grouped per request: ``groups[i]`` holds the ``n`` samples of ``requests[i]``."""
+
+    requests: tuple  # tuple[Request, ...]
+    groups: tuple  # tuple[tuple[Sample, ...], ...]
+
+    def samples(self) -> list:
+        """All samples, group by group (the order the packer uses)."""
+        return [s for g in self.groups for s in g]
+
+
+@runtime_checkable
+class RolloutEngine(Protocol):
+    """What the trainer needs from a generation backend (in process or over HTTP)."""
+
+    def generate(self, requests: Sequence[Request]) -> Rollouts:
+        """Sample ``r.sampling.n`` responses for every request; blocks until all finished.
+        Samples of a request form one group, in request order."""
+
+    def score(self, prompts: Sequence[Sequence[int]],
+              responses: Sequence[Sequence[int]]) -> list:
+        """Teacher-forced log-probs: for each pair, ``[len(response)]`` float32
+        ``log π(response[t] | prompt, response[:t])`` at temperature 1."""
+
+    def update_weights(self, params, version: str) -> None:
+        """Replace the weights with ``params`` (the trainer's pytree) labelled ``version``.
+        Returns only once every later generation uses them; raises :class:`RolloutError` on
+        failure (the previous weights keep serving)."""
+
+    def weight_version(self) -> str:
+        """The label of the weights now in use."""
+
+    def health(self) -> bool:
+        """True when the backend can generate now."""
