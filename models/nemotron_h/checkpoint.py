@@ -52,7 +52,8 @@ from safetensors.numpy import save_file
 from .config import ModelConfig, ModelConfigError, _HF_ALIASES, _JAX_ONLY
 from .params import param_specs
 
-__all__ = ["CheckpointError", "load_checkpoint", "save_checkpoint", "TOKENIZER_FILE_PATTERNS"]
+__all__ = ["CheckpointError", "load_checkpoint", "save_checkpoint", "hub_tensors", "params_from_hub_tensors",
+           "TOKENIZER_FILE_PATTERNS"]
 
 
 class CheckpointError(ValueError):
@@ -392,26 +393,57 @@ def load_checkpoint(path, *, dtype=None, sharding=None) -> tuple[ModelConfig, di
     cfg = _load_config(path)
     with contextlib.ExitStack() as stack:
         stored = _list_tensors(path, stack)
-        plans = _plans(cfg, set(stored))
-        _validate(cfg, path, stored, plans)
-        leaves, treedef = jax.tree.flatten(plans, is_leaf=_is_plan)
-        if sharding is None or isinstance(sharding, jax.sharding.Sharding):
-            shardings = [sharding] * len(leaves)
-        else:
-            try:
-                shardings = treedef.flatten_up_to(sharding)
-            except (ValueError, TypeError) as e:
-                raise ValueError(f"load_checkpoint: `sharding` must be None, a Sharding, or a pytree with "
-                                 f"the structure of the params ({e})") from None
-        out = []
         try:
-            for plan, shd in zip(leaves, shardings):
-                stored_dt = _DTYPES[stored[plan.sources[0].name if plan.sources else plan.like].dtype]
-                dt = np.dtype(np.float32) if plan.fp32 else (target if target is not None else stored_dt)
-                out.append(_materialize(stored, plan, dt, shd))
+            return cfg, _build_params(cfg, path, stored, target, sharding)
         except (OSError, SafetensorError) as e:
             raise CheckpointError(f"{path}: read failed ({e})") from None
-    return cfg, jax.tree.unflatten(treedef, out)
+
+
+def _build_params(cfg: ModelConfig, where, stored: dict[str, _Stored], target, sharding) -> dict:
+    """Validate ``stored`` (by canonical name) against ``cfg`` and materialise the param pytree."""
+    plans = _plans(cfg, set(stored))
+    _validate(cfg, where, stored, plans)
+    leaves, treedef = jax.tree.flatten(plans, is_leaf=_is_plan)
+    if sharding is None or isinstance(sharding, jax.sharding.Sharding):
+        shardings = [sharding] * len(leaves)
+    else:
+        try:
+            shardings = treedef.flatten_up_to(sharding)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"load_checkpoint: `sharding` must be None, a Sharding, or a pytree with "
+                             f"the structure of the params ({e})") from None
+    out = []
+    for plan, shd in zip(leaves, shardings):
+        stored_dt = _DTYPES[stored[plan.sources[0].name if plan.sources else plan.like].dtype]
+        dt = np.dtype(np.float32) if plan.fp32 else (target if target is not None else stored_dt)
+        out.append(_materialize(stored, plan, dt, shd))
+    return jax.tree.unflatten(treedef, out)
+
+
+def params_from_hub_tensors(tensors: dict, cfg: ModelConfig, *, dtype=None, sharding=None) -> dict:
+    """The param pytree of ``cfg`` from in-memory Hub tensors ``{Hub name: np.ndarray}`` (the
+    names and layouts :func:`save_checkpoint` writes; e.g. received over a weight-sync channel).
+    Same validation, ``dtype`` and ``sharding`` semantics as :func:`load_checkpoint`."""
+    target = None if dtype is None else jnp.dtype(dtype)
+    names = {np.dtype(v): k for k, v in _DTYPES.items()}
+    stored: dict[str, _Stored] = {}
+    for name, arr in tensors.items():
+        arr = np.asarray(arr)
+        canon = _canonical(name)
+        if canon is None:
+            continue
+        if canon in stored:
+            raise CheckpointError(f"tensors {stored[canon].name!r} and {name!r} both map to {canon!r}")
+        stored[canon] = _Stored(name, Path("<memory>"), names.get(arr.dtype, str(arr.dtype)),
+                                tuple(arr.shape), arr)
+    return _build_params(cfg, "<memory>", stored, target, sharding)
+
+
+def hub_tensors(params, cfg: ModelConfig) -> list[tuple[str, int, Callable[[], np.ndarray]]]:
+    """``[(Hub name, nbytes, produce)]``, one per tensor :func:`save_checkpoint` would write, in
+    file order; ``produce()`` builds that tensor on the host (Hub layout and dtype) on demand,
+    so a caller can stream them in buckets without holding all of them."""
+    return _hub_tensors(params, cfg)
 
 
 # ---------------------------------------------------------------------------------------------
