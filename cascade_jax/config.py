@@ -25,7 +25,7 @@ from typing import Any, Literal, Optional, Sequence
 
 __all__ = [
     "ConfigError", "ModelSection", "MeshConfig", "OptimizerConfig", "RolloutConfig",
-    "DataConfig", "StageConfig", "RunConfig", "Config", "from_dict", "to_dict", "to_json",
+    "DataSource", "DataConfig", "StageConfig", "RunConfig", "Config", "from_dict", "to_dict", "to_json",
     "load", "apply_overrides", "replace_path",
 ]
 
@@ -123,14 +123,81 @@ class RolloutConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class DataConfig:
-    """Prompt / SFT data source."""
+class DataSource:
+    """One data source of ``data.sources`` (read by :mod:`cascade_jax.data`).
 
-    source: str = "synthetic"
+    ``path``: a file, a glob or a directory (all matching files, sorted); unused for ``tiny``.
+    ``format``: ``jsonl`` (plain or ``.gz``), ``parquet``, ``array_record`` (records are UTF-8
+    JSON rows), ``tfds`` (a TFDS builder directory written as ArrayRecord), or ``tiny`` (the
+    built-in tiny domains of ``cascade_jax.rewards.tiny``).
+    ``fields``: canonical field -> key in the row (dotted paths reach nested keys), e.g.
+    ``{"messages": "conversation", "domain": "env", "metadata.answer": "expected_answer"}``;
+    unmapped canonical fields are read under their own name (see ``cascade_jax.data.rows``).
+    ``weight``: mixing weight among the sources. ``domain``: the domain of every row (else read
+    from the row's ``domain`` field).
+    """
+
+    path: str = ""
+    format: Literal["jsonl", "parquet", "array_record", "tfds", "tiny"] = "jsonl"
+    fields: dict = dataclasses.field(default_factory=dict)
+    weight: float = 1.0
+    domain: Optional[str] = None
+
+    __hash__ = _hash_by_value
+
+    def __post_init__(self):
+        if not self.weight > 0:
+            raise ConfigError(f"weight: must be > 0, got {self.weight}")
+        if self.format != "tiny" and not self.path:
+            raise ConfigError(f"path: required for format {self.format!r}")
+        for k, v in self.fields.items():
+            if not isinstance(v, str) or not v:
+                raise ConfigError(f"fields.{k}: expected a non-empty row key, got {v!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Prompt (RL) and SFT data: sources, mixing, batching, packing (``cascade_jax.data``).
+
+    RL: ``batch_prompts`` prompts per step (times ``oversample`` for dynamic filtering) drawn
+    from ``domains`` (empty: every domain in the sources) with ``domain_weights`` (empty:
+    proportional to the rows per domain). SFT: ``batch_rows`` packed rows of ``seq_len`` tokens
+    per step; examples longer than ``seq_len`` are dropped or truncated (``overlong``);
+    ``pack_buffer`` examples of look-ahead for packing. ``on_bad_row``: ``error`` (naming
+    file:line) or ``skip`` (counted). ``tokenizer``: directory with ``tokenizer.json`` (default:
+    ``model.checkpoint``, else the tiny tokenizer). ``num_epochs``: ``None`` repeats forever.
+    """
+
+    sources: tuple[DataSource, ...] = (DataSource(format="tiny"),)
     domains: tuple = ()
+    domain_weights: dict = dataclasses.field(default_factory=dict)
     batch_prompts: int = 128
+    oversample: float = 1.0
+    batch_rows: int = 1
     seq_len: int = 4096
+    overlong: Literal["drop", "truncate"] = "drop"
+    pack_buffer: int = 256
     shuffle_seed: int = 0
+    num_epochs: Optional[int] = None
+    on_bad_row: Literal["error", "skip"] = "error"
+    tokenizer: Optional[str] = None
+    tiny_rows_per_domain: int = 1024
+
+    __hash__ = _hash_by_value
+
+    def __post_init__(self):
+        if not self.sources:
+            raise ConfigError("data.sources: at least one source is required")
+        for name in ("batch_prompts", "batch_rows", "seq_len", "pack_buffer", "tiny_rows_per_domain"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"data.{name}: must be >= 1, got {getattr(self, name)}")
+        if self.oversample < 1.0:
+            raise ConfigError(f"data.oversample: must be >= 1, got {self.oversample}")
+        if self.num_epochs is not None and self.num_epochs < 1:
+            raise ConfigError(f"data.num_epochs: must be >= 1 or null, got {self.num_epochs}")
+        for k, w in self.domain_weights.items():
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0:
+                raise ConfigError(f"data.domain_weights.{k}: expected a weight >= 0, got {w!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -234,6 +301,8 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
     if tp is tuple or origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{path}: expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:  # tuple[X, ...]: check every item
+            return tuple(_coerce(v, args[0], f"{path}.{i}") for i, v in enumerate(value))
         return tuple(value)
     if tp is dict or origin is dict:
         if not isinstance(value, dict):
@@ -273,7 +342,7 @@ def to_dict(cfg) -> dict:
         if dataclasses.is_dataclass(v):
             v = to_dict(v)
         elif isinstance(v, tuple):
-            v = list(v)
+            v = [to_dict(x) if dataclasses.is_dataclass(x) else x for x in v]
         out[f.name] = v
     return out
 

@@ -2,6 +2,8 @@
 
 One home for the names that configs, data, teacher routing, rewards and reports use. Import the
 constants (``from cascade_jax.domains import MATH``) or validate a name with :func:`check_domain`.
+Integer ids (``RLBatch.domain_ids``, prompt batches) are the positions in :data:`DOMAINS`:
+:func:`domain_id` / :func:`domain_name` convert, :data:`DOMAIN_IDS` is the table.
 
 =====================  =========================================================
 name                   what is verified
@@ -22,7 +24,7 @@ from __future__ import annotations
 
 __all__ = [
     "MATH", "INSTRUCTION_FOLLOWING", "MCQ", "STRUCTURED_OUTPUT", "TOOL_CALL", "CODE", "RLHF",
-    "LONG_CONTEXT", "SWE", "DOMAINS", "check_domain",
+    "LONG_CONTEXT", "SWE", "DOMAINS", "DOMAIN_IDS", "check_domain", "domain_id", "domain_name",
 ]
 
 MATH = "math"
@@ -46,3 +48,21 @@ def check_domain(name: str) -> str:
     if name not in DOMAINS:
         raise ValueError(f"unknown domain {name!r}; valid domains: {', '.join(sorted(DOMAINS))}")
     return name
+
+
+#: name -> int32 id used in batches (``RLBatch.domain_ids``); the position in :data:`DOMAINS`.
+#: Append new domains at the end of :data:`DOMAINS` so stored ids keep their meaning.
+DOMAIN_IDS: dict[str, int] = {name: i for i, name in enumerate(DOMAINS)}
+
+
+def domain_id(name: str) -> int:
+    """Integer id of a canonical domain name (error listing the valid names if unknown)."""
+    return DOMAIN_IDS[check_domain(name)]
+
+
+def domain_name(i: int) -> str:
+    """Canonical domain name of an integer id (error if out of range)."""
+    i = int(i)
+    if not 0 <= i < len(DOMAINS):
+        raise ValueError(f"unknown domain id {i}; valid ids: 0..{len(DOMAINS) - 1} ({', '.join(DOMAINS)})")
+    return DOMAINS[i]
