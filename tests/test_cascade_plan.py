@@ -1,0 +1,68 @@
+"""Cascade plan: stage order, per-stage config wiring, the state file, and every 30B stage config
+building and validating without allocating (abstract params + optimizer state via eval_shape)."""
+
+import json
+
+import jax
+import pytest
+
+from cascade_jax import config as C
+from cascade_jax.cascade import plan as P
+
+
+def test_order_is_the_papers_with_the_side_branch_before_mopd():
+    main = [s.name for s in P.CASCADE if not s.branch]
+    assert main == ["sft", "if_rl", "multi_domain_rl", "mopd", "rlhf", "long_context_rl",
+                    "code_rl", "swe_rl"]
+    spec = {s.name: s for s in P.CASCADE}
+    assert spec["rlhf_teacher"].start == "sft" and spec["rlhf_teacher"].branch
+    # each main-line stage starts from the previous main-line stage
+    assert [spec[n].start for n in main] == [None] + main[:-1]
+    names = list(P.STAGE_NAMES)
+    assert names.index("rlhf_teacher") < names.index("mopd")
+
+
+def test_stage_config_wiring(tmp_path):
+    cfg = P.stage_config("mopd", preset="nano-30b-a3b", cascade_dir=tmp_path,
+                         start_checkpoint="/ck/mdrl", teachers={"math": "/ck/sft"},
+                         overrides=["stage.steps=3"])
+    assert cfg.run.out_dir == str(tmp_path / "mopd") and cfg.model.checkpoint == "/ck/mdrl"
+    assert cfg.stage.teachers == {"math": "/ck/sft"} and cfg.stage.steps == 3
+    assert cfg.optimizer.lr == 2e-6  # from configs/mopd.json
+    with pytest.raises(C.ConfigError, match="unknown cascade stage 'ppo'"):
+        P.stage_config("ppo", cascade_dir=tmp_path)
+    with pytest.raises(C.ConfigError, match="unknown cascade preset 'huge'"):
+        P.stage_config("sft", preset="huge", cascade_dir=tmp_path)
+    with pytest.raises(C.ConfigError, match="stage.stepz"):
+        P.stage_config("sft", preset="nano-30b-a3b", cascade_dir=tmp_path, overrides=["stage.stepz=1"])
+
+
+def test_state_file_round_trip_and_errors(tmp_path):
+    assert P.load_state(tmp_path) == {"version": 1, "stages": {}}
+    P.update_stage_state(tmp_path, "sft", status="running")
+    P.update_stage_state(tmp_path, "sft", status="done", hub="sft/hub")
+    assert P.load_state(tmp_path)["stages"]["sft"] == {"status": "done", "hub": "sft/hub"}
+    (tmp_path / P.STATE_FILE).write_text("{")
+    with pytest.raises(C.ConfigError, match="not valid JSON"):
+        P.load_state(tmp_path)
+    (tmp_path / P.STATE_FILE).write_text(json.dumps({"version": 1, "stages": {"ppo": {}}}))
+    with pytest.raises(C.ConfigError, match="unknown stage\\(s\\) ppo"):
+        P.load_state(tmp_path)
+
+
+@pytest.mark.parametrize("name", P.STAGE_NAMES)
+def test_30b_stage_config_builds_without_allocating(name):
+    """Config validates, the model builds abstractly, the optimizer state has a shape."""
+    from models import nemotron_h as nh
+    from cascade_jax import rl
+
+    cfg = P.load_stage_config(name, "nano-30b-a3b")
+    assert cfg.stage.name == name and cfg.model.preset == "nano-30b-a3b"
+    mcfg = nh.with_overrides(nh.preset(cfg.model.preset), **cfg.model.overrides)
+    params = nh.abstract_params(mcfg, jax.numpy.float32)
+    specs = nh.param_specs(mcfg)
+    tx = rl.make_optimizer(cfg.optimizer, specs)
+    opt_state = jax.eval_shape(tx.init, params)
+    n = sum(x.size for x in jax.tree.leaves(params))
+    assert 31e9 < n < 33e9  # Nemotron-3-Nano-30B-A3B: ~31.6B total
+    assert jax.tree.leaves(opt_state)
