@@ -25,7 +25,7 @@ from typing import Any, Literal, Optional, Sequence
 
 __all__ = [
     "ConfigError", "ModelSection", "MeshConfig", "OptimizerConfig", "RolloutConfig",
-    "DataSource", "DataConfig", "StageConfig", "RunConfig", "Config", "from_dict", "to_dict", "to_json",
+    "DataSource", "DataConfig", "StageConfig", "RunConfig", "EvalConfig", "Config", "from_dict", "to_dict", "to_json",
     "load", "apply_overrides", "replace_path",
 ]
 
@@ -100,6 +100,20 @@ class OptimizerConfig:
             raise ConfigError(f"optimizer.grad_accum: must be >= 1, got {self.grad_accum}")
 
 
+def _check_sampling(section: str, temperature: float, top_p: float, top_k: int, greedy: bool):
+    """Sampling settings: ``temperature > 0`` (or exactly 0 with ``greedy``), ``top_p`` in
+    (0, 1], ``top_k`` -1 (off) or >= 1."""
+    if greedy and temperature != 0:
+        raise ConfigError(f"{section}.temperature: must be 0 with {section}.greedy=true, got {temperature}")
+    if not greedy and not temperature > 0:
+        raise ConfigError(f"{section}.temperature: must be > 0 (or 0 with {section}.greedy=true for "
+                          f"argmax decoding), got {temperature}")
+    if not 0.0 < top_p <= 1.0:
+        raise ConfigError(f"{section}.top_p: must be in (0, 1], got {top_p}")
+    if top_k == 0 or top_k < -1:
+        raise ConfigError(f"{section}.top_k: must be -1 (off) or >= 1, got {top_k}")
+
+
 @dataclasses.dataclass(frozen=True)
 class RolloutConfig:
     """How responses are generated (embedded JAX engine or an SGLang server)."""
@@ -111,13 +125,14 @@ class RolloutConfig:
     max_response_len: int = 49152
     temperature: float = 1.0
     top_p: float = 1.0
+    top_k: int = -1  # -1 = off
+    greedy: bool = False  # argmax decoding (then temperature must be 0)
     thinking: bool = True
 
     def __post_init__(self):
         if self.n_samples < 1:
             raise ConfigError(f"rollout.n_samples: must be >= 1, got {self.n_samples}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ConfigError(f"rollout.top_p: must be in (0, 1], got {self.top_p}")
+        _check_sampling("rollout", self.temperature, self.top_p, self.top_k, self.greedy)
         if self.engine == "sglang" and not self.server_url:
             raise ConfigError("rollout.server_url: required when rollout.engine is 'sglang'")
 
@@ -228,12 +243,56 @@ class StageConfig:
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
-    """Bookkeeping: output directory, seed, logging cadence."""
+    """Bookkeeping: output directory, seed, logging and checkpoint cadence (0 = only at the
+    end), retention (last ``keep_last`` plus the ``keep_best`` best by eval score), Hub exports
+    every ``export_every`` steps (0 = only the final one), ``jax.profiler`` traces of the steps
+    in ``profile_steps``."""
 
     out_dir: str = "runs/default"
     seed: int = 0
     log_every: int = 1
     checkpoint_every: int = 0
+    keep_last: int = 3
+    keep_best: int = 1
+    async_checkpoint: bool = True
+    export_every: int = 0
+    profile_steps: tuple = ()
+
+    def __post_init__(self):
+        for name in ("log_every", "keep_last"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"run.{name}: must be >= 1, got {getattr(self, name)}")
+        for name in ("checkpoint_every", "keep_best", "export_every"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"run.{name}: must be >= 0, got {getattr(self, name)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """Evaluation (``launch/eval.py`` and the runner's periodic eval every ``every`` steps;
+    0 = only at the end, -1 = never): ``prompts`` held-out prompts per domain, ``k`` samples
+    each (avg@k, pass@k), sampling settings as in ``rollout`` (``max_response_len`` 0 = the
+    rollout's)."""
+
+    every: int = 0
+    prompts: int = 16
+    k: int = 4
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    greedy: bool = False
+    max_response_len: int = 0
+    seed: int = 1234
+
+    def __post_init__(self):
+        if self.every < -1:
+            raise ConfigError(f"eval.every: must be >= -1, got {self.every}")
+        for name in ("prompts", "k"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"eval.{name}: must be >= 1, got {getattr(self, name)}")
+        if self.max_response_len < 0:
+            raise ConfigError(f"eval.max_response_len: must be >= 0, got {self.max_response_len}")
+        _check_sampling("eval", self.temperature, self.top_p, self.top_k, self.greedy)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -245,6 +304,7 @@ class Config:
     data: DataConfig = DataConfig()
     stage: StageConfig = StageConfig()
     run: RunConfig = RunConfig()
+    eval: EvalConfig = EvalConfig()
 
 
 # --------------------------------------------------------------------------------------------
