@@ -217,7 +217,7 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class StageConfig:
-    """One cascade stage (algorithms.md §3)."""
+    """One cascade stage (docs/algorithms.md §3)."""
 
     name: str = "demo"
     objective: Literal["sft", "grpo", "mopd", "demo"] = "demo"

@@ -85,7 +85,7 @@ _THINK_CLOSE = "</think>"
 def final_answer(response: str) -> Optional[str]:
     """The part of a response that is graded: the text after the last ``</think>``.
 
-    Rules (chat template, algorithms.md §9): a response in thinking mode is
+    Rules (chat template, docs/algorithms.md §9): a response in thinking mode is
     ``reasoning </think> answer``; a non-thinking one is ``<think></think>answer`` or plain text.
     Returns ``None`` when a ``<think>`` block was opened but never closed (the model never left its
     reasoning, e.g. truncated) — such a response has no answer and scores 0. Anything inside the

@@ -10,7 +10,7 @@ edits (converted to removed/added lines), else a bare unified diff starting at `
 via :class:`~cascade_jax.rewards.judges.ServedJudge` with the ``swe_repair`` prompt (0–10 scale),
 or the rule-based :class:`~cascade_jax.rewards.judges.RulePatchJudge` (changed-line F1) for the
 tiny preset. ``metrics["above_half"]`` marks scores > 0.5: the stage masks the loss of prompts where
-no rollout exceeds 0.5 (algorithms.md §3).
+no rollout exceeds 0.5 (docs/algorithms.md §3).
 
 **Agentic SWE RL (OpenHands) — how it would plug in.** That stage is out of scope here; it needs
 a multi-turn environment rather than a one-shot scorer. It would reuse this interface at the end

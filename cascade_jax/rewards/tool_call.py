@@ -1,6 +1,6 @@
 """``tool_call``: parse tool calls in the chat template's format and compare to expected calls.
 
-Format (algorithms.md §9, Qwen3-Coder style), one block per call, calls back to back::
+Format (docs/algorithms.md §9, Qwen3-Coder style), one block per call, calls back to back::
 
     <tool_call>
     <function=NAME>
