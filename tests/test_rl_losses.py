@@ -1,5 +1,5 @@
 """cascade_jax.rl pure-array functions vs independent NumPy implementations of the formulas
-(algorithms.md §5–§8). Tolerances: float32 math, compared at rtol 1e-5 / atol 1e-6 unless said."""
+(docs/algorithms.md §5–§8). Tolerances: float32 math, compared at rtol 1e-5 / atol 1e-6 unless said."""
 
 import numpy as np
 import jax

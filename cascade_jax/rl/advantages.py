@@ -1,4 +1,4 @@
-"""Group-relative advantages for GRPO (algorithms.md §5).
+"""Group-relative advantages for GRPO (docs/algorithms.md §5).
 
 For response ``i`` in group ``g(i)`` (the responses sampled for one prompt), with the group's
 population statistics (ddof 0) over its members ``G_i``::

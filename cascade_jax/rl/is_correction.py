@@ -1,4 +1,4 @@
-"""Train/inference mismatch correction (algorithms.md §7).
+"""Train/inference mismatch correction (docs/algorithms.md §7).
 
 With ``δ_t = lp_train(y_t) − lp_rollout(y_t)`` (the trainer's recomputed log-prob minus the
 inference engine's) and ``r_t = exp(δ_t)``, the stop-gradient per-token weights are::

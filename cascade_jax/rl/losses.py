@@ -32,7 +32,7 @@ def grpo_loss(logp: jax.Array, old_logp: Optional[jax.Array], advantages: jax.Ar
               clip_low: float = 0.2, clip_high: float = 0.2,
               is_correction: Literal["none", "tis", "icepop"] = "tis", tis_cap: float = 2.0,
               is_low: float = 0.5, is_high: float = 2.0):
-    """GRPO / DAPO token-level clipped policy-gradient loss (algorithms.md §5, §7).
+    """GRPO / DAPO token-level clipped policy-gradient loss (docs/algorithms.md §5, §7).
 
     With ``ρ_t = exp(lp_t − lp_old,t)`` (``lp_old = sg(lp)`` when ``old_logp is None``, the
     strictly on-policy case: ρ ≡ 1 in value, ∇ρ = ∇lp), IS weight ``w_t`` from
@@ -96,7 +96,7 @@ def mopd_loss(logp: jax.Array, teacher_logp: jax.Array, inference_logp: jax.Arra
               normalization: Literal["sequence", "token"] = "sequence",
               seq_index: Optional[jax.Array] = None, num_segments: Optional[int] = None,
               num_sequences=None, num_tokens=None):
-    """Multi-domain on-policy distillation loss (algorithms.md §6, Eqs. 2–4).
+    """Multi-domain on-policy distillation loss (docs/algorithms.md §6, Eqs. 2–4).
 
     Per sampled token ``y_t`` (sampled from π_inf)::
 
@@ -162,7 +162,7 @@ def segment_start_mask(segment_ids: jax.Array) -> jax.Array:
 
 def sft_loss(logp: jax.Array, loss_mask: jax.Array, *, segment_ids: Optional[jax.Array] = None,
              num_tokens=None):
-    """Next-token negative log-likelihood on assistant tokens of packed rows (algorithms.md §8)::
+    """Next-token negative log-likelihood on assistant tokens of packed rows (docs/algorithms.md §8)::
 
         L = −(1/num_tokens) Σ_{b,t} mask_{b,t} · lp_{b,t},   mask = loss_mask · has_prefix
 
