@@ -4,7 +4,7 @@ our ``load_checkpoint``, and our fp32 ``forward`` logits must match transformers
 
 Tolerance: max-abs 1e-4 on the logits (values of magnitude ~1-10; fp32 on both sides).
 transformers 5 clamps dt at ``time_step_min`` in the full-sequence path, so our configs set
-``dt_floor = time_step_min`` (model.md §13).
+``dt_floor = time_step_min`` (docs/model.md §13).
 """
 
 from __future__ import annotations

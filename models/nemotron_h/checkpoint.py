@@ -1,4 +1,4 @@
-"""Hugging Face Hub checkpoint I/O for NemotronH (model.md §9).
+"""Hugging Face Hub checkpoint I/O for NemotronH (docs/model.md §9).
 
 ``load_checkpoint(path)`` reads a Hub-layout directory (``config.json`` plus ``model.safetensors``,
 or ``model-0000k-of-0000n.safetensors`` shards with ``model.safetensors.index.json``) into the

@@ -26,7 +26,7 @@ _LIST_TO_CHAR = {
 }
 _CHAR_TO_LIST = {"M": "linear_attention", "E": "moe", "*": "full_attention", "-": "mlp"}
 
-# HF legacy key -> our key (model.md §1).
+# HF legacy key -> our key (docs/model.md §1).
 _HF_ALIASES = {
     "mamba_n_groups": "n_groups", "mamba_d_conv": "conv_kernel", "mamba_expand": "expand",
     "mamba_dt_min": "time_step_min", "mamba_dt_max": "time_step_max",
@@ -143,7 +143,7 @@ class ModelConfig:
         if self.dt_floor < 0:
             raise ModelConfigError(f"dt_floor: must be >= 0, got {self.dt_floor}")
 
-    # ---- derived sizes (model.md §4) ----
+    # ---- derived sizes (docs/model.md §4) ----
     @property
     def num_hidden_layers(self) -> int:
         return len(self.pattern)
@@ -303,7 +303,7 @@ def _encode_float(v):
 
 
 PRESETS = {
-    # The exact public config of nvidia/NVIDIA-Nemotron-3-Nano-30B-A3B-BF16 (model.md §1).
+    # The exact public config of nvidia/NVIDIA-Nemotron-3-Nano-30B-A3B-BF16 (docs/model.md §1).
     "nano-30b-a3b": dict(),
     # CPU-fast, all four layer kinds, group-limited routing exercised.
     "tiny": dict(

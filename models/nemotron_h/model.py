@@ -1,7 +1,7 @@
 """NemotronH forward pass, prefill and single-token decode as pure functions over params.
 
 Shapes: ``B`` batch, ``T`` tokens, ``H`` hidden, ``V`` vocab. Activations run in the params'
-dtype (bf16 for the checkpoint) with fp32 where model.md says fp32: RMSNorm statistics and weight
+dtype (bf16 for the checkpoint) with fp32 where docs/model.md says fp32: RMSNorm statistics and weight
 multiply, router, routed-expert accumulation, the whole SSM (dt, A, state, y, gated norm) and the
 logits. Packed rows: tokens with different ``segment_ids`` never see each other — attention is
 masked, the Mamba conv does not read across a segment start, and the SSM state is reset there.
@@ -31,14 +31,14 @@ f32 = jnp.float32
 
 
 def rms_norm(x, w, eps):
-    """``(w_fp32 · x_fp32 · rsqrt(mean(x²) + eps))`` cast to ``x.dtype`` (model.md §3)."""
+    """``(w_fp32 · x_fp32 · rsqrt(mean(x²) + eps))`` cast to ``x.dtype`` (docs/model.md §3)."""
     xf = x.astype(f32)
     xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
     return (w.astype(f32) * xf).astype(x.dtype)
 
 
 def gated_group_norm(y, z, w, groups, eps, out_dtype):
-    """Gate-before-norm grouped RMSNorm (model.md §4.6): ``g = y·silu(z)`` in fp32, normalised
+    """Gate-before-norm grouped RMSNorm (docs/model.md §4.6): ``g = y·silu(z)`` in fp32, normalised
     over ``groups`` contiguous groups, times the weight in fp32, cast to ``out_dtype``."""
     g = y.astype(f32) * jax.nn.silu(z.astype(f32))
     shape = g.shape
@@ -186,7 +186,7 @@ def relu2_mlp(x, up, down):
 
 
 def route(p, x, cfg: ModelConfig):
-    """Sigmoid router with correction-biased, group-limited top-k (model.md §6.1).
+    """Sigmoid router with correction-biased, group-limited top-k (docs/model.md §6.1).
     x [n,H] -> (weights [n,k] fp32, expert ids [n,k] int32)."""
     gate = p["gate"]
     if cfg.freeze_router:

@@ -1,5 +1,5 @@
 """A rule-based stand-in for an SGLang judge server: a real HTTP process speaking the subset of
-SGLang's ``/generate`` protocol the served judge uses (rollout-protocol.md §3–4).
+SGLang's ``/generate`` protocol the served judge uses (docs/rollout-protocol.md §3–4).
 
     python -m tests.rewards.sglang_stub [--skip-tokenizer-init]   # prints the port, then serves
 
