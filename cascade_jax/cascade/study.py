@@ -1,0 +1,213 @@
+"""The MOPD-vs-GRPO study: claims declared before the runs, verdicts computed from eval curves.
+
+From one start checkpoint, MOPD (teachers from the cascade's registry) and continuing GRPO run
+for the same number of steps on the same domains, once per seed, evaluating every
+``eval_every`` steps. The study's config declares its claims up front; :func:`declare` writes
+them to ``<study_dir>/claims.json`` before any training and refuses to run a study dir whose
+declared claims differ (no moving the goalposts after seeing results).
+
+Claim kinds (``curves[method] = {"steps": [...], "scores": {domain: [mean over seeds]}}``):
+
+- ``steps_to_teacher`` (``domain``, ``tolerance``, ``margin_steps``): let ``s_m`` be the first
+  eval step at which method ``m``'s seed-mean score reaches ``teacher - tolerance`` (infinite if
+  never). Held iff ``s_mopd + margin_steps <= s_grpo`` and ``s_mopd`` is finite -- "MOPD reaches
+  the teacher's level in fewer steps than GRPO".
+- ``final_gain`` (``domain``, ``margin``): held iff ``mean_mopd(last) - mean_grpo(last) >=
+  margin`` -- "at matched steps MOPD scores at least ``margin`` higher".
+
+Regressions of other domains are reported (``regressions``), never asserted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import pathlib
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from cascade_jax import domains as D
+
+__all__ = ["StudyError", "Claim", "StudySpec", "spec_from_dict", "load_spec", "declare",
+           "first_reach", "seed_mean", "verdicts", "regressions"]
+
+
+class StudyError(ValueError):
+    """A bad study config or a study dir whose declared claims differ."""
+
+
+_KINDS = {"steps_to_teacher": {"domain", "tolerance", "margin_steps"},
+          "final_gain": {"domain", "margin"}}
+
+
+@dataclasses.dataclass(frozen=True)
+class Claim:
+    name: str
+    kind: str
+    domain: str
+    tolerance: float = 0.0
+    margin_steps: int = 0
+    margin: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class StudySpec:
+    """``start``: a stage of the cascade dir whose final export both methods start from;
+    ``domains``: the MOPD stage's domains (GRPO trains on the same prompts); ``steps`` matched
+    for both methods; ``eval_every``: eval cadence in steps; ``seeds``: >= 3;
+    ``teacher_policy``: as in :func:`registry.assign_teachers`; ``overrides``: ``--set`` values
+    for both methods' stage configs."""
+
+    claims: tuple
+    start: str = "multi_domain_rl"
+    domains: tuple = ()
+    steps: int = 8
+    eval_every: int = 2
+    seeds: tuple = (0, 1, 2)
+    teacher_policy: object = "paper"
+    overrides: tuple = ()
+
+
+def _claim(d: dict, i: int) -> Claim:
+    where = f"claims[{i}]"
+    if not isinstance(d, dict):
+        raise StudyError(f"{where}: expected an object")
+    for key in ("name", "kind", "domain"):
+        if not isinstance(d.get(key), str):
+            raise StudyError(f"{where}.{key}: required string")
+    kind = d["kind"]
+    if kind not in _KINDS:
+        raise StudyError(f"{where}.kind: unknown claim kind {kind!r}; valid: {', '.join(_KINDS)}")
+    allowed = _KINDS[kind] | {"name", "kind"}
+    extra = set(d) - allowed
+    if extra:
+        raise StudyError(f"{where}: unknown key(s) {', '.join(sorted(extra))} for kind {kind!r}; "
+                         f"valid: {', '.join(sorted(allowed))}")
+    missing = _KINDS[kind] - set(d)
+    if missing:
+        raise StudyError(f"{where}: missing {', '.join(sorted(missing))} (kind {kind!r})")
+    if d["domain"] not in D.DOMAINS:
+        raise StudyError(f"{where}.domain: unknown domain {d['domain']!r}")
+    for key in ("tolerance", "margin"):
+        if key in d and (isinstance(d[key], bool) or not isinstance(d[key], (int, float))):
+            raise StudyError(f"{where}.{key}: expected a number, got {d[key]!r}")
+    if "margin_steps" in d and (isinstance(d["margin_steps"], bool) or not isinstance(d["margin_steps"], int)):
+        raise StudyError(f"{where}.margin_steps: expected an int, got {d['margin_steps']!r}")
+    return Claim(**d)
+
+
+def spec_from_dict(d: dict) -> StudySpec:
+    if not isinstance(d, dict):
+        raise StudyError("study config: expected an object")
+    fields = {f.name for f in dataclasses.fields(StudySpec)}
+    extra = set(d) - fields
+    if extra:
+        raise StudyError(f"study config: unknown key(s) {', '.join(sorted(extra))}; valid: "
+                         f"{', '.join(sorted(fields))}")
+    if not d.get("claims"):
+        raise StudyError("study config: 'claims' must declare at least one claim before running")
+    claims = tuple(_claim(c, i) for i, c in enumerate(d["claims"]))
+    names = [c.name for c in claims]
+    if len(set(names)) != len(names):
+        raise StudyError("study config: claim names must be unique")
+    spec = StudySpec(**{**d, "claims": claims,
+                        **{k: tuple(d[k]) for k in ("domains", "seeds", "overrides") if k in d}})
+    if len(spec.seeds) < 3:
+        raise StudyError(f"study config: seeds: at least 3 seeds, got {list(spec.seeds)}")
+    if spec.steps < 1 or spec.eval_every < 1:
+        raise StudyError("study config: steps and eval_every must be >= 1")
+    for c in claims:
+        if spec.domains and c.domain not in spec.domains:
+            raise StudyError(f"claim {c.name!r}: domain {c.domain!r} is not among the study's "
+                             f"domains {list(spec.domains)}")
+    return spec
+
+
+def load_spec(path) -> StudySpec:
+    try:
+        d = json.loads(pathlib.Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise StudyError(f"{path}: not valid JSON ({e})") from None
+    return spec_from_dict(d)
+
+
+def declare(study_dir, spec: StudySpec) -> dict:
+    """Write ``claims.json`` (the claims and the settings they are judged under) before any run;
+    if it exists, it must be identical (else :class:`StudyError`)."""
+    study_dir = pathlib.Path(study_dir)
+    decl = {"claims": [dataclasses.asdict(c) for c in spec.claims], "start": spec.start,
+            "steps": spec.steps, "eval_every": spec.eval_every, "seeds": list(spec.seeds),
+            "domains": list(spec.domains)}
+    path = study_dir / "claims.json"
+    if path.exists():
+        old = json.loads(path.read_text())
+        if old != decl:
+            raise StudyError(f"{path}: this study dir declared different claims/settings before; "
+                             f"use a new study dir")
+        return decl
+    study_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(decl, indent=2) + "\n")
+    return decl
+
+
+def first_reach(steps: Sequence[float], scores: Sequence[float], level: float) -> float:
+    """First step whose score is >= ``level`` (``inf`` if none)."""
+    for s, v in zip(steps, scores):
+        if v is not None and not math.isnan(v) and v >= level:
+            return float(s)
+    return math.inf
+
+
+def seed_mean(per_seed: Mapping[str, dict], domain: str):
+    """``(steps, mean, per_seed_matrix)`` over seeds on the first seed's steps."""
+    curves = list(per_seed.values())
+    steps = np.asarray(curves[0]["steps"], float)
+    mat = np.stack([np.interp(steps, np.asarray(c["steps"], float), np.asarray(c["scores"][domain], float))
+                    for c in curves])
+    return steps, mat.mean(0), mat
+
+
+def verdicts(spec: StudySpec, curves: Mapping[str, Mapping[str, dict]],
+             teacher_scores: Mapping[str, float]) -> list[dict]:
+    """One verdict per claim: ``{"claim", "kind", "held", "numbers", ...values}``.
+    ``curves[method][seed] = {"steps": [...], "scores": {domain: [...]}}`` for methods
+    ``mopd`` and ``grpo``."""
+    out = []
+    for c in spec.claims:
+        sm, mm, mat_m = seed_mean(curves["mopd"], c.domain)
+        sg, mg, mat_g = seed_mean(curves["grpo"], c.domain)
+        if c.kind == "steps_to_teacher":
+            if c.domain not in teacher_scores:
+                raise StudyError(f"claim {c.name!r}: no teacher score for domain {c.domain!r}")
+            level = teacher_scores[c.domain] - c.tolerance
+            rm, rg = first_reach(sm, mm, level), first_reach(sg, mg, level)
+            held = math.isfinite(rm) and rm + c.margin_steps <= rg
+            fmt = lambda s: "never" if math.isinf(s) else f"step {int(s)}"
+            nums = (f"teacher {teacher_scores[c.domain]:.3f} - tol {c.tolerance:g} = {level:.3f}: "
+                    f"MOPD reaches it at {fmt(rm)}, GRPO at {fmt(rg)} (margin {c.margin_steps} steps; "
+                    f"final MOPD {mm[-1]:.3f} vs GRPO {mg[-1]:.3f})")
+            out.append({"claim": c.name, "kind": c.kind, "domain": c.domain, "held": bool(held),
+                        "numbers": nums, "mopd_step": None if math.isinf(rm) else rm,
+                        "grpo_step": None if math.isinf(rg) else rg, "level": level})
+        else:
+            gain = float(mm[-1] - mg[-1])
+            held = gain >= c.margin
+            nums = (f"at step {int(sm[-1])}: MOPD {mm[-1]:.3f} (seeds {np.round(mat_m[:, -1], 3).tolist()}) "
+                    f"vs GRPO {mg[-1]:.3f} (seeds {np.round(mat_g[:, -1], 3).tolist()}); gain "
+                    f"{gain:+.3f}, margin {c.margin:g}")
+            out.append({"claim": c.name, "kind": c.kind, "domain": c.domain, "held": bool(held),
+                        "numbers": nums, "gain": gain})
+    return out
+
+
+def regressions(curves: Mapping[str, Mapping[str, dict]], domains: Sequence[str]) -> list[dict]:
+    """Per method and domain: seed-mean score at the start and the end (reported, not asserted)."""
+    out = []
+    for method, per_seed in sorted(curves.items()):
+        for dom in domains:
+            steps, mean, _ = seed_mean(per_seed, dom)
+            out.append({"method": method, "domain": dom, "start": float(mean[0]),
+                        "end": float(mean[-1]), "change": float(mean[-1] - mean[0])})
+    return out

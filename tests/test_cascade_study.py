@@ -1,0 +1,73 @@
+"""Study claims: declared before running, validated, and judged from hand-made seed curves."""
+
+import json
+import math
+
+import pytest
+
+from cascade_jax.cascade import study as S
+
+SPEC = {"claims": [
+    {"name": "mopd_reaches_teacher_faster_math", "kind": "steps_to_teacher", "domain": "math",
+     "tolerance": 0.05, "margin_steps": 2},
+    {"name": "mopd_higher_at_matched_steps_mcq", "kind": "final_gain", "domain": "mcq", "margin": 0.1}],
+    "domains": ["math", "mcq"], "steps": 6, "eval_every": 2, "seeds": [0, 1, 2]}
+
+
+def _curves(mopd_math, grpo_math, mopd_mcq, grpo_mcq):
+    steps = [0, 2, 4, 6]
+    mk = lambda m, q: {"steps": steps, "scores": {"math": m, "mcq": q}}
+    return {"mopd": {str(s): mk([v + 0.01 * (s - 1) for v in mopd_math], mopd_mcq) for s in range(3)},
+            "grpo": {str(s): mk(grpo_math, [v + 0.01 * (s - 1) for v in grpo_mcq]) for s in range(3)}}
+
+
+def test_verdicts_hand_computed():
+    spec = S.spec_from_dict(SPEC)
+    curves = _curves([0.2, 0.6, 0.8, 0.8], [0.2, 0.3, 0.5, 0.76], [0.3, 0.4, 0.5, 0.6], [0.3, 0.35, 0.4, 0.45])
+    v = {x["claim"]: x for x in S.verdicts(spec, curves, {"math": 0.8})}
+    # level 0.75; MOPD seed-mean reaches it at step 4, GRPO at step 6; 4 + 2 <= 6 -> held
+    a = v["mopd_reaches_teacher_faster_math"]
+    assert a["held"] and a["mopd_step"] == 4 and a["grpo_step"] == 6 and math.isclose(a["level"], 0.75)
+    b = v["mopd_higher_at_matched_steps_mcq"]
+    assert b["held"] and math.isclose(b["gain"], 0.6 - 0.45)
+    # a margin of 3 steps is not met; a mcq margin of 0.2 is not met
+    spec2 = S.spec_from_dict({**SPEC, "claims": [dict(SPEC["claims"][0], margin_steps=3),
+                                                  dict(SPEC["claims"][1], margin=0.2)]})
+    assert [x["held"] for x in S.verdicts(spec2, curves, {"math": 0.8})] == [False, False]
+    # never reaching the level is not held and says so
+    slow = _curves([0.2] * 4, [0.2] * 4, [0.3] * 4, [0.3] * 4)
+    x = S.verdicts(spec, slow, {"math": 0.8})[0]
+    assert not x["held"] and "MOPD reaches it at never" in x["numbers"]
+
+
+def test_regressions_reported():
+    curves = _curves([0.2, 0.6, 0.8, 0.8], [0.2] * 4, [0.5, 0.4, 0.3, 0.2], [0.5] * 4)
+    r = {(x["method"], x["domain"]): x for x in S.regressions(curves, ["math", "mcq"])}
+    assert math.isclose(r[("mopd", "mcq")]["change"], -0.3)
+
+
+@pytest.mark.parametrize("patch,match", [
+    ({"claims": []}, "at least one claim"),
+    ({"seeds": [0, 1]}, "at least 3 seeds"),
+    ({"claims": [{"name": "a", "kind": "vibes", "domain": "math"}]}, "unknown claim kind 'vibes'"),
+    ({"claims": [{"name": "a", "kind": "final_gain", "domain": "math"}]}, "missing margin"),
+    ({"claims": [{"name": "a", "kind": "final_gain", "domain": "math", "margin": 0, "tol": 1}]},
+     "unknown key\\(s\\) tol"),
+    ({"claims": [{"name": "a", "kind": "final_gain", "domain": "code", "margin": 0}]},
+     "domain 'code' is not among"),
+    ({"stepz": 3}, "unknown key\\(s\\) stepz"),
+])
+def test_bad_study_configs(patch, match):
+    with pytest.raises(S.StudyError, match=match):
+        S.spec_from_dict({**SPEC, **patch})
+
+
+def test_claims_declared_before_and_frozen(tmp_path):
+    spec = S.spec_from_dict(SPEC)
+    S.declare(tmp_path, spec)
+    decl = json.loads((tmp_path / "claims.json").read_text())
+    assert decl["claims"][0]["margin_steps"] == 2
+    S.declare(tmp_path, spec)  # same claims: fine (a resumed study)
+    moved = S.spec_from_dict({**SPEC, "claims": [dict(SPEC["claims"][0], margin_steps=0)]})
+    with pytest.raises(S.StudyError, match="declared different claims"):
+        S.declare(tmp_path, moved)
