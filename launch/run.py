@@ -76,7 +76,7 @@ def run_demo(cfg: C.Config, out_dir: pathlib.Path) -> dict:
     import jax
     import jax.numpy as jnp
     from models import nemotron_h as nh
-    from cascade_jax.rl.sampler import sample
+    from cascade_jax.rollout.sampler import sample
 
     mcfg, params = build_model(cfg)
     total, active = nh.param_counts(mcfg)

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import cascade_jax.rl as rl
+from cascade_jax.rollout import sample
 from cascade_jax.config import OptimizerConfig, StageConfig
 from models import nemotron_h as nh
 
@@ -33,8 +34,8 @@ def rollout(params, key, group):
     k1, k2 = jax.random.split(key)
     x = jnp.repeat(jax.random.randint(k1, (ROWS // group,), 3, 3 + K), group)
     prompts = jnp.stack([jnp.ones_like(x), x], 1).astype(jnp.int32)
-    batch, resp = rl.sample(params, prompts, CFG, rng=k2, max_new_tokens=L,
-                            group_ids=jnp.arange(ROWS) // group)
+    batch, resp = sample(params, prompts, CFG, rng=k2, max_new_tokens=L,
+                         group_ids=jnp.arange(ROWS) // group)
     return batch.replace(rewards=(resp == x[:, None]).mean(1).astype(jnp.float32))
 
 

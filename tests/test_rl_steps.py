@@ -13,6 +13,7 @@ import optax
 import pytest
 
 import cascade_jax.rl as rl
+from cascade_jax.rollout import sample
 from cascade_jax.config import OptimizerConfig, StageConfig
 from models import nemotron_h as nh
 
@@ -298,21 +299,21 @@ def test_sampler_logprobs_match_trainer():
     params = init(CFG, jax.random.key(1))
     prompts = jax.random.randint(jax.random.key(2), (4, 5), 3, CFG.vocab_size)
     lengths = jnp.asarray([5, 3, 4, 2])
-    batch, resp = rl.sample(params, prompts, CFG, rng=jax.random.key(3), max_new_tokens=6,
-                            prompt_lengths=lengths, temperature=0.8, eos_id=2)
+    batch, resp = sample(params, prompts, CFG, rng=jax.random.key(3), max_new_tokens=6,
+                         prompt_lengths=lengths, temperature=0.8, eos_id=2)
     lp, _ = logprobs(params, batch, CFG, temperature=0.8)
     m = batch.loss_mask
     np.testing.assert_allclose(np.asarray(lp * m), np.asarray(batch.rollout_logp), atol=2e-5)
     np.testing.assert_array_equal(np.asarray(m.sum(1)) > 0, True)
     for b in range(4):  # prompt kept, response right after it
         np.testing.assert_array_equal(batch.tokens[b, :int(lengths[b])], prompts[b, :int(lengths[b])])
-    g, _ = rl.sample(params, prompts, CFG, rng=jax.random.key(4), max_new_tokens=6,
-                     prompt_lengths=lengths, temperature=0.8, eos_id=2, greedy=True)
-    g2, _ = rl.sample(params, prompts, CFG, rng=jax.random.key(5), max_new_tokens=6,
-                      prompt_lengths=lengths, temperature=0.8, eos_id=2, greedy=True)
+    g, _ = sample(params, prompts, CFG, rng=jax.random.key(4), max_new_tokens=6,
+                  prompt_lengths=lengths, temperature=0.8, eos_id=2, greedy=True)
+    g2, _ = sample(params, prompts, CFG, rng=jax.random.key(5), max_new_tokens=6,
+                   prompt_lengths=lengths, temperature=0.8, eos_id=2, greedy=True)
     np.testing.assert_array_equal(g.tokens, g2.tokens)  # greedy ignores the key
-    # greedy picks the mode: its log-prob is the max over the vocab at every step
-    full = jax.nn.log_softmax(nh.forward(params, g.tokens, CFG, segment_ids=g.segment_ids) / 0.8, -1)
+    # greedy (τ = 0) picks the mode: its log-prob is the max of the unscaled log-softmax
+    full = jax.nn.log_softmax(nh.forward(params, g.tokens, CFG, segment_ids=g.segment_ids), -1)
     best = full.max(-1)[:, :-1]
     np.testing.assert_allclose(np.asarray(g.rollout_logp[:, 1:]),
                                np.asarray(best * g.loss_mask[:, 1:]), atol=2e-5)

@@ -3,15 +3,16 @@
 Pure array functions (no model needed): :func:`group_advantages`, :func:`grpo_advantages`,
 :func:`grpo_loss`, :func:`mopd_loss`, :func:`sft_loss`, :func:`is_weights`,
 :func:`chunked_logprobs`. Model-level: :func:`token_logprobs`, :func:`routed_logprobs`,
-:class:`TrainState`, :func:`make_optimizer`, the train steps and a minimal :func:`sample`.
+:class:`TrainState`, :func:`make_optimizer`, the train steps. Generation (the sampler, the
+rollout engine) lives in :mod:`cascade_jax.rollout`.
 
 A GRPO loop (see ``launch/walkthrough_rl.py`` for every intermediate)::
 
     state = rl.TrainState.from_config(params, opt_cfg, freeze_router=model_cfg.freeze_router)
     step = rl.make_train_step("grpo", model_cfg=model_cfg, stage=stage_cfg, opt_cfg=opt_cfg)
-    for it in range(stage_cfg.steps):
-        batch, responses = rl.sample(rl.compute_params(state.params), prompts, model_cfg,
-                                     rng=key, max_new_tokens=M, group_ids=ids)
+    for it in range(stage_cfg.steps):   # sample: cascade_jax.rollout.sample
+        batch, responses = sample(rl.compute_params(state.params), prompts, model_cfg,
+                                  rng=key, max_new_tokens=M, group_ids=ids)
         batch = batch.replace(rewards=verify(responses))
         state, metrics = step(state, batch)
 """
@@ -24,7 +25,6 @@ from .logprobs import DEFAULT_VOCAB_CHUNK, chunked_logprobs, routed_logprobs, to
 from .losses import grpo_loss, k3_kl, mopd_loss, segment_start_mask, sft_loss
 from .optim import (TrainState, compute_params, decay_mask, lr_schedule, make_optimizer,
                     mopd_optimizer_config, param_labels, sft_optimizer_config, trainable_mask)
-from .sampler import sample
 from .steps import (accumulate_gradients, grpo_train_step, make_train_step, mopd_train_step,
                     sft_train_step)
 
@@ -38,5 +38,5 @@ __all__ = [
     "TrainState", "compute_params", "decay_mask", "lr_schedule", "make_optimizer",
     "mopd_optimizer_config", "param_labels", "sft_optimizer_config", "trainable_mask",
     "accumulate_gradients", "grpo_train_step", "make_train_step", "mopd_train_step",
-    "sft_train_step", "sample",
+    "sft_train_step",
 ]
