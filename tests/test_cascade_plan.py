@@ -66,3 +66,20 @@ def test_30b_stage_config_builds_without_allocating(name):
     n = sum(x.size for x in jax.tree.leaves(params))
     assert 31e9 < n < 33e9  # Nemotron-3-Nano-30B-A3B: ~31.6B total
     assert jax.tree.leaves(opt_state)
+
+
+def test_tiny_stage_configs_share_shapes():
+    """Every tiny RL stage generates and trains on the same shapes, so the compiled programs are
+    shared across stages (persistent compilation cache)."""
+    shapes = set()
+    for name in P.STAGE_NAMES:
+        cfg = P.load_stage_config(name, "tiny")
+        assert cfg.stage.name == name and cfg.model.preset == "tiny"
+        ref = P.load_stage_config(name, "nano-30b-a3b")
+        assert cfg.stage.objective == ref.stage.objective
+        assert cfg.data.domains == ref.data.domains  # same domains as the 30B stage
+        assert cfg.stage.kl_coef == ref.stage.kl_coef and cfg.stage.is_correction == ref.stage.is_correction
+        if cfg.stage.objective != "sft":
+            r = cfg.rollout
+            shapes.add((r.max_prompt_len, r.max_response_len, cfg.data.batch_prompts * r.n_samples))
+    assert len(shapes) == 1

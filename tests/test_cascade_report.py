@@ -23,7 +23,8 @@ def _synthetic_cascade(tmp_path, stages=("sft", "rlhf_teacher", "if_rl", "multi_
             for s in range(1, 6):
                 row = {"step": s, "reward_mean": 0.1 * s, "resp_len_mean": 10 + s, "resp_len_max": 20 + s,
                        "is_abs_delta_mean": 1e-3, "is_abs_delta_max": 1e-2, "is_frac_corrected": 0.0,
-                       "is_weight_mean": 1.0, "time/rollout": 0.5, "time/update": 0.25}
+                       "is_weight_mean": 1.0, "time/rollout_s": 0.5, "time/update_s": 0.25,
+                       "time/step_s": 0.75}
                 row.update({f"reward/{d}": float(rng.uniform()) for d in doms[name]})
                 f.write(json.dumps(row) + "\n")
             f.write('{"step": 6, "rew')  # a line cut by a kill

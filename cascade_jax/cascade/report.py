@@ -36,6 +36,7 @@ _LEN_KEYS = ("resp_len_mean", "resp_len_max")
 _IS_KEYS = ("is_abs_delta_mean", "is_abs_delta_max", "is_frac_corrected", "is_weight_mean")
 #: Per-phase seconds logged each step (``time/<phase>``, e.g. rollout, reward, update).
 _TIME_KEY = re.compile(r"^time[/_](?P<phase>[a-z_]+?)(?:_s)?$")
+_TIME_TOTALS = ("step",)  # whole-step totals, not phases
 
 
 def read_metrics(run_dir) -> list[dict]:
@@ -194,7 +195,7 @@ def _time_split(cascade_dir, stages):
         for r in read_metrics(pathlib.Path(cascade_dir) / name):
             for k, v in r.items():
                 m = _TIME_KEY.match(k)
-                if m and v is not None:
+                if m and v is not None and m["phase"] not in _TIME_TOTALS:
                     phases[m["phase"]] = phases.get(m["phase"], 0.0) + float(v)
         wall = state.get(name, {}).get("wall_s")
         if wall is not None:
