@@ -122,7 +122,8 @@ print("REINFORCE −w·Â/n matches:", bool(jnp.allclose(g, -w * adv[:, None] / 
 
 # %%
 state = rl.TrainState.from_config(params, OptimizerConfig(lr=1e-3, warmup_steps=10,
-                                                          warmup_init_lr=1e-4))
+                                                          warmup_init_lr=1e-4),
+                                  nh.param_specs(cfg))  # roles: decay / trainable / fp32
 grpo_step = rl.make_train_step("grpo", model_cfg=cfg, stage=stage, grad_accum=2)
 new_state, metrics = grpo_step(state, batch)
 print({k: round(float(v), 5) for k, v in sorted(metrics.items())})
@@ -154,7 +155,7 @@ print("mopd_loss", float(loss), {k: round(float(v), 4) for k, v in mopd_metrics.
 # **One MOPD step** with the recipe's optimiser: AdamW(0.9, 0.95), lr 2e-7 → 2e-6 over 30 steps.
 
 # %%
-state = rl.TrainState.from_config(params, rl.mopd_optimizer_config())
+state = rl.TrainState.from_config(params, rl.mopd_optimizer_config(), nh.param_specs(cfg))
 mopd_step = rl.make_train_step("mopd", model_cfg=cfg, stage=StageConfig(objective="mopd"))
 for i in range(3):
     state, metrics = mopd_step(state, batch)
@@ -170,6 +171,6 @@ sft_batch = rl.SFTBatch(
     tokens=jnp.asarray(tokens[:2]), positions=jnp.asarray([[0, 1, 2, 3, 0, 1, 2, 3, 4]] * 2),
     segment_ids=jnp.asarray([[1, 1, 1, 1, 2, 2, 2, 2, 2]] * 2),
     loss_mask=jnp.asarray([[0, 0, 1, 1, 0, 0, 1, 1, 1]] * 2, jnp.float32))
-state = rl.TrainState.from_config(params, OptimizerConfig(lr=1e-3))
+state = rl.TrainState.from_config(params, OptimizerConfig(lr=1e-3), nh.param_specs(cfg))
 state, metrics = rl.make_train_step("sft", model_cfg=cfg)(state, sft_batch)
 print({k: round(float(v), 4) for k, v in sorted(metrics.items())})

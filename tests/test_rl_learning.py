@@ -24,6 +24,7 @@ from cascade_jax.config import OptimizerConfig, StageConfig
 from models import nemotron_h as nh
 
 CFG = nh.preset("tiny", vocab_size=16, hidden_size=32, pattern="*-", intermediate_size=48)
+SPECS = nh.param_specs(CFG)  # parameter roles (trainable / decay / fp32)
 K, L, ROWS = 8, 3, 128
 EVAL_KEY = jax.random.key(99)
 
@@ -40,18 +41,18 @@ def rollout(params, key, group):
 
 
 def eval_reward(master):
-    return float(rollout(rl.compute_params(master), EVAL_KEY, 4).rewards.mean())
+    return float(rollout(rl.compute_params(master, SPECS), EVAL_KEY, 4).rewards.mean())
 
 
 def test_grpo_raises_reward():
     params = nh.init_params(CFG, jax.random.key(0), dtype=jnp.float32)
-    state = rl.TrainState.from_config(params, OptimizerConfig(lr=1e-2, grad_clip=1.0))
+    state = rl.TrainState.from_config(params, OptimizerConfig(lr=1e-2, grad_clip=1.0), SPECS)
     step = rl.make_train_step("grpo", model_cfg=CFG, stage=StageConfig(objective="grpo"))
     before = eval_reward(state.params)
     key = jax.random.key(1)
     for _ in range(30):
         key, k = jax.random.split(key)
-        state, m = step(state, rollout(rl.compute_params(state.params), k, 8))
+        state, m = step(state, rollout(rl.compute_params(state.params, SPECS), k, 8))
         assert np.isfinite(float(m["loss"])) and np.isfinite(float(m["grad_norm"]))
     after = eval_reward(state.params)
     print(f"GRPO eval reward {before:.3f} -> {after:.3f}")
@@ -74,7 +75,7 @@ def _packed_sft_batch(key, rows=32):
 def test_mopd_student_approaches_teacher():
     # teacher: SFT on packed rows
     teacher = rl.TrainState.from_config(nh.init_params(CFG, jax.random.key(10), dtype=jnp.float32),
-                                        OptimizerConfig(lr=1e-2))
+                                        OptimizerConfig(lr=1e-2), SPECS)
     sft = rl.make_train_step("sft", model_cfg=CFG)
     key = jax.random.key(0)
     for _ in range(30):
@@ -85,17 +86,17 @@ def test_mopd_student_approaches_teacher():
     assert teacher_reward > 0.95
 
     # student: another init, MOPD with a warm-up (the recipe's shape: lr/10 -> lr)
-    tparams = rl.compute_params(teacher.params)
+    tparams = rl.compute_params(teacher.params, SPECS)
     teacher_lp = jax.jit(lambda p, b: rl.routed_logprobs([p], jnp.zeros(1, jnp.int32), b, CFG))
     state = rl.TrainState.from_config(
         nh.init_params(CFG, jax.random.key(20), dtype=jnp.float32),
-        OptimizerConfig(lr=1e-2, warmup_init_lr=1e-3, warmup_steps=5))
+        OptimizerConfig(lr=1e-2, warmup_init_lr=1e-3, warmup_steps=5), SPECS)
     step = rl.make_train_step("mopd", model_cfg=CFG, stage=StageConfig(objective="mopd"))
     before = eval_reward(state.params)
     kls = []
     for _ in range(30):
         key, k = jax.random.split(key)
-        batch = rollout(rl.compute_params(state.params), k, 4)
+        batch = rollout(rl.compute_params(state.params, SPECS), k, 4)
         state, m = step(state, batch.replace(teacher_logp=teacher_lp(tparams, batch)))
         kls.append(float(m["reverse_kl"]))
     after = eval_reward(state.params)

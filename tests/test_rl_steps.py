@@ -4,6 +4,7 @@ accumulation, finite differences), determinism, jit vs eager, sampler consistenc
 Tolerances: fp32 compute throughout; gradient identities at rtol 1e-5 of the largest entry;
 finite differences (central, ε = 1e-2 along a unit direction) at 2e-3 relative."""
 
+import dataclasses
 import functools
 
 import jax
@@ -98,7 +99,7 @@ def assert_tree_close(a, b, rtol):
 
 def test_param_labels_and_frozen_leaves():
     params = jax.tree.map(lambda a: jnp.full(a.shape, 0.5, F32), nh.abstract_params(CFG_ALL))
-    labels = rl.param_labels(params)
+    labels = rl.param_labels(nh.param_specs(CFG_ALL))
     moe = next(l["mixer"] for l, k in zip(labels["layers"], CFG_ALL.pattern) if k == "E")
     mamba = labels["layers"][0]["mixer"]
     assert moe["e_score_correction_bias"] == "frozen" and moe["gate"] == "decay"
@@ -106,13 +107,14 @@ def test_param_labels_and_frozen_leaves():
         assert mamba[name] == "no_decay", name
     assert labels["norm_f"] == "no_decay" and labels["layers"][1]["norm"] == "no_decay"
     assert mamba["in_x"] == "decay" and labels["lm_head"] == "decay"
-    frozen_gate = rl.param_labels(params, freeze_router=True)
+    frozen_cfg = dataclasses.replace(CFG_ALL, freeze_router=True)  # set once, on the model config
+    frozen_gate = rl.param_labels(nh.param_specs(frozen_cfg))
     assert next(l["mixer"] for l, k in zip(frozen_gate["layers"], CFG_ALL.pattern) if k == "E")["gate"] == "frozen"
 
     # one real step with weight decay: frozen leaves bitwise unchanged, no_decay leaves with a
     # zero gradient unchanged, decayed matrices shrink even without gradient
     ocfg = OptimizerConfig(lr=1e-2, weight_decay=0.1)
-    state = rl.TrainState.from_config(params, ocfg, freeze_router=True)
+    state = rl.TrainState.from_config(params, ocfg, nh.param_specs(frozen_cfg))
     zero = jax.tree.map(jnp.zeros_like, state.params)
     ones = jax.tree.map(jnp.ones_like, state.params)
     apply = jax.jit(lambda s, g: s.apply_gradients(g))
@@ -258,7 +260,8 @@ def test_train_step_deterministic_and_jit_matches_eager():
     params, batch = make_batch(CFG, seed=6)
     stage = StageConfig(objective="grpo", is_correction="tis", kl_coef=0.03)
     state = rl.TrainState.from_config(params, OptimizerConfig(lr=1e-3, warmup_steps=3,
-                                                              warmup_init_lr=1e-4))
+                                                              warmup_init_lr=1e-4),
+                                      nh.param_specs(CFG))
     step = rl.make_train_step("grpo", model_cfg=CFG, stage=stage, grad_accum=2)
     batch = batch.replace(policy_version=jnp.zeros((8,), jnp.int32))
     s1, m1 = step(state, batch)
@@ -287,7 +290,7 @@ def test_mopd_step_with_routed_teachers_and_grpo_mixing():
     lpb = logprobs(teacher_b, batch, CFG)[0]
     np.testing.assert_array_equal(tlp[0::2], lpa[0::2])
     np.testing.assert_array_equal(tlp[1::2], lpb[1::2])
-    state = rl.TrainState.from_config(params, rl.mopd_optimizer_config())
+    state = rl.TrainState.from_config(params, rl.mopd_optimizer_config(), nh.param_specs(CFG))
     step = rl.make_train_step("mopd", model_cfg=CFG, grpo_coef=0.1)
     new, m = step(state, batch.replace(teacher_logp=tlp))
     assert np.isfinite(float(m["loss"])) and float(m["grad_norm"]) > 0

@@ -8,10 +8,11 @@ rollout engine) lives in :mod:`cascade_jax.rollout`.
 
 A GRPO loop (see ``launch/walkthrough_rl.py`` for every intermediate)::
 
-    state = rl.TrainState.from_config(params, opt_cfg, freeze_router=model_cfg.freeze_router)
+    specs = nh.param_specs(model_cfg)   # parameter roles: trainable / decay / fp32
+    state = rl.TrainState.from_config(params, opt_cfg, specs)
     step = rl.make_train_step("grpo", model_cfg=model_cfg, stage=stage_cfg, opt_cfg=opt_cfg)
     for it in range(stage_cfg.steps):   # sample: cascade_jax.rollout.sample
-        batch, responses = sample(rl.compute_params(state.params), prompts, model_cfg,
+        batch, responses = sample(rl.compute_params(state.params, specs), prompts, model_cfg,
                                   rng=key, max_new_tokens=M, group_ids=ids)
         batch = batch.replace(rewards=verify(responses))
         state, metrics = step(state, batch)

@@ -4,10 +4,13 @@ AdamW (β1 0.9, β2 0.95 by default) on fp32 master parameters, chained as::
 
     grads → clip_by_global_norm(grad_clip) → AdamW(lr(step), weight decay on matrices only)
 
-* no weight decay on 1-D parameters (norms, biases, ``A_log``, ``D``, ``dt_bias``, ``conv_b``);
-* ``e_score_correction_bias`` is never trained (its update is zero; in the reference it is a
-  running statistic, not a learned weight);
-* the router (``mixer.gate``) is frozen when ``ModelConfig.freeze_router``;
+Which leaf decays, trains or stays fp32 is read off the model's parameter specs (one pytree
+of objects with ``decay``, ``trainable`` and ``fp32`` attributes, e.g.
+``models.nemotron_h.param_specs(model_cfg)``; see there for the rules):
+
+* weight decay on matrices only (norms, biases, ``A_log``, ``D``, ``dt_bias``, ``conv_b`` are 1-D);
+* ``e_score_correction_bias`` is never trained; the router is frozen when
+  ``ModelConfig.freeze_router`` (its spec is then not trainable);
 * frozen leaves get zero gradient *before* clipping, so they do not count in the grad norm.
 
 Learning rate: linear warm-up from ``warmup_init_lr`` to ``lr`` over ``warmup_steps``
@@ -27,43 +30,26 @@ import optax
 from cascade_jax.config import OptimizerConfig
 
 __all__ = ["TrainState", "make_optimizer", "lr_schedule", "param_labels", "decay_mask",
-           "trainable_mask", "compute_params", "NO_DECAY", "NEVER_TRAINED", "mopd_optimizer_config",
-           "sft_optimizer_config"]
-
-NO_DECAY = frozenset({"norm", "norm_f", "conv_b", "dt_bias", "A_log", "D"})
-NEVER_TRAINED = frozenset({"e_score_correction_bias"})
-ROUTER = "gate"
-FP32_COMPUTE = frozenset({"A_log", "D", "e_score_correction_bias"})
+           "trainable_mask", "compute_params", "mopd_optimizer_config", "sft_optimizer_config"]
 
 
-def _leaf_name(path) -> str:
-    for k in reversed(path):
-        if isinstance(k, jax.tree_util.DictKey):
-            return str(k.key)
-    return ""
+def _is_spec(x) -> bool:
+    return all(hasattr(x, a) for a in ("decay", "trainable", "fp32"))
 
 
-def param_labels(params, *, freeze_router: bool = False) -> Any:
-    """Pytree of labels: ``"decay"`` (matrices), ``"no_decay"`` (1-D / named above) or
-    ``"frozen"`` (``e_score_correction_bias``; ``gate`` when ``freeze_router``)."""
-
-    def label(path, x):
-        name = _leaf_name(path)
-        if name in NEVER_TRAINED or (freeze_router and name == ROUTER):
-            return "frozen"
-        if name in NO_DECAY or "bias" in name or jnp.ndim(x) < 2:
-            return "no_decay"
-        return "decay"
-
-    return jax.tree_util.tree_map_with_path(label, params)
+def param_labels(specs) -> Any:
+    """Pytree of labels from the parameter specs: ``"frozen"`` (not ``trainable``),
+    ``"decay"`` (``decay``) or ``"no_decay"``."""
+    return jax.tree.map(lambda s: "frozen" if not s.trainable else ("decay" if s.decay else "no_decay"),
+                        specs, is_leaf=_is_spec)
 
 
-def decay_mask(params, **kw):
-    return jax.tree.map(lambda l: l == "decay", param_labels(params, **kw))
+def decay_mask(specs):
+    return jax.tree.map(lambda l: l == "decay", param_labels(specs))
 
 
-def trainable_mask(params, **kw):
-    return jax.tree.map(lambda l: l != "frozen", param_labels(params, **kw))
+def trainable_mask(specs):
+    return jax.tree.map(lambda l: l != "frozen", param_labels(specs))
 
 
 def lr_schedule(cfg: OptimizerConfig) -> optax.Schedule:
@@ -97,11 +83,10 @@ def sft_optimizer_config(**overrides) -> OptimizerConfig:
     return OptimizerConfig(**d)
 
 
-def make_optimizer(cfg: OptimizerConfig, params, *, freeze_router: bool = False
-                   ) -> optax.GradientTransformation:
-    """The optax transformation for ``params`` (labels are computed from the pytree; only its
-    structure and leaf names/ranks matter)."""
-    labels = param_labels(params, freeze_router=freeze_router)
+def make_optimizer(cfg: OptimizerConfig, specs) -> optax.GradientTransformation:
+    """The optax transformation for parameters described by ``specs`` (a pytree with the
+    params' structure whose leaves carry ``decay`` / ``trainable`` roles)."""
+    labels = param_labels(specs)
     decay = jax.tree.map(lambda l: l == "decay", labels)
     train = jax.tree.map(lambda l: l != "frozen", labels)
 
@@ -145,12 +130,10 @@ class TrainState:
                    tx=tx, lr_fn=lr_fn)
 
     @classmethod
-    def from_config(cls, params, opt_cfg: OptimizerConfig, *, freeze_router: bool = False
-                    ) -> "TrainState":
-        """``create`` with :func:`make_optimizer` and :func:`lr_schedule` of ``opt_cfg``.
-        Pass ``freeze_router=model_cfg.freeze_router`` so the router also escapes AdamW's
-        weight decay (the model already stops its gradient)."""
-        tx = make_optimizer(opt_cfg, params, freeze_router=freeze_router)
+    def from_config(cls, params, opt_cfg: OptimizerConfig, specs) -> "TrainState":
+        """``create`` with :func:`make_optimizer` and :func:`lr_schedule` of ``opt_cfg``;
+        ``specs`` = ``models.nemotron_h.param_specs(model_cfg)`` (roles, incl. a frozen router)."""
+        tx = make_optimizer(opt_cfg, specs)
         return cls.create(params, tx, lr_schedule(opt_cfg))
 
     def apply_gradients(self, grads) -> "TrainState":
@@ -159,11 +142,7 @@ class TrainState:
         return dataclasses.replace(self, params=params, opt_state=opt_state, step=self.step + 1)
 
 
-def compute_params(master, dtype=jnp.bfloat16):
-    """The compute copy: every leaf cast to ``dtype`` except the fp32-by-design ones
+def compute_params(master, specs, dtype=jnp.bfloat16):
+    """The compute copy: every leaf cast to ``dtype`` except those whose spec says ``fp32``
     (``A_log``, ``D``, ``e_score_correction_bias``). Differentiable (grads come back fp32)."""
-
-    def cast(path, x):
-        return x if _leaf_name(path) in FP32_COMPUTE else x.astype(dtype)
-
-    return jax.tree_util.tree_map_with_path(cast, master)
+    return jax.tree.map(lambda s, x: x if s.fp32 else x.astype(dtype), specs, master, is_leaf=_is_spec)

@@ -43,9 +43,12 @@ _SUM_KEYS = ("loss", "pg_loss", "num_tokens")
 
 
 def _split(x: jax.Array, k: int) -> jax.Array:
+    """``[B, ...] -> [k, B/k, ...]`` with micro-batch ``j`` = rows ``j, j+k, j+2k, ...``
+    (strided, so when the batch is sharded over data-parallel devices every micro-batch
+    stays spread over all of them rather than sitting on a contiguous subset)."""
     if x.shape[0] % k:
         raise ValueError(f"batch dim {x.shape[0]} is not divisible by grad_accum={k}")
-    return x.reshape(k, x.shape[0] // k, *x.shape[1:])
+    return jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1)
 
 
 def accumulate_gradients(loss_fn: Callable, params, micro: dict, grad_accum: int = 1):
@@ -81,12 +84,19 @@ def accumulate_gradients(loss_fn: Callable, params, micro: dict, grad_accum: int
     return grads, {k: reduce(k, v) for k, v in ms.items()}
 
 
-def _apply(state: TrainState, grads, metrics: dict, freeze_router: bool, batch=None):
+def _param_specs(model, model_cfg):
+    """The parameter specs (roles: trainable / decay / fp32) of ``model`` (default NemotronH)."""
+    if model is None:
+        from models import nemotron_h as model
+    return model.param_specs(model_cfg)
+
+
+def _apply(state: TrainState, grads, metrics: dict, specs, batch=None):
     if getattr(batch, "policy_version", None) is not None:
         lag = state.step - batch.policy_version.astype(jnp.int32)
         metrics = {**metrics, "policy_lag_max": lag.max().astype(jnp.float32),
                    "policy_lag_mean": lag.astype(jnp.float32).mean()}
-    train = trainable_mask(state.params, freeze_router=freeze_router)
+    train = trainable_mask(specs)
     gnorm = optax.tree.norm(jax.tree.map(lambda g, t: g if t else jnp.zeros_like(g), grads, train))
     lr = state.lr_fn(state.step) if state.lr_fn is not None else jnp.nan
     new_state = state.apply_gradients(grads)
@@ -105,8 +115,10 @@ def _policy_loss(objective: Callable, *, model_cfg, compute_dtype, temperature: 
     :func:`token_logprobs` of the micro-batch → ``objective(lp, mb) -> (loss, metrics)``, plus
     the masked mean ``entropy``."""
 
+    specs = _param_specs(model, model_cfg)
+
     def loss_fn(master, mb):
-        params = compute_params(master, compute_dtype)
+        params = compute_params(master, specs, compute_dtype)
         view = SFTBatch(tokens=mb["tokens"], positions=mb["positions"],
                         segment_ids=mb["segment_ids"], loss_mask=mb["mask"])
         lp, ent = token_logprobs(params, view, model_cfg, temperature=temperature,
@@ -167,7 +179,7 @@ def grpo_train_step(state: TrainState, batch: RLBatch, *, model_cfg,
                            temperature=temperature, vocab_chunk=vocab_chunk, model=model)
     grads, metrics = accumulate_gradients(loss_fn, state.params, micro, grad_accum)
     metrics = {**metrics, **adv_metrics, **_length_metrics(batch)}
-    return _apply(state, grads, metrics, model_cfg.freeze_router, batch)
+    return _apply(state, grads, metrics, _param_specs(model, model_cfg), batch)
 
 
 def mopd_train_step(state: TrainState, batch: RLBatch, *, model_cfg,
@@ -213,7 +225,7 @@ def mopd_train_step(state: TrainState, batch: RLBatch, *, model_cfg,
     metrics = {**metrics, **extra, **_length_metrics(batch),
                "reward_mean": batch.rewards.astype(jnp.float32).mean(),
                "num_sequences": n_valid_seq.astype(jnp.float32)}
-    return _apply(state, grads, metrics, model_cfg.freeze_router, batch)
+    return _apply(state, grads, metrics, _param_specs(model, model_cfg), batch)
 
 
 def sft_train_step(state: TrainState, batch: SFTBatch, *, model_cfg, grad_accum: int = 1,
@@ -228,7 +240,7 @@ def sft_train_step(state: TrainState, batch: SFTBatch, *, model_cfg, grad_accum:
                            vocab_chunk=vocab_chunk, model=model)
     grads, metrics = accumulate_gradients(loss_fn, state.params, _micro(batch, mask), grad_accum)
     metrics = {**metrics, "total_tokens": (batch.segment_ids > 0).sum().astype(jnp.float32)}
-    return _apply(state, grads, metrics, model_cfg.freeze_router)
+    return _apply(state, grads, metrics, _param_specs(model, model_cfg))
 
 
 _STEPS = {"grpo": grpo_train_step, "mopd": mopd_train_step, "sft": sft_train_step}

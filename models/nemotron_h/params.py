@@ -20,16 +20,22 @@ K = conv_kernel, I = moe_intermediate_size, Is = moe_shared_expert_intermediate_
 If = intermediate_size.) The Hub's fused ``in_proj`` (z|x|B|C|dt) is split so every output
 width stays 64/128-aligned (model.md §12); ``checkpoint.py`` converts.
 
-Logical axis names (the sharding rules table maps them to mesh axes later):
+Logical axis names (``cascade_jax.sharding.rules`` maps them to mesh axes):
 ``vocab, embed, q_heads, kv_heads, mlp, experts, expert_mlp, ssm_inner, ssm_bc, ssm_heads,
 conv_k, conv_dim, norm``.
+
+Roles (one home each; the optimizer masks and the compute-copy cast derive from them):
+``fp32`` (stored and computed in fp32: ``A_log``, ``D``, ``e_score_correction_bias``),
+``decay`` (weight decay: matrices, i.e. every leaf of rank >= 2), ``trainable`` (False for
+``e_score_correction_bias``, a running statistic, and for the router when
+``ModelConfig.freeze_router``) and ``router`` (``mixer.gate``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -40,16 +46,28 @@ from .config import ModelConfig
 __all__ = ["ParamSpec", "param_specs", "init_params", "abstract_params", "param_counts",
            "logical_axes", "FP32_PARAMS"]
 
-# Stored in fp32 regardless of the model dtype (model.md §9).
-FP32_PARAMS = frozenset({"A_log", "D", "e_score_correction_bias"})
-
 
 @dataclasses.dataclass(frozen=True)
 class ParamSpec:
+    """One weight: shape, logical axes, initializer and roles.
+
+    ``fp32``: stored in fp32 regardless of the model dtype (model.md §9) and kept fp32 in the
+    compute copy. ``decay``: AdamW weight decay applies (default: rank >= 2). ``trainable``:
+    the optimizer may change it. ``router``: the MoE router weight."""
+
     shape: tuple
     axes: tuple  # logical axis name per dim
     init: str  # "normal", "zeros", "ones", "A_log", "dt_bias", "conv", "out" (rescaled normal)
     fp32: bool = False
+    decay: Optional[bool] = None  # None: matrices only (len(shape) >= 2)
+    trainable: bool = True
+    router: bool = False
+
+    def __post_init__(self):
+        if len(self.axes) != len(self.shape):
+            raise ValueError(f"ParamSpec: {len(self.axes)} axis names {self.axes} for shape {self.shape}")
+        if self.decay is None:
+            object.__setattr__(self, "decay", len(self.shape) >= 2)
 
 
 def _mamba_specs(c: ModelConfig):
@@ -83,8 +101,9 @@ def _attention_specs(c: ModelConfig):
 def _moe_specs(c: ModelConfig):
     H, E, I, Is = c.hidden_size, c.n_routed_experts, c.moe_intermediate_size, c.moe_shared_expert_intermediate_size
     d = {
-        "gate": ParamSpec((H, E), ("embed", "experts"), "normal"),
-        "e_score_correction_bias": ParamSpec((E,), ("experts",), "zeros", fp32=True),
+        "gate": ParamSpec((H, E), ("embed", "experts"), "normal", router=True,
+                          trainable=not c.freeze_router),
+        "e_score_correction_bias": ParamSpec((E,), ("experts",), "zeros", fp32=True, trainable=False),
         "experts_up": ParamSpec((E, H, I), ("experts", "embed", "expert_mlp"), "normal"),
         "experts_down": ParamSpec((E, I, H), ("experts", "expert_mlp", "embed"), "out"),
     }
@@ -122,6 +141,11 @@ def param_specs(cfg: ModelConfig) -> dict:
 
 def _is_spec(x) -> bool:
     return isinstance(x, ParamSpec)
+
+
+# Leaf names stored in fp32 whatever the model dtype, read off the specs (model.md §9).
+FP32_PARAMS = frozenset(
+    name for builder in MIXER_SPECS.values() for name, s in builder(ModelConfig()).items() if s.fp32)
 
 
 def logical_axes(cfg: ModelConfig) -> Any:
