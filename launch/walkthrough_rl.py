@@ -4,7 +4,7 @@
 # A notebook-style walk-through (jupytext `# %%` cells; run as a script too:
 # `python launch/walkthrough_rl.py`). It builds a toy rollout batch by hand on a tiny
 # NemotronH, then computes every intermediate of one GRPO step and one MOPD step with the
-# pure functions of `cascade_jax.rl` (algorithms.md §5–§7), and finally calls the train steps.
+# pure functions of `cascade_jax.rl` (docs/algorithms.md §5–§7), and finally calls the train steps.
 
 # %%
 import jax

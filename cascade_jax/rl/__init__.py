@@ -1,4 +1,4 @@
-"""RL and SFT update steps as pure functions (algorithms.md §5–§8).
+"""RL and SFT update steps as pure functions (docs/algorithms.md §5–§8).
 
 Pure array functions (no model needed): :func:`group_advantages`, :func:`grpo_advantages`,
 :func:`grpo_loss`, :func:`mopd_loss`, :func:`sft_loss`, :func:`is_weights`,

@@ -15,7 +15,7 @@ of objects with ``decay``, ``trainable`` and ``fp32`` attributes, e.g.
 
 Learning rate: linear warm-up from ``warmup_init_lr`` to ``lr`` over ``warmup_steps``
 optimiser steps (lr(0) = warmup_init_lr, lr(warmup_steps) = lr), then constant or cosine to
-``min_lr`` at ``decay_steps``. MOPD (algorithms.md §6): 2e-7 → 2e-6 over 30 steps.
+``min_lr`` at ``decay_steps``. MOPD (docs/algorithms.md §6): 2e-7 → 2e-6 over 30 steps.
 """
 
 from __future__ import annotations
@@ -68,14 +68,14 @@ def lr_schedule(cfg: OptimizerConfig) -> optax.Schedule:
 
 
 def mopd_optimizer_config(**overrides) -> OptimizerConfig:
-    """The MOPD recipe (algorithms.md §6): AdamW(0.9, 0.95), 2e-7 → 2e-6 over 30 steps."""
+    """The MOPD recipe (docs/algorithms.md §6): AdamW(0.9, 0.95), 2e-7 → 2e-6 over 30 steps."""
     d = dict(lr=2e-6, warmup_init_lr=2e-7, warmup_steps=30, b1=0.9, b2=0.95, grad_clip=1.0)
     d.update(overrides)
     return OptimizerConfig(**d)
 
 
 def sft_optimizer_config(**overrides) -> OptimizerConfig:
-    """The SFT recipe (algorithms.md §8): AdamW(0.9, 0.98), weight decay 0.1, 200 warm-up steps
+    """The SFT recipe (docs/algorithms.md §8): AdamW(0.9, 0.98), weight decay 0.1, 200 warm-up steps
     to 5e-5, cosine to 5e-6 at 40,000 steps."""
     d = dict(lr=5e-5, warmup_init_lr=0.0, warmup_steps=200, schedule="cosine", min_lr=5e-6,
              decay_steps=40000, b1=0.9, b2=0.98, weight_decay=0.1, grad_clip=1.0)

@@ -145,7 +145,7 @@ def grpo_train_step(state: TrainState, batch: RLBatch, *, model_cfg,
                     compute_dtype=jnp.bfloat16, temperature: float = 1.0,
                     vocab_chunk: int = DEFAULT_VOCAB_CHUNK, clip_low: float = 0.2,
                     clip_high: float = 0.2, model=None):
-    """One strictly on-policy GRPO update (algorithms.md §5).
+    """One strictly on-policy GRPO update (docs/algorithms.md §5).
 
     1. ``Â, keep = grpo_advantages(rewards, group_ids, finish_reason)`` with the stage's
        leave-one-out / overlong / dynamic-filtering switches;
@@ -187,7 +187,7 @@ def mopd_train_step(state: TrainState, batch: RLBatch, *, model_cfg,
                     compute_dtype=jnp.bfloat16, temperature: float = 1.0,
                     vocab_chunk: int = DEFAULT_VOCAB_CHUNK, normalization: str = "sequence",
                     grpo_coef: float = 0.0, model=None):
-    """One MOPD update (algorithms.md §6): ``batch.teacher_logp`` holds each sequence's
+    """One MOPD update (docs/algorithms.md §6): ``batch.teacher_logp`` holds each sequence's
     domain teacher's log-probs (:func:`routed_logprobs`), ``batch.rollout_logp`` the
     inference engine's. ``L = mopd_loss(lp, teacher_logp, rollout_logp, loss_mask,
     is_low=stage.is_low, is_high=stage.is_high)`` normalised per sequence over the whole
@@ -231,7 +231,7 @@ def mopd_train_step(state: TrainState, batch: RLBatch, *, model_cfg,
 def sft_train_step(state: TrainState, batch: SFTBatch, *, model_cfg, grad_accum: int = 1,
                    compute_dtype=jnp.bfloat16, vocab_chunk: int = DEFAULT_VOCAB_CHUNK,
                    model=None):
-    """One SFT update on packed rows (algorithms.md §8): next-token NLL on ``loss_mask``
+    """One SFT update on packed rows (docs/algorithms.md §8): next-token NLL on ``loss_mask``
     tokens that have a prefix in their segment, normalised by the batch's token count."""
     mask = batch.loss_mask.astype(jnp.float32) * segment_start_mask(batch.segment_ids)
     num_tokens = mask.sum()

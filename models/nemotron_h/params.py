@@ -18,7 +18,7 @@ The param pytree (matrices are ``[in, out]``; experts stacked)::
 (Di = mamba_num_heads·mamba_head_dim, G = n_groups, N = ssm_state_size, Hm = mamba_num_heads,
 K = conv_kernel, I = moe_intermediate_size, Is = moe_shared_expert_intermediate_size,
 If = intermediate_size.) The Hub's fused ``in_proj`` (z|x|B|C|dt) is split so every output
-width stays 64/128-aligned (model.md §12); ``checkpoint.py`` converts.
+width stays 64/128-aligned (docs/model.md §12); ``checkpoint.py`` converts.
 
 Logical axis names (``cascade_jax.sharding.rules`` maps them to mesh axes):
 ``vocab, embed, q_heads, kv_heads, mlp, experts, expert_mlp, ssm_inner, ssm_bc, ssm_heads,
@@ -51,7 +51,7 @@ __all__ = ["ParamSpec", "param_specs", "init_params", "abstract_params", "param_
 class ParamSpec:
     """One weight: shape, logical axes, initializer and roles.
 
-    ``fp32``: stored in fp32 regardless of the model dtype (model.md §9) and kept fp32 in the
+    ``fp32``: stored in fp32 regardless of the model dtype (docs/model.md §9) and kept fp32 in the
     compute copy. ``decay``: AdamW weight decay applies (default: rank >= 2). ``trainable``:
     the optimizer may change it. ``router``: the MoE router weight."""
 
@@ -143,7 +143,7 @@ def _is_spec(x) -> bool:
     return isinstance(x, ParamSpec)
 
 
-# Leaf names stored in fp32 whatever the model dtype, read off the specs (model.md §9).
+# Leaf names stored in fp32 whatever the model dtype, read off the specs (docs/model.md §9).
 FP32_PARAMS = frozenset(
     name for builder in MIXER_SPECS.values() for name, s in builder(ModelConfig()).items() if s.fp32)
 
@@ -194,7 +194,7 @@ def abstract_params(cfg: ModelConfig, dtype=jnp.bfloat16) -> dict:
 def param_counts(cfg: ModelConfig) -> tuple[int, int]:
     """``(total, active_per_token)``. Active excludes the input embedding (a lookup costs no
     FLOPs) and counts ``num_experts_per_tok`` of the routed experts; it includes ``lm_head``
-    (3.23B for nano-30b-a3b, model.md §11)."""
+    (3.23B for nano-30b-a3b, docs/model.md §11)."""
     specs = param_specs(cfg)
     size = lambda s: int(np.prod(s.shape))
     total = sum(size(s) for s in jax.tree.leaves(specs, is_leaf=_is_spec))
