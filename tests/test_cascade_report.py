@@ -73,6 +73,8 @@ def test_write_report_with_study(tmp_path):
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
     assert "| if_rl | instruction_following | sft | 0.100 | 0.600 | 0.500 |" in text
     assert "| mopd_faster_math | held | 2 vs 4 steps |" in text
+    sp = Rep.write_study_report(study)
+    assert "| mopd_faster_math | held | 2 vs 4 steps |" in sp.read_text() and (study / "mopd_vs_grpo.png").exists()
     assert "| rlhf_teacher (side branch) | sft | done | 5 | 11.0 |" in text
     # time split: 5 steps x 0.75 s logged, the rest of the 10 s wall clock is "other"
     split = Rep._time_split(d, ["sft"])

@@ -71,3 +71,10 @@ def test_claims_declared_before_and_frozen(tmp_path):
     moved = S.spec_from_dict({**SPEC, "claims": [dict(SPEC["claims"][0], margin_steps=0)]})
     with pytest.raises(S.StudyError, match="declared different claims"):
         S.declare(tmp_path, moved)
+
+
+def test_shipped_study_config_declares_claims():
+    import pathlib
+    spec = S.load_spec(pathlib.Path(__file__).resolve().parents[1] / "configs/studies/mopd_vs_grpo.json")
+    assert len(spec.seeds) >= 3 and {c.domain for c in spec.claims} <= set(spec.domains)
+    assert any(c.kind == "steps_to_teacher" for c in spec.claims)

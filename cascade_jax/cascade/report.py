@@ -27,7 +27,7 @@ from cascade_jax import domains as D
 from cascade_jax.cascade import plan as P
 from cascade_jax.cascade import registry as R
 
-__all__ = ["read_metrics", "domain_series", "write_report", "own_domain_gains"]
+__all__ = ["read_metrics", "domain_series", "write_report", "write_study_report", "own_domain_gains"]
 
 #: Training-reward keys per domain in ``metrics.jsonl``: ``reward/<domain>`` (also accepted:
 #: ``reward_<domain>``, ``reward_mean/<domain>``).
@@ -255,6 +255,34 @@ def _fmt(v, nd=3):
     return "–" if v is None else f"{v:.{nd}f}"
 
 
+def _study_section(plt, sres: dict, png: pathlib.Path) -> list[str]:
+    _plot_study(plt, sres, png)
+    lines = ["## MOPD vs GRPO (study)", "",
+             f"From `{sres.get('start', '?')}`, both methods for {sres.get('steps')} matched steps, "
+             f"seeds {sres.get('seeds')}; claims declared in `claims.json` before the runs.", "",
+             "| claim | verdict | numbers |", "|---|---|---|"]
+    for v in sres.get("verdicts", []):
+        lines.append(f"| {v['claim']} | {'held' if v['held'] else 'NOT held'} | {v['numbers']} |")
+    if sres.get("regressions"):
+        lines += ["", "Score change per domain from the start to the last step (seed mean; reported, "
+                  "not asserted):", "", "| method | domain | start | end | change |", "|---|---|---|---|---|"]
+        for r in sres["regressions"]:
+            lines.append(f"| {r['method']} | {r['domain']} | {r['start']:.3f} | {r['end']:.3f} | "
+                         f"{r['change']:+.3f} |")
+    lines += ["", f"![MOPD vs GRPO]({png.name})", ""]
+    return lines
+
+
+def write_study_report(study_dir) -> pathlib.Path:
+    """``<study_dir>/report.md`` with ``mopd_vs_grpo.png`` from ``study_result.json``."""
+    sdir = pathlib.Path(study_dir)
+    lines = ["# MOPD vs GRPO study", ""] + _study_section(
+        _plt(), json.loads((sdir / "study_result.json").read_text()), sdir / "mopd_vs_grpo.png")
+    path = sdir / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 def write_report(cascade_dir, study_dir: Optional[str] = None, *, title: str = "Cascade report") -> pathlib.Path:
     """Write ``<cascade_dir>/report.md`` and its PNGs; returns the report's path."""
     plt = _plt()
@@ -316,13 +344,8 @@ def write_report(cascade_dir, study_dir: Optional[str] = None, *, title: str = "
     lines += ["## Time split per stage", "", "![time split](time_split.png)", ""]
 
     if study_dir is not None:
-        sres = json.loads((pathlib.Path(study_dir) / "study_result.json").read_text())
-        _plot_study(plt, sres, cdir / "mopd_vs_grpo.png")
-        lines += ["## MOPD vs GRPO (study)", "", f"Seeds: {sres.get('seeds')}; matched steps: "
-                  f"{sres.get('steps')}.", "", "| claim | held | numbers |", "|---|---|---|"]
-        for v in sres.get("verdicts", []):
-            lines.append(f"| {v['claim']} | {'held' if v['held'] else 'NOT held'} | {v['numbers']} |")
-        lines += ["", "![MOPD vs GRPO](mopd_vs_grpo.png)", ""]
+        lines += _study_section(plt, json.loads((pathlib.Path(study_dir) / "study_result.json").read_text()),
+                                cdir / "mopd_vs_grpo.png")
     path = cdir / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path
