@@ -75,6 +75,6 @@ def test_claims_declared_before_and_frozen(tmp_path):
 
 def test_shipped_study_config_declares_claims():
     import pathlib
-    spec = S.load_spec(pathlib.Path(__file__).resolve().parents[1] / "configs/studies/mopd_vs_grpo.json")
+    spec = S.load_spec(pathlib.Path(__file__).resolve().parents[1] / "launch/studies/mopd_vs_grpo.json")
     assert len(spec.seeds) >= 3 and {c.domain for c in spec.claims} <= set(spec.domains)
     assert any(c.kind == "steps_to_teacher" for c in spec.claims)
