@@ -143,8 +143,9 @@ class DataSource:
 
     ``path``: a file, a glob or a directory (all matching files, sorted); unused for ``tiny``.
     ``format``: ``jsonl`` (plain or ``.gz``), ``parquet``, ``array_record`` (records are UTF-8
-    JSON rows), ``tfds`` (a TFDS builder directory written as ArrayRecord), or ``tiny`` (the
-    built-in tiny domains of ``cascade_jax.rewards.tiny``).
+    JSON rows), ``tfds`` (a prepared TFDS dataset directory, ArrayRecord files, read without
+    TensorFlow; ``split`` names the split), or ``tiny`` (the built-in tiny domains of
+    ``cascade_jax.rewards.tiny``).
     ``fields``: canonical field -> key in the row (dotted paths reach nested keys), e.g.
     ``{"messages": "conversation", "domain": "env", "metadata.answer": "expected_answer"}``;
     unmapped canonical fields are read under their own name (see ``cascade_jax.data.rows``).
@@ -157,6 +158,7 @@ class DataSource:
     fields: dict = dataclasses.field(default_factory=dict)
     weight: float = 1.0
     domain: Optional[str] = None
+    split: str = "train"
 
     __hash__ = _hash_by_value
 

@@ -1,13 +1,51 @@
 """Data: the one home of turning rows into token batches.
 
-Tokenizer and chat template (``load_tokenizer``, ``render_chat``); see the module docs of
-:mod:`cascade_jax.data.tokenizer` and :mod:`cascade_jax.data.chat`.
+The seam for the stage runner (everything below is numpy / Python; no jax arrays are made here)::
+
+    from cascade_jax import data
+
+    tok = data.tokenizer_for(cfg)                  # data.tokenizer / model.checkpoint / tiny
+    text, ids, loss_mask = data.render_chat(tok, messages, tools=None, thinking=True,
+                                            add_generation_prompt=True)
+
+    # SFT: packed rows [data.batch_rows // P, data.seq_len]
+    it = data.sft_batches(cfg, tok, process_index=p, process_count=P)
+    batch = next(it)                               # cascade_jax.rl.SFTBatch (numpy fields)
+    it.stats, it.efficiency                        # counters: bad_row, overlong, truncated, ...
+
+    # RL: prompts per step, with domain ids and verifier metadata
+    it = data.prompt_batches(cfg, tok, process_index=p, process_count=P)
+    pb = next(it)                                  # PromptBatch: tokens [P, L], lengths, domains,
+    tokens, lengths, group_ids, domain_ids = pb.expand()   # prompts, metadata, n_samples
+
+    state = it.get_state()                         # JSON-able; store with the train state
+    it.set_state(state)                            # a fresh iterator resumes at the same batch
+
+    data.save_tokenizer(tok, run_dir)              # next to nh.save_checkpoint(...) output;
+    tok = data.load_tokenizer(run_dir)             # tokenizer.json + tokenizer_config.json
+
+Modules: :mod:`~cascade_jax.data.tokenizer` (``tokenizers``-backed tokenizer, the reproducible tiny
+BPE), :mod:`~cascade_jax.data.chat` (the Jinja chat template as transformers renders it, assistant
+loss masks), :mod:`~cascade_jax.data.rows` (field mapping, row validation, the released data's
+row formats), :mod:`~cascade_jax.data.sources` (JSONL / Parquet / ArrayRecord / TFDS / tiny
+random-access sources), :mod:`~cascade_jax.data.packing` (first-fit-decreasing look-ahead
+packer), :mod:`~cascade_jax.data.sft`, :mod:`~cascade_jax.data.prompts`,
+:mod:`~cascade_jax.data.convert` (rows to JSONL / Parquet / ArrayRecord), ``python -m
+cascade_jax.data.bench`` (packing efficiency, pipeline tokens/s). Domain names <-> ids:
+:mod:`cascade_jax.domains`.
 """
 
-from cascade_jax.data.chat import ChatRender, ChatTemplateError, assistant_mask, render_chat, render_text
+from cascade_jax.data.chat import (ChatRender, ChatTemplateError, assistant_mask, render_chat,
+                                   render_text)
+from cascade_jax.data.prompts import PromptBatch, PromptIterator, prompt_batches
+from cascade_jax.data.rows import BadRow, DataError, map_row, normalize_messages
+from cascade_jax.data.sft import SFTIterator, sft_batches
 from cascade_jax.data.tokenizer import (TINY_VOCAB_SIZE, Tokenizer, TokenizerError, load_tokenizer,
-                                        save_tokenizer, tiny_chat_template, tiny_tokenizer)
+                                        save_tokenizer, tiny_chat_template, tiny_tokenizer,
+                                        tokenizer_for)
 
 __all__ = ["Tokenizer", "TokenizerError", "load_tokenizer", "save_tokenizer", "tiny_tokenizer",
-           "tiny_chat_template", "TINY_VOCAB_SIZE", "render_chat", "render_text", "ChatRender",
-           "ChatTemplateError", "assistant_mask"]
+           "tiny_chat_template", "tokenizer_for", "TINY_VOCAB_SIZE", "render_chat", "render_text",
+           "ChatRender", "ChatTemplateError", "assistant_mask", "sft_batches", "SFTIterator",
+           "prompt_batches", "PromptIterator", "PromptBatch", "DataError", "BadRow", "map_row",
+           "normalize_messages"]

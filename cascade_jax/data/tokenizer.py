@@ -30,7 +30,7 @@ import numpy as np
 import tokenizers
 
 __all__ = ["Tokenizer", "TokenizerError", "load_tokenizer", "save_tokenizer", "tiny_tokenizer",
-           "build_tiny_tokenizer", "tiny_chat_template", "TINY_VOCAB_SIZE", "TINY_SPECIAL_TOKENS",
+           "build_tiny_tokenizer", "tiny_chat_template", "tokenizer_for", "TINY_VOCAB_SIZE", "TINY_SPECIAL_TOKENS",
            "TINY_CONTROL_TOKENS"]
 
 TINY_VOCAB_SIZE = 512
@@ -257,3 +257,15 @@ def tiny_tokenizer(vocab_size: int = TINY_VOCAB_SIZE) -> Tokenizer:
     ids = {t.content: i for i, t in backend.get_added_tokens_decoder().items()}
     return Tokenizer(backend=backend, chat_template=tiny_chat_template(), special_tokens=special,
                      ids=ids, extra_config={"model_max_length": 4096})
+
+
+def tokenizer_for(config) -> Tokenizer:
+    """The run's tokenizer: ``data.tokenizer`` if set, else ``model.checkpoint``'s, else (no
+    checkpoint) the tiny tokenizer for the ``tiny`` preset; otherwise an error."""
+    path = config.data.tokenizer or config.model.checkpoint
+    if path:
+        return load_tokenizer(path)
+    if config.model.preset == "tiny":
+        return tiny_tokenizer()
+    raise TokenizerError(f"no tokenizer for preset {config.model.preset!r}: set data.tokenizer or "
+                         f"model.checkpoint to a directory with tokenizer.json")
