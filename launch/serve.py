@@ -1,0 +1,17 @@
+"""The JAX rollout server (SGLang's HTTP protocol over the embedded JAX engine).
+
+    python launch/serve.py --checkpoint DIR [--host 127.0.0.1] [--port N] [--api-key K] [--num-slots N] ...
+
+See :mod:`cascade_jax.rollout.server` for the endpoints and ``--help`` for the flags.
+"""
+
+import os
+import sys
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from cascade_jax.rollout.server import main  # noqa: E402
+
+if __name__ == "__main__":
+    main()
