@@ -188,6 +188,10 @@ def map_row(row: Any, fields: Mapping[str, str], *, kind: str,
         except json.JSONDecodeError as e:
             raise BadRow(f"messages: not valid JSON ({e})") from None
     if raw_messages is None:
+        if "messages" in fields or get("prompt") is None:
+            key = fields.get("messages", "messages")
+            raise BadRow("missing field 'messages'" + (f" (mapped from {key!r})" if key != "messages" else
+                                                       " (or 'prompt')"))
         prompt = get("prompt", required=True)
         if not isinstance(prompt, str):
             raise BadRow(f"prompt: expected a string, got {type(prompt).__name__}")
