@@ -126,6 +126,23 @@ def test_fill_row_and_baseline_by_hand():
     assert seg.tolist() == [1, 1, 1, 2, 2, 0, 0] and mask.tolist() == [0, 1, 1, 0, 1, 0, 0]
 
 
+def test_fill_row_equals_the_plain_ffd_walk():
+    def walk(lengths, cap):  # reference: visit by decreasing length, take whatever fits
+        order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+        out, room = [], cap
+        for i in order:
+            if lengths[i] <= room:
+                out.append(i)
+                room -= lengths[i]
+        return out
+
+    r = np.random.default_rng(0)
+    for _ in range(500):
+        cap = int(r.integers(1, 100))
+        lengths = r.integers(1, cap + 1, size=int(r.integers(0, 40))).tolist()
+        assert packing.fill_row(lengths, cap) == walk(lengths, cap)
+
+
 def test_packing_loses_and_duplicates_nothing(files):
     cfg = _cfg(files["jsonl"], "jsonl", "data.num_epochs=1")
     it = sft_batches(cfg, TOK)
@@ -263,3 +280,12 @@ def test_sources_mix_by_weight(files):
     ds = example_dataset(cfg, TOK)
     src = Counter(ds[i].where.endswith(".parquet") or ".parquet:" in ds[i].where for i in range(400))
     assert src[True] == 100 and src[False] == 300
+
+
+def test_bench_packing_reports_ffd_and_baseline():
+    from cascade_jax.data.bench import bench_packing
+
+    out = bench_packing(400, buffer=128)
+    assert set(out) == {"4096", "32768", "262144"}
+    for r in out.values():
+        assert 0 < r["greedy_in_order_efficiency"] <= r["ffd_efficiency"] <= 1

@@ -28,20 +28,25 @@ __all__ = ["fill_row", "greedy_in_order", "ffd_stream", "build_row", "efficiency
 def fill_row(lengths: Sequence[int], capacity: int) -> list[int]:
     """Indices (into ``lengths``, in the order chosen) of the examples first-fit-decreasing puts in
     one row of ``capacity`` slots. ``lengths`` are in arrival order; every length must be
-    ``<= capacity``."""
+    ``<= capacity``.
+
+    Walking the examples by decreasing length and taking each one that fits equals repeatedly
+    taking the longest remaining example that fits (all skipped ones are longer than the room
+    left), found by binary search: O(K log K) per row for a buffer of K.
+    """
     lens = np.asarray(lengths, np.int64)
     if len(lens) == 0:
         return []
     order = np.lexsort((np.arange(len(lens)), -lens))  # decreasing length, then arrival
-    chosen, room = [], int(capacity)
-    smallest = int(lens.min())
-    for i in order:
-        n = int(lens[i])
-        if n <= room:
-            chosen.append(int(i))
-            room -= n
-            if room < smallest:
-                break
+    neg = -lens[order]  # ascending
+    chosen, room, j = [], int(capacity), 0
+    while j < len(order):
+        j = max(j, int(np.searchsorted(neg, -room, side="left")))  # first with length <= room
+        if j >= len(order):
+            break
+        chosen.append(int(order[j]))
+        room -= int(lens[order[j]])
+        j += 1
     return chosen
 
 

@@ -26,11 +26,14 @@ them; verify the key names on the files you download):
 
 * ``Nemotron-Cascade-2-SFT-Data``: OpenAI-style ``messages`` (reasoning inline or in
   ``reasoning_content``) and optional ``tools`` -> ``{"messages": "messages", "tools": "tools"}``.
-* ``Nemotron-Cascade-2-RL-data``: a prompt plus the grading signal per domain, e.g. for the
-  multi-domain subset ``{"messages": "responses_create_params.input", "tools":
-  "responses_create_params.tools", "domain": "env", "metadata.answer": "expected_answer",
-  "metadata.expected_calls": "ground_truth", "metadata.schema": "schema"}``; one source per
-  subset with ``domain`` set is the simplest when a subset is one domain.
+* ``Nemotron-Cascade-2-RL-data``: a prompt plus the grading signal per domain (expected answer,
+  ground-truth tool calls, instruction ids + kwargs, or a JSON schema). The card does not name
+  the keys, so the mapping below only shows the shape (replace the right-hand sides with the
+  file's keys): ``{"messages": "<prompt messages>", "tools": "<tools>", "domain": "<env>",
+  "metadata.answer": "<expected answer>", "metadata.expected_calls": "<ground-truth calls>",
+  "metadata.schema": "<schema>"}`` -- the metadata keys on the left are what
+  ``cascade_jax.rewards.make_scorer(domain)`` reads. One source per subset with ``domain`` set
+  is the simplest when a subset is a single domain.
 
 A row that fails here raises :class:`BadRow`; the pipelines turn it into a :class:`DataError`
 naming ``file:line`` (``data.on_bad_row = "error"``) or skip and count it (``"skip"``).

@@ -58,7 +58,7 @@ class RLBatch:
       rewards       float32 scalar reward of the response
       group_ids     int32   prompt/group id (responses to the same prompt share it)
       finish_reason int32   FINISH_STOP / FINISH_LENGTH / FINISH_ABORT
-      domain_ids    int32   domain (routes the MOPD teacher)
+      domain_ids    int32   domain id (``cascade_jax.domains.domain_id``; routes the MOPD teacher)
       policy_version int32  optional: trainer step whose weights generated the response
                             (logged as the policy lag; strictly on-policy → lag 0)
     """
