@@ -12,6 +12,7 @@ messages         both   list of ``{"role", "content", ["reasoning_content"], ["t
                         ``reasoning_content`` (also accepted as ``reasoning`` / ``thinking``)
 prompt           RL     a user message text, used when ``messages`` is absent
 response         SFT    an assistant reply, used with ``prompt`` when ``messages`` is absent
+reasoning        SFT    optional reasoning of that reply (its ``reasoning_content``)
 system           both   optional system message text (with ``prompt``)
 tools            both   optional list of JSON-schema function specs (OpenAI ``tools``)
 domain           both   canonical domain name (``cascade_jax.domains``); RL requires one
@@ -48,7 +49,8 @@ from cascade_jax import domains as _domains
 
 __all__ = ["DataError", "BadRow", "get_path", "map_row", "normalize_messages", "CANONICAL_FIELDS"]
 
-CANONICAL_FIELDS = ("messages", "prompt", "response", "system", "tools", "domain", "metadata", "id")
+CANONICAL_FIELDS = ("messages", "prompt", "response", "reasoning", "system", "tools", "domain",
+                    "metadata", "id")
 _ROLES = ("system", "user", "assistant", "tool")
 
 
@@ -205,7 +207,8 @@ def map_row(row: Any, fields: Mapping[str, str], *, kind: str,
         raw_messages.append({"role": "user", "content": prompt})
         if kind == "sft":
             response = get("response", required=True)
-            raw_messages.append({"role": "assistant", "content": response})
+            raw_messages.append({"role": "assistant", "content": response,
+                                 "reasoning_content": get("reasoning")})
     messages = normalize_messages(raw_messages)
     if kind == "sft" and not any(m["role"] == "assistant" for m in messages):
         raise BadRow("messages: no assistant turn to train on")

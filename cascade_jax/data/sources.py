@@ -40,7 +40,7 @@ import numpy as np
 from cascade_jax.data.rows import BadRow, DataError
 
 __all__ = ["open_source", "resolve_files", "JsonlSource", "ParquetSource", "ArrayRecordSource",
-           "TfdsSource", "TinySource", "ADD_TOOL"]
+           "TfdsSource", "TinySource", "ADD_TOOL", "TINY_REASONING"]
 
 _EXT = {"jsonl": (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".ndjson", ".ndjson.gz"),
         "parquet": (".parquet",),
@@ -238,9 +238,14 @@ ADD_TOOL = {"type": "function", "function": {
         "b": {"type": "integer", "description": "second addend"}}, "required": ["a", "b"]}}}
 
 
+#: the reasoning of every tiny SFT row: short, so the tiny model learns the thinking-mode shape
+#: ``<think>\n...\n</think>\nanswer`` that RL prompts in thinking mode open
+TINY_REASONING = "I know the answer."
+
+
 class TinySource:
-    """The tiny domains as rows (``prompt``, ``response`` = the reference, ``domain``,
-    ``metadata``, and ``tools`` = [add] for ``tool_call``)."""
+    """The tiny domains as rows (``prompt``, ``response`` = the reference, ``reasoning`` =
+    :data:`TINY_REASONING`, ``domain``, ``metadata``, and ``tools`` = [add] for ``tool_call``)."""
 
     def __init__(self, domains: Sequence[str], rows_per_domain: int, seed: int):
         from cascade_jax import domains as d
@@ -249,8 +254,8 @@ class TinySource:
         self._rows = []
         for dom in (domains or d.DOMAINS):
             for j, ex in enumerate(tiny_examples(d.check_domain(dom), n=rows_per_domain, seed=seed)):
-                row = {"prompt": ex.prompt, "response": ex.reference, "domain": ex.domain,
-                       "metadata": ex.metadata}
+                row = {"prompt": ex.prompt, "response": ex.reference, "reasoning": TINY_REASONING,
+                       "domain": ex.domain, "metadata": ex.metadata}
                 if ex.domain == d.TOOL_CALL:
                     row["tools"] = [ADD_TOOL]
                 self._rows.append((f"tiny:{dom}:{j}", row))

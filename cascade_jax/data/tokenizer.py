@@ -221,7 +221,9 @@ def _tiny_corpus(n_per_domain: int = 64) -> list[str]:
               "<tools>", "</tools>", "<function>", "</function>", "<name>", "</name>", "<parameters>",
               "</parameters>", "<parameter>", "</parameter>", "<description>", "</description>",
               "<type>", "</type>", "<required>", "</required>", "<function=", "<parameter=",
-              "integer", "number", "string", "object", "Add two integers."]
+              "integer", "number", "string", "object", "Add two integers.", "first addend",
+              "second addend", "To call a function, reply with:", "VALUE", "NAME", "ARG",
+              "Reason before the call; write nothing after it.", "I know the answer."]
     return texts
 
 
