@@ -5,6 +5,13 @@ dtype (bf16 for the checkpoint) with fp32 where docs/model.md says fp32: RMSNorm
 multiply, router, routed-expert accumulation, the whole SSM (dt, A, state, y, gated norm) and the
 logits. Packed rows: tokens with different ``segment_ids`` never see each other — attention is
 masked, the Mamba conv does not read across a segment start, and the SSM state is reset there.
+
+Routing replay (R3): ``forward`` / ``hidden_states`` / ``prefill`` / ``decode_step`` can return the
+experts every token was routed to in every MoE layer (``return_routed_experts=True``; layout
+``[..., L_moe, K]``, MoE layers in pattern order, each token's ``K`` ids in top-k order), and
+``forward`` / ``hidden_states`` accept such ids (``routed_experts``) to use instead of the router's
+own top-k; the gate weights are then recomputed from the current router at the given experts
+(:func:`route`), so gradients still reach the router.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ from kernels import moe_dispatch
 from .config import ModelConfig
 
 __all__ = ["forward", "hidden_states", "logits_from_hidden", "prefill", "decode_step",
-           "init_cache", "rms_norm"]
+           "init_cache", "rms_norm", "num_moe_layers"]
 
 f32 = jnp.float32
 
@@ -185,9 +192,15 @@ def relu2_mlp(x, up, down):
     return (h * h) @ down
 
 
-def route(p, x, cfg: ModelConfig):
+def route(p, x, cfg: ModelConfig, expert_ids=None):
     """Sigmoid router with correction-biased, group-limited top-k (docs/model.md §6.1).
-    x [n,H] -> (weights [n,k] fp32, expert ids [n,k] int32)."""
+    x [n,H] -> (weights [n,k] fp32, expert ids [n,k] int32).
+
+    ``s = sigmoid(x·gate)`` (fp32); the experts are the top-k of ``s + e_score_correction_bias``
+    (within the ``topk_group`` best groups); ``w_j = scale · s[e_j] / Σ_j' s[e_j']``.
+    Replay: ``expert_ids [n,k]`` given -> ``e_j`` are those ids (a token with any id outside
+    ``[0, n_routed_experts)``, e.g. -1, is routed freely) and ``w`` is recomputed from the current
+    ``s`` at them, so ``∂w/∂gate`` flows as in the unreplayed router."""
     gate = p["gate"]
     if cfg.freeze_router:
         gate = jax.lax.stop_gradient(gate)
@@ -201,18 +214,30 @@ def route(p, x, cfg: ModelConfig):
         keep_mask = jnp.zeros_like(group_scores, bool).at[jnp.arange(n)[:, None], keep].set(True)
         sel = jnp.where(jnp.repeat(keep_mask, e // cfg.n_group, axis=1), sel, -jnp.inf)
     _, idx = jax.lax.top_k(sel, cfg.num_experts_per_tok)
+    if expert_ids is not None:
+        given = expert_ids.astype(idx.dtype)
+        free = jnp.any((given < 0) | (given >= cfg.n_routed_experts), axis=-1, keepdims=True)
+        idx = jnp.where(free, idx, given)
     w = jnp.take_along_axis(scores, idx, axis=1)
     if cfg.norm_topk_prob:
         w = w / (jnp.sum(w, axis=-1, keepdims=True) + 1e-20)
     return w * cfg.routed_scaling_factor, idx.astype(jnp.int32)
 
 
-def moe_mixer(p, u, cfg: ModelConfig):
+def moe_mixer(p, u, cfg: ModelConfig, *, expert_ids=None, return_expert_ids=False):
     """Dropless routed experts (sort by expert, one grouped matmul per projection, unsort,
-    fp32-weighted sum of the k contributions) + shared expert on the same input."""
+    fp32-weighted sum of the k contributions) + shared expert on the same input.
+    u [..., H] -> out [..., H] (and the expert ids [..., K] used, if asked). ``expert_ids
+    [..., K]`` replays given experts (see :func:`route`)."""
     shape = u.shape
+    k = cfg.num_experts_per_tok
     x = u.reshape(-1, shape[-1])
-    w, idx = route(p, x, cfg)
+    if expert_ids is not None:
+        if expert_ids.shape != (*shape[:-1], k):
+            raise ValueError(f"routed_experts: expected expert ids of shape {(*shape[:-1], k)} "
+                             f"for this MoE layer, got {expert_ids.shape}")
+        expert_ids = expert_ids.reshape(-1, k)
+    w, idx = route(p, x, cfg, expert_ids)
     order, group_sizes = moe_dispatch.sort_by_expert(idx, cfg.n_routed_experts)
     xs = moe_dispatch.permute(x, order, cfg.num_experts_per_tok)  # [n*k, H], expert-sorted
     h = kernels.grouped_matmul(xs, p["experts_up"], group_sizes, impl=cfg.moe_impl, epilogue="relu2")
@@ -220,6 +245,8 @@ def moe_mixer(p, u, cfg: ModelConfig):
     routed = moe_dispatch.unpermute(ys, order, w, out_dtype=u.dtype)
     if cfg.n_shared_experts:
         routed = routed + relu2_mlp(x, p["shared_up"], p["shared_down"])
+    if return_expert_ids:
+        return routed.reshape(shape), idx.reshape(*shape[:-1], k)
     return routed.reshape(shape)
 
 
@@ -233,11 +260,12 @@ _REMAT_POLICIES = {
 }
 
 
-def _channel_mixer(kind, mp, u, cfg):
-    """MoE (``E``) and dense MLP (``-``) layers: per-token, no decode state."""
+def _channel_mixer(kind, mp, u, cfg, expert_ids=None):
+    """MoE (``E``) and dense MLP (``-``) layers: per-token, no decode state.
+    Returns ``(out, expert ids [..., K] or None)``."""
     if kind == "E":
-        return moe_mixer(mp, u, cfg)
-    return relu2_mlp(u, mp["up_proj"], mp["down_proj"])
+        return moe_mixer(mp, u, cfg, expert_ids=expert_ids, return_expert_ids=True)
+    return relu2_mlp(u, mp["up_proj"], mp["down_proj"]), None
 
 
 def _block(lp, h, cfg, mixer):
@@ -247,28 +275,66 @@ def _block(lp, h, cfg, mixer):
     return h + out.astype(h.dtype), state
 
 
-def _layer(kind, lp, h, cfg, positions, segment_ids):
+def _layer(kind, lp, h, cfg, positions, segment_ids, expert_ids=None):
+    """One layer of the full-sequence pass -> ``(h, expert ids [B,T,K] for MoE else None)``."""
     def mixer(mp, u):
         if kind == "M":
             return mamba_mixer(mp, u, cfg, segment_ids=segment_ids), None
         if kind == "*":
             return attention_mixer(mp, u, cfg, positions=positions, segment_ids=segment_ids)[0], None
-        return _channel_mixer(kind, mp, u, cfg), None
-    return _block(lp, h, cfg, mixer)[0]
+        return _channel_mixer(kind, mp, u, cfg, expert_ids)
+    return _block(lp, h, cfg, mixer)
 
 
-def hidden_states(params, tokens, cfg: ModelConfig, *, positions=None, segment_ids=None):
+def num_moe_layers(cfg: ModelConfig) -> int:
+    """``L_moe``, the number of ``E`` layers (the third axis of routed-expert arrays)."""
+    return cfg.pattern.count("E")
+
+
+def _stack_experts(ids: list, lead: tuple, cfg: ModelConfig):
+    """Per-MoE-layer ids ``[*lead, K]`` -> ``[*lead, L_moe, K]`` int32."""
+    if not ids:
+        return jnp.zeros((*lead, 0, cfg.num_experts_per_tok), jnp.int32)
+    return jnp.stack(ids, axis=-2)
+
+
+def _check_routed(routed_experts, lead: tuple, cfg: ModelConfig):
+    want = (*lead, num_moe_layers(cfg), cfg.num_experts_per_tok)
+    if tuple(routed_experts.shape) != want:
+        raise ValueError(f"routed_experts: expected shape {want} ([B, T, L_moe, K]), "
+                         f"got {tuple(routed_experts.shape)}")
+
+
+def hidden_states(params, tokens, cfg: ModelConfig, *, positions=None, segment_ids=None,
+                  routed_experts=None, return_routed_experts: bool = False):
     """Final-normed hidden states ``[B, T, H]`` (params' dtype). ``positions`` [B,T] (default
-    arange) order the causal mask; ``segment_ids`` [B,T] isolate packed documents."""
+    arange) order the causal mask; ``segment_ids`` [B,T] isolate packed documents.
+
+    ``routed_experts [B, T, L_moe, K]`` int replays those experts in the MoE layers (a token
+    whose ids in a layer are -1 is routed freely there); ``return_routed_experts=True``
+    returns ``(h, experts [B, T, L_moe, K] int32)``, the experts actually used."""
     if positions is not None:  # None = arange, which lets fused kernels (cuDNN) take the causal path
         positions = positions.astype(jnp.int32)
+    if routed_experts is not None:
+        _check_routed(routed_experts, tokens.shape, cfg)
     h = params["embed"][tokens]
+    used, m = [], 0
     for i, kind in enumerate(cfg.pattern):
         fn = functools.partial(_layer, kind, cfg=cfg)
         if cfg.remat != "none":
             fn = jax.checkpoint(fn, policy=_REMAT_POLICIES[cfg.remat])
-        h = fn(params["layers"][i], h, positions=positions, segment_ids=segment_ids)
-    return rms_norm(h, params["norm_f"], cfg.layer_norm_epsilon)
+        given = None
+        if kind == "E" and routed_experts is not None:
+            given = routed_experts[..., m, :]
+        h, ids = fn(params["layers"][i], h, positions=positions, segment_ids=segment_ids,
+                    expert_ids=given)
+        if kind == "E":
+            used.append(ids)
+            m += 1
+    h = rms_norm(h, params["norm_f"], cfg.layer_norm_epsilon)
+    if return_routed_experts:
+        return h, _stack_experts(used, tokens.shape, cfg)
+    return h
 
 
 def logits_from_hidden(params, h):
@@ -276,11 +342,17 @@ def logits_from_hidden(params, h):
     return jnp.dot(h, params["lm_head"], preferred_element_type=f32)
 
 
-def forward(params, tokens, cfg: ModelConfig, *, positions=None, segment_ids=None):
+def forward(params, tokens, cfg: ModelConfig, *, positions=None, segment_ids=None,
+            routed_experts=None, return_routed_experts: bool = False):
     """Logits ``[B, T, V]`` (fp32). For RL log-probs over a large vocabulary use
-    :func:`hidden_states` and chunk the ``lm_head`` product instead."""
-    return logits_from_hidden(params, hidden_states(params, tokens, cfg, positions=positions,
-                                                    segment_ids=segment_ids))
+    :func:`hidden_states` and chunk the ``lm_head`` product instead. ``routed_experts`` /
+    ``return_routed_experts``: routing replay, see :func:`hidden_states` (returns
+    ``(logits, experts)`` when asked)."""
+    out = hidden_states(params, tokens, cfg, positions=positions, segment_ids=segment_ids,
+                        routed_experts=routed_experts, return_routed_experts=return_routed_experts)
+    if return_routed_experts:
+        return logits_from_hidden(params, out[0]), out[1]
+    return logits_from_hidden(params, out)
 
 
 # --------------------------------------------------------------------------------------------
@@ -306,19 +378,21 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.bfloat16) -
 
 
 def prefill(params, tokens, cfg: ModelConfig, *, lengths=None, max_len: Optional[int] = None,
-            last_only: bool = False):
+            last_only: bool = False, return_routed_experts: bool = False):
     """Run right-padded prompts ``tokens [B,T]`` (valid lengths ``lengths [B]``, default T) and
     return ``(logits [B,T,V], cache)`` with room for ``max_len`` (default T) tokens per row.
     ``last_only=True`` returns only each row's next-token logits ``[B,V]`` (at ``lengths - 1``),
     skipping the ``[B,T,V]`` head product that sampling does not need.
-    Rows continue with :func:`decode_step` at ``positions = lengths``."""
+    Rows continue with :func:`decode_step` at ``positions = lengths``.
+    ``return_routed_experts=True`` appends the experts used, ``[B, T, L_moe, K]`` int32 (entries
+    at padded positions are meaningless)."""
     b, t = tokens.shape
     max_len = t if max_len is None else max_len
     if max_len < t:
         raise ValueError(f"prefill: max_len ({max_len}) < prompt length ({t})")
     valid = None if lengths is None else jnp.arange(t)[None, :] < lengths[:, None]
     h = params["embed"][tokens]
-    cache = []
+    cache, used = [], []
     for i, kind in enumerate(cfg.pattern):
         def mixer(mp, u, kind=kind):
             if kind == "M":
@@ -327,29 +401,41 @@ def prefill(params, tokens, cfg: ModelConfig, *, lengths=None, max_len: Optional
                 out, (k, v) = attention_mixer(mp, u, cfg)
                 pad = ((0, 0), (0, max_len - t), (0, 0), (0, 0))
                 return out, {"k": jnp.pad(k, pad), "v": jnp.pad(v, pad)}
-            return _channel_mixer(kind, mp, u, cfg), {}
+            out, ids = _channel_mixer(kind, mp, u, cfg)
+            return out, {} if ids is None else {"_experts": ids}
         h, state = _block(params["layers"][i], h, cfg, mixer)
+        if "_experts" in state:
+            used.append(state.pop("_experts"))
         cache.append(state)
     if last_only:
         last = jnp.full((b,), t, jnp.int32) if lengths is None else lengths.astype(jnp.int32)
         h = h[jnp.arange(b), last - 1]
     h = rms_norm(h, params["norm_f"], cfg.layer_norm_epsilon)
+    if return_routed_experts:
+        return logits_from_hidden(params, h), cache, _stack_experts(used, (b, t), cfg)
     return logits_from_hidden(params, h), cache
 
 
-def decode_step(params, cache, tokens, positions, cfg: ModelConfig):
-    """One token per row: ``tokens [B]`` at ``positions [B]`` -> ``(logits [B,V], cache)``."""
+def decode_step(params, cache, tokens, positions, cfg: ModelConfig, *,
+                return_routed_experts: bool = False):
+    """One token per row: ``tokens [B]`` at ``positions [B]`` -> ``(logits [B,V], cache)``
+    (and the experts used, ``[B, L_moe, K]`` int32, when ``return_routed_experts``)."""
     positions = positions.astype(jnp.int32)
     h = params["embed"][tokens]
-    new_cache = []
+    new_cache, used = [], []
     for i, kind in enumerate(cfg.pattern):
         def mixer(mp, u, kind=kind, state=cache[i]):
             if kind == "M":
                 return mamba_step(mp, u, state, cfg)
             if kind == "*":
                 return attention_step(mp, u, state, positions, cfg)
-            return _channel_mixer(kind, mp, u, cfg), {}
+            out, ids = _channel_mixer(kind, mp, u, cfg)
+            return out, {} if ids is None else {"_experts": ids}
         h, state = _block(params["layers"][i], h, cfg, mixer)
+        if "_experts" in state:
+            used.append(state.pop("_experts"))
         new_cache.append(state)
     h = rms_norm(h, params["norm_f"], cfg.layer_norm_epsilon)
+    if return_routed_experts:
+        return logits_from_hidden(params, h), new_cache, _stack_experts(used, tokens.shape, cfg)
     return logits_from_hidden(params, h), new_cache
