@@ -124,7 +124,9 @@ class RolloutEngine(Protocol):
     def update_weights(self, params, version: str) -> None:
         """Replace the weights with ``params`` (the trainer's pytree) labelled ``version``.
         Returns only once every later generation uses them; raises :class:`RolloutError` on
-        failure (the previous weights keep serving)."""
+        failure (the previous weights keep serving). Version rule: ``version`` must differ
+        from the current one and, when both are decimal integers (trainer steps), be larger;
+        otherwise :class:`RolloutError` naming it (``engine.check_version_order``)."""
 
     def weight_version(self) -> str:
         """The label of the weights now in use."""
