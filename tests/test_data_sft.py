@@ -201,10 +201,13 @@ def test_resume_in_a_new_process_gives_the_next_batch(files, tmp_path):
 
 def test_two_processes_see_disjoint_shards_covering_the_data(files):
     cfg = _cfg(files["jsonl"], "jsonl", "data.num_epochs=1", "data.seq_len=1024")
-    p0 = [example_dataset(cfg, TOK, process_index=0, process_count=2)[i] for i in range(30)]
-    p1 = [example_dataset(cfg, TOK, process_index=1, process_count=2)[i] for i in range(30)]
-    w0, w1 = {e.where for e in p0}, {e.where for e in p1}
-    assert not w0 & w1 and len(w0 | w1) == len(ROWS)
+    two = C.apply_overrides(cfg, ["data.num_epochs=2"])
+    p0 = [example_dataset(two, TOK, process_index=0, process_count=2)[i] for i in range(60)]
+    p1 = [example_dataset(two, TOK, process_index=1, process_count=2)[i] for i in range(60)]
+    for epoch in (slice(0, 30), slice(30, 60)):  # every epoch: disjoint halves of all rows
+        w0, w1 = {e.where for e in p0[epoch]}, {e.where for e in p1[epoch]}
+        assert not w0 & w1 and len(w0 | w1) == len(ROWS)
+    assert [e.where for e in p0[:30]] != [e.where for e in p0[30:]]  # reshuffled per epoch
     segs = [s for p in (0, 1) for s in _segments(list(sft_batches(cfg, TOK, process_index=p, process_count=2)))]
     assert Counter(segs) == Counter(_expected_examples(cfg))
 

@@ -98,3 +98,20 @@ def test_load_errors_name_the_file(tmp_path):
     (tmp_path / "tokenizer.json").write_text("{}")
     with pytest.raises(TokenizerError, match="tokenizer.json: cannot load"):
         load_tokenizer(tmp_path)
+
+
+def test_checkpoint_directory_ships_model_and_tokenizer(tmp_path):
+    import jax
+    from models import nemotron_h as nh
+
+    cfg = preset("tiny")
+    shapes = jax.eval_shape(lambda k: nh.init_params(cfg, k), jax.random.key(0))
+    params = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), shapes)  # values do not matter here
+    nh.save_checkpoint(params, cfg, tmp_path / "ckpt")
+    save_tokenizer(TOK, tmp_path / "ckpt")
+    cfg2, _ = nh.load_checkpoint(tmp_path / "ckpt")
+    tok = load_tokenizer(tmp_path / "ckpt")
+    assert cfg2.vocab_size == cfg.vocab_size and tok.vocab_size <= cfg2.vocab_size
+    assert tok.encode("What is 2 + 3?").tolist() == TOK.encode("What is 2 + 3?").tolist()
+    run = C.apply_overrides(C.Config(), [f"model.checkpoint={tmp_path / 'ckpt'}"])
+    assert tokenizer_for(run).chat_template == TOK.chat_template

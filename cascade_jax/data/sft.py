@@ -12,7 +12,8 @@ Per source ``i`` a grain ``MapDataset``: rows shuffled globally with a seed deri
 ``data.shuffle_seed`` (reshuffled every epoch), process ``p`` of ``P`` keeps elements ``p, p+P,
 ...`` of each epoch's order (disjoint shards that together cover the data), repeated
 ``data.num_epochs`` times (``None``: forever); several sources are mixed with their weights
-(``MapDataset.mix``). Each element is rendered with the chat template (no generation prompt) and
+(``MapDataset.mix``; with a finite ``num_epochs`` the mixture ends when a source runs out at
+its weight). Each element is rendered with the chat template (no generation prompt) and
 tokenized; its loss mask covers the assistant tokens (:func:`cascade_jax.data.chat.render_chat`).
 
 Examples longer than ``seq_len`` are dropped or truncated to their first ``seq_len`` tokens

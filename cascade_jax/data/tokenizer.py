@@ -177,7 +177,8 @@ def load_tokenizer(path) -> Tokenizer:
 def save_tokenizer(tokenizer: Tokenizer, path) -> None:
     """Write ``tokenizer.json`` and ``tokenizer_config.json`` (with ``chat_template`` and the
     special tokens) into ``path`` (created if needed); transformers' ``AutoTokenizer`` and
-    :func:`load_tokenizer` both read the result."""
+    :func:`load_tokenizer` both read the result. Call it after ``save_checkpoint`` (which
+    replaces the whole directory)."""
     d = Path(path)
     d.mkdir(parents=True, exist_ok=True)
     tokenizer.backend.save(str(d / "tokenizer.json"))
