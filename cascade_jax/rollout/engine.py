@@ -59,7 +59,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import functools
 import itertools
 import threading
 import time
@@ -70,6 +69,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .sampler import sample_tokens
+from .scoring import score_logprobs
 from .types import Request, RolloutError, Rollouts, Sample
 
 __all__ = ["JaxEngine", "RequestHandle", "check_version_order", "default_prompt_buckets"]
@@ -85,10 +85,6 @@ def default_prompt_buckets(max_len: int, smallest: int = 16) -> tuple:
         b *= 2
     out.append(max_len)
     return tuple(out)
-
-
-def _pow2_at_least(n: int) -> int:
-    return 1 << max(0, int(n - 1).bit_length())
 
 
 def check_version_order(old: str, new: str) -> None:
@@ -232,7 +228,6 @@ class JaxEngine:
 
         self._admit_fn = jax.jit(self._admit_impl, donate_argnums=(1, 2))
         self._decode_fn = jax.jit(self._decode_impl, donate_argnums=(1, 2))
-        self._score_fn = jax.jit(self._score_impl)
 
     # ------------------------------------------------------------------------------------------
     # jitted programs
@@ -277,16 +272,6 @@ class JaxEngine:
         (cache, logits, _, _), (toks, lps) = jax.lax.scan(
             body, (cache, logits, positions, steps), None, length=self.steps_per_call)
         return cache, logits, toks, lps
-
-    def _score_impl(self, params, tokens, segment_ids):
-        """``[B, T-1]`` log-probs of ``tokens[:, 1:]`` given their prefixes, temperature 1."""
-        from cascade_jax.rl.logprobs import chunked_logprobs
-        T = tokens.shape[1]
-        pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), tokens.shape)
-        h = self.model.hidden_states(params, tokens, self.model_cfg, positions=pos,
-                                     segment_ids=segment_ids)
-        lp, _ = chunked_logprobs(h[:, :-1], params["lm_head"], tokens[:, 1:])
-        return lp
 
     # ------------------------------------------------------------------------------------------
     # low-level API (thread-safe)
@@ -575,38 +560,13 @@ class JaxEngine:
 
     def score(self, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]],
               *, batch_size: Optional[int] = None) -> list:
-        """Teacher-forced ``[len(response)]`` float32 log-probs per pair at temperature 1
-        (the trainer's chunked log-softmax over the full forward). Pairs are padded to
-        power-of-two lengths (>= 16) and row counts so repeated calls reuse programs."""
-        if len(prompts) != len(responses):
-            raise ValueError(f"responses: {len(responses)} responses for {len(prompts)} prompts")
-        pairs = [([int(t) for t in p], [int(t) for t in r]) for p, r in zip(prompts, responses)]
-        for i, (p, r) in enumerate(pairs):
-            if not p:
-                raise ValueError(f"prompts[{i}]: empty prompt")
-            bad = [t for t in p + r if not 0 <= t < self.vocab_size]
-            if bad:
-                raise ValueError(f"prompts[{i}]/responses[{i}]: token id {bad[0]} outside [0, {self.vocab_size})")
+        """Teacher-forced ``[len(response)]`` float32 log-probs per pair at temperature 1 under
+        the current weights (:func:`cascade_jax.rollout.scoring.score_logprobs`: the trainer's
+        chunked log-softmax over the full forward)."""
         with self._cond:
             params = self._params
-        B = batch_size or self.num_slots
-        out: list = [None] * len(pairs)
-        order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
-        for c in range(0, len(order), B):
-            idx = order[c:c + B]
-            T = max(16, _pow2_at_least(max(len(pairs[i][0]) + len(pairs[i][1]) for i in idx)))
-            nb = _pow2_at_least(len(idx))
-            tokens = np.zeros((nb, T), np.int32)
-            seg = np.zeros((nb, T), np.int32)
-            for r, i in enumerate(idx):
-                seq = pairs[i][0] + pairs[i][1]
-                tokens[r, :len(seq)] = seq
-                seg[r, :len(seq)] = 1
-            lp = np.asarray(self._score_fn(params, tokens, seg))  # [nb, T-1]
-            for r, i in enumerate(idx):
-                P, R = len(pairs[i][0]), len(pairs[i][1])
-                out[i] = lp[r, P - 1:P - 1 + R].astype(np.float32)
-        return out
+        return score_logprobs(params, self.model_cfg, prompts, responses,
+                              batch_size=batch_size or self.num_slots, model=self.model)
 
     def update_weights(self, params, version: str, *, timeout: float = 600.0) -> None:
         """Swap in ``params`` labelled ``version`` (:func:`check_version_order`). Same tree

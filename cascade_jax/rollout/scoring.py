@@ -1,0 +1,73 @@
+"""Teacher-forced scoring: ``log π(response[t] | prompt, response[:t])`` at temperature 1.
+
+Each pair ``(prompt, response)`` becomes the sequence ``prompt ++ response``; the full forward's
+final hidden states go through the trainer's chunked log-softmax
+(:func:`cascade_jax.rl.logprobs.chunked_logprobs`), so a score equals what the update steps
+compute for the same tokens. Pairs are sorted by length and run in chunks of ``batch_size``,
+each padded to a power-of-two row count and a power-of-two length (>= 16), so repeated calls
+reuse a handful of compiled programs.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["score_logprobs", "pow2_at_least"]
+
+
+def pow2_at_least(n: int) -> int:
+    """Smallest power of two ``>= n`` (1 for ``n <= 1``)."""
+    return 1 << max(0, int(n - 1).bit_length())
+
+
+@functools.partial(jax.jit, static_argnames=("model_cfg", "model"))
+def _score_rows(params, tokens, segment_ids, model_cfg, model):
+    """``[B, T-1]`` log-probs of ``tokens[:, 1:]`` given their prefixes (temperature 1)."""
+    from cascade_jax.rl.logprobs import chunked_logprobs
+    T = tokens.shape[1]
+    pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), tokens.shape)
+    h = model.hidden_states(params, tokens, model_cfg, positions=pos, segment_ids=segment_ids)
+    lp, _ = chunked_logprobs(h[:, :-1], params["lm_head"], tokens[:, 1:])
+    return lp
+
+
+def score_logprobs(params, model_cfg, prompts: Sequence[Sequence[int]],
+                   responses: Sequence[Sequence[int]], *, batch_size: int = 8,
+                   model=None) -> list:
+    """For every pair a ``[len(response)]`` float32 array of teacher-forced log-probs under
+    ``params`` (module doc). ``ValueError`` naming the pair for an empty prompt or a token id
+    outside the vocabulary."""
+    if model is None:
+        from models import nemotron_h as model
+    if len(prompts) != len(responses):
+        raise ValueError(f"responses: {len(responses)} responses for {len(prompts)} prompts")
+    V = int(model_cfg.vocab_size)
+    pairs = [([int(t) for t in p], [int(t) for t in r]) for p, r in zip(prompts, responses)]
+    for i, (p, r) in enumerate(pairs):
+        if not p:
+            raise ValueError(f"prompts[{i}]: empty prompt")
+        bad = [t for t in p + r if not 0 <= t < V]
+        if bad:
+            raise ValueError(f"prompts[{i}]/responses[{i}]: token id {bad[0]} outside [0, {V})")
+    out: list = [None] * len(pairs)
+    order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
+    for c in range(0, len(order), batch_size):
+        idx = order[c:c + batch_size]
+        T = max(16, pow2_at_least(max(len(pairs[i][0]) + len(pairs[i][1]) for i in idx)))
+        nb = pow2_at_least(len(idx))
+        tokens = np.zeros((nb, T), np.int32)
+        seg = np.zeros((nb, T), np.int32)
+        for r, i in enumerate(idx):
+            seq = pairs[i][0] + pairs[i][1]
+            tokens[r, :len(seq)] = seq
+            seg[r, :len(seq)] = 1
+        lp = np.asarray(_score_rows(params, tokens, seg, model_cfg, model))  # [nb, T-1]
+        for r, i in enumerate(idx):
+            P, R = len(pairs[i][0]), len(pairs[i][1])
+            out[i] = lp[r, P - 1:P - 1 + R].astype(np.float32)
+    return out

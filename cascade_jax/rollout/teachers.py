@@ -1,0 +1,88 @@
+"""In-process MOPD teachers: each sample scored by its domain's teacher.
+
+``Teachers({domain: (model_cfg, params)})`` or :meth:`Teachers.from_checkpoints` with
+``{domain: checkpoint_dir}`` (Hub layout, ``models.nemotron_h.load_checkpoint``; a directory
+named for several domains is loaded once). :meth:`Teachers.score` returns, for every sample of
+a :class:`~cascade_jax.rollout.types.Rollouts` (group by group, the packer's order), the
+``[len(response)]`` float32 teacher log-probs at temperature 1
+``log π_teacher(response[t] | prompt, response[:t])`` — exactly what
+:func:`~cascade_jax.rollout.packing.pack_rollouts` takes as ``teacher_logp``::
+
+    teachers = Teachers.from_checkpoints({"math": "ckpt/math", "code": "ckpt/code"})
+    batch = pack_rollouts(rollouts, rewards, teacher_logp=teachers.score(rollouts))
+
+Teachers may differ in architecture but must share the student's tokenizer (token ids are
+scored as they are). A sample whose request has no domain, or a domain without a teacher, is a
+``ValueError`` naming it — never a silent zero.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Mapping, Optional
+
+from cascade_jax import domains
+
+from .scoring import score_logprobs
+from .types import Rollouts
+
+__all__ = ["Teachers"]
+
+
+class Teachers:
+    """Domain-routed teacher scoring in this process (module doc)."""
+
+    def __init__(self, by_domain: Mapping[str, tuple], *, batch_size: int = 8, model=None):
+        if not by_domain:
+            raise ValueError("teachers: at least one domain -> teacher is required")
+        for d in by_domain:
+            domains.check_domain(d)
+        self.by_domain = dict(by_domain)
+        self.batch_size = batch_size
+        self.model = model
+
+    @classmethod
+    def from_checkpoints(cls, paths: Mapping[str, str], *, dtype=None, batch_size: int = 8,
+                         model=None) -> "Teachers":
+        """Load each distinct checkpoint directory once (``dtype`` default bfloat16)."""
+        if model is None:
+            from models import nemotron_h as model
+        import jax.numpy as jnp
+        dtype = jnp.bfloat16 if dtype is None else dtype
+        loaded: dict = {}
+        by_domain = {}
+        for d, path in paths.items():
+            key = os.path.realpath(path)
+            if key not in loaded:
+                loaded[key] = model.load_checkpoint(path, dtype=dtype)
+            by_domain[d] = loaded[key]
+        return cls(by_domain, batch_size=batch_size, model=model)
+
+    def num_teachers(self) -> int:
+        """Distinct teacher parameter sets."""
+        return len({id(p) for _, p in self.by_domain.values()})
+
+    def score(self, rollouts: Rollouts) -> list:
+        """Per sample (``rollouts.samples()`` order) the ``[R]`` float32 teacher log-probs."""
+        jobs: dict = {}  # id(params) -> (cfg, params, [sample index], [prompt], [response])
+        n = 0
+        for req, group in zip(rollouts.requests, rollouts.groups):
+            if req.domain is None:
+                raise ValueError(f"domain: request {req.rid!r} has none; MOPD routes by domain")
+            if req.domain not in self.by_domain:
+                raise ValueError(f"domain: no teacher for {req.domain!r} (teachers cover "
+                                 f"{', '.join(sorted(self.by_domain))})")
+            cfg, params = self.by_domain[req.domain]
+            entry = jobs.setdefault(id(params), (cfg, params, [], [], []))
+            for s in group:
+                entry[2].append(n)
+                entry[3].append(s.prompt_ids)
+                entry[4].append(s.response_ids)
+                n += 1
+        out: list = [None] * n
+        for cfg, params, idx, prompts, responses in jobs.values():
+            scores = score_logprobs(params, cfg, prompts, responses, batch_size=self.batch_size,
+                                    model=self.model)
+            for i, lp in zip(idx, scores):
+                out[i] = lp
+        return out
