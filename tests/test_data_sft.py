@@ -208,7 +208,10 @@ def test_two_processes_see_disjoint_shards_covering_the_data(files):
         w0, w1 = {e.where for e in p0[epoch]}, {e.where for e in p1[epoch]}
         assert not w0 & w1 and len(w0 | w1) == len(ROWS)
     assert [e.where for e in p0[:30]] != [e.where for e in p0[30:]]  # reshuffled per epoch
-    segs = [s for p in (0, 1) for s in _segments(list(sft_batches(cfg, TOK, process_index=p, process_count=2)))]
+    segs = [s for p in (0, 1) for s in _segments(list(sft_batches(cfg, TOK, process_index=p, process_count=2,
+                                                                  rows=2)))]
+    with pytest.raises(ValueError, match="batch_rows 3 is not divisible by 2 processes"):
+        sft_batches(cfg, TOK, process_index=0, process_count=2)
     assert Counter(segs) == Counter(_expected_examples(cfg))
 
 

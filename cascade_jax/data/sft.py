@@ -126,7 +126,10 @@ class SFTIterator:
         self._len = len(self._ds)
         self._finite = data.num_epochs is not None
         self.seq_len = data.seq_len
-        self.rows = rows if rows is not None else max(1, data.batch_rows // process_count)
+        if rows is None and data.batch_rows % process_count:
+            raise ValueError(f"data.batch_rows {data.batch_rows} is not divisible by "
+                             f"{process_count} processes")
+        self.rows = rows if rows is not None else data.batch_rows // process_count
         self.buffer_size = data.pack_buffer
         self.pad_id = tokenizer.pad_id
         self._next = 0
