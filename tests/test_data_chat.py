@@ -122,12 +122,51 @@ def test_bad_messages_raise_naming_the_problem():
                     [{"role": "user", "content": "x"}])
 
 
+# A second, independent template (JSON tool calls, plain jinja tags relying on trim_blocks /
+# lstrip_blocks, loop controls, a namespace, tojson of non-ASCII objects, bos_token): our jinja
+# environment must render any checkpoint's template as transformers does, not only ours.
+OTHER_TEMPLATE = """{{ bos_token }}
+{%- if tools %}
+<|im_start|>system
+{% if messages[0].role == 'system' %}{{ messages[0].content }}
+
+{% endif %}
+# Tools
+<tools>
+{% for t in tools %}
+{{ t | tojson }}
+{% endfor %}
+</tools><|im_end|>
+{% endif %}
+{% set ns = namespace(last=-1) %}
+{% for m in messages %}{% if m.role == 'user' %}{% set ns.last = loop.index0 %}{% endif %}{% endfor %}
+{% for m in messages %}
+{% if m.role == 'system' and tools %}{% continue %}{% endif %}
+<|im_start|>{{ m.role }}
+{% if m.role == 'assistant' and m.reasoning_content and loop.index0 > ns.last %}
+<think>{{ m.reasoning_content | trim }}</think>
+{% endif %}
+{{ m.content }}
+{% if m.tool_calls %}{% for c in m.tool_calls %}
+<tool_call>{{ {"name": c.function.name, "arguments": c.function.arguments} | tojson }}</tool_call>
+{% endfor %}{% endif %}
+<|im_end|>
+{% endfor %}
+{% if add_generation_prompt %}<|im_start|>assistant
+{% if not enable_thinking %}<think>
+
+</think>
+
+{% endif %}{% endif %}"""
+
+
 @pytest.mark.oracle
 def test_parity_with_transformers_apply_chat_template(tmp_path):
     save_tokenizer(TOK, tmp_path / "tok")
     tok = load_tokenizer(tmp_path / "tok")  # what a checkpoint ships is what we render with
     cases = [{"messages": m, "tools": t, "thinking": th, "add_generation_prompt": g}
              for m, t, th, g in CASES]
+    cases += [{**c, "chat_template": OTHER_TEMPLATE} for c in cases]
     (tmp_path / "cases.json").write_text(json.dumps(cases, ensure_ascii=False), encoding="utf-8")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(TRANSFORMERS_VERBOSITY="error", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
@@ -137,11 +176,17 @@ def test_parity_with_transformers_apply_chat_template(tmp_path):
                           capture_output=True, text=True, timeout=300, env=env, cwd=str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-4000:]
     want = json.loads((tmp_path / "out.json").read_text(encoding="utf-8"))
-    assert len(want) == len(CASES)
+    assert len(want) == len(cases) == 2 * len(CASES)
+    other = Tokenizer(backend=tok.backend, chat_template=OTHER_TEMPLATE,
+                      special_tokens=tok.special_tokens, ids=tok.ids)
     for i, (c, w) in enumerate(zip(cases, want)):
-        text, ids, mask = render_chat(tok, c["messages"], tools=c["tools"], thinking=c["thinking"],
+        t = other if "chat_template" in c else tok
+        text, ids, mask = render_chat(t, c["messages"], tools=c["tools"], thinking=c["thinking"],
                                       add_generation_prompt=c["add_generation_prompt"])
         assert text == w["text"], f"case {i}: text differs"
         assert ids.tolist() == w["ids"], f"case {i}: token ids differ"
-        assert mask.astype(int).tolist() == w["assistant_mask"], f"case {i}: assistant mask differs"
+        if w["assistant_mask"] is not None:
+            assert mask.astype(int).tolist() == w["assistant_mask"], f"case {i}: assistant mask differs"
         assert tok.decode(ids) == w["decoded"] == text, f"case {i}: decode differs"
+    assert "<tool_call>{\"name\": \"get_weather\"" in want[len(CASES) + 7]["text"]
+    assert want[len(CASES)]["text"].startswith("<s><|im_start|>user\nWhat is 2 + 3?")
