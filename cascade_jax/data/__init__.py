@@ -18,8 +18,8 @@ The seam for the stage runner (everything below is numpy / Python; no jax arrays
     pb = next(it)                                  # PromptBatch: tokens [P, L], lengths, domains,
     tokens, lengths, group_ids, domain_ids = pb.expand()   # prompts, metadata, n_samples
 
-    state = it.get_state()                         # JSON-able; store with the train state
-    it.set_state(state)                            # a fresh iterator resumes at the same batch
+    state = it.get_state()                         # JSON-able dict of ints (orbax: args.JsonSave)
+    it.set_state(state)                            # a fresh iterator, same config: same next batch
 
     data.save_tokenizer(tok, run_dir)              # next to nh.save_checkpoint(...) output;
     tok = data.load_tokenizer(run_dir)             # tokenizer.json + tokenizer_config.json
