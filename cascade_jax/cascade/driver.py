@@ -28,7 +28,7 @@ from cascade_jax.cascade import plan as P
 from cascade_jax.cascade import registry as R
 
 __all__ = ["run_cascade", "run_mopd", "evaluate_checkpoint", "enable_compilation_cache",
-           "parse_teacher_policy", "BASE"]
+           "parse_teacher_policy", "command", "BASE"]
 
 #: Registry name of the cascade's starting model (the first stage's start).
 BASE = "base"
@@ -102,7 +102,9 @@ def run_cascade(cascade_dir: Union[str, os.PathLike], *, preset: str = "tiny",
 
     log = log or (lambda m: print(m, file=sys.stderr, flush=True))
     cdir = pathlib.Path(cascade_dir)
-    cdir.mkdir(parents=True, exist_ok=True)
+    wanted = list(stages) if stages is not None else list(P.STAGE_NAMES)
+    for n in wanted:  # every stage's config resolves before anything is written
+        P.stage_config(n, preset=preset, cascade_dir=cdir, overrides=overrides)
     state = P.load_state(cdir)
     setup = {"preset": preset, "overrides": list(overrides), "base_checkpoint": base_checkpoint,
              "teacher_policy": teacher_policy if isinstance(teacher_policy, str) else dict(teacher_policy)}
@@ -112,10 +114,6 @@ def run_cascade(cascade_dir: Union[str, os.PathLike], *, preset: str = "tiny",
                                 f"use the same settings to resume or a new --run-dir")
     state.update(setup)
     P.save_state(cdir, state)
-    wanted = list(stages) if stages is not None else list(P.STAGE_NAMES)
-    for n in wanted:
-        if n not in P.STAGE_NAMES:
-            raise C.ConfigError(f"unknown cascade stage {n!r}; stages: {', '.join(P.STAGE_NAMES)}")
     reg_path = cdir / R.REGISTRY_FILE
     eval_domains = [D.check_domain(d) for d in eval_domains]
 
@@ -236,3 +234,46 @@ def run_mopd(run_dir: Union[str, os.PathLike], *, teachers_from: Optional[str] =
     log(f"[mopd] from {src / spec.start}; teachers: " + ", ".join(
         f"{d} <- {os.path.relpath(p, src)}" for d, p in teachers.items()))
     return run_stage(cfg, run_dir, argv=argv, progress=progress, log=log)
+
+
+def command(stage: str, *, run_dir: Optional[str] = None, preset: Optional[str] = None,
+            init: Optional[str] = None, overrides: Sequence[str] = (), teachers: str = "paper",
+            teachers_from: Optional[str] = None, argv: Optional[Sequence[str]] = None,
+            progress: bool = True) -> dict:
+    """``launch/run.py --stage=cascade`` / ``--stage=mopd``: the cascade (default dir
+    ``runs/cascade``) or MOPD alone (bootstrapping the earlier stages into ``runs/cascade``, or
+    with ``teachers_from`` a cascade dir, into ``runs/mopd``). Preset default ``tiny``. Bad input
+    raises :class:`cascade_jax.config.ConfigError` naming it. Returns a JSON-able summary."""
+    preset = preset or "tiny"
+    if preset not in P.PRESET_DIRS:
+        raise C.ConfigError(f"--preset: unknown cascade preset {preset!r}; valid: "
+                            f"{', '.join(sorted(P.PRESET_DIRS))}")
+    try:
+        policy = parse_teacher_policy(teachers)
+    except R.RegistryError as e:
+        raise C.ConfigError(str(e)) from None
+    if teachers_from is not None and stage != "mopd":
+        raise C.ConfigError("--teachers-from applies to --stage=mopd only")
+    base = None
+    if init is not None:
+        from cascade_jax.runner.build import resolve_init
+
+        base = resolve_init(init)
+    enable_compilation_cache()
+    try:
+        if stage == "cascade":
+            cdir = run_dir or "runs/cascade"
+            state = run_cascade(cdir, preset=preset, overrides=overrides, teacher_policy=policy,
+                                base_checkpoint=base, argv=argv, progress=progress)
+            return {"cascade_dir": str(cdir), "report": str(pathlib.Path(cdir) / "report.md"),
+                    "stages": {n: s.get("status") for n, s in state["stages"].items()}}
+        if stage == "mopd":
+            if base is not None:
+                raise C.ConfigError("--init does not apply to --stage=mopd (it starts from the "
+                                    "multi-domain-RL checkpoint)")
+            d = run_dir or ("runs/mopd" if teachers_from else "runs/cascade")
+            return run_mopd(d, teachers_from=teachers_from, preset=preset, overrides=overrides,
+                            teacher_policy=policy, argv=argv, progress=progress)
+    except R.RegistryError as e:
+        raise C.ConfigError(str(e)) from None
+    raise C.ConfigError(f"cascade command: unknown stage {stage!r} (cascade, mopd)")
