@@ -114,6 +114,18 @@ def test_loss_mask_covers_exactly_the_assistant_turns(case):
                                                   add_generation_prompt=agp).loss_mask, mask)
 
 
+def test_train_turns_select_which_assistant_turns_carry_loss():
+    msgs = CASES[4][0]  # two assistant turns
+    text, ids, full = render_chat(TOK, msgs, add_generation_prompt=False)
+    first, second = _assistant_segments(text)
+    for flags, want in [([True, True], first + second), ([False, True], second), ([True, False], first),
+                        ([False, False], "")]:
+        _, _, mask = render_chat(TOK, msgs, add_generation_prompt=False, train_turns=flags)
+        assert TOK.decode(ids[mask > 0]) == want
+    with pytest.raises(ChatTemplateError, match="train_turns: 1 flags for 2 assistant turns"):
+        render_chat(TOK, msgs, add_generation_prompt=False, train_turns=[True])
+
+
 def test_bad_messages_raise_naming_the_problem():
     with pytest.raises(ChatTemplateError, match="unknown role narrator"):
         render_chat(TOK, [{"role": "narrator", "content": "x"}])

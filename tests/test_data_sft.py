@@ -248,6 +248,23 @@ def test_bad_rows_error_with_file_and_line_or_skip_and_count(tmp_path, name, bad
     assert it.stats["bad_row"] == 1 and it.stats["examples"] == 4
 
 
+def test_train_turns_from_the_row(tmp_path):
+    conv = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "first"},
+            {"role": "user", "content": "b"}, {"role": "assistant", "content": "second"}]
+    rows = [{"messages": conv, "flags": [False, True]},
+            {"messages": [dict(m, train=False) if m["content"] == "second" else m for m in conv]}]
+    write_jsonl(rows, tmp_path / "t.jsonl")
+    cfg = C.apply_overrides(_cfg(tmp_path / "t.jsonl", "jsonl", "data.num_epochs=1", "data.batch_rows=1"),
+                            [f'data.sources=[{{"path": "{tmp_path / "t.jsonl"}", "fields": {{"train_turns": "flags"}}}}]'])
+    b = next(sft_batches(cfg, TOK))
+    trained = {TOK.decode(b.tokens[0][(b.segment_ids[0] == s) & (b.loss_mask[0] > 0)]) for s in (1, 2)}
+    assert trained == {"<think></think>second<|im_end|>", "<think></think>first<|im_end|>"}
+    rows[0]["flags"] = [True]
+    write_jsonl(rows, tmp_path / "t.jsonl")
+    with pytest.raises(DataError, match="t.jsonl:1: train_turns: expected 2 booleans"):
+        list(sft_batches(cfg, TOK))
+
+
 def test_missing_or_empty_sources_fail_before_training(tmp_path):
     with pytest.raises(DataError, match="no such file or directory"):
         sft_batches(_cfg(tmp_path / "nope.jsonl"), TOK)

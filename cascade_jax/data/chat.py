@@ -178,18 +178,28 @@ def assistant_mask(offsets: np.ndarray, spans: Sequence[tuple[int, int]]) -> np.
 
 def render_chat(tokenizer: Tokenizer, messages: Sequence[dict], *, tools=None,
                 thinking: bool = True, add_generation_prompt: bool = True,
-                **template_kwargs) -> ChatRender:
+                train_turns: Optional[Sequence[bool]] = None, **template_kwargs) -> ChatRender:
     """Render ``messages`` (OpenAI-style dicts: ``role`` in :data:`ROLES`, ``content``, optional
     ``reasoning_content`` and ``tool_calls``) with the tokenizer's chat template and tokenize.
 
     ``thinking`` is passed as ``enable_thinking``; ``tools`` are JSON-schema function specs.
     Returns ``(text, ids [L] int32, loss_mask [L] float32)``; unpack ``text, ids, _ = ...``.
     For RL prompts use ``add_generation_prompt=True``; for SFT rows ``False``.
+    ``train_turns``: one flag per assistant turn (in order); turns flagged false get no loss
+    (the template must render one assistant span per assistant message).
     """
     text, spans = render_text(tokenizer, messages, tools=tools, thinking=thinking,
                               add_generation_prompt=add_generation_prompt, track=True,
                               **template_kwargs)
     if not _GENERATION_RE.search(tokenizer.chat_template):
         spans = _chatml_spans(text)
+    if train_turns is not None:
+        n_turns = sum(m.get("role") == "assistant" for m in messages)
+        spans = spans[:n_turns]  # a trailing generation prompt is no assistant turn
+        if len(train_turns) != n_turns or len(spans) != n_turns:
+            raise ChatTemplateError(
+                f"train_turns: {len(train_turns)} flags for {n_turns} assistant turns "
+                f"({len(spans)} assistant spans rendered)")
+        spans = [sp for sp, keep in zip(spans, train_turns) if keep]
     ids, offsets = tokenizer.encode_with_offsets(text)
     return ChatRender(text, ids, assistant_mask(offsets, spans))

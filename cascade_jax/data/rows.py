@@ -15,6 +15,8 @@ response         SFT    an assistant reply, used with ``prompt`` when ``messages
 reasoning        SFT    optional reasoning of that reply (its ``reasoning_content``)
 system           both   optional system message text (with ``prompt``)
 tools            both   optional list of JSON-schema function specs (OpenAI ``tools``)
+train_turns      SFT    optional list of booleans, one per assistant turn: which turns carry
+                        loss (default all); a per-message boolean ``train`` key works too
 domain           both   canonical domain name (``cascade_jax.domains``); RL requires one
                         (from the row or from the source's ``domain``)
 metadata         RL     dict handed to ``make_scorer(domain)`` as the verifier metadata;
@@ -50,7 +52,7 @@ from cascade_jax import domains as _domains
 __all__ = ["DataError", "BadRow", "get_path", "map_row", "normalize_messages", "CANONICAL_FIELDS"]
 
 CANONICAL_FIELDS = ("messages", "prompt", "response", "reasoning", "system", "tools", "domain",
-                    "metadata", "id")
+                    "metadata", "id", "train_turns")
 _ROLES = ("system", "user", "assistant", "tool")
 
 
@@ -143,6 +145,10 @@ def normalize_messages(messages: Any) -> list[dict]:
         for k in ("name", "tool_call_id"):
             if isinstance(m.get(k), str):
                 msg[k] = m[k]
+        if m.get("train") is not None:
+            if role != "assistant" or not isinstance(m["train"], bool):
+                raise BadRow(f"{where}.train: only a boolean on assistant turns")
+            msg["train"] = m["train"]
         out.append(msg)
     return out
 
@@ -242,4 +248,19 @@ def map_row(row: Any, fields: Mapping[str, str], *, kind: str,
             metadata[name[len("metadata."):]] = v
     rid = get("id")
     return {"messages": messages, "tools": _tools(get("tools")), "domain": domain,
-            "metadata": metadata, "id": None if rid is None else str(rid)}
+            "metadata": metadata, "id": None if rid is None else str(rid),
+            "train_turns": _train_turns(get("train_turns"), messages) if kind == "sft" else None}
+
+
+def _train_turns(flags: Any, messages: list) -> Optional[list]:
+    """Per-assistant-turn loss flags from a ``train_turns`` list or per-message ``train`` keys."""
+    turns = [m for m in messages if m["role"] == "assistant"]
+    if flags is None:
+        if not any("train" in m for m in turns):
+            return None
+        flags = [m.get("train", True) for m in turns]
+    if (not isinstance(flags, list) or len(flags) != len(turns)
+            or not all(isinstance(f, (bool, int)) and f in (0, 1) for f in flags)):
+        raise BadRow(f"train_turns: expected {len(turns)} booleans (one per assistant turn), "
+                     f"got {flags!r:.80}")
+    return [bool(f) for f in flags]

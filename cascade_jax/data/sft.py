@@ -73,7 +73,7 @@ def sft_example(record, tokenizer: Tokenizer, *, fields: dict, seq_len: int, ove
             raise row
         r = map_row(row, fields, kind="sft", source_domain=source_domain)
         _, ids, mask = render_chat(tokenizer, r["messages"], tools=r["tools"],
-                                   add_generation_prompt=False)
+                                   add_generation_prompt=False, train_turns=r["train_turns"])
     except (BadRow, ChatTemplateError) as e:
         if on_bad_row == "error":
             raise DataError(f"{where}: {e}") from None
