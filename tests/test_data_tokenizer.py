@@ -9,7 +9,7 @@ import pytest
 
 from cascade_jax import config as C
 from cascade_jax.data import (TINY_VOCAB_SIZE, TokenizerError, load_tokenizer, save_tokenizer,
-                              tiny_tokenizer, tokenizer_for)
+                              tiny_tokenizer, tokenizer_for, write_tiny_tokenizer)
 from cascade_jax.data.tokenizer import TINY_CONTROL_TOKENS, TINY_SPECIAL_TOKENS, build_tiny_tokenizer
 from cascade_jax.domains import DOMAINS
 from cascade_jax.rewards.tiny import tiny_examples
@@ -108,7 +108,7 @@ def test_checkpoint_directory_ships_model_and_tokenizer(tmp_path):
     shapes = jax.eval_shape(lambda k: nh.init_params(cfg, k), jax.random.key(0))
     params = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), shapes)  # values do not matter here
     nh.save_checkpoint(params, cfg, tmp_path / "ckpt")
-    save_tokenizer(TOK, tmp_path / "ckpt")
+    write_tiny_tokenizer(tmp_path / "ckpt")
     cfg2, _ = nh.load_checkpoint(tmp_path / "ckpt")
     tok = load_tokenizer(tmp_path / "ckpt")
     assert cfg2.vocab_size == cfg.vocab_size and tok.vocab_size <= cfg2.vocab_size

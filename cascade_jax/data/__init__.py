@@ -21,7 +21,8 @@ The seam for the stage runner (everything below is numpy / Python; no jax arrays
     state = it.get_state()                         # JSON-able dict of ints (orbax: args.JsonSave)
     it.set_state(state)                            # a fresh iterator, same config: same next batch
 
-    data.save_tokenizer(tok, run_dir)              # next to nh.save_checkpoint(...) output;
+    data.save_tokenizer(tok, run_dir)              # after nh.save_checkpoint(...) (tiny:
+                                                   # data.write_tiny_tokenizer(run_dir));
     tok = data.load_tokenizer(run_dir)             # tokenizer.json + tokenizer_config.json
 
 Modules: :mod:`~cascade_jax.data.tokenizer` (``tokenizers``-backed tokenizer, the reproducible tiny
@@ -42,10 +43,10 @@ from cascade_jax.data.rows import BadRow, DataError, map_row, normalize_messages
 from cascade_jax.data.sft import SFTIterator, sft_batches
 from cascade_jax.data.tokenizer import (TINY_VOCAB_SIZE, Tokenizer, TokenizerError, load_tokenizer,
                                         save_tokenizer, tiny_chat_template, tiny_tokenizer,
-                                        tokenizer_for)
+                                        tokenizer_for, write_tiny_tokenizer)
 
 __all__ = ["Tokenizer", "TokenizerError", "load_tokenizer", "save_tokenizer", "tiny_tokenizer",
-           "tiny_chat_template", "tokenizer_for", "TINY_VOCAB_SIZE", "render_chat", "render_text",
+           "tiny_chat_template", "tokenizer_for", "write_tiny_tokenizer", "TINY_VOCAB_SIZE", "render_chat", "render_text",
            "ChatRender", "ChatTemplateError", "assistant_mask", "sft_batches", "SFTIterator",
            "prompt_batches", "PromptIterator", "PromptBatch", "DataError", "BadRow", "map_row",
            "normalize_messages"]

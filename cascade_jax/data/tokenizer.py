@@ -30,7 +30,8 @@ import numpy as np
 import tokenizers
 
 __all__ = ["Tokenizer", "TokenizerError", "load_tokenizer", "save_tokenizer", "tiny_tokenizer",
-           "build_tiny_tokenizer", "tiny_chat_template", "tokenizer_for", "TINY_VOCAB_SIZE", "TINY_SPECIAL_TOKENS",
+           "build_tiny_tokenizer", "tiny_chat_template", "tokenizer_for", "write_tiny_tokenizer",
+           "TINY_VOCAB_SIZE", "TINY_SPECIAL_TOKENS",
            "TINY_CONTROL_TOKENS"]
 
 TINY_VOCAB_SIZE = 512
@@ -272,3 +273,11 @@ def tokenizer_for(config) -> Tokenizer:
         return tiny_tokenizer()
     raise TokenizerError(f"no tokenizer for preset {config.model.preset!r}: set data.tokenizer or "
                          f"model.checkpoint to a directory with tokenizer.json")
+
+
+def write_tiny_tokenizer(path) -> Tokenizer:
+    """Write the tiny tokenizer (``tokenizer.json`` + ``tokenizer_config.json`` with its chat
+    template) into ``path``, e.g. a tiny checkpoint directory after ``save_checkpoint``."""
+    tok = tiny_tokenizer()
+    save_tokenizer(tok, path)
+    return tok
