@@ -116,9 +116,13 @@ def _check_sampling(section: str, temperature: float, top_p: float, top_k: int, 
 
 @dataclasses.dataclass(frozen=True)
 class RolloutConfig:
-    """How responses are generated (embedded JAX engine or an SGLang server)."""
+    """How responses are generated: ``jax`` = the embedded engine in this process
+    (``num_slots`` sequences decoded together, ``steps_per_call`` tokens per jitted call,
+    ``seed`` for requests without one); ``jax_server`` = JAX rollout servers
+    (``launch/serve.py``); ``sglang`` = SGLang servers. ``cascade_jax.rollout.make_engine``
+    builds the backend."""
 
-    engine: Literal["jax", "sglang"] = "jax"
+    engine: Literal["jax", "jax_server", "sglang"] = "jax"
     server_url: Optional[str] = None
     n_samples: int = 16
     max_prompt_len: int = 1024
@@ -128,13 +132,21 @@ class RolloutConfig:
     top_k: int = -1  # -1 = off
     greedy: bool = False  # argmax decoding (then temperature must be 0)
     thinking: bool = True
+    num_slots: int = 64
+    steps_per_call: int = 4
+    seed: int = 0
 
     def __post_init__(self):
         if self.n_samples < 1:
             raise ConfigError(f"rollout.n_samples: must be >= 1, got {self.n_samples}")
+        for name in ("num_slots", "steps_per_call", "max_prompt_len", "max_response_len"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"rollout.{name}: must be >= 1, got {getattr(self, name)}")
+        if self.seed < 0:
+            raise ConfigError(f"rollout.seed: must be >= 0, got {self.seed}")
         _check_sampling("rollout", self.temperature, self.top_p, self.top_k, self.greedy)
-        if self.engine == "sglang" and not self.server_url:
-            raise ConfigError("rollout.server_url: required when rollout.engine is 'sglang'")
+        if self.engine in ("sglang", "jax_server") and not self.server_url:
+            raise ConfigError(f"rollout.server_url: required when rollout.engine is '{self.engine}'")
 
 
 @dataclasses.dataclass(frozen=True)
