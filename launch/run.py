@@ -1,17 +1,23 @@
-"""cascade-jax entry point.
+"""cascade-jax entry point: run one stage (or the demo) from a config.
 
-    python launch/run.py --stage=demo                       # tiny generate demo on CPU
+    python launch/run.py                                    # no arguments: the tiny demo
+    python launch/run.py --stage=tiny/sft --run-dir runs/sft
+    python launch/run.py --stage=tiny/multi_domain_rl --init runs/sft --run-dir runs/mdrl
     python launch/run.py --stage=mopd --set optimizer.lr=3e-6 --print-config
-    python launch/run.py --config my.json --set run.out_dir=runs/x
+    python launch/run.py --config my.json --set stage.steps=40 --fresh
 
-``--stage NAME`` loads ``configs/NAME.json``; ``--config`` loads any JSON config; ``--set a.b=v``
-overrides fields (validated; unknown keys are errors naming the key). The resolved config is
-written to ``<run.out_dir>/config.json``.
+``--stage NAME`` loads the packaged ``configs/NAME.json`` (``tiny/NAME`` for the toy-scale
+variants); ``--config PATH`` any JSON config. Then, in order: ``--preset`` sets ``model.preset``
+(and drops ``model.checkpoint``), ``--init`` sets ``model.checkpoint`` (a Hub checkpoint, or a
+run dir whose final export ``hub/`` is used), ``--run-dir`` sets ``run.out_dir``, and every
+``--set a.b=v`` overrides one field (validated; unknown keys are errors naming the key).
 
-Today only the ``demo`` objective runs end to end: it builds the model (tiny preset or a Hub
-checkpoint), exports it as a Hub-layout checkpoint, reloads it, samples responses with the
-prefill/decode path and reports tokens/s. The cascade stages (sft, grpo, mopd) get their runner in
-a later issue; their configs already load and validate.
+Rerunning the same command resumes from the run dir's newest complete checkpoint; a run dir
+holding a different config is refused unless ``--fresh`` (which starts it over).
+
+Errors print one line ``error: ...`` and exit with a distinct code: 2 config, 3 missing or
+unreadable file, 4 run dir holds another run, 5 checkpoint, 6 rollout server, 1 other (its
+traceback goes to ``<run dir>/error.log``). Nothing is written before validation passes.
 """
 
 from __future__ import annotations
@@ -22,61 +28,75 @@ import os
 import pathlib
 import sys
 import time
+import traceback
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # allow `python launch/run.py` from a checkout
+if (ROOT / "cascade_jax").is_dir() and str(ROOT) not in sys.path:  # `python launch/run.py` from a checkout
     sys.path.insert(0, str(ROOT))
 
 from cascade_jax import config as C  # noqa: E402
+from cascade_jax.runner import errors as E  # noqa: E402
+
+DEFAULT_STAGE = "demo"
 
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--stage", help="stage name: loads configs/<stage>.json")
+    ap.add_argument("--stage", help="stage name: the packaged configs/<stage>.json (e.g. tiny/sft)")
     ap.add_argument("--config", help="path of a JSON config (instead of --stage)")
+    ap.add_argument("--preset", help="model preset (tiny, nano-30b-a3b); drops model.checkpoint")
+    ap.add_argument("--init", help="initial weights: a Hub checkpoint dir or a finished run dir")
+    ap.add_argument("--run-dir", help="run directory (default: run.out_dir of the config)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override a config field, e.g. --set optimizer.lr=2e-6 (repeatable)")
+    ap.add_argument("--fresh", action="store_true", help="replace whatever run the run dir holds")
     ap.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     return ap.parse_args(argv)
 
 
 def resolve_config(args) -> C.Config:
+    """The run config of the command line (raises ``RunError`` subclasses on bad input)."""
+    import configs
+
     if args.stage and args.config:
-        raise C.ConfigError("pass either --stage or --config, not both")
-    if args.stage:
-        path = ROOT / "configs" / f"{args.stage}.json"
-        if not path.exists():
-            names = sorted(p.stem for p in (ROOT / "configs").glob("*.json"))
-            raise C.ConfigError(f"unknown stage {args.stage!r}; valid stages: {', '.join(names)}")
-        cfg = C.load(str(path))
-    elif args.config:
-        cfg = C.load(args.config)
-    else:
-        cfg = C.Config()
-    return C.apply_overrides(cfg, args.overrides)
+        raise E.ConfigError("pass either --stage or --config, not both")
+    try:
+        if args.config:
+            cfg = C.load(args.config)
+        else:
+            try:
+                path = configs.stage_path(args.stage or DEFAULT_STAGE)
+            except KeyError as e:
+                raise E.ConfigError(e.args[0]) from None
+            cfg = C.load(str(path))
+        if args.preset:
+            cfg = C.replace_path(cfg, "model.preset", args.preset)
+            cfg = C.replace_path(cfg, "model.checkpoint", None)
+        if args.init:
+            from cascade_jax.runner.build import resolve_init
 
-
-def build_model(cfg: C.Config):
-    """``(model_cfg, params)`` from ``cfg.model`` (a Hub checkpoint or a preset with random init)."""
-    import jax
-    import jax.numpy as jnp
-    from models import nemotron_h as nh
-
-    dtype = jnp.dtype(cfg.model.dtype)
-    if cfg.model.checkpoint:
-        mcfg, params = nh.load_checkpoint(cfg.model.checkpoint, dtype=dtype)
-        mcfg = nh.with_overrides(mcfg, **cfg.model.overrides)
-    else:
-        mcfg = nh.preset(cfg.model.preset, **cfg.model.overrides)
-        params = jax.jit(nh.init_params, static_argnums=(0, 2))(mcfg, jax.random.key(cfg.run.seed), dtype)
-    return mcfg, params
+            cfg = C.replace_path(cfg, "model.checkpoint", resolve_init(args.init))
+        if args.run_dir:
+            cfg = C.replace_path(cfg, "run.out_dir", args.run_dir)
+        cfg = C.apply_overrides(cfg, args.overrides)
+    except C.ConfigError as e:
+        raise E.ConfigError(str(e)) from None
+    except FileNotFoundError as e:
+        raise E.InputFileError(f"--config {e.filename}: no such file") from None
+    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as e:
+        raise E.InputFileError(f"--config {args.config}: cannot read ({e})") from None
+    return cfg
 
 
 def run_demo(cfg: C.Config, out_dir: pathlib.Path) -> dict:
+    """Build the model (tiny preset or a Hub checkpoint), export it as a Hub checkpoint, reload
+    it, sample with prefill + decode and report tokens/s."""
     import jax
     import jax.numpy as jnp
     from models import nemotron_h as nh
     from cascade_jax.rollout.sampler import sample
+    from cascade_jax.runner.build import build_model
 
     mcfg, params = build_model(cfg)
     total, active = nh.param_counts(mcfg)
@@ -94,7 +114,8 @@ def run_demo(cfg: C.Config, out_dir: pathlib.Path) -> dict:
     lengths = jnp.repeat(jnp.arange(n_prompts) % r.max_prompt_len // 2 + r.max_prompt_len // 2 + 1,
                          r.n_samples)
     kw = dict(rng=jax.random.key(cfg.run.seed + 1), max_new_tokens=r.max_response_len,
-              prompt_lengths=lengths, temperature=r.temperature)
+              prompt_lengths=lengths, temperature=r.temperature if not r.greedy else 1.0,
+              top_p=r.top_p, top_k=r.top_k, greedy=r.greedy)
     t0 = time.perf_counter()
     batch, responses = jax.block_until_ready(sample(params, prompts, mcfg, **kw))
     compile_s = time.perf_counter() - t0
@@ -104,42 +125,65 @@ def run_demo(cfg: C.Config, out_dir: pathlib.Path) -> dict:
     n_tok = int(responses.size)
     for i in range(min(3, responses.shape[0])):
         print(f"  response {i}: {responses[i, :12].tolist()} ...")
-    report = {
+    return {
         "stage": cfg.stage.name, "sequences": int(responses.shape[0]), "new_tokens": n_tok,
         "first_call_s": round(compile_s, 3), "generate_s": round(gen_s, 4),
         "decode_tokens_per_s": round(n_tok / gen_s, 1),
         "mean_rollout_logp": float(jnp.sum(batch.rollout_logp) / jnp.sum(batch.loss_mask)),
         "backend": jax.default_backend(),
     }
-    return report
+
+
+def _main(args) -> int:
+    cfg = resolve_config(args)
+    if args.print_config:  # the resolved config; paths in it are not checked
+        print(C.to_json(cfg))
+        return 0
+    from cascade_jax.runner.build import validate
+
+    validate(cfg)
+    run_dir = pathlib.Path(cfg.run.out_dir)
+    if cfg.stage.objective == "demo":
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "run_config.json").write_text(C.to_json(cfg) + "\n")
+        report = run_demo(cfg, run_dir)
+        (run_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        print(json.dumps(report))
+        return 0
+    from cascade_jax.runner import run_stage
+
+    argv = [sys.executable, *sys.argv]
+    summary = run_stage(cfg, run_dir, fresh=args.fresh, argv=argv,
+                        progress=not args.no_progress and sys.stderr.isatty())
+    print(json.dumps(summary))
+    return 0
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from models.nemotron_h import ModelConfigError, preset, with_overrides
-
     try:
-        cfg = resolve_config(args)
-        if not cfg.model.checkpoint:  # validate the model section before any work
-            with_overrides(preset(cfg.model.preset), **cfg.model.overrides)
-    except (C.ConfigError, ModelConfigError) as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    if args.print_config:
-        print(C.to_json(cfg))
-        return 0
-    out_dir = pathlib.Path(cfg.run.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.json").write_text(C.to_json(cfg) + "\n")
-    if cfg.stage.objective != "demo":
-        print(f"stage {cfg.stage.name!r} (objective {cfg.stage.objective!r}): the cascade runner is not "
-              f"built yet; the update steps live in cascade_jax.rl. Config validated and written to "
-              f"{out_dir / 'config.json'}.", file=sys.stderr)
-        return 2
-    report = run_demo(cfg, out_dir)
-    (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps(report))
-    return 0
+        return _main(args)
+    except E.RunError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except C.ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return E.ConfigError.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - a bug, not bad input: one line + the traceback on disk
+        where = pathlib.Path(args.run_dir) if args.run_dir else None
+        msg = f"error: internal: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        if where is not None and where.is_dir():
+            (where / "error.log").write_text(traceback.format_exc())
+            msg += f" (traceback in {where / 'error.log'})"
+        else:
+            msg += " (set CASCADE_TRACEBACK=1 to see the traceback)"
+            if os.environ.get("CASCADE_TRACEBACK"):
+                traceback.print_exc()
+        print(msg, file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ def test_demo_runs(tmp_path):
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["new_tokens"] == 2 * 2 * 6 and report["decode_tokens_per_s"] > 0
     assert (tmp_path / "checkpoint" / "model.safetensors").exists()
-    assert json.loads((tmp_path / "config.json").read_text())["rollout"]["n_samples"] == 2
+    assert json.loads((tmp_path / "run_config.json").read_text())["rollout"]["n_samples"] == 2
 
 
 def test_bad_key_and_stage():

@@ -1,0 +1,351 @@
+"""Everything a stage needs, built from a run ``Config`` (no CLI here; ``launch/run.py``,
+``launch/eval.py`` and the cascade call these).
+
+=====================  =========================================================================
+function               returns
+=====================  =========================================================================
+resolve_init           a Hub checkpoint directory for ``--init`` (a Hub dir or a run dir)
+build_model            ``(model_cfg, params)``: a Hub checkpoint or a preset with seeded init
+build_tokenizer        the checkpoint's tokenizer, or the tiny preset's built-in one
+build_mesh             the device mesh of ``config.mesh`` (or ``None`` on one device)
+build_sft_data         iterator of ``SFTBatch`` with ``get_state()`` / ``set_state()``
+build_prompt_data      iterator of prompt batches with ``get_state()`` / ``set_state()``
+build_engine           the rollout engine (``cascade_jax.rollout`` protocol)
+build_scorers          ``{domain: scorer}`` for the stage's domains
+build_teachers         ``{domain: (model_cfg, params)}`` for MOPD
+build_train_step       the jitted ``step(state, batch) -> (state, metrics)``
+=====================  =========================================================================
+
+Every ``build_*`` raises a :class:`~cascade_jax.runner.errors.RunError` subclass naming the bad
+input (exit codes in :mod:`cascade_jax.runner.errors`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import pathlib
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+
+from cascade_jax import config as C
+from cascade_jax.runner.errors import (CheckpointLoadError, ConfigError, InputFileError,
+                                       RolloutUnavailable, RunError)
+
+__all__ = ["Parts", "build", "resolve_init", "build_model", "model_config", "build_tokenizer", "build_mesh",
+           "build_sft_data", "build_prompt_data", "build_engine", "build_scorers",
+           "build_teachers", "build_train_step", "compute_dtype", "validate", "stage_domains"]
+
+
+# --------------------------------------------------------------------------------------------
+# Model
+
+
+def resolve_init(path: str, what: str = "--init") -> str:
+    """``--init`` target (or a teacher; ``what`` names it in errors) → a Hub checkpoint
+    directory: a Hub dir (has ``config.json``) as is; a run dir (has ``run_config.json``) → its
+    final export ``<run>/hub``."""
+    p = pathlib.Path(path)
+    if not p.exists():
+        raise InputFileError(f"{what} {path}: no such file or directory")
+    if not p.is_dir():
+        raise InputFileError(f"{what} {path}: not a directory (expected a Hub checkpoint or a run dir)")
+    if (p / "config.json").is_file():
+        return str(p)
+    if (p / "run_config.json").is_file():
+        hub = p / "hub"
+        if (hub / "config.json").is_file():
+            return str(hub)
+        raise CheckpointLoadError(f"{what} {path}: run dir has no final Hub export ({hub}); "
+                                  f"finish the run first")
+    raise InputFileError(f"{what} {path}: neither a Hub checkpoint (config.json) nor a run dir "
+                         f"(run_config.json)")
+
+
+def model_config(config: C.Config):
+    """The ``ModelConfig`` of ``config.model`` without loading weights (validates it)."""
+    from models import nemotron_h as nh
+
+    try:
+        if config.model.checkpoint:
+            ckpt = pathlib.Path(config.model.checkpoint)
+            if not (ckpt / "config.json").is_file():
+                raise InputFileError(f"model.checkpoint {ckpt}: no config.json there")
+            mcfg = nh.ModelConfig.from_json_file(ckpt / "config.json")
+        else:
+            mcfg = nh.preset(config.model.preset)
+        return nh.with_overrides(mcfg, **config.model.overrides)
+    except (nh.ModelConfigError, nh.CheckpointError) as e:
+        if config.model.checkpoint:
+            raise CheckpointLoadError(f"model.checkpoint {config.model.checkpoint}: {e}") from None
+        raise ConfigError(f"model: {e}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputFileError(f"model.checkpoint {config.model.checkpoint}: cannot read config.json "
+                             f"({e})") from None
+
+
+def build_model(config: C.Config):
+    """``(model_cfg, params)`` from ``config.model``: a Hub checkpoint (loaded in
+    ``model.dtype``) or the preset with parameters drawn from ``key(run.seed)``."""
+    from models import nemotron_h as nh
+
+    dtype = jnp.dtype(config.model.dtype)
+    if config.model.checkpoint:
+        try:
+            mcfg, params = nh.load_checkpoint(config.model.checkpoint, dtype=dtype)
+            mcfg = nh.with_overrides(mcfg, **config.model.overrides)
+        except (nh.CheckpointError, OSError, ValueError) as e:
+            raise CheckpointLoadError(f"model.checkpoint {config.model.checkpoint}: "
+                                      f"{str(e).splitlines()[0]}") from None
+        want = nh.abstract_params(mcfg)
+        if jax.tree.structure(want) != jax.tree.structure(params):
+            raise CheckpointLoadError(
+                f"model.checkpoint {config.model.checkpoint}: its parameters do not have the "
+                f"configured model's structure (model.overrides {config.model.overrides})")
+        for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(want)[0],
+                                jax.tree.leaves(params)):
+            if tuple(a.shape) != tuple(b.shape):
+                raise CheckpointLoadError(
+                    f"model.checkpoint {config.model.checkpoint}: parameter "
+                    f"{jax.tree_util.keystr(path)} has shape {tuple(b.shape)}, the configured "
+                    f"model (model.overrides {config.model.overrides}) needs {tuple(a.shape)}")
+        return mcfg, params
+    mcfg = model_config(config)
+    params = jax.jit(nh.init_params, static_argnums=(0, 2))(mcfg, jax.random.key(config.run.seed),
+                                                            dtype)
+    return mcfg, params
+
+
+def compute_dtype(config: C.Config):
+    """Dtype of the compute copy in the train step and the engine (``model.dtype``)."""
+    return jnp.dtype(config.model.dtype)
+
+
+def build_mesh(config: C.Config):
+    """The device mesh of ``config.mesh`` (``None`` on a single device, where plain ``jit``
+    is the sharded step)."""
+    if jax.device_count() == 1:
+        return None
+    try:
+        from cascade_jax.sharding import make_mesh  # the sharding package owns meshes
+    except ImportError:
+        return None
+    return make_mesh(config.mesh)
+
+
+# --------------------------------------------------------------------------------------------
+# Tokenizer and data
+
+
+def build_tokenizer(config: C.Config):
+    """The run's tokenizer (``cascade_jax.data.tokenizer_for``: ``data.tokenizer``, else the
+    checkpoint's, else the tiny preset's built-in one)."""
+    from cascade_jax import data
+
+    try:
+        return data.tokenizer_for(config)
+    except (data.TokenizerError, OSError) as e:
+        raise InputFileError(f"tokenizer: {e}") from None
+
+
+def stage_domains(config: C.Config) -> tuple:
+    """The stage's domains (``data.domains``), validated; error if empty for an RL stage."""
+    from cascade_jax import domains as D
+
+    for d in config.data.domains:
+        if d not in D.DOMAINS:
+            raise ConfigError(f"data.domains: unknown domain {d!r}; valid: {', '.join(D.DOMAINS)}")
+    if not config.data.domains and config.stage.objective in ("grpo", "mopd"):
+        raise ConfigError("data.domains: an RL stage needs at least one domain")
+    return tuple(config.data.domains)
+
+
+def _data_call(fn, config, tokenizer):
+    from cascade_jax import data
+
+    try:
+        return fn(config, tokenizer, process_index=jax.process_index(),
+                  process_count=jax.process_count())
+    except FileNotFoundError as e:
+        raise InputFileError(f"data: {e}") from None
+    except data.DataError as e:
+        raise InputFileError(f"data: {e}") from None
+
+
+def build_sft_data(config: C.Config, tokenizer):
+    """Iterator of packed ``SFTBatch`` rows (``data.batch_rows`` rows of ``data.seq_len``)
+    with ``get_state()`` / ``set_state()`` (``cascade_jax.data.sft_batches``)."""
+    from cascade_jax import data
+
+    return _data_call(data.sft_batches, config, tokenizer)
+
+
+def build_prompt_data(config: C.Config, tokenizer):
+    """Iterator of ``PromptBatch`` (``ceil(data.batch_prompts × data.oversample)`` prompts with
+    domain and verifier metadata) with ``get_state()`` / ``set_state()``
+    (``cascade_jax.data.prompt_batches``)."""
+    from cascade_jax import data
+
+    return _data_call(data.prompt_batches, config, tokenizer)
+
+
+# --------------------------------------------------------------------------------------------
+# Rollouts, rewards, teachers
+
+
+def build_engine(config: C.Config, model_cfg, params, tokenizer):
+    """The rollout engine of ``rollout.engine``: the embedded JAX engine (in process) or the
+    client of rollout servers at ``rollout.server_url``."""
+    from cascade_jax import rollout as R
+
+    r = config.rollout
+    if r.engine == "jax":
+        return R.JaxEngine(model_cfg, params, **_engine_kwargs(config))
+    client = getattr(R, "HttpEngine", None) or getattr(R, "ServerClient", None)
+    if client is None:
+        raise ConfigError(f"rollout.engine {r.engine!r}: no server client in this build")
+    try:
+        eng = client(r.server_url)
+        if not eng.health():
+            raise RolloutUnavailable(f"rollout.server_url {r.server_url}: server not healthy")
+        return eng
+    except R.RolloutError as e:
+        raise RolloutUnavailable(f"rollout.server_url {r.server_url}: {e}") from None
+
+
+#: decode slots of the embedded engine at most (a step's samples beyond it queue for a slot)
+MAX_SLOTS = 256
+
+
+def _engine_kwargs(config: C.Config) -> dict:
+    """Slots for every sample of one prompt draw (``ceil(batch_prompts × oversample) × n``, at
+    most :data:`MAX_SLOTS`); cache length ``max_prompt_len + max_response_len``."""
+    r, d = config.rollout, config.data
+    samples = math.ceil(d.batch_prompts * d.oversample) * r.n_samples
+    return dict(max_len=r.max_prompt_len + r.max_response_len, num_slots=min(samples, MAX_SLOTS),
+                weight_version="0", seed=config.run.seed)
+
+
+def build_scorers(config: C.Config) -> dict:
+    """``{domain: scorer}`` (``cascade_jax.rewards.make_scorer``, each with its worker pool)."""
+    from cascade_jax.rewards import make_scorer
+
+    return {d: make_scorer(d) for d in stage_domains(config)}
+
+
+def build_teachers(config: C.Config, student_cfg) -> dict:
+    """``{domain: (model_cfg, params)}`` from ``stage.teachers`` (domain → Hub checkpoint or run
+    dir). Teachers sharing a directory share one copy of the weights. Every stage domain needs
+    a teacher, and each teacher must share the student's vocabulary."""
+    from models import nemotron_h as nh
+
+    teachers, loaded = {}, {}
+    missing = [d for d in stage_domains(config) if d not in config.stage.teachers]
+    if missing:
+        raise ConfigError(f"stage.teachers: no teacher for domain(s) {missing}")
+    for dom, path in sorted(config.stage.teachers.items()):
+        hub = resolve_init(path, f"stage.teachers.{dom}")
+        if hub not in loaded:
+            try:
+                tcfg, tparams = nh.load_checkpoint(hub, dtype=compute_dtype(config))
+            except (nh.CheckpointError, OSError, ValueError) as e:
+                raise CheckpointLoadError(f"stage.teachers.{dom} ({path}): "
+                                          f"{str(e).splitlines()[0]}") from None
+            if tcfg.vocab_size != student_cfg.vocab_size:
+                raise CheckpointLoadError(
+                    f"stage.teachers.{dom} ({path}): vocab_size {tcfg.vocab_size} differs from the "
+                    f"student's {student_cfg.vocab_size}")
+            loaded[hub] = (tcfg, tparams)
+        teachers[dom] = loaded[hub]
+    return teachers
+
+
+# --------------------------------------------------------------------------------------------
+# Train step
+
+
+def build_train_step(config: C.Config, model_cfg):
+    """``step(state, batch) -> (state, metrics)`` for ``stage.objective``, jitted with the state
+    donated (the previous state's buffers are reused)."""
+    from cascade_jax import rl
+
+    obj = config.stage.objective
+    static = dict(model_cfg=model_cfg, compute_dtype=compute_dtype(config))
+    if obj in ("grpo", "mopd"):
+        static.update(stage=config.stage, temperature=config.rollout.temperature)
+    fn = rl.make_train_step(obj, jit=False, opt_cfg=config.optimizer, **static)
+    return jax.jit(fn, donate_argnums=(0,))
+
+
+# --------------------------------------------------------------------------------------------
+# Validation (before anything is written)
+
+
+def validate(config: C.Config) -> None:
+    """Checks that need more than one field (single fields are checked by the config classes):
+    the model section, lengths against the model's context, the stage's domains, the data's
+    batch shape, sampling settings for RL, teacher paths for MOPD."""
+    mcfg = model_config(config)
+    r, st = config.rollout, config.stage
+    if st.objective in ("grpo", "mopd", "demo"):
+        total = r.max_prompt_len + r.max_response_len
+        if total > mcfg.max_position_embeddings:
+            raise ConfigError(
+                f"rollout.max_prompt_len + rollout.max_response_len = {total} exceeds the model's "
+                f"max_position_embeddings {mcfg.max_position_embeddings} (model.preset "
+                f"{config.model.preset!r}); lower rollout.max_response_len")
+    if st.objective in ("grpo", "mopd"):
+        stage_domains(config)
+        if r.temperature <= 0:
+            raise ConfigError(f"rollout.temperature: RL needs sampling (> 0), got {r.temperature}")
+    if st.objective == "sft" and config.data.seq_len > mcfg.max_position_embeddings:
+        raise ConfigError(f"data.seq_len {config.data.seq_len} exceeds the model's "
+                          f"max_position_embeddings {mcfg.max_position_embeddings}")
+    if st.objective == "mopd":
+        for dom, path in config.stage.teachers.items():
+            resolve_init(path, f"stage.teachers.{dom}")
+    if config.data.batch_prompts < 1:
+        raise ConfigError(f"data.batch_prompts: must be >= 1, got {config.data.batch_prompts}")
+
+
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Parts:
+    """What :func:`build` returns; fields not needed by the objective are ``None``."""
+
+    model_cfg: Any
+    params: Any
+    tokenizer: Any
+    mesh: Any
+    train_step: Any
+    data: Any = None  # SFT batches or prompt batches
+    engine: Any = None
+    scorers: Optional[dict] = None
+    teachers: Optional[dict] = None
+
+
+def build(config: C.Config) -> Parts:
+    """Everything ``config``'s stage needs (see the module table), validated first."""
+    validate(config)
+    model_cfg, params = build_model(config)
+    tokenizer = build_tokenizer(config)
+    if tokenizer.vocab_size > model_cfg.vocab_size:
+        raise ConfigError(f"tokenizer has {tokenizer.vocab_size} tokens > model vocab_size "
+                          f"{model_cfg.vocab_size}")
+    parts = Parts(model_cfg=model_cfg, params=params, tokenizer=tokenizer,
+                  mesh=build_mesh(config), train_step=build_train_step(config, model_cfg))
+    obj = config.stage.objective
+    if obj == "sft":
+        parts.data = build_sft_data(config, tokenizer)
+    elif obj in ("grpo", "mopd"):
+        parts.data = build_prompt_data(config, tokenizer)
+        parts.scorers = build_scorers(config)
+        if obj == "mopd":
+            parts.teachers = build_teachers(config, model_cfg)
+        parts.engine = build_engine(config, model_cfg, params, tokenizer)
+    return parts

@@ -1,0 +1,172 @@
+"""Training checkpoints with orbax, and Hub-layout exports.
+
+A checkpoint at step ``s`` (directory ``<run_dir>/checkpoints/<s>/``) holds the items
+
+* ``state`` — ``{"params", "opt_state", "step", "rng"}``: fp32 master weights, the optax state,
+  the number of optimiser updates and the raw key data of the run's RNG (orbax ``StandardSave``);
+* ``data``  — the data iterator's state (JSON), so the resumed run draws the same next batch;
+* ``meta``  — JSON: step, per-domain eval scores of that step (if evaluated), wall time.
+
+Saves are asynchronous (orbax writes in a background thread after copying the arrays to the
+host; the step is blocked only for that copy — :meth:`Checkpointer.save` returns the blocked
+seconds). Orbax writes into a temporary directory and renames it when complete, so a process
+killed mid-save leaves the previous checkpoints intact and the partial one is ignored (and
+cleaned up at the next start).
+
+Retention: the last ``keep_last`` checkpoints plus the ``keep_best`` with the highest mean eval
+score (checkpoints without eval scores count only as "last").
+
+Restore (:meth:`Checkpointer.restore_latest`) tries the newest checkpoint first; one that fails
+to load (corrupt or partial files) is moved to ``<run_dir>/checkpoints.corrupt/`` with a message
+and the next older one is tried.
+"""
+
+from __future__ import annotations
+
+import base64
+import pathlib
+import shutil
+import time
+from typing import Any, Optional
+
+import jax
+import numpy as np
+
+from cascade_jax.runner.errors import CheckpointLoadError
+
+__all__ = ["Checkpointer", "export_hub", "encode_data_state", "decode_data_state"]
+
+
+def encode_data_state(state: Any) -> Any:
+    """A data-iterator state as JSON (``bytes`` become ``{"__bytes__": base64}``)."""
+    if isinstance(state, bytes):
+        return {"__bytes__": base64.b64encode(state).decode()}
+    if isinstance(state, dict):
+        return {k: encode_data_state(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return [encode_data_state(v) for v in state]
+    if isinstance(state, np.generic):
+        return state.item()
+    return state
+
+
+def decode_data_state(state: Any) -> Any:
+    """Inverse of :func:`encode_data_state`."""
+    if isinstance(state, dict):
+        if set(state) == {"__bytes__"}:
+            return base64.b64decode(state["__bytes__"])
+        return {k: decode_data_state(v) for k, v in state.items()}
+    if isinstance(state, list):
+        return [decode_data_state(v) for v in state]
+    return state
+
+
+def _eval_metric(metrics) -> float:
+    return float(metrics["eval_score"])
+
+
+class Checkpointer:
+    """Orbax ``CheckpointManager`` over ``<run_dir>/checkpoints`` (see the module docstring)."""
+
+    def __init__(self, run_dir: pathlib.Path, *, keep_last: int = 3, keep_best: int = 1,
+                 async_save: bool = True):
+        import orbax.checkpoint as ocp
+        from orbax.checkpoint import checkpoint_managers as cm
+
+        self.run_dir = pathlib.Path(run_dir)
+        self.directory = (self.run_dir / "checkpoints").absolute()
+        policies = [cm.LatestN(n=max(keep_last, 1))]
+        if keep_best > 0:
+            policies.append(cm.BestN(get_metric_fn=_eval_metric, n=keep_best,
+                                     keep_checkpoints_without_metrics=False))
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=cm.AnyPreservationPolicy(policies),
+            enable_async_checkpointing=async_save, cleanup_tmp_directories=True, create=True)
+        self._ocp = ocp
+        self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                             item_names=("state", "data", "meta"))
+
+    # -- saving ---------------------------------------------------------------------------------
+
+    def save(self, step: int, state: dict, data_state: Any, meta: dict,
+             eval_score: Optional[float] = None) -> float:
+        """Start saving; returns the seconds the caller was blocked."""
+        a = self._ocp.args
+        t0 = time.perf_counter()
+        self.manager.save(
+            step,
+            args=a.Composite(state=a.StandardSave(state),
+                             data=a.JsonSave(encode_data_state(data_state)),
+                             meta=a.JsonSave({**meta, "step": int(step)})),
+            metrics=None if eval_score is None else {"eval_score": float(eval_score)},
+            force=True)
+        return time.perf_counter() - t0
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+    def steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def latest_step(self) -> Optional[int]:
+        return self.manager.latest_step()
+
+    # -- restoring ------------------------------------------------------------------------------
+
+    def restore(self, step: int, target_state: dict) -> tuple[dict, Any, dict]:
+        """``(state, data_state, meta)`` of checkpoint ``step``; arrays get ``target_state``'s
+        shapes, dtypes and shardings. A shape mismatch raises :class:`CheckpointLoadError`."""
+        a = self._ocp.args
+        abstract = jax.tree.map(self._ocp.utils.to_shape_dtype_struct, target_state)
+        out = self.manager.restore(step, args=a.Composite(state=a.StandardRestore(abstract),
+                                                          data=a.JsonRestore(),
+                                                          meta=a.JsonRestore()))
+        state = out["state"]
+        for path, want, got in zip(jax.tree_util.tree_flatten_with_path(abstract)[0],
+                                   jax.tree.leaves(abstract), jax.tree.leaves(state)):
+            if tuple(want.shape) != tuple(got.shape):
+                raise CheckpointLoadError(
+                    f"checkpoint {self.directory / str(step)}: "
+                    f"{jax.tree_util.keystr(path[0])} has shape {tuple(got.shape)}, the "
+                    f"configured model needs {tuple(want.shape)}")
+        return state, decode_data_state(out["data"]), out["meta"]
+
+    def restore_latest(self, target_state: dict, log=print):
+        """Newest loadable checkpoint as ``(step, state, data_state, meta)``, or ``None`` when
+        there is none. Unloadable ones are moved aside (see module docstring)."""
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                return (step, *self.restore(step, target_state))
+            except CheckpointLoadError:
+                raise
+            except Exception as e:  # noqa: BLE001 - any read failure means a bad checkpoint
+                aside = self.run_dir / "checkpoints.corrupt" / f"{step}-{int(time.time())}"
+                aside.parent.mkdir(parents=True, exist_ok=True)
+                shutil.move(str(self.directory / str(step)), str(aside))
+                log(f"checkpoint {step} does not load ({type(e).__name__}: "
+                    f"{str(e).splitlines()[0][:200] if str(e) else ''}); moved to {aside}, "
+                    f"falling back to the previous one")
+                self.manager.reload()
+        return None
+
+
+def export_hub(params, model_cfg, out_dir: pathlib.Path, *, tokenizer_dir=None) -> pathlib.Path:
+    """Write ``params`` as a Hub-layout checkpoint (``config.json`` + safetensors) at
+    ``out_dir`` with the tokenizer files of ``tokenizer_dir`` (if any) copied beside them, so
+    ``load_checkpoint``, ``launch/serve.py``, SGLang and transformers load it."""
+    from models import nemotron_h as nh
+
+    out_dir = pathlib.Path(out_dir)
+    nh.save_checkpoint(params, model_cfg, str(out_dir))
+    if tokenizer_dir is not None:
+        for p in pathlib.Path(tokenizer_dir).iterdir():
+            if p.is_file() and (p.name.startswith("tokenizer") or p.name in
+                                ("special_tokens_map.json", "chat_template.jinja",
+                                 "generation_config.json")):
+                if not (out_dir / p.name).exists():
+                    shutil.copyfile(p, out_dir / p.name)
+    return out_dir

@@ -1,0 +1,140 @@
+"""Evaluation: avg@k and pass@k per domain (``launch/eval.py`` and the runner's periodic eval),
+and the held-out loss of SFT stages.
+
+For each domain, ``eval.prompts`` held-out prompts, ``eval.k`` samples each with the eval
+sampling settings, scored by the domain's scorer (values in [0, 1]):
+
+* ``avg@k``  = mean over prompts and samples of the score;
+* ``pass@k`` = fraction of prompts with at least one fully correct sample (score = 1); with
+  ``n = k`` samples this is the unbiased estimator ``1 − C(n − c, k) / C(n, k)`` of pass@k.
+
+Eval prompts come from the data pipeline (``cascade_jax.data.prompt_batches``) with
+``data.shuffle_seed = eval.seed``: for the tiny domains that seed generates a different, fixed
+example set (held out from the training stream, which uses ``data.shuffle_seed``); for file
+sources it is a fixed reshuffle of the same rows (point ``data.sources`` at an eval split).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Mapping, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["EvalPrompt", "prompts_of", "heldout_prompts", "evaluate_rollouts", "evaluate", "pass_at_k",
+           "sft_loss_fn", "format_table"]
+
+CORRECT = 1.0 - 1e-6
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalPrompt:
+    domain: str
+    text: str  # the user turn
+    ids: tuple  # rendered prompt token ids (generation prompt appended)
+    metadata: Mapping
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from ``n`` samples with ``c`` correct: ``1 − C(n−c, k) / C(n, k)``."""
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def prompts_of(pb) -> list[EvalPrompt]:
+    """The prompts of a ``cascade_jax.data.PromptBatch`` as :class:`EvalPrompt` records."""
+    return [EvalPrompt(pb.domains[i], pb.prompts[i],
+                       tuple(int(t) for t in pb.tokens[i, :pb.lengths[i]]), pb.metadata[i])
+            for i in range(len(pb))]
+
+
+def heldout_prompts(config, tokenizer, domains: Sequence[str]) -> list[EvalPrompt]:
+    """``eval.prompts`` prompts per domain from the data pipeline with ``data.shuffle_seed =
+    eval.seed`` (for the tiny domains that seed draws a different, fixed example set)."""
+    from cascade_jax import config as C
+    from cascade_jax import data
+
+    out = []
+    for dom in domains:
+        c = config
+        for k, v in (("data.domains", [dom]), ("data.domain_weights", {}),
+                     ("data.batch_prompts", config.eval.prompts), ("data.oversample", 1.0),
+                     ("data.shuffle_seed", config.eval.seed)):
+            c = C.replace_path(c, k, v)
+        out += prompts_of(next(data.prompt_batches(c, tokenizer)))
+    return out
+
+
+def evaluate_rollouts(prompts: Sequence[EvalPrompt], responses: Sequence[Sequence[str]],
+                      scorers: Mapping, k: int) -> dict:
+    """Score ``responses[i]`` (``k`` texts for prompt ``i``) → ``{domain: {"avg@k", "pass@k",
+    "n_prompts"}}``."""
+    by_dom: dict = {}
+    for p, rs in zip(prompts, responses):
+        by_dom.setdefault(p.domain, []).append((p, rs))
+    out = {}
+    for dom, items in by_dom.items():
+        ps = [p.text for p, rs in items for _ in rs]
+        rs = [r for _, rr in items for r in rr]
+        ms = [p.metadata for p, rr in items for _ in rr]
+        scores = np.asarray([s.value for s in scorers[dom](ps, rs, ms)], np.float64)
+        scores = scores.reshape(len(items), k)
+        correct = (scores >= CORRECT).sum(1)
+        out[dom] = {f"avg@{k}": float(scores.mean()),
+                    f"pass@{k}": float(np.mean([pass_at_k(k, int(c), k) for c in correct])),
+                    "n_prompts": len(items)}
+    return out
+
+
+def evaluate(engine, tokenizer, prompts: Sequence[EvalPrompt], scorers: Mapping, *, k: int,
+             max_new_tokens: int, temperature: float, top_p: float = 1.0, top_k: int = -1,
+             seed: int = 0) -> dict:
+    """Generate ``k`` samples per prompt with ``engine`` and score them (see module doc).
+    Returns ``{"domains": {domain: {...}}, "score": mean avg@k over domains, "flat": {...}}``."""
+    from cascade_jax.rollout import Request, SamplingParams
+
+    reqs = [Request(prompt_ids=p.ids, domain=p.domain, rid=f"eval-{i}",
+                    sampling=SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
+                                            top_p=top_p, top_k=top_k, n=k, seed=seed + i,
+                                            stop_token_ids=(tokenizer.eos_id,)))
+            for i, p in enumerate(prompts)]
+    ro = engine.generate(reqs)
+    texts = [[tokenizer.decode(s.response_ids, skip_special_tokens=True) for s in g]
+             for g in ro.groups]
+    doms = evaluate_rollouts(prompts, texts, scorers, k)
+    score = float(np.mean([v[f"avg@{k}"] for v in doms.values()])) if doms else float("nan")
+    flat = {f"{d}/{m}": v for d, ms in doms.items() for m, v in ms.items() if m != "n_prompts"}
+    flat["score"] = score
+    return {"domains": doms, "score": score, "flat": flat}
+
+
+def sft_loss_fn(model_cfg, specs, compute_dtype):
+    """Jitted ``(params, batch: SFTBatch) -> (sum of token NLL, token count)`` over the
+    ``loss_mask`` tokens that have a prefix in their segment (the SFT objective, no update)."""
+    from cascade_jax import rl
+
+    @jax.jit
+    def fn(params, batch):
+        p = rl.compute_params(params, specs, compute_dtype)
+        lp, _ = rl.token_logprobs(p, batch, model_cfg)
+        mask = batch.loss_mask.astype(jnp.float32) * rl.segment_start_mask(batch.segment_ids)
+        return -(lp * mask).sum(), mask.sum()
+
+    return fn
+
+
+def format_table(domains: Mapping[str, Mapping[str, float]]) -> str:
+    """A plain-text table: one row per domain, one column per metric."""
+    if not domains:
+        return "(no domains)"
+    cols = [c for c in next(iter(domains.values()))]
+    w = max(len(d) for d in domains) + 2
+    lines = ["domain".ljust(w) + "".join(c.rjust(12) for c in cols)]
+    for d, ms in domains.items():
+        lines.append(d.ljust(w) + "".join(
+            (f"{ms[c]:12.4f}" if isinstance(ms[c], float) else f"{ms[c]:12d}") for c in cols))
+    return "\n".join(lines)

@@ -1,0 +1,265 @@
+"""The stage loop: ``run_stage(config, run_dir) -> summary`` for objectives ``sft``, ``grpo``
+and ``mopd``.
+
+One step (strictly on-policy for RL: one optimiser update per rollout batch)::
+
+    sft :  batch = next(sft_data)                                      # packed SFTBatch
+    grpo:  prompts = next(prompt_data) → rollouts = engine.generate(prompts, n per prompt)
+           → rewards = scorer[domain](prompt, response, metadata)      # worker pools
+           → (dynamic filtering: draw more prompts until batch_prompts groups have reward
+              variance, at most ``data.oversample`` × batch_prompts prompts per step)
+           → RLBatch (+ policy version) → step
+    mopd:  as grpo, plus teacher log-probs of every response from its domain's teacher
+    then:  state, metrics = train_step(state, batch)  → engine.update_weights(new params)
+           → periodic eval (avg@k / pass@k per domain, ``evaluate.py``) → metrics → checkpoint
+
+Run dir: ``run_config.json`` (resolved config), ``provenance.json``, ``metrics.jsonl``,
+``tensorboard/``, ``checkpoints/`` (orbax), ``hub/`` (final Hub export with tokenizer),
+``exports/step_<n>/`` (periodic exports), ``eval/step_<n>.json``, ``summary.json``.
+
+Resume: rerunning with the same config and run dir continues from the newest loadable
+checkpoint (params, optimiser state, data-iterator state, RNG, step); because every source of
+randomness is a function of (seed, step) and the restored state, the final parameters equal an
+uninterrupted run's bit for bit. A different config in the run dir is refused unless ``fresh``.
+Only process 0 writes files (orbax coordinates its own multi-process writes).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+import signal
+import sys
+import time
+from typing import Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cascade_jax import config as C
+from cascade_jax.runner import build as B
+from cascade_jax.runner import provenance
+from cascade_jax.runner.checkpoint import Checkpointer
+from cascade_jax.runner.errors import RunDirError
+from cascade_jax.runner.metrics import MetricsWriter, Progress
+from cascade_jax.runner.stage import Stage
+
+__all__ = ["run_stage", "check_run_dir", "RUN_ARTIFACTS", "fault_point"]
+
+
+def fault_point(point: str, step: int) -> None:
+    """Fault injection for the resume tests: with ``CASCADE_FAULT=<point>@<step>`` in the
+    environment the process kills itself (SIGKILL, no cleanup) when it reaches ``point``
+    (``train``: after the update; ``save``: right after an async checkpoint save started, its
+    write still in flight; ``sync``: inside the weight sync) at ``step``."""
+    if os.environ.get("CASCADE_FAULT") == f"{point}@{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+#: What a run writes into its run dir (``fresh`` removes exactly these).
+RUN_ARTIFACTS = ("run_config.json", "provenance.json", "metrics.jsonl", "tensorboard",
+                 "checkpoints", "checkpoints.corrupt", "hub", "exports", "eval", "summary.json",
+                 "profile", "weights", "error.log")
+
+
+def _diff(a, b, prefix="") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b)):
+            out += _diff(a.get(k), b.get(k), f"{prefix}{k}.")
+        return out
+    return [] if a == b else [prefix[:-1]]
+
+
+def check_run_dir(config: C.Config, run_dir: pathlib.Path, *, fresh: bool = False) -> bool:
+    """Whether ``run_dir`` holds this run (resume) — ``False`` for a new run dir. A different
+    run there raises :class:`RunDirError` naming the differing keys unless ``fresh``."""
+    run_dir = pathlib.Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunDirError(f"run dir {run_dir}: exists and is not a directory")
+    f = run_dir / "run_config.json"
+    if fresh or not f.exists():
+        return False
+    try:
+        old = json.loads(f.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise RunDirError(f"run dir {run_dir}: unreadable run_config.json ({e}); pass --fresh "
+                          f"to start over") from None
+    keys = _diff(old, C.to_dict(config))
+    if keys:
+        shown = ", ".join(keys[:8]) + (" ..." if len(keys) > 8 else "")
+        raise RunDirError(f"run dir {run_dir} holds a different run (differs in {shown}); pass "
+                          f"--fresh to replace it or choose another --run-dir")
+    return True
+
+
+def _clear(run_dir: pathlib.Path) -> None:
+    for name in RUN_ARTIFACTS:
+        p = run_dir / name
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+
+
+def _write_json(path: pathlib.Path, obj) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    tmp.replace(path)
+
+
+# --------------------------------------------------------------------------------------------
+
+
+class _Timer:
+    """Wall time per phase of a step (``time/<phase>_s`` metrics)."""
+
+    def __init__(self):
+        self.t = {}
+
+    def __call__(self, name: str):
+        timer = self
+
+        class _Ctx:
+            def __enter__(self):
+                self.t0 = time.perf_counter()
+
+            def __exit__(self, *exc):
+                timer.t[name] = timer.t.get(name, 0.0) + time.perf_counter() - self.t0
+
+        return _Ctx()
+
+
+_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v5p": 459e12,
+               "TPU v5 lite": 197e12, "TPU v4": 275e12, "TPU v6 lite": 918e12}
+
+
+def _peak_flops() -> Optional[float]:
+    kind = jax.devices()[0].device_kind
+    for k, v in _PEAK_FLOPS.items():
+        if k in kind:
+            return v * jax.device_count()
+    return None
+
+
+def run_stage(config: C.Config, run_dir=None, *, fresh: bool = False,
+              argv: Optional[Sequence[str]] = None, progress: bool = True,
+              log: Optional[Callable[[str], None]] = None) -> dict:
+    """Run (or resume) one stage of ``config`` in ``run_dir`` (default ``run.out_dir``);
+    returns the summary (also written to ``summary.json``). Bad input raises
+    :class:`~cascade_jax.runner.errors.RunError` before anything is written."""
+    log = log or (lambda m: print(m, file=sys.stderr))
+    run_dir = pathlib.Path(run_dir or config.run.out_dir)
+    if str(run_dir) != config.run.out_dir:
+        config = C.replace_path(config, "run.out_dir", str(run_dir))
+    obj = config.stage.objective
+    if obj not in ("sft", "grpo", "mopd"):
+        raise B.ConfigError(f"stage.objective {obj!r}: run_stage runs sft, grpo and mopd")
+
+    # ---- validate and build everything before writing anything
+    B.validate(config)
+    resume = check_run_dir(config, run_dir, fresh=fresh)
+    parts = B.build(config)
+    writer = jax.process_index() == 0
+
+    if writer:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if fresh:
+            _clear(run_dir)
+        _write_json(run_dir / "run_config.json", C.to_dict(config))
+        prov = provenance.collect(config, mesh=parts.mesh, argv=argv)
+        old = run_dir / "provenance.json"
+        if resume and old.exists():  # keep the first start's record, list every resume
+            try:
+                first = json.loads(old.read_text())
+                prov = {**first, "resumes": first.get("resumes", []) + [
+                    {k: prov[k] for k in ("time", "argv", "git", "devices")}]}
+            except (OSError, json.JSONDecodeError):
+                pass
+        _write_json(old, prov)
+    stage = Stage(config, run_dir, parts, log=log)
+    ckpt = Checkpointer(run_dir, keep_last=config.run.keep_last, keep_best=config.run.keep_best,
+                        async_save=config.run.async_checkpoint)
+    start = 0
+    restored = ckpt.restore_latest(stage.checkpoint_state(), log=log) if resume else None
+    if restored is not None:
+        start, state, data_state, meta = restored
+        stage.load_checkpoint_state(state, data_state)
+        log(f"resumed {run_dir} at step {start}")
+    metrics_w = MetricsWriter(run_dir, enabled=writer)
+    metrics_w.truncate_after(start)
+    steps = config.stage.steps
+    bar = Progress(steps, start, desc=config.stage.name, enabled=progress and writer)
+    every = config.eval.every
+    last_eval = None
+    peak = _peak_flops()
+    try:
+        if every > 0 and start == 0 and steps > 0:  # the baseline of the learning curve
+            last_eval = stage.evaluate(0)
+            if last_eval is not None:
+                metrics_w.write(0, last_eval["flat"], prefix="eval/")
+        for step in range(start, steps):
+            timer = _Timer()
+            t0 = time.perf_counter()
+            profiling = step in config.run.profile_steps
+            if profiling:
+                jax.profiler.start_trace(str(run_dir / "profile"))
+            try:
+                m = stage.step(step, timer)
+            except StopIteration:  # a finite data source (data.num_epochs) ran out
+                log(f"data exhausted after step {step}; stopping")
+                steps = step
+                break
+            fault_point("train", step + 1)
+            if profiling:
+                jax.profiler.stop_trace()
+            done = step + 1
+            final = done == steps
+            with timer("eval"):
+                if (every > 0 and done % every == 0) or (final and every >= 0):
+                    last_eval = stage.evaluate(done)
+                    if last_eval is not None:
+                        m.update({f"eval/{k}": v for k, v in last_eval["flat"].items()})
+            if final or (config.run.checkpoint_every and done % config.run.checkpoint_every == 0):
+                score = last_eval["score"] if last_eval and last_eval["step"] == done else None
+                m["time/checkpoint_blocked_s"] = ckpt.save(
+                    done, stage.checkpoint_state(), stage.data_state(),
+                    {"eval": last_eval["domains"] if score is not None else None,
+                     "time": time.time()}, eval_score=score)
+                fault_point("save", done)
+            step_s = time.perf_counter() - t0
+            m.update({f"time/{k}_s": v for k, v in timer.t.items()})
+            m["time/step_s"] = step_s
+            if "total_tokens" in m:
+                m["tokens_per_s"] = m["total_tokens"] / step_s
+                flops = 6.0 * stage.active_params * m["total_tokens"]
+                m["model_tflops_per_s"] = flops / step_s / 1e12
+                if peak:
+                    m["mfu"] = flops / step_s / peak
+            if done % config.run.log_every == 0 or final:
+                metrics_w.write(done, m)
+            bar.update(m)
+            if writer and config.run.export_every and done % config.run.export_every == 0 \
+                    and not final:
+                stage.export(run_dir / "exports" / f"step_{done}")
+        if steps > start and steps not in ckpt.steps():
+            ckpt.save(steps, stage.checkpoint_state(), stage.data_state(), {"eval": None})
+        ckpt.wait()
+        summary = {"stage": config.stage.name, "objective": obj, "steps": steps,
+                   "resumed_from": start, "run_dir": str(run_dir),
+                   "checkpoints": ckpt.steps(), "eval": last_eval["domains"] if last_eval else None}
+        if writer:
+            if steps > start or not (run_dir / "hub" / "config.json").exists():
+                summary["hub"] = str(stage.export(run_dir / "hub"))
+            else:
+                summary["hub"] = str(run_dir / "hub")
+            summary.update(stage.summary())
+            _write_json(run_dir / "summary.json", summary)
+        return summary
+    finally:
+        bar.close()
+        metrics_w.close()
+        ckpt.close()
+        stage.close()
