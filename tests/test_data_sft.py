@@ -276,6 +276,10 @@ def test_missing_or_empty_sources_fail_before_training(tmp_path):
     (tmp_path / "x.parquet").write_text("not parquet")
     with pytest.raises(DataError, match="not a readable Parquet file"):
         sft_batches(_cfg(tmp_path / "x.parquet", "parquet"), TOK)
+    (tmp_path / "ok.jsonl").write_text(json.dumps(ROWS[0]) + "\n")
+    with pytest.raises(DataError, match=r"fields: unknown canonical field\(s\) \['mesages'\]"):
+        sft_batches(C.apply_overrides(_cfg(tmp_path / "ok.jsonl"), [
+            f'data.sources=[{{"path": "{tmp_path / "ok.jsonl"}", "fields": {{"mesages": "m"}}}}]']), TOK)
     with pytest.raises(C.ConfigError, match="data.sources.0: path: required"):
         C.apply_overrides(C.Config(), ['data.sources=[{"format": "jsonl"}]'])
 

@@ -68,7 +68,7 @@ def resolve_files(path: str, fmt: str) -> list[str]:
     return files
 
 
-def _parse_json(raw: bytes, where: str):
+def _parse_json(raw: bytes):
     try:
         return json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -120,7 +120,7 @@ class _JsonlFile:
     def __getitem__(self, i):
         s, e = int(self._starts[i]), int(self._ends[i])
         where = f"{self.path}:{int(self._lines[i])}"
-        return where, _parse_json(self._buf[s:e], where)
+        return where, _parse_json(self._buf[s:e])
 
 
 class JsonlSource(_Concat):
@@ -181,7 +181,7 @@ class _ArrayRecordFile:
 
     def __getitem__(self, i):
         where = f"{self.path}:row {i}"
-        return where, _parse_json(self._src[i], where)
+        return where, _parse_json(self._src[i])
 
 
 class ArrayRecordSource(_Concat):
@@ -226,7 +226,7 @@ class TfdsSource:
         where = f"{self.path}:row {i}"
         ex = self._src[int(i)]
         if self._json:
-            return where, _parse_json(ex["json"], where)
+            return where, _parse_json(ex["json"])
         return where, _plain_feature(ex)
 
 
@@ -269,7 +269,15 @@ class TinySource:
 
 def open_source(source, *, domains: Sequence[str] = (), tiny_rows_per_domain: int = 1024,
                 seed: int = 0):
-    """A random-access source for one ``DataSource`` config; errors if missing or empty."""
+    """A random-access source for one ``DataSource`` config; errors if missing or empty, or if
+    its field mapping names an unknown canonical field."""
+    from cascade_jax.data.rows import CANONICAL_FIELDS
+
+    bad = sorted(k for k in source.fields if k.split(".")[0] not in CANONICAL_FIELDS
+                 or (k.startswith("metadata.") and len(k) == len("metadata.")))
+    if bad:
+        raise DataError(f"{source.path or source.format}: fields: unknown canonical field(s) {bad}; "
+                        f"valid: {', '.join(CANONICAL_FIELDS)} (and metadata.KEY)")
     fmt = source.format
     if fmt == "tiny":
         src = TinySource(domains, tiny_rows_per_domain, seed)
