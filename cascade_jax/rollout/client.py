@@ -90,6 +90,7 @@ class ServerClient:
         self.backoff_s = backoff_s
         self.max_backoff_s = max_backoff_s
         self.syncer = syncer
+        self.stats = {"retries": 0, "resubmitted_aborts": 0}  # over the client's lifetime
         self._ids = itertools.count()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="rollout-client", daemon=True)
@@ -287,6 +288,7 @@ class ServerClient:
 
         def retry(job, server, why, *, server_fault):
             job.attempts += 1
+            self.stats["retries"] += 1
             if server_fault:
                 server.failures += 1
                 server.down_until = time.monotonic() + self._backoff(server.failures)
@@ -330,6 +332,7 @@ class ServerClient:
                     continue
                 if aborted:
                     job.aborts += 1
+                    self.stats["resubmitted_aborts"] += 1
                     if job.aborts > self.max_aborts:
                         fail(f"request {job.key} aborted {job.aborts} times (last on {server.url})")
                     else:

@@ -153,12 +153,18 @@ class Launcher:
         finally:
             log.close()
 
-    def start(self) -> list:
-        """Start every server, wait until all are healthy (or raise), start the monitor."""
-        with self._lock:
-            for p in self.ports:
-                self.procs[p] = self._spawn(p)
+    def start(self, sequential: bool = False) -> list:
+        """Start every server, wait until all are healthy (or raise), start the monitor.
+        ``sequential`` starts each only once the previous one is healthy (the first then fills
+        a shared compilation cache the others read)."""
         try:
+            for p in self.ports:
+                with self._lock:
+                    self.procs[p] = self._spawn(p)
+                if not sequential:
+                    continue
+                wait_healthy(f"http://{self.host}:{p}", timeout_s=self.health_timeout_s, api_key=self.api_key,
+                             proc=self.procs[p], log=self.log_path(p))
             for p in self.ports:
                 wait_healthy(f"http://{self.host}:{p}", timeout_s=self.health_timeout_s, api_key=self.api_key,
                              proc=self.procs[p], log=self.log_path(p))

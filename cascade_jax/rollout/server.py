@@ -30,7 +30,9 @@ Behaviour:
   ``/update_weights_from_distributed`` receives its tensors (one flat broadcast per bucket with
   ``load_format: "flattened_bucket"``, else one per tensor) into shared memory and stages them;
   when every Hub tensor of the model has arrived the new params are swapped in at once.
-* ``--api-key``: every endpoint requires ``Authorization: Bearer <key>`` (401 otherwise).
+* ``--api-key``: every endpoint but the health probes (``/health``, ``/health_generate``, which
+  SGLang also leaves open so routers and orchestrators can probe) requires
+  ``Authorization: Bearer <key>`` (401 otherwise).
   Malformed JSON, unknown fields, wrong types and out-of-range values are 400 with a message
   naming the field; no request can take the server down.
 """
@@ -39,10 +41,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import json
 import logging
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -71,7 +71,9 @@ def _update_reply(ok: bool, message: str, status: Optional[int] = None, **extra)
 
 
 class _ScoreBatcher:
-    """Collects concurrent teacher-forced scoring calls into one ``engine.score`` call."""
+    """Collects concurrent teacher-forced scoring calls into one ``engine.score`` call of
+    ``max_batch`` rows (padded with dummy pairs), so scoring compiles one program per padded
+    length (:meth:`warmup` compiles them all)."""
 
     def __init__(self, engine, max_batch: int):
         self.engine = engine
@@ -86,13 +88,23 @@ class _ScoreBatcher:
             self.task = asyncio.ensure_future(self._drain())
         return await fut
 
+    def warmup(self, max_len: int) -> None:
+        """Compile the scoring program of every padded length up to ``max_len``."""
+        T = 16
+        while True:
+            self.engine.score([[0]] * self.max_batch, [[0] * (T - 1)] * self.max_batch, batch_size=self.max_batch)
+            if T >= max_len:
+                return
+            T *= 2
+
     async def _drain(self):
         while self.pending:
             await asyncio.sleep(0)  # let concurrent handlers enqueue
             batch, self.pending = self.pending[:self.max_batch], self.pending[self.max_batch:]
+            pad = [([0], [0])] * (self.max_batch - len(batch))  # always max_batch rows: one program per length
             try:
-                out = await asyncio.to_thread(self.engine.score, [b[0] for b in batch], [b[1] for b in batch],
-                                              batch_size=self.max_batch)
+                out = await asyncio.to_thread(self.engine.score, [b[0] for b in batch] + [p for p, _ in pad],
+                                              [b[1] for b in batch] + [r for _, r in pad], batch_size=self.max_batch)
                 for (_, _, fut), lp in zip(batch, out):
                     if not fut.done():
                         fut.set_result(lp)
@@ -482,7 +494,8 @@ class RolloutServer:
         @app.middleware("http")
         async def guard(request: HTTPRequest, call_next):
             await srv._ensure_async_state()
-            if srv.api_key is not None and request.headers.get("authorization") != f"Bearer {srv.api_key}":
+            if (srv.api_key is not None and not request.url.path.startswith("/health")
+                    and request.headers.get("authorization") != f"Bearer {srv.api_key}"):
                 return JSONResponse({"error": "Unauthorized"}, status_code=401)
             return await call_next(request)
 
@@ -597,12 +610,13 @@ def main(argv=None) -> None:
                        prompt_buckets=_ints(args.prompt_buckets, "--prompt-buckets"),
                        prefill_sizes=_ints(args.prefill_sizes, "--prefill-sizes"),
                        steps_per_call=args.steps_per_call, weight_version=args.weight_version, seed=args.seed)
-    if not args.no_warmup:
-        engine.warmup()
     engine.start()
     server_args = {k: v for k, v in vars(args).items() if k != "api_key"}
     srv = RolloutServer(engine, model_cfg, checkpoint=args.checkpoint, dtype=dtype, api_key=args.api_key,
                         tokenizer=tokenizer, server_args=server_args, update_timeout_s=args.update_timeout_s)
+    if not args.no_warmup:  # compile every generation and scoring shape before serving
+        engine.warmup()
+        srv.batcher.warmup(engine.max_len)
     uvicorn.run(srv.app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
     engine.stop()
     if srv.peer is not None:

@@ -235,9 +235,7 @@ def parse_generate(body: Any, *, vocab_size: int, context_length: int,
     """
     if not isinstance(body, dict):
         raise RequestError("body", f"expected a JSON object, got {type(body).__name__}")
-    for k, v in body.items():
-        if k not in GENERATE_FIELDS:
-            raise RequestError(k, "unknown field for /generate")
+    for k, v in body.items():  # unknown top-level fields are ignored, as SGLang's dataclass does
         if k in _TOP_DEFAULT_ONLY and v is not None and v != _TOP_DEFAULT_ONLY[k]:
             raise RequestError(k, f"not supported by the JAX rollout server (only {_TOP_DEFAULT_ONLY[k]!r})")
     has_ids, has_text = body.get("input_ids") is not None, body.get("text") is not None

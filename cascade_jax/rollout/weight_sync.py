@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import json
 import os
 import queue
@@ -85,20 +86,24 @@ def reference_logprobs(params, model_cfg, prompts: Sequence[Sequence[int]],
     """The trainer's teacher-forced log-probs ``log π(response[t] | prompt, response[:t])`` at
     temperature 1 (``rl.logprobs.token_logprobs`` over right-padded rows), one ``[R]`` float32
     array per pair."""
-    from cascade_jax.rl.logprobs import token_logprobs
-
     seqs = [list(p) + list(r) for p, r in zip(prompts, responses)]
-    T = max(len(s) for s in seqs)
-    tokens = np.zeros((len(seqs), T), np.int32)
-    seg = np.zeros((len(seqs), T), np.int32)
+    T = max(16, 1 << (max(len(s) for s in seqs) - 1).bit_length())  # padded: few compiled shapes
+    N = 1 << (len(seqs) - 1).bit_length()
+    tokens = np.zeros((N, T), np.int32)
+    seg = np.zeros((N, T), np.int32)
     for i, s in enumerate(seqs):
         tokens[i, :len(s)] = s
         seg[i, :len(s)] = 1
     pos = np.broadcast_to(np.arange(T, dtype=np.int32), tokens.shape)
     batch = _Rows(jnp.asarray(tokens), jnp.asarray(pos), jnp.asarray(seg))
-    lp, _ = jax.jit(token_logprobs, static_argnums=(2,))(params, batch, model_cfg)
-    lp = np.asarray(lp)
+    lp = np.asarray(_token_logprobs(params, batch, model_cfg))
     return [lp[i, len(p):len(p) + len(r)].astype(np.float32) for i, (p, r) in enumerate(zip(prompts, responses))]
+
+
+@functools.partial(jax.jit, static_argnums=(2,))
+def _token_logprobs(params, batch, model_cfg):
+    from cascade_jax.rl.logprobs import token_logprobs
+    return token_logprobs(params, batch, model_cfg)[0]
 
 
 @jax.tree_util.register_dataclass
@@ -344,7 +349,7 @@ def buckets(params, model_cfg, bucket_bytes: int):
         arr = produce()
         dt = DTYPE_NAMES[arr.dtype]
         b = open_.get(dt)
-        if b is not None and b[1] + nbytes > bucket_bytes:
+        if b is not None and b[0] + nbytes > bucket_bytes:
             yield dt, b[1]
             b = None
         if b is None:
