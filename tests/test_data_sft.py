@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from cascade_jax import config as C
-from cascade_jax.data import DataError, sft_batches, tiny_tokenizer
+from cascade_jax.data import DataError, render_chat, sft_batches, tiny_tokenizer
 from cascade_jax.data import packing
 from cascade_jax.data.convert import write_array_record, write_jsonl, write_parquet, write_tfds
 from cascade_jax.data.sft import Example, example_dataset
@@ -224,6 +224,19 @@ def test_every_format_gives_the_same_batches(files, fmt):
             np.testing.assert_array_equal(getattr(x, f), getattr(y, f))
 
 
+def test_convert_cli_parquet_to_array_record(files, tmp_path, capsys):
+    from cascade_jax.data.convert import main
+
+    out = str(tmp_path / "conv.array_record")
+    assert main(["--from", "parquet", files["parquet"], "--to", "array_record", out]) == 0
+    assert json.loads(capsys.readouterr().out) == {"rows": len(ROWS), "out": out}
+    want = _take(sft_batches(_cfg(files["jsonl"]), TOK), 2)
+    got = _take(sft_batches(_cfg(out, "array_record"), TOK), 2)
+    for x, y in zip(want, got):
+        np.testing.assert_array_equal(x.tokens, y.tokens)
+        np.testing.assert_array_equal(x.loss_mask, y.loss_mask)
+
+
 def _bad_file(tmp_path, name, bad_line):
     lines = [json.dumps(r) for r in ROWS[:4]]
     lines.insert(2, bad_line)  # line 3
@@ -316,3 +329,16 @@ def test_bench_packing_reports_ffd_and_baseline():
     assert set(out) == {"4096", "32768", "262144"}
     for r in out.values():
         assert 0 < r["greedy_in_order_efficiency"] <= r["ffd_efficiency"] <= 1
+
+
+@pytest.mark.parametrize("thinking", [True, False])
+def test_tiny_sft_rows_match_the_rollout_thinking_mode(thinking):
+    """Tiny SFT turns have the shape RL prompts of the same mode open and the scorer grades."""
+    cfg = C.apply_overrides(C.Config(), [f"rollout.thinking={str(thinking).lower()}", 'data.domains=["math"]',
+                                         "data.seq_len=256", "data.batch_rows=1"])
+    b = next(sft_batches(cfg, TOK))
+    text = TOK.decode(b.tokens[0][b.segment_ids[0] == 1])
+    gen = render_chat(TOK, [{"role": "user", "content": "x"}], thinking=thinking).text.split("assistant\n")[1]
+    turn = text.split("<|im_start|>assistant\n")[1]
+    assert turn.startswith(gen) and turn.startswith("<think>\nI know the answer.\n</think>\n" if thinking
+                                                    else "<think></think>\\boxed{")

@@ -238,24 +238,29 @@ ADD_TOOL = {"type": "function", "function": {
         "b": {"type": "integer", "description": "second addend"}}, "required": ["a", "b"]}}}
 
 
-#: the reasoning of every tiny SFT row: short, so the tiny model learns the thinking-mode shape
-#: ``<think>\n...\n</think>\nanswer`` that RL prompts in thinking mode open
+#: the reasoning of every tiny SFT row in thinking mode: short, so the tiny model learns the
+#: shape ``<think>\n...\n</think>\nanswer`` that thinking-mode RL prompts open
 TINY_REASONING = "I know the answer."
 
 
 class TinySource:
-    """The tiny domains as rows (``prompt``, ``response`` = the reference, ``reasoning`` =
-    :data:`TINY_REASONING`, ``domain``, ``metadata``, and ``tools`` = [add] for ``tool_call``)."""
+    """The tiny domains as rows (``prompt``, ``response`` = the reference, ``domain``,
+    ``metadata``, ``tools`` = [add] for ``tool_call``, and with ``thinking`` the ``reasoning``
+    :data:`TINY_REASONING`; without, SFT renders ``<think></think>answer`` as non-thinking RL
+    prompts expect)."""
 
-    def __init__(self, domains: Sequence[str], rows_per_domain: int, seed: int):
+    def __init__(self, domains: Sequence[str], rows_per_domain: int, seed: int,
+                 thinking: bool = True):
         from cascade_jax import domains as d
         from cascade_jax.rewards.tiny import tiny_examples
 
         self._rows = []
         for dom in (domains or d.DOMAINS):
             for j, ex in enumerate(tiny_examples(d.check_domain(dom), n=rows_per_domain, seed=seed)):
-                row = {"prompt": ex.prompt, "response": ex.reference, "reasoning": TINY_REASONING,
-                       "domain": ex.domain, "metadata": ex.metadata}
+                row = {"prompt": ex.prompt, "response": ex.reference, "domain": ex.domain,
+                       "metadata": ex.metadata}
+                if thinking:
+                    row["reasoning"] = TINY_REASONING
                 if ex.domain == d.TOOL_CALL:
                     row["tools"] = [ADD_TOOL]
                 self._rows.append((f"tiny:{dom}:{j}", row))
@@ -268,7 +273,7 @@ class TinySource:
 
 
 def open_source(source, *, domains: Sequence[str] = (), tiny_rows_per_domain: int = 1024,
-                seed: int = 0):
+                seed: int = 0, thinking: bool = True):
     """A random-access source for one ``DataSource`` config; errors if missing or empty, or if
     its field mapping names an unknown canonical field."""
     from cascade_jax.data.rows import CANONICAL_FIELDS
@@ -280,7 +285,7 @@ def open_source(source, *, domains: Sequence[str] = (), tiny_rows_per_domain: in
                         f"valid: {', '.join(CANONICAL_FIELDS)} (and metadata.KEY)")
     fmt = source.format
     if fmt == "tiny":
-        src = TinySource(domains, tiny_rows_per_domain, seed)
+        src = TinySource(domains, tiny_rows_per_domain, seed, thinking)
     elif fmt == "tfds":
         if not os.path.isdir(source.path):
             raise DataError(f"{source.path}: no such TFDS dataset directory")
