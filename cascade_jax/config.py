@@ -120,7 +120,16 @@ class RolloutConfig:
     (``num_slots`` sequences decoded together, ``steps_per_call`` tokens per jitted call,
     ``seed`` for requests without one); ``jax_server`` = JAX rollout servers
     (``launch/serve.py``); ``sglang`` = SGLang servers. ``cascade_jax.rollout.make_engine``
-    builds the backend."""
+    builds the backend.
+
+    Servers (``jax_server`` / ``sglang``): ``server_url`` and/or ``server_urls`` list them (every
+    weight update goes to each directly); ``router_url`` (an ``sglang-router``) then carries
+    ``/generate``; ``api_key`` is sent as ``Authorization: Bearer``; at most ``max_concurrency``
+    requests in flight per server, each with ``request_timeout_s`` and up to ``max_retries``
+    retries. ``weight_sync``: ``disk`` (versioned Hub checkpoints under ``weight_sync_dir``, the
+    last ``keep_versions`` kept) or ``nccl`` (torch.distributed broadcast of
+    ``nccl_bucket_mb`` buckets over ``nccl_backend``; ``gloo`` on CPU); each sync times out after
+    ``sync_timeout_s`` and is verified to ``sync_tol`` (max |Δ log p| on a probe set)."""
 
     engine: Literal["jax", "jax_server", "sglang"] = "jax"
     server_url: Optional[str] = None
@@ -135,6 +144,21 @@ class RolloutConfig:
     num_slots: int = 64
     steps_per_call: int = 4
     seed: int = 0
+    server_urls: tuple = ()
+    router_url: Optional[str] = None
+    api_key: Optional[str] = None
+    max_concurrency: int = 32
+    request_timeout_s: float = 600.0
+    max_retries: int = 5
+    weight_sync: Literal["disk", "nccl"] = "disk"
+    weight_sync_dir: Optional[str] = None  # default: <run.out_dir>/weights
+    keep_versions: int = 2
+    sync_timeout_s: float = 600.0
+    sync_tol: float = 1e-3
+    nccl_backend: Literal["nccl", "gloo"] = "nccl"
+    nccl_master_address: str = "127.0.0.1"
+    nccl_master_port: int = 0  # 0 = a free port
+    nccl_bucket_mb: int = 512
 
     def __post_init__(self):
         if self.n_samples < 1:
@@ -145,8 +169,23 @@ class RolloutConfig:
         if self.seed < 0:
             raise ConfigError(f"rollout.seed: must be >= 0, got {self.seed}")
         _check_sampling("rollout", self.temperature, self.top_p, self.top_k, self.greedy)
-        if self.engine in ("sglang", "jax_server") and not self.server_url:
-            raise ConfigError(f"rollout.server_url: required when rollout.engine is '{self.engine}'")
+        if self.engine in ("sglang", "jax_server") and not (self.server_url or self.server_urls):
+            raise ConfigError(f"rollout.server_url: required (or rollout.server_urls) when rollout.engine is "
+                              f"'{self.engine}'")
+        urls = [("server_url", self.server_url), ("router_url", self.router_url)]
+        urls += [(f"server_urls[{i}]", u) for i, u in enumerate(self.server_urls)]
+        for name, url in urls:
+            if url is not None and not (isinstance(url, str) and url.startswith(("http://", "https://"))):
+                raise ConfigError(f"rollout.{name}: expected an http(s):// URL, got {url!r}")
+        for name in ("max_concurrency", "max_retries", "keep_versions", "nccl_bucket_mb"):
+            if getattr(self, name) < (0 if name == "max_retries" else 1):
+                raise ConfigError(f"rollout.{name}: must be >= {0 if name == 'max_retries' else 1}, "
+                                  f"got {getattr(self, name)}")
+        for name in ("request_timeout_s", "sync_timeout_s", "sync_tol"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"rollout.{name}: must be > 0, got {getattr(self, name)}")
+        if not 0 <= self.nccl_master_port < 65536:
+            raise ConfigError(f"rollout.nccl_master_port: must be in [0, 65536), got {self.nccl_master_port}")
 
 
 @dataclasses.dataclass(frozen=True)

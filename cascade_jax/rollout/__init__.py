@@ -1,10 +1,11 @@
 """Generation for RL: the one home of sampling, rollout engines, servers' clients, weight sync and
 teacher scoring. The protocol every backend implements is in :mod:`cascade_jax.rollout.types`."""
 
+from .client import ServerClient
 from .engine import JaxEngine, RequestHandle
 from .sampler import sample, sample_tokens, support_mask
 from .types import (FINISH_REASONS, Request, RolloutEngine, RolloutError, Rollouts, Sample,
                     SamplingParams)
 
 __all__ = ["FINISH_REASONS", "Request", "RolloutEngine", "RolloutError", "Rollouts", "Sample",
-           "SamplingParams", "JaxEngine", "RequestHandle", "sample", "sample_tokens", "support_mask"]
+           "SamplingParams", "JaxEngine", "RequestHandle", "ServerClient", "sample", "sample_tokens", "support_mask"]

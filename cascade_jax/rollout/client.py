@@ -75,6 +75,8 @@ class ServerClient:
                  api_key: Optional[str] = None, max_concurrency: int = 32, timeout_s: float = 600.0,
                  connect_timeout_s: float = 10.0, max_retries: int = 5, max_aborts: int = 20,
                  backoff_s: float = 0.2, max_backoff_s: float = 5.0, syncer=None):
+        if isinstance(urls, str):
+            urls = [urls]
         if not urls:
             raise ValueError("urls: at least one server URL is required")
         if max_concurrency < 1:

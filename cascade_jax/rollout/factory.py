@@ -6,8 +6,10 @@
 
 ``rollout.engine``: ``jax`` → :class:`~cascade_jax.rollout.engine.JaxEngine` in this process
 (``max_len = max_prompt_len + max_response_len``); ``jax_server`` / ``sglang`` →
-:class:`~cascade_jax.rollout.client.ServerClient` on ``server_url`` (the HTTP protocol is the
-same for both).
+:class:`~cascade_jax.rollout.client.ServerClient` on ``server_url`` / ``server_urls`` (through
+``router_url`` when set; the HTTP protocol is the same for both), with the weight syncer of
+``rollout.weight_sync`` attached (:func:`make_weight_sync`) so ``engine.update_weights(params,
+version)`` works the same for every backend.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Optional, Sequence
 
 from .types import SamplingParams
 
-__all__ = ["make_engine", "sampling_params"]
+__all__ = ["make_engine", "make_weight_sync", "sampling_params"]
 
 
 def sampling_params(rollout_cfg, *, stop_token_ids: Sequence[int] = (),
@@ -31,10 +33,13 @@ def sampling_params(rollout_cfg, *, stop_token_ids: Sequence[int] = (),
 
 
 def make_engine(rollout_cfg, *, model_cfg=None, params=None, weight_version: str = "0",
-                **kwargs):
+                sync_dir: Optional[str] = None, launcher=None, **kwargs):
     """The :class:`~cascade_jax.rollout.types.RolloutEngine` of ``rollout_cfg`` (module doc).
     ``model_cfg`` and ``params`` are required for ``jax``; ``kwargs`` go to the constructor
-    (e.g. ``prompt_buckets`` for the engine, ``api_key`` for the client)."""
+    (e.g. ``prompt_buckets`` for the engine, ``max_aborts`` for the client). For servers,
+    ``model_cfg`` enables weight syncs (``sync_dir``: the disk versions' root when
+    ``rollout.weight_sync_dir`` is unset; ``launcher``: restarted servers load the last
+    pushed version)."""
     if rollout_cfg.engine == "jax":
         if model_cfg is None or params is None:
             raise ValueError("make_engine: rollout.engine 'jax' needs model_cfg and params")
@@ -45,5 +50,27 @@ def make_engine(rollout_cfg, *, model_cfg=None, params=None, weight_version: str
                          weight_version=weight_version, **kwargs)
     if rollout_cfg.engine in ("jax_server", "sglang"):
         from .client import ServerClient
-        return ServerClient([rollout_cfg.server_url], **kwargs)
+        r = rollout_cfg
+        urls = ([r.server_url] if r.server_url else []) + [u for u in r.server_urls if u != r.server_url]
+        client = ServerClient(urls, router_url=r.router_url, api_key=r.api_key, max_concurrency=r.max_concurrency,
+                              timeout_s=r.request_timeout_s, max_retries=r.max_retries, **kwargs)
+        if model_cfg is not None:
+            client.syncer = make_weight_sync(r, client, model_cfg, sync_dir=sync_dir, launcher=launcher)
+        return client
     raise ValueError(f"rollout.engine: unknown backend {rollout_cfg.engine!r}")
+
+
+def make_weight_sync(rollout_cfg, client, model_cfg, *, sync_dir: Optional[str] = None, launcher=None):
+    """The weight syncer of ``rollout.weight_sync`` for ``client``'s servers
+    (:mod:`cascade_jax.rollout.weight_sync`); ``None`` for ``disk`` without a directory."""
+    from . import weight_sync as ws
+    r = rollout_cfg
+    common = dict(tol=r.sync_tol, timeout_s=r.sync_timeout_s, launcher=launcher)
+    if r.weight_sync == "nccl":
+        return ws.NcclWeightSync(client, model_cfg, master_address=r.nccl_master_address,
+                                 master_port=r.nccl_master_port or None, backend=r.nccl_backend,
+                                 bucket_bytes=r.nccl_bucket_mb << 20, **common)
+    root = r.weight_sync_dir or sync_dir
+    if root is None:
+        return None
+    return ws.DiskWeightSync(client, model_cfg, root, keep=r.keep_versions, **common)
