@@ -16,13 +16,12 @@ header through the turn's ``<|im_end|>``. The template decides what an assistant
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import datetime
 import functools
 import json
 import re
-from typing import Any, NamedTuple, Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import jinja2
 import jinja2.ext
