@@ -22,6 +22,7 @@ import pathlib
 import tempfile
 from typing import Optional, Sequence, Union
 
+import configs
 from cascade_jax import config as C
 
 __all__ = ["StageSpec", "CASCADE", "STAGE_NAMES", "STATE_FILE", "CONFIG_ROOT", "PRESET_DIRS",
@@ -54,7 +55,7 @@ CASCADE: tuple[StageSpec, ...] = (
 )
 STAGE_NAMES: tuple[str, ...] = tuple(s.name for s in CASCADE)
 STATE_FILE = "cascade_state.json"
-CONFIG_ROOT = pathlib.Path(__file__).resolve().parents[2] / "configs"
+CONFIG_ROOT = configs.root()  # the packaged configs (installed as package data)
 #: Model preset -> folder of its stage configs (under ``configs/``).
 PRESET_DIRS = {"nano-30b-a3b": ".", "tiny": "tiny"}
 

@@ -36,14 +36,15 @@ import urllib.error
 import urllib.request
 from typing import Any, Callable, Mapping, Optional, Protocol, Sequence
 
+import configs
+
 __all__ = [
     "Verdict", "Judge", "JudgeError", "Transport", "HttpTransport", "JudgePrompt",
     "load_judge_prompt", "ServedJudge", "chatml", "JUDGE_CONFIG_DIR",
     "RulePairwiseJudge", "RuleQAJudge", "RulePatchJudge", "normalize_answer", "diff_lines",
 ]
 
-JUDGE_CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__)))), "configs", "judges")
+JUDGE_CONFIG_DIR = str(configs.root() / "judges")  # packaged with the configs
 
 
 class JudgeError(RuntimeError):
