@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = ["EvalPrompt", "prompts_of", "heldout_prompts", "evaluate_rollouts", "evaluate", "pass_at_k",
-           "sft_loss_fn", "format_table"]
+           "sft_loss_fn", "format_table", "evaluate_checkpoint"]
 
 CORRECT = 1.0 - 1e-6
 
@@ -138,3 +138,27 @@ def format_table(domains: Mapping[str, Mapping[str, float]]) -> str:
         lines.append(d.ljust(w) + "".join(
             (f"{ms[c]:12.4f}" if isinstance(ms[c], float) else f"{ms[c]:12d}") for c in cols))
     return "\n".join(lines)
+
+
+def evaluate_checkpoint(config) -> dict:
+    """Evaluate the Hub checkpoint ``config.model.checkpoint`` on ``config.data.domains`` with
+    the ``config.eval`` settings (engine: the embedded JAX engine). Returns :func:`evaluate`'s
+    result plus ``checkpoint`` and ``settings``."""
+    from cascade_jax.rollout import JaxEngine
+    from cascade_jax.runner import build as B
+
+    model_cfg, params = B.build_model(config)
+    tok = B.build_tokenizer(config)
+    domains = B.stage_domains(config)
+    e = config.eval
+    max_new = e.max_response_len or config.rollout.max_response_len
+    prompts = heldout_prompts(config, tok, domains)
+    engine = JaxEngine(model_cfg, params, num_slots=min(len(prompts) * e.k, 256),
+                       max_len=config.rollout.max_prompt_len + max_new)
+    res = evaluate(engine, tok, prompts, B.build_scorers(config), k=e.k, max_new_tokens=max_new,
+                   temperature=0.0 if e.greedy else e.temperature, top_p=e.top_p, top_k=e.top_k,
+                   seed=e.seed)
+    settings = {"k": e.k, "prompts": e.prompts, "temperature": 0.0 if e.greedy else e.temperature,
+                "top_p": e.top_p, "top_k": e.top_k, "max_new_tokens": max_new, "seed": e.seed,
+                "thinking": config.rollout.thinking}
+    return {"checkpoint": config.model.checkpoint, "settings": settings, **res}

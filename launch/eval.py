@@ -1,0 +1,111 @@
+"""Evaluate a checkpoint: avg@k and pass@k per domain, as JSON and a table.
+
+    python launch/eval.py --checkpoint runs/sft                 # a run dir (its final hub/)
+    python launch/eval.py --checkpoint runs/sft/hub --domains math mcq --k 8 --prompts 64
+    python launch/eval.py --checkpoint DIR --temperature 0.6 --top-p 0.95 --max-new-tokens 256
+
+``--checkpoint`` is a Hub checkpoint or a run dir; for a run dir the defaults (domains, eval
+and rollout settings) come from its ``run_config.json`` and the result is also written to
+``<run dir>/eval/<name>.json``. Prompts: ``--prompts`` per domain from the data pipeline with
+``data.shuffle_seed = --seed`` (held out from training for the tiny domains). The runner's
+periodic evaluation calls the same code (``cascade_jax.runner.evaluate``). Errors: one line,
+exit codes as ``launch/run.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+if (ROOT / "cascade_jax").is_dir() and str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from cascade_jax import config as C  # noqa: E402
+from cascade_jax.runner import errors as E  # noqa: E402
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", required=True, help="Hub checkpoint dir or run dir")
+    ap.add_argument("--domains", nargs="+", help="domains (default: the run's, else all tiny domains)")
+    ap.add_argument("--k", type=int, help="samples per prompt (avg@k, pass@k)")
+    ap.add_argument("--prompts", type=int, help="prompts per domain")
+    ap.add_argument("--temperature", type=float)
+    ap.add_argument("--top-p", type=float)
+    ap.add_argument("--top-k", type=int)
+    ap.add_argument("--greedy", action="store_true", help="argmax decoding")
+    ap.add_argument("--max-new-tokens", type=int)
+    ap.add_argument("--seed", type=int)
+    ap.add_argument("--thinking", choices=("on", "off"), help="thinking-mode prompts")
+    ap.add_argument("--name", default="eval", help="file name under <run dir>/eval/")
+    return ap.parse_args(argv)
+
+
+def resolve(args) -> tuple[C.Config, pathlib.Path | None]:
+    from cascade_jax import domains as D
+    from cascade_jax.runner.build import resolve_init
+
+    src = pathlib.Path(args.checkpoint)
+    hub = resolve_init(args.checkpoint, "--checkpoint")
+    run_dir = src if (src / "run_config.json").is_file() else None
+    if run_dir is not None:
+        try:
+            cfg = C.from_dict(C.Config, json.loads((run_dir / "run_config.json").read_text()))
+        except (OSError, json.JSONDecodeError) as e:
+            raise E.InputFileError(f"{run_dir}/run_config.json: cannot read ({e})") from None
+    else:
+        cfg = C.Config(rollout=C.RolloutConfig(max_prompt_len=128, max_response_len=48),
+                       data=C.DataConfig(domains=tuple(D.DOMAINS)))
+    sets = [("model.checkpoint", hub), ("model.preset", cfg.model.preset)]
+    if args.domains:
+        sets.append(("data.domains", list(args.domains)))
+    if not cfg.data.domains:
+        sets.append(("data.domains", list(D.DOMAINS)))
+    for flag, key in (("k", "eval.k"), ("prompts", "eval.prompts"), ("temperature", "eval.temperature"),
+                      ("top_p", "eval.top_p"), ("top_k", "eval.top_k"), ("seed", "eval.seed"),
+                      ("max_new_tokens", "eval.max_response_len")):
+        if getattr(args, flag) is not None:
+            sets.append((key, getattr(args, flag)))
+    if args.greedy:
+        sets += [("eval.temperature", 0.0), ("eval.greedy", True)]
+    if args.thinking:
+        sets.append(("rollout.thinking", args.thinking == "on"))
+    # one validation pass over the final values (a single field may be invalid on its own)
+    d = C.to_dict(cfg)
+    for key, v in sets:
+        sec, _, name = key.partition(".")
+        d[sec][name] = v
+    try:
+        cfg = C.from_dict(C.Config, d)
+    except C.ConfigError as e:
+        raise E.ConfigError(str(e)) from None
+    return cfg, run_dir
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg, run_dir = resolve(args)
+        from cascade_jax.runner.evaluate import evaluate_checkpoint, format_table
+
+        res = evaluate_checkpoint(cfg)
+    except E.RunError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except C.ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return E.ConfigError.exit_code
+    print(format_table(res["domains"]), file=sys.stderr)
+    if run_dir is not None:
+        out = run_dir / "eval" / f"{args.name}.json"
+        out.parent.mkdir(exist_ok=True)
+        out.write_text(json.dumps(res, indent=2) + "\n")
+    print(json.dumps(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
