@@ -132,7 +132,8 @@ class _Sync:
         self.launcher = launcher
         self.version: Optional[str] = None  # last pushed label
         self.last_error: Optional[float] = None  # max |Δ log p| of the last verification
-        self.timings: dict = {}
+        self.timings: dict = {}  # seconds of the last update (transport-specific parts included)
+        self._transfer_timings: dict = {}
 
     def _check_version(self, version: str) -> None:
         if not isinstance(version, str) or not _VERSION_RE.match(version):
@@ -167,7 +168,7 @@ class _Sync:
             raise RolloutError(f"after pushing weight version {version!r} servers report {wrong}")
         self.version = version
         self.verify(params)
-        self.timings = {"transfer_s": t2 - t1, "total_s": time.perf_counter() - t0}
+        self.timings = {**self._transfer_timings, "transfer_s": t2 - t1, "total_s": time.perf_counter() - t0}
 
     def verify(self, params) -> float:
         """Max |Δ log p| between every server's probe scores and the trainer's; raises when it
@@ -234,7 +235,7 @@ class DiskWeightSync(_Sync):
         t1 = time.perf_counter()
         body = {"model_path": str(path), "weight_version": version, "flush_cache": True}
         self.client.call_all("POST", "/update_weights_from_disk", body, timeout_s=self.timeout_s)
-        self.timings_disk = {"write_s": t1 - t0, "load_s": time.perf_counter() - t1}
+        self._transfer_timings = {"write_s": t1 - t0, "load_s": time.perf_counter() - t1}
         self.paths.append(path)
         if self.launcher is not None:
             self.launcher.set_checkpoint(str(path), version)

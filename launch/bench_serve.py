@@ -1,0 +1,202 @@
+"""Benchmarks of the served rollout path; each prints one JSON object with its same-run baseline.
+
+    python launch/bench_serve.py load [--clients 64 --seconds 60]
+        One tiny JAX rollout server (``launch/serve.py``), ``--clients`` concurrent HTTP clients
+        sending ``/generate`` bodies (one sample each, prompt 4-16 tokens, 8-32 new tokens) for
+        ``--seconds``: requests, failures, p50/p99 latency, generated tokens/s. Baseline: the same
+        engine settings in process (``JaxEngine.generate`` on the same workload, no HTTP), measured
+        after the server stopped; ``ratio_vs_in_process`` = served tokens/s / in-process tokens/s.
+
+    python launch/bench_serve.py disk-sync [--gb 2.1]
+        A NemotronH config of ``--gb`` GB in bf16 behind one server; ``DiskWeightSync.update``
+        (atomic versioned export + ``/update_weights_from_disk`` + verification). Baseline: this
+        machine's sequential write (fsync) + read of the same number of bytes in the same
+        directory; ``ratio`` = baseline seconds / (export + server load seconds), goal >= 0.7.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+
+LOAD_FLAGS = ["--num-slots", "16", "--max-len", "64", "--prompt-buckets", "16", "--prefill-sizes", "1,4,16",
+              "--steps-per-call", "4"]
+
+
+def _workload(rng, n):
+    """``n`` (prompt, max_new_tokens) pairs: prompts of 4-16 ids, 8-32 new tokens."""
+    return [(tuple(int(t) for t in rng.integers(0, 512, rng.integers(4, 17))), int(rng.integers(8, 33)))
+            for _ in range(n)]
+
+
+async def _clients(url: str, n_clients: int, seconds: float, seed: int) -> dict:
+    import httpx
+    from cascade_jax.rollout import SamplingParams
+    from cascade_jax.rollout.sglang_api import encode_generate
+
+    lat, toks, failures, errors = [], [], 0, []
+    stop_at = time.perf_counter() + seconds
+
+    async def one(i, http):
+        nonlocal failures
+        rng = np.random.default_rng(seed + i)
+        k = 0
+        while time.perf_counter() < stop_at:
+            prompt, new = _workload(rng, 1)[0]
+            body = encode_generate(prompt, SamplingParams(max_new_tokens=new, seed=int(rng.integers(2 ** 31))),
+                                   rid=f"c{i}-{k}")
+            k += 1
+            t0 = time.perf_counter()
+            try:
+                r = await http.post(url + "/generate", json=body)
+                ok = r.status_code == 200 and r.json()["meta_info"]["finish_reason"]["type"] != "abort"
+            except Exception as e:  # noqa: BLE001 - counted as a failure
+                ok, r = False, e
+            if ok:
+                lat.append(time.perf_counter() - t0)
+                toks.append(r.json()["meta_info"]["completion_tokens"])
+            else:
+                failures += 1
+                errors.append(str(getattr(r, "text", r))[:200])
+
+    t0 = time.perf_counter()
+    async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=n_clients + 4)) as http:
+        await asyncio.gather(*(one(i, http) for i in range(n_clients)))
+    wall = time.perf_counter() - t0
+    lat_ms = np.asarray(lat) * 1e3
+    return {"requests": len(lat) + failures, "failed": failures, "first_errors": errors[:3],
+            "p50_latency_ms": float(np.percentile(lat_ms, 50)) if lat else None,
+            "p99_latency_ms": float(np.percentile(lat_ms, 99)) if lat else None,
+            "tokens_per_s": float(sum(toks) / wall), "requests_per_s": float(len(lat) / wall), "wall_s": wall}
+
+
+def bench_load(args) -> dict:
+    import jax
+    from cascade_jax.rollout import JaxEngine, Request, SamplingParams
+    from cascade_jax.rollout.launcher import Launcher, serve_command
+    from models import nemotron_h as nh
+
+    cfg = nh.preset("tiny")
+    params = nh.init_params(cfg, jax.random.key(0))
+    with tempfile.TemporaryDirectory() as tmp:
+        nh.save_checkpoint(params, cfg, Path(tmp) / "ckpt")
+        launcher = Launcher(serve_command(extra=LOAD_FLAGS), n=1, checkpoint=str(Path(tmp) / "ckpt"),
+                            log_dir=tmp, health_timeout_s=600, restart=False)
+        launcher.start()
+        try:
+            served = asyncio.run(_clients(launcher.urls[0], args.clients, args.seconds, args.seed))
+        finally:
+            launcher.stop()
+    # baseline: the same engine settings in this process, on the same request distribution
+    eng = JaxEngine(cfg, params, num_slots=16, max_len=64, prompt_buckets=(16,), prefill_sizes=(1, 4, 16),
+                    steps_per_call=4)
+    eng.warmup()
+    rng = np.random.default_rng(args.seed)
+    reqs = [Request(prompt_ids=p, sampling=SamplingParams(max_new_tokens=m, seed=i))
+            for i, (p, m) in enumerate(_workload(rng, args.baseline_requests))]
+    eng.generate(reqs[:16])  # warm
+    t0 = time.perf_counter()
+    out = eng.generate(reqs)
+    wall = time.perf_counter() - t0
+    base_tps = sum(len(s.response_ids) for s in out.samples()) / wall
+    return {"bench": "serve_load", "clients": args.clients, "seconds": args.seconds, **served,
+            "in_process_tokens_per_s": base_tps,
+            "ratio_vs_in_process": served["tokens_per_s"] / base_tps}
+
+
+def _sequential_write_read(path: Path, nbytes: int, chunk: int = 64 << 20) -> tuple[float, float]:
+    buf = np.random.default_rng(0).integers(0, 255, chunk, dtype=np.uint8)
+    t0 = time.perf_counter()
+    with open(path, "wb") as f:
+        left = nbytes
+        while left > 0:
+            f.write(buf[:min(chunk, left)].data)
+            left -= chunk
+        f.flush()
+        os.fsync(f.fileno())
+    t1 = time.perf_counter()
+    with open(path, "rb") as f:
+        while f.readinto(memoryview(buf)):
+            pass
+    t2 = time.perf_counter()
+    path.unlink()
+    return t1 - t0, t2 - t1
+
+
+def bench_disk_sync(args) -> dict:
+    import jax
+    import jax.numpy as jnp
+    from cascade_jax.rollout.client import ServerClient
+    from cascade_jax.rollout.launcher import Launcher, serve_command
+    from cascade_jax.rollout.weight_sync import DiskWeightSync, write_version
+    from models import nemotron_h as nh
+
+    scale = dict(vocab_size=32000, hidden_size=2048, moe_intermediate_size=4096, intermediate_size=4096,
+                 moe_shared_expert_intermediate_size=4096, mamba_num_heads=32, mamba_head_dim=64,
+                 num_attention_heads=16, num_key_value_heads=4, head_dim=128,
+                 n_routed_experts=max(4, 2 * round(8 * args.gb / 2.1)))
+    cfg = nh.preset("tiny", **scale)
+    params = nh.init_params(cfg, jax.random.key(0), dtype=jnp.bfloat16)
+    nbytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
+    root = Path(args.dir or tempfile.mkdtemp(prefix="bench-sync-", dir=os.getcwd()))
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        ck0 = write_version(params, cfg, root / "initial", "0")
+        launcher = Launcher(serve_command(extra=["--num-slots", "1", "--max-len", "32", "--prompt-buckets", "16",
+                                                 "--prefill-sizes", "1", "--no-warmup"]),
+                            n=1, checkpoint=str(ck0), weight_version="0", log_dir=str(root), health_timeout_s=900,
+                            restart=False)
+        launcher.start()
+        client = ServerClient(launcher.urls, timeout_s=900)
+        try:
+            sync = DiskWeightSync(client, cfg, root / "versions", keep=1, tol=2e-2, timeout_s=900)
+            new = jax.tree.map(lambda x: (x * 1.01).astype(x.dtype), params)
+            del params
+            sync.update(new, "1")
+            t = total = sync.timings
+        finally:
+            client.close()
+            launcher.stop()
+        w, r = _sequential_write_read(root / "baseline.bin", nbytes)
+    finally:
+        import shutil
+        shutil.rmtree(root, ignore_errors=True)
+    gb = nbytes / 1e9
+    sync_s = t["write_s"] + t["load_s"]
+    return {"bench": "disk_weight_sync", "checkpoint_gb": gb, "export_s": t["write_s"], "server_load_s": t["load_s"],
+            "sync_gb_per_s": gb / sync_s, "update_total_s_incl_pause_flush_verify": total["total_s"],
+            "probe_max_abs_dlogp": sync.last_error,
+            "baseline_write_s": w, "baseline_read_s": r, "baseline_gb_per_s": gb / (w + r),
+            "ratio": (w + r) / sync_s, "goal": 0.7}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="which", required=True)
+    a = sub.add_parser("load")
+    a.add_argument("--clients", type=int, default=64)
+    a.add_argument("--seconds", type=float, default=60.0)
+    a.add_argument("--baseline-requests", type=int, default=256)
+    a.add_argument("--seed", type=int, default=0)
+    b = sub.add_parser("disk-sync")
+    b.add_argument("--gb", type=float, default=2.1)
+    b.add_argument("--dir", default=None, help="where to write (default: a temporary directory here)")
+    args = ap.parse_args(argv)
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    out = bench_load(args) if args.which == "load" else bench_disk_sync(args)
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
