@@ -5,6 +5,14 @@
     python launch/run.py --stage=tiny/multi_domain_rl --init runs/sft --run-dir runs/mdrl
     python launch/run.py --stage=mopd --set optimizer.lr=3e-6 --print-config
     python launch/run.py --config my.json --set stage.steps=40 --fresh
+    python launch/run.py --stage=cascade [--preset tiny|nano-30b-a3b] [--run-dir runs/cascade]
+    python launch/run.py --stage=mopd [--teachers-from CASCADE_DIR] [--teachers paper|best|d=stage,..]
+
+``--stage=cascade`` runs every stage of the cascade in the paper's order (``cascade_jax.cascade``),
+one run dir per stage under the cascade dir, with ``teachers.json`` and ``report.md``; rerunning
+resumes. ``--stage=mopd`` runs MOPD alone: with ``--teachers-from`` a finished cascade dir supplies
+its start and teachers, else the earlier stages run first (into ``runs/cascade``). ``--set``
+applies to every stage; ``--preset`` picks the stage configs (``tiny``, the default, or the 30B).
 
 ``--stage NAME`` loads the packaged ``configs/NAME.json`` (``tiny/NAME`` for the toy-scale
 variants); ``--config PATH`` any JSON config. Then, in order: ``--preset`` sets ``model.preset``
@@ -52,6 +60,9 @@ def parse_args(argv=None):
     ap.add_argument("--fresh", action="store_true", help="replace whatever run the run dir holds")
     ap.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ap.add_argument("--teachers", default="paper",
+                    help="cascade/mopd: MOPD teachers: paper, best, or domain=stage,... (default paper)")
+    ap.add_argument("--teachers-from", help="mopd: a finished cascade dir supplying start and teachers")
     return ap.parse_args(argv)
 
 
@@ -135,6 +146,17 @@ def run_demo(cfg: C.Config, out_dir: pathlib.Path) -> dict:
 
 
 def _main(args) -> int:
+    if args.stage in ("cascade", "mopd") and not args.config and not args.print_config:
+        from cascade_jax.cascade.driver import command
+
+        if args.fresh:
+            raise E.ConfigError(f"--fresh does not apply to --stage={args.stage}; use a new --run-dir")
+        out = command(args.stage, run_dir=args.run_dir, preset=args.preset, init=args.init,
+                      overrides=args.overrides, teachers=args.teachers,
+                      teachers_from=args.teachers_from, argv=[sys.executable, *sys.argv],
+                      progress=not args.no_progress and sys.stderr.isatty())
+        print(json.dumps(out))
+        return 0
     cfg = resolve_config(args)
     if args.print_config:  # the resolved config; paths in it are not checked
         print(C.to_json(cfg))
