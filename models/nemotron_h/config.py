@@ -46,6 +46,8 @@ class ModelConfig:
     HF fields keep their transformers names. JAX-only fields (not written to config.json):
     ``dt_floor`` (lower clamp of dt; 0.0 as SGLang and the CUDA kernels run, 1e-3 reproduces
     transformers' full-sequence clamp), ``remat`` (per layer kind or one policy for all),
+    ``scan_layers`` (the full-sequence pass scans repeated layer groups: one compiled body per
+    distinct group, same numerics as the loop; ``remat`` then applies per group),
     ``freeze_router`` (stop gradients into ``gate``), and the kernel switches ``*_impl``.
     """
 
@@ -95,6 +97,7 @@ class ModelConfig:
     # JAX-only options
     dt_floor: float = 0.0
     remat: Remat = "none"
+    scan_layers: bool = False
     freeze_router: bool = False
     moe_impl: Impl = "auto"
     attention_impl: Impl = "auto"
@@ -262,8 +265,8 @@ class ModelConfig:
             raise ModelConfigError(f"{path}: {e}") from None
 
 
-_JAX_ONLY = ("dt_floor", "remat", "freeze_router", "moe_impl", "attention_impl", "ssd_impl",
-             "hf_source")
+_JAX_ONLY = ("dt_floor", "remat", "scan_layers", "freeze_router", "moe_impl", "attention_impl",
+             "ssd_impl", "hf_source")
 
 
 def _check_hf_type(key, value, default):

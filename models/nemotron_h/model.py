@@ -26,6 +26,8 @@ import kernels
 from kernels import moe_dispatch
 
 from .config import ModelConfig
+from .layer_scan import run_layers
+from .partitioning import constrain, expert_parallel
 
 __all__ = ["forward", "hidden_states", "logits_from_hidden", "prefill", "decode_step",
            "init_cache", "rms_norm", "num_moe_layers"]
@@ -164,6 +166,9 @@ def attention_mixer(p, u, cfg: ModelConfig, *, positions=None, segment_ids=None)
     """Causal GQA attention with no positional encoding (NoPE). u [B,T,H] -> [B,T,H].
     ``positions`` [B,T] order the causal mask (None: arange)."""
     q, k, v = _qkv(p, u, cfg)
+    q = constrain(q, ("batch", "seq", "heads", "head_dim"))
+    k = constrain(k, ("batch", "seq", "kv_heads", "head_dim"))
+    v = constrain(v, ("batch", "seq", "kv_heads", "head_dim"))
     o = kernels.attention(q, k, v, q_positions=positions, kv_positions=positions,
                           q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
                           impl=cfg.attention_impl)
@@ -224,6 +229,13 @@ def route(p, x, cfg: ModelConfig, expert_ids=None):
     return w * cfg.routed_scaling_factor, idx.astype(jnp.int32)
 
 
+def _expert_ffn(xs, group_sizes, up, down, cfg: ModelConfig):
+    """Expert-sorted rows ``xs [M, H]`` (``group_sizes [E]``; rows past their sum give zeros)
+    -> ``relu(xs @ up[e])² @ down[e]`` per row, ``[M, H]``."""
+    h = kernels.grouped_matmul(xs, up, group_sizes, impl=cfg.moe_impl, epilogue="relu2")
+    return kernels.grouped_matmul(h, down, group_sizes, impl=cfg.moe_impl)
+
+
 def moe_mixer(p, u, cfg: ModelConfig, *, expert_ids=None, return_expert_ids=False):
     """Dropless routed experts (sort by expert, one grouped matmul per projection, unsort,
     fp32-weighted sum of the k contributions) + shared expert on the same input.
@@ -238,11 +250,15 @@ def moe_mixer(p, u, cfg: ModelConfig, *, expert_ids=None, return_expert_ids=Fals
                              f"for this MoE layer, got {expert_ids.shape}")
         expert_ids = expert_ids.reshape(-1, k)
     w, idx = route(p, x, cfg, expert_ids)
-    order, group_sizes = moe_dispatch.sort_by_expert(idx, cfg.n_routed_experts)
-    xs = moe_dispatch.permute(x, order, cfg.num_experts_per_tok)  # [n*k, H], expert-sorted
-    h = kernels.grouped_matmul(xs, p["experts_up"], group_sizes, impl=cfg.moe_impl, epilogue="relu2")
-    ys = kernels.grouped_matmul(h, p["experts_down"], group_sizes, impl=cfg.moe_impl)
-    routed = moe_dispatch.unpermute(ys, order, w, out_dtype=u.dtype)
+    ffn = functools.partial(_expert_ffn, cfg=cfg)
+    ep = expert_parallel()
+    if ep is not None:  # experts split over devices: tokens exchanged (cascade_jax.sharding.moe)
+        routed = ep(x, w, idx, p["experts_up"], p["experts_down"], ffn)
+    else:
+        order, group_sizes = moe_dispatch.sort_by_expert(idx, cfg.n_routed_experts)
+        xs = moe_dispatch.permute(x, order, cfg.num_experts_per_tok)  # [n*k, H], expert-sorted
+        ys = ffn(xs, group_sizes, p["experts_up"], p["experts_down"])
+        routed = moe_dispatch.unpermute(ys, order, w, out_dtype=u.dtype)
     if cfg.n_shared_experts:
         routed = routed + relu2_mlp(x, p["shared_up"], p["shared_down"])
     if return_expert_ids:
@@ -253,6 +269,8 @@ def moe_mixer(p, u, cfg: ModelConfig, *, expert_ids=None, return_expert_ids=Fals
 # --------------------------------------------------------------------------------------------
 # Model
 
+
+_RESIDUAL = ("batch", "seq", "embed")  # logical axes of the residual stream [B, T, H]
 
 _REMAT_POLICIES = {
     "full": None,
@@ -317,20 +335,23 @@ def hidden_states(params, tokens, cfg: ModelConfig, *, positions=None, segment_i
         positions = positions.astype(jnp.int32)
     if routed_experts is not None:
         _check_routed(routed_experts, tokens.shape, cfg)
-    h = params["embed"][tokens]
-    used, m = [], 0
-    for i, kind in enumerate(cfg.pattern):
-        fn = functools.partial(_layer, kind, cfg=cfg)
-        if cfg.remat != "none":
-            fn = jax.checkpoint(fn, policy=_REMAT_POLICIES[cfg.remat])
-        given = None
-        if kind == "E" and routed_experts is not None:
-            given = routed_experts[..., m, :]
-        h, ids = fn(params["layers"][i], h, positions=positions, segment_ids=segment_ids,
-                    expert_ids=given)
-        if kind == "E":
-            used.append(ids)
-            m += 1
+    h = constrain(params["embed"][tokens], _RESIDUAL)
+    moe = [i for i, kind in enumerate(cfg.pattern) if kind == "E"]
+    given = [None] * len(cfg.pattern)
+    if routed_experts is not None:
+        for m, i in enumerate(moe):
+            given[i] = routed_experts[..., m, :]
+
+    def layer(kind, lp, h, expert_ids):
+        h, ids = _layer(kind, lp, h, cfg, positions, segment_ids, expert_ids)
+        return constrain(h, _RESIDUAL), ids
+
+    remat = None
+    if cfg.remat != "none":
+        remat = functools.partial(jax.checkpoint, policy=_REMAT_POLICIES[cfg.remat])
+    h, ids = run_layers(layer, params["layers"], h, cfg.pattern, xs=given, scan=cfg.scan_layers,
+                        remat=remat)
+    used = [ids[i] for i in moe]
     h = rms_norm(h, params["norm_f"], cfg.layer_norm_epsilon)
     if return_routed_experts:
         return h, _stack_experts(used, tokens.shape, cfg)

@@ -1,0 +1,65 @@
+"""Activation annotations by logical axis names; the model never names a mesh axis.
+
+The model calls ``constrain(x, ("batch", "seq", "embed"))`` at a few points (the residual
+stream, attention heads, MLP widths). With no partitioner installed (the default, and every
+single-device path) it returns ``x`` unchanged, so numerics and the traced program are
+untouched. A trainer that owns a mesh installs one for the duration of a trace::
+
+    with use_partitioner(fn):          # fn(x, names) -> x with a sharding constraint
+        jax.jit(step).lower(...)
+
+``names`` has one entry per dim of ``x``: a logical name or ``None`` (no constraint on that
+dim). The mapping from logical names to mesh axes lives in one table outside the model
+(``cascade_jax.sharding.rules``).
+
+Expert parallelism uses the same mechanism: ``use_partitioner(fn, expert_parallel=ep)`` makes
+the MoE layer hand its routed tokens to ``ep(x [n,H], w [n,k], idx [n,k], up, down,
+expert_ffn) -> [n,H]``, which exchanges tokens between devices and calls back
+``expert_ffn(rows, group_sizes, up_local, down_local)`` (the grouped matmuls) on each device's
+local experts. Without it the layer computes all experts in the global program.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from typing import Callable, Optional, Sequence
+
+__all__ = ["constrain", "use_partitioner", "active_partitioner", "expert_parallel"]
+
+_PARTITIONER: contextvars.ContextVar[Optional[Callable]] = contextvars.ContextVar(
+    "nemotron_h_partitioner", default=None)
+_EXPERT_PARALLEL: contextvars.ContextVar[Optional[Callable]] = contextvars.ContextVar(
+    "nemotron_h_expert_parallel", default=None)
+
+
+def constrain(x, names: Sequence[Optional[str]]):
+    """``x`` constrained to the sharding of its logical ``names`` (identity when no
+    partitioner is active)."""
+    fn = _PARTITIONER.get()
+    if fn is None:
+        return x
+    if len(names) != x.ndim:
+        raise ValueError(f"constrain: {len(names)} logical names {tuple(names)} for a rank-{x.ndim} array")
+    return fn(x, tuple(names))
+
+
+def active_partitioner() -> Optional[Callable]:
+    return _PARTITIONER.get()
+
+
+def expert_parallel() -> Optional[Callable]:
+    """The active expert-parallel dispatcher, or None (all experts in the global program)."""
+    return _EXPERT_PARALLEL.get()
+
+
+@contextlib.contextmanager
+def use_partitioner(fn: Optional[Callable], expert_parallel: Optional[Callable] = None):
+    """Install ``fn(x, names) -> x`` as the activation partitioner (and optionally the
+    expert-parallel dispatcher) inside the block."""
+    tokens = (_PARTITIONER.set(fn), _EXPERT_PARALLEL.set(expert_parallel))
+    try:
+        yield
+    finally:
+        _PARTITIONER.reset(tokens[0])
+        _EXPERT_PARALLEL.reset(tokens[1])
