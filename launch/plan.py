@@ -1,0 +1,112 @@
+"""Plan a sharded train step before renting the pod: memory per device and FLOPs per step.
+
+    python launch/plan.py --preset=nano-30b-a3b --mesh=fsdp:8,expert:8 --seq-len=8192 --json
+    python launch/plan.py --preset=nano-30b-a3b --mesh=fsdp:16 --device-memory-gib=141
+
+Compiles the GRPO (``--objective``) step ahead of time against a simulated mesh of CPU devices
+(``--mesh`` sizes multiply to the device count; unnamed axes are 1) with abstract inputs — no
+weights are allocated — and prints per-device bytes for parameters (fp32 master), optimizer
+state and temporaries, FLOPs per step, and whether it fits ``--device-memory-gib``. CPU-compiled
+memory is an estimate of the GPU/TPU figure (same partitioning, different fusion). See
+``cascade_jax/sharding/plan.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import pathlib
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+if (ROOT / "cascade_jax").is_dir() and str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+AXES = ("data", "fsdp", "expert", "context", "tensor")
+
+
+def parse_mesh(text: str) -> dict:
+    """``"fsdp:8,expert:8"`` -> ``{"fsdp": 8, "expert": 8, other axes: 1}``."""
+    sizes = {a: 1 for a in AXES}
+    for part in filter(None, text.split(",")):
+        name, sep, val = part.partition(":")
+        if not sep or name not in AXES:
+            raise SystemExit(f"error: --mesh: bad entry {part!r}; expected axis:size with axis in {', '.join(AXES)}")
+        try:
+            sizes[name] = int(val)
+        except ValueError:
+            raise SystemExit(f"error: --mesh: size of {name!r} must be an int, got {val!r}") from None
+        if sizes[name] < 1:
+            raise SystemExit(f"error: --mesh: size of {name!r} must be >= 1, got {sizes[name]}")
+    return sizes
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="nano-30b-a3b", help="model preset (tiny, nano-30b-a3b)")
+    ap.add_argument("--mesh", required=True, help="axis:size,... over data, fsdp, expert, context, tensor")
+    ap.add_argument("--seq-len", type=int, default=8192)
+    ap.add_argument("--batch", type=int, default=None,
+                    help="sequences per step (default: one per data x fsdp x expert device)")
+    ap.add_argument("--objective", default="grpo", choices=("grpo", "mopd", "sft"))
+    ap.add_argument("--grad-accum", type=int, default=1)
+    ap.add_argument("--remat", default=None, choices=("none", "full", "dots"))
+    ap.add_argument("--no-scan", action="store_true", help="unrolled layer loop (compile-time baseline)")
+    ap.add_argument("--device-memory-gib", type=float, default=80.0)
+    ap.add_argument("--override", action="append", default=[], metavar="FIELD=VALUE",
+                    help="ModelConfig override, e.g. --override num_hidden_layers... (JSON values)")
+    ap.add_argument("--json", action="store_true", help="print one JSON object")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    sizes = parse_mesh(args.mesh)
+    n_dev = math.prod(sizes.values())
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    if os.environ["JAX_PLATFORMS"] == "cpu":  # a simulated mesh: must be set before jax starts
+        os.environ["JAX_NUM_CPU_DEVICES"] = str(n_dev)
+    import jax
+
+    from cascade_jax import sharding
+    from cascade_jax.config import MeshConfig
+    from cascade_jax.sharding.plan import plan
+    from models import nemotron_h as nh
+
+    overrides = {}
+    for o in args.override:
+        k, _, v = o.partition("=")
+        try:
+            overrides[k] = json.loads(v)
+        except json.JSONDecodeError:
+            overrides[k] = v
+    if args.remat:
+        overrides["remat"] = args.remat
+    overrides.setdefault("scan_layers", not args.no_scan)
+    model_cfg = nh.preset(args.preset, **overrides)
+    if len(jax.devices()) < n_dev:
+        raise SystemExit(f"error: --mesh needs {n_dev} devices, {len(jax.devices())} available")
+    try:
+        mesh = sharding.make_mesh(MeshConfig(**sizes), jax.devices()[:n_dev])
+        res = plan(model_cfg, mesh, objective=args.objective, seq_len=args.seq_len, batch=args.batch,
+                   device_memory_gib=args.device_memory_gib, grad_accum=args.grad_accum)
+    except sharding.ShardingError as e:
+        raise SystemExit(f"error: {e}") from None
+    res["preset"] = args.preset
+    if args.json:
+        print(json.dumps(res))
+    else:
+        gib = lambda b: f"{b / 2**30:8.2f} GiB"
+        print(f"{args.preset} {args.objective} on {res['mesh']} ({n_dev} devices), batch {res['batch']} x {res['seq_len']}")
+        for k in ("params_bytes", "optimizer_bytes", "argument_bytes", "temp_bytes", "total_bytes"):
+            print(f"  {k:<18}{gib(res[k])} per device")
+        print(f"  fits {args.device_memory_gib:g} GiB: {res['fits']}")
+        print(f"  FLOPs/step {res['flops_per_step']:.3e}  per token {res['flops_per_token'] / 1e9:.2f} GFLOP")
+        print(f"  compile {res['compile_seconds']:.1f} s (trace+lower {res['trace_lower_seconds']:.1f} s); {res['memory_note']}")
+    return res
+
+
+if __name__ == "__main__":
+    main()
