@@ -78,3 +78,28 @@ def test_shipped_study_config_declares_claims():
     spec = S.load_spec(pathlib.Path(__file__).resolve().parents[1] / "launch/studies/mopd_vs_grpo.json")
     assert len(spec.seeds) >= 3 and {c.domain for c in spec.claims} <= set(spec.domains)
     assert any(c.kind == "steps_to_teacher" for c in spec.claims)
+
+
+def test_eval_curve_from_runner_metrics(tmp_path):
+    rows = [{"step": 1, "loss": 0.1}, {"step": 3, "eval/math/avg@4": 0.5, "eval/math/pass@4": 0.75,
+                                       "eval/rlhf/avg@4": 0.25, "eval/score": 0.4},
+            {"step": 6, "eval/math/avg@4": 0.75, "eval/rlhf/avg@4": 0.5}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    c = S._eval_curve(tmp_path, ["math", "rlhf"], {"math": 0.1, "rlhf": 0.2})
+    assert c == {"steps": [0, 3, 6], "scores": {"math": [0.1, 0.5, 0.75], "rlhf": [0.2, 0.25, 0.5]}}
+
+
+def test_method_configs_differ_only_in_the_objective():
+    from cascade_jax.cascade import plan as P
+
+    base = P.load_stage_config("mopd", "tiny")
+    t = {d: "/t/" + d for d in base.data.domains}
+    m = S.method_config(base, "mopd", teachers=t, steps=6, eval_every=3, seed=1)
+    g = S.method_config(base, "grpo", teachers=t, steps=6, eval_every=3, seed=1)
+    assert m.stage.objective == "mopd" and m.stage.teachers == t and m.stage.is_correction == "icepop"
+    assert g.stage.objective == "grpo" and g.stage.teachers == {} and g.stage.is_correction == "tis"
+    for c in (m, g):
+        assert c.stage.steps == 6 and c.eval.every == 3 and c.run.seed == 1 and c.data.shuffle_seed == 1
+    assert m.optimizer == g.optimizer and m.rollout == g.rollout and m.data == g.data
+    with pytest.raises(S.StudyError, match="unknown method 'ppo'"):
+        S.method_config(base, "ppo", teachers=t, steps=1, eval_every=1, seed=0)

@@ -28,10 +28,11 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from cascade_jax import config as C
 from cascade_jax import domains as D
 
 __all__ = ["StudyError", "Claim", "StudySpec", "spec_from_dict", "load_spec", "declare",
-           "first_reach", "seed_mean", "verdicts", "regressions"]
+           "first_reach", "seed_mean", "verdicts", "regressions", "method_config", "run_study"]
 
 
 class StudyError(ValueError):
@@ -211,3 +212,111 @@ def regressions(curves: Mapping[str, Mapping[str, dict]], domains: Sequence[str]
             out.append({"method": method, "domain": dom, "start": float(mean[0]),
                         "end": float(mean[-1]), "change": float(mean[-1] - mean[0])})
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# Running the study
+
+
+def _eval_curve(run_dir, domains, start_scores: Mapping[str, float]) -> dict:
+    """``{"steps": [0, ...], "scores": {domain: [...]}}`` from the start scores and the run's
+    ``eval/<domain>/avg@k`` rows in ``metrics.jsonl``."""
+    from cascade_jax.cascade.report import read_metrics
+
+    steps, scores = [0], {d: [start_scores[d]] for d in domains}
+    for row in read_metrics(run_dir):
+        vals = {}
+        for d in domains:
+            key = next((k for k in row if k.startswith(f"eval/{d}/avg@")), None)
+            if key is not None and row[key] is not None:
+                vals[d] = row[key]
+        if len(vals) == len(domains) and row["step"] not in steps:
+            steps.append(row["step"])
+            for d in domains:
+                scores[d].append(vals[d])
+    return {"steps": steps, "scores": scores}
+
+
+def method_config(base, method: str, *, teachers, steps: int, eval_every: int, seed: int,
+                  overrides: Sequence[str] = ()):
+    """The stage config of ``method`` (``mopd`` or ``grpo``) from the MOPD stage config ``base``:
+    same start, domains, prompts, optimizer and sampling; GRPO swaps the objective (outcome
+    rewards, token TIS correction, no teachers)."""
+    cfg = C.apply_overrides(base, list(overrides))
+    sets = [("stage.steps", steps), ("eval.every", eval_every), ("run.seed", seed),
+            ("data.shuffle_seed", seed)]
+    if method == "mopd":
+        sets += [("stage.teachers", dict(teachers))]
+    elif method == "grpo":
+        sets += [("stage.objective", "grpo"), ("stage.name", "grpo_continue"),
+                 ("stage.is_correction", "tis"), ("stage.teachers", {})]
+    else:
+        raise StudyError(f"unknown method {method!r}; valid: mopd, grpo")
+    for k, v in sets:
+        cfg = C.replace_path(cfg, k, v)
+    return cfg
+
+
+def run_study(study_dir, spec: StudySpec, *, cascade_dir, preset: str = "tiny",
+              progress: bool = False, log=None) -> dict:
+    """Declare the claims, run MOPD and GRPO for ``spec.steps`` from the cascade's ``spec.start``
+    export over ``spec.seeds`` (each run resumable), evaluate, and write
+    ``study_result.json`` (curves, teacher scores, verdicts, regressions) plus ``report.md``."""
+    import os
+    import sys
+
+    from cascade_jax.cascade import plan as P
+    from cascade_jax.cascade import registry as R
+    from cascade_jax.cascade.driver import evaluate_checkpoint
+    from cascade_jax.runner import run_stage
+
+    log = log or (lambda m: print(m, file=sys.stderr, flush=True))
+    study_dir, cdir = pathlib.Path(study_dir), pathlib.Path(cascade_dir)
+    declare(study_dir, spec)
+    state = P.load_state(cdir)["stages"]
+    if state.get(spec.start, {}).get("status") != "done":
+        raise StudyError(f"start stage {spec.start!r} has not finished in {cdir}; run the cascade "
+                         f"up to it first")
+    start_ck = str(cdir / state[spec.start]["hub"])
+    base = P.load_stage_config("mopd", preset)
+    domains = list(spec.domains or base.data.domains)
+    base = C.replace_path(base, "data.domains", domains)
+    base = C.replace_path(base, "model.checkpoint", start_ck)
+    reg = R.load_registry(cdir / R.REGISTRY_FILE)
+    teachers = R.assign_teachers(reg, domains, spec.teacher_policy, reg_dir=cdir)
+
+    cache = study_dir / "evals.json"
+    evals = json.loads(cache.read_text()) if cache.exists() else {}
+    for ck in sorted({start_ck, *teachers.values()}):
+        if ck not in evals:
+            doms = domains if ck == start_ck else sorted(d for d, p in teachers.items() if p == ck)
+            res = evaluate_checkpoint(base, ck, doms)
+            evals[ck] = {d: next(v for k, v in m.items() if k.startswith("avg@"))
+                         for d, m in res["domains"].items()}
+            cache.write_text(json.dumps(evals, indent=2) + "\n")
+    teacher_scores = {d: evals[p][d] for d, p in teachers.items()}
+    start_scores = evals[start_ck]
+    log(f"[study] start {spec.start}: {start_scores}; teachers: {teacher_scores}")
+
+    curves = {"mopd": {}, "grpo": {}}
+    for method in ("mopd", "grpo"):
+        for seed in spec.seeds:
+            run_dir = study_dir / f"{method}_seed{seed}"
+            cfg = method_config(base, method, teachers=teachers, steps=spec.steps,
+                                eval_every=spec.eval_every, seed=seed, overrides=spec.overrides)
+            cfg = C.replace_path(cfg, "run.out_dir", str(run_dir))
+            if not (run_dir / "summary.json").exists():
+                log(f"[study] {method} seed {seed}: {spec.steps} steps")
+                run_stage(cfg, run_dir, progress=progress, log=log)
+            curves[method][str(seed)] = _eval_curve(run_dir, domains, start_scores)
+    result = {"start": spec.start, "start_checkpoint": os.path.relpath(start_ck, study_dir),
+              "domains": domains, "seeds": list(spec.seeds), "steps": spec.steps,
+              "teachers": {d: os.path.relpath(p, study_dir) for d, p in teachers.items()},
+              "teacher_scores": teacher_scores, "start_scores": start_scores, "curves": curves,
+              "verdicts": verdicts(spec, curves, teacher_scores),
+              "regressions": regressions(curves, domains)}
+    (study_dir / "study_result.json").write_text(json.dumps(result, indent=2) + "\n")
+    from cascade_jax.cascade.report import write_study_report
+
+    write_study_report(study_dir)
+    return result

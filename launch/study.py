@@ -1,0 +1,67 @@
+"""The MOPD-vs-GRPO study: from one cascade checkpoint, MOPD against continuing GRPO for matched
+steps over >= 3 seeds, judged against claims declared in the study config before anything runs.
+
+    python launch/study.py                                   # tiny: launch/studies/mopd_vs_grpo.json
+    python launch/study.py --cascade-dir runs/cascade --study-dir runs/study --set stage.steps=...
+
+If the cascade dir has not finished the study's start stage, the cascade runs up to it first.
+Writes ``<study-dir>/claims.json`` (before the runs), one run dir per method and seed,
+``study_result.json`` (curves, teacher scores, verdicts, regressions) and ``report.md`` with
+``mopd_vs_grpo.png``; prints one verdict line per claim. Rerunning resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+if (ROOT / "cascade_jax").is_dir() and str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default=str(ROOT / "launch" / "studies" / "mopd_vs_grpo.json"),
+                    help="study config (claims, start stage, steps, seeds)")
+    ap.add_argument("--cascade-dir", default="runs/cascade", help="cascade dir holding the start checkpoint and teachers")
+    ap.add_argument("--study-dir", default="runs/study")
+    ap.add_argument("--preset", default="tiny", help="cascade preset (tiny, nano-30b-a3b)")
+    ap.add_argument("--cascade-set", dest="cascade_overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="overrides for the cascade stages, if the cascade must run first")
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+
+    from cascade_jax import config as C
+    from cascade_jax.cascade import plan as P
+    from cascade_jax.cascade import registry as R
+    from cascade_jax.cascade import study as S
+    from cascade_jax.cascade.driver import enable_compilation_cache, run_cascade
+    from cascade_jax.runner import errors as E
+
+    try:
+        spec = S.load_spec(args.config)
+        enable_compilation_cache()
+        S.declare(args.study_dir, spec)  # before any training
+        state = P.load_state(args.cascade_dir)["stages"]
+        if state.get(spec.start, {}).get("status") != "done":
+            upto = list(P.STAGE_NAMES[:P.STAGE_NAMES.index(spec.start) + 1])
+            run_cascade(args.cascade_dir, preset=args.preset, overrides=args.cascade_overrides,
+                        stages=upto, progress=not args.no_progress)
+        res = S.run_study(args.study_dir, spec, cascade_dir=args.cascade_dir, preset=args.preset,
+                          progress=not args.no_progress)
+    except (S.StudyError, R.RegistryError, C.ConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except E.RunError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    for v in res["verdicts"]:
+        print(f"{'HELD' if v['held'] else 'NOT HELD'}  {v['claim']}: {v['numbers']}")
+    print(f"report: {pathlib.Path(args.study_dir) / 'report.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
