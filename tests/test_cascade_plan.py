@@ -56,8 +56,13 @@ def test_30b_stage_config_builds_without_allocating(name):
     from models import nemotron_h as nh
     from cascade_jax import rl
 
+    from cascade_jax.runner.build import validate
+
     cfg = P.load_stage_config(name, "nano-30b-a3b")
     assert cfg.stage.name == name and cfg.model.preset == "nano-30b-a3b"
+    # the runner's cross-field validation (lengths vs the model's context, domains, sampling);
+    # MOPD's teacher dirs are filled in by the cascade from teachers.json, so not checked here
+    validate(C.replace_path(cfg, "stage.teachers", {}))
     mcfg = nh.with_overrides(nh.preset(cfg.model.preset), **cfg.model.overrides)
     params = nh.abstract_params(mcfg, jax.numpy.float32)
     specs = nh.param_specs(mcfg)
@@ -83,3 +88,28 @@ def test_tiny_stage_configs_share_shapes():
             r = cfg.rollout
             shapes.add((r.max_prompt_len, r.max_response_len, cfg.data.batch_prompts * r.n_samples))
     assert len(shapes) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", P.STAGE_NAMES)
+def test_30b_stage_config_plans(name):
+    """The sharding planner compiles the stage's train step for the 30B model ahead of time on 8
+    simulated devices (fsdp) at the stage's sequence length, without allocating weights."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cfg = P.load_stage_config(name, "nano-30b-a3b")
+    obj = cfg.stage.objective
+    seq = cfg.data.seq_len if obj == "sft" else cfg.rollout.max_prompt_len + cfg.rollout.max_response_len
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=root)
+    env.pop("XLA_FLAGS", None)
+    env.pop("JAX_NUM_CPU_DEVICES", None)
+    proc = subprocess.run([sys.executable, os.path.join(root, "launch", "plan.py"),
+                           "--preset=nano-30b-a3b", "--mesh=fsdp:8", f"--objective={obj}",
+                           f"--seq-len={seq}", "--json"], env=env, capture_output=True, text=True,
+                          timeout=3000)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["devices"] == 8 and out["flops_per_step"] > 0
