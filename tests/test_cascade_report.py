@@ -78,5 +78,6 @@ def test_write_report_with_study(tmp_path):
     assert "| rlhf_teacher (side branch) | sft | done | 5 | 11.0 |" in text
     # time split: 5 steps x 0.75 s logged, the rest of the 10 s wall clock is "other"
     split = Rep._time_split(d, ["sft"])
+    assert "registry_eval" not in split["sft"]  # no eval_s recorded in this synthetic state
     np.testing.assert_allclose([split["sft"]["rollout"], split["sft"]["update"], split["sft"]["other"]],
                                [2.5, 1.25, 6.25])

@@ -36,7 +36,7 @@ _LEN_KEYS = ("resp_len_mean", "resp_len_max")
 _IS_KEYS = ("is_abs_delta_mean", "is_abs_delta_max", "is_frac_corrected", "is_weight_mean")
 #: Per-phase seconds logged each step (``time/<phase>``, e.g. rollout, reward, update).
 _TIME_KEY = re.compile(r"^time[/_](?P<phase>[a-z_]+?)(?:_s)?$")
-_TIME_TOTALS = ("step",)  # whole-step totals, not phases
+_TIME_TOTALS = ("step", "rollout_reward")  # totals of other phases, not phases
 
 
 def read_metrics(run_dir) -> list[dict]:
@@ -200,22 +200,24 @@ def _time_split(cascade_dir, stages):
         wall = state.get(name, {}).get("wall_s")
         if wall is not None:
             phases["other"] = max(float(wall) - sum(phases.values()), 0.0)
+        if state.get(name, {}).get("eval_s") is not None:  # the cascade's all-domain eval
+            phases["registry_eval"] = float(state[name]["eval_s"])
         out[name] = phases
     return out
 
 
 def _plot_time_split(plt, split, out):
-    phases = sorted({p for v in split.values() for p in v}, key=lambda p: (p == "other", p))
+    phases = sorted({p for v in split.values() for p in v}, key=lambda p: (p in ("other", "registry_eval"), p))
     fig, ax = plt.subplots(figsize=(8, 3.8))
     bottom = np.zeros(len(split))
     for i, ph in enumerate(phases):
         vals = np.array([split[s].get(ph, 0.0) for s in split])
         ax.bar(list(split), vals, bottom=bottom, label=ph, color=f"C{i}")
         bottom += vals
-    ax.set(ylabel="seconds", title="wall-clock per stage")
+    ax.set(ylabel="seconds", title="wall-clock per stage (train phases, other, registry eval)")
     ax.tick_params(axis="x", rotation=45)
     if phases:
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
@@ -339,6 +341,10 @@ def write_report(cascade_dir, study_dir: Optional[str] = None, *, title: str = "
               "δ = log π_train − log π_rollout per token; weights and the corrected fraction follow the "
               "stage's `stage.is_correction`." + ("" if has_is else " (no IS metrics were logged)"), "",
               "![IS statistics](is_mismatch.png)", ""]
+    has_kl = _plot_lines(plt, cdir, stages, ["reverse_kl", "kl_ref"], "nats / token",
+                         "MOPD reverse KL to the teachers; RLHF KL to the stage start", cdir / "kl.png")
+    if has_kl:
+        lines += ["## KL terms", "", "![KL](kl.png)", ""]
     split = _time_split(cdir, stages)
     _plot_time_split(plt, split, cdir / "time_split.png")
     lines += ["## Time split per stage", "", "![time split](time_split.png)", ""]
