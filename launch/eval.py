@@ -5,7 +5,7 @@
     python launch/eval.py --checkpoint DIR --temperature 0.6 --top-p 0.95 --max-new-tokens 256
 
 ``--checkpoint`` is a Hub checkpoint or a run dir; for a run dir the defaults (domains, eval
-and rollout settings) come from its ``run_config.json`` and the result is also written to
+and rollout settings) come from its ``run_config.json`` (or from ``--config``) and the result is also written to
 ``<run dir>/eval/<name>.json``. Prompts: ``--prompts`` per domain from the data pipeline with
 ``data.shuffle_seed = --seed`` (held out from training for the tiny domains). The runner's
 periodic evaluation calls the same code (``cascade_jax.runner.evaluate``). Errors: one line,
@@ -30,6 +30,7 @@ from cascade_jax.runner import errors as E  # noqa: E402
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", required=True, help="Hub checkpoint dir or run dir")
+    ap.add_argument("--config", help="take domains, data, rollout and eval settings from this run config")
     ap.add_argument("--domains", nargs="+", help="domains (default: the run's, else all tiny domains)")
     ap.add_argument("--k", type=int, help="samples per prompt (avg@k, pass@k)")
     ap.add_argument("--prompts", type=int, help="prompts per domain")
@@ -51,7 +52,14 @@ def resolve(args) -> tuple[C.Config, pathlib.Path | None]:
     src = pathlib.Path(args.checkpoint)
     hub = resolve_init(args.checkpoint, "--checkpoint")
     run_dir = src if (src / "run_config.json").is_file() else None
-    if run_dir is not None:
+    if args.config:
+        try:
+            cfg = C.load(args.config)
+        except C.ConfigError as e:
+            raise E.ConfigError(str(e)) from None
+        except OSError as e:
+            raise E.InputFileError(f"--config {args.config}: cannot read ({e})") from None
+    elif run_dir is not None:
         try:
             cfg = C.from_dict(C.Config, json.loads((run_dir / "run_config.json").read_text()))
         except (OSError, json.JSONDecodeError) as e:

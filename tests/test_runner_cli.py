@@ -133,3 +133,14 @@ def test_subprocess_one_line_and_code(tmp_path):
                        capture_output=True, text=True, timeout=120,
                        env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"})
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "rollout.top_p" in r.stderr
+
+
+def test_unreachable_rollout_server(capsys, tmp_path):
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    _fails(capsys, tmp_path, 6, ["rollout server", f"127.0.0.1:{port}", "not reachable"],
+           "--stage=tiny/multi_domain_rl", f"--set=rollout.server_url=http://127.0.0.1:{port}",
+           "--set=rollout.engine=jax_server")

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import pathlib
 from typing import Any, Optional
 
@@ -197,36 +196,31 @@ def build_prompt_data(config: C.Config, tokenizer):
 
 
 def build_engine(config: C.Config, model_cfg, params, tokenizer):
-    """The rollout engine of ``rollout.engine``: the embedded JAX engine (in process) or the
-    client of rollout servers at ``rollout.server_url``."""
+    """The rollout engine of ``rollout.engine`` (``cascade_jax.rollout.make_engine``): the
+    embedded JAX engine, or the client of ``launch/serve.py`` / SGLang servers with its weight
+    syncer (disk versions under ``rollout.weight_sync_dir``, default ``<run dir>/weights``).
+    An unreachable server is :class:`RolloutUnavailable`."""
     from cascade_jax import rollout as R
+    from cascade_jax.rollout.factory import make_engine
 
     r = config.rollout
-    if r.engine == "jax":
-        return R.JaxEngine(model_cfg, params, **_engine_kwargs(config))
-    client = getattr(R, "HttpEngine", None) or getattr(R, "ServerClient", None)
-    if client is None:
-        raise ConfigError(f"rollout.engine {r.engine!r}: no server client in this build")
+    sync_dir = str(pathlib.Path(config.run.out_dir) / "weights")
     try:
-        eng = client(r.server_url)
-        if not eng.health():
-            raise RolloutUnavailable(f"rollout.server_url {r.server_url}: server not healthy")
-        return eng
-    except R.RolloutError as e:
-        raise RolloutUnavailable(f"rollout.server_url {r.server_url}: {e}") from None
-
-
-#: decode slots of the embedded engine at most (a step's samples beyond it queue for a slot)
-MAX_SLOTS = 256
-
-
-def _engine_kwargs(config: C.Config) -> dict:
-    """Slots for every sample of one prompt draw (``ceil(batch_prompts × oversample) × n``, at
-    most :data:`MAX_SLOTS`); cache length ``max_prompt_len + max_response_len``."""
-    r, d = config.rollout, config.data
-    samples = math.ceil(d.batch_prompts * d.oversample) * r.n_samples
-    return dict(max_len=r.max_prompt_len + r.max_response_len, num_slots=min(samples, MAX_SLOTS),
-                weight_version="0", seed=config.run.seed)
+        eng = make_engine(r, model_cfg=model_cfg, params=params, sync_dir=sync_dir)
+    except ValueError as e:
+        raise ConfigError(f"rollout: {e}") from None
+    if r.engine != "jax":
+        urls = ", ".join(getattr(eng, "urls", []) or [str(r.server_url)])
+        try:
+            healthy = eng.health()
+        except R.RolloutError:
+            healthy = False
+        if not healthy:
+            close = getattr(eng, "close", None)
+            if close is not None:
+                close()
+            raise RolloutUnavailable(f"rollout server(s) {urls}: not reachable or not healthy")
+    return eng
 
 
 def build_scorers(config: C.Config) -> dict:
@@ -236,13 +230,14 @@ def build_scorers(config: C.Config) -> dict:
     return {d: make_scorer(d) for d in stage_domains(config)}
 
 
-def build_teachers(config: C.Config, student_cfg) -> dict:
-    """``{domain: (model_cfg, params)}`` from ``stage.teachers`` (domain → Hub checkpoint or run
-    dir). Teachers sharing a directory share one copy of the weights. Every stage domain needs
-    a teacher, and each teacher must share the student's vocabulary."""
+def build_teachers(config: C.Config, student_cfg):
+    """``cascade_jax.rollout.teachers.Teachers`` from ``stage.teachers`` (domain → Hub
+    checkpoint or run dir; a directory shared by several domains is loaded once). Every stage
+    domain needs a teacher, and each teacher must share the student's vocabulary."""
+    from cascade_jax.rollout.teachers import Teachers
     from models import nemotron_h as nh
 
-    teachers, loaded = {}, {}
+    by_domain, loaded = {}, {}
     missing = [d for d in stage_domains(config) if d not in config.stage.teachers]
     if missing:
         raise ConfigError(f"stage.teachers: no teacher for domain(s) {missing}")
@@ -259,8 +254,8 @@ def build_teachers(config: C.Config, student_cfg) -> dict:
                     f"stage.teachers.{dom} ({path}): vocab_size {tcfg.vocab_size} differs from the "
                     f"student's {student_cfg.vocab_size}")
             loaded[hub] = (tcfg, tparams)
-        teachers[dom] = loaded[hub]
-    return teachers
+        by_domain[dom] = loaded[hub]
+    return Teachers(by_domain)
 
 
 # --------------------------------------------------------------------------------------------

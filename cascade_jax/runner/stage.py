@@ -18,52 +18,21 @@ from cascade_jax import domains as D
 from cascade_jax import rl
 from cascade_jax.runner import build as B
 from cascade_jax.runner import evaluate as E
+from cascade_jax.rollout import RolloutError
+from cascade_jax.rollout.packing import pack_rollouts
 from cascade_jax.runner.checkpoint import export_hub
+from cascade_jax.runner.errors import RolloutUnavailable
 from cascade_jax.runner.metrics import scalars
 
-__all__ = ["Stage", "pack_rollouts", "MAX_DRAWS"]
+__all__ = ["Stage", "weight_step", "MAX_DRAWS"]
 
 #: prompt batches drawn per step at most when dynamic filtering needs more groups
 MAX_DRAWS = 4
 
 
-def pack_rollouts(rollouts, rewards: np.ndarray, *, prompt_len: int, response_len: int,
-                  pad_id: int, domain_ids: np.ndarray, policy_version: int,
-                  teacher_logp=None) -> rl.RLBatch:
-    """Padded-layout ``RLBatch`` ``[N, prompt_len + response_len]`` of ``rollouts.samples()``
-    (group ``i`` = request ``i``): prompt, response, padding; ``loss_mask`` and
-    ``rollout_logp`` on response tokens; ``rewards [N]``; ``group_ids`` the request index;
-    ``finish_reason`` codes; ``domain_ids [N]``; ``policy_version`` for every row."""
-    from cascade_jax.rollout import FINISH_REASONS
-
-    samples = rollouts.samples()
-    N, T = len(samples), prompt_len + response_len
-    tok = np.full((N, T), pad_id, np.int32)
-    seg = np.zeros((N, T), np.int32)
-    mask = np.zeros((N, T), np.float32)
-    lp = np.zeros((N, T), np.float32)
-    fin = np.zeros((N,), np.int32)
-    gid = np.zeros((N,), np.int32)
-    row = 0
-    for g, group in enumerate(rollouts.groups):
-        for s in group:
-            p, r = len(s.prompt_ids), len(s.response_ids)
-            tok[row, :p] = s.prompt_ids
-            tok[row, p:p + r] = s.response_ids
-            seg[row, :p + r] = 1
-            mask[row, p:p + r] = 1.0
-            lp[row, p:p + r] = s.logprobs
-            fin[row] = FINISH_REASONS.index(s.finish_reason)
-            gid[row] = g
-            row += 1
-    pos = np.broadcast_to(np.arange(T, dtype=np.int32), (N, T))
-    return rl.RLBatch(tokens=jnp.asarray(tok), positions=jnp.asarray(pos),
-                      segment_ids=jnp.asarray(seg), loss_mask=jnp.asarray(mask),
-                      rollout_logp=jnp.asarray(lp), rewards=jnp.asarray(rewards, jnp.float32),
-                      group_ids=jnp.asarray(gid), finish_reason=jnp.asarray(fin),
-                      domain_ids=jnp.asarray(domain_ids, jnp.int32),
-                      teacher_logp=teacher_logp,
-                      policy_version=jnp.full((N,), policy_version, jnp.int32))
+def weight_step(label: str) -> int:
+    """The trainer step of a weight-version label: ``"7"`` or ``"7-resume<t>"`` → 7."""
+    return int(str(label).split("-")[0])
 
 
 class Stage:
@@ -77,6 +46,12 @@ class Stage:
         self.obj = config.stage.objective
         self.dtype = B.compute_dtype(config)
         self.specs = nh.param_specs(parts.model_cfg)  # parameter roles (trainable, fp32, ...)
+        # KL reference (GRPO with stage.kl_coef > 0, e.g. RLHF): the stage's starting weights,
+        # frozen — an own copy, since the train step donates the state's buffers
+        self.ref_params = (jax.tree.map(lambda x: jnp.array(x, copy=True),
+                                        rl.compute_params(parts.params, self.specs, self.dtype))
+                           if self.obj == "grpo" and config.stage.kl_coef > 0 else None)
+        self._ref_fn = None
         self.state = rl.TrainState.from_config(parts.params, config.optimizer, self.specs)
         parts.params = None  # the master copy in ``state`` is the one copy we keep
         self.rng = jax.random.key(config.run.seed)
@@ -85,7 +60,6 @@ class Stage:
         self._eval_prompts = None
         self._heldout = None
         self._sft_loss = None
-        self._teacher_fns = {}
         # the engine starts with the initial weights, version "0" (= step 0)
 
     # ---- checkpoint state ------------------------------------------------------------------
@@ -101,6 +75,7 @@ class Stage:
 
     def load_checkpoint_state(self, s: dict, data_state) -> None:
         import dataclasses
+        import time
 
         self.state = dataclasses.replace(self.state, params=s["params"], opt_state=s["opt_state"],
                                          step=jnp.asarray(s["step"], jnp.int32))
@@ -108,7 +83,9 @@ class Stage:
         if data_state is not None:
             self.parts.data.set_state(data_state)
         if self.parts.engine is not None and int(self.state.step) > 0:
-            self.sync_weights()
+            # servers may already hold a later version of the killed run: a label outside the
+            # integer order (the next sync's integer label is then accepted again)
+            self.sync_weights(f"{int(self.state.step)}-resume{int(time.time())}")
 
     def data_state(self):
         return self.parts.data.get_state()
@@ -118,12 +95,16 @@ class Stage:
     def compute_params(self):
         return rl.compute_params(self.state.params, self.specs, self.dtype)
 
-    def sync_weights(self) -> None:
+    def sync_weights(self, label: Optional[str] = None) -> None:
+        """Push the compute copy to the engine, labelled with the step (its weight version)."""
         from cascade_jax.runner.loop import fault_point
 
         step = int(self.state.step)
         fault_point("sync", step)
-        self.parts.engine.update_weights(self.compute_params(), str(step))
+        try:
+            self.parts.engine.update_weights(self.compute_params(), label or str(step))
+        except RolloutError as e:
+            raise RolloutUnavailable(f"weight sync of step {step}: {e}") from None
 
     def export(self, path: pathlib.Path) -> pathlib.Path:
         from cascade_jax.data import save_tokenizer
@@ -146,9 +127,10 @@ class Stage:
         with timer("rollout_reward"):
             batch, info = self._rollout_batch(step, key, timer)
         if self.obj == "mopd":
-            with timer("teacher"):
-                batch, kl = self._teacher_logp(batch)
-            info.update(kl)
+            info.update(self._reverse_kl(batch))
+        if self.ref_params is not None:
+            with timer("reference"):
+                batch = self._ref_logp(batch)
         with timer("train"):
             self.state, m = self.parts.train_step(self.state, batch)
             m = scalars(jax.block_until_ready(m))
@@ -161,7 +143,7 @@ class Stage:
 
         r = self.config.rollout
         return [Request(prompt_ids=tuple(p.ids), domain=p.domain, metadata=p.metadata,
-                        sampling=SamplingParams(
+                        rid=f"s{int(self.state.step)}-{int(sd)}", sampling=SamplingParams(
                             max_new_tokens=max_new_tokens or r.max_response_len,
                             temperature=0.0 if r.greedy else r.temperature, top_p=r.top_p,
                             top_k=r.top_k, n=r.n_samples, seed=int(sd),
@@ -199,26 +181,33 @@ class Stage:
             seeds = np.asarray(jax.random.randint(jax.random.fold_in(key, draws),
                                                   (len(prompts),), 0, 2 ** 31 - 1))
             draws += 1
+            reqs = self._requests(prompts, seeds)
             with timer("rollout"):
-                ro = self.parts.engine.generate(self._requests(prompts, seeds))
+                try:
+                    ro = self.parts.engine.generate(reqs)
+                except RolloutError as e:
+                    raise RolloutUnavailable(f"rollouts of step {step + 1}: {e}") from None
             with timer("reward"):
                 rewards = self._score(prompts, ro)
-            for p, g, r in zip(prompts, ro.groups, rewards):
-                flat = bool(np.all(r == r[0]))
+            for item in zip(prompts, reqs, ro.groups, rewards):
+                flat = bool(np.all(item[3] == item[3][0]))
                 n_var += not flat
-                (spare if flat and cfg.stage.dynamic_filtering else kept).append((p, g, r))
+                (spare if flat and cfg.stage.dynamic_filtering else kept).append(item)
         groups = (kept + spare)[:want]
         if len(groups) < want:
-            raise RuntimeError(f"step {step}: {len(groups)} prompt groups < data.batch_prompts "
+            raise RuntimeError(f"step {step + 1}: {len(groups)} prompt groups < data.batch_prompts "
                                f"{want}")
-        prompts = [p for p, _, _ in groups]
-        ro = Rollouts(requests=tuple(self._requests(prompts, [0] * len(prompts))),
-                      groups=tuple(g for _, g, _ in groups))
-        rewards = np.concatenate([r for _, _, r in groups])
-        dom_ids = np.repeat([D.domain_id(p.domain) for p in prompts], cfg.rollout.n_samples)
-        batch = pack_rollouts(ro, rewards, prompt_len=cfg.rollout.max_prompt_len,
-                              response_len=cfg.rollout.max_response_len, pad_id=self.tok.pad_id,
-                              domain_ids=dom_ids, policy_version=int(self.state.step))
+        prompts = [g[0] for g in groups]
+        ro = Rollouts(requests=tuple(g[1] for g in groups), groups=tuple(g[2] for g in groups))
+        rewards = np.concatenate([g[3] for g in groups])
+        teacher = None
+        if self.obj == "mopd":
+            with timer("teacher"):
+                teacher = self.parts.teachers.score(ro)
+        batch = pack_rollouts(ro, rewards, teacher_logp=teacher, layout="padded",
+                              seq_len=cfg.rollout.max_prompt_len + cfg.rollout.max_response_len)
+        versions = np.asarray([weight_step(s.weight_version) for s in ro.samples()], np.int32)
+        batch = batch.replace(policy_version=jnp.asarray(versions))  # always present: one program
         lens = np.asarray([len(s.response_ids) for g in ro.groups for s in g], np.float64)
         info = {"prompts_drawn": float(drawn), "groups_with_variance": float(n_var),
                 "response_len_p50": float(np.median(lens)),
@@ -230,37 +219,29 @@ class Stage:
             info[f"reward/{dom}"] = float(per[sel].mean())
         return batch, info
 
-    def _teacher_logp(self, batch: rl.RLBatch):
-        """``teacher_logp [B, T]``: each row scored by its domain's teacher (in process), and
-        the per-domain sampled reverse-KL estimate ``mean_t(log π_student − log π_teacher)``
-        over response tokens (student = the rollout log-probs, on-policy)."""
-        dom = np.asarray(batch.domain_ids)
-        mask = np.asarray(batch.loss_mask)
-        out = np.zeros(batch.tokens.shape, np.float32)
-        info = {}
-        by_teacher = {}
-        for name, (tcfg, tparams) in self.parts.teachers.items():
-            by_teacher.setdefault(id(tparams), (tcfg, tparams, []))[2].append(name)
+    def _ref_logp(self, batch: rl.RLBatch) -> rl.RLBatch:
+        """``ref_logp [B, T]``: log-probs of the batch under the stage's starting weights at the
+        rollout temperature (0 off the response tokens), for the KL term of ``grpo_loss``."""
+        if self._ref_fn is None:
+            mcfg, tau = self.parts.model_cfg, self.config.rollout.temperature
+            self._ref_fn = jax.jit(lambda p, b: rl.token_logprobs(p, b, mcfg, temperature=tau)[0])
         view = rl.SFTBatch(tokens=batch.tokens, positions=batch.positions,
                            segment_ids=batch.segment_ids, loss_mask=batch.loss_mask)
-        for tid, (tcfg, tparams, names) in by_teacher.items():
-            rows = np.isin(dom, [D.domain_id(n) for n in names])
-            if not rows.any():
-                continue
-            fn = self._teacher_fns.get(tid)
-            if fn is None:
-                fn = self._teacher_fns[tid] = jax.jit(
-                    lambda p, b, c=tcfg: rl.token_logprobs(p, b, c)[0])
-            lp = np.asarray(fn(tparams, view))
-            out[rows] = lp[rows] * mask[rows]
-        student = np.asarray(batch.rollout_logp)
-        for name in self.parts.teachers:
-            rows = dom == D.domain_id(name)
-            if rows.any():
-                m = mask[rows]
-                info[f"mopd/reverse_kl/{name}"] = float(((student[rows] - out[rows]) * m).sum()
-                                                        / max(m.sum(), 1.0))
-        return batch.replace(teacher_logp=jnp.asarray(out)), info
+        return batch.replace(ref_logp=self._ref_fn(self.ref_params, view) * batch.loss_mask)
+
+    def _reverse_kl(self, batch: rl.RLBatch) -> dict:
+        """Per domain, the sampled reverse-KL estimate ``mean_t(log π_student(y_t) −
+        log π_teacher(y_t))`` over response tokens, ``y ~ π_student`` (the rollout log-probs
+        are the student's; MOPD drives it down)."""
+        dom = np.asarray(batch.domain_ids)
+        mask = np.asarray(batch.loss_mask)
+        diff = (np.asarray(batch.rollout_logp) - np.asarray(batch.teacher_logp)) * mask
+        out = {}
+        for d in sorted(set(dom.tolist())):
+            rows = dom == d
+            out[f"mopd/reverse_kl/{D.domain_name(d)}"] = float(diff[rows].sum()
+                                                              / max(mask[rows].sum(), 1.0))
+        return out
 
     # ---- evaluation ---------------------------------------------------------------------------
 
