@@ -17,7 +17,11 @@ Entry point for a stage runner (``cfg`` is the run ``Config``)::
     if sharding.is_primary(): log(metrics)
 
 ``rules.RULES`` is the one table from logical axes (``ParamSpec.axes`` and the model's
-``constrain`` names) to mesh axes; pass ``rules=`` to any function here to use another.
+``constrain`` names) to mesh axes; pass ``rules=`` to any function here to use another. An
+``expert`` axis > 1 makes the MoE layers expert-parallel (:mod:`.moe`), a ``context`` axis > 1
+the attention and SSD kernels context-parallel (:mod:`.context`). Before renting a pod,
+``launch/plan.py`` (:mod:`.plan`) compiles the step against a simulated mesh and reports memory
+per device and FLOPs.
 """
 
 from .distributed import initialize_distributed, is_primary
@@ -26,6 +30,8 @@ from .rules import BATCH_AXES, MESH_AXES, RULES, Rules, ShardingError, logical_t
 from .state import (batch_shardings, global_batch, init_params, init_train_state, load_params,
                     opt_state_shardings, param_shardings, replicated, shard_batch,
                     shard_train_state, state_shardings, validate_model_mesh)
+from .context import ContextParallel, make_context_parallel
+from .moe import expert_parallel_moe, make_expert_parallel
 from .step import activation_partitioner, compile_train_step
 
 __all__ = [
@@ -34,4 +40,5 @@ __all__ = [
     "batch_shardings", "global_batch", "init_params", "init_train_state", "load_params",
     "opt_state_shardings", "param_shardings", "replicated", "shard_batch", "shard_train_state",
     "state_shardings", "validate_model_mesh", "activation_partitioner", "compile_train_step",
+    "ContextParallel", "make_context_parallel", "expert_parallel_moe", "make_expert_parallel",
 ]

@@ -71,6 +71,7 @@ RULES = Rules(
         "mlp": ("tensor",),
         "ssm_inner": ("tensor",),
         "ssm_heads": ("tensor",),
+        "ssm_groups": ("tensor",),  # B/C groups: split with their heads
         "vocab": ("tensor",),
         # decode caches: [B, S, Hkv, D] K/V and [B, Hm, P, N] SSM states
         "cache_batch": BATCH_AXES,

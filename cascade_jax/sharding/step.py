@@ -6,7 +6,8 @@ donate_argnums=0)``: the train state (fp32 master params + Adam moments) is upda
 no second copy of it is alive across a step. The step is traced under the activation
 partitioner (:func:`activation_partitioner`), so the model's logical ``constrain`` calls become
 sharding constraints on this mesh, and with an ``expert`` axis the MoE layers run expert-parallel
-(:mod:`.moe`); without a mesh the same step function is plain ``jax.jit``.
+(:mod:`.moe`), with a ``context`` axis the sequence kernels run context-parallel
+(:mod:`.context`); without a mesh the same step function is plain ``jax.jit``.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from cascade_jax.rl.steps import make_train_step
 from models.nemotron_h.partitioning import use_partitioner
 
 from .mesh import mesh_shape
+from .context import make_context_parallel
 from .moe import make_expert_parallel
 from .rules import RULES, Rules, logical_to_spec
 from .state import batch_shardings, replicated, state_shardings
@@ -51,10 +53,11 @@ def compile_train_step(objective: str, *, mesh: Mesh, state, batch, model_cfg, r
     step = make_train_step(objective, jit=False, model_cfg=model_cfg, **static)
     partitioner = activation_partitioner(mesh, rules)
     ep = make_expert_parallel(mesh, rules)
+    cp = make_context_parallel(mesh, rules)
 
     @functools.wraps(step)
     def traced(state, batch):
-        with use_partitioner(partitioner, ep):
+        with use_partitioner(partitioner, ep, cp):
             return step(state, batch)
 
     s_sh = state_shardings(state, model_cfg, mesh, rules)

@@ -27,7 +27,7 @@ from kernels import moe_dispatch
 
 from .config import ModelConfig
 from .layer_scan import run_layers
-from .partitioning import constrain, expert_parallel
+from .partitioning import constrain, context_parallel, expert_parallel
 
 __all__ = ["forward", "hidden_states", "logits_from_hidden", "prefill", "decode_step",
            "init_cache", "rms_norm", "num_moe_layers"]
@@ -114,8 +114,13 @@ def mamba_mixer(p, u, cfg: ModelConfig, *, segment_ids=None, valid=None, return_
     if valid is not None:  # padded positions: dt = 0 leaves the state untouched
         dt = jnp.where(valid[..., None], dt, 0.0)
     A = -jnp.exp(p["A_log"].astype(f32))
-    y, state = kernels.ssd(x, dt, A, bm, cm, chunk_size=cfg.chunk_size, segment_ids=segment_ids,
-                           impl=cfg.ssd_impl)
+    cp = context_parallel()
+    if cp is not None:  # sequence split over devices: states passed between shards
+        y, state = cp.ssd(x, dt, A, bm, cm, cfg.chunk_size, segment_ids,
+                          functools.partial(kernels.ssd, impl=cfg.ssd_impl))
+    else:
+        y, state = kernels.ssd(x, dt, A, bm, cm, chunk_size=cfg.chunk_size,
+                               segment_ids=segment_ids, impl=cfg.ssd_impl)
     out = _mamba_out(p, y, x, z, cfg, dtype)
     if not return_state:
         return out
@@ -169,9 +174,14 @@ def attention_mixer(p, u, cfg: ModelConfig, *, positions=None, segment_ids=None)
     q = constrain(q, ("batch", "seq", "heads", "head_dim"))
     k = constrain(k, ("batch", "seq", "kv_heads", "head_dim"))
     v = constrain(v, ("batch", "seq", "kv_heads", "head_dim"))
-    o = kernels.attention(q, k, v, q_positions=positions, kv_positions=positions,
-                          q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
-                          impl=cfg.attention_impl)
+    cp = context_parallel()
+    if cp is not None:  # sequence split over devices: K/V gathered
+        o = cp.attention(q, k, v, positions, segment_ids,
+                         functools.partial(kernels.attention, impl=cfg.attention_impl))
+    else:
+        o = kernels.attention(q, k, v, q_positions=positions, kv_positions=positions,
+                              q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
+                              impl=cfg.attention_impl)
     return o.reshape(*u.shape[:-1], -1) @ p["o_proj"], (k, v)
 
 

@@ -17,6 +17,12 @@ the MoE layer hand its routed tokens to ``ep(x [n,H], w [n,k], idx [n,k], up, do
 expert_ffn) -> [n,H]``, which exchanges tokens between devices and calls back
 ``expert_ffn(rows, group_sizes, up_local, down_local)`` (the grouped matmuls) on each device's
 local experts. Without it the layer computes all experts in the global program.
+
+Context parallelism likewise: ``use_partitioner(fn, context_parallel=cp)`` routes the two
+sequence-mixing kernels through ``cp.attention(q, k, v, positions, segment_ids, attention_fn)``
+and ``cp.ssd(x, dt, A, Bm, Cm, chunk_size, segment_ids, ssd_fn)`` (sequence split over devices:
+K/V all-gathered, SSD states passed between shards); everything else in the model is per token
+or a short causal conv that the compiler partitions itself.
 """
 
 from __future__ import annotations
@@ -25,12 +31,15 @@ import contextlib
 import contextvars
 from typing import Callable, Optional, Sequence
 
-__all__ = ["constrain", "use_partitioner", "active_partitioner", "expert_parallel"]
+__all__ = ["constrain", "use_partitioner", "active_partitioner", "expert_parallel",
+           "context_parallel"]
 
 _PARTITIONER: contextvars.ContextVar[Optional[Callable]] = contextvars.ContextVar(
     "nemotron_h_partitioner", default=None)
 _EXPERT_PARALLEL: contextvars.ContextVar[Optional[Callable]] = contextvars.ContextVar(
     "nemotron_h_expert_parallel", default=None)
+_CONTEXT_PARALLEL: contextvars.ContextVar = contextvars.ContextVar(
+    "nemotron_h_context_parallel", default=None)
 
 
 def constrain(x, names: Sequence[Optional[str]]):
@@ -53,13 +62,21 @@ def expert_parallel() -> Optional[Callable]:
     return _EXPERT_PARALLEL.get()
 
 
+def context_parallel():
+    """The active context-parallel kernels (``.attention``, ``.ssd``), or None."""
+    return _CONTEXT_PARALLEL.get()
+
+
 @contextlib.contextmanager
-def use_partitioner(fn: Optional[Callable], expert_parallel: Optional[Callable] = None):
+def use_partitioner(fn: Optional[Callable], expert_parallel: Optional[Callable] = None,
+                    context_parallel=None):
     """Install ``fn(x, names) -> x`` as the activation partitioner (and optionally the
-    expert-parallel dispatcher) inside the block."""
-    tokens = (_PARTITIONER.set(fn), _EXPERT_PARALLEL.set(expert_parallel))
+    expert-parallel dispatcher and the context-parallel kernels) inside the block."""
+    tokens = (_PARTITIONER.set(fn), _EXPERT_PARALLEL.set(expert_parallel),
+              _CONTEXT_PARALLEL.set(context_parallel))
     try:
         yield
     finally:
         _PARTITIONER.reset(tokens[0])
         _EXPERT_PARALLEL.reset(tokens[1])
+        _CONTEXT_PARALLEL.reset(tokens[2])
