@@ -142,7 +142,7 @@ class RolloutConfig:
     greedy: bool = False  # argmax decoding (then temperature must be 0)
     thinking: bool = True
     num_slots: int = 64
-    steps_per_call: int = 4
+    steps_per_call: int = 16
     seed: int = 0
     server_urls: tuple = ()
     router_url: Optional[str] = None

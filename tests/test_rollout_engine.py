@@ -36,16 +36,17 @@ def params():
 @pytest.fixture(scope="module")
 def engine(params):
     eng = JaxEngine(CFG, params, num_slots=4, max_len=40, prompt_buckets=(8, 16),
-                    prefill_sizes=(4,), steps_per_call=3)
+                    prefill_sizes=(4,), steps_per_call=3, overlap=True)
     eng.warmup()
     return eng
 
 
 @pytest.fixture(scope="module")
 def engine2(params):
-    """Another slot count (2) and decode chunk (2 tokens per call)."""
+    """Another slot count (2), decode chunk (2 tokens per call), no host/device overlap (the
+    default; the module engine overlaps)."""
     return JaxEngine(CFG, params, num_slots=2, max_len=40, prompt_buckets=(16,),
-                     prefill_sizes=(2,), steps_per_call=2)
+                     prefill_sizes=(2,), steps_per_call=2, overlap=False)
 
 
 def prompt(n, offset=0):
@@ -141,6 +142,7 @@ def test_finish_reasons_stop_length_abort(engine):
                for i in range(4)]
     queued = engine.submit(Request(prompt_ids=prompt(3), sampling=long, rid="queued"))
     engine.step()
+    engine.step()  # with overlap the first call's tokens are read during the second step
     assert engine.num_running() == 4 and engine.num_queued() == 1
     assert engine.abort("run1") and engine.abort("queued") and not engine.abort("nope")
     (a,) = running[1].result(timeout=5)
@@ -259,6 +261,8 @@ def test_update_weights(engine2, params):
     (dict(prompt_ids=tuple(range(17))), "prompt_ids"),
     (dict(prompt_ids=(1, 2), sampling=SamplingParams(max_new_tokens=39)), "max_new_tokens"),
     (dict(prompt_ids=(1, 2), sampling=SamplingParams(max_new_tokens=5, seed=-1)), "seed"),
+    (dict(prompt_ids=(1, 2), sampling=SamplingParams(max_new_tokens=5, stop_token_ids=tuple(range(9)))),
+     "stop_token_ids"),
 ])
 def test_bad_requests_name_the_field(engine, kw, field):
     with pytest.raises(ValueError, match=field):

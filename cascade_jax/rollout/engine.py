@@ -30,12 +30,15 @@ FIFO queue. Every :meth:`step`:
    two, at most ``num_slots``; padding rows are dropped on insertion) with ``prefill``; each
    prompt's cache (attention K/V of the bucket's positions, Mamba conv/SSM state) and its
    next-token logits are written into its slot.
-2. *Decode* ``steps_per_call`` tokens for all slots in one jitted ``lax.scan``: sample from the
-   slot's logits with :func:`~cascade_jax.rollout.sampler.sample_tokens`, then ``decode_step``
-   at the slot's position. Sample ``i`` of a request with seed ``s`` draws its ``t``-th response
-   token with the key ``fold_in(fold_in(key(s), i), t)``, where ``key(s)`` is the threefry key
-   of the 64-bit seed (``jax.random.key(s)`` for ``s < 2**32``), so a sample never depends on
-   its slot, on the other slots, or on the number of slots.
+2. *Decode* up to ``steps_per_call`` tokens for all slots in one jitted ``lax.while_loop``:
+   sample from the slot's logits with :func:`~cascade_jax.rollout.sampler.sample_tokens`, then
+   ``decode_step`` at the slot's position; the loop ends early after a step in which some slot
+   finished (stop token or budget) while jobs are queued, so freed slots refill promptly. Sample
+   ``i`` of a request with seed ``s`` draws its ``t``-th response token with the key
+   ``fold_in(fold_in(key(s), i), t)``, where ``key(s)`` is the threefry key of the 64-bit seed
+   (``jax.random.key(s)`` for ``s < 2**32``), so a sample never depends on its slot, on the
+   other slots, or on the number of slots. The slot state (position, step, seed, settings, stop
+   ids, budget) lives on the device; a call moves only the tokens and log-probs back.
 3. *Retire* on the host: a job ends at its first stop token (kept, finish ``stop``), after
    ``max_new_tokens`` tokens (``length``) or when aborted (``abort``); tokens decoded past the
    end in the same call are dropped. Its slot is free for the next admission.
@@ -116,6 +119,7 @@ class RequestHandle:
         self.samples: list = [None] * request.sampling.n
         self.error: Optional[BaseException] = None
         self._left = request.sampling.n
+        self.stop = frozenset(int(t) for t in request.sampling.stop_token_ids)
         self._event = threading.Event()
         self._on_done = on_done
 
@@ -154,6 +158,10 @@ class _Job:
     def sp(self):
         return self.handle.request.sampling
 
+    @property
+    def stop(self):
+        return self.handle.stop
+
 
 class JaxEngine:
     """Continuous-batching generation from a NemotronH-style model in this process (module doc).
@@ -164,18 +172,22 @@ class JaxEngine:
     max_len          cache positions per slot: ``len(prompt) + max_new_tokens <= max_len``
     prompt_buckets   allowed padded prompt lengths (default powers of two from 16 to max_len)
     prefill_sizes    allowed admission row counts (default powers of two up to num_slots)
-    steps_per_call   tokens decoded per jitted call (host work amortised over them; a finished
-                     slot waits at most this many steps for a new job)
+    steps_per_call   most tokens decoded per jitted call (host work amortised over them); a
+                     call returns early when a slot finishes while jobs are queued
     weight_version   label of ``params``
     seed             seeds requests that carry none (engine-local random stream)
+    overlap          dispatch the next decode call before reading the last one, so host work
+                     overlaps device work (a freed slot is then refilled one call later)
+    max_stop_tokens  most stop token ids per request
     model            module with ``prefill`` / ``decode_step`` / ``init_cache`` /
                      ``hidden_states`` (default ``models.nemotron_h``)
     """
 
     def __init__(self, model_cfg, params, *, num_slots: int = 8, max_len: int = 2048,
                  prompt_buckets: Optional[Sequence[int]] = None,
-                 prefill_sizes: Optional[Sequence[int]] = None, steps_per_call: int = 4,
-                 weight_version: str = "0", seed: int = 0, model=None):
+                 prefill_sizes: Optional[Sequence[int]] = None, steps_per_call: int = 16,
+                 weight_version: str = "0", seed: int = 0, overlap: bool = False,
+                 max_stop_tokens: int = 8, model=None):
         if model is None:
             from models import nemotron_h as model
         if num_slots < 1:
@@ -196,6 +208,7 @@ class JaxEngine:
         self.prompt_buckets = buckets
         self.prefill_sizes = sizes
         self.steps_per_call = int(steps_per_call)
+        self.max_stop_tokens = int(max_stop_tokens)
         self.vocab_size = int(model_cfg.vocab_size)
         self._params = params
         self._version = str(weight_version)
@@ -206,14 +219,14 @@ class JaxEngine:
         self._logits = jnp.zeros((S, self.vocab_size), jnp.float32)
         # host-side slot state
         self._jobs: list = [None] * S
-        self._pos = np.zeros(S, np.int32)
-        self._step = np.zeros(S, np.int32)
-        self._seed_hi = np.zeros(S, np.uint32)
-        self._seed_lo = np.zeros(S, np.uint32)
-        self._sidx = np.zeros(S, np.int32)
-        self._temp = np.zeros(S, np.float32)
-        self._top_p = np.ones(S, np.float32)
-        self._top_k = np.full(S, -1, np.int32)
+        # device-side slot state (written by admission, advanced by decoding): position of
+        # the next token, tokens decoded, seed halves, sample index, sampling settings, budget
+        self._slots = {"pos": jnp.zeros(S, jnp.int32), "step": jnp.zeros(S, jnp.int32),
+                       "seed": jnp.zeros((S, 2), jnp.uint32), "sidx": jnp.zeros(S, jnp.int32),
+                       "temp": jnp.zeros(S, jnp.float32), "top_p": jnp.ones(S, jnp.float32),
+                       "top_k": jnp.full(S, -1, jnp.int32), "budget": jnp.zeros(S, jnp.int32),
+                       "stops": jnp.full((S, self.max_stop_tokens), -1, jnp.int32),
+                       "done": jnp.ones(S, bool)}
 
         self._queue: collections.deque = collections.deque()
         self._handles: dict = {}  # rid -> handle (in flight)
@@ -225,17 +238,22 @@ class JaxEngine:
         self._error: Optional[BaseException] = None
         self._thread: Optional[threading.Thread] = None
         self._stopping = False
+        self.overlap = bool(overlap)
+        self._inflight = None  # (tokens, logp, active) of the last decode call, unread
 
-        self._admit_fn = jax.jit(self._admit_impl, donate_argnums=(1, 2))
-        self._decode_fn = jax.jit(self._decode_impl, donate_argnums=(1, 2))
+        self._admit_fn = jax.jit(self._admit_impl, donate_argnums=(1, 2, 3))
+        self._decode_fn = jax.jit(self._decode_impl, donate_argnums=(1, 2, 3))
 
     # ------------------------------------------------------------------------------------------
     # jitted programs
 
-    def _admit_impl(self, params, cache, logits, tokens, lengths, slots):
-        """Prefill ``tokens [nb, Pb]`` (valid ``lengths [nb]``) and write rows into ``slots [nb]``
-        (an out-of-range slot drops the row)."""
+    def _admit_impl(self, params, cache, logits, slots_state, tokens, ints, floats, stops):
+        """Prefill ``tokens [nb, Pb]`` and write row ``r`` into slot ``ints[r, 1]`` (an
+        out-of-range slot drops the row). ``ints [nb, 7]`` int32: length, slot, sample index,
+        top_k, budget (max_new_tokens), seed high and low halves (uint32 bits); ``floats
+        [nb, 2]``: temperature, top_p; ``stops [nb, max_stop_tokens]`` (-1 padded)."""
         Pb = tokens.shape[1]
+        lengths, slots = ints[:, 0], ints[:, 1]
         last, new = self.model.prefill(params, tokens, self.model_cfg, lengths=lengths,
                                        max_len=Pb, last_only=True)
         out = []
@@ -249,29 +267,51 @@ class JaxEngine:
                     upd[name] = buf.at[slots].set(val, mode="drop")
             out.append(upd)
         logits = logits.at[slots].set(last.astype(jnp.float32), mode="drop")
-        return out, logits
+        seed = jax.lax.bitcast_convert_type(ints[:, 5:7], jnp.uint32)
+        values = {"pos": lengths, "step": jnp.zeros_like(lengths), "seed": seed,
+                  "sidx": ints[:, 2], "temp": floats[:, 0], "top_p": floats[:, 1],
+                  "top_k": ints[:, 3], "budget": ints[:, 4], "stops": stops,
+                  "done": jnp.zeros(lengths.shape, bool)}
+        slots_state = {k: v.at[slots].set(values[k].astype(v.dtype), mode="drop")
+                       for k, v in slots_state.items()}
+        return out, logits, slots_state
 
     def _decode_logits(self, params, cache, tokens, positions):
         """Next-token logits ``[S, V]`` after feeding ``tokens [S]`` at ``positions [S]``, and the
         new cache. The one place the engine computes next-token logits."""
         return self.model.decode_step(params, cache, tokens, positions, self.model_cfg)
 
-    def _decode_impl(self, params, cache, logits, positions, steps, seed_hi, seed_lo, sidx,
-                     temp, top_p, top_k):
-        """``steps_per_call`` tokens per slot -> ``(cache, logits, tokens [K, S], logp [K, S])``."""
-        base = jax.vmap(lambda h, l, i: jax.random.fold_in(_seed_key(h, l), i))(seed_hi, seed_lo, sidx)
+    def _decode_impl(self, params, cache, logits, st, refill):
+        """Up to ``K = steps_per_call`` tokens per slot -> ``(cache, logits, slot state,
+        tokens [K, S], logp [K, S], n)``: the first ``n`` rows are valid. Stops after the step
+        in which a slot finishes (stop token or budget) when ``refill`` (jobs are waiting).
+        Finished and idle rows decode greedily, untruncated, and are ignored."""
+        base = jax.vmap(lambda sd, i: jax.random.fold_in(_seed_key(sd[0], sd[1]), i))(st["seed"], st["sidx"])
         last = self.max_len - 1
+        K, S = self.steps_per_call, self.num_slots
 
-        def body(carry, _):
-            cache, z, pos, step = carry
+        def cond(c):
+            return (c[0] < K) & ~c[1]
+
+        def body(c):
+            i, _, cache, z, pos, step, done, toks, lps = c
+            live = ~done
             keys = jax.vmap(jax.random.fold_in)(base, step)
-            tok, lp = sample_tokens(z, keys, temp, top_p, top_k)
+            tok, lp = sample_tokens(z, keys, jnp.where(live, st["temp"], 0.0),
+                                    jnp.where(live, st["top_p"], 1.0),
+                                    jnp.where(live, st["top_k"], -1))
             z, cache = self._decode_logits(params, cache, tok, jnp.minimum(pos, last))
-            return (cache, z, pos + 1, step + 1), (tok, lp)
+            hit = jnp.any(tok[:, None] == st["stops"], axis=1)
+            ended = live & (hit | (step + 1 >= st["budget"]))
+            toks = jax.lax.dynamic_update_index_in_dim(toks, tok, i, 0)
+            lps = jax.lax.dynamic_update_index_in_dim(lps, lp, i, 0)
+            return (i + 1, refill & jnp.any(ended), cache, z, pos + 1, step + 1, done | ended,
+                    toks, lps)
 
-        (cache, logits, _, _), (toks, lps) = jax.lax.scan(
-            body, (cache, logits, positions, steps), None, length=self.steps_per_call)
-        return cache, logits, toks, lps
+        init = (jnp.int32(0), jnp.bool_(False), cache, logits, st["pos"], st["step"], st["done"],
+                jnp.zeros((K, S), jnp.int32), jnp.zeros((K, S), jnp.float32))
+        n, _, cache, logits, pos, step, done, toks, lps = jax.lax.while_loop(cond, body, init)
+        return cache, logits, {**st, "pos": pos, "step": step, "done": done}, toks, lps, n
 
     # ------------------------------------------------------------------------------------------
     # low-level API (thread-safe)
@@ -292,6 +332,9 @@ class JaxEngine:
         if len(prompt) + sp.max_new_tokens > self.max_len:
             raise ValueError(f"max_new_tokens: prompt length {len(prompt)} + max_new_tokens "
                              f"{sp.max_new_tokens} exceeds the engine's max_len {self.max_len}")
+        if len(sp.stop_token_ids) > self.max_stop_tokens:
+            raise ValueError(f"stop_token_ids: {len(sp.stop_token_ids)} ids, the engine takes at "
+                             f"most max_stop_tokens={self.max_stop_tokens}")
         if sp.seed is not None and not 0 <= int(sp.seed) < _SEED_MAX:
             raise ValueError(f"seed: must be in [0, 2**64), got {sp.seed}")
         with self._cond:
@@ -390,10 +433,9 @@ class JaxEngine:
 
     def _step_locked(self) -> int:
         with self._cond:
-            if self._paused:
-                return self.num_running()
+            paused = self._paused
             admit = []
-            if self._admitting:
+            if self._admitting and not paused:
                 free = [s for s in range(self.num_slots) if self._jobs[s] is None]
                 while free and self._queue:
                     s = free.pop(0)
@@ -401,45 +443,55 @@ class JaxEngine:
                     job.version = self._version
                     self._jobs[s] = job
                     admit.append(s)
-                    self._set_slot(s, job)
             active = [(s, j) for s, j in enumerate(self._jobs) if j is not None]
             params = self._params
         if admit:
             self._admit(params, admit)
-        if not active:
-            return 0
-        self._cache, self._logits, toks, lps = self._decode_fn(
-            params, self._cache, self._logits, self._pos, self._step, self._seed_hi,
-            self._seed_lo, self._sidx, self._temp, self._top_p, self._top_k)
-        toks, lps = np.asarray(toks), np.asarray(lps)  # [K, S]
-        K = self.steps_per_call
+        launched = None
+        if active and not paused:  # dispatch (asynchronously) before reading the last call
+            with self._cond:
+                refill = bool(self._queue) and self._admitting
+            self._cache, self._logits, self._slots, toks, lps, n = self._decode_fn(
+                params, self._cache, self._logits, self._slots, np.bool_(refill))
+            launched = (toks, lps, n, active)
+        if self.overlap:
+            previous, self._inflight = self._inflight, launched
+        else:
+            previous = launched
+        if previous is not None:
+            self._retire(*previous)
+        with self._cond:
+            return self.num_running()
+
+    def _retire(self, toks, lps, n, active):
+        """Read one decode call's ``tokens, logp [K, S]`` (first ``n`` rows valid) and finish
+        the jobs they end."""
+        n = int(n)
+        toks, lps = np.asarray(toks)[:n].T.tolist(), np.asarray(lps)[:n].T.tolist()  # [S][n]
         finished = []
         with self._cond:
             for s, job in active:
-                if self._jobs[s] is not job:  # aborted (and retired) during the decode
+                if self._jobs[s] is not job:  # finished or aborted since this call started
                     continue
                 reason = None
-                for k in range(K):
-                    tok = int(toks[k, s])
-                    job.tokens.append(tok)
-                    job.logps.append(float(lps[k, s]))
-                    if tok in job.sp.stop_token_ids:
-                        reason = "stop"
+                row, lrow = toks[s], lps[s]
+                room = job.sp.max_new_tokens - len(job.tokens)
+                take = min(len(row), room)
+                for k in range(take):
+                    if row[k] in job.stop:
+                        take, reason = k + 1, "stop"
                         break
-                    if len(job.tokens) >= job.sp.max_new_tokens:
-                        reason = "length"
-                        break
-                self._pos[s] += K
-                self._step[s] += K
+                job.tokens.extend(row[:take])
+                job.logps.extend(lrow[:take])
+                if reason is None and take == room:
+                    reason = "length"
                 if reason is not None:
                     self._free_slot(s)
                     if job.handle._finish_one(job.index, self._sample_of(job, reason)):
                         finished.append(job.handle)
-            running = self.num_running()
             self._cond.notify_all()
         for h in finished:
             self._retire_handle(h)
-        return running
 
     def _admit(self, params, slots: list):
         by_bucket = collections.defaultdict(list)
@@ -451,31 +503,26 @@ class JaxEngine:
                 nb = next((z for z in self.prefill_sizes if z >= len(group)), self.prefill_sizes[-1])
                 part, group = group[:nb], group[nb:]
                 tokens = np.zeros((nb, Pb), np.int32)
-                lengths = np.ones(nb, np.int32)
-                rows = np.full(nb, self.num_slots, np.int32)  # out of range: dropped
+                ints = np.zeros((nb, 7), np.int32)
+                ints[:, 0] = 1
+                ints[:, 1] = self.num_slots  # out of range: dropped
+                floats = np.zeros((nb, 2), np.float32)
+                stops = np.full((nb, self.max_stop_tokens), -1, np.int32)
                 for r, s in enumerate(part):
-                    p = self._jobs[s].handle.request.prompt_ids
+                    job = self._jobs[s]
+                    p, sp = job.handle.request.prompt_ids, job.sp
                     tokens[r, :len(p)] = p
-                    lengths[r] = len(p)
-                    rows[r] = s
-                self._cache, self._logits = self._admit_fn(params, self._cache, self._logits,
-                                                           tokens, lengths, rows)
-
-    def _set_slot(self, s: int, job: _Job):
-        sp = job.sp
-        self._pos[s] = len(job.handle.request.prompt_ids)
-        self._step[s] = 0
-        self._seed_hi[s] = job.seed >> 32
-        self._seed_lo[s] = job.seed & 0xFFFFFFFF
-        self._sidx[s] = job.index
-        self._temp[s] = sp.temperature
-        self._top_p[s] = sp.top_p
-        self._top_k[s] = sp.top_k
+                    seed = np.asarray([job.seed >> 32, job.seed & 0xFFFFFFFF], np.uint32).view(np.int32)
+                    ints[r] = (len(p), s, job.index, sp.top_k, sp.max_new_tokens, seed[0], seed[1])
+                    floats[r] = (sp.temperature, sp.top_p)
+                    stops[r, :len(sp.stop_token_ids)] = sp.stop_token_ids
+                self._cache, self._logits, self._slots = self._admit_fn(
+                    params, self._cache, self._logits, self._slots, tokens, ints, floats, stops)
 
     def _free_slot(self, s: int):
+        """Host side only: the device row keeps decoding (greedily once past its budget, its
+        output ignored) until an admission overwrites it."""
         self._jobs[s] = None
-        self._temp[s], self._top_p[s], self._top_k[s] = 0.0, 1.0, -1  # idle rows: no sort
-        self._pos[s] = 0
 
     def _sample_of(self, job: _Job, reason: str) -> Sample:
         return Sample(prompt_ids=np.asarray(job.handle.request.prompt_ids, np.int32),
@@ -495,6 +542,7 @@ class JaxEngine:
             handles = list(self._handles.values())
             self._queue.clear()
             self._jobs = [None] * self.num_slots
+            self._inflight = None
         for h in handles:
             self._retire_handle(h, error)
 
@@ -649,10 +697,12 @@ class JaxEngine:
             params = self._params
             for Pb in self.prompt_buckets:
                 for nb in self.prefill_sizes:
-                    self._cache, self._logits = self._admit_fn(
-                        params, self._cache, self._logits, np.zeros((nb, Pb), np.int32),
-                        np.ones(nb, np.int32), np.full(nb, self.num_slots, np.int32))
-            self._cache, self._logits, toks, _ = self._decode_fn(
-                params, self._cache, self._logits, self._pos, self._step, self._seed_hi,
-                self._seed_lo, self._sidx, self._temp, self._top_p, self._top_k)
+                    ints = np.zeros((nb, 7), np.int32)
+                    ints[:, 0], ints[:, 1] = 1, self.num_slots  # every row dropped
+                    self._cache, self._logits, self._slots = self._admit_fn(
+                        params, self._cache, self._logits, self._slots,
+                        np.zeros((nb, Pb), np.int32), ints, np.zeros((nb, 2), np.float32),
+                        np.full((nb, self.max_stop_tokens), -1, np.int32))
+            self._cache, self._logits, self._slots, toks, _, _ = self._decode_fn(
+                params, self._cache, self._logits, self._slots, np.bool_(False))
             jax.block_until_ready(toks)
