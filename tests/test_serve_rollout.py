@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 
 from cascade_jax.rollout import Request, RolloutError, SamplingParams
-from cascade_jax.rollout.client import ServerClient
+from cascade_jax.rollout.client import ServedTeachers, ServerClient
 from cascade_jax.rollout.launcher import Launcher, free_port, router_command, serve_command, wait_healthy
 from cascade_jax.rollout.weight_sync import DiskWeightSync, NcclWeightSync, reference_logprobs, write_version
 from models import nemotron_h as nh
@@ -151,6 +151,27 @@ def test_score_matches_trainer(stack):
     ref = reference_logprobs(stack.params[0], stack.cfg, prompts, responses)
     for g, r in zip(got, ref):
         np.testing.assert_allclose(g, r, atol=TOL)
+
+
+def test_served_teachers_route_by_domain(stack):
+    """MOPD teachers behind servers: each sample scored by its domain's server, teacher-forced."""
+    a, b = stack.launcher.urls
+    teachers = ServedTeachers({"math": a, "code": b, "mcq": a}, api_key=KEY, timeout_s=120)
+    try:
+        reqs = [Request(prompt_ids=p, sampling=SamplingParams(max_new_tokens=4, n=2, seed=i), domain=d)
+                for i, (p, d) in enumerate(zip(PROMPTS, ["math", "code", "mcq", "code"]))]
+        rollouts = stack.client.generate(reqs)
+        got = teachers.score(rollouts)
+        samples = rollouts.samples()
+        ref = reference_logprobs(stack.params[0], stack.cfg, [s.prompt_ids for s in samples],
+                                 [s.response_ids for s in samples])
+        for g, r in zip(got, ref):
+            np.testing.assert_allclose(g, r, atol=TOL)
+        with pytest.raises(ValueError, match="swe"):
+            teachers.score(stack.client.generate([Request(prompt_ids=(1,), sampling=SamplingParams(max_new_tokens=1),
+                                                          domain="swe")]))
+    finally:
+        teachers.close()
 
 
 def test_router_forwards_generate_broadcasts_flush_and_404s_updates(stack):

@@ -34,7 +34,7 @@ import httpx
 from . import sglang_api
 from .types import Request, RolloutError, Rollouts
 
-__all__ = ["ServerClient"]
+__all__ = ["ServerClient", "ServedTeachers"]
 
 
 @dataclasses.dataclass
@@ -364,3 +364,56 @@ class ServerClient:
         if state["error"] is not None:
             raise state["error"]
         return results
+
+
+class ServedTeachers:
+    """MOPD teachers behind rollout servers: every sample scored teacher-forced
+    (:meth:`ServerClient.score`) by the servers of its request's domain, with the same
+    ``score(rollouts)`` contract as the in-process ``teachers.Teachers``: per sample
+    (``rollouts.samples()`` order) the ``[R]`` float32 teacher log-probs. ``by_domain`` maps a
+    domain to a :class:`ServerClient` (or a server URL / list of URLs; clients made from URLs
+    get ``client_kwargs``). A sample without a domain, or of a domain without a teacher, is a
+    ``ValueError`` naming it."""
+
+    def __init__(self, by_domain: dict, **client_kwargs):
+        if not by_domain:
+            raise ValueError("teachers: at least one domain -> teacher server is required")
+        from cascade_jax import domains
+        made: dict = {}
+        self.by_domain = {}
+        for d, c in by_domain.items():
+            domains.check_domain(d)
+            if not isinstance(c, ServerClient):
+                key = (c,) if isinstance(c, str) else tuple(c)
+                if key not in made:
+                    made[key] = ServerClient(list(key), **client_kwargs)
+                c = made[key]
+            self.by_domain[d] = c
+        self._owned = list(made.values())
+
+    def score(self, rollouts: Rollouts) -> list:
+        jobs: dict = {}  # id(client) -> (client, [sample index], [prompt], [response])
+        n = 0
+        for req, group in zip(rollouts.requests, rollouts.groups):
+            if req.domain is None:
+                raise ValueError(f"domain: request {req.rid!r} has none; MOPD routes by domain")
+            if req.domain not in self.by_domain:
+                raise ValueError(f"domain: no teacher for {req.domain!r} (teachers cover "
+                                 f"{', '.join(sorted(self.by_domain))})")
+            client = self.by_domain[req.domain]
+            entry = jobs.setdefault(id(client), (client, [], [], []))
+            for smp in group:
+                entry[1].append(n)
+                entry[2].append(smp.prompt_ids)
+                entry[3].append(smp.response_ids)
+                n += 1
+        out: list = [None] * n
+        for client, idx, prompts, responses in jobs.values():
+            for i, lp in zip(idx, client.score(prompts, responses)):
+                out[i] = lp
+        return out
+
+    def close(self) -> None:
+        """Close the clients this object made from URLs."""
+        for c in self._owned:
+            c.close()
