@@ -129,7 +129,12 @@ class RolloutConfig:
     retries. ``weight_sync``: ``disk`` (versioned Hub checkpoints under ``weight_sync_dir``, the
     last ``keep_versions`` kept) or ``nccl`` (torch.distributed broadcast of
     ``nccl_bucket_mb`` buckets over ``nccl_backend``; ``gloo`` on CPU); each sync times out after
-    ``sync_timeout_s`` and is verified to ``sync_tol`` (max |Δ log p| on a probe set)."""
+    ``sync_timeout_s`` and is verified to ``sync_tol`` (max |Δ log p| on a probe set).
+
+    Rollout fidelity: ``routing_replay`` asks the engine for the experts of every token and MoE
+    layer and replays them in the trainer's forward (R3); ``zero_mismatch`` samples every token
+    from the trainer's own batch-invariant log-probs (``cascade_jax.rl.next_token_logprobs``),
+    so the trainer recomputes the sampling log-probs bit for bit (IS ratios exactly 1)."""
 
     engine: Literal["jax", "jax_server", "sglang"] = "jax"
     server_url: Optional[str] = None
@@ -159,6 +164,8 @@ class RolloutConfig:
     nccl_master_address: str = "127.0.0.1"
     nccl_master_port: int = 0  # 0 = a free port
     nccl_bucket_mb: int = 512
+    routing_replay: bool = False
+    zero_mismatch: bool = False
 
     def __post_init__(self):
         if self.n_samples < 1:
