@@ -39,11 +39,13 @@ def free_port() -> int:
 def sglang_command(model_path: str = "{checkpoint}", *, python: str = sys.executable, tp_size: int = 1,
                    mem_fraction_static: Optional[float] = None, extra: Sequence[str] = ()) -> list:
     """``python -m sglang.launch_server`` with the RL flags: token ids in and out
-    (``--skip-tokenizer-init``), no radix cache (no stale prefix state after a weight update),
-    the fp32 Mamba state, and the initial ``--weight-version``."""
+    (``--skip-tokenizer-init``), no radix cache (no stale prefix state after a weight update) and
+    the initial ``--weight-version``. Hybrid-model cache knobs (e.g. an fp32 Mamba state) go in
+    ``extra``: check their names against ``--help`` of the pinned SGLang. ``python`` is the
+    interpreter of the SGLang environment (never the trainer's)."""
     cmd = [python, "-m", "sglang.launch_server", "--model-path", model_path, "--host", "{host}",
            "--port", "{port}", "--tp-size", str(tp_size), "--skip-tokenizer-init",
-           "--disable-radix-cache", "--mamba-ssm-dtype", "float32", "--weight-version", "{weight_version}"]
+           "--disable-radix-cache", "--weight-version", "{weight_version}"]
     if mem_fraction_static is not None:
         cmd += ["--mem-fraction-static", str(mem_fraction_static)]
     return cmd + list(extra)
