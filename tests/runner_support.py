@@ -57,6 +57,9 @@ def run_cli(tmp_path_factory, *args, fault=None, timeout=600) -> subprocess.Comp
 
 def sft_run(tmp_path_factory) -> pathlib.Path:
     """A tiny model SFT'd for 60 steps on structured_output + math (run once per session)."""
+    reuse = os.environ.get("CASCADE_TEST_SFT_RUN")  # a finished run of this fixture (dev speed-up)
+    if reuse and "sft" not in _CACHE:
+        _CACHE["sft"] = pathlib.Path(reuse)
     if "sft" not in _CACHE:
         d = tmp_path_factory.mktemp("sft")
         cfg = write_config(d / "sft.json", "sft", d / "run", steps=60,
