@@ -56,9 +56,30 @@ def parse_args(argv=None):
     ap.add_argument("--no-scan", action="store_true", help="unrolled layer loop (compile-time baseline)")
     ap.add_argument("--device-memory-gib", type=float, default=80.0)
     ap.add_argument("--override", action="append", default=[], metavar="FIELD=VALUE",
-                    help="ModelConfig override, e.g. --override num_hidden_layers... (JSON values)")
+                    help="ModelConfig field override (JSON value), e.g. --override hidden_size=256")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     return ap.parse_args(argv)
+
+
+def model_config(args, **extra):
+    """The preset with ``--override`` / ``--remat`` / ``--no-scan`` applied (and ``extra``)."""
+    from models import nemotron_h as nh
+
+    overrides = {}
+    for o in args.override:
+        k, _, v = o.partition("=")
+        try:
+            overrides[k] = json.loads(v)
+        except json.JSONDecodeError:
+            overrides[k] = v
+    if args.remat:
+        overrides["remat"] = args.remat
+    overrides.setdefault("scan_layers", not args.no_scan)
+    overrides.update(extra)
+    try:
+        return nh.preset(args.preset, **overrides)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 def main(argv=None) -> dict:
@@ -73,19 +94,8 @@ def main(argv=None) -> dict:
     from cascade_jax import sharding
     from cascade_jax.config import MeshConfig
     from cascade_jax.sharding.plan import plan
-    from models import nemotron_h as nh
 
-    overrides = {}
-    for o in args.override:
-        k, _, v = o.partition("=")
-        try:
-            overrides[k] = json.loads(v)
-        except json.JSONDecodeError:
-            overrides[k] = v
-    if args.remat:
-        overrides["remat"] = args.remat
-    overrides.setdefault("scan_layers", not args.no_scan)
-    model_cfg = nh.preset(args.preset, **overrides)
+    model_cfg = model_config(args)
     if len(jax.devices()) < n_dev:
         raise SystemExit(f"error: --mesh needs {n_dev} devices, {len(jax.devices())} available")
     try:

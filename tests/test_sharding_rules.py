@@ -76,3 +76,14 @@ def test_constrain_is_identity_without_partitioner():
     assert constrain(x, ("batch", "seq", "embed")) is x  # the context is gone again
     with use_partitioner(lambda a, names: a), pytest.raises(ValueError, match="3 logical names"):
         constrain(x[0], ("batch", "seq", "embed"))
+
+
+def test_cluster_detection():
+    from cascade_jax.sharding.distributed import cluster_detected
+    assert not cluster_detected({})
+    assert not cluster_detected({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1"})  # one task: no join
+    assert cluster_detected({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "16"})
+    assert cluster_detected({"OMPI_COMM_WORLD_SIZE": "4"})
+    assert not cluster_detected({"TPU_WORKER_HOSTNAMES": "localhost"})  # a single-host TPU VM
+    assert cluster_detected({"TPU_WORKER_HOSTNAMES": "10.0.0.2,10.0.0.3"})
+    assert cluster_detected({"CASCADE_DISTRIBUTED": "1"})

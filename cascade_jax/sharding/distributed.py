@@ -4,9 +4,11 @@
 
 * with explicit ``coordinator_address`` / ``num_processes`` / ``process_id`` when given (or
   from ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``);
-* otherwise with no arguments when a cluster is detected — JAX reads SLURM's
-  ``SLURM_*`` variables, Open MPI's ``OMPI_*`` and the TPU pod metadata itself;
-* not at all in a single process (nothing detected).
+* otherwise with no arguments when a multi-process cluster is detected (:func:`cluster_detected`:
+  a SLURM step with more than one task, an Open MPI job with more than one rank, a TPU slice
+  with more than one worker, a multi-slice TPU job, or ``CASCADE_DISTRIBUTED=1``) — JAX then
+  reads SLURM's ``SLURM_*`` variables, Open MPI's ``OMPI_*`` and the TPU metadata itself;
+* not at all in a single process.
 
 After it, ``jax.devices()`` lists every host's devices, :func:`cascade_jax.sharding.make_mesh`
 spans them, and only process 0 (:func:`is_primary`) writes logs and checkpoint metadata.
@@ -21,16 +23,18 @@ import jax
 
 __all__ = ["initialize_distributed", "is_primary", "cluster_detected"]
 
-_CLUSTER_ENV = ("SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")
-
-
-def cluster_detected() -> bool:
-    """Whether the environment looks like a multi-process launch JAX can auto-configure."""
-    if any(k in os.environ for k in _CLUSTER_ENV):
-        if "SLURM_JOB_ID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) <= 1:
-            return False
+def cluster_detected(env=None) -> bool:
+    """Whether ``env`` (default ``os.environ``) is a multi-process launch JAX can auto-configure."""
+    env = os.environ if env is None else env
+    if env.get("CASCADE_DISTRIBUTED") == "1":
         return True
-    return False
+    if int(env.get("SLURM_NTASKS", env.get("SLURM_NPROCS", "1")) or 1) > 1:
+        return True
+    if int(env.get("OMPI_COMM_WORLD_SIZE", "1") or 1) > 1:
+        return True
+    if "," in env.get("TPU_WORKER_HOSTNAMES", ""):
+        return True
+    return "MEGASCALE_COORDINATOR_ADDRESS" in env
 
 
 def initialize_distributed(coordinator_address: Optional[str] = None,
