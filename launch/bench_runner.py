@@ -53,7 +53,6 @@ def bench_overhead(steps: int) -> dict:
     from cascade_jax.runner import build as B
     from cascade_jax.runner import run_stage
     from cascade_jax.runner.evaluate import prompts_of
-    from cascade_jax.runner.metrics import Progress  # noqa: F401 - the runner's own
     from cascade_jax.runner.stage import Stage
     from models import nemotron_h as nh
 

@@ -3,8 +3,6 @@ steps): from a fresh student, the per-domain sampled reverse KL to the domain's 
 (stated margin below). Eval scores of student and teachers are reported (at this scale the
 teachers' own scores are a few percent, too close to 0 for a direction check)."""
 
-import json
-
 import numpy as np
 import pytest
 

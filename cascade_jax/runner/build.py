@@ -32,7 +32,7 @@ import jax.numpy as jnp
 
 from cascade_jax import config as C
 from cascade_jax.runner.errors import (CheckpointLoadError, ConfigError, InputFileError,
-                                       RolloutUnavailable, RunError)
+                                       RolloutUnavailable)
 
 __all__ = ["Parts", "build", "resolve_init", "build_model", "model_config", "build_tokenizer", "build_mesh",
            "build_sft_data", "build_prompt_data", "build_engine", "build_scorers",
@@ -321,7 +321,7 @@ class Parts:
     data: Any = None  # SFT batches or prompt batches
     engine: Any = None
     scorers: Optional[dict] = None
-    teachers: Optional[dict] = None
+    teachers: Any = None  # cascade_jax.rollout.teachers.Teachers (MOPD)
 
 
 def build(config: C.Config) -> Parts:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Mapping, Optional, Sequence
+from typing import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp

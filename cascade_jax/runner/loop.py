@@ -36,8 +36,6 @@ import time
 from typing import Callable, Optional, Sequence
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
 from cascade_jax import config as C
 from cascade_jax.runner import build as B

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import pathlib
-from typing import Mapping, Optional
+from typing import Mapping
 
 __all__ = ["MetricsWriter", "Progress", "scalars"]
 
