@@ -52,33 +52,14 @@ def enable_compilation_cache(path: Union[str, os.PathLike, None] = None) -> str:
 def evaluate_checkpoint(config: C.Config, checkpoint: Optional[str], domains: Sequence[str]) -> dict:
     """avg@k / pass@k per domain of the model at ``checkpoint`` (a Hub dir; ``None`` = the
     config's preset with its seeded init) on ``domains``' held-out prompts, with ``config``'s
-    eval and rollout settings. Returns the runner's ``evaluate`` result
-    ``{"domains": {d: {"avg@k", "pass@k", "n_prompts"}}, "score", "flat"}``."""
-    from cascade_jax.rewards import make_scorer
-    from cascade_jax.runner import build as B
+    eval and rollout settings -- the runner's :func:`cascade_jax.runner.evaluate.evaluate_checkpoint`.
+    Returns ``{"domains": {d: {"avg@k", "pass@k", "n_prompts"}}, "score", "flat", ...}``."""
     from cascade_jax.runner import evaluate as E
 
     cfg = C.replace_path(config, "model.checkpoint", checkpoint)
     cfg = C.replace_path(cfg, "data.domains", list(domains))
-    tok = B.build_tokenizer(cfg)
-    mcfg, params = B.build_model(cfg)
-    engine = B.build_engine(cfg, mcfg, params, tok)
-    scorers = {d: make_scorer(d) for d in domains}
-    try:
-        prompts = E.heldout_prompts(cfg, tok, domains)
-        e = cfg.eval
-        return E.evaluate(engine, tok, prompts, scorers, k=e.k,
-                          max_new_tokens=e.max_response_len or cfg.rollout.max_response_len,
-                          temperature=0.0 if e.greedy else e.temperature, top_p=e.top_p,
-                          top_k=e.top_k, seed=e.seed)
-    finally:
-        for s in scorers.values():
-            close = getattr(s, "close", None)
-            if close is not None:
-                close()
-        close = getattr(engine, "close", None)
-        if close is not None:
-            close()
+    cfg = C.replace_path(cfg, "data.domain_weights", {})
+    return E.evaluate_checkpoint(cfg)
 
 
 def _avg(res: dict) -> dict:
