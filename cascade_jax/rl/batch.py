@@ -24,9 +24,10 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 __all__ = ["RLBatch", "SFTBatch", "FINISH_STOP", "FINISH_LENGTH", "FINISH_ABORT",
-           "sequence_index", "num_sequences", "response_lengths"]
+           "sequence_index", "num_sequences", "response_lengths", "pack_routed_experts"]
 
 # ``finish_reason`` codes (int32).
 FINISH_STOP = 0  # ended with EOS / a stop string
@@ -54,6 +55,11 @@ class RLBatch:
       ref_logp      float32 log π_ref(token) for the KL term, or ``None``
       seq_index     int32   packed layout only: sequence id of each token in [0, N); ``None``
                             for the padded layout (sequence = row)
+    Per token and MoE layer, ``[B, T, L_moe, K]`` (optional):
+      routed_experts int32  routing replay (R3): the experts the rollout engine routed each
+                            token to (the trainer's MoE then uses them); -1 where the engine
+                            has none (padding, each sequence's last token). See
+                            :func:`pack_routed_experts`.
     Per sequence, ``[N]`` (``N = B`` when padded):
       rewards       float32 scalar reward of the response
       group_ids     int32   prompt/group id (responses to the same prompt share it)
@@ -76,6 +82,7 @@ class RLBatch:
     ref_logp: Optional[jax.Array] = None
     seq_index: Optional[jax.Array] = None
     policy_version: Optional[jax.Array] = None
+    routed_experts: Optional[jax.Array] = None
 
     @property
     def shape(self):
@@ -119,3 +126,27 @@ def response_lengths(batch: RLBatch) -> jax.Array:
     idx = sequence_index(batch)
     return jax.ops.segment_sum(batch.loss_mask.astype(jnp.float32).ravel(), idx.ravel(),
                                num_segments=num_sequences(batch))
+
+
+def pack_routed_experts(per_sequence, T: int, *, num_experts: int, offsets=None) -> np.ndarray:
+    """Padded-layout ``routed_experts [N, T, L_moe, K]`` int32 for :class:`RLBatch` from each
+    sequence's engine output ``[n_i, L_moe, K]`` (SGLang's ``return_routed_experts`` layout,
+    ``n_i = P_i + R_i − 1``: every token fed to the model, i.e. all but the last), placed at
+    columns ``offsets[i] + [0, n_i)`` (default 0) of row ``i``; -1 elsewhere (routed freely).
+    Raises ``ValueError`` naming the sequence for a wrong shape, overflow or an id outside
+    ``[0, num_experts)``."""
+    arrs = [np.asarray(a) for a in per_sequence]
+    if not arrs:
+        raise ValueError("routed_experts: no sequences")
+    L, K = arrs[0].shape[1:] if arrs[0].ndim == 3 else (None, None)
+    out = np.full((len(arrs), T, L or 0, K or 0), -1, np.int32)
+    for i, a in enumerate(arrs):
+        off = 0 if offsets is None else int(offsets[i])
+        if a.ndim != 3 or a.shape[1:] != (L, K):
+            raise ValueError(f"routed_experts[{i}]: expected shape [n, {L}, {K}], got {a.shape}")
+        if off + a.shape[0] > T:
+            raise ValueError(f"routed_experts[{i}]: {a.shape[0]} tokens at offset {off} exceed T={T}")
+        if a.size and (a.min() < 0 or a.max() >= num_experts):
+            raise ValueError(f"routed_experts[{i}]: expert id outside [0, {num_experts})")
+        out[i, off:off + a.shape[0]] = a
+    return out

@@ -10,6 +10,17 @@ The vocabulary is processed in chunks of ``vocab_chunk`` columns with a streamin
 logsumexp in fp32 (running max ``m``, ``s = Σ e^{z−m}``, ``u = Σ e^{z−m} z``), so at most one
 ``[B, T, vocab_chunk]`` fp32 block is live; the loop body is rematerialised so the backward
 pass does not store the per-chunk logits either.
+
+Batch-invariant mode (``row_len``), the trainer side of zero-mismatch rollouts: XLA chooses
+matmul and reduction strategies by operand shape (on CPU a row's logits change in the last bits
+between batch sizes, between ``jit`` and ``grad`` programs of the same batched shape, and
+between row lengths), so with ``row_len`` set every row is computed on its own at the fixed
+shape ``[1, row_len]`` (a ``lax.map`` over rows) and its log-probs depend only on its own tokens.
+:func:`next_token_logprobs` is the sampler side: the same row function at the same shape,
+returning the whole next-token distribution ``z_t − logsumexp(z_t)`` at each row's end, so the
+log-prob a token is sampled with equals the one :func:`token_logprobs` recomputes, bit for bit.
+Causality makes the prefix's numbers independent of what follows it at a fixed shape (masked
+terms are exact zeros), so the sampler's partly filled row and the trainer's full one agree.
 """
 
 from __future__ import annotations
@@ -22,58 +33,94 @@ import jax.numpy as jnp
 from .batch import sequence_index
 from .losses import segment_start_mask
 
-__all__ = ["chunked_logprobs", "token_logprobs", "routed_logprobs", "DEFAULT_VOCAB_CHUNK"]
+__all__ = ["chunked_logprobs", "token_logprobs", "routed_logprobs", "next_token_logprobs",
+           "inverse_temperature",
+           "DEFAULT_VOCAB_CHUNK"]
 
 DEFAULT_VOCAB_CHUNK = 8192
 sg = jax.lax.stop_gradient
 
 
 def chunked_logprobs(hidden: jax.Array, lm_head: jax.Array, targets: jax.Array, *,
-                     temperature: float = 1.0, vocab_chunk: int = DEFAULT_VOCAB_CHUNK):
+                     temperature: float = 1.0, vocab_chunk: int = DEFAULT_VOCAB_CHUNK,
+                     fixed_order: bool = False):
     """``(logp, entropy)``, each ``[B, T]`` float32, of ``targets [B, T]`` under the logits
     ``hidden [B, T, H] @ lm_head [H, V] / temperature`` (matmul in the inputs' dtype with fp32
     accumulation), without materialising ``[B, T, V]``. Gradients flow into ``hidden`` and
-    ``lm_head`` through ``logp`` only."""
-    H, V = lm_head.shape
-    C = int(min(vocab_chunk, V))
-    n = -(-V // C)
-    if n * C != V:  # pad the vocab; padded columns are masked to −inf below
-        lm_head = jnp.pad(lm_head, ((0, 0), (0, n * C - V)))
-    w_chunks = lm_head.reshape(H, n, C).transpose(1, 0, 2)  # [n, H, C]
-    starts = jnp.arange(n, dtype=jnp.int32) * C
+    ``lm_head`` through ``logp`` only. ``fixed_order``: vocabulary sums in a written-out order
+    (:func:`_tree_sum`), the same in every program (batch-invariant mode)."""
+    w_chunks, starts, C = _vocab_chunks(lm_head, vocab_chunk)
     inv_t = 1.0 / float(temperature)
     targets = targets.astype(jnp.int32)
-    B, T = targets.shape
 
     @jax.checkpoint
     def body(carry, xs):
-        m, s, u, picked = carry
-        w_c, c0 = xs
-        z = jnp.einsum("bth,hc->btc", hidden, w_c, preferred_element_type=jnp.float32) * inv_t
-        valid = (c0 + jnp.arange(C)) < V
-        z = jnp.where(valid, z, -jnp.inf)
-        m_new = jnp.maximum(m, sg(z).max(-1))
-        scale = jnp.exp(m - m_new)
-        e = jnp.exp(z - m_new[..., None])
-        s = s * scale + e.sum(-1)
-        u = u * scale + sg(jnp.where(valid, e * z, 0.0)).sum(-1)
-        local = targets - c0
-        inside = (local >= 0) & (local < C)
-        z_t = jnp.take_along_axis(z, jnp.clip(local, 0, C - 1)[..., None], -1)[..., 0]
-        picked = picked + jnp.where(inside, z_t, 0.0)
-        return (m_new, s, u, picked), None
+        return _chunk_step(carry, xs, hidden, targets, inv_t, C, lm_head.shape[1],
+                           fixed_order)[0], None
 
-    init = (jnp.full((B, T), -jnp.inf, jnp.float32), jnp.zeros((B, T), jnp.float32),
-            jnp.zeros((B, T), jnp.float32), jnp.zeros((B, T), jnp.float32))
-    (m, s, u, picked), _ = jax.lax.scan(body, init, (w_chunks, starts))
+    (m, s, u, picked), _ = jax.lax.scan(body, _chunk_init(targets.shape), (w_chunks, starts))
     lse = m + jnp.log(s)
     logp = picked - lse
     entropy = sg(lse - u / s)
     return logp, entropy
 
 
+def _vocab_chunks(lm_head, vocab_chunk: int):
+    """``lm_head [H, V]`` -> ``(chunks [n, H, C], chunk starts [n], C)`` (vocab padded to n·C)."""
+    H, V = lm_head.shape
+    C = int(min(vocab_chunk, V))
+    n = -(-V // C)
+    if n * C != V:  # pad the vocab; padded columns are masked to −inf in _chunk_step
+        lm_head = jnp.pad(lm_head, ((0, 0), (0, n * C - V)))
+    return lm_head.reshape(H, n, C).transpose(1, 0, 2), jnp.arange(n, dtype=jnp.int32) * C, C
+
+
+def _chunk_init(shape):
+    return (jnp.full(shape, -jnp.inf, jnp.float32), jnp.zeros(shape, jnp.float32),
+            jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.float32))
+
+
+def _tree_sum(x):
+    """``Σ`` over the last axis as a fixed pairwise tree of elementwise adds (zero-padded to a
+    power of two). Unlike ``x.sum(-1)``, whose order XLA picks per program (vectorisation and
+    fusion of the reduce), the order here is written out, so every program gets the same bits."""
+    n = x.shape[-1]
+    p2 = 1 << max(n - 1, 0).bit_length()
+    if p2 != n:
+        x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, p2 - n)])
+    while x.shape[-1] > 1:
+        h = x.shape[-1] // 2
+        x = x[..., :h] + x[..., h:]
+    return x[..., 0]
+
+
+def _chunk_step(carry, xs, hidden, targets, inv_t, C: int, V: int, fixed_order: bool = False):
+    """One vocabulary chunk of the streaming log-softmax: ``carry = (m, s, u, picked)`` each
+    ``[B, T]``, ``xs = (W_c [H, C], c0)`` -> ``(carry, z [B, T, C])`` (``z`` the chunk's
+    temperature-scaled logits, −inf past ``V``). The one definition the trainer's
+    :func:`chunked_logprobs` and the sampler's :func:`next_token_logprobs` share;
+    ``fixed_order`` sums with :func:`_tree_sum` (batch-invariant mode)."""
+    total = _tree_sum if fixed_order else (lambda a: a.sum(-1))
+    m, s, u, picked = carry
+    w_c, c0 = xs
+    z = jnp.einsum("bth,hc->btc", hidden, w_c, preferred_element_type=jnp.float32) * inv_t
+    valid = (c0 + jnp.arange(C)) < V
+    z = jnp.where(valid, z, -jnp.inf)
+    m_new = jnp.maximum(m, sg(z).max(-1))
+    scale = jnp.exp(m - m_new)
+    e = jnp.exp(z - m_new[..., None])
+    s = s * scale + total(e)
+    u = u * scale + total(sg(jnp.where(valid, e * z, 0.0)))
+    local = targets - c0
+    inside = (local >= 0) & (local < C)
+    z_t = jnp.take_along_axis(z, jnp.clip(local, 0, C - 1)[..., None], -1)[..., 0]
+    picked = picked + jnp.where(inside, z_t, 0.0)
+    return (m_new, s, u, picked), z
+
+
 def token_logprobs(params, batch, cfg, *, temperature: float = 1.0,
-                   vocab_chunk: int = DEFAULT_VOCAB_CHUNK, model=None):
+                   vocab_chunk: int = DEFAULT_VOCAB_CHUNK, model=None, routed_experts=None,
+                   row_len: Optional[int] = None):
     """``(logp, entropy)`` ``[B, T]`` float32 of ``batch.tokens`` under the policy ``params``.
 
     ``logp[b, t] = log π(tokens[b, t] | tokens[b, <t])`` at temperature ``τ`` (aligned with the
@@ -81,17 +128,116 @@ def token_logprobs(params, batch, cfg, *, temperature: float = 1.0,
     padding). ``batch`` is anything with ``tokens``, ``positions``, ``segment_ids``
     (:class:`RLBatch`, :class:`SFTBatch`). ``model`` is the module providing
     ``hidden_states(params, tokens, cfg, *, positions, segment_ids)`` (default: NemotronH).
+
+    ``routed_experts [B, T, L_moe, K]`` (default ``batch.routed_experts`` when the batch has
+    one): MoE routing replay, the model uses these experts (-1: route freely).
+    ``row_len``: batch-invariant mode (module doc): each row alone at shape ``[1, row_len]``
+    (``row_len >= T``; the rows are padded). Needs the padded layout (one sequence per row,
+    starting at column 0), as the rollout engine's rows are.
     """
     if model is None:
         from models import nemotron_h as model
-    h = model.hidden_states(params, batch.tokens, cfg, positions=batch.positions,
-                            segment_ids=batch.segment_ids)
-    lp, ent = chunked_logprobs(h[:, :-1], params["lm_head"], batch.tokens[:, 1:],
-                               temperature=temperature, vocab_chunk=vocab_chunk)
-    lp = jnp.pad(lp, ((0, 0), (1, 0)))
-    ent = jnp.pad(ent, ((0, 0), (1, 0)))
+    if routed_experts is None:
+        routed_experts = getattr(batch, "routed_experts", None)
+    if row_len is None:
+        lp, ent = _logprobs(params, batch.tokens, batch.positions, batch.segment_ids,
+                            routed_experts, cfg, model, temperature, vocab_chunk)
+    else:
+        B, T = batch.tokens.shape
+        if row_len < T:
+            raise ValueError(f"token_logprobs: row_len ({row_len}) < batch length T ({T})")
+        pad = lambda x, v=0: jnp.pad(x, [(0, 0), (0, row_len - T)] + [(0, 0)] * (x.ndim - 2),
+                                     constant_values=v)
+        rows = (pad(batch.tokens), pad(batch.positions), pad(batch.segment_ids),
+                None if routed_experts is None else pad(routed_experts, -1))
+
+        def one(r):
+            tok, pos, seg, rx = r
+            lp, ent = _logprobs(params, tok[None], pos[None], seg[None],
+                                None if rx is None else rx[None], cfg, model, temperature,
+                                vocab_chunk, fixed_order=True)
+            return lp[0], ent[0]
+
+        lp, ent = jax.lax.map(one, rows)
+        lp, ent = lp[:, :T], ent[:, :T]
     valid = segment_start_mask(batch.segment_ids)
     return lp * valid, ent * valid
+
+
+def _model_hidden(params, tokens, positions, segment_ids, routed_experts, cfg, model, **kw):
+    extra = {} if routed_experts is None else {"routed_experts": routed_experts}
+    return model.hidden_states(params, tokens, cfg, positions=positions, segment_ids=segment_ids,
+                               **extra, **kw)
+
+
+def _logprobs(params, tokens, positions, segment_ids, routed_experts, cfg, model, temperature,
+              vocab_chunk, fixed_order=False):
+    """Aligned ``(lp, ent)`` ``[B, T]`` (entry 0 is 0; no segment mask applied yet)."""
+    h = _model_hidden(params, tokens, positions, segment_ids, routed_experts, cfg, model)
+    lp, ent = chunked_logprobs(h[:, :-1], params["lm_head"], tokens[:, 1:],
+                               temperature=temperature, vocab_chunk=vocab_chunk,
+                               fixed_order=fixed_order)
+    return jnp.pad(lp, ((0, 0), (1, 0))), jnp.pad(ent, ((0, 0), (1, 0)))
+
+
+def next_token_logprobs(params, tokens: jax.Array, lengths: jax.Array, cfg, *,
+                        temperature: float = 1.0, inv_temperature=None,
+                        vocab_chunk: int = DEFAULT_VOCAB_CHUNK, model=None,
+                        return_routed_experts: bool = False):
+    """The sampler side of the batch-invariant mode: ``logp [S, V]`` float32, the distribution
+    of the token following ``tokens[r, :lengths[r]]`` (``tokens [S, row_len]``, anything past
+    the length is ignored), computed for each row alone at shape ``[1, row_len]`` by the same
+    functions :func:`token_logprobs` (``row_len=row_len``) uses, so for a row that continues
+    with ``y``: ``logp[r, y] == token_logprobs(...)[r, lengths[r]]`` bit for bit.
+
+    ``logp[r] = z − logsumexp(z)`` with ``z`` the row's temperature-scaled logits at position
+    ``lengths[r] − 1`` (the vocabulary chunk loop of :func:`chunked_logprobs`, same chunks).
+    ``temperature``: one τ for all rows (as the trainer's), or ``inv_temperature [S]`` float32
+    per-row ``1/τ`` computed as the trainer does, ``float32(1.0 / float(τ))``
+    (:func:`inverse_temperature`). ``return_routed_experts``: also the experts the row's tokens
+    were routed to, ``[S, row_len, L_moe, K]`` (the prefix part is meaningful).
+    ``lengths >= 1``."""
+    if model is None:
+        from models import nemotron_h as model
+    S, R = tokens.shape
+    lengths = jnp.asarray(lengths, jnp.int32)
+    if inv_temperature is None:
+        inv = jnp.full((S,), 1.0 / float(temperature), jnp.float32)
+    else:
+        inv = jnp.asarray(inv_temperature, jnp.float32)
+    w_chunks, starts, C = _vocab_chunks(params["lm_head"], vocab_chunk)
+    V = params["lm_head"].shape[1]
+    ar = jnp.arange(R, dtype=jnp.int32)
+
+    def one(r):
+        tok, n, inv_t = r
+        seg = (ar < n).astype(jnp.int32)[None]
+        out = _model_hidden(params, tok[None], ar[None], seg, None, cfg, model,
+                            **({"return_routed_experts": True} if return_routed_experts else {}))
+        h, experts = out if return_routed_experts else (out, None)
+        hid, targets = h[:, :-1], tok[None, 1:]
+        at = jnp.clip(n - 1, 0, R - 2)
+
+        def body(carry, xs):
+            carry, z = _chunk_step(carry, xs, hid, targets, inv_t, C, V, fixed_order=True)
+            return carry, z[0, at]
+
+        (m, s, _, _), zs = jax.lax.scan(body, _chunk_init(targets.shape), (w_chunks, starts))
+        lse = (m + jnp.log(s))[0, at]
+        logp = zs.reshape(-1)[:V] - lse
+        return (logp, experts[0]) if return_routed_experts else logp
+
+    return jax.lax.map(one, (tokens.astype(jnp.int32), lengths, inv))
+
+
+def inverse_temperature(temperature) -> "np.ndarray":
+    """Per-row ``1/τ`` as float32 computed the way the trainer computes it (``1.0 / float(τ)``
+    in double precision, then rounded), for :func:`next_token_logprobs`; ``τ <= 0`` (greedy)
+    gives 1 (log-probs of the unscaled logits, as the sampler reports them)."""
+    import numpy as np
+
+    t = np.asarray(temperature, np.float64)
+    return np.where(t > 0, 1.0 / np.where(t > 0, t, 1.0), 1.0).astype(np.float32)
 
 
 def routed_logprobs(teacher_params: Sequence, teacher_of_domain, batch, cfg, *,

@@ -33,6 +33,7 @@ from .advantages import grpo_advantages
 from .batch import FINISH_ABORT, RLBatch, SFTBatch, num_sequences, response_lengths, sequence_index
 from .is_correction import masked_mean
 from .logprobs import DEFAULT_VOCAB_CHUNK, token_logprobs
+from .mismatch import logprob_mismatch
 from .losses import grpo_loss, mopd_loss, segment_start_mask, sft_loss
 from .optim import TrainState, compute_params, trainable_mask
 
@@ -104,13 +105,17 @@ def _apply(state: TrainState, grads, metrics: dict, specs, batch=None):
 
 
 def _micro(batch, mask: jax.Array, **extra) -> dict:
-    """The per-token arrays a micro-batch needs: the model inputs, ``mask`` and ``extra``."""
+    """The per-token arrays a micro-batch needs: the model inputs (with ``routed_experts``
+    when the batch replays routing), ``mask`` and ``extra``."""
+    rx = getattr(batch, "routed_experts", None)
+    if rx is not None:
+        extra["routed_experts"] = rx
     return dict(tokens=batch.tokens, positions=batch.positions, segment_ids=batch.segment_ids,
                 mask=mask, **extra)
 
 
 def _policy_loss(objective: Callable, *, model_cfg, compute_dtype, temperature: float = 1.0,
-                 vocab_chunk: int, model) -> Callable:
+                 vocab_chunk: int, model, row_len: Optional[int] = None) -> Callable:
     """``loss_fn(master, mb)`` for :func:`accumulate_gradients`: compute copy of ``master`` →
     :func:`token_logprobs` of the micro-batch → ``objective(lp, mb) -> (loss, metrics)``, plus
     the masked mean ``entropy``."""
@@ -122,7 +127,8 @@ def _policy_loss(objective: Callable, *, model_cfg, compute_dtype, temperature: 
         view = SFTBatch(tokens=mb["tokens"], positions=mb["positions"],
                         segment_ids=mb["segment_ids"], loss_mask=mb["mask"])
         lp, ent = token_logprobs(params, view, model_cfg, temperature=temperature,
-                                 vocab_chunk=vocab_chunk, model=model)
+                                 vocab_chunk=vocab_chunk, model=model,
+                                 routed_experts=mb.get("routed_experts"), row_len=row_len)
         loss, m = objective(lp, mb)
         return loss, {**m, "entropy": masked_mean(ent, mb["mask"])}
 
@@ -144,7 +150,7 @@ def grpo_train_step(state: TrainState, batch: RLBatch, *, model_cfg,
                     stage: StageConfig = StageConfig(objective="grpo"), grad_accum: int = 1,
                     compute_dtype=jnp.bfloat16, temperature: float = 1.0,
                     vocab_chunk: int = DEFAULT_VOCAB_CHUNK, clip_low: float = 0.2,
-                    clip_high: float = 0.2, model=None):
+                    clip_high: float = 0.2, model=None, row_len: Optional[int] = None):
     """One strictly on-policy GRPO update (docs/algorithms.md §5).
 
     1. ``Â, keep = grpo_advantages(rewards, group_ids, finish_reason)`` with the stage's
@@ -153,7 +159,12 @@ def grpo_train_step(state: TrainState, batch: RLBatch, *, model_cfg,
     3. ``L = grpo_loss(lp, None, Â[seq], mask, rollout_logp, ref_logp, num_tokens,
        kl_coef=stage.kl_coef, is_correction=stage.is_correction, tis_cap=stage.is_high,
        is_low/is_high=stage.is_low/is_high)``, summed over micro-batches;
-    4. AdamW update. Returns ``(state, metrics)``.
+    4. AdamW update. Returns ``(state, metrics)``, with the rollout-fidelity metrics of
+       :func:`~cascade_jax.rl.mismatch.logprob_mismatch` (``mismatch_*``).
+
+    Rollout fidelity: ``batch.routed_experts`` (when set) is replayed in every MoE layer
+    (routing replay); ``row_len`` computes the log-probs batch-invariantly at ``[1, row_len]``
+    per row (zero-mismatch mode; equal to the rollout engine's row length).
     """
     adv, keep, adv_metrics = grpo_advantages(
         batch.rewards, batch.group_ids, batch.finish_reason, leave_one_out=stage.leave_one_out,
@@ -169,14 +180,17 @@ def grpo_train_step(state: TrainState, batch: RLBatch, *, model_cfg,
         micro["ref_logp"] = batch.ref_logp
 
     def objective(lp, mb):
-        return grpo_loss(lp, None, mb["adv"], mb["mask"], rollout_logp=mb["rollout_logp"],
-                         ref_logp=mb.get("ref_logp"), num_tokens=num_tokens,
-                         kl_coef=stage.kl_coef if use_kl else 0.0, clip_low=clip_low,
-                         clip_high=clip_high, is_correction=stage.is_correction,
-                         tis_cap=stage.is_high, is_low=stage.is_low, is_high=stage.is_high)
+        loss, m = grpo_loss(lp, None, mb["adv"], mb["mask"], rollout_logp=mb["rollout_logp"],
+                            ref_logp=mb.get("ref_logp"), num_tokens=num_tokens,
+                            kl_coef=stage.kl_coef if use_kl else 0.0, clip_low=clip_low,
+                            clip_high=clip_high, is_correction=stage.is_correction,
+                            tis_cap=stage.is_high, is_low=stage.is_low, is_high=stage.is_high)
+        return loss, {**m, **logprob_mismatch(lp, mb["rollout_logp"], mb["mask"],
+                                              low=stage.is_low, high=stage.is_high)}
 
     loss_fn = _policy_loss(objective, model_cfg=model_cfg, compute_dtype=compute_dtype,
-                           temperature=temperature, vocab_chunk=vocab_chunk, model=model)
+                           temperature=temperature, vocab_chunk=vocab_chunk, model=model,
+                           row_len=row_len)
     grads, metrics = accumulate_gradients(loss_fn, state.params, micro, grad_accum)
     metrics = {**metrics, **adv_metrics, **_length_metrics(batch)}
     return _apply(state, grads, metrics, _param_specs(model, model_cfg), batch)
@@ -186,7 +200,7 @@ def mopd_train_step(state: TrainState, batch: RLBatch, *, model_cfg,
                     stage: StageConfig = StageConfig(objective="mopd"), grad_accum: int = 1,
                     compute_dtype=jnp.bfloat16, temperature: float = 1.0,
                     vocab_chunk: int = DEFAULT_VOCAB_CHUNK, normalization: str = "sequence",
-                    grpo_coef: float = 0.0, model=None):
+                    grpo_coef: float = 0.0, model=None, row_len: Optional[int] = None):
     """One MOPD update (docs/algorithms.md §6): ``batch.teacher_logp`` holds each sequence's
     domain teacher's log-probs (:func:`routed_logprobs`), ``batch.rollout_logp`` the
     inference engine's. ``L = mopd_loss(lp, teacher_logp, rollout_logp, loss_mask,
@@ -220,7 +234,8 @@ def mopd_train_step(state: TrainState, batch: RLBatch, *, model_cfg,
                          num_sequences=n_valid_seq, num_tokens=num_tokens)
 
     loss_fn = _policy_loss(objective, model_cfg=model_cfg, compute_dtype=compute_dtype,
-                           temperature=temperature, vocab_chunk=vocab_chunk, model=model)
+                           temperature=temperature, vocab_chunk=vocab_chunk, model=model,
+                           row_len=row_len)
     grads, metrics = accumulate_gradients(loss_fn, state.params, micro, grad_accum)
     metrics = {**metrics, **extra, **_length_metrics(batch),
                "reward_mean": batch.rewards.astype(jnp.float32).mean(),

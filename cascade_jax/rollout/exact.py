@@ -1,0 +1,112 @@
+"""Zero-mismatch generation: every token is sampled from the trainer's own log-probs.
+
+``generate_exact`` decodes with continuous slot refill, but instead of the KV-cache / recurrent
+decode step it computes each slot's next-token distribution with
+:func:`cascade_jax.rl.next_token_logprobs` — the trainer's forward and chunked log-softmax over
+the slot's row at the fixed shape ``[1, row_len]``, with the vocabulary sums in a written-out
+order. The trainer's :func:`cascade_jax.rl.token_logprobs` with ``row_len=row_len`` (and the
+train steps with ``row_len``) recompute the very same numbers, so the sampling log-prob of every
+token equals the trainer's bit for bit, whatever the batch sizes on either side.
+
+Cost: one full forward of ``row_len`` tokens per generated token and slot (no cache), i.e.
+about ``row_len`` times the work of a cached decode step; the benchmark
+(``launch/bench_fidelity.py``) reports the ratio. Sampling: ``temperature`` (``τ > 0``; 0 =
+greedy) as :func:`cascade_jax.rollout.sampler.sample_tokens` draws, no top-p / top-k (a
+truncated support is not what the trainer's log-probs describe).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cascade_jax.rl.logprobs import DEFAULT_VOCAB_CHUNK, inverse_temperature, next_token_logprobs
+
+from .sampler import sample_tokens
+from .types import Sample
+
+__all__ = ["generate_exact"]
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "vocab_chunk", "routed", "model"))
+def _next(params, buf, lengths, inv_t, greedy, keys, *, cfg, vocab_chunk, routed, model):
+    out = next_token_logprobs(params, buf, lengths, cfg, inv_temperature=inv_t,
+                              vocab_chunk=vocab_chunk, model=model, return_routed_experts=routed)
+    logp, experts = out if routed else (out, None)
+    S = buf.shape[0]
+    # logp already holds log softmax(z / τ): draw from it at unit temperature (0 = greedy)
+    ids, _ = sample_tokens(logp, keys, jnp.where(greedy, 0.0, 1.0), jnp.ones((S,), jnp.float32),
+                           jnp.full((S,), -1, jnp.int32))
+    lp = jnp.take_along_axis(logp, ids[:, None], -1)[:, 0]
+    return ids, lp, experts
+
+
+def generate_exact(params, cfg, prompts: Sequence[Sequence[int]], *, row_len: int,
+                   num_slots: int, max_new_tokens: int, seed: int = 0, temperature: float = 1.0,
+                   stop_token_ids: Sequence[int] = (), return_routed_experts: bool = False,
+                   vocab_chunk: int = DEFAULT_VOCAB_CHUNK, model=None,
+                   weight_version: str = "0") -> list:
+    """One :class:`~cascade_jax.rollout.types.Sample` per prompt (in order), decoded over
+    ``num_slots`` slots refilled as samples finish. Prompt ``i`` draws its ``t``-th token with
+    the key ``fold_in(fold_in(key(seed), i), t)`` (independent of slot and batch). A sample
+    stops at a stop token (kept, ``stop``) or after ``max_new_tokens`` (``length``);
+    ``len(prompt) + max_new_tokens <= row_len``. ``return_routed_experts``: each sample's
+    ``routed_experts [P + R − 1, L_moe, K]`` (the trainer's unreplayed routing of its tokens)."""
+    if model is None:
+        from models import nemotron_h as model
+    for i, p in enumerate(prompts):
+        if not p:
+            raise ValueError(f"prompts[{i}]: empty prompt")
+        if len(p) + max_new_tokens > row_len:
+            raise ValueError(f"prompts[{i}]: length {len(p)} + max_new_tokens {max_new_tokens} "
+                             f"exceeds row_len {row_len}")
+    S = int(num_slots)
+    stops = set(int(t) for t in stop_token_ids)
+    base = jax.random.key(seed)
+    inv = np.broadcast_to(inverse_temperature(temperature), (S,)).astype(np.float32)
+    greedy = np.full((S,), temperature <= 0)
+    queue = list(range(len(prompts)))
+    slots: list = [None] * S  # prompt index or None
+    buf = np.zeros((S, row_len), np.int32)
+    length = np.ones(S, np.int32)
+    out_tok = {i: [] for i in range(len(prompts))}
+    out_lp = {i: [] for i in range(len(prompts))}
+    results: dict = {}
+    while queue or any(s is not None for s in slots):
+        for s in range(S):
+            if slots[s] is None and queue:
+                i = queue.pop(0)
+                slots[s] = i
+                buf[s] = 0
+                buf[s, :len(prompts[i])] = prompts[i]
+                length[s] = len(prompts[i])
+        keys = jnp.stack([jax.random.fold_in(jax.random.fold_in(base, i if i is not None else 0),
+                                             len(out_tok[i]) if i is not None else 0)
+                          for i in slots])
+        ids, lp, experts = _next(params, buf, length, inv, greedy, keys, cfg=cfg,
+                                 vocab_chunk=vocab_chunk, routed=return_routed_experts, model=model)
+        ids, lp = np.asarray(ids), np.asarray(lp)
+        for s, i in enumerate(slots):
+            if i is None:
+                continue
+            y = int(ids[s])
+            out_tok[i].append(y)
+            out_lp[i].append(float(lp[s]))
+            reason = "stop" if y in stops else ("length" if len(out_tok[i]) >= max_new_tokens else None)
+            if reason is None:
+                buf[s, length[s]] = y
+                length[s] += 1
+                continue
+            rx = None
+            if return_routed_experts:  # this step's row held all P + R − 1 fed tokens
+                rx = np.asarray(experts[s, :length[s]])
+            results[i] = Sample(prompt_ids=np.asarray(prompts[i], np.int32),
+                                response_ids=np.asarray(out_tok[i], np.int32),
+                                logprobs=np.asarray(out_lp[i], np.float32), finish_reason=reason,
+                                weight_version=weight_version, routed_experts=rx)
+            slots[s] = None
+    return [results[i] for i in range(len(prompts))]
