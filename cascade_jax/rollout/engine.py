@@ -32,8 +32,9 @@ FIFO queue. Every :meth:`step`:
    next-token logits are written into its slot.
 2. *Decode* up to ``steps_per_call`` tokens for all slots in one jitted ``lax.while_loop``:
    sample from the slot's logits with :func:`~cascade_jax.rollout.sampler.sample_tokens`, then
-   ``decode_step`` at the slot's position; the loop ends early after a step in which some slot
-   finished (stop token or budget) while jobs are queued, so freed slots refill promptly. Sample
+   ``decode_step`` at the slot's position; while jobs are queued the loop ends early once
+   ``refill_batch`` slots (or as many as are queued) have finished, so freed slots refill
+   promptly and together. Sample
    ``i`` of a request with seed ``s`` draws its ``t``-th response token with the key
    ``fold_in(fold_in(key(s), i), t)``, where ``key(s)`` is the threefry key of the 64-bit seed
    (``jax.random.key(s)`` for ``s < 2**32``), so a sample never depends on its slot, on the
@@ -172,8 +173,10 @@ class JaxEngine:
     max_len          cache positions per slot: ``len(prompt) + max_new_tokens <= max_len``
     prompt_buckets   allowed padded prompt lengths (default powers of two from 16 to max_len)
     prefill_sizes    allowed admission row counts (default powers of two up to num_slots)
-    steps_per_call   most tokens decoded per jitted call (host work amortised over them); a
-                     call returns early when a slot finishes while jobs are queued
+    steps_per_call   most tokens decoded per jitted call (host work amortised over them)
+    refill_batch     a call returns early once this many slots (or as many as jobs are
+                     queued, if fewer) have finished in it, so they are refilled together
+                     (default num_slots // 4, at least 1)
     weight_version   label of ``params``
     seed             seeds requests that carry none (engine-local random stream)
     overlap          dispatch the next decode call before reading the last one, so host work
@@ -187,7 +190,7 @@ class JaxEngine:
                  prompt_buckets: Optional[Sequence[int]] = None,
                  prefill_sizes: Optional[Sequence[int]] = None, steps_per_call: int = 16,
                  weight_version: str = "0", seed: int = 0, overlap: bool = False,
-                 max_stop_tokens: int = 8, model=None):
+                 max_stop_tokens: int = 8, refill_batch: Optional[int] = None, model=None):
         if model is None:
             from models import nemotron_h as model
         if num_slots < 1:
@@ -209,6 +212,9 @@ class JaxEngine:
         self.prefill_sizes = sizes
         self.steps_per_call = int(steps_per_call)
         self.max_stop_tokens = int(max_stop_tokens)
+        self.refill_batch = max(1, num_slots // 4) if refill_batch is None else int(refill_batch)
+        if self.refill_batch < 1:
+            raise ValueError(f"refill_batch: must be >= 1, got {refill_batch}")
         self.vocab_size = int(model_cfg.vocab_size)
         self._params = params
         self._version = str(weight_version)
@@ -284,17 +290,18 @@ class JaxEngine:
     def _decode_impl(self, params, cache, logits, st, refill):
         """Up to ``K = steps_per_call`` tokens per slot -> ``(cache, logits, slot state,
         tokens [K, S], logp [K, S], n)``: the first ``n`` rows are valid. Stops after the step
-        in which a slot finishes (stop token or budget) when ``refill`` (jobs are waiting).
+        in which the ``refill``-th slot of this call finishes (stop token or budget); ``refill``
+        int32, 0 = never early (no job is waiting).
         Finished and idle rows decode greedily, untruncated, and are ignored."""
         base = jax.vmap(lambda sd, i: jax.random.fold_in(_seed_key(sd[0], sd[1]), i))(st["seed"], st["sidx"])
         last = self.max_len - 1
         K, S = self.steps_per_call, self.num_slots
 
         def cond(c):
-            return (c[0] < K) & ~c[1]
+            return (c[0] < K) & ((refill <= 0) | (c[1] < refill))
 
         def body(c):
-            i, _, cache, z, pos, step, done, toks, lps = c
+            i, n_ended, cache, z, pos, step, done, toks, lps = c
             live = ~done
             keys = jax.vmap(jax.random.fold_in)(base, step)
             tok, lp = sample_tokens(z, keys, jnp.where(live, st["temp"], 0.0),
@@ -305,10 +312,10 @@ class JaxEngine:
             ended = live & (hit | (step + 1 >= st["budget"]))
             toks = jax.lax.dynamic_update_index_in_dim(toks, tok, i, 0)
             lps = jax.lax.dynamic_update_index_in_dim(lps, lp, i, 0)
-            return (i + 1, refill & jnp.any(ended), cache, z, pos + 1, step + 1, done | ended,
-                    toks, lps)
+            return (i + 1, n_ended + ended.sum(dtype=jnp.int32), cache, z, pos + 1, step + 1,
+                    done | ended, toks, lps)
 
-        init = (jnp.int32(0), jnp.bool_(False), cache, logits, st["pos"], st["step"], st["done"],
+        init = (jnp.int32(0), jnp.int32(0), cache, logits, st["pos"], st["step"], st["done"],
                 jnp.zeros((K, S), jnp.int32), jnp.zeros((K, S), jnp.float32))
         n, _, cache, logits, pos, step, done, toks, lps = jax.lax.while_loop(cond, body, init)
         return cache, logits, {**st, "pos": pos, "step": step, "done": done}, toks, lps, n
@@ -450,9 +457,9 @@ class JaxEngine:
         launched = None
         if active and not paused:  # dispatch (asynchronously) before reading the last call
             with self._cond:
-                refill = bool(self._queue) and self._admitting
+                refill = min(len(self._queue), self.refill_batch) if self._admitting else 0
             self._cache, self._logits, self._slots, toks, lps, n = self._decode_fn(
-                params, self._cache, self._logits, self._slots, np.bool_(refill))
+                params, self._cache, self._logits, self._slots, np.int32(refill))
             launched = (toks, lps, n, active)
         if self.overlap:
             previous, self._inflight = self._inflight, launched
@@ -704,5 +711,5 @@ class JaxEngine:
                         np.zeros((nb, Pb), np.int32), ints, np.zeros((nb, 2), np.float32),
                         np.full((nb, self.max_stop_tokens), -1, np.int32))
             self._cache, self._logits, self._slots, toks, _, _ = self._decode_fn(
-                params, self._cache, self._logits, self._slots, np.bool_(False))
+                params, self._cache, self._logits, self._slots, np.int32(0))
             jax.block_until_ready(toks)
