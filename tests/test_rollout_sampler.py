@@ -101,10 +101,11 @@ def test_row_independent_of_batch_companions():
     V = 32
     z = jnp.asarray(rng.normal(size=(2, V)).astype(np.float32))
     k = keys(2, 11)
+    fn = jax.jit(sample_tokens)
     for s in range(20):
         kk = jax.vmap(lambda x: jax.random.fold_in(x, s))(k)
-        alone = sample_tokens(z[:1], kk[:1], jnp.ones(1), jnp.ones(1), jnp.full((1,), -1))
-        mixed = sample_tokens(z, kk, jnp.ones(2), jnp.asarray([1.0, 0.5]), jnp.asarray([-1, 3]))
+        alone = fn(z[:1], kk[:1], jnp.ones(1), jnp.ones(1), jnp.full((1,), -1))
+        mixed = fn(z, kk, jnp.ones(2), jnp.asarray([1.0, 0.5]), jnp.asarray([-1, 3]))
         assert int(alone[0][0]) == int(mixed[0][0])
         assert float(alone[1][0]) == float(mixed[1][0])
 
