@@ -193,6 +193,15 @@ class RolloutConfig:
                 raise ConfigError(f"rollout.{name}: must be > 0, got {getattr(self, name)}")
         if not 0 <= self.nccl_master_port < 65536:
             raise ConfigError(f"rollout.nccl_master_port: must be in [0, 65536), got {self.nccl_master_port}")
+        if self.zero_mismatch and self.engine != "jax":
+            raise ConfigError(f"rollout.zero_mismatch: needs rollout.engine 'jax' (the embedded engine), "
+                              f"got {self.engine!r}")
+        if self.zero_mismatch and (self.top_p < 1.0 or self.top_k != -1):
+            raise ConfigError(f"rollout.zero_mismatch: samples from the full distribution; needs "
+                              f"rollout.top_p 1 and rollout.top_k -1, got top_p {self.top_p}, top_k {self.top_k}")
+        if self.routing_replay and self.engine != "jax":
+            raise ConfigError(f"rollout.routing_replay: needs rollout.engine 'jax' (the embedded engine), "
+                              f"got {self.engine!r}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -268,3 +268,25 @@ def test_bad_requests_name_the_field(engine, kw, field):
     with pytest.raises(ValueError, match=field):
         engine.submit(Request(**kw))
     assert engine.health() and engine.num_queued() == 0
+
+
+def test_routed_experts_follow_sglang_layout_and_match_the_forward(engine):
+    """``return_routed_experts``: each sample carries ``[P + R - 1, L_moe, K]`` expert ids (the
+    prompt's from prefill, each fed response token's from decode), equal as top-k sets to the
+    full forward's routing of the same tokens (fp32), through slot refills and with overlap."""
+    cfg = nh.preset("tiny", vocab_size=64)  # three MoE layers, top-2 of 8 experts
+    p = nh.init_params(cfg, jax.random.key(1), dtype=jnp.float32)
+    n_moe = cfg.pattern.count("E")
+    fwd = jax.jit(lambda t: nh.forward(p, t, cfg, return_routed_experts=True)[1])
+    eng = JaxEngine(cfg, p, num_slots=2, max_len=32, prompt_buckets=(16,), prefill_sizes=(2,),
+                    steps_per_call=3, overlap=True, return_routed_experts=True)
+    reqs = [Request(prompt_ids=prompt(P, i), sampling=SamplingParams(max_new_tokens=M, seed=i))
+            for i, (P, M) in enumerate(LENGTHS[:5])]
+    for s in eng.generate(reqs).samples():
+        P, R = len(s.prompt_ids), len(s.response_ids)
+        assert s.routed_experts.shape == (P + R - 1, n_moe, cfg.num_experts_per_tok)
+        seq = np.zeros((1, 32), np.int32)  # one shape (causal: the padding changes nothing)
+        seq[0, :P + R] = np.concatenate([s.prompt_ids, s.response_ids])
+        want = np.sort(np.asarray(fwd(jnp.asarray(seq)))[0, :P + R - 1], -1)
+        np.testing.assert_array_equal(np.sort(s.routed_experts, -1), want)
+    assert engine.generate(reqs[:1]).samples()[0].routed_experts is None  # off by default

@@ -101,3 +101,31 @@ def test_non_integer_versions_and_mismatch_helper():
     m = logprob_mismatch(np.asarray([[0.0, -1.0, -2.0]]), np.asarray([[5.0, -1.5, -1.75]]),
                          np.asarray([[0, 1, 1]]))
     assert m == {"max_abs": 0.5, "mean_abs": 0.375, "tokens": 2}
+
+
+def test_routed_experts_by_hand_padded_and_packed():
+    """Samples with ``routed_experts [P + R - 1, L, K]`` fill ``RLBatch.routed_experts`` at their
+    columns (-1 elsewhere, and for a sample without them); none at all: ``None``."""
+    import dataclasses
+
+    ro = rollouts()
+    rx = lambda n, v: np.full((n, 2, 1), v, np.int32)  # noqa: E731 - L = 2 layers, K = 1
+    g0 = (dataclasses.replace(ro.groups[0][0], routed_experts=rx(4, 1)),
+          dataclasses.replace(ro.groups[0][1], routed_experts=rx(3, 2)))
+    ro = Rollouts(requests=ro.requests, groups=(g0, ro.groups[1]))  # sample 2 has none
+    assert pack_rollouts(rollouts(), [0.0] * 3).routed_experts is None
+    b = pack_rollouts(ro, [0.0] * 3, pad_multiple=4, num_experts=4)
+    np.testing.assert_array_equal(b.routed_experts[..., 0, 0], [[1, 1, 1, 1, -1, -1, -1, -1],
+                                                                [2, 2, 2, -1, -1, -1, -1, -1],
+                                                                [-1] * 8])
+    b = pack_rollouts(ro, [0.0] * 3, layout="packed", seq_len=10, num_experts=4)
+    np.testing.assert_array_equal(b.routed_experts[..., 1, 0], [[1, 1, 1, 1, -1, 2, 2, 2, -1, -1],
+                                                                [-1] * 10])
+    with pytest.raises(ValueError, match="num_experts"):
+        pack_rollouts(ro, [0.0] * 3)
+    bad = Rollouts(requests=ro.requests, groups=((dataclasses.replace(g0[0], routed_experts=rx(5, 1)),
+                                                  g0[1]), ro.groups[1]))
+    with pytest.raises(ValueError, match=r"samples\[0\].routed_experts"):
+        pack_rollouts(bad, [0.0] * 3, num_experts=4)
+    with pytest.raises(ValueError, match="expert id"):
+        pack_rollouts(ro, [0.0] * 3, num_experts=1)

@@ -182,6 +182,9 @@ class JaxEngine:
     overlap          dispatch the next decode call before reading the last one, so host work
                      overlaps device work (a freed slot is then refilled one call later)
     max_stop_tokens  most stop token ids per request
+    return_routed_experts  each sample carries ``routed_experts [P + R - 1, L_moe, K]``: the
+                     experts prefill and decode routed every fed token to in every MoE layer
+                     (SGLang's layout; kept on the device per slot, ``[S, max_len, L_moe, K]``)
     model            module with ``prefill`` / ``decode_step`` / ``init_cache`` /
                      ``hidden_states`` (default ``models.nemotron_h``)
     """
@@ -190,7 +193,8 @@ class JaxEngine:
                  prompt_buckets: Optional[Sequence[int]] = None,
                  prefill_sizes: Optional[Sequence[int]] = None, steps_per_call: int = 16,
                  weight_version: str = "0", seed: int = 0, overlap: bool = False,
-                 max_stop_tokens: int = 8, refill_batch: Optional[int] = None, model=None):
+                 max_stop_tokens: int = 8, refill_batch: Optional[int] = None, model=None,
+                 return_routed_experts: bool = False):
         if model is None:
             from models import nemotron_h as model
         if num_slots < 1:
@@ -233,6 +237,11 @@ class JaxEngine:
                        "top_k": jnp.full(S, -1, jnp.int32), "budget": jnp.zeros(S, jnp.int32),
                        "stops": jnp.full((S, self.max_stop_tokens), -1, jnp.int32),
                        "done": jnp.ones(S, bool)}
+        self.return_routed_experts = bool(return_routed_experts)
+        if self.return_routed_experts:  # experts of every fed position: [S, max_len, L_moe, K]
+            n_moe = sum(k == "E" for k in model_cfg.pattern)
+            self._slots["rx"] = jnp.full((S, self.max_len, n_moe, model_cfg.num_experts_per_tok),
+                                         -1, jnp.int32)
 
         self._queue: collections.deque = collections.deque()
         self._handles: dict = {}  # rid -> handle (in flight)
@@ -260,8 +269,9 @@ class JaxEngine:
         [nb, 2]``: temperature, top_p; ``stops [nb, max_stop_tokens]`` (-1 padded)."""
         Pb = tokens.shape[1]
         lengths, slots = ints[:, 0], ints[:, 1]
-        last, new = self.model.prefill(params, tokens, self.model_cfg, lengths=lengths,
-                                       max_len=Pb, last_only=True)
+        pre = self.model.prefill(params, tokens, self.model_cfg, lengths=lengths, max_len=Pb,
+                                 last_only=True, return_routed_experts=self.return_routed_experts)
+        last, new = pre[:2]
         out = []
         for layer, fresh in zip(cache, new):
             upd = {}
@@ -278,14 +288,20 @@ class JaxEngine:
                   "sidx": ints[:, 2], "temp": floats[:, 0], "top_p": floats[:, 1],
                   "top_k": ints[:, 3], "budget": ints[:, 4], "stops": stops,
                   "done": jnp.zeros(lengths.shape, bool)}
+        if self.return_routed_experts:
+            rx = pre[2]  # [nb, Pb, L_moe, K]
+            values["rx"] = jnp.concatenate(
+                [rx, jnp.full((rx.shape[0], self.max_len - Pb) + rx.shape[2:], -1, jnp.int32)], 1)
         slots_state = {k: v.at[slots].set(values[k].astype(v.dtype), mode="drop")
                        for k, v in slots_state.items()}
         return out, logits, slots_state
 
     def _decode_logits(self, params, cache, tokens, positions):
         """Next-token logits ``[S, V]`` after feeding ``tokens [S]`` at ``positions [S]``, and the
-        new cache. The one place the engine computes next-token logits."""
-        return self.model.decode_step(params, cache, tokens, positions, self.model_cfg)
+        new cache (and the experts used, ``[S, L_moe, K]``, with ``return_routed_experts``). The
+        one place the engine computes next-token logits."""
+        return self.model.decode_step(params, cache, tokens, positions, self.model_cfg,
+                                      return_routed_experts=self.return_routed_experts)
 
     def _decode_impl(self, params, cache, logits, st, refill):
         """Up to ``K = steps_per_call`` tokens per slot -> ``(cache, logits, slot state,
@@ -301,24 +317,30 @@ class JaxEngine:
             return (c[0] < K) & ((refill <= 0) | (c[1] < refill))
 
         def body(c):
-            i, n_ended, cache, z, pos, step, done, toks, lps = c
+            i, n_ended, cache, z, pos, step, done, toks, lps, rx = c
             live = ~done
             keys = jax.vmap(jax.random.fold_in)(base, step)
             tok, lp = sample_tokens(z, keys, jnp.where(live, st["temp"], 0.0),
                                     jnp.where(live, st["top_p"], 1.0),
                                     jnp.where(live, st["top_k"], -1))
-            z, cache = self._decode_logits(params, cache, tok, jnp.minimum(pos, last))
+            out = self._decode_logits(params, cache, tok, jnp.minimum(pos, last))
+            z, cache = out[:2]
+            if rx is not None:  # the experts of the token fed at ``pos`` (row s, column pos)
+                rx = rx.at[jnp.arange(S), jnp.minimum(pos, last)].set(out[2])
             hit = jnp.any(tok[:, None] == st["stops"], axis=1)
             ended = live & (hit | (step + 1 >= st["budget"]))
             toks = jax.lax.dynamic_update_index_in_dim(toks, tok, i, 0)
             lps = jax.lax.dynamic_update_index_in_dim(lps, lp, i, 0)
             return (i + 1, n_ended + ended.sum(dtype=jnp.int32), cache, z, pos + 1, step + 1,
-                    done | ended, toks, lps)
+                    done | ended, toks, lps, rx)
 
         init = (jnp.int32(0), jnp.int32(0), cache, logits, st["pos"], st["step"], st["done"],
-                jnp.zeros((K, S), jnp.int32), jnp.zeros((K, S), jnp.float32))
-        n, _, cache, logits, pos, step, done, toks, lps = jax.lax.while_loop(cond, body, init)
-        return cache, logits, {**st, "pos": pos, "step": step, "done": done}, toks, lps, n
+                jnp.zeros((K, S), jnp.int32), jnp.zeros((K, S), jnp.float32), st.get("rx"))
+        n, _, cache, logits, pos, step, done, toks, lps, rx = jax.lax.while_loop(cond, body, init)
+        new = {**st, "pos": pos, "step": step, "done": done}
+        if rx is not None:
+            new["rx"] = rx
+        return cache, logits, new, toks, lps, n
 
     # ------------------------------------------------------------------------------------------
     # low-level API (thread-safe)
@@ -494,7 +516,11 @@ class JaxEngine:
                     reason = "length"
                 if reason is not None:
                     self._free_slot(s)
-                    if job.handle._finish_one(job.index, self._sample_of(job, reason)):
+                    rx = None
+                    if self.return_routed_experts:  # rows of the P + R - 1 fed tokens
+                        n_fed = len(job.handle.request.prompt_ids) + len(job.tokens) - 1
+                        rx = np.asarray(self._slots["rx"][s, :n_fed])
+                    if job.handle._finish_one(job.index, self._sample_of(job, reason, rx)):
                         finished.append(job.handle)
             self._cond.notify_all()
         for h in finished:
@@ -531,11 +557,11 @@ class JaxEngine:
         output ignored) until an admission overwrites it."""
         self._jobs[s] = None
 
-    def _sample_of(self, job: _Job, reason: str) -> Sample:
+    def _sample_of(self, job: _Job, reason: str, routed_experts=None) -> Sample:
         return Sample(prompt_ids=np.asarray(job.handle.request.prompt_ids, np.int32),
                       response_ids=np.asarray(job.tokens, np.int32),
                       logprobs=np.asarray(job.logps, np.float32), finish_reason=reason,
-                      weight_version=job.version or self._version)
+                      weight_version=job.version or self._version, routed_experts=routed_experts)
 
     def _retire_handle(self, handle: RequestHandle, error=None):
         with self._cond:

@@ -47,7 +47,8 @@ def make_engine(rollout_cfg, *, model_cfg=None, params=None, weight_version: str
         return JaxEngine(model_cfg, params, num_slots=rollout_cfg.num_slots,
                          max_len=rollout_cfg.max_prompt_len + rollout_cfg.max_response_len,
                          steps_per_call=rollout_cfg.steps_per_call, seed=rollout_cfg.seed,
-                         weight_version=weight_version, **kwargs)
+                         weight_version=weight_version,
+                         return_routed_experts=getattr(rollout_cfg, "routing_replay", False), **kwargs)
     if rollout_cfg.engine in ("jax_server", "sglang"):
         from .client import ServerClient
         r = rollout_cfg

@@ -16,6 +16,11 @@ the request's ``domain`` (``-1`` when it has none); ``policy_version`` = the sam
 ``weight_version`` as an int when every version is a decimal integer (trainer steps), else
 ``None``.
 
+Routing replay: when any sample carries ``routed_experts [P + R − 1, L_moe, K]`` (SGLang's
+layout), ``routed_experts [rows, T, L_moe, K]`` holds them at the sample's columns
+(:func:`cascade_jax.rl.pack_routed_experts`; ``num_experts`` required), -1 elsewhere and for
+samples without them (e.g. aborted ones: routed freely); else ``None``.
+
 Layouts: ``"padded"`` — one sequence per row, ``T`` = the longest sequence rounded up to a
 multiple of ``pad_multiple`` (or ``seq_len``); ``"packed"`` — sequences placed in order into rows
 of ``seq_len`` tokens (a new row when the next one does not fit; ``positions`` restart at 0 and
@@ -31,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cascade_jax import domains
-from cascade_jax.rl.batch import RLBatch
+from cascade_jax.rl.batch import RLBatch, pack_routed_experts
 
 from .types import FINISH_REASONS, Rollouts
 
@@ -59,7 +64,8 @@ def version_code(versions: Sequence[str]) -> Optional[np.ndarray]:
 
 def pack_rollouts(rollouts: Rollouts, rewards, *, teacher_logp: Optional[Sequence] = None,
                   layout: str = "padded", seq_len: Optional[int] = None, pad_multiple: int = 8,
-                  num_rows: Optional[int] = None, group_offset: int = 0) -> RLBatch:
+                  num_rows: Optional[int] = None, group_offset: int = 0,
+                  num_experts: Optional[int] = None) -> RLBatch:
     """Build an :class:`RLBatch` (module doc). ``rewards`` ``[N]`` (one per sample, group by
     group); ``teacher_logp`` ``None`` or ``N`` arrays ``[len(response)]``."""
     samples = rollouts.samples()
@@ -138,6 +144,23 @@ def pack_rollouts(rollouts: Rollouts, rewards, *, teacher_logp: Optional[Sequenc
         rollout_logp[r, o + P:o + P + R] = s.logprobs
         if teacher is not None:
             teacher[r, o + P:o + P + R] = np.asarray(teacher_logp[n], np.float32)
+    routed = None
+    if any(s.routed_experts is not None for s in samples):
+        if num_experts is None:
+            raise ValueError("num_experts: required when samples carry routed_experts")
+        have = [n for n, s in enumerate(samples) if s.routed_experts is not None]
+        for n in have:
+            want = len(samples[n].prompt_ids) + len(samples[n].response_ids) - 1
+            if np.shape(samples[n].routed_experts)[0] != want:
+                raise ValueError(f"samples[{n}].routed_experts: {np.shape(samples[n].routed_experts)[0]} "
+                                 f"rows, expected P + R - 1 = {want}")
+        per = pack_routed_experts([samples[n].routed_experts for n in have], T,
+                                  num_experts=num_experts, offsets=[place[n][1] for n in have])
+        routed = np.full((rows, T) + per.shape[2:], -1, np.int32)
+        for j, n in enumerate(have):
+            r, o = place[n]
+            k = np.shape(samples[n].routed_experts)[0]
+            routed[r, o:o + k] = per[j, o:o + k]
     if layout == "padded":
         positions = np.broadcast_to(np.arange(T, dtype=np.int32), (rows, T)).copy()
     return RLBatch(
@@ -148,4 +171,5 @@ def pack_rollouts(rollouts: Rollouts, rewards, *, teacher_logp: Optional[Sequenc
         domain_ids=jnp.asarray(domain_ids),
         teacher_logp=None if teacher is None else jnp.asarray(teacher),
         seq_index=jnp.asarray(seq_index) if layout == "packed" else None,
-        policy_version=None if version is None else jnp.asarray(version))
+        policy_version=None if version is None else jnp.asarray(version),
+        routed_experts=None if routed is None else jnp.asarray(routed))

@@ -271,6 +271,9 @@ def build_train_step(config: C.Config, model_cfg):
     static = dict(model_cfg=model_cfg, compute_dtype=compute_dtype(config))
     if obj in ("grpo", "mopd"):
         static.update(stage=config.stage, temperature=config.rollout.temperature)
+        r = config.rollout
+        if r.zero_mismatch:  # batch-invariant log-probs at the rollout's row length
+            static.update(row_len=r.max_prompt_len + r.max_response_len)
     fn = rl.make_train_step(obj, jit=False, opt_cfg=config.optimizer, **static)
     return jax.jit(fn, donate_argnums=(0,))
 

@@ -52,6 +52,7 @@ class Stage:
                                         rl.compute_params(parts.params, self.specs, self.dtype))
                            if self.obj == "grpo" and config.stage.kl_coef > 0 else None)
         self._ref_fn = None
+        self._route_fn = None  # unreplayed forward's experts (routing-replay metrics)
         self.state = rl.TrainState.from_config(parts.params, config.optimizer, self.specs)
         parts.params = None  # the master copy in ``state`` is the one copy we keep
         self.rng = jax.random.key(config.run.seed)
@@ -131,6 +132,9 @@ class Stage:
         if self.ref_params is not None:
             with timer("reference"):
                 batch = self._ref_logp(batch)
+        if batch.routed_experts is not None:
+            with timer("routing_check"):
+                info.update(self._routing_mismatch(batch))
         with timer("train"):
             self.state, m = self.parts.train_step(self.state, batch)
             m = scalars(jax.block_until_ready(m))
@@ -149,6 +153,43 @@ class Stage:
                             top_k=r.top_k, n=r.n_samples, seed=int(sd),
                             stop_token_ids=(self.tok.eos_id,)))
                 for p, sd in zip(prompts, seeds)]
+
+    def _generate(self, reqs):
+        """Rollouts of ``reqs``: the engine's, or with ``rollout.zero_mismatch`` every token drawn
+        from the trainer's own batch-invariant log-probs (:func:`cascade_jax.rollout.exact.
+        generate_exact` over the compute copy, rows of ``max_prompt_len + max_response_len``;
+        sample ``i`` of the flattened requests uses ``fold_in(key(seed of request 0), i)``)."""
+        from cascade_jax.rollout import Rollouts
+        from cascade_jax.rollout.exact import generate_exact
+
+        r = self.config.rollout
+        if not r.zero_mismatch:
+            return self.parts.engine.generate(reqs)
+        sp = reqs[0].sampling
+        flat = [list(q.prompt_ids) for q in reqs for _ in range(q.sampling.n)]
+        samples = generate_exact(self.compute_params(), self.parts.model_cfg, flat,
+                                 row_len=r.max_prompt_len + r.max_response_len,
+                                 num_slots=r.num_slots, max_new_tokens=sp.max_new_tokens,
+                                 seed=int(sp.seed or 0), temperature=sp.temperature,
+                                 stop_token_ids=sp.stop_token_ids,
+                                 return_routed_experts=r.routing_replay,
+                                 weight_version=str(int(self.state.step)))
+        groups, k = [], 0
+        for q in reqs:
+            groups.append(tuple(samples[k:k + q.sampling.n]))
+            k += q.sampling.n
+        return Rollouts(requests=tuple(reqs), groups=tuple(groups))
+
+    def _routing_mismatch(self, batch: rl.RLBatch) -> dict:
+        """Rollout experts (``batch.routed_experts``) vs the trainer's unreplayed forward with the
+        current weights over the response tokens (``rl.routing_mismatch``)."""
+        if self._route_fn is None:
+            from models import nemotron_h as nh
+            mcfg = self.parts.model_cfg
+            self._route_fn = jax.jit(lambda p, t, pos, seg: nh.forward(
+                p, t, mcfg, positions=pos, segment_ids=seg, return_routed_experts=True)[1])
+        used = self._route_fn(self.compute_params(), batch.tokens, batch.positions, batch.segment_ids)
+        return scalars(rl.routing_mismatch(batch.routed_experts, used, batch.loss_mask))
 
     def _score(self, prompts, rollouts) -> np.ndarray:
         """``[n_prompts, n]`` rewards; each domain's prompts go to its scorer in one call."""
@@ -184,7 +225,7 @@ class Stage:
             reqs = self._requests(prompts, seeds)
             with timer("rollout"):
                 try:
-                    ro = self.parts.engine.generate(reqs)
+                    ro = self._generate(reqs)
                 except RolloutError as e:
                     raise RolloutUnavailable(f"rollouts of step {step + 1}: {e}") from None
             with timer("reward"):
@@ -205,7 +246,8 @@ class Stage:
             with timer("teacher"):
                 teacher = self.parts.teachers.score(ro)
         batch = pack_rollouts(ro, rewards, teacher_logp=teacher, layout="padded",
-                              seq_len=cfg.rollout.max_prompt_len + cfg.rollout.max_response_len)
+                              seq_len=cfg.rollout.max_prompt_len + cfg.rollout.max_response_len,
+                              num_experts=self.parts.model_cfg.n_routed_experts)
         versions = np.asarray([weight_step(s.weight_version) for s in ro.samples()], np.int32)
         batch = batch.replace(policy_version=jnp.asarray(versions))  # always present: one program
         lens = np.asarray([len(s.response_ids) for g in ro.groups for s in g], np.float64)
