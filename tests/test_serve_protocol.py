@@ -182,3 +182,49 @@ def test_client_fails_cleanly_when_no_server_answers():
         assert c.health() is False
     finally:
         c.close()
+
+
+def test_return_routed_experts_in_sglang_layout():
+    """``/generate`` with ``return_routed_experts``: ``meta_info.routed_experts`` is base64 of
+    int32 ``[P + R - 1, L_moe, K]`` (the engine's experts, equal as top-k sets to the full
+    forward's routing, fp32); a server started without the flag refuses it naming the field; a
+    non-bool value is a 400 naming it. The app runs in process over a real engine."""
+    import base64
+
+    from fastapi.testclient import TestClient
+
+    from cascade_jax.rollout.engine import JaxEngine
+    from cascade_jax.rollout.server import RolloutServer
+
+    items, _ = api.parse_generate({"input_ids": [1, 2], "return_routed_experts": True}, vocab_size=10,
+                                  context_length=8, new_rid=lambda: "x")
+    assert items[0].return_routed_experts
+    with pytest.raises(api.RequestError, match="return_routed_experts"):
+        api.parse_generate({"input_ids": [1], "return_routed_experts": "yes"}, vocab_size=10,
+                           context_length=8, new_rid=lambda: "x")
+    cfg = nh.preset("tiny", vocab_size=64)
+    params = nh.init_params(cfg, jax.random.key(2), dtype=jnp.float32)
+    L, K = cfg.pattern.count("E"), cfg.num_experts_per_tok
+    body = {"input_ids": [5, 9, 3, 7], "return_routed_experts": True,
+            "sampling_params": {"max_new_tokens": 5, "sampling_seed": 3}}
+    for enabled in (True, False):
+        eng = JaxEngine(cfg, params, num_slots=2, max_len=16, prompt_buckets=(8,), prefill_sizes=(2,),
+                        steps_per_call=5, return_routed_experts=enabled)
+        eng.start()  # the server drives a running engine (as launch/serve.py starts it)
+        try:
+            with TestClient(RolloutServer(eng, cfg, checkpoint="tiny").app) as client:
+                r = client.post("/generate", json=body)
+                plain = client.post("/generate", json={**body, "return_routed_experts": False}).json()
+        finally:
+            eng.stop()
+        if not enabled:
+            assert r.status_code == 400 and "return_routed_experts" in r.text
+            continue
+        assert r.status_code == 200, r.text
+        out = r.json()
+        rx = np.frombuffer(base64.b64decode(out["meta_info"]["routed_experts"]), np.int32)
+        seq = body["input_ids"] + out["output_ids"]
+        rx = rx.reshape(len(seq) - 1, L, K)
+        want = nh.forward(params, jnp.asarray([seq[:-1]]), cfg, return_routed_experts=True)[1][0]
+        np.testing.assert_array_equal(np.sort(rx, -1), np.sort(np.asarray(want), -1))
+        assert "routed_experts" not in plain["meta_info"]

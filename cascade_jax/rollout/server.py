@@ -18,6 +18,10 @@ Behaviour:
   ``return_logprob`` with ``logprob_start_len >= 0`` adds the prompt's teacher-forced
   log-probs (engine ``score``; concurrent scoring calls are batched). ``max_new_tokens: 0``
   is pure scoring.
+* ``return_routed_experts: true`` adds ``meta_info.routed_experts`` (base64 of int32
+  ``[P + R - 1, L_moe, K]``, SGLang's layout: the experts prefill and decode routed each fed
+  token to); the server must run with ``--enable-return-routed-experts``, else a 400 naming
+  the field.
 * Pause (``mode`` ``abort``, the default, or ``in_place``/``retract``) stops the engine; ``abort``
   also finishes every running request with finish reason ``abort`` (clients resubmit). New
   ``/generate`` requests wait until ``/continue_generation``.
@@ -204,6 +208,7 @@ class RolloutServer:
                 max_new_tokens=item.sampling.max_new_tokens, weight_version=s.weight_version,
                 input_logprobs=input_lps, logprob_start_len=item.logprob_start_len,
                 e2e_latency=time.perf_counter() - t0,
+                routed_experts=s.routed_experts if item.return_routed_experts else None,
                 text=self.tokenizer.decode(resp) if self.tokenizer is not None else ""))
         return out
 
@@ -213,6 +218,9 @@ class RolloutServer:
             body, vocab_size=self._vocab(), context_length=self.engine.max_len,
             tokenize=(lambda t: [int(x) for x in self.tokenizer.encode(t)]) if self.tokenizer is not None else None,
             new_rid=lambda: uuid.uuid4().hex)
+        if items[0].return_routed_experts and not getattr(self.engine, "return_routed_experts", False):
+            raise RequestError("return_routed_experts", "this server was started without "
+                                                        "--enable-return-routed-experts")
         for i, it in enumerate(items):
             if len(it.prompt_ids) > self.engine.prompt_buckets[-1]:
                 raise RequestError(f"input_ids{f'[{i}]' if batched else ''}",
@@ -575,6 +583,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--prefill-sizes", default=None, help="comma-separated admission row counts")
     ap.add_argument("--steps-per-call", type=int, default=4, help="tokens decoded per jitted call")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--enable-return-routed-experts", action="store_true",
+                    help="record the experts of every token and MoE layer, so /generate can return them "
+                         "(return_routed_experts)")
     ap.add_argument("--no-warmup", action="store_true", help="compile lazily instead of at start")
     ap.add_argument("--update-timeout-s", type=float, default=600.0)
     ap.add_argument("--log-level", default="warning")
@@ -609,7 +620,8 @@ def main(argv=None) -> None:
     engine = JaxEngine(model_cfg, params, num_slots=args.num_slots, max_len=args.max_len,
                        prompt_buckets=_ints(args.prompt_buckets, "--prompt-buckets"),
                        prefill_sizes=_ints(args.prefill_sizes, "--prefill-sizes"),
-                       steps_per_call=args.steps_per_call, weight_version=args.weight_version, seed=args.seed)
+                       steps_per_call=args.steps_per_call, weight_version=args.weight_version, seed=args.seed,
+                       return_routed_experts=args.enable_return_routed_experts)
     engine.start()
     server_args = {k: v for k, v in vars(args).items() if k != "api_key"}
     srv = RolloutServer(engine, model_cfg, checkpoint=args.checkpoint, dtype=dtype, api_key=args.api_key,

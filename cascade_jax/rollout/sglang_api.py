@@ -88,7 +88,7 @@ _TOP_DEFAULT_ONLY = {
     "top_logprobs_num": 0, "token_ids_logprob": None, "stream": False,
     "return_hidden_states": False, "modalities": None, "session_params": None, "lora_path": None,
     "lora_id": None, "custom_logit_processor": None, "bootstrap_host": None, "bootstrap_port": None,
-    "bootstrap_room": None, "data_parallel_rank": None, "return_routed_experts": False,
+    "bootstrap_room": None, "data_parallel_rank": None,
     "return_entropy": False, "return_sampling_mask": False,
 }
 MAX_N = 1024  # samples per request the server accepts
@@ -115,6 +115,7 @@ class GenerateItem:
     rid: str
     return_logprob: bool
     logprob_start_len: int  # -1 = no input log-probs
+    return_routed_experts: bool = False
 
 
 def _is_int(x) -> bool:
@@ -271,6 +272,11 @@ def parse_generate(body: Any, *, vocab_size: int, context_length: int,
         f"{rids}-{i}" if rids is not None else None for i in range(b)]
     rets = _per_item(body.get("return_logprob", False), b, "return_logprob")
     starts = _per_item(body.get("logprob_start_len", -1), b, "logprob_start_len")
+    routed = body.get("return_routed_experts", False)
+    if routed is None:
+        routed = False
+    if not isinstance(routed, bool):
+        raise RequestError("return_routed_experts", f"expected a bool, got {routed!r}")
     items, ns = [], set()
     for i, (prompt, sp, rid, ret, start) in enumerate(zip(prompts, sps, rids, rets, starts)):
         sfx = f"[{i}]" if batched else ""
@@ -293,7 +299,7 @@ def parse_generate(body: Any, *, vocab_size: int, context_length: int,
         start = _int(start, f"logprob_start_len{sfx}")
         if not -1 <= start < len(prompt):
             raise RequestError(f"logprob_start_len{sfx}", f"must be -1 or in [0, {len(prompt)}), got {start}")
-        items.append(GenerateItem(prompt, sampling, rid or new_rid(), ret, start if ret else -1))
+        items.append(GenerateItem(prompt, sampling, rid or new_rid(), ret, start if ret else -1, routed))
     if len(ns) > 1:
         raise RequestError("sampling_params.n", "all items of a batch must share the same n")
     return items, batched or items[0].sampling.n > 1
@@ -303,9 +309,12 @@ def generate_item_reply(*, rid: str, prompt_ids: Sequence[int], output_ids: Sequ
                         output_logprobs: Optional[Sequence[float]], finish_reason: str,
                         matched: Optional[int], max_new_tokens: int, weight_version: str,
                         input_logprobs: Optional[Sequence[Optional[float]]], logprob_start_len: int,
-                        e2e_latency: float, text: str = "", abort_message: str = "") -> dict:
+                        e2e_latency: float, text: str = "", abort_message: str = "",
+                        routed_experts: Optional[np.ndarray] = None) -> dict:
     """One reply item in SGLang's layout (see module doc). ``input_logprobs`` are the log-probs
-    of prompt positions ``logprob_start_len .. P-1`` (None at position 0)."""
+    of prompt positions ``logprob_start_len .. P-1`` (None at position 0). ``routed_experts``
+    ``[P + R - 1, L_moe, K]``: ``meta_info.routed_experts`` = base64 of its int32 bytes (C
+    order), as SGLang's ``return_routed_experts``."""
     if finish_reason == "stop":
         fr = {"type": "stop", "matched": matched}
     elif finish_reason == "length":
@@ -321,6 +330,10 @@ def generate_item_reply(*, rid: str, prompt_ids: Sequence[int], output_ids: Sequ
             toks = list(prompt_ids)[logprob_start_len:]
             meta["input_token_logprobs"] = [[None if lp is None else float(lp), int(t), None]
                                             for lp, t in zip(input_logprobs, toks)]
+    if routed_experts is not None:
+        import base64
+        meta["routed_experts"] = base64.b64encode(
+            np.ascontiguousarray(routed_experts, dtype=np.int32).tobytes()).decode("ascii")
     return {"text": text, "output_ids": [int(t) for t in output_ids], "meta_info": meta}
 
 
