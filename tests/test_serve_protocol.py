@@ -228,3 +228,43 @@ def test_return_routed_experts_in_sglang_layout():
         want = nh.forward(params, jnp.asarray([seq[:-1]]), cfg, return_routed_experts=True)[1][0]
         np.testing.assert_array_equal(np.sort(rx, -1), np.sort(np.asarray(want), -1))
         assert "routed_experts" not in plain["meta_info"]
+
+
+def test_zero_mismatch_server_logprobs_equal_the_trainer_bit_for_bit():
+    """``--zero-mismatch``: ``/generate`` samples from the trainer's batch-invariant log-probs,
+    so ``rl.token_logprobs(..., row_len=max_len)`` recomputes the returned ones exactly (fp32);
+    top-p < 1 is a 400 naming the field."""
+    from fastapi.testclient import TestClient
+
+    import cascade_jax.rl as rl
+    from cascade_jax.rollout.engine import JaxEngine
+    from cascade_jax.rollout.server import RolloutServer
+
+    cfg = nh.preset("tiny", vocab_size=64)
+    params = nh.init_params(cfg, jax.random.key(3), dtype=jnp.float32)
+    T = 16
+    eng = JaxEngine(cfg, params, num_slots=2, max_len=T, prompt_buckets=(8,), prefill_sizes=(2,))
+    body = {"input_ids": [[5, 9, 3, 7], [4, 2]], "return_logprob": True,
+            "sampling_params": {"max_new_tokens": 5, "sampling_seed": 3, "n": 2}}
+    with TestClient(RolloutServer(eng, cfg, checkpoint="tiny", zero_mismatch=True).app) as client:
+        r = client.post("/generate", json=body)
+        bad = client.post("/generate", json={"input_ids": [1, 2], "sampling_params": {"top_p": 0.5}})
+    assert bad.status_code == 400 and "top_p" in bad.text
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert len(out) == 4
+    tok = np.zeros((4, T), np.int32)
+    seg = np.zeros((4, T), np.int32)
+    mask = np.zeros((4, T), np.float32)
+    served = np.zeros((4, T), np.float32)
+    for i, o in enumerate(out):
+        p = body["input_ids"][i // 2]
+        seq = p + o["output_ids"]
+        tok[i, :len(seq)], seg[i, :len(seq)] = seq, 1
+        mask[i, len(p):len(seq)] = 1
+        served[i, len(p):len(seq)] = [lp for lp, _, _ in o["meta_info"]["output_token_logprobs"]]
+    view = rl.SFTBatch(tokens=jnp.asarray(tok), positions=jnp.broadcast_to(jnp.arange(T), (4, T)),
+                       segment_ids=jnp.asarray(seg), loss_mask=jnp.asarray(mask))
+    lp = np.asarray(rl.token_logprobs(params, view, cfg, row_len=T)[0])
+    assert np.all(served[mask > 0] < 0)  # real sampling log-probs came back
+    np.testing.assert_array_equal(lp * mask, served)  # bit for bit

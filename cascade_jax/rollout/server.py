@@ -18,6 +18,9 @@ Behaviour:
   ``return_logprob`` with ``logprob_start_len >= 0`` adds the prompt's teacher-forced
   log-probs (engine ``score``; concurrent scoring calls are batched). ``max_new_tokens: 0``
   is pure scoring.
+* ``--zero-mismatch``: each item's samples come from :func:`cascade_jax.rollout.exact.
+  generate_exact` over rows of ``--max-len`` tokens with the current weights (a trainer using
+  ``row_len = --max-len`` recomputes the log-probs bit for bit); top-p < 1 / top-k are refused.
 * ``return_routed_experts: true`` adds ``meta_info.routed_experts`` (base64 of int32
   ``[P + R - 1, L_moe, K]``, SGLang's layout: the experts prefill and decode routed each fed
   token to); the server must run with ``--enable-return-routed-experts``, else a 400 naming
@@ -122,8 +125,10 @@ class RolloutServer:
     """The HTTP layer around one engine (see module doc). ``app`` is the FastAPI application."""
 
     def __init__(self, engine, model_cfg, *, checkpoint: str, dtype=None, api_key: Optional[str] = None,
-                 tokenizer=None, server_args: Optional[dict] = None, update_timeout_s: float = 600.0):
+                 tokenizer=None, server_args: Optional[dict] = None, update_timeout_s: float = 600.0,
+                 zero_mismatch: bool = False):
         self.engine = engine
+        self.zero_mismatch = bool(zero_mismatch)
         self.model_cfg = model_cfg
         self.checkpoint = checkpoint
         self.dtype = dtype
@@ -184,8 +189,11 @@ class RolloutServer:
         def on_done(h):
             loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(h))
 
-        handle = self.engine.submit(Request(prompt_ids=item.prompt_ids, sampling=item.sampling, rid=item.rid),
-                                    on_done=on_done)
+        if self.zero_mismatch:
+            handle = _ExactRun(self.engine, item, loop, on_done)
+        else:
+            handle = self.engine.submit(Request(prompt_ids=item.prompt_ids, sampling=item.sampling,
+                                                rid=item.rid), on_done=on_done)
         input_lps = None
         try:
             if item.logprob_start_len >= 0:
@@ -222,6 +230,11 @@ class RolloutServer:
             raise RequestError("return_routed_experts", "this server was started without "
                                                         "--enable-return-routed-experts")
         for i, it in enumerate(items):
+            sfx = f"[{i}]" if batched and isinstance(body.get("sampling_params"), list) else ""
+            if self.zero_mismatch and (it.sampling.top_p < 1.0 or it.sampling.top_k != -1):
+                bad = "top_p" if it.sampling.top_p < 1.0 else "top_k"
+                raise RequestError(f"sampling_params{sfx}.{bad}", "the server runs --zero-mismatch: "
+                                   "sampling is from the full distribution (top_p 1, top_k -1)")
             if len(it.prompt_ids) > self.engine.prompt_buckets[-1]:
                 raise RequestError(f"input_ids{f'[{i}]' if batched else ''}",
                                    f"prompt of {len(it.prompt_ids)} tokens exceeds the largest prompt bucket "
@@ -568,6 +581,35 @@ async def _watch_disconnect(request: HTTPRequest, tasks: list):
 # command line
 
 
+class _ExactRun:
+    """``--zero-mismatch``: one item's ``n`` samples by :func:`cascade_jax.rollout.exact.
+    generate_exact` (rows of the engine's ``max_len``; sample ``k`` of seed ``s`` draws token
+    ``t`` with ``fold_in(fold_in(key(s), k), t)``, the engine's rule) on a worker thread, with
+    the engine's current weights; the same ``result`` / ``rid`` surface as an engine handle."""
+
+    def __init__(self, engine, item, loop, on_done):
+        self.rid, self._samples = item.rid, None
+        sp = item.sampling
+        seed = int(sp.seed) if sp.seed is not None else int(np.random.randint(0, 2 ** 31 - 1))
+
+        def work():
+            from .exact import generate_exact
+            self._samples = tuple(generate_exact(
+                engine.params(), engine.model_cfg, [list(item.prompt_ids)] * sp.n, row_len=engine.max_len,
+                num_slots=engine.num_slots, max_new_tokens=sp.max_new_tokens, seed=seed,
+                temperature=sp.temperature, stop_token_ids=sp.stop_token_ids,
+                return_routed_experts=item.return_routed_experts,
+                weight_version=engine.weight_version()))
+            return self
+
+        self._future = loop.run_in_executor(None, work)
+        self._future.add_done_callback(lambda f: on_done(self))
+
+    def result(self, timeout=None):
+        self._future.result()  # raises what generate_exact raised
+        return self._samples
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description="JAX rollout server speaking SGLang's HTTP protocol")
     ap.add_argument("--checkpoint", required=True, help="Hub-layout NemotronH checkpoint directory")
@@ -586,6 +628,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--enable-return-routed-experts", action="store_true",
                     help="record the experts of every token and MoE layer, so /generate can return them "
                          "(return_routed_experts)")
+    ap.add_argument("--zero-mismatch", action="store_true",
+                    help="sample every token from the trainer's batch-invariant log-probs at rows of "
+                         "--max-len (rollout.exact; the trainer uses row_len = --max-len); no top-p/top-k")
     ap.add_argument("--no-warmup", action="store_true", help="compile lazily instead of at start")
     ap.add_argument("--update-timeout-s", type=float, default=600.0)
     ap.add_argument("--log-level", default="warning")
@@ -625,7 +670,8 @@ def main(argv=None) -> None:
     engine.start()
     server_args = {k: v for k, v in vars(args).items() if k != "api_key"}
     srv = RolloutServer(engine, model_cfg, checkpoint=args.checkpoint, dtype=dtype, api_key=args.api_key,
-                        tokenizer=tokenizer, server_args=server_args, update_timeout_s=args.update_timeout_s)
+                        tokenizer=tokenizer, server_args=server_args, update_timeout_s=args.update_timeout_s,
+                        zero_mismatch=args.zero_mismatch)
     if not args.no_warmup:  # compile every generation and scoring shape before serving
         engine.warmup()
         srv.batcher.warmup(engine.max_len)
