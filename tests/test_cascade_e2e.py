@@ -58,7 +58,6 @@ def _run(args, env, log, *, kill_when=None, timeout=900):
                 p.wait()
 
 
-@pytest.mark.slow  # ~20 min on 2 shared, loaded cores (measured); far over the CI budget there
 def test_tiny_cascade_end_to_end_with_kills(tmp_path):
     cdir, log = tmp_path / "cascade", tmp_path / "log.txt"
     env = _env()
