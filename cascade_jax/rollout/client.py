@@ -392,26 +392,9 @@ class ServedTeachers:
         self._owned = list(made.values())
 
     def score(self, rollouts: Rollouts) -> list:
-        jobs: dict = {}  # id(client) -> (client, [sample index], [prompt], [response])
-        n = 0
-        for req, group in zip(rollouts.requests, rollouts.groups):
-            if req.domain is None:
-                raise ValueError(f"domain: request {req.rid!r} has none; MOPD routes by domain")
-            if req.domain not in self.by_domain:
-                raise ValueError(f"domain: no teacher for {req.domain!r} (teachers cover "
-                                 f"{', '.join(sorted(self.by_domain))})")
-            client = self.by_domain[req.domain]
-            entry = jobs.setdefault(id(client), (client, [], [], []))
-            for smp in group:
-                entry[1].append(n)
-                entry[2].append(smp.prompt_ids)
-                entry[3].append(smp.response_ids)
-                n += 1
-        out: list = [None] * n
-        for client, idx, prompts, responses in jobs.values():
-            for i, lp in zip(idx, client.score(prompts, responses)):
-                out[i] = lp
-        return out
+        from .teachers import score_by_domain
+        return score_by_domain(rollouts, self.by_domain,
+                               lambda client, prompts, responses: client.score(prompts, responses))
 
     def close(self) -> None:
         """Close the clients this object made from URLs."""

@@ -19,14 +19,14 @@ scored as they are). A sample whose request has no domain, or a domain without a
 from __future__ import annotations
 
 import os
-from typing import Mapping, Optional
+from typing import Callable, Mapping, Optional
 
 from cascade_jax import domains
 
 from .scoring import score_logprobs
 from .types import Rollouts
 
-__all__ = ["Teachers"]
+__all__ = ["Teachers", "score_by_domain"]
 
 
 class Teachers:
@@ -64,25 +64,37 @@ class Teachers:
 
     def score(self, rollouts: Rollouts) -> list:
         """Per sample (``rollouts.samples()`` order) the ``[R]`` float32 teacher log-probs."""
-        jobs: dict = {}  # id(params) -> (cfg, params, [sample index], [prompt], [response])
-        n = 0
-        for req, group in zip(rollouts.requests, rollouts.groups):
-            if req.domain is None:
-                raise ValueError(f"domain: request {req.rid!r} has none; MOPD routes by domain")
-            if req.domain not in self.by_domain:
-                raise ValueError(f"domain: no teacher for {req.domain!r} (teachers cover "
-                                 f"{', '.join(sorted(self.by_domain))})")
-            cfg, params = self.by_domain[req.domain]
-            entry = jobs.setdefault(id(params), (cfg, params, [], [], []))
-            for s in group:
-                entry[2].append(n)
-                entry[3].append(s.prompt_ids)
-                entry[4].append(s.response_ids)
-                n += 1
-        out: list = [None] * n
-        for cfg, params, idx, prompts, responses in jobs.values():
-            scores = score_logprobs(params, cfg, prompts, responses, batch_size=self.batch_size,
-                                    model=self.model)
-            for i, lp in zip(idx, scores):
-                out[i] = lp
-        return out
+        return score_by_domain(
+            rollouts, self.by_domain,
+            lambda teacher, prompts, responses: score_logprobs(
+                teacher[1], teacher[0], prompts, responses, batch_size=self.batch_size,
+                model=self.model),
+            key=lambda teacher: id(teacher[1]))
+
+
+def score_by_domain(rollouts: Rollouts, by_domain: dict, score_fn: Callable,
+                    key: Callable = id) -> list:
+    """Route every sample to its request's domain teacher and score each teacher's samples in
+    one call: ``score_fn(teacher, prompts, responses) -> [R]`` log-prob arrays. Teachers with
+    the same ``key`` are scored together. Returns the scores in ``rollouts.samples()`` order;
+    a request without a domain, or a domain without a teacher, is an error naming it."""
+    jobs: dict = {}  # key(teacher) -> (teacher, [sample index], [prompt], [response])
+    n = 0
+    for req, group in zip(rollouts.requests, rollouts.groups):
+        if req.domain is None:
+            raise ValueError(f"domain: request {req.rid!r} has none; MOPD routes by domain")
+        if req.domain not in by_domain:
+            raise ValueError(f"domain: no teacher for {req.domain!r} (teachers cover "
+                             f"{', '.join(sorted(by_domain))})")
+        teacher = by_domain[req.domain]
+        entry = jobs.setdefault(key(teacher), (teacher, [], [], []))
+        for smp in group:
+            entry[1].append(n)
+            entry[2].append(smp.prompt_ids)
+            entry[3].append(smp.response_ids)
+            n += 1
+    out: list = [None] * n
+    for teacher, idx, prompts, responses in jobs.values():
+        for i, lp in zip(idx, score_fn(teacher, prompts, responses)):
+            out[i] = lp
+    return out
