@@ -17,6 +17,7 @@ and is built from JSON files (``load``), dicts (``from_dict``) and command-line 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import types
@@ -375,6 +376,14 @@ class Config:
     run: RunConfig = RunConfig()
     eval: EvalConfig = EvalConfig()
 
+    def __post_init__(self):
+        # The built-in tiny domains are toy prompts for the tiny preset; a paper-scale model must
+        # not fall back to them silently when a config leaves ``data.sources`` out.
+        if self.model.preset != "tiny" and any(s.format == "tiny" for s in self.data.sources):
+            raise ConfigError(f"data.sources: the built-in 'tiny' source is for the tiny preset; preset "
+                              f"{self.model.preset!r} needs real data (set data.sources; configs/SOURCES.md "
+                              f"lists the released datasets)")
+
 
 # --------------------------------------------------------------------------------------------
 # Generic machinery: dict <-> dataclass with type checks
@@ -525,10 +534,22 @@ def replace_path(cfg, path: str, value: Any, *, _prefix: str = ""):
 
 
 def apply_overrides(cfg, overrides: Sequence[str]):
-    """Apply ``["a.b=value", ...]`` overrides (``--set`` on the command line)."""
+    """Apply ``["a.b=value", ...]`` overrides (``--set`` on the command line).
+
+    All overrides are merged first and the result validated once, so fields that are checked
+    together (``model.preset`` with ``data.sources``, ``rollout.engine`` with
+    ``rollout.server_urls``) can be changed in any order."""
+    d = copy.deepcopy(to_dict(cfg))  # to_dict shares mapping fields with ``cfg``
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. optimizer.lr=2e-6")
         key, text = item.split("=", 1)
-        cfg = replace_path(cfg, key.strip(), parse_value(text))
-    return cfg
+        *parents, leaf = key.strip().split(".")
+        node = d
+        for i, name in enumerate(parents):
+            node = node.setdefault(name, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"'{'.'.join(parents[:i + 1])}' is a value, not a section; "
+                                  f"cannot set '{key.strip()}'")
+        node[leaf] = parse_value(text)
+    return from_dict(type(cfg), d)

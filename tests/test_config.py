@@ -79,3 +79,25 @@ def test_shipped_configs_load():
     assert files, "configs/ must ship at least one launch config"
     for f in files:
         C.load(str(f))
+
+
+def test_paper_scale_preset_needs_real_data_sources():
+    """A 30B config that leaves ``data.sources`` out must not fall back to the tiny toy prompts."""
+    with pytest.raises(C.ConfigError, match="data.sources: the built-in 'tiny' source is for the tiny preset"):
+        C.from_dict(C.Config, {"model": {"preset": "nano-30b-a3b"}})
+    with pytest.raises(C.ConfigError, match="data.sources"):
+        C.apply_overrides(C.Config(), ["model.preset=nano-30b-a3b"])
+    ok = C.apply_overrides(C.Config(), ["model.preset=nano-30b-a3b",
+                                        'data.sources=[{"path": "d/rl", "format": "jsonl"}]'])
+    assert ok.data.sources[0].path == "d/rl" and ok.data.sources[0].format == "jsonl"
+
+
+def test_overrides_are_validated_together_in_any_order():
+    want = ["rollout.server_urls=[\"http://h:1\"]", "rollout.engine=jax_server"]
+    for order in (want, want[::-1]):
+        cfg = C.apply_overrides(C.Config(), order)
+        assert cfg.rollout.engine == "jax_server" and cfg.rollout.server_urls == ("http://h:1",)
+    with pytest.raises(C.ConfigError, match="unknown key 'rollout.enginez'"):
+        C.apply_overrides(C.Config(), ["rollout.enginez=jax"])
+    with pytest.raises(C.ConfigError, match="'optimizer.lr' is a value, not a section"):
+        C.apply_overrides(C.Config(), ["optimizer.lr.x=1"])

@@ -79,7 +79,8 @@ def test_tokenizer_for_config(tmp_path):
     cfg = C.apply_overrides(C.Config(), [f"data.tokenizer={tmp_path}"])
     assert tokenizer_for(cfg).chat_template == TOK.chat_template
     with pytest.raises(TokenizerError, match="set data.tokenizer"):
-        tokenizer_for(C.apply_overrides(C.Config(), ["model.preset=nano-30b-a3b"]))
+        tokenizer_for(C.apply_overrides(C.Config(), ["model.preset=nano-30b-a3b",
+                                                     'data.sources=[{"path": "d", "format": "jsonl"}]']))
 
 
 def test_load_errors_name_the_file(tmp_path):
