@@ -6,6 +6,7 @@ function               returns
 =====================  =========================================================================
 resolve_init           a Hub checkpoint directory for ``--init`` (a Hub dir or a run dir)
 build_model            ``(model_cfg, params)``: a Hub checkpoint or a preset with seeded init
+                       (with a mesh: every leaf created / read directly in its shards)
 build_tokenizer        the checkpoint's tokenizer, or the tiny preset's built-in one
 build_mesh             the device mesh of ``config.mesh`` (or ``None`` on one device)
 build_sft_data         iterator of ``SFTBatch`` with ``get_state()`` / ``set_state()``
@@ -13,8 +14,15 @@ build_prompt_data      iterator of prompt batches with ``get_state()`` / ``set_s
 build_engine           the rollout engine (``cascade_jax.rollout`` protocol)
 build_scorers          ``{domain: scorer}`` for the stage's domains
 build_teachers         ``{domain: (model_cfg, params)}`` for MOPD
-build_train_step       the jitted ``step(state, batch) -> (state, metrics)``
+build_train_step       the jitted ``step(state, batch) -> (state, metrics)`` (with a mesh:
+                       ``cascade_jax.sharding.compile_train_step``, in/out shardings)
 =====================  =========================================================================
+
+Multi-device: :func:`build` first joins the job's processes
+(``cascade_jax.sharding.initialize_distributed``, a no-op in a single process), then lays the
+parameters, the train state and every batch out on the mesh of ``config.mesh`` by the logical
+axis rules (``cascade_jax.sharding.RULES``); only process 0 writes logs and files
+(``loop.run_stage``).
 
 Every ``build_*`` raises a :class:`~cascade_jax.runner.errors.RunError` subclass naming the bad
 input (exit codes in :mod:`cascade_jax.runner.errors`).
@@ -35,7 +43,7 @@ from cascade_jax.runner.errors import (CheckpointLoadError, ConfigError, InputFi
                                        RolloutUnavailable)
 
 __all__ = ["Parts", "build", "resolve_init", "build_model", "model_config", "build_tokenizer", "build_mesh",
-           "build_sft_data", "build_prompt_data", "build_engine", "build_scorers",
+           "start_distributed", "ShardedStep", "build_sft_data", "build_prompt_data", "build_engine", "build_scorers",
            "build_teachers", "build_train_step", "compute_dtype", "validate", "stage_domains"]
 
 
@@ -86,15 +94,25 @@ def model_config(config: C.Config):
                              f"({e})") from None
 
 
-def build_model(config: C.Config):
+def build_model(config: C.Config, mesh=None):
     """``(model_cfg, params)`` from ``config.model``: a Hub checkpoint (loaded in
-    ``model.dtype``) or the preset with parameters drawn from ``key(run.seed)``."""
+    ``model.dtype``) or the preset with parameters drawn from ``key(run.seed)``. With a
+    ``mesh`` every leaf is created (``sharding.init_params``, the same values) or read
+    (``sharding.load_params``, each device its slices) directly in its shards."""
     from models import nemotron_h as nh
 
     dtype = jnp.dtype(config.model.dtype)
     if config.model.checkpoint:
         try:
-            mcfg, params = nh.load_checkpoint(config.model.checkpoint, dtype=dtype)
+            if mesh is not None:
+                from cascade_jax import sharding
+                try:
+                    mcfg, params = sharding.load_params(config.model.checkpoint, mesh, dtype=dtype,
+                                                        overrides=config.model.overrides or None)
+                except sharding.ShardingError as e:
+                    raise ConfigError(f"mesh: {e}") from None
+            else:
+                mcfg, params = nh.load_checkpoint(config.model.checkpoint, dtype=dtype)
             mcfg = nh.with_overrides(mcfg, **config.model.overrides)
         except (nh.CheckpointError, OSError, ValueError) as e:
             raise CheckpointLoadError(f"model.checkpoint {config.model.checkpoint}: "
@@ -113,8 +131,14 @@ def build_model(config: C.Config):
                     f"model (model.overrides {config.model.overrides}) needs {tuple(a.shape)}")
         return mcfg, params
     mcfg = model_config(config)
-    params = jax.jit(nh.init_params, static_argnums=(0, 2))(mcfg, jax.random.key(config.run.seed),
-                                                            dtype)
+    key = jax.random.key(config.run.seed)
+    if mesh is not None:
+        from cascade_jax import sharding
+        try:
+            return mcfg, sharding.init_params(mcfg, key, mesh, dtype=dtype)
+        except sharding.ShardingError as e:
+            raise ConfigError(f"mesh: {e}") from None
+    params = jax.jit(nh.init_params, static_argnums=(0, 2))(mcfg, key, dtype)
     return mcfg, params
 
 
@@ -123,16 +147,29 @@ def compute_dtype(config: C.Config):
     return jnp.dtype(config.model.dtype)
 
 
+def start_distributed() -> bool:
+    """Join a multi-process job (``cascade_jax.sharding.initialize_distributed``: SLURM, MPI,
+    TPU pod or ``JAX_COORDINATOR_ADDRESS``; a no-op in a single process). Must run before any
+    device is touched; idempotent (a cascade builds several stages in one process)."""
+    from cascade_jax import sharding
+
+    if jax.distributed.is_initialized():
+        return True
+    return sharding.initialize_distributed()
+
+
 def build_mesh(config: C.Config):
-    """The device mesh of ``config.mesh`` (``None`` on a single device, where plain ``jit``
-    is the sharded step)."""
+    """The device mesh of ``config.mesh`` over all processes' devices (``None`` on a single
+    device, where plain ``jit`` is the sharded step). Sizes that do not multiply to the device
+    count are a :class:`ConfigError` naming the axis."""
     if jax.device_count() == 1:
         return None
+    from cascade_jax import sharding
+
     try:
-        from cascade_jax.sharding import make_mesh  # the sharding package owns meshes
-    except ImportError:
-        return None
-    return make_mesh(config.mesh)
+        return sharding.make_mesh(config.mesh)
+    except sharding.ShardingError as e:
+        raise ConfigError(str(e)) from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -262,20 +299,59 @@ def build_teachers(config: C.Config, student_cfg):
 # Train step
 
 
-def build_train_step(config: C.Config, model_cfg):
-    """``step(state, batch) -> (state, metrics)`` for ``stage.objective``, jitted with the state
-    donated (the previous state's buffers are reused)."""
+def build_train_step(config: C.Config, model_cfg, mesh=None):
+    """``step(state, batch) -> (state, metrics)`` for ``stage.objective`` with the state donated
+    (the previous state's buffers are reused). With a ``mesh``: :class:`ShardedStep` (the step
+    compiled by ``cascade_jax.sharding.compile_train_step`` with in/out shardings, each batch
+    placed on the mesh first); without: plain ``jax.jit``."""
     from cascade_jax import rl
 
     obj = config.stage.objective
-    static = dict(model_cfg=model_cfg, compute_dtype=compute_dtype(config))
+    static = dict(compute_dtype=compute_dtype(config), opt_cfg=config.optimizer)
     if obj in ("grpo", "mopd"):
         static.update(stage=config.stage, temperature=config.rollout.temperature)
         r = config.rollout
         if r.zero_mismatch:  # batch-invariant log-probs at the rollout's row length
             static.update(row_len=r.max_prompt_len + r.max_response_len)
-    fn = rl.make_train_step(obj, jit=False, opt_cfg=config.optimizer, **static)
+    if mesh is not None:
+        return ShardedStep(obj, mesh, model_cfg, static)
+    fn = rl.make_train_step(obj, jit=False, model_cfg=model_cfg, **static)
     return jax.jit(fn, donate_argnums=(0,))
+
+
+class ShardedStep:
+    """The objective's train step on ``mesh``: compiled on the first call (the shardings need
+    the batch's shapes) by ``sharding.compile_train_step`` and again only if the batch's
+    structure or shapes change. The state must already be laid out by
+    ``sharding.shard_train_state``; each batch is placed on the mesh (``shard_batch``; with
+    several processes ``global_batch`` from this process's rows)."""
+
+    def __init__(self, objective: str, mesh, model_cfg, static: dict):
+        self.objective, self.mesh, self.model_cfg, self.static = objective, mesh, model_cfg, static
+        self._compiled: dict = {}
+
+    def place_batch(self, batch):
+        from cascade_jax import sharding
+
+        try:
+            if jax.process_count() > 1:
+                return sharding.global_batch(batch, self.mesh)
+            return sharding.shard_batch(batch, self.mesh)
+        except sharding.ShardingError as e:
+            raise ConfigError(f"mesh: batch does not fit the mesh: {e}") from None
+
+    def __call__(self, state, batch):
+        from cascade_jax import sharding
+
+        batch = self.place_batch(batch)
+        key = (jax.tree.structure(batch),
+               tuple((x.shape, str(x.dtype)) for x in jax.tree.leaves(batch)))
+        fn = self._compiled.get(key)
+        if fn is None:
+            fn = sharding.compile_train_step(self.objective, mesh=self.mesh, state=state,
+                                             batch=batch, model_cfg=self.model_cfg, **self.static)
+            self._compiled[key] = fn
+        return fn(state, batch)
 
 
 # --------------------------------------------------------------------------------------------
@@ -330,13 +406,15 @@ class Parts:
 def build(config: C.Config) -> Parts:
     """Everything ``config``'s stage needs (see the module table), validated first."""
     validate(config)
-    model_cfg, params = build_model(config)
+    start_distributed()
+    mesh = build_mesh(config)
+    model_cfg, params = build_model(config, mesh)
     tokenizer = build_tokenizer(config)
     if tokenizer.vocab_size > model_cfg.vocab_size:
         raise ConfigError(f"tokenizer has {tokenizer.vocab_size} tokens > model vocab_size "
                           f"{model_cfg.vocab_size}")
     parts = Parts(model_cfg=model_cfg, params=params, tokenizer=tokenizer,
-                  mesh=build_mesh(config), train_step=build_train_step(config, model_cfg))
+                  mesh=mesh, train_step=build_train_step(config, model_cfg, mesh))
     obj = config.stage.objective
     if obj == "sft":
         parts.data = build_sft_data(config, tokenizer)

@@ -54,6 +54,9 @@ class Stage:
         self._ref_fn = None
         self._route_fn = None  # unreplayed forward's experts (routing-replay metrics)
         self.state = rl.TrainState.from_config(parts.params, config.optimizer, self.specs)
+        if parts.mesh is not None:  # master params and Adam moments on the params' shardings
+            from cascade_jax import sharding
+            self.state = sharding.shard_train_state(self.state, parts.model_cfg, parts.mesh)
         parts.params = None  # the master copy in ``state`` is the one copy we keep
         self.rng = jax.random.key(config.run.seed)
         self.active_params = nh.param_counts(parts.model_cfg)[1]
