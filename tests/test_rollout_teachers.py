@@ -70,3 +70,17 @@ def test_missing_routes_name_the_domain(checkpoints):
         teachers.score(rollouts(("math", None)))
     with pytest.raises(ValueError, match="unknown domain"):
         Teachers.from_checkpoints({"maths": checkpoints[0]})
+
+
+def test_routed_logprobs_never_wrap_a_missing_route_to_the_last_teacher(checkpoints):
+    """Domain id -1 (no domain) and teacher index -1 (no teacher for the domain) give NaN rows,
+    not the last teacher's log-probs (which plain ``table[-1]`` indexing would pick)."""
+    params = [nh.load_checkpoint(p, dtype=jnp.float32)[1] for p in checkpoints]
+    batch = pack_rollouts(rollouts(("math", None, "code")), np.zeros(6))
+    table = np.ones(len(domains.DOMAINS), np.int32)
+    table[domains.domain_id("code")] = -1
+    out = np.asarray(rl.routed_logprobs(params, jnp.asarray(table), batch, CFG))
+    dom = np.asarray(batch.domain_ids)[np.asarray(rl.sequence_index(batch))]  # [B, T]
+    assert np.isfinite(out[dom == domains.domain_id("math")]).all()
+    assert np.isnan(out[dom == -1]).all() and (dom == -1).any()
+    assert np.isnan(out[dom == domains.domain_id("code")]).all()

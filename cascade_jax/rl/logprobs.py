@@ -246,10 +246,16 @@ def routed_logprobs(teacher_params: Sequence, teacher_of_domain, batch, cfg, *,
     """MOPD teacher log-probs ``[B, T]``: each sequence scored by the teacher of its domain,
     ``teacher_of_domain[batch.domain_ids[n]]`` (an int array indexing ``teacher_params``).
     All teachers share the student's tokenizer and ``cfg`` here (a list of configs can be
-    added when teachers differ in architecture)."""
-    route = jnp.asarray(teacher_of_domain, jnp.int32)[batch.domain_ids]  # [N]
+    added when teachers differ in architecture).
+
+    A sequence with no domain (``domain_ids`` -1) or whose domain has no teacher
+    (``teacher_of_domain`` -1) gets NaN log-probs, never another domain's teacher (plain
+    indexing would wrap -1 to the last entry)."""
+    table = jnp.asarray(teacher_of_domain, jnp.int32)
+    dom = jnp.asarray(batch.domain_ids, jnp.int32)
+    route = jnp.where(dom >= 0, table[jnp.maximum(dom, 0)], -1)  # [N]
     tok_route = route[sequence_index(batch)]  # [B, T]
-    out = jnp.zeros(batch.tokens.shape, jnp.float32)
+    out = jnp.full(batch.tokens.shape, jnp.nan, jnp.float32)
     for k, p in enumerate(teacher_params):
         lp, _ = token_logprobs(p, batch, cfg, temperature=temperature, vocab_chunk=vocab_chunk,
                                model=model)
