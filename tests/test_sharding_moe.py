@@ -3,7 +3,13 @@ unsharded layer on 8 simulated CPU devices (a subprocess): the MoE mixer's outpu
 gradients of its input and of every MoE weight, on meshes data x expert (2 x 4) and
 expert x tensor (4 x 2), with the router's natural choices and with routing skewed entirely
 onto the first expert shard (every token's top-k among experts 0..1, which live on one device:
-nothing may be dropped). fp32; tolerance 1e-5 relative to each quantity's largest magnitude."""
+nothing may be dropped). fp32; tolerance 1e-5 relative to each quantity's largest magnitude.
+
+The ragged (GPU/TPU) exchange cannot compile on CPU: here its ``shard_map`` program, forward
+and backward, is lowered to StableHLO on the data x expert mesh (two ``ragged_all_to_all`` each
+way), and compiling it is refused by XLA:CPU as unimplemented; its numerics are checked with an
+emulated collective in tests/test_sharding_moe_ragged.py. ``a2a="auto"`` is the padded path on
+CPU."""
 
 import json
 import os
@@ -22,6 +28,10 @@ def test_expert_parallel_matches_unsharded():
                           text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-6000:]
     res = json.loads(proc.stdout.strip().splitlines()[-1])
+    ragged = res.pop("ragged")
+    assert ragged["auto_on_cpu"] == "padded"
+    assert ragged["lowered_ops"] >= 4, ragged  # 2 forward + their transposes
+    assert "ragged-all-to-all" in ragged["compile_error"] and "not supported" in ragged["compile_error"], ragged
     assert set(res) == {f"{m}_{r}" for m in ("data_expert", "expert_tensor") for r in ("natural", "skewed")}
     for name, r in res.items():
         assert r["out"] < TOL and r["grads"] < TOL, (name, r)
@@ -31,6 +41,7 @@ def test_expert_parallel_matches_unsharded():
 
 def main():
     import dataclasses
+    import functools
 
     import jax
     import jax.numpy as jnp
@@ -38,7 +49,8 @@ def main():
 
     from cascade_jax import sharding
     from cascade_jax.config import MeshConfig
-    from cascade_jax.sharding.moe import make_expert_parallel
+    from cascade_jax.sharding import RULES
+    from cascade_jax.sharding.moe import expert_parallel_moe, make_expert_parallel
     from models import nemotron_h as nh
     from models.nemotron_h.model import moe_mixer, route
     from models.nemotron_h.partitioning import use_partitioner
@@ -80,6 +92,22 @@ def main():
                 "grads": max(rel(a, b) for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref))),
                 "max_shard_load": float(load.max()),
             }
+            if name == "data_expert" and routing == "natural":
+                rag = functools.partial(expert_parallel_moe, mesh, RULES, a2a="ragged")
+
+                def sharded_ragged(q, u):
+                    with use_partitioner(sharding.activation_partitioner(mesh), rag):
+                        return jax.value_and_grad(loss, (0, 1), has_aux=True)(q, u)
+
+                lowered = jax.jit(sharded_ragged).lower(q, u)
+                try:
+                    lowered.compile()
+                    err = ""
+                except Exception as e:  # noqa: BLE001 - XLA:CPU has no ragged all-to-all
+                    err = str(e)[:300]
+                res["ragged"] = {"auto_on_cpu": ep.keywords["a2a"],
+                                 "lowered_ops": lowered.as_text().count("ragged_all_to_all"),
+                                 "compile_error": err}
     print(json.dumps(res))
 
 

@@ -1,30 +1,45 @@
 """Expert-parallel MoE: routed experts split over the ``expert`` mesh axis, tokens exchanged.
 
 Local-expert contract. Each device holds ``E_loc = E / ep`` experts (``experts`` weights rule)
-and its own tokens (the batch / sequence rules). Inside ``shard_map``, per device:
+and its own tokens (the batch / sequence rules). Inside ``shard_map``, per device (``n`` tokens,
+``k`` choices, ``m = n·k`` token copies, ``H`` hidden):
 
-1. the ``n·k`` (token, choice) copies are sorted by global expert id, so copies for expert
-   shard ``s`` (experts ``[s·E_loc, (s+1)·E_loc)``) are contiguous;
-2. **dropless padded all-to-all** (the path that runs everywhere, CPU included, where the ragged
-   collective is unimplemented): every device sends an ``[ep, n·k, H]`` buffer whose block ``s``
-   holds its copies for shard ``s`` (padded to ``n·k`` rows, the worst case: every copy to one
-   shard, so nothing is ever dropped) and the local expert id of each row (-1 = padding);
-3. the received rows are sorted by local expert and run through the model's
-   ``expert_ffn(rows, group_sizes, up, down)`` (the grouped matmuls; padding rows sort last,
-   past ``Σ group_sizes``, and come out zero); with a ``tensor`` axis on the expert width the
+1. the ``m`` copies are sorted by global expert id (:func:`dispatch`), so the copies for expert
+   shard ``d`` (experts ``[d·E_loc, (d+1)·E_loc)``) are one contiguous run of ``C[me, d]`` rows;
+2. they are exchanged by one of two dropless all-to-alls (``a2a``):
+
+   * ``"ragged"`` (GPU/TPU; :func:`jax.lax.ragged_all_to_all` is unimplemented on XLA:CPU):
+     the per-expert counts ``[E]`` of every device are all-gathered (``[ep, E]``, a few hundred
+     integers) and :func:`ragged_plan` turns them into the collective's offsets and sizes. Only
+     the real rows move; the receive buffer has the static worst-case size ``ep·m`` (every
+     device sending all its copies to one shard), so nothing is ever dropped;
+   * ``"padded"`` (everywhere, CPU included: the tested path): every device sends an
+     ``[ep, m, H]`` buffer whose block ``d`` holds its copies for shard ``d`` padded to ``m``
+     rows, plus the local expert id of each row (-1 = padding). It moves ``ep`` times the rows
+     of the ragged exchange;
+3. the received rows are sorted by local expert (padding last) and run through the model's
+   ``expert_ffn(rows, group_sizes, up, down)`` (the grouped matmuls; rows past
+   ``Σ group_sizes`` come out zero); with a ``tensor`` axis on the expert width the
    down-projection partial sums are ``psum``-ed;
-4. the outputs return by the reverse all-to-all into the same slots and are combined with the
+4. the outputs return by the reverse exchange into the senders' slots and are combined with the
    router weights in fp32 (``moe_dispatch.unpermute``), exactly as the unsharded layer.
 
-The padded exchange moves ``ep`` times the rows a ragged exchange would; a ragged all-to-all
-(``jax.lax.ragged_all_to_all``) for GPU/TPU is future work. Routing (and the shared expert)
-stay outside, in the global program.
+``a2a="auto"`` picks ``ragged`` when the mesh's devices are GPUs or TPUs and ``padded`` on CPU
+(:func:`resolve_a2a`). Routing (and the shared expert) stay outside, in the global program.
+
+Verification status: the padded path is checked numerically on simulated CPU devices
+(tests/test_sharding_moe.py). The ragged path cannot compile on CPU; its offsets/sizes
+(:func:`ragged_plan`) are checked against a numpy emulation of the collective's documented
+semantics, the whole ragged algorithm (dispatch → plan → exchange → experts → reverse exchange
+→ combine) is checked against the unsharded layer with that emulated collective standing in
+for the real one, and the ``shard_map`` program (forward and backward) is checked to lower to
+StableHLO on CPU. It has not been run on a GPU or TPU.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -35,7 +50,10 @@ from kernels import moe_dispatch
 from .mesh import mesh_shape
 from .rules import RULES, Rules
 
-__all__ = ["expert_parallel_moe", "make_expert_parallel"]
+__all__ = ["expert_parallel_moe", "make_expert_parallel", "resolve_a2a", "ragged_plan",
+           "RaggedPlan", "dispatch", "A2A_MODES"]
+
+A2A_MODES = ("auto", "ragged", "padded")
 
 
 def _active(axes, shape):
@@ -46,9 +64,153 @@ def _spec_axes(axes):
     return None if not axes else axes[0] if len(axes) == 1 else axes
 
 
-def expert_parallel_moe(mesh: Mesh, rules: Rules, x, w, idx, up, down, expert_ffn: Callable):
+def _mesh_platform(mesh: Mesh) -> str:
+    p = mesh.devices.flat[0].platform
+    return "gpu" if p in ("cuda", "rocm", "gpu") else p
+
+
+def resolve_a2a(a2a: str, platform: str) -> str:
+    """The exchange for ``a2a`` in ``A2A_MODES`` on ``platform`` ("cpu" | "gpu" | "tpu"):
+    ``auto`` = ``ragged`` on gpu/tpu, ``padded`` on cpu; ``ragged`` on cpu is an error."""
+    if a2a not in A2A_MODES:
+        raise ValueError(f"a2a: must be one of {A2A_MODES}, got {a2a!r}")
+    if a2a == "auto":
+        return "ragged" if platform in ("gpu", "tpu") else "padded"
+    if a2a == "ragged" and platform == "cpu":
+        raise ValueError("a2a='ragged': jax.lax.ragged_all_to_all is not implemented on CPU; "
+                         "use a2a='padded' (or 'auto') on CPU meshes")
+    return a2a
+
+
+# --------------------------------------------------------------------------------------------
+# The pieces of the exchange (pure; the shard_map bodies below compose them with collectives)
+
+
+def dispatch(x, idx, num_experts: int):
+    """``x [n, H]``, ``idx [n, k]`` -> ``(order [m], xs [m, H], counts [E])``: the ``m = n·k``
+    copies sorted (stably) by global expert, ``xs = x[order // k]``, ``counts[e]`` copies of
+    expert ``e``."""
+    order, counts = moe_dispatch.sort_by_expert(idx, num_experts)
+    return order, moe_dispatch.permute(x, order, idx.shape[1]), counts
+
+
+class RaggedPlan(NamedTuple):
+    """Arguments of the two ``ragged_all_to_all`` calls of one device (all int32).
+
+    Forward (tokens to experts): ``ragged_all_to_all(xs, zeros[R, H], input_offsets,
+    send_sizes, output_offsets, recv_sizes)``. Reverse (results back):
+    ``ragged_all_to_all(ys, zeros[m, H], recv_offsets, recv_sizes, back_output_offsets,
+    send_sizes)``."""
+
+    input_offsets: jax.Array  # [ep] where my rows for shard d start in my sorted xs
+    send_sizes: jax.Array  # [ep] my rows for shard d
+    output_offsets: jax.Array  # [ep] where my rows land in shard d's receive buffer
+    recv_sizes: jax.Array  # [ep] rows I receive from shard s
+    recv_offsets: jax.Array  # [ep] where shard s's rows land in my receive buffer
+    back_output_offsets: jax.Array  # [ep] where shard s's rows started in s's sorted xs
+    recv_local_expert: jax.Array  # [R] local expert of each received row (E_loc = no row)
+    recv_group_sizes: jax.Array  # [E_loc] received rows per local expert
+
+
+def ragged_plan(all_counts, me, recv_rows: int) -> RaggedPlan:
+    """Offsets and sizes of the ragged exchange from the all-gathered counts.
+
+    ``all_counts [ep, E]``: ``all_counts[s, e]`` = copies device ``s`` routes to global expert
+    ``e`` (its rows are sorted by expert); ``me``: this device's index on the expert axis
+    (traced is fine); ``recv_rows``: static receive-buffer length (``ep·m`` for dropless).
+    With ``E_loc = E / ep`` and ``C[s, d] = Σ_{e in shard d} all_counts[s, e]``::
+
+        send_sizes[d]          = C[me, d]          input_offsets[d]       = Σ_{d'<d} C[me, d']
+        recv_sizes[s]          = C[s, me]          recv_offsets[s]        = Σ_{s'<s} C[s', me]
+        output_offsets[d]      = Σ_{s<me} C[s, d]  (offset in the *receiver* d's buffer)
+        back_output_offsets[s] = Σ_{d<me} C[s, d]  (where s's rows for me sit in s's xs)
+
+    The received buffer holds sender 0's rows, then sender 1's, ...; within a sender's block
+    the rows are in local-expert order with ``all_counts[s, me·E_loc + j]`` rows of expert
+    ``j``; rows past ``Σ recv_sizes`` are unused (``recv_local_expert = E_loc``)."""
+    ep, n_exp = all_counts.shape
+    e_loc = n_exp // ep
+    counts = all_counts.astype(jnp.int32)
+    c = counts.reshape(ep, ep, e_loc).sum(-1)  # [s, d]
+    excl_d = jnp.cumsum(c, axis=1) - c  # Σ_{d'<d} C[s, d']
+    excl_s = jnp.cumsum(c, axis=0) - c  # Σ_{s'<s} C[s', d]
+    send = c[me]
+    recv = c[:, me]
+    recv_off = jnp.cumsum(recv) - recv
+    mine = jax.lax.dynamic_slice_in_dim(counts, me * e_loc, e_loc, axis=1)  # [ep, E_loc]
+    # local expert of received row r: its sender block s, then its expert within the block
+    r = jnp.arange(recv_rows, dtype=jnp.int32)
+    s_of = jnp.minimum(jnp.searchsorted(recv_off + recv, r, side="right"), ep - 1)
+    within = r - recv_off[s_of]
+    ends = jnp.cumsum(mine, axis=1)  # [ep, E_loc]
+    j_of = jax.vmap(lambda e, p: jnp.searchsorted(e, p, side="right"))(ends[s_of], within)
+    j_of = jnp.where(r < recv.sum(), j_of, e_loc).astype(jnp.int32)
+    return RaggedPlan(
+        input_offsets=excl_d[me], send_sizes=send, output_offsets=excl_s[me], recv_sizes=recv,
+        recv_offsets=recv_off, back_output_offsets=excl_d[:, me],
+        recv_local_expert=j_of, recv_group_sizes=mine.sum(0))
+
+
+def _experts(rows, local_expert, e_loc, up, down, expert_ffn, tp_axes):
+    """Received ``rows [R, H]`` with ``local_expert [R]`` (``E_loc`` = unused) -> expert
+    outputs ``[R, H]`` in the same row order (unused rows zero)."""
+    order2, sizes = moe_dispatch.sort_by_expert(local_expert[:, None], e_loc + 1)
+    ys = expert_ffn(rows[order2], sizes[:e_loc], up, down)
+    if tp_axes:
+        ys = jax.lax.psum(ys, tp_axes)
+    return jnp.zeros_like(ys).at[order2].set(ys)
+
+
+def _ragged_local(x, w, idx, up, down, *, ep, ep_name, e_loc, tp_axes, expert_ffn,
+                  collectives=None):
+    """Per-device body of the ragged path (``ep`` shards). ``collectives`` = ``(all_gather,
+    axis_index, ragged_all_to_all)`` replaces the real ones (a test runs this body with an
+    emulated exchange): ``all_gather(counts [E]) -> [ep, E]``, ``axis_index() -> me``,
+    ``ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets,
+    recv_sizes)``."""
+    if collectives is None:
+        collectives = (lambda c: jax.lax.all_gather(c, ep_name), lambda: jax.lax.axis_index(ep_name),
+                       functools.partial(jax.lax.ragged_all_to_all, axis_name=ep_name))
+    all_gather, axis_index, ragged_a2a = collectives
+    n, k = idx.shape
+    m, hid = n * k, x.shape[-1]
+    order, xs, counts = dispatch(x, idx, ep * e_loc)
+    pl = ragged_plan(all_gather(counts), axis_index(), ep * m)
+    recv = ragged_a2a(xs, jnp.zeros((ep * m, hid), xs.dtype), pl.input_offsets, pl.send_sizes,
+                      pl.output_offsets, pl.recv_sizes)
+    ys = _experts(recv, pl.recv_local_expert, e_loc, up, down, expert_ffn, tp_axes)
+    back = ragged_a2a(ys, jnp.zeros((m, ys.shape[-1]), ys.dtype), pl.recv_offsets, pl.recv_sizes,
+                      pl.back_output_offsets, pl.send_sizes)
+    return moe_dispatch.unpermute(back, order, w, out_dtype=x.dtype)
+
+
+def _padded_local(x, w, idx, up, down, *, ep, ep_name, e_loc, tp_axes, expert_ffn):
+    """Per-device body of the padded path: blocks of ``m`` rows per destination shard."""
+    n, k = idx.shape
+    m, hid = n * k, x.shape[-1]
+    order, xs, _ = dispatch(x, idx, ep * e_loc)
+    e_sorted = idx.reshape(-1)[order]
+    dest = e_sorted // e_loc  # [m] target shard, non-decreasing
+    counts = jnp.bincount(dest, length=ep)
+    slot = jnp.arange(m, dtype=jnp.int32) - (jnp.cumsum(counts) - counts)[dest]
+    send = jnp.zeros((ep, m, hid), x.dtype).at[dest, slot].set(xs)
+    send_ids = jnp.full((ep, m), e_loc, jnp.int32).at[dest, slot].set(e_sorted % e_loc)
+    recv = jax.lax.all_to_all(send, ep_name, 0, 0, tiled=True)
+    recv_ids = jax.lax.all_to_all(send_ids, ep_name, 0, 0, tiled=True)
+    ys = _experts(recv.reshape(ep * m, hid), recv_ids.reshape(-1), e_loc, up, down, expert_ffn,
+                  tp_axes)
+    back = jax.lax.all_to_all(ys.reshape(ep, m, -1), ep_name, 0, 0, tiled=True)
+    return moe_dispatch.unpermute(back[dest, slot], order, w, out_dtype=x.dtype)
+
+
+def expert_parallel_moe(mesh: Mesh, rules: Rules, x, w, idx, up, down, expert_ffn: Callable, *,
+                        a2a: str = "padded"):
     """``x [n, H]``, router ``w [n, k]`` / ``idx [n, k]``, ``up [E, H, I]``, ``down [E, I, H]``
-    -> the routed-expert output ``[n, H]`` (``x.dtype``), computed expert-parallel."""
+    -> the routed-expert output ``[n, H]`` (``x.dtype``), computed expert-parallel with the
+    ``a2a`` exchange (``"padded"`` | ``"ragged"``, already resolved: this function does not
+    check the platform, so the ragged program can be lowered from a CPU host)."""
+    if a2a not in ("padded", "ragged"):
+        raise ValueError(f"a2a: expert_parallel_moe takes a resolved 'padded' or 'ragged', got {a2a!r}")
     shape = mesh_shape(mesh)
     ep_axes = _active(rules.weights["experts"], shape)
     tp_axes = _active(rules.weights["expert_mlp"], shape)
@@ -56,36 +218,9 @@ def expert_parallel_moe(mesh: Mesh, rules: Rules, x, w, idx, up, down, expert_ff
     ep = 1
     for a in ep_axes:
         ep *= shape[a]
-    n_exp = up.shape[0]
-    e_loc = n_exp // ep
-    ep_name = ep_axes if len(ep_axes) != 1 else ep_axes[0]
-
-    def local(x, w, idx, up, down):
-        n, k = idx.shape
-        m = n * k
-        hid = x.shape[-1]
-        flat = idx.reshape(-1)
-        order = jnp.argsort(flat, stable=True).astype(jnp.int32)
-        e_sorted = flat[order]
-        dest = e_sorted // e_loc  # [m] target shard, non-decreasing
-        counts = jnp.bincount(dest, length=ep)
-        starts = jnp.cumsum(counts) - counts
-        slot = jnp.arange(m, dtype=jnp.int32) - starts[dest]
-        xs = moe_dispatch.permute(x, order, k)
-        send = jnp.zeros((ep, m, hid), x.dtype).at[dest, slot].set(xs)
-        send_ids = jnp.full((ep, m), -1, jnp.int32).at[dest, slot].set(e_sorted % e_loc)
-        recv = jax.lax.all_to_all(send, ep_name, 0, 0, tiled=True)
-        recv_ids = jax.lax.all_to_all(send_ids, ep_name, 0, 0, tiled=True)
-        rows = recv.reshape(ep * m, hid)
-        key = jnp.where(recv_ids.reshape(-1) < 0, e_loc, recv_ids.reshape(-1))
-        order2, sizes = moe_dispatch.sort_by_expert(key[:, None], e_loc + 1)
-        ys = expert_ffn(rows[order2], sizes[:e_loc], up, down)
-        if tp_axes:
-            ys = jax.lax.psum(ys, tp_axes)
-        back = jnp.zeros_like(ys).at[order2].set(ys).reshape(ep, m, -1)
-        back = jax.lax.all_to_all(back, ep_name, 0, 0, tiled=True)
-        return moe_dispatch.unpermute(back[dest, slot], order, w, out_dtype=x.dtype)
-
+    body = _ragged_local if a2a == "ragged" else _padded_local
+    local = functools.partial(body, ep=ep, ep_name=ep_axes if len(ep_axes) != 1 else ep_axes[0],
+                              e_loc=up.shape[0] // ep, tp_axes=tp_axes, expert_ffn=expert_ffn)
     tok = P(_spec_axes(tok_axes))
     exp_up = P(_spec_axes(ep_axes), None, _spec_axes(tp_axes))
     exp_down = P(_spec_axes(ep_axes), _spec_axes(tp_axes), None)
@@ -93,9 +228,11 @@ def expert_parallel_moe(mesh: Mesh, rules: Rules, x, w, idx, up, down, expert_ff
                          check_vma=False)(x, w, idx, up, down)
 
 
-def make_expert_parallel(mesh: Mesh, rules: Rules = RULES):
-    """The model's expert-parallel hook for ``mesh`` (None when the experts are not split)."""
+def make_expert_parallel(mesh: Mesh, rules: Rules = RULES, a2a: str = "auto"):
+    """The model's expert-parallel hook for ``mesh`` (None when the experts are not split).
+    ``a2a`` in ``A2A_MODES``, resolved for the mesh's device platform (:func:`resolve_a2a`)."""
     shape = mesh_shape(mesh)
+    mode = resolve_a2a(a2a, _mesh_platform(mesh))
     if not _active(rules.weights["experts"], shape):
         return None
-    return functools.partial(expert_parallel_moe, mesh, rules)
+    return functools.partial(expert_parallel_moe, mesh, rules, a2a=mode)
