@@ -10,25 +10,18 @@ not varying-axes clean); compiled kernels declare their outputs' varying axes th
 """
 
 import json
-import os
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 
+from tests.multidevice import run_on_cpu_devices
+
 TOL = 1e-5
 
 
 def _run(full: bool):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8",
-               PYTHONPATH=os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                           os.environ.get("PYTHONPATH", "")]))
-    env.pop("JAX_NUM_CPU_DEVICES", None)
-    args = [sys.executable, os.path.abspath(__file__)] + (["--full"] if full else [])
-    proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_on_cpu_devices(__file__, *(["--full"] if full else []), timeout=600)
 
 
 def test_context_parallel_matches_unsharded():

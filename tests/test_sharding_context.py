@@ -6,22 +6,14 @@ parameter equal the unsharded model's within 1e-5 relative to each quantity's la
 (fp32; the SSD state passing and the K/V all-gather reorder sums)."""
 
 import json
-import os
-import subprocess
-import sys
+
+from tests.multidevice import run_on_cpu_devices
 
 TOL = 1e-5
 
 
 def test_context_parallel_whole_model():
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="8",
-               PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
-    env.pop("XLA_FLAGS", None)
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env, capture_output=True,
-                          text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-6000:]
-    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    res = run_on_cpu_devices(__file__)
     assert res["kernels_reached"] == {"attention": True, "ssd": True}
     assert res["hidden"] < TOL and res["grads"] < TOL, res
 

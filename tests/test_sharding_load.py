@@ -4,20 +4,13 @@ saved weights exactly, every leaf carrying the sharding its logical axes give; t
 by ``init_train_state`` has Adam moments sharded like the params and a replicated step."""
 
 import json
-import os
-import subprocess
 import sys
+
+from tests.multidevice import run_on_cpu_devices
 
 
 def test_load_params_sharded(tmp_path):
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="8",
-               PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
-    env.pop("XLA_FLAGS", None)
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), str(tmp_path / "ckpt")], env=env,
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-6000:]
-    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    res = run_on_cpu_devices(__file__, tmp_path / "ckpt")
     assert res["equal"] and res["shardings_match"] and res["state_shardings_match"], res
     assert res["split_leaves"] > 0 and res["experts_up_spec"] == [None, "fsdp", "tensor"]
 

@@ -18,11 +18,11 @@ on fsdp x tensor (compiles dominate on CPU); ``-m slow`` runs every objective on
 """
 
 import json
-import os
-import subprocess
 import sys
 
 import pytest
+
+from tests.multidevice import run_on_cpu_devices
 
 INIT_TOL = 2.5e-7  # 1 ulp of fp32 relative to each leaf's largest magnitude
 GRAD_TOL = 2e-5
@@ -33,14 +33,7 @@ MESHES = {"data": dict(data=8, fsdp=1), "fsdp_tensor": dict(fsdp=4, tensor=2),
 
 
 def _run(meshes):
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="8",
-               PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
-    env.pop("XLA_FLAGS", None)
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__)] + meshes, env=env,
-                          capture_output=True, text=True, timeout=1800)
-    assert proc.returncode == 0, proc.stderr[-6000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_on_cpu_devices(__file__, *meshes, timeout=1800)
 
 
 @pytest.fixture(scope="module")
