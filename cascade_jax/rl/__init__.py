@@ -22,6 +22,7 @@ from .advantages import group_advantages, group_stats, grpo_advantages
 from .batch import (FINISH_ABORT, FINISH_LENGTH, FINISH_STOP, RLBatch, SFTBatch, num_sequences,
                     pack_routed_experts, response_lengths, sequence_index)
 from .is_correction import is_weights, masked_mean, masked_quantile
+from .expert_load import expert_counts, load_metrics
 from .logprobs import (DEFAULT_VOCAB_CHUNK, chunked_logprobs, inverse_temperature,
                        next_token_logprobs, routed_logprobs, token_logprobs)
 from .mismatch import logprob_mismatch, routing_mismatch
@@ -38,7 +39,7 @@ __all__ = [
     "is_weights", "masked_mean", "masked_quantile",
     "DEFAULT_VOCAB_CHUNK", "chunked_logprobs", "routed_logprobs", "token_logprobs",
     "next_token_logprobs", "inverse_temperature", "logprob_mismatch", "routing_mismatch",
-    "pack_routed_experts",
+    "pack_routed_experts", "expert_counts", "load_metrics",
     "grpo_loss", "k3_kl", "mopd_loss", "segment_start_mask", "sft_loss",
     "TrainState", "compute_params", "decay_mask", "lr_schedule", "make_optimizer",
     "mopd_optimizer_config", "param_labels", "sft_optimizer_config", "trainable_mask",

@@ -120,7 +120,7 @@ def _chunk_step(carry, xs, hidden, targets, inv_t, C: int, V: int, fixed_order: 
 
 def token_logprobs(params, batch, cfg, *, temperature: float = 1.0,
                    vocab_chunk: int = DEFAULT_VOCAB_CHUNK, model=None, routed_experts=None,
-                   row_len: Optional[int] = None):
+                   row_len: Optional[int] = None, return_routed_experts: bool = False):
     """``(logp, entropy)`` ``[B, T]`` float32 of ``batch.tokens`` under the policy ``params``.
 
     ``logp[b, t] = log π(tokens[b, t] | tokens[b, <t])`` at temperature ``τ`` (aligned with the
@@ -134,14 +134,18 @@ def token_logprobs(params, batch, cfg, *, temperature: float = 1.0,
     ``row_len``: batch-invariant mode (module doc): each row alone at shape ``[1, row_len]``
     (``row_len >= T``; the rows are padded). Needs the padded layout (one sequence per row,
     starting at column 0), as the rollout engine's rows are.
+    ``return_routed_experts``: returns ``(logp, entropy, experts [B, T, L_moe, K] int32)``, the
+    experts the forward used (for expert-load statistics; no second forward).
     """
     if model is None:
         from models import nemotron_h as model
     if routed_experts is None:
         routed_experts = getattr(batch, "routed_experts", None)
+    experts = None
     if row_len is None:
-        lp, ent = _logprobs(params, batch.tokens, batch.positions, batch.segment_ids,
-                            routed_experts, cfg, model, temperature, vocab_chunk)
+        lp, ent, experts = _logprobs(params, batch.tokens, batch.positions, batch.segment_ids,
+                                     routed_experts, cfg, model, temperature, vocab_chunk,
+                                     return_routed_experts=return_routed_experts)
     else:
         B, T = batch.tokens.shape
         if row_len < T:
@@ -153,14 +157,18 @@ def token_logprobs(params, batch, cfg, *, temperature: float = 1.0,
 
         def one(r):
             tok, pos, seg, rx = r
-            lp, ent = _logprobs(params, tok[None], pos[None], seg[None],
-                                None if rx is None else rx[None], cfg, model, temperature,
-                                vocab_chunk, fixed_order=True)
-            return lp[0], ent[0]
+            out = _logprobs(params, tok[None], pos[None], seg[None],
+                            None if rx is None else rx[None], cfg, model, temperature,
+                            vocab_chunk, fixed_order=True,
+                            return_routed_experts=return_routed_experts)
+            return jax.tree.map(lambda a: a[0], out)
 
-        lp, ent = jax.lax.map(one, rows)
+        lp, ent, experts = jax.lax.map(one, rows)
         lp, ent = lp[:, :T], ent[:, :T]
+        experts = None if experts is None else experts[:, :T]
     valid = segment_start_mask(batch.segment_ids)
+    if return_routed_experts:
+        return lp * valid, ent * valid, experts
     return lp * valid, ent * valid
 
 
@@ -171,13 +179,16 @@ def _model_hidden(params, tokens, positions, segment_ids, routed_experts, cfg, m
 
 
 def _logprobs(params, tokens, positions, segment_ids, routed_experts, cfg, model, temperature,
-              vocab_chunk, fixed_order=False):
-    """Aligned ``(lp, ent)`` ``[B, T]`` (entry 0 is 0; no segment mask applied yet)."""
-    h = _model_hidden(params, tokens, positions, segment_ids, routed_experts, cfg, model)
+              vocab_chunk, fixed_order=False, return_routed_experts=False):
+    """Aligned ``(lp, ent, experts)``: ``lp``/``ent`` ``[B, T]`` (entry 0 is 0; no segment mask
+    applied yet), ``experts [B, T, L_moe, K]`` when ``return_routed_experts`` else None."""
+    kw = {"return_routed_experts": True} if return_routed_experts else {}
+    out = _model_hidden(params, tokens, positions, segment_ids, routed_experts, cfg, model, **kw)
+    h, experts = out if return_routed_experts else (out, None)
     lp, ent = chunked_logprobs(h[:, :-1], params["lm_head"], tokens[:, 1:],
                                temperature=temperature, vocab_chunk=vocab_chunk,
                                fixed_order=fixed_order)
-    return jnp.pad(lp, ((0, 0), (1, 0))), jnp.pad(ent, ((0, 0), (1, 0)))
+    return jnp.pad(lp, ((0, 0), (1, 0))), jnp.pad(ent, ((0, 0), (1, 0))), experts
 
 
 def next_token_logprobs(params, tokens: jax.Array, lengths: jax.Array, cfg, *,

@@ -11,7 +11,10 @@ outputs. Keyword arguments are static; bind them with :func:`functools.partial` 
 
 Metrics (scalars): ``loss``, ``grad_norm`` (before clipping), ``lr``, ``entropy``,
 ``resp_len_mean/max/min``, ``num_tokens`` (trained tokens), ``total_tokens``; per objective
-the advantage and IS statistics of :mod:`.advantages`, :mod:`.losses`, :mod:`.is_correction`.
+the advantage and IS statistics of :mod:`.advantages`, :mod:`.losses`, :mod:`.is_correction`;
+for a model with MoE layers the expert-load statistics ``moe/*`` of :mod:`.expert_load` over
+the step's valid (mask > 0) tokens, from the experts the training forward routed to (counts
+summed over micro-batches, then reduced).
 With ``grad_accum > 1``, ``loss``/``pg_loss``/``num_tokens`` are summed over micro-batches,
 ``*_max`` are maxima and all other loss metrics are means over micro-batches weighted by
 their token counts (exact for token means; quantiles such as ``is_abs_delta_p99`` become a
@@ -30,6 +33,7 @@ import optax
 from cascade_jax.config import StageConfig
 
 from .advantages import grpo_advantages
+from .expert_load import COUNTS_KEY, expert_counts, load_metrics
 from .batch import FINISH_ABORT, RLBatch, SFTBatch, num_sequences, response_lengths, sequence_index
 from .is_correction import masked_mean
 from .logprobs import DEFAULT_VOCAB_CHUNK, token_logprobs
@@ -40,7 +44,7 @@ from .optim import TrainState, compute_params, trainable_mask
 __all__ = ["grpo_train_step", "mopd_train_step", "sft_train_step", "make_train_step",
            "accumulate_gradients"]
 
-_SUM_KEYS = ("loss", "pg_loss", "num_tokens")
+_SUM_KEYS = ("loss", "pg_loss", "num_tokens", COUNTS_KEY)
 
 
 def _split(x: jax.Array, k: int) -> jax.Array:
@@ -93,6 +97,9 @@ def _param_specs(model, model_cfg):
 
 
 def _apply(state: TrainState, grads, metrics: dict, specs, batch=None):
+    if COUNTS_KEY in metrics:
+        metrics = dict(metrics)
+        metrics.update(load_metrics(metrics.pop(COUNTS_KEY)))
     if getattr(batch, "policy_version", None) is not None:
         lag = state.step - batch.policy_version.astype(jnp.int32)
         metrics = {**metrics, "policy_lag_max": lag.max().astype(jnp.float32),
@@ -121,16 +128,22 @@ def _policy_loss(objective: Callable, *, model_cfg, compute_dtype, temperature: 
     the masked mean ``entropy``."""
 
     specs = _param_specs(model, model_cfg)
+    moe = "E" in getattr(model_cfg, "pattern", "") and getattr(model_cfg, "n_routed_experts", 0) > 0
 
     def loss_fn(master, mb):
         params = compute_params(master, specs, compute_dtype)
         view = SFTBatch(tokens=mb["tokens"], positions=mb["positions"],
                         segment_ids=mb["segment_ids"], loss_mask=mb["mask"])
-        lp, ent = token_logprobs(params, view, model_cfg, temperature=temperature,
-                                 vocab_chunk=vocab_chunk, model=model,
-                                 routed_experts=mb.get("routed_experts"), row_len=row_len)
+        out = token_logprobs(params, view, model_cfg, temperature=temperature,
+                             vocab_chunk=vocab_chunk, model=model,
+                             routed_experts=mb.get("routed_experts"), row_len=row_len,
+                             return_routed_experts=moe)
+        lp, ent = out[:2]
         loss, m = objective(lp, mb)
-        return loss, {**m, "entropy": masked_mean(ent, mb["mask"])}
+        m = {**m, "entropy": masked_mean(ent, mb["mask"])}
+        if moe:  # expert-load counts over the micro-batch's valid tokens (.expert_load)
+            m[COUNTS_KEY] = expert_counts(out[2], mb["mask"], model_cfg.n_routed_experts)
+        return loss, m
 
     return loss_fn
 
