@@ -6,18 +6,27 @@ Every kernel has an XLA reference with the same signature (``kernels.xla_gmm``, 
 (``jax.nn.dot_product_attention(implementation="cudnn")``, see :mod:`kernels.cudnn_attention`).
 ``auto`` picks, per platform, the fastest implementation *validated* there (:data:`AUTO`); it is
 always XLA on CPU. The model calls only the three dispatchers below.
+
+One switch, mesh-aware: the platform is that of the mesh the program is traced for (inside
+``shard_map`` / under ``jax.set_mesh``, or an abstract mesh with a device for lowering from a
+CPU host; else the default backend, :func:`kernels._common.platform`), and :data:`AUTO` also says
+which Pallas grouped matmul ``impl="pallas"`` means there (``gmm_pallas``:
+:func:`pallas_gmm_variant`), so the two Pallas grouped-matmul modules hold no platform switch of
+their own and do not import each other (:mod:`kernels.pallas_gmm_mgpu` uses the Triton-layout
+weight gradient of :mod:`kernels.pallas_gmm`, one way).
 """
 
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 
 from . import xla_attention as _attention_xla
 from . import xla_gmm as _gmm_xla
 from . import xla_ssd as _ssd_xla
 from ._common import platform
 
-__all__ = ["grouped_matmul", "attention", "ssd", "resolve_impl", "AUTO", "IMPLS"]
+__all__ = ["grouped_matmul", "attention", "ssd", "resolve_impl", "pallas_gmm_variant", "AUTO", "IMPLS"]
 
 IMPLS = ("auto", "pallas", "cudnn", "xla")
 
@@ -26,10 +35,13 @@ IMPLS = ("auto", "pallas", "cudnn", "xla")
 # an H100/TPU, so ``auto`` keeps XLA for them until a device session flips these entries; cuDNN
 # attention is the measured best complete attention on the H100 (performance anchors) and is
 # used whenever its mask support covers the call (otherwise attention falls back to XLA).
+# ``gmm_pallas``: the grouped-matmul kernel ``impl="pallas"`` runs — "gpu" (the Triton layout of
+# kernels.pallas_gmm; interpret mode on CPU), "tpu" (its megablox layout, Mosaic TPU), "mosaic"
+# (kernels.pallas_gmm_mgpu, wgmma; 16-bit operands only, else "gpu").
 AUTO = {
-    "cpu": {"gmm": "xla", "attention": "xla", "ssd": "xla"},
-    "gpu": {"gmm": "xla", "attention": "cudnn", "ssd": "xla"},
-    "tpu": {"gmm": "xla", "attention": "xla", "ssd": "xla"},
+    "cpu": {"gmm": "xla", "attention": "xla", "ssd": "xla", "gmm_pallas": "gpu"},
+    "gpu": {"gmm": "xla", "attention": "cudnn", "ssd": "xla", "gmm_pallas": "mosaic"},
+    "tpu": {"gmm": "xla", "attention": "xla", "ssd": "xla", "gmm_pallas": "tpu"},
 }
 _KERNELS = ("gmm", "attention", "ssd")
 
@@ -47,6 +59,16 @@ def resolve_impl(kernel: str, impl: str) -> str:
     return AUTO.get(platform(), AUTO["cpu"])[kernel]
 
 
+def pallas_gmm_variant(dtype=None) -> str:
+    """The Pallas grouped matmul for this platform (``AUTO[platform]["gmm_pallas"]``): ``"gpu"``
+    | ``"tpu"`` (layouts of :mod:`kernels.pallas_gmm`) | ``"mosaic"`` (:mod:`kernels.pallas_gmm_mgpu`,
+    only for bf16/fp16 ``dtype``; other or unknown dtypes get ``"gpu"``)."""
+    v = AUTO.get(platform(), AUTO["cpu"])["gmm_pallas"]
+    if v == "mosaic" and (dtype is None or jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))):
+        return "gpu"
+    return v
+
+
 def grouped_matmul(lhs, rhs, group_sizes, *, impl: str = "auto", epilogue=None):
     """``[M, K] × [E, K, N]`` over expert-sorted rows with ``group_sizes [E]`` -> ``[M, N]``.
 
@@ -60,8 +82,12 @@ def grouped_matmul(lhs, rhs, group_sizes, *, impl: str = "auto", epilogue=None):
             raise ValueError(f"gmm: unknown epilogue {epilogue!r}")
         h = jax.nn.relu(_gmm_xla.gmm(lhs, rhs, group_sizes))
         return h * h
+    variant = pallas_gmm_variant(lhs.dtype)
+    if variant == "mosaic":
+        from . import pallas_gmm_mgpu
+        return pallas_gmm_mgpu.gmm(lhs, rhs, group_sizes, epilogue=epilogue)
     from . import pallas_gmm
-    return pallas_gmm.gmm(lhs, rhs, group_sizes, epilogue=epilogue)
+    return pallas_gmm.gmm(lhs, rhs, group_sizes, epilogue=epilogue, variant=variant)
 
 
 def attention(q, k, v, *, impl: str = "auto", **kw):

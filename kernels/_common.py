@@ -1,22 +1,57 @@
-"""Small helpers shared by the Pallas kernels: backend detection, compiler params, block sizes, padding."""
+"""Small helpers shared by the Pallas kernels: platform detection (mesh-aware), compiler params,
+block sizes, padding, and the grouped-matmul contract pieces both Pallas grouped matmuls
+(:mod:`kernels.pallas_gmm`, :mod:`kernels.pallas_gmm_mgpu`) use (epilogue, its gradient, shape
+check), so neither imports the other for them."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
-__all__ = ["on_cpu", "platform", "pick_block", "round_up", "cdiv", "triton_params", "pad_to"]
+__all__ = ["on_cpu", "platform", "pick_block", "round_up", "cdiv", "triton_params", "pad_to",
+           "GMM_EPILOGUES", "apply_epilogue", "epilogue_grad", "check_gmm_shapes"]
 
 
 def platform() -> str:
-    """``"cpu"``, ``"gpu"`` or ``"tpu"`` for the default backend."""
-    p = jax.default_backend()
+    """``"cpu"``, ``"gpu"`` or ``"tpu"`` of the devices the traced program is for: the current
+    mesh's device platform when a mesh (or an abstract mesh with a device, e.g. a lowering for
+    an H100 from a CPU host) is set — inside ``shard_map`` and ``jax.set_mesh`` — else the
+    default backend. The one platform switch of the kernels (:data:`kernels.AUTO`)."""
+    dev = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+    p = dev.platform if dev is not None else jax.default_backend()
     return "gpu" if p in ("cuda", "rocm", "gpu") else p
 
 
 def on_cpu() -> bool:
     """True when Pallas kernels must run with ``interpret=True`` (no accelerator)."""
     return platform() == "cpu"
+
+
+GMM_EPILOGUES = (None, "relu2")
+
+
+def check_gmm_shapes(lhs, rhs, group_sizes, epilogue=None):
+    """The grouped-matmul contract ``lhs [M, K]``, ``rhs [E, K, N]``, ``group_sizes [E]``."""
+    if lhs.ndim != 2 or rhs.ndim != 3 or lhs.shape[1] != rhs.shape[1] or group_sizes.shape != rhs.shape[:1]:
+        raise ValueError(f"gmm: bad shapes lhs {lhs.shape}, rhs {rhs.shape}, group_sizes {group_sizes.shape}")
+    if epilogue not in GMM_EPILOGUES:
+        raise ValueError(f"gmm: epilogue must be one of {GMM_EPILOGUES}, got {epilogue!r}")
+
+
+def apply_epilogue(acc, epilogue):
+    """``acc`` (no epilogue) or ``relu(acc)²`` (``"relu2"``), on the fp32 accumulator."""
+    if epilogue == "relu2":
+        r = jnp.maximum(acc, 0.0)
+        return r * r
+    return acc
+
+
+def epilogue_grad(dout, pre, epilogue, dtype):
+    """Gradient w.r.t. the pre-activation ``pre``: ``dout`` (no epilogue) or ``dout·2·relu(pre)``
+    (relu², in fp32), as ``dtype``."""
+    if epilogue == "relu2":
+        return (dout.astype(jnp.float32) * 2.0 * jnp.maximum(pre.astype(jnp.float32), 0.0)).astype(dtype)
+    return dout.astype(dtype)
 
 
 def triton_params(interpret: bool, num_warps: int = 4, num_stages: int = 3):

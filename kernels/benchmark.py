@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import pallas_attention, pallas_gmm, pallas_ssd, xla_attention, xla_gmm, xla_ssd
+from . import grouped_matmul, pallas_attention, pallas_gmm, pallas_ssd, xla_attention, xla_gmm, xla_ssd
 from ._common import on_cpu, platform
 
 FULL = {
@@ -147,7 +147,7 @@ def bench_gmm(b: Bench, cfg, rng, interpret):
             for skewed in (False, True):
                 gs = jnp.asarray(_group_sizes(m, cfg["experts"], skewed, rng), jnp.int32)
                 case = f"T={tokens} M={m} {k}->{n} {'skewed' if skewed else 'balanced'}"
-                b.run("gmm", case, "pallas", lambda a, w, g=gs: pallas_gmm.gmm(a, w, g), (lhs, rhs), flops, 3.0,
+                b.run("gmm", case, "pallas", lambda a, w, g=gs: grouped_matmul(a, w, g, impl="pallas"), (lhs, rhs), flops, 3.0,
                       interpret=interpret)
                 if platform() == "gpu":
                     b.run("gmm", case, "pallas_triton", lambda a, w, g=gs: pallas_gmm.gmm(a, w, g, variant="gpu"),

@@ -13,7 +13,9 @@ with fp32 accumulation and the output in ``lhs.dtype``. Optionally the relu² ep
     d rhs[e]  = lhs[rows_e]ᵀ @ dh[rows_e]     (transposed grouped matmul, "tgmm")
     dh        = dout                       (no epilogue)   |   dout · 2·relu(h)   (relu², h = pre-activation)
 
-Three launch layouts share the math (the Mosaic GPU one lives in :mod:`kernels.pallas_gmm_mgpu`):
+Two launch layouts here share the math (a third, Mosaic GPU, lives in
+:mod:`kernels.pallas_gmm_mgpu`; which one ``impl="pallas"`` runs on a platform is decided in
+one place, :func:`kernels.pallas_gmm_variant` over :data:`kernels.AUTO`):
 
 * ``variant="gpu"`` (Triton-style Pallas; what CPU runs under ``interpret=True``): grid
   ``(M/tm, N/tn)``; program ``(t, j)`` loops over the (usually one or two) groups overlapping row
@@ -39,13 +41,11 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from ._common import on_cpu, pad_to, pick_block, platform, round_up, pallas_call, triton_params
+from ._common import (apply_epilogue, check_gmm_shapes, epilogue_grad, on_cpu, pad_to, pallas_call,
+                      pick_block, round_up, triton_params)
 from .xla_gmm import group_offsets
 
 __all__ = ["gmm", "tgmm", "group_offsets", "tile_group_ranges", "visit_schedule"]
-
-_EPILOGUES = (None, "relu2")
-
 
 # ------------------------------------------------------------------------------------------
 # Group metadata
@@ -93,21 +93,6 @@ def visit_schedule(group_sizes, num_tiles: int, tm: int):
 # Kernels: GPU layout (also what interpret mode runs on CPU)
 
 
-def _apply_epilogue(acc, epilogue):
-    if epilogue == "relu2":
-        r = jnp.maximum(acc, 0.0)
-        return r * r
-    return acc
-
-
-def _epilogue_grad(dout, pre, epilogue, dtype):
-    """Gradient w.r.t. the pre-activation ``pre``: ``dout`` (no epilogue) or ``dout·2·relu(pre)``
-    (relu², in fp32), as ``dtype``. Shared with :mod:`kernels.pallas_gmm_mgpu`."""
-    if epilogue == "relu2":
-        return (dout.astype(jnp.float32) * 2.0 * jnp.maximum(pre.astype(jnp.float32), 0.0)).astype(dtype)
-    return dout.astype(dtype)
-
-
 def _gpu_gmm_kernel(glo_ref, ghi_ref, starts_ref, ends_ref, lhs_ref, rhs_ref, *out_refs,
                     tm, tk, tn, nk, transpose_rhs, epilogue):
     t = pl.program_id(0)
@@ -133,7 +118,7 @@ def _gpu_gmm_kernel(glo_ref, ghi_ref, starts_ref, ends_ref, lhs_ref, rhs_ref, *o
         out_refs[0][...] = out.astype(out_refs[0].dtype)
     else:
         out_refs[0][...] = out.astype(out_refs[0].dtype)  # pre-activation (kept for the VJP)
-        out_refs[1][...] = _apply_epilogue(out, epilogue).astype(out_refs[1].dtype)
+        out_refs[1][...] = apply_epilogue(out, epilogue).astype(out_refs[1].dtype)
 
 
 def _gpu_tgmm_kernel(starts_ref, ends_ref, lhs_ref, dout_ref, out_ref, *, tm, tk, tn):
@@ -233,7 +218,7 @@ def _tpu_gmm_kernel(tids_ref, gids_ref, valid_ref, starts_ref, ends_ref, lhs_ref
         rows = t * tm + jax.lax.broadcasted_iota(jnp.int32, acc_ref.shape, 0)
         mask = (rows >= starts_ref[g]) & (rows < ends_ref[g]) & (valid_ref[v] != 0)
         acc = acc_ref[...]
-        vals = [acc] if epilogue is None else [acc, _apply_epilogue(acc, epilogue)]
+        vals = [acc] if epilogue is None else [acc, apply_epilogue(acc, epilogue)]
         for ref, val in zip(out_refs, vals):
             prev = jnp.where(first, jnp.zeros(ref.shape, ref.dtype), ref[...])
             ref[...] = jnp.where(mask, val.astype(ref.dtype), prev)
@@ -387,7 +372,7 @@ def _gmm_fwd(lhs, rhs, group_sizes, cfg, epilogue):
 
 def _gmm_bwd(cfg, epilogue, res, dout):
     lhs, rhs, group_sizes, pre = res
-    dh = _epilogue_grad(dout, pre, epilogue, lhs.dtype)
+    dh = epilogue_grad(dout, pre, epilogue, lhs.dtype)
     dlhs = _gmm_call(dh, rhs, group_sizes, cfg, transpose_rhs=True, out_dtype=lhs.dtype)[0]
     drhs = _tgmm_call(lhs, dh, group_sizes, cfg, rhs.dtype)
     return dlhs, drhs, None
@@ -396,15 +381,19 @@ def _gmm_bwd(cfg, epilogue, res, dout):
 _gmm.defvjp(_gmm_fwd, _gmm_bwd)
 
 
-def _default_variant(dtype=None):
-    """TPU: megablox layout; GPU: Mosaic GPU for 16-bit operands (wgmma), Triton otherwise;
-    CPU: the GPU (Triton-style) layout in interpret mode."""
-    p = platform()
-    if p == "tpu":
-        return "tpu"
-    if p == "gpu" and dtype is not None and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
-        return "mosaic"
-    return "gpu"
+_VARIANTS = ("gpu", "tpu")
+
+
+def _variant(variant: Optional[str]) -> str:
+    """``variant`` or, when None, the platform's layout from the kernel switch
+    (:func:`kernels.pallas_gmm_variant`; never ``"mosaic"`` here)."""
+    if variant is None:
+        from . import pallas_gmm_variant  # the package's switch (kernels/__init__.py)
+        variant = pallas_gmm_variant()
+    if variant not in _VARIANTS:
+        raise ValueError(f"pallas_gmm: variant must be one of {_VARIANTS}, got {variant!r} (the Mosaic GPU "
+                         f"kernel is kernels.pallas_gmm_mgpu, reached through kernels.grouped_matmul)")
+    return variant
 
 
 def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, epilogue: Optional[str] = None,
@@ -413,18 +402,12 @@ def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, epilogue: Opt
     """Grouped matmul ``[M, K] × [E, K, N] -> [M, N]`` (see module docstring).
 
     ``epilogue``: ``None`` or ``"relu2"`` (``relu(·)²`` fused on the fp32 accumulator).
-    ``variant``: ``"mosaic"`` (Mosaic GPU, :mod:`kernels.pallas_gmm_mgpu`) | ``"gpu"`` (Triton
-    lowering) | ``"tpu"`` (Mosaic TPU); default: the platform's (``"gpu"`` layout on CPU).
+    ``variant``: ``"gpu"`` (Triton lowering; what interpret mode runs) | ``"tpu"`` (Mosaic TPU);
+    default: the platform's, from :func:`kernels.pallas_gmm_variant`.
     ``interpret``: default ``True`` exactly when running on CPU.
     """
-    if lhs.ndim != 2 or rhs.ndim != 3 or lhs.shape[1] != rhs.shape[1] or group_sizes.shape != rhs.shape[:1]:
-        raise ValueError(f"gmm: bad shapes lhs {lhs.shape}, rhs {rhs.shape}, group_sizes {group_sizes.shape}")
-    if epilogue not in _EPILOGUES:
-        raise ValueError(f"gmm: epilogue must be one of {_EPILOGUES}, got {epilogue!r}")
-    variant = variant or _default_variant(lhs.dtype)
-    if variant == "mosaic":
-        from . import pallas_gmm_mgpu
-        return pallas_gmm_mgpu.gmm(lhs, rhs, group_sizes, epilogue=epilogue)
+    check_gmm_shapes(lhs, rhs, group_sizes, epilogue)
+    variant = _variant(variant)
     interpret = on_cpu() if interpret is None else interpret
     cfg = (variant, block_m, block_k, block_n, interpret)
     return _gmm(lhs, rhs.astype(lhs.dtype), group_sizes.astype(jnp.int32), cfg, epilogue)
@@ -434,9 +417,7 @@ def tgmm(lhs: jax.Array, dout: jax.Array, group_sizes: jax.Array, *, variant: Op
          block_m: int = 128, block_k: int = 128, block_n: int = 128,
          interpret: Optional[bool] = None) -> jax.Array:
     """``out[e] = lhs[rows_e]ᵀ @ dout[rows_e]`` -> ``[E, K, N]`` (fp32 accumulation, ``lhs.dtype``)."""
-    variant = variant or _default_variant()
-    if variant == "mosaic":
-        variant = "gpu"  # the weight gradient runs on the Triton-lowered kernel
+    variant = _variant(variant)
     interpret = on_cpu() if interpret is None else interpret
     cfg = (variant, block_m, block_k, block_n, interpret)
     return _tgmm_call(lhs, dout, group_sizes.astype(jnp.int32), cfg, lhs.dtype)

@@ -29,8 +29,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from . import pallas_gmm
-from ._common import pad_to, round_up
+from . import pallas_gmm  # its Triton-layout weight gradient (one-way: pallas_gmm never imports this)
+from ._common import apply_epilogue, check_gmm_shapes, epilogue_grad, pad_to, round_up
 from .moe_dispatch import padded_layout
 
 __all__ = ["gmm", "gmm_aligned", "aligned_tiles"]
@@ -86,7 +86,7 @@ def gmm_aligned(lhs_p, rhs, tile_group, *, block_m: int, block_k: int = 64, bloc
                 return acc_ref[...]
 
             acc = pl.run_scoped(acc_scope, plgpu.ACC((bm, bn)))
-            vals = [acc] if epilogue is None else [acc, pallas_gmm._apply_epilogue(acc, epilogue)]
+            vals = [acc] if epilogue is None else [acc, apply_epilogue(acc, epilogue)]
 
             def store(*smems):
                 for smem, val in zip(smems, vals):
@@ -138,7 +138,7 @@ def _gmm_fwd(lhs, rhs, group_sizes, cfg, epilogue):
 
 def _gmm_bwd(cfg, epilogue, res, dout):
     lhs, rhs, group_sizes, pre = res
-    dh = pallas_gmm._epilogue_grad(dout, pre, epilogue, lhs.dtype)
+    dh = epilogue_grad(dout, pre, epilogue, lhs.dtype)
     dlhs = _call(dh, rhs, group_sizes, cfg, transpose_rhs=True)[0]
     drhs = pallas_gmm.tgmm(lhs, dh, group_sizes, variant="gpu")  # Triton (interpret on CPU)
     return dlhs, drhs.astype(rhs.dtype), None
@@ -152,7 +152,6 @@ def gmm(lhs, rhs, group_sizes, *, epilogue: Optional[str] = None, block_m: Optio
     """Mosaic GPU grouped matmul ``[M, K] × [E, K, N] -> [M, N]`` (contract of
     :func:`kernels.xla_gmm.gmm`). ``block_m`` defaults to 64 (less padding per expert) below
     32K rows and 128 above."""
-    if lhs.ndim != 2 or rhs.ndim != 3 or lhs.shape[1] != rhs.shape[1] or group_sizes.shape != rhs.shape[:1]:
-        raise ValueError(f"gmm: bad shapes lhs {lhs.shape}, rhs {rhs.shape}, group_sizes {group_sizes.shape}")
+    check_gmm_shapes(lhs, rhs, group_sizes, epilogue)
     bm = block_m or (64 if lhs.shape[0] <= 32768 else 128)
     return _gmm(lhs, rhs.astype(lhs.dtype), group_sizes.astype(jnp.int32), (bm, block_k), epilogue)
