@@ -187,3 +187,7 @@ def test_a2a_resolution():
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("expert",))
     with pytest.raises(ValueError, match="a2a='ragged'"):
         moe.make_expert_parallel(mesh, a2a="ragged")
+    from cascade_jax.sharding import compile_train_step
+    from models import nemotron_h as nh
+    with pytest.raises(ValueError, match="a2a='ragged'"):  # the train step passes it through
+        compile_train_step("sft", mesh=mesh, state=None, batch=None, model_cfg=nh.preset("tiny"), a2a="ragged")

@@ -43,16 +43,17 @@ def activation_partitioner(mesh: Mesh, rules: Rules = RULES) -> Callable:
 
 
 def compile_train_step(objective: str, *, mesh: Mesh, state, batch, model_cfg, rules: Rules = RULES,
-                       donate: bool = True, **static) -> Callable:
+                       donate: bool = True, a2a: str = "auto", **static) -> Callable:
     """``step(state, batch) -> (state, metrics)`` jitted for ``mesh``.
 
     ``state`` / ``batch``: concrete arrays or ``jax.ShapeDtypeStruct`` pytrees (only shapes
     and structure are read; for ahead-of-time planning call ``.lower(state, batch)`` on the
     result). ``static``: the keyword arguments of the objective's step (``stage``,
-    ``grad_accum``, ``opt_cfg``, ``compute_dtype``, ...)."""
+    ``grad_accum``, ``opt_cfg``, ``compute_dtype``, ...). ``a2a``: the expert-parallel token
+    exchange, ``auto`` | ``ragged`` | ``padded`` (:func:`.moe.resolve_a2a`)."""
     step = make_train_step(objective, jit=False, model_cfg=model_cfg, **static)
     partitioner = activation_partitioner(mesh, rules)
-    ep = make_expert_parallel(mesh, rules)
+    ep = make_expert_parallel(mesh, rules, a2a=a2a)
     cp = make_context_parallel(mesh, rules)
 
     @functools.wraps(step)
