@@ -54,6 +54,8 @@ def parse_args(argv=None):
     ap.add_argument("--grad-accum", type=int, default=1)
     ap.add_argument("--remat", default=None, choices=("none", "full", "dots"))
     ap.add_argument("--no-scan", action="store_true", help="unrolled layer loop (compile-time baseline)")
+    ap.add_argument("--full-compile", action="store_true",
+                    help="optimise the generated machine code too (slower; same memory figures)")
     ap.add_argument("--device-memory-gib", type=float, default=80.0)
     ap.add_argument("--override", action="append", default=[], metavar="FIELD=VALUE",
                     help="ModelConfig field override (JSON value), e.g. --override hidden_size=256")
@@ -101,7 +103,8 @@ def main(argv=None) -> dict:
     try:
         mesh = sharding.make_mesh(MeshConfig(**sizes), jax.devices()[:n_dev])
         res = plan(model_cfg, mesh, objective=args.objective, seq_len=args.seq_len, batch=args.batch,
-                   device_memory_gib=args.device_memory_gib, grad_accum=args.grad_accum)
+                   device_memory_gib=args.device_memory_gib, grad_accum=args.grad_accum,
+                   fast_compile=not args.full_compile)
     except sharding.ShardingError as e:
         raise SystemExit(f"error: {e}") from None
     res["preset"] = args.preset
