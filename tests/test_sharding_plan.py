@@ -4,7 +4,8 @@
   (fp32 master), optimizer bytes = 2 x that (Adam moments) + the step counters, and the
   compiled executable's argument bytes = params + optimizer + batch; fsdp x tensor: per-device
   parameter bytes = the sum of each leaf's shard computed from its logical axes;
-* the FLOP counter against hand counts (a scan of matmuls, counted per trip);
+* the FLOP counter against hand counts (a scan of matmuls, counted per trip; a shard_map body
+  counted on every device of its manual axes);
 * impossible meshes are clear errors naming the axis;
 * nano-30b-a3b on 64 devices (fsdp=64, 64 x 8K tokens, the acceptance plan, in CI): compiled
   FLOPs per token (fwd+bwd, no remat) within ±15 % of the analytic ~20.9 GFLOP (docs/model.md
@@ -53,6 +54,20 @@ def test_jaxpr_flops_counts_scan_trips():
     assert jaxpr_flops(jax.make_jaxpr(f)(jnp.ones((4, 16)))) == 10 * 2 * 4 * 16 * 16
     g = jax.grad(lambda x: jnp.sum(f(x)))
     assert jaxpr_flops(jax.make_jaxpr(g)(jnp.ones((4, 16)))) == 2 * 10 * 2 * 4 * 16 * 16  # fwd + dx
+
+
+def test_jaxpr_flops_counts_shard_map_on_every_device():
+    from jax.sharding import AbstractMesh, AxisType, PartitionSpec as P
+
+    mesh = AbstractMesh((4, 2), ("a", "b"), axis_types=(AxisType.Auto,) * 2)
+    w = jnp.ones((16, 16))
+    x = jnp.ones((32, 16))
+    # manual over "a": each of 4 devices multiplies its [8, 16] block -> the global count
+    f = jax.shard_map(lambda x: x @ w, mesh=mesh, in_specs=P("a"), out_specs=P("a"), axis_names={"a"})
+    assert jaxpr_flops(jax.make_jaxpr(f)(x)) == 2 * 32 * 16 * 16
+    # manual over both axes, rows split over "a" only: the 2 devices along "b" repeat the work
+    f = jax.shard_map(lambda x: x @ w, mesh=mesh, in_specs=P("a"), out_specs=P("a"))
+    assert jaxpr_flops(jax.make_jaxpr(f)(x)) == 2 * (2 * 32 * 16 * 16)
 
 
 def test_tiny_plan_bytes():

@@ -61,7 +61,9 @@ def _subjaxprs(params):
 def jaxpr_flops(jaxpr) -> float:
     """``2·M·N·K`` summed over every ``dot_general`` of ``jaxpr`` (a ``Jaxpr`` or
     ``ClosedJaxpr``), a ``scan`` body counted ``length`` times, ``cond`` by its costliest
-    branch and every other nested program (jit, remat, custom VJP, shard_map) once."""
+    branch, a ``shard_map`` body (per-device shapes) times the devices of its manual mesh axes
+    (what all devices execute, padding and replication included) and every other nested
+    program (jit, remat, custom VJP) once."""
     jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
     total = 0.0
     for eqn in jaxpr.eqns:
@@ -75,6 +77,10 @@ def jaxpr_flops(jaxpr) -> float:
             total += eqn.params["length"] * jaxpr_flops(eqn.params["jaxpr"])
         elif name == "cond":
             total += max(jaxpr_flops(b) for b in eqn.params["branches"])
+        elif name == "shard_map":  # the body sees one device's block and runs on every device
+            mesh = eqn.params["mesh"]
+            axes = eqn.params.get("newly_manual_axes") or eqn.params.get("manual_axes") or mesh.axis_names
+            total += math.prod(dict(mesh.shape)[a] for a in axes) * jaxpr_flops(eqn.params["jaxpr"])
         elif name == "while":
             raise ValueError("jaxpr_flops: a while loop has no static trip count; use scan/fori_loop "
                              "with static bounds")
