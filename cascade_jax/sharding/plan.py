@@ -143,13 +143,13 @@ def plan(model_cfg, mesh, *, objective: str = "grpo", seq_len: int = 8192,
         static["stage"] = StageConfig(objective=objective)
     step = compile_train_step(objective, mesh=mesh, state=state, batch=b, model_cfg=model_cfg,
                               rules=rules, **static)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     traced = step.trace(state, b)
     flops = jaxpr_flops(traced.jaxpr)
     lowered = traced.lower()
-    t1 = time.perf_counter()
+    t1, c1 = time.perf_counter(), time.process_time()
     compiled = lowered.compile(compiler_options=FAST_COMPILE if fast_compile else None)
-    t2 = time.perf_counter()
+    t2, c2 = time.perf_counter(), time.process_time()
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis() or {}
     if isinstance(cost, (list, tuple)):
@@ -172,6 +172,7 @@ def plan(model_cfg, mesh, *, objective: str = "grpo", seq_len: int = 8192,
         "flops_per_step": flops, "flops_per_device": flops / n_dev, "flops_per_token": flops / tokens,
         "xla_flops_per_device": float(cost.get("flops", float("nan"))),
         "trace_lower_seconds": t1 - t0, "compile_seconds": t2 - t1, "fast_compile": fast_compile,
+        "trace_lower_cpu_seconds": c1 - c0, "compile_cpu_seconds": c2 - c1,
         "memory_note": "compiled on " + jax.devices()[0].platform
                        + ("; CPU memory figures estimate the GPU/TPU ones" if jax.devices()[0].platform == "cpu" else ""),
     }
