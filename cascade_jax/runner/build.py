@@ -43,7 +43,7 @@ from cascade_jax.runner.errors import (CheckpointLoadError, ConfigError, InputFi
                                        RolloutUnavailable)
 
 __all__ = ["Parts", "build", "resolve_init", "build_model", "model_config", "build_tokenizer", "build_mesh",
-           "start_distributed", "ShardedStep", "build_sft_data", "build_prompt_data", "build_engine", "build_scorers",
+           "start_distributed", "check_batch_fits_mesh", "ShardedStep", "build_sft_data", "build_prompt_data", "build_engine", "build_scorers",
            "build_teachers", "build_train_step", "compute_dtype", "validate", "stage_domains"]
 
 
@@ -167,9 +167,43 @@ def build_mesh(config: C.Config):
     from cascade_jax import sharding
 
     try:
-        return sharding.make_mesh(config.mesh)
+        mesh = sharding.make_mesh(config.mesh)
     except sharding.ShardingError as e:
         raise ConfigError(str(e)) from None
+    check_batch_fits_mesh(config, mesh)
+    return mesh
+
+
+def check_batch_fits_mesh(config: C.Config, mesh) -> None:
+    """The train batch ``[rows, T]`` splits over the mesh: rows over the batch axes
+    (data x fsdp x expert, per micro-batch), ``T`` over the context axis; else a
+    :class:`ConfigError` naming the fields (raised before anything is written)."""
+    from cascade_jax import sharding
+
+    shape = sharding.mesh_shape(mesh)
+    rules = sharding.RULES
+    bdev = 1
+    for a in rules.activations["batch"]:
+        bdev *= shape.get(a, 1)
+    cdev = 1
+    for a in rules.activations["seq"]:
+        cdev *= shape.get(a, 1)
+    obj, d, r = config.stage.objective, config.data, config.rollout
+    if obj == "sft":
+        rows, rows_field, t, t_field = d.batch_rows, "data.batch_rows", d.seq_len, "data.seq_len"
+    elif obj in ("grpo", "mopd"):
+        rows, rows_field = d.batch_prompts * r.n_samples, "data.batch_prompts x rollout.n_samples"
+        t, t_field = r.max_prompt_len + r.max_response_len, "rollout.max_prompt_len + max_response_len"
+    else:
+        return
+    axes = " x ".join(f"{a}={shape.get(a, 1)}" for a in rules.activations["batch"])
+    accum = config.optimizer.grad_accum
+    if rows % accum or (rows // accum) % bdev:
+        raise ConfigError(f"{rows_field} = {rows} rows: each of optimizer.grad_accum={accum} "
+                          f"micro-batches must split evenly over the mesh's batch axes ({axes} = "
+                          f"{bdev} devices)")
+    if t % cdev:
+        raise ConfigError(f"{t_field} = {t} tokens does not split over mesh.context={cdev}")
 
 
 # --------------------------------------------------------------------------------------------
