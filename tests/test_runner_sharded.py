@@ -11,7 +11,8 @@ against the same stage on one device, tiny model, fp32 compute, 2 optimizer step
   summation order differs across devices and the sharded init differs by at most 1 ulp, see
   tests/test_sharding_steps.py), and the logged loss and gradient norm of each step within 1e-4
   of max(1, |single-device value|);
-* provenance records the mesh.
+* provenance records the mesh; a batch that does not split over the batch axes is a config
+  error naming the field and the axes (before anything is written).
 
 SFT (parameters created in their shards) runs in CI; MOPD (rollouts by the embedded engine on
 the sharded compute copy with the same seeds, the student loaded from a checkpoint slice by
@@ -83,6 +84,7 @@ def _compare(tmp_path, objective, **sections):
     assert sharded["sharded_calls"] == 2 and sharded["compiles"] == 1, sharded
     assert sharded["donated"], "the input state of a sharded step was not donated"
     assert sharded["split_leaves"] > 0 and sharded["devices_per_leaf"] == 8, sharded
+    assert "(data=2 x fsdp=2 x expert=1 = 4 devices)" in (sharded["bad_batch_error"] or ""), sharded
     a, b = _params(tmp_path / "one"), _params(tmp_path / "mesh")
     assert a.keys() == b.keys()
     worst = max(float(np.max(np.abs(a[k] - b[k]))) for k in a)
@@ -153,7 +155,16 @@ def _child(config_path: str) -> None:
     moved = max(float(jax.numpy.max(jax.numpy.abs(a - b)))
                 for a, b in zip(jax.tree.leaves(init), jax.tree.leaves(final)))
     prov = json.loads((pathlib.Path(cfg.run.out_dir) / "provenance.json").read_text())
-    print(json.dumps({**seen, "mesh": prov["mesh"], "moved": moved}))
+    bad = None
+    if jax.device_count() > 1:  # a batch that does not split over the mesh's batch axes
+        odd = C.replace_path(cfg, "data.batch_rows", 3)
+        if cfg.stage.objective != "sft":  # 3 prompts x 3 samples
+            odd = C.replace_path(C.replace_path(cfg, "data.batch_prompts", 3), "rollout.n_samples", 3)
+        try:
+            B.build_mesh(odd)
+        except B.ConfigError as e:
+            bad = str(e)
+    print(json.dumps({**seen, "mesh": prov["mesh"], "moved": moved, "bad_batch_error": bad}))
 
 
 if __name__ == "__main__":
