@@ -21,13 +21,13 @@ so its gradient is zero and the comparison would be vacuous.)
 """
 
 import json
-import os
 import pathlib
-import subprocess
 import sys
 
 import numpy as np
 import pytest
+
+from tests.multidevice import run_on_cpu_devices
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PARAM_TOL = 2e-6
@@ -51,13 +51,7 @@ def _config(path: pathlib.Path, objective: str, run_dir: pathlib.Path, mesh: dic
 
 
 def _run(config_path: pathlib.Path, devices: int) -> dict:
-    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(devices),
-               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    env.pop("XLA_FLAGS", None)
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), str(config_path)], env=env,
-                          capture_output=True, text=True, timeout=1200)
-    assert proc.returncode == 0, proc.stderr[-6000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_on_cpu_devices(__file__, config_path, devices=devices, timeout=1200)
 
 
 def _params(run_dir) -> dict:
