@@ -98,10 +98,13 @@ def run_cascade(cascade_dir: Union[str, os.PathLike], *, preset: str = "tiny",
     reg_path = cdir / R.REGISTRY_FILE
     eval_domains = [D.check_domain(d) for d in eval_domains]
 
+    # Every registry row is evaluated with the same settings: the first stage's rollout and
+    # eval sections (its max_prompt_len fits every domain's prompts), whatever each stage trains
+    # with, so the score matrix compares checkpoints and nothing else.
+    cfg0 = P.stage_config(P.CASCADE[0].name, preset=preset, cascade_dir=cdir,
+                          start_checkpoint=base_checkpoint, overrides=overrides)
     # The starting model's scores (the first stage's "before").
     if BASE not in R.load_registry(reg_path)["checkpoints"]:
-        cfg0 = P.stage_config(P.CASCADE[0].name, preset=preset, cascade_dir=cdir,
-                              start_checkpoint=base_checkpoint, overrides=overrides)
         t0 = time.perf_counter()
         res = evaluate_checkpoint(cfg0, base_checkpoint, eval_domains)
         R.register_checkpoint(reg_path, BASE, base_checkpoint or f"{preset}-init", _avg(res),
@@ -147,7 +150,7 @@ def run_cascade(cascade_dir: Union[str, os.PathLike], *, preset: str = "tiny",
                                  resumed_from=summary.get("resumed_from", 0))
         st = P.load_state(cdir)["stages"][spec.name]
         t0 = time.perf_counter()
-        res = evaluate_checkpoint(cfg, str(cdir / st["hub"]), eval_domains)
+        res = evaluate_checkpoint(cfg0, str(cdir / st["hub"]), eval_domains)
         eval_s = time.perf_counter() - t0
         (cdir / spec.name / "eval").mkdir(parents=True, exist_ok=True)
         (cdir / spec.name / "eval" / "cascade.json").write_text(json.dumps(res["domains"], indent=2) + "\n")

@@ -8,16 +8,23 @@ domains with their rule-based synthetic judges); the code domain really executes
 ============================  ===================================================================
 domain                        task
 ============================  ===================================================================
-math                          add two digits, answer in ``\\boxed{}``
+math                          add two digits in 0..4, answer in ``\\boxed{}``
 instruction_following         name a given word obeying case / keyword / length constraints
-mcq                           which letter follows X in the alphabet (4 options)
-structured_output             a JSON object ``{"n": k}`` (closed schema)
-tool_call                     call ``add(a, b)`` in the template's tool-call format
-code                          a Python expression evaluating to a target number (sandboxed)
-rlhf                          short reply mentioning a topic word (synthetic pairwise judge)
-long_context                  look up a key's value in a list of key/value lines (QA judge)
-swe                           a unified diff fixing a one-line operator bug (patch judge)
+mcq                           which letter follows X (one of A..H) in the alphabet (4 options)
+structured_output             a JSON object ``{"n": k}``, k in 0..9 (closed schema)
+tool_call                     call ``add(a, b)``, a and b in 0..4, in the template's tool-call format
+code                          a Python expression evaluating to a target in 0..20 (sandboxed)
+rlhf                          short reply mentioning a topic word (synthetic pairwise judge;
+                              eval: win rate against the fixed baseline answer "A <word> is nice.",
+                              which the reference ties)
+long_context                  look up a key's one-digit value in 3 key/value lines (QA judge)
+swe                           a unified diff fixing a one-line operator bug in one of four
+                              functions of (a, b) or (b, a) (patch judge: changed-line F1)
 ============================  ===================================================================
+
+The ranges are small on purpose: the tiny preset (hidden size 64, two attention layers) learns
+to copy and look up from the prompt within a few hundred SFT steps at these sizes, so its sampled
+scores after the tiny SFT stage are partial and every RL stage has reward variance to work with.
 
     examples = tiny_examples("code", n=64, seed=0)
     scores = make_scorer("code")([e.prompt for e in examples], responses,
@@ -44,12 +51,11 @@ class TinyExample:
     reference: str  # a response that scores 1
 
 
-_WORDS = ["apple", "river", "cloud", "stone", "tiger", "piano", "lemon", "candle", "forest",
-          "rocket", "garden", "pencil", "mirror", "planet", "window", "dragon"]
+_WORDS = ["apple", "river", "cloud", "stone", "tiger", "piano", "lemon", "garden"]
 
 
 def _math(r: random.Random) -> TinyExample:
-    a, b = r.randint(0, 9), r.randint(0, 9)
+    a, b = r.randint(0, 4), r.randint(0, 4)
     return TinyExample(d.MATH, f"What is {a} + {b}? Put the final answer in \\boxed{{}}.",
                        {"answer": str(a + b)}, f"\\boxed{{{a + b}}}")
 
@@ -76,9 +82,9 @@ def _if(r: random.Random) -> TinyExample:
 
 
 def _mcq(r: random.Random) -> TinyExample:
-    i = r.randrange(24)
+    i = r.randrange(8)
     x, right = chr(65 + i), chr(66 + i)
-    wrong = r.sample([chr(65 + k) for k in range(26) if chr(65 + k) != right], 3)
+    wrong = r.sample([chr(65 + k) for k in range(10) if chr(65 + k) != right], 3)
     options = wrong + [right]
     r.shuffle(options)
     letters = "ABCD"
@@ -90,7 +96,7 @@ def _mcq(r: random.Random) -> TinyExample:
 
 
 def _structured(r: random.Random) -> TinyExample:
-    k = r.randint(0, 20)
+    k = r.randint(0, 9)
     schema = {"type": "object", "properties": {"n": {"const": k}}, "required": ["n"]}
     return TinyExample(d.STRUCTURED_OUTPUT,
                        f'Return only a JSON object with the integer field "n" equal to {k}.',
@@ -98,7 +104,7 @@ def _structured(r: random.Random) -> TinyExample:
 
 
 def _tool(r: random.Random) -> TinyExample:
-    a, b = r.randint(0, 9), r.randint(0, 9)
+    a, b = r.randint(0, 4), r.randint(0, 4)
     args = {"a": a, "b": b}
     return TinyExample(d.TOOL_CALL, f"Use the add tool to add {a} and {b}.",
                        {"expected_calls": [{"name": "add", "arguments": args}]},
@@ -106,22 +112,23 @@ def _tool(r: random.Random) -> TinyExample:
 
 
 def _code(r: random.Random) -> TinyExample:
-    t = r.randint(0, 99)
+    t = r.randint(0, 20)
     return TinyExample(d.CODE, f"Write a Python expression that evaluates to {t}.",
                        {"tests": [{"input": "", "output": str(t)}], "expression": True,
                         "limits": {"wall_s": 5.0, "cpu_s": 2}},
-                       f"```python\n{t // 2} + {t - t // 2}\n```")
+                       f"```python\n{t}\n```")
 
 
 def _rlhf(r: random.Random) -> TinyExample:
     w = r.choice(_WORDS)
     return TinyExample(d.RLHF, f"Say something nice about a {w}.",
-                       {"judge_fields": {"keyword": w}}, f"A {w} is lovely.")
+                       {"judge_fields": {"keyword": w}, "baseline": f"A {w} is nice."},
+                       f"A {w} is lovely.")
 
 
 def _long_context(r: random.Random) -> TinyExample:
-    keys = r.sample(_WORDS, 8)
-    values = {k: r.randint(100, 999) for k in keys}
+    keys = r.sample(_WORDS, 3)
+    values = {k: r.randint(1, 9) for k in keys}
     k = r.choice(keys)
     lines = "\n".join(f"{key}: {v}" for key, v in values.items())
     q = f"What is the value of {k}?"
@@ -134,7 +141,7 @@ _OPS = [("add", "+", "-"), ("sub", "-", "+"), ("mul", "*", "+"), ("div", "/", "*
 
 def _swe(r: random.Random) -> TinyExample:
     name, good, bad = r.choice(_OPS)
-    x, y = r.sample(["a", "b", "x", "y", "m", "n"], 2)
+    x, y = r.sample(["a", "b"], 2)
     bad_line, good_line = f"    return {x} {bad} {y}", f"    return {x} {good} {y}"
     gold = (f"--- a/ops.py\n+++ b/ops.py\n@@ -1,2 +1,2 @@\n def {name}({x}, {y}):\n"
             f"-{bad_line}\n+{good_line}\n")

@@ -8,6 +8,11 @@ sampling settings, scored by the domain's scorer (values in [0, 1]):
 * ``pass@k`` = fraction of prompts with at least one fully correct sample (score = 1); with
   ``n = k`` samples this is the unbiased estimator ``1 − C(n − c, k) / C(n, k)`` of pass@k.
 
+A group-relative scorer (the ``rlhf`` GenRM: each sample's mean pairwise win rate within its
+group) averages 0.5 over any group, so it cannot measure progress; a prompt whose metadata holds
+``baseline`` (a fixed answer) is instead scored ArenaHard-style: each sample is judged in a group
+of two against the baseline, and its score is its win rate there (1 win, 0.5 tie, 0 loss).
+
 Eval prompts come from the data pipeline (``cascade_jax.data.prompt_batches``) with
 ``data.shuffle_seed = eval.seed``: for the tiny domains that seed generates a different, fixed
 example set (held out from the training stream, which uses ``data.shuffle_seed``); for file
@@ -81,7 +86,13 @@ def evaluate_rollouts(prompts: Sequence[EvalPrompt], responses: Sequence[Sequenc
         ps = [p.text for p, rs in items for _ in rs]
         rs = [r for _, rr in items for r in rr]
         ms = [p.metadata for p, rr in items for _ in rr]
-        scores = np.asarray([s.value for s in scorers[dom](ps, rs, ms)], np.float64)
+        if all("baseline" in m for m in ms):  # pairwise judges: win rate vs a fixed answer
+            ms = [{**m, "group": f"eval-{j}"} for j, m in enumerate(ms) for _ in range(2)]
+            rs = [x for r, m in zip(rs, ms[::2]) for x in (r, str(m["baseline"]))]
+            ps = [x for x in ps for _ in range(2)]
+            scores = np.asarray([s.value for s in scorers[dom](ps, rs, ms)][::2], np.float64)
+        else:
+            scores = np.asarray([s.value for s in scorers[dom](ps, rs, ms)], np.float64)
         scores = scores.reshape(len(items), k)
         correct = (scores >= CORRECT).sum(1)
         out[dom] = {f"avg@{k}": float(scores.mean()),
