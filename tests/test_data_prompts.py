@@ -72,7 +72,9 @@ def test_metadata_reaches_the_scorers():
 
 def test_mixing_weights_55_30_15():
     cfg = C.load(str(REPO / "configs" / "multi_domain_rl.json"))
-    cfg = C.apply_overrides(cfg, ["model.preset=tiny", "data.batch_prompts=128",
+    # the paper's stage config with its data swapped for the built-in tiny rows (weights kept)
+    cfg = C.apply_overrides(cfg, ["model.preset=tiny", 'data.sources=[{"format": "tiny"}]',
+                                  "data.batch_prompts=128",
                                   "rollout.max_prompt_len=512", "data.tiny_rows_per_domain=64"])
     it = prompt_batches(cfg, TOK)
     assert it.weights == {"mcq": 0.55, "tool_call": 0.30, "structured_output": 0.15}
