@@ -25,7 +25,7 @@ import typing
 from typing import Any, Literal, Optional, Sequence
 
 __all__ = [
-    "ConfigError", "ModelSection", "MeshConfig", "OptimizerConfig", "RolloutConfig",
+    "ConfigError", "ModelSection", "MeshConfig", "A2A_MODES", "OptimizerConfig", "RolloutConfig",
     "DataSource", "DataConfig", "StageConfig", "RunConfig", "EvalConfig", "Config", "from_dict", "to_dict", "to_json",
     "load", "apply_overrides", "replace_path",
 ]
@@ -57,23 +57,34 @@ class ModelSection:
     __hash__ = _hash_by_value
 
 
+#: the expert-parallel token exchanges ``MeshConfig.a2a`` accepts (cascade_jax.sharding.moe)
+A2A_MODES = ("auto", "ragged", "padded")
+
+
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    """Device mesh axis sizes; -1 means "all remaining devices" (at most one axis)."""
+    """Device mesh axis sizes; -1 means "all remaining devices" (at most one axis). ``a2a``: the
+    expert-parallel token exchange (with an ``expert`` axis > 1): ``auto`` = ``ragged`` on
+    GPU/TPU, ``padded`` on CPU; ``ragged`` (``jax.lax.ragged_all_to_all``, GPU/TPU only) moves
+    only the routed rows; ``padded`` pads every block to the worst case (any platform)."""
 
     data: int = 1
     fsdp: int = -1
     expert: int = 1
     tensor: int = 1
     context: int = 1
+    a2a: Literal[A2A_MODES] = "auto"
 
     def __post_init__(self):
-        sizes = dataclasses.astuple(self)
+        fields = [f for f in dataclasses.fields(self) if f.name != "a2a"]
+        sizes = [getattr(self, f.name) for f in fields]
         if sum(s == -1 for s in sizes) > 1:
             raise ConfigError("mesh: at most one axis may be -1")
-        for f, s in zip(dataclasses.fields(self), sizes):
+        for f, s in zip(fields, sizes):
             if s == 0 or s < -1:
                 raise ConfigError(f"mesh.{f.name}: must be a positive size or -1, got {s}")
+        if self.a2a not in A2A_MODES:
+            raise ConfigError(f"mesh.a2a: must be one of {list(A2A_MODES)}, got {self.a2a!r}")
 
 
 @dataclasses.dataclass(frozen=True)

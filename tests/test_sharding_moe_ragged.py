@@ -182,8 +182,26 @@ def test_a2a_resolution():
     assert resolve_a2a("padded", "gpu") == "padded" and resolve_a2a("ragged", "tpu") == "ragged"
     with pytest.raises(ValueError, match="a2a='ragged'.*CPU"):
         resolve_a2a("ragged", "cpu")
-    with pytest.raises(ValueError, match="a2a: must be one of"):
+    with pytest.raises(ValueError, match="mesh.a2a: must be one of"):
         resolve_a2a("fast", "gpu")
+    assert resolve_a2a("auto", "cuda") == "ragged"  # a GPU device's own platform name
+
+
+def test_mesh_config_a2a():
+    """``mesh.a2a`` in the run config: a bad value, or ragged on CPU devices, names the field."""
+    from cascade_jax import config as C
+    from cascade_jax.sharding import ShardingError, make_mesh
+
+    assert C.MeshConfig().a2a == "auto"
+    with pytest.raises(C.ConfigError, match=r"mesh\.a2a: must be one of \['auto', 'ragged', 'padded'\], got 'fast'"):
+        C.MeshConfig(a2a="fast")
+    with pytest.raises(C.ConfigError, match=r"mesh\.a2a"):
+        C.apply_overrides(C.Config(), ["mesh.a2a=fast"])
+    assert C.apply_overrides(C.Config(), ["mesh.a2a=padded"]).mesh.a2a == "padded"
+    cpu = jax.devices("cpu")[:1]
+    assert make_mesh(C.MeshConfig(fsdp=1, a2a="padded"), cpu).size == 1
+    with pytest.raises(ShardingError, match=r"mesh\.a2a='ragged'.*not implemented on CPU"):
+        make_mesh(C.MeshConfig(fsdp=1, a2a="ragged"), cpu)
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("expert",))
     with pytest.raises(ValueError, match="a2a='ragged'"):
         moe.make_expert_parallel(mesh, a2a="ragged")

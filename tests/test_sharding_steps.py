@@ -13,8 +13,8 @@ kind (Mamba2, MoE, attention, MLP), fp32 compute:
 
 Meshes: pure data (data=8), fsdp x tensor (4 x 2), data x expert (2 x 4), expert x tensor
 (4 x 2), each with the weights and activations laid out by ``cascade_jax.sharding.RULES``. CI
-runs the gradient check on fsdp x tensor and data x expert (the expert-parallel MoE) and GRPO
-on fsdp x tensor (compiles dominate on CPU); ``-m slow`` runs every objective on every mesh.
+runs the gradient check on fsdp x tensor (the token-local MoE dispatch) and data x expert (the
+expert-parallel MoE), each with the MoE hook the compiled step installs, and GRPO on fsdp x tensor (compiles dominate on CPU); ``-m slow`` runs every objective on every mesh.
 """
 
 import json
@@ -83,7 +83,7 @@ def main(args):
     from cascade_jax import sharding
     from cascade_jax.config import MeshConfig, OptimizerConfig, StageConfig
     from models import nemotron_h as nh
-    from cascade_jax.sharding.moe import make_expert_parallel
+    from cascade_jax.sharding.moe import make_moe_dispatch
     from models.nemotron_h.partitioning import use_partitioner
 
     assert len(jax.devices()) == 8, jax.devices()
@@ -143,7 +143,7 @@ def main(args):
         res["sharded_leaves"] = sum(not s.is_fully_replicated for s in
                                     jax.tree.leaves(jax.tree.map(lambda x: x.sharding, state.params)))
         b_sh = sharding.batch_shardings(sft_batch, mesh)
-        with use_partitioner(sharding.activation_partitioner(mesh), make_expert_parallel(mesh)):
+        with use_partitioner(sharding.activation_partitioner(mesh), make_moe_dispatch(mesh)):
             gl, gg = jax.jit(jax.value_and_grad(loss), in_shardings=(
                 sharding.param_shardings(cfg, mesh), b_sh))(state.params, sharding.shard_batch(sft_batch, mesh))
         res["loss_rel"] = rel(gl, ref_loss)

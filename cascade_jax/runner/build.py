@@ -348,7 +348,7 @@ def build_train_step(config: C.Config, model_cfg, mesh=None):
         if r.zero_mismatch:  # batch-invariant log-probs at the rollout's row length
             static.update(row_len=r.max_prompt_len + r.max_response_len)
     if mesh is not None:
-        return ShardedStep(obj, mesh, model_cfg, static)
+        return ShardedStep(obj, mesh, model_cfg, dict(static, a2a=config.mesh.a2a))
     fn = rl.make_train_step(obj, jit=False, model_cfg=model_cfg, **static)
     return jax.jit(fn, donate_argnums=(0,))
 

@@ -18,7 +18,8 @@ Entry point for a stage runner (``cfg`` is the run ``Config``)::
 
 ``rules.RULES`` is the one table from logical axes (``ParamSpec.axes`` and the model's
 ``constrain`` names) to mesh axes; pass ``rules=`` to any function here to use another. An
-``expert`` axis > 1 makes the MoE layers expert-parallel (:mod:`.moe`), a ``context`` axis > 1
+``expert`` axis > 1 makes the MoE layers expert-parallel (:mod:`.moe`; ``mesh.a2a`` picks the
+token exchange), batch / context axes without it make them dispatch token-locally, a ``context`` axis > 1
 the attention and SSD kernels context-parallel (:mod:`.context`). Before renting a pod,
 ``launch/plan.py`` (:mod:`.plan`) compiles the step against a simulated mesh and reports memory
 per device and FLOPs.
@@ -31,7 +32,7 @@ from .state import (batch_shardings, global_batch, init_params, init_train_state
                     opt_state_shardings, param_shardings, replicated, shard_batch,
                     shard_train_state, state_shardings, validate_model_mesh)
 from .context import ContextParallel, make_context_parallel
-from .moe import expert_parallel_moe, make_expert_parallel
+from .moe import expert_parallel_moe, make_expert_parallel, make_moe_dispatch, token_local_moe
 from .step import activation_partitioner, compile_train_step
 
 __all__ = [
@@ -41,4 +42,5 @@ __all__ = [
     "opt_state_shardings", "param_shardings", "replicated", "shard_batch", "shard_train_state",
     "state_shardings", "validate_model_mesh", "activation_partitioner", "compile_train_step",
     "ContextParallel", "make_context_parallel", "expert_parallel_moe", "make_expert_parallel",
+    "make_moe_dispatch", "token_local_moe",
 ]

@@ -45,9 +45,17 @@ def resolve_sizes(mesh_cfg: MeshConfig, num_devices: int) -> dict:
 
 
 def make_mesh(mesh_cfg: MeshConfig, devices: Optional[Sequence] = None) -> Mesh:
-    """A ``jax.sharding.Mesh`` over ``devices`` (default: all devices of all processes)."""
+    """A ``jax.sharding.Mesh`` over ``devices`` (default: all devices of all processes).
+    ``mesh_cfg.a2a`` is checked against the devices' platform (``ragged`` on CPU is a
+    :class:`ShardingError` naming ``mesh.a2a``)."""
+    from .moe import resolve_a2a  # moe imports this module
+
     devices = list(jax.devices() if devices is None else devices)
     sizes = resolve_sizes(mesh_cfg, len(devices))
+    try:
+        resolve_a2a(mesh_cfg.a2a, devices[0].platform)
+    except ValueError as e:
+        raise ShardingError(str(e)) from None
     shape = tuple(sizes[a] for a in MESH_AXES)
     slices = sorted({getattr(d, "slice_index", 0) for d in devices})
     if len(slices) > 1:

@@ -1,6 +1,29 @@
-"""Expert-parallel MoE: routed experts split over the ``expert`` mesh axis, tokens exchanged.
+"""The MoE's sharded dispatch: token-local on data / fsdp / context meshes, expert-parallel
+with an ``expert`` axis. Both are installed as the model's MoE hook (:func:`make_moe_dispatch`,
+read by ``models/nemotron_h/model.py::moe_mixer``) with the signature
+``hook(x [n, H], w [n, k], idx [n, k], up [E, H, I], down [E, I, H], expert_ffn) -> [n, H]``;
+routing (and the shared expert) stay outside, in the global program.
 
-Local-expert contract. Each device holds ``E_loc = E / ep`` experts (``experts`` weights rule)
+Token-local dispatch (no ``expert`` axis, tokens split over ``data`` / ``fsdp`` / ``context``).
+Every token's output depends only on that token and the expert weights, so each device can
+sort, permute and multiply its own ``n_loc = n / (data·fsdp·context)`` tokens. Inside
+``shard_map`` over the token axes, per device::
+
+    order, counts = sort_by_expert(idx_loc)                 # [m_loc = n_loc·k], [E]
+    ys  = expert_ffn(x_loc[order // k], counts, up, down)   # [m_loc, H] grouped matmuls
+    out = Σ_j w_loc[t, j] · ys[inv_order[t·k + j]]           # fp32 (moe_dispatch.unpermute)
+
+against the full expert weights: ``up`` / ``down`` enter unsplit along their fsdp-sharded
+hidden dim, so the compiler all-gathers them from their fsdp shards before the layer (what
+FSDP does for every weight) and reduce-scatters their gradients after it. With a ``tensor``
+axis on the expert width (``expert_mlp``) each device holds ``I / tp`` columns; the
+down-projection's partial sums are combined after the unpermute, in fp32, by a ``psum`` over
+the tensor axes (``[n_loc, H]``, k times fewer rows than ``ys``). Without this hook the compiler
+all-gathers the tokens and every device sorts and multiplies the *global* batch (the
+planner's temporaries then grow with the device count, see docs/sharding.md).
+
+Expert-parallel dispatch (``expert`` axis > 1). Local-expert contract: each device holds
+``E_loc = E / ep`` experts (``experts`` weights rule)
 and its own tokens (the batch / sequence rules). Inside ``shard_map``, per device (``n`` tokens,
 ``k`` choices, ``m = n·k`` token copies, ``H`` hidden):
 
@@ -15,7 +38,7 @@ and its own tokens (the batch / sequence rules). Inside ``shard_map``, per devic
      device sending all its copies to one shard), so nothing is ever dropped;
    * ``"padded"`` (everywhere, CPU included: the tested path): every device sends an
      ``[ep, m, H]`` buffer whose block ``d`` holds its copies for shard ``d`` padded to ``m``
-     rows, plus the local expert id of each row (-1 = padding). It moves ``ep`` times the rows
+     rows, plus the local expert id of each row (``E_loc`` = padding). It moves ``ep`` times the rows
      of the ragged exchange;
 3. the received rows are sorted by local expert (padding last) and run through the model's
    ``expert_ffn(rows, group_sizes, up, down)`` (the grouped matmuls; rows past
@@ -24,11 +47,11 @@ and its own tokens (the batch / sequence rules). Inside ``shard_map``, per devic
 4. the outputs return by the reverse exchange into the senders' slots and are combined with the
    router weights in fp32 (``moe_dispatch.unpermute``), exactly as the unsharded layer.
 
-``a2a="auto"`` picks ``ragged`` when the mesh's devices are GPUs or TPUs and ``padded`` on CPU
+``a2a="auto"`` (the config's ``mesh.a2a``) picks ``ragged`` when the mesh's devices are GPUs or TPUs and ``padded`` on CPU
 (:func:`resolve_a2a`). Routing (and the shared expert) stay outside, in the global program.
 
-Verification status: the padded path is checked numerically on simulated CPU devices
-(tests/test_sharding_moe.py). The ragged path cannot compile on CPU; its offsets/sizes
+Verification status: the token-local and the padded paths are checked numerically on
+simulated CPU devices (tests/test_sharding_moe.py). The ragged path cannot compile on CPU; its offsets/sizes
 (:func:`ragged_plan`) are checked against a numpy emulation of the collective's documented
 semantics, the whole ragged algorithm (dispatch → plan → exchange → experts → reverse exchange
 → combine) is checked against the unsharded layer with that emulated collective standing in
@@ -45,15 +68,14 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
+from cascade_jax.config import A2A_MODES
 from kernels import moe_dispatch
 
 from .mesh import mesh_shape
 from .rules import RULES, Rules
 
-__all__ = ["expert_parallel_moe", "make_expert_parallel", "resolve_a2a", "ragged_plan",
-           "RaggedPlan", "dispatch", "A2A_MODES"]
-
-A2A_MODES = ("auto", "ragged", "padded")
+__all__ = ["make_moe_dispatch", "token_local_moe", "expert_parallel_moe", "make_expert_parallel",
+           "resolve_a2a", "ragged_plan", "RaggedPlan", "dispatch", "A2A_MODES"]
 
 
 def _active(axes, shape):
@@ -64,21 +86,18 @@ def _spec_axes(axes):
     return None if not axes else axes[0] if len(axes) == 1 else axes
 
 
-def _mesh_platform(mesh: Mesh) -> str:
-    p = mesh.devices.flat[0].platform
-    return "gpu" if p in ("cuda", "rocm", "gpu") else p
-
-
 def resolve_a2a(a2a: str, platform: str) -> str:
-    """The exchange for ``a2a`` in ``A2A_MODES`` on ``platform`` ("cpu" | "gpu" | "tpu"):
-    ``auto`` = ``ragged`` on gpu/tpu, ``padded`` on cpu; ``ragged`` on cpu is an error."""
+    """The exchange for ``a2a`` in ``A2A_MODES`` on ``platform`` ("cpu" | "gpu" | "tpu", or a
+    device's own "cuda" / "rocm"): ``auto`` = ``ragged`` on gpu/tpu, ``padded`` on cpu;
+    ``ragged`` on cpu is an error naming ``mesh.a2a``."""
+    platform = "gpu" if platform in ("cuda", "rocm") else platform
     if a2a not in A2A_MODES:
-        raise ValueError(f"a2a: must be one of {A2A_MODES}, got {a2a!r}")
+        raise ValueError(f"mesh.a2a: must be one of {list(A2A_MODES)}, got {a2a!r}")
     if a2a == "auto":
         return "ragged" if platform in ("gpu", "tpu") else "padded"
     if a2a == "ragged" and platform == "cpu":
-        raise ValueError("a2a='ragged': jax.lax.ragged_all_to_all is not implemented on CPU; "
-                         "use a2a='padded' (or 'auto') on CPU meshes")
+        raise ValueError("mesh.a2a='ragged': jax.lax.ragged_all_to_all is not implemented on CPU; "
+                         "use mesh.a2a='padded' (or 'auto') on CPU meshes")
     return a2a
 
 
@@ -228,11 +247,53 @@ def expert_parallel_moe(mesh: Mesh, rules: Rules, x, w, idx, up, down, expert_ff
                          check_vma=False)(x, w, idx, up, down)
 
 
+def _token_local(x, w, idx, up, down, *, tp_axes, expert_ffn):
+    """Per-device body of the token-local path: this device's ``x [n_loc, H]``, ``w`` / ``idx
+    [n_loc, k]`` against every expert (``up [E, H, I_loc]``, ``down [E, I_loc, H]``)."""
+    order, xs, counts = dispatch(x, idx, up.shape[0])
+    ys = expert_ffn(xs, counts, up, down)
+    if not tp_axes:
+        return moe_dispatch.unpermute(ys, order, w, out_dtype=x.dtype)
+    part = moe_dispatch.unpermute(ys, order, w, out_dtype=jnp.float32)  # linear in ys: sum after
+    return jax.lax.psum(part, tp_axes).astype(x.dtype)
+
+
+def token_local_moe(mesh: Mesh, rules: Rules, x, w, idx, up, down, expert_ffn: Callable):
+    """``x [n, H]``, router ``w [n, k]`` / ``idx [n, k]``, ``up [E, H, I]``, ``down [E, I, H]``
+    -> the routed-expert output ``[n, H]`` (``x.dtype``): each device dispatches only its own
+    tokens (split over the mesh's batch and sequence axes) against all ``E`` experts."""
+    shape = mesh_shape(mesh)
+    tok_axes = _active(tuple(rules.activations["batch"]) + tuple(rules.activations["seq"]), shape)
+    tp_axes = _active(rules.weights["expert_mlp"], shape)
+    if _active(rules.weights["experts"], shape):
+        raise ValueError("token_local_moe: the experts are split over "
+                         f"{_active(rules.weights['experts'], shape)}; use expert_parallel_moe")
+    tok = P(_spec_axes(tok_axes))
+    w_up, w_down = P(None, None, _spec_axes(tp_axes)), P(None, _spec_axes(tp_axes), None)
+    local = functools.partial(_token_local, tp_axes=tp_axes, expert_ffn=expert_ffn)
+    return jax.shard_map(local, mesh=mesh, in_specs=(tok, tok, tok, w_up, w_down), out_specs=tok,
+                         check_vma=False)(x, w, idx, up, down)
+
+
+def make_moe_dispatch(mesh: Mesh, rules: Rules = RULES, a2a: str = "auto"):
+    """The model's MoE hook for ``mesh``: expert-parallel (:func:`expert_parallel_moe`, the
+    ``a2a`` exchange resolved for the mesh's platform) when the experts are split; else
+    token-local (:func:`token_local_moe`) when the tokens are split over batch / sequence axes;
+    else None (one token set on every device: the layer's own global dispatch)."""
+    ep = make_expert_parallel(mesh, rules, a2a=a2a)
+    if ep is not None:
+        return ep
+    shape = mesh_shape(mesh)
+    if _active(tuple(rules.activations["batch"]) + tuple(rules.activations["seq"]), shape):
+        return functools.partial(token_local_moe, mesh, rules)
+    return None
+
+
 def make_expert_parallel(mesh: Mesh, rules: Rules = RULES, a2a: str = "auto"):
     """The model's expert-parallel hook for ``mesh`` (None when the experts are not split).
     ``a2a`` in ``A2A_MODES``, resolved for the mesh's device platform (:func:`resolve_a2a`)."""
     shape = mesh_shape(mesh)
-    mode = resolve_a2a(a2a, _mesh_platform(mesh))
+    mode = resolve_a2a(a2a, mesh.devices.flat[0].platform)
     if not _active(rules.weights["experts"], shape):
         return None
     return functools.partial(expert_parallel_moe, mesh, rules, a2a=mode)

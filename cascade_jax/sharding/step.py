@@ -5,8 +5,8 @@ returns ``jax.jit(step, in_shardings=(state, batch), out_shardings=(state, repli
 donate_argnums=0)``: the train state (fp32 master params + Adam moments) is updated in place,
 no second copy of it is alive across a step. The step is traced under the activation
 partitioner (:func:`activation_partitioner`), so the model's logical ``constrain`` calls become
-sharding constraints on this mesh, and with an ``expert`` axis the MoE layers run expert-parallel
-(:mod:`.moe`), with a ``context`` axis the sequence kernels run context-parallel
+sharding constraints on this mesh, the MoE layers dispatch their tokens per device (:mod:`.moe`:
+expert-parallel with an ``expert`` axis, token-local on data / fsdp / context), with a ``context`` axis the sequence kernels run context-parallel
 (:mod:`.context`); without a mesh the same step function is plain ``jax.jit``.
 """
 
@@ -23,7 +23,7 @@ from models.nemotron_h.partitioning import use_partitioner
 
 from .mesh import mesh_shape
 from .context import make_context_parallel
-from .moe import make_expert_parallel
+from .moe import make_moe_dispatch
 from .rules import RULES, Rules, logical_to_spec
 from .state import batch_shardings, replicated, state_shardings
 
@@ -50,10 +50,11 @@ def compile_train_step(objective: str, *, mesh: Mesh, state, batch, model_cfg, r
     and structure are read; for ahead-of-time planning call ``.lower(state, batch)`` on the
     result). ``static``: the keyword arguments of the objective's step (``stage``,
     ``grad_accum``, ``opt_cfg``, ``compute_dtype``, ...). ``a2a``: the expert-parallel token
-    exchange, ``auto`` | ``ragged`` | ``padded`` (:func:`.moe.resolve_a2a`)."""
+    exchange, ``auto`` | ``ragged`` | ``padded`` (the config's ``mesh.a2a``;
+    :func:`.moe.resolve_a2a`)."""
     step = make_train_step(objective, jit=False, model_cfg=model_cfg, **static)
     partitioner = activation_partitioner(mesh, rules)
-    ep = make_expert_parallel(mesh, rules, a2a=a2a)
+    ep = make_moe_dispatch(mesh, rules, a2a=a2a)
     cp = make_context_parallel(mesh, rules)
 
     @functools.wraps(step)

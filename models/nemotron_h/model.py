@@ -262,9 +262,10 @@ def moe_mixer(p, u, cfg: ModelConfig, *, expert_ids=None, return_expert_ids=Fals
     w, idx = route(p, x, cfg, expert_ids)
     ffn = functools.partial(_expert_ffn, cfg=cfg)
     ep = expert_parallel()
-    if ep is not None:  # experts split over devices: tokens exchanged (cascade_jax.sharding.moe)
+    if ep is not None:  # a mesh's per-device dispatch (cascade_jax.sharding.moe): tokens
+        # exchanged to experts split over devices, or each device's own tokens against all experts
         routed = ep(x, w, idx, p["experts_up"], p["experts_down"], ffn)
-    else:
+    else:  # one program over all tokens (a single device, or tokens not split)
         order, group_sizes = moe_dispatch.sort_by_expert(idx, cfg.n_routed_experts)
         xs = moe_dispatch.permute(x, order, cfg.num_experts_per_tok)  # [n*k, H], expert-sorted
         ys = ffn(xs, group_sizes, p["experts_up"], p["experts_down"])
