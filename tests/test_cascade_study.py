@@ -2,10 +2,13 @@
 
 import json
 import math
+import pathlib
 
 import pytest
 
 from cascade_jax.cascade import study as S
+
+S_PATH = pathlib.Path(__file__).resolve().parents[1] / "launch" / "studies" / "mopd_vs_grpo.json"
 
 SPEC = {"claims": [
     {"name": "mopd_reaches_teacher_faster_math", "kind": "steps_to_teacher", "domain": "math",
@@ -74,8 +77,7 @@ def test_claims_declared_before_and_frozen(tmp_path):
 
 
 def test_shipped_study_config_declares_claims():
-    import pathlib
-    spec = S.load_spec(pathlib.Path(__file__).resolve().parents[1] / "launch/studies/mopd_vs_grpo.json")
+    spec = S.load_spec(S_PATH)
     assert len(spec.seeds) >= 3 and {c.domain for c in spec.claims} <= set(spec.domains)
     assert any(c.kind == "steps_to_teacher" for c in spec.claims)
 
@@ -103,3 +105,20 @@ def test_method_configs_differ_only_in_the_objective():
     assert m.optimizer == g.optimizer and m.rollout == g.rollout and m.data == g.data
     with pytest.raises(S.StudyError, match="unknown method 'ppo'"):
         S.method_config(base, "ppo", teachers=t, steps=1, eval_every=1, seed=0)
+
+
+def test_grpo_overrides_apply_to_grpo_runs_only():
+    """The shipped study gives GRPO its own cascade settings (groups of 8, its learning rate)
+    while MOPD keeps the MOPD stage's; both spend 64 samples per step."""
+    from cascade_jax.cascade import plan as P
+
+    spec = S.load_spec(S_PATH)
+    base = P.load_stage_config("mopd", "tiny")
+    t = {d: "/t/" + d for d in base.data.domains}
+    kw = dict(teachers=t, steps=4, eval_every=2, seed=0, overrides=spec.overrides,
+              grpo_overrides=spec.grpo_overrides)
+    m, g = S.method_config(base, "mopd", **kw), S.method_config(base, "grpo", **kw)
+    assert (g.rollout.n_samples, g.data.batch_prompts, g.optimizer.lr) == (8, 8, 5e-4)
+    assert (m.rollout.n_samples, m.data.batch_prompts) == (base.rollout.n_samples, base.data.batch_prompts)
+    assert m.optimizer == base.optimizer
+    assert m.rollout.n_samples * m.data.batch_prompts == g.rollout.n_samples * g.data.batch_prompts

@@ -59,7 +59,9 @@ class StudySpec:
     ``domains``: the MOPD stage's domains (GRPO trains on the same prompts); ``steps`` matched
     for both methods; ``eval_every``: eval cadence in steps; ``seeds``: >= 3;
     ``teacher_policy``: as in :func:`registry.assign_teachers`; ``overrides``: ``--set`` values
-    for both methods' stage configs."""
+    for both methods' stage configs; ``grpo_overrides``: ``--set`` values for the GRPO runs only,
+    applied after ``overrides`` (GRPO needs groups of several samples per prompt where MOPD,
+    scoring every token against a teacher, spends the same samples on more prompts)."""
 
     claims: tuple
     start: str = "multi_domain_rl"
@@ -69,6 +71,7 @@ class StudySpec:
     seeds: tuple = (0, 1, 2)
     teacher_policy: object = "paper"
     overrides: tuple = ()
+    grpo_overrides: tuple = ()
 
 
 def _claim(d: dict, i: int) -> Claim:
@@ -114,7 +117,8 @@ def spec_from_dict(d: dict) -> StudySpec:
     if len(set(names)) != len(names):
         raise StudyError("study config: claim names must be unique")
     spec = StudySpec(**{**d, "claims": claims,
-                        **{k: tuple(d[k]) for k in ("domains", "seeds", "overrides") if k in d}})
+                        **{k: tuple(d[k]) for k in ("domains", "seeds", "overrides", "grpo_overrides")
+                           if k in d}})
     if len(spec.seeds) < 3:
         raise StudyError(f"study config: seeds: at least 3 seeds, got {list(spec.seeds)}")
     if spec.steps < 1 or spec.eval_every < 1:
@@ -238,11 +242,13 @@ def _eval_curve(run_dir, domains, start_scores: Mapping[str, float]) -> dict:
 
 
 def method_config(base, method: str, *, teachers, steps: int, eval_every: int, seed: int,
-                  overrides: Sequence[str] = ()):
+                  overrides: Sequence[str] = (), grpo_overrides: Sequence[str] = ()):
     """The stage config of ``method`` (``mopd`` or ``grpo``) from the MOPD stage config ``base``:
-    same start, domains, prompts, optimizer and sampling; GRPO swaps the objective (outcome
-    rewards, token TIS correction, no teachers)."""
-    cfg = C.apply_overrides(base, list(overrides))
+    same start, domains, optimizer and sampling; GRPO swaps the objective (outcome rewards,
+    token TIS correction, no teachers) and applies ``grpo_overrides`` last."""
+    if method not in ("mopd", "grpo"):
+        raise StudyError(f"unknown method {method!r}; valid: mopd, grpo")
+    cfg = C.apply_overrides(base, list(overrides) + (list(grpo_overrides) if method == "grpo" else []))
     sets = [("stage.steps", steps), ("eval.every", eval_every), ("run.seed", seed),
             ("data.shuffle_seed", seed)]
     if method == "mopd":
@@ -250,8 +256,6 @@ def method_config(base, method: str, *, teachers, steps: int, eval_every: int, s
     elif method == "grpo":
         sets += [("stage.objective", "grpo"), ("stage.name", "grpo_continue"),
                  ("stage.is_correction", "tis"), ("stage.teachers", {})]
-    else:
-        raise StudyError(f"unknown method {method!r}; valid: mopd, grpo")
     for k, v in sets:
         cfg = C.replace_path(cfg, k, v)
     return cfg
@@ -303,7 +307,8 @@ def run_study(study_dir, spec: StudySpec, *, cascade_dir, preset: str = "tiny",
         for seed in spec.seeds:
             run_dir = study_dir / f"{method}_seed{seed}"
             cfg = method_config(base, method, teachers=teachers, steps=spec.steps,
-                                eval_every=spec.eval_every, seed=seed, overrides=spec.overrides)
+                                eval_every=spec.eval_every, seed=seed, overrides=spec.overrides,
+                                grpo_overrides=spec.grpo_overrides)
             cfg = C.replace_path(cfg, "run.out_dir", str(run_dir))
             if not (run_dir / "summary.json").exists():
                 log(f"[study] {method} seed {seed}: {spec.steps} steps")
