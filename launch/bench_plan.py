@@ -17,7 +17,8 @@ full optimisation (``--fast-compile`` to use the planner's codegen-free setting 
 
 One ``launch/plan.py --json`` subprocess per mesh (each simulates its own device count); every
 row also carries ``total_bytes_vs_first``, its per-device total over the first mesh's (the
-baseline of the same run). ``--remat`` / ``--seq-len`` / ``--objective`` are passed through.
+baseline of the same run). ``--remat`` / ``--seq-len`` / ``--objective`` / ``--a2a`` are passed
+through.
 """
 
 from __future__ import annotations
@@ -68,14 +69,14 @@ def compile_mode(argv, fast: bool) -> dict:
     from cascade_jax import sharding
     from cascade_jax.config import MeshConfig
     from cascade_jax.sharding.plan import plan
-    mesh = sharding.make_mesh(MeshConfig(**sizes))
+    mesh = sharding.make_mesh(MeshConfig(**sizes, a2a=args.a2a))
     out = {"mode": "compile", "preset": args.preset, "mesh": args.mesh, "seq_len": args.seq_len,
            "remat": args.remat or "preset", "fast_compile": fast}
     for name, scan in (("scan", True), ("loop", False)):
         cfg = model_config(args, scan_layers=scan)
         c0 = time.process_time()
         r = plan(cfg, mesh, objective=args.objective, seq_len=args.seq_len, batch=args.batch,
-                 device_memory_gib=args.device_memory_gib, fast_compile=fast)
+                 device_memory_gib=args.device_memory_gib, fast_compile=fast, a2a=args.a2a)
         out[name] = {k: r[k] for k in ("compile_seconds", "trace_lower_seconds", "compile_cpu_seconds",
                                        "trace_lower_cpu_seconds", "total_bytes", "temp_bytes",
                                        "flops_per_step")}
@@ -103,7 +104,7 @@ def table_mode(argv, meshes: str) -> dict:
     for m in mesh_list:
         cmd = [sys.executable, str(ROOT / "launch" / "plan.py"), f"--preset={args.preset}",
                f"--mesh={m.replace('+', ',')}", f"--seq-len={args.seq_len}",
-               f"--objective={args.objective}", "--json"]
+               f"--objective={args.objective}", f"--a2a={args.a2a}", "--json"]
         if args.remat:
             cmd.append(f"--remat={args.remat}")
         if args.batch:
@@ -114,7 +115,7 @@ def table_mode(argv, meshes: str) -> dict:
         if proc.returncode != 0:
             raise SystemExit(f"error: plan of {m}: {proc.stderr.strip().splitlines()[-1:]}")
         r = json.loads(proc.stdout.strip().splitlines()[-1])
-        row = {k: r[k] for k in ("devices", "mesh", "batch", "seq_len", "params_bytes",
+        row = {k: r[k] for k in ("devices", "mesh", "batch", "seq_len", "moe_dispatch", "params_bytes",
                                  "optimizer_bytes", "temp_bytes", "argument_bytes", "total_bytes",
                                  "flops_per_step", "flops_per_device", "flops_per_token",
                                  "compile_seconds", "trace_lower_seconds", "compile_cpu_seconds")}

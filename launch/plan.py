@@ -2,11 +2,14 @@
 
     python launch/plan.py --preset=nano-30b-a3b --mesh=fsdp:8,expert:8 --seq-len=8192 --json
     python launch/plan.py --preset=nano-30b-a3b --mesh=fsdp:16 --device-memory-gib=141
+    python launch/plan.py --preset=nano-30b-a3b --mesh=fsdp:8,expert:8 --a2a=padded
 
 Compiles the GRPO (``--objective``) step ahead of time against a simulated mesh of CPU devices
 (``--mesh`` sizes multiply to the device count; unnamed axes are 1) with abstract inputs — no
 weights are allocated — and prints per-device bytes for parameters (fp32 master), optimizer
-state and temporaries, FLOPs per step, and whether it fits ``--device-memory-gib``. CPU-compiled
+state and temporaries, FLOPs per step, the MoE dispatch (token-local on data / fsdp / context,
+expert-parallel with an ``expert`` axis, its exchange from ``--a2a`` = the config's
+``mesh.a2a``), and whether it fits ``--device-memory-gib``. CPU-compiled
 memory is an estimate of the GPU/TPU figure (same partitioning, different fusion). See
 ``cascade_jax/sharding/plan.py``.
 """
@@ -56,6 +59,9 @@ def parse_args(argv=None):
     ap.add_argument("--no-scan", action="store_true", help="unrolled layer loop (compile-time baseline)")
     ap.add_argument("--full-compile", action="store_true",
                     help="optimise the generated machine code too (slower; same memory figures)")
+    ap.add_argument("--a2a", default="auto", choices=("auto", "ragged", "padded"),
+                    help="the expert-parallel token exchange (the config's mesh.a2a); CPU plans "
+                         "compile the padded one (auto), whose buffers bound the ragged one's")
     ap.add_argument("--device-memory-gib", type=float, default=80.0)
     ap.add_argument("--override", action="append", default=[], metavar="FIELD=VALUE",
                     help="ModelConfig field override (JSON value), e.g. --override hidden_size=256")
@@ -101,18 +107,21 @@ def main(argv=None) -> dict:
     if len(jax.devices()) < n_dev:
         raise SystemExit(f"error: --mesh needs {n_dev} devices, {len(jax.devices())} available")
     try:
-        mesh = sharding.make_mesh(MeshConfig(**sizes), jax.devices()[:n_dev])
+        mesh = sharding.make_mesh(MeshConfig(**sizes, a2a=args.a2a), jax.devices()[:n_dev])
         res = plan(model_cfg, mesh, objective=args.objective, seq_len=args.seq_len, batch=args.batch,
                    device_memory_gib=args.device_memory_gib, grad_accum=args.grad_accum,
-                   fast_compile=not args.full_compile)
+                   fast_compile=not args.full_compile, a2a=args.a2a)
     except sharding.ShardingError as e:
-        raise SystemExit(f"error: {e}") from None
+        hint = (" (plans compile on CPU: the padded exchange's buffers bound the ragged one's)"
+                if "mesh.a2a='ragged'" in str(e) else "")
+        raise SystemExit(f"error: {e}{hint}") from None
     res["preset"] = args.preset
     if args.json:
         print(json.dumps(res))
     else:
         gib = lambda b: f"{b / 2**30:8.2f} GiB"
-        print(f"{args.preset} {args.objective} on {res['mesh']} ({n_dev} devices), batch {res['batch']} x {res['seq_len']}")
+        print(f"{args.preset} {args.objective} on {res['mesh']} ({n_dev} devices), batch {res['batch']} x {res['seq_len']}, "
+              f"MoE dispatch {res['moe_dispatch']}")
         for k in ("params_bytes", "optimizer_bytes", "argument_bytes", "temp_bytes", "total_bytes"):
             print(f"  {k:<18}{gib(res[k])} per device")
         print(f"  fits {args.device_memory_gib:g} GiB: {res['fits']}")

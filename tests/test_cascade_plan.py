@@ -99,20 +99,13 @@ def test_30b_stage_config_plans(name):
     """The sharding planner compiles the stage's train step for the 30B model ahead of time on 8
     simulated devices (fsdp) at the stage's sequence length, without allocating weights."""
     import os
-    import subprocess
-    import sys
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    from tests.multidevice import REPO, run_on_cpu_devices
+
     cfg = P.load_stage_config(name, "nano-30b-a3b")
     obj = cfg.stage.objective
     seq = cfg.data.seq_len if obj == "sft" else cfg.rollout.max_prompt_len + cfg.rollout.max_response_len
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=root)
-    env.pop("XLA_FLAGS", None)
-    env.pop("JAX_NUM_CPU_DEVICES", None)
-    proc = subprocess.run([sys.executable, os.path.join(root, "launch", "plan.py"),
-                           "--preset=nano-30b-a3b", "--mesh=fsdp:8", f"--objective={obj}",
-                           f"--seq-len={seq}", "--json"], env=env, capture_output=True, text=True,
-                          timeout=3000)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out = run_on_cpu_devices(os.path.join(REPO, "launch", "plan.py"), "--preset=nano-30b-a3b",
+                             "--mesh=fsdp:8", f"--objective={obj}", f"--seq-len={seq}", "--json",
+                             devices=None, timeout=3000)
     assert out["devices"] == 8 and out["flops_per_step"] > 0

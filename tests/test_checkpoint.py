@@ -8,7 +8,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -22,9 +21,9 @@ from safetensors.numpy import load_file, save_file
 from models.nemotron_h import (CheckpointError, ModelConfig, forward, load_checkpoint, preset,
                                save_checkpoint)
 from models.nemotron_h.params import FP32_PARAMS, ParamSpec, param_specs
+from tests.multidevice import run_on_cpu_devices
 from tests.oracle_util import run_oracle
 
-REPO = Path(__file__).resolve().parents[1]
 CFG = preset("tiny")  # all four layer kinds, 8 experts in 2 groups
 
 
@@ -212,39 +211,41 @@ def test_load_dtype_cast_and_single_device_sharding(base_dir, params32):
 
 
 def test_load_named_sharding_8_devices(base_dir):
-    """A NamedSharding pytree on 8 simulated CPU devices (subprocess: the device count is fixed at
-    JAX start-up): every leaf lands in its sharding with the same values as an unsharded load."""
-    script = r"""
-import sys, jax, numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-from models.nemotron_h import load_checkpoint
-from models.nemotron_h.params import logical_axes
-assert jax.device_count() == 8, jax.devices()
-mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "model"))
-rules = {"experts": "model", "vocab": "model", "ssm_inner": "model", "mlp": "model", "q_heads": "model",
-         "embed": "data", "conv_dim": "model"}
-cfg0, ref = load_checkpoint(sys.argv[1])
-def spec(axes, x):
-    parts = [rules.get(a) if x.shape[i] % mesh.shape.get(rules.get(a), 1) == 0 else None
-             for i, a in enumerate(axes)]
-    return NamedSharding(mesh, P(*parts))
-shard = jax.tree.map(spec, logical_axes(cfg0), ref, is_leaf=lambda t: isinstance(t, tuple))
-cfg, p = load_checkpoint(sys.argv[1], sharding=shard)
-n_split = 0
-for x, y, s in zip(jax.tree.leaves(p), jax.tree.leaves(ref), jax.tree.leaves(shard)):
-    assert x.sharding == s, (x.sharding, s)
-    assert np.array_equal(np.asarray(x), np.asarray(y))
-    n_split += any(d is not None for d in s.spec)
-assert n_split > 10, n_split
-e = p["layers"][1]["mixer"]["experts_up"]
-assert e.addressable_shards[0].data.shape == (cfg.n_routed_experts // 4, cfg.hidden_size // 2, cfg.moe_intermediate_size)
-print("OK", n_split)
-"""
-    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="8",
-               XLA_FLAGS="--xla_force_host_platform_device_count=8", PYTHONPATH=str(REPO))
-    r = subprocess.run([sys.executable, "-c", script, str(base_dir)], capture_output=True, text=True,
-                       env=env, cwd=str(REPO), timeout=300)
-    assert r.returncode == 0 and "OK" in r.stdout, r.stderr[-4000:]
+    """A NamedSharding pytree on 8 simulated CPU devices (a child process: the device count is
+    fixed at JAX start-up): every leaf lands in its sharding with the same values as an
+    unsharded load."""
+    res = run_on_cpu_devices(__file__, "named_sharding", base_dir, timeout=300)
+    assert res["n_split"] > 10, res
+
+
+def _named_sharding_child(ckpt: str) -> None:
+    """The child of :func:`test_load_named_sharding_8_devices` (asserts; prints its JSON)."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    from models.nemotron_h.params import logical_axes
+
+    assert jax.device_count() == 8, jax.devices()
+    mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "model"))
+    rules = {"experts": "model", "vocab": "model", "ssm_inner": "model", "mlp": "model",
+             "q_heads": "model", "embed": "data", "conv_dim": "model"}
+    cfg0, ref = load_checkpoint(ckpt)
+
+    def spec(axes, x):
+        parts = [rules.get(a) if x.shape[i] % mesh.shape.get(rules.get(a), 1) == 0 else None
+                 for i, a in enumerate(axes)]
+        return NamedSharding(mesh, P(*parts))
+
+    shard = jax.tree.map(spec, logical_axes(cfg0), ref, is_leaf=lambda t: isinstance(t, tuple))
+    cfg, p = load_checkpoint(ckpt, sharding=shard)
+    n_split = 0
+    for x, y, s in zip(jax.tree.leaves(p), jax.tree.leaves(ref), jax.tree.leaves(shard)):
+        assert x.sharding == s, (x.sharding, s)
+        assert np.array_equal(np.asarray(x), np.asarray(y))
+        n_split += any(d is not None for d in s.spec)
+    e = p["layers"][1]["mixer"]["experts_up"]
+    assert e.addressable_shards[0].data.shape == (cfg.n_routed_experts // 4, cfg.hidden_size // 2,
+                                                  cfg.moe_intermediate_size)
+    print(json.dumps({"n_split": n_split}))
 
 
 def test_accepts_prefix_variants_stacked_experts_and_ignores_mtp(tmp_path, base_dir, params32):
@@ -445,3 +446,8 @@ def test_export_reloads_in_transformers(tmp_path, params32, params16):
         err = float(np.abs(got - want).max())
         print(f"export {name}: transformers vs ours max-abs {err:.3g}")
         assert err <= 1e-4, f"{name}: max-abs {err:.3g}"
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "named_sharding":
+        _named_sharding_child(sys.argv[2])

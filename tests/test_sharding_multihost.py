@@ -13,9 +13,10 @@ import sys
 
 import pytest
 
+from tests.multidevice import child_env, run_on_cpu_devices
+
 PARAM_TOL = 1e-5
 LOSS_TOL = 1e-5
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _free_port() -> int:
@@ -24,18 +25,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _env(devices: int):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(devices),
-               PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
-    env.pop("XLA_FLAGS", None)
-    return env
-
-
 @pytest.mark.slow
 def test_two_processes_match_single_device():
     port = _free_port()
     procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), "worker", str(i), str(port)],
-                              env=_env(4), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                              env=child_env(4), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for i in range(2)]
     try:
         outs = [p.communicate(timeout=900) for p in procs]
@@ -46,10 +40,7 @@ def test_two_processes_match_single_device():
                 p.wait()
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0, err[-4000:]
-    ref = subprocess.run([sys.executable, os.path.abspath(__file__), "reference"], env=_env(1),
-                         capture_output=True, text=True, timeout=900)
-    assert ref.returncode == 0, ref.stderr[-4000:]
-    r = json.loads(ref.stdout.strip().splitlines()[-1])
+    r = run_on_cpu_devices(__file__, "reference", devices=1)
     w0 = json.loads(outs[0][0].strip().splitlines()[-1])
     w1 = json.loads(outs[1][0].strip().splitlines()[-1])
     assert w0["process_count"] == 2 and w0["devices"] == 8 and w0["local_devices"] == 4

@@ -38,6 +38,7 @@ from cascade_jax.config import OptimizerConfig, StageConfig
 from cascade_jax.rl.batch import RLBatch, SFTBatch
 
 from .mesh import mesh_shape
+from .moe import make_moe_dispatch, token_local_moe
 from .rules import BATCH_AXES, RULES, Rules
 from .state import _train_state_shape, batch_shardings, state_shardings
 from .step import compile_train_step
@@ -125,11 +126,13 @@ def _shard_bytes(tree) -> int:
 def plan(model_cfg, mesh, *, objective: str = "grpo", seq_len: int = 8192,
          batch: Optional[int] = None, opt_cfg: Optional[OptimizerConfig] = None,
          device_memory_gib: float = 80.0, compute_dtype=jnp.bfloat16, grad_accum: int = 1,
-         rules: Rules = RULES, fast_compile: bool = True) -> dict:
+         rules: Rules = RULES, fast_compile: bool = True, a2a: str = "auto") -> dict:
     """Compile the ``objective`` step for ``mesh`` ahead of time and report per-device memory
     and FLOPs (see the module docstring). ``batch`` defaults to one sequence per device of the
     batch axes (data x fsdp x expert); ``fast_compile``: skip machine-code optimisation (the
-    memory analysis does not depend on it)."""
+    memory analysis does not depend on it); ``a2a``: the expert-parallel exchange
+    (``mesh.a2a``; ``ragged`` cannot compile on CPU). The result names the MoE dispatch the
+    step uses (``moe_dispatch``: expert-parallel with its exchange, token-local, or global)."""
     shape = mesh_shape(mesh)
     n_dev = math.prod(shape.values())
     batch_devs = math.prod(shape[a] for a in BATCH_AXES)
@@ -142,7 +145,10 @@ def plan(model_cfg, mesh, *, objective: str = "grpo", seq_len: int = 8192,
     if objective != "sft":
         static["stage"] = StageConfig(objective=objective)
     step = compile_train_step(objective, mesh=mesh, state=state, batch=b, model_cfg=model_cfg,
-                              rules=rules, **static)
+                              rules=rules, a2a=a2a, **static)
+    hook = make_moe_dispatch(mesh, rules, a2a=a2a)
+    dispatch = ("global" if hook is None else "token_local" if hook.func is token_local_moe
+                else f"expert_parallel ({hook.keywords['a2a']})")
     t0, c0 = time.perf_counter(), time.process_time()
     traced = step.trace(state, b)
     flops = jaxpr_flops(traced.jaxpr)
@@ -165,7 +171,7 @@ def plan(model_cfg, mesh, *, objective: str = "grpo", seq_len: int = 8192,
         "preset_pattern_len": len(model_cfg.pattern),
         "mesh": {k: v for k, v in shape.items() if v > 1} or {"data": 1},
         "devices": n_dev, "objective": objective, "batch": batch, "seq_len": seq_len,
-        "params_bytes": params_b, "optimizer_bytes": opt_b, "argument_bytes": arg_b,
+        "moe_dispatch": dispatch, "params_bytes": params_b, "optimizer_bytes": opt_b, "argument_bytes": arg_b,
         "temp_bytes": temp_b, "output_bytes": int(mem.output_size_in_bytes),
         "alias_bytes": int(mem.alias_size_in_bytes), "total_bytes": total_b,
         "device_memory_bytes": int(budget), "fits": bool(total_b <= budget),
