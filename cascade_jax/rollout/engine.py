@@ -36,9 +36,11 @@ FIFO queue. Every :meth:`step`:
    ``refill_batch`` slots (or as many as are queued) have finished, so freed slots refill
    promptly and together. Sample
    ``i`` of a request with seed ``s`` draws its ``t``-th response token with the key
-   ``fold_in(fold_in(key(s), i), t)``, where ``key(s)`` is the threefry key of the 64-bit seed
+   ``fold_in(key(s_i), t)``, ``s_i = sample_seed(s, i)`` (:func:`~cascade_jax.rollout.types.
+   sample_seed`; ``s_0 = s``), where ``key(s)`` is the threefry key of the 64-bit seed
    (``jax.random.key(s)`` for ``s < 2**32``), so a sample never depends on its slot, on the
-   other slots, or on the number of slots. The slot state (position, step, seed, settings, stop
+   other slots, or on the number of slots, and ``n`` samples equal ``n`` one-sample requests
+   seeded ``s_i`` (what the HTTP client sends a server). The slot state (position, step, seed, settings, stop
    ids, budget) lives on the device; a call moves only the tokens and log-probs back.
 3. *Retire* on the host: a job ends at its first stop token (kept, finish ``stop``), after
    ``max_new_tokens`` tokens (``length``) or when aborted (``abort``); tokens decoded past the
@@ -74,7 +76,7 @@ import numpy as np
 
 from .sampler import sample_tokens
 from .scoring import score_logprobs
-from .types import Request, RolloutError, Rollouts, Sample
+from .types import Request, RolloutError, Rollouts, Sample, sample_seed
 
 __all__ = ["JaxEngine", "RequestHandle", "check_version_order", "default_prompt_buckets"]
 
@@ -150,7 +152,7 @@ class RequestHandle:
 class _Job:
     handle: RequestHandle
     index: int  # sample index within the request
-    seed: int
+    seed: int  # the sample's own seed, sample_seed(request seed, index)
     version: str = ""
     tokens: list = dataclasses.field(default_factory=list)
     logps: list = dataclasses.field(default_factory=list)
@@ -232,7 +234,7 @@ class JaxEngine:
         # device-side slot state (written by admission, advanced by decoding): position of
         # the next token, tokens decoded, seed halves, sample index, sampling settings, budget
         self._slots = {"pos": jnp.zeros(S, jnp.int32), "step": jnp.zeros(S, jnp.int32),
-                       "seed": jnp.zeros((S, 2), jnp.uint32), "sidx": jnp.zeros(S, jnp.int32),
+                       "seed": jnp.zeros((S, 2), jnp.uint32),
                        "temp": jnp.zeros(S, jnp.float32), "top_p": jnp.ones(S, jnp.float32),
                        "top_k": jnp.full(S, -1, jnp.int32), "budget": jnp.zeros(S, jnp.int32),
                        "stops": jnp.full((S, self.max_stop_tokens), -1, jnp.int32),
@@ -264,8 +266,8 @@ class JaxEngine:
 
     def _admit_impl(self, params, cache, logits, slots_state, tokens, ints, floats, stops):
         """Prefill ``tokens [nb, Pb]`` and write row ``r`` into slot ``ints[r, 1]`` (an
-        out-of-range slot drops the row). ``ints [nb, 7]`` int32: length, slot, sample index,
-        top_k, budget (max_new_tokens), seed high and low halves (uint32 bits); ``floats
+        out-of-range slot drops the row). ``ints [nb, 6]`` int32: length, slot, top_k, budget
+        (max_new_tokens), the sample's seed high and low halves (uint32 bits); ``floats
         [nb, 2]``: temperature, top_p; ``stops [nb, max_stop_tokens]`` (-1 padded)."""
         Pb = tokens.shape[1]
         lengths, slots = ints[:, 0], ints[:, 1]
@@ -283,10 +285,10 @@ class JaxEngine:
                     upd[name] = buf.at[slots].set(val, mode="drop")
             out.append(upd)
         logits = logits.at[slots].set(last.astype(jnp.float32), mode="drop")
-        seed = jax.lax.bitcast_convert_type(ints[:, 5:7], jnp.uint32)
+        seed = jax.lax.bitcast_convert_type(ints[:, 4:6], jnp.uint32)
         values = {"pos": lengths, "step": jnp.zeros_like(lengths), "seed": seed,
-                  "sidx": ints[:, 2], "temp": floats[:, 0], "top_p": floats[:, 1],
-                  "top_k": ints[:, 3], "budget": ints[:, 4], "stops": stops,
+                  "temp": floats[:, 0], "top_p": floats[:, 1],
+                  "top_k": ints[:, 2], "budget": ints[:, 3], "stops": stops,
                   "done": jnp.zeros(lengths.shape, bool)}
         if self.return_routed_experts:
             rx = pre[2]  # [nb, Pb, L_moe, K]
@@ -309,7 +311,7 @@ class JaxEngine:
         in which the ``refill``-th slot of this call finishes (stop token or budget); ``refill``
         int32, 0 = never early (no job is waiting).
         Finished and idle rows decode greedily, untruncated, and are ignored."""
-        base = jax.vmap(lambda sd, i: jax.random.fold_in(_seed_key(sd[0], sd[1]), i))(st["seed"], st["sidx"])
+        base = jax.vmap(lambda sd: _seed_key(sd[0], sd[1]))(st["seed"])  # the samples' own keys
         last = self.max_len - 1
         K, S = self.steps_per_call, self.num_slots
 
@@ -382,7 +384,7 @@ class JaxEngine:
             else:
                 done_now = False
                 for i in range(sp.n):
-                    self._queue.append(_Job(handle, i, seed))
+                    self._queue.append(_Job(handle, i, sample_seed(seed, i)))
             self._cond.notify_all()
         if done_now:
             self._retire_handle(handle)
@@ -536,7 +538,7 @@ class JaxEngine:
                 nb = next((z for z in self.prefill_sizes if z >= len(group)), self.prefill_sizes[-1])
                 part, group = group[:nb], group[nb:]
                 tokens = np.zeros((nb, Pb), np.int32)
-                ints = np.zeros((nb, 7), np.int32)
+                ints = np.zeros((nb, 6), np.int32)
                 ints[:, 0] = 1
                 ints[:, 1] = self.num_slots  # out of range: dropped
                 floats = np.zeros((nb, 2), np.float32)
@@ -546,7 +548,7 @@ class JaxEngine:
                     p, sp = job.handle.request.prompt_ids, job.sp
                     tokens[r, :len(p)] = p
                     seed = np.asarray([job.seed >> 32, job.seed & 0xFFFFFFFF], np.uint32).view(np.int32)
-                    ints[r] = (len(p), s, job.index, sp.top_k, sp.max_new_tokens, seed[0], seed[1])
+                    ints[r] = (len(p), s, sp.top_k, sp.max_new_tokens, seed[0], seed[1])
                     floats[r] = (sp.temperature, sp.top_p)
                     stops[r, :len(sp.stop_token_ids)] = sp.stop_token_ids
                 self._cache, self._logits, self._slots = self._admit_fn(
@@ -730,7 +732,7 @@ class JaxEngine:
             params = self._params
             for Pb in self.prompt_buckets:
                 for nb in self.prefill_sizes:
-                    ints = np.zeros((nb, 7), np.int32)
+                    ints = np.zeros((nb, 6), np.int32)
                     ints[:, 0], ints[:, 1] = 1, self.num_slots  # every row dropped
                     self._cache, self._logits, self._slots = self._admit_fn(
                         params, self._cache, self._logits, self._slots,

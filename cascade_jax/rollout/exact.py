@@ -27,7 +27,7 @@ import numpy as np
 from cascade_jax.rl.logprobs import DEFAULT_VOCAB_CHUNK, inverse_temperature, next_token_logprobs
 
 from .sampler import sample_tokens
-from .types import Sample
+from .types import Sample, sample_seed
 
 __all__ = ["generate_exact"]
 
@@ -46,13 +46,16 @@ def _next(params, buf, lengths, inv_t, greedy, keys, *, cfg, vocab_chunk, routed
 
 
 def generate_exact(params, cfg, prompts: Sequence[Sequence[int]], *, row_len: int,
-                   num_slots: int, max_new_tokens: int, seed: int = 0, temperature: float = 1.0,
+                   num_slots: int, max_new_tokens: int, seed: int = 0,
+                   seeds: Optional[Sequence[int]] = None, temperature: float = 1.0,
                    stop_token_ids: Sequence[int] = (), return_routed_experts: bool = False,
                    vocab_chunk: int = DEFAULT_VOCAB_CHUNK, model=None,
                    weight_version: str = "0") -> list:
     """One :class:`~cascade_jax.rollout.types.Sample` per prompt (in order), decoded over
     ``num_slots`` slots refilled as samples finish. Prompt ``i`` draws its ``t``-th token with
-    the key ``fold_in(fold_in(key(seed), i), t)`` (independent of slot and batch). A sample
+    the key ``fold_in(key(s_i), t)`` (independent of slot and batch), ``s_i = seeds[i]``, by
+    default ``sample_seed(seed, i)``: the engine's rule, so ``n`` copies of a prompt are the
+    ``n`` samples of one request seeded ``seed``. A sample
     stops at a stop token (kept, ``stop``) or after ``max_new_tokens`` (``length``);
     ``len(prompt) + max_new_tokens <= row_len``. ``return_routed_experts``: each sample's
     ``routed_experts [P + R − 1, L_moe, K]`` (the trainer's unreplayed routing of its tokens)."""
@@ -64,9 +67,15 @@ def generate_exact(params, cfg, prompts: Sequence[Sequence[int]], *, row_len: in
         if len(p) + max_new_tokens > row_len:
             raise ValueError(f"prompts[{i}]: length {len(p)} + max_new_tokens {max_new_tokens} "
                              f"exceeds row_len {row_len}")
+    if seeds is None:
+        seeds = [sample_seed(seed, i) for i in range(len(prompts))]
+    if len(seeds) != len(prompts):
+        raise ValueError(f"seeds: {len(seeds)} seeds for {len(prompts)} prompts")
     S = int(num_slots)
     stops = set(int(t) for t in stop_token_ids)
-    base = jax.random.key(seed)
+    # threefry key data of each 64-bit seed (= jax.random.key(s) for s < 2**32), as the engine
+    base = jax.random.wrap_key_data(jnp.asarray(np.asarray(
+        [[(int(s) >> 32) & 0xFFFFFFFF, int(s) & 0xFFFFFFFF] for s in seeds], np.uint32)))
     inv = np.broadcast_to(inverse_temperature(temperature), (S,)).astype(np.float32)
     greedy = np.full((S,), temperature <= 0)
     queue = list(range(len(prompts)))
@@ -84,7 +93,7 @@ def generate_exact(params, cfg, prompts: Sequence[Sequence[int]], *, row_len: in
                 buf[s] = 0
                 buf[s, :len(prompts[i])] = prompts[i]
                 length[s] = len(prompts[i])
-        keys = jnp.stack([jax.random.fold_in(jax.random.fold_in(base, i if i is not None else 0),
+        keys = jnp.stack([jax.random.fold_in(base[i if i is not None else 0],
                                              len(out_tok[i]) if i is not None else 0)
                           for i in slots])
         ids, lp, experts = _next(params, buf, length, inv, greedy, keys, cfg=cfg,

@@ -584,7 +584,7 @@ async def _watch_disconnect(request: HTTPRequest, tasks: list):
 class _ExactRun:
     """``--zero-mismatch``: one item's ``n`` samples by :func:`cascade_jax.rollout.exact.
     generate_exact` (rows of the engine's ``max_len``; sample ``k`` of seed ``s`` draws token
-    ``t`` with ``fold_in(fold_in(key(s), k), t)``, the engine's rule) on a worker thread, with
+    ``t`` with ``fold_in(key(sample_seed(s, k)), t)``, the engine's rule) on a worker thread, with
     the engine's current weights; the same ``result`` / ``rid`` surface as an engine handle."""
 
     def __init__(self, engine, item, loop, on_done):

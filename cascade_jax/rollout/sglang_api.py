@@ -32,7 +32,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
-from .types import FINISH_REASONS, RolloutError, Sample, SamplingParams
+from .types import FINISH_REASONS, RolloutError, Sample, SamplingParams, sample_seed
 
 __all__ = ["GENERATE_FIELDS", "SAMPLING_FIELDS", "BODY_FIELDS", "RequestError", "GenerateItem",
            "parse_generate", "check_body", "generate_item_reply", "encode_generate",
@@ -343,10 +343,12 @@ def generate_item_reply(*, rid: str, prompt_ids: Sequence[int], output_ids: Sequ
 
 def derive_seed(seed: Optional[int], k: int) -> Optional[int]:
     """``sampling_seed`` of sample ``k`` of a request with ``seed`` (one body per sample: SGLang
-    would give every copy of an ``n > 1`` body the same seed). Stable across runs."""
+    would give every copy of an ``n > 1`` body the same seed): :func:`types.sample_seed`, the
+    seed the engines give sample ``k`` themselves, so the bodies' samples equal the request's
+    (``seed`` for ``k = 0``). Stable across runs."""
     if seed is None:
         return None
-    return int(np.random.SeedSequence([int(seed), int(k)]).generate_state(1, np.uint64)[0] >> np.uint64(1))
+    return sample_seed(seed, k)
 
 
 def encode_generate(prompt_ids: Sequence[int], sp: SamplingParams, *, rid: str, k: int = 0) -> dict:

@@ -18,7 +18,7 @@ from typing import Any, Optional, Protocol, Sequence, runtime_checkable
 import numpy as np
 
 __all__ = ["FINISH_REASONS", "SamplingParams", "Request", "Sample", "Rollouts", "RolloutEngine",
-           "RolloutError"]
+           "RolloutError", "sample_seed"]
 
 #: SGLang's ``meta_info.finish_reason.type`` values, in the order of ``rl.batch.FINISH_*`` codes.
 FINISH_REASONS = ("stop", "length", "abort")
@@ -39,7 +39,9 @@ class SamplingParams:
     stop_token_ids   a sampled id in this set ends the response (it is kept, finish ``stop``)
     n                samples per request (one group)
     seed             per-request seed: sample ``i`` of the request draws from a key derived
-                     from ``(seed, i, step)`` only, so it never depends on slot or batch
+                     from ``(sample_seed(seed, i), step)`` only, so it never depends on slot or
+                     batch, and ``n`` samples equal ``n`` one-sample requests seeded
+                     ``sample_seed(seed, i)`` (:func:`sample_seed`)
     """
 
     max_new_tokens: int = 128
@@ -61,6 +63,19 @@ class SamplingParams:
             raise ValueError(f"top_k: must be -1 (off) or >= 1, got {self.top_k}")
         if self.n < 1:
             raise ValueError(f"n: must be >= 1, got {self.n}")
+
+
+def sample_seed(seed: int, k: int) -> int:
+    """The seed of sample ``k`` of a request seeded ``seed``: ``seed`` itself for ``k = 0``,
+    else a stable 63-bit hash of ``(seed, k)`` (``numpy.random.SeedSequence``). Every backend
+    draws sample ``k``'s ``t``-th token with the key ``fold_in(key(sample_seed(seed, k)), t)``,
+    so a request of ``n`` samples and ``n`` one-sample requests (the HTTP client's bodies)
+    with seeds ``sample_seed(seed, k)`` give the same samples, because
+    ``sample_seed(s, 0) = s``."""
+    if k == 0:
+        return int(seed)
+    return int(np.random.SeedSequence([int(seed), int(k)]).generate_state(1, np.uint64)[0]
+               >> np.uint64(1))
 
 
 @dataclasses.dataclass(frozen=True)

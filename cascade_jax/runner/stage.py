@@ -161,9 +161,10 @@ class Stage:
         """Rollouts of ``reqs``: the engine's, or with ``rollout.zero_mismatch`` every token drawn
         from the trainer's own batch-invariant log-probs (:func:`cascade_jax.rollout.exact.
         generate_exact` over the compute copy, rows of ``max_prompt_len + max_response_len``;
-        sample ``i`` of the flattened requests uses ``fold_in(key(seed of request 0), i)``)."""
+        sample ``k`` of a request seeded ``s`` uses ``sample_seed(s, k)``, the engines' rule)."""
         from cascade_jax.rollout import Rollouts
         from cascade_jax.rollout.exact import generate_exact
+        from cascade_jax.rollout.types import sample_seed
 
         r = self.config.rollout
         if not r.zero_mismatch:
@@ -173,7 +174,9 @@ class Stage:
         samples = generate_exact(self.compute_params(), self.parts.model_cfg, flat,
                                  row_len=r.max_prompt_len + r.max_response_len,
                                  num_slots=r.num_slots, max_new_tokens=sp.max_new_tokens,
-                                 seed=int(sp.seed or 0), temperature=sp.temperature,
+                                 seeds=[sample_seed(int(q.sampling.seed or 0), k)
+                                        for q in reqs for k in range(q.sampling.n)],
+                                 temperature=sp.temperature,
                                  stop_token_ids=sp.stop_token_ids,
                                  return_routed_experts=r.routing_replay,
                                  weight_version=str(int(self.state.step)))
