@@ -327,7 +327,8 @@ class RunConfig:
     """Bookkeeping: output directory, seed, logging and checkpoint cadence (0 = only at the
     end), retention (last ``keep_last`` plus the ``keep_best`` best by eval score), Hub exports
     every ``export_every`` steps (0 = only the final one), ``jax.profiler`` traces of the steps
-    in ``profile_steps``."""
+    in ``profile_steps`` (numbered as in ``metrics.jsonl``: the first step is 1; written to
+    ``<run dir>/profile``, readable by TensorBoard's profile plugin or Perfetto)."""
 
     out_dir: str = "runs/default"
     seed: int = 0
@@ -346,6 +347,10 @@ class RunConfig:
         for name in ("checkpoint_every", "keep_best", "export_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"run.{name}: must be >= 0, got {getattr(self, name)}")
+        bad = [s for s in self.profile_steps if isinstance(s, bool) or not isinstance(s, int) or s < 1]
+        if bad:
+            raise ConfigError(f"run.profile_steps: step numbers start at 1 (as in metrics.jsonl), "
+                              f"got {bad}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -144,3 +144,22 @@ def test_unreachable_rollout_server(capsys, tmp_path):
     _fails(capsys, tmp_path, 6, ["rollout server", f"127.0.0.1:{port}", "not reachable"],
            "--stage=tiny/multi_domain_rl", f"--set=rollout.server_url=http://127.0.0.1:{port}",
            "--set=rollout.engine=jax_server")
+
+
+def test_profile_steps_trace_the_named_steps(tmp_path):
+    """``run.profile_steps`` numbers steps as ``metrics.jsonl`` does: ``[2]`` on a 2-step SFT
+    stage writes exactly one ``jax.profiler`` trace (an ``.xplane.pb``) under ``profile/`` (a
+    0-based reading would trace a step 3 that never runs); 0 is refused naming the field."""
+    from cascade_jax.runner import run_stage
+    from tests.runner_support import write_config
+
+    path = write_config(tmp_path / "sft.json", "sft", tmp_path / "run", steps=2,
+                        data={"batch_rows": 2, "seq_len": 128}, run={"profile_steps": [2]})
+    cfg = C.load(str(path))
+    run_stage(cfg, tmp_path / "run", progress=False, log=lambda m: None)
+    traces = sorted((tmp_path / "run" / "profile").rglob("*.xplane.pb"))
+    assert len(traces) == 1 and traces[0].stat().st_size > 0, traces
+    rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2]
+    with pytest.raises(C.ConfigError, match=r"run.profile_steps: step numbers start at 1"):
+        C.apply_overrides(cfg, ["run.profile_steps=[0, 3]"])

@@ -201,7 +201,7 @@ def run_stage(config: C.Config, run_dir=None, *, fresh: bool = False,
         for step in range(start, steps):
             timer = _Timer()
             t0 = time.perf_counter()
-            profiling = step in config.run.profile_steps
+            profiling = step + 1 in config.run.profile_steps  # numbered as in metrics.jsonl
             if profiling:
                 jax.profiler.start_trace(str(run_dir / "profile"))
             try:
