@@ -20,7 +20,13 @@ axis on the expert width (``expert_mlp``) each device holds ``I / tp`` columns; 
 down-projection's partial sums are combined after the unpermute, in fp32, by a ``psum`` over
 the tensor axes (``[n_loc, H]``, k times fewer rows than ``ys``). Without this hook the compiler
 all-gathers the tokens and every device sorts and multiplies the *global* batch (the
-planner's temporaries then grow with the device count, see docs/sharding.md).
+planner's temporaries then grow with the device count, see docs/sharding.md). The trade: every
+device holds one layer's gathered experts (``2·E·H·I`` elements) and their gradients while the
+layer runs, instead of ``n·k`` global token rows; with few tokens per device (the tiny model's
+tests) the global dispatch needs less memory, at the 30B's 8K tokens per device far more.
+(Gathering inside the body instead, ``all_gather`` on the fsdp shards with a reduce-scatter as
+its transpose, planned 48 GiB more temporaries for the 30B without remat — the gathered
+weights are kept for the backward of every layer — and 2 GiB less with full remat.)
 
 Expert-parallel dispatch (``expert`` axis > 1). Local-expert contract: each device holds
 ``E_loc = E / ep`` experts (``experts`` weights rule)
