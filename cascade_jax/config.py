@@ -130,7 +130,11 @@ def _check_sampling(section: str, temperature: float, top_p: float, top_k: int, 
 class RolloutConfig:
     """How responses are generated: ``jax`` = the embedded engine in this process
     (``num_slots`` sequences decoded together, ``steps_per_call`` tokens per jitted call,
-    ``seed`` for requests without one); ``jax_server`` = JAX rollout servers
+    ``seed`` for requests without one, ``prefill_sizes`` its admission row counts: empty = powers
+    of two up to ``num_slots``; a single size makes every prompt's prefill numerics independent of
+    what is admitted with it, since XLA CPU's matmul blocking depends on the row count: with
+    ``[1]`` here and ``--prefill-sizes 1`` on ``launch/serve.py`` the two draw bit-identical
+    samples for the same seeds); ``jax_server`` = JAX rollout servers
     (``launch/serve.py``); ``sglang`` = SGLang servers. ``cascade_jax.rollout.make_engine``
     builds the backend.
 
@@ -161,6 +165,7 @@ class RolloutConfig:
     num_slots: int = 64
     steps_per_call: int = 16
     seed: int = 0
+    prefill_sizes: tuple = ()
     server_urls: tuple = ()
     router_url: Optional[str] = None
     api_key: Optional[str] = None
@@ -187,6 +192,10 @@ class RolloutConfig:
                 raise ConfigError(f"rollout.{name}: must be >= 1, got {getattr(self, name)}")
         if self.seed < 0:
             raise ConfigError(f"rollout.seed: must be >= 0, got {self.seed}")
+        for i, z in enumerate(self.prefill_sizes):
+            if not (isinstance(z, int) and not isinstance(z, bool) and 1 <= z <= self.num_slots):
+                raise ConfigError(f"rollout.prefill_sizes[{i}]: must be an integer in [1, rollout.num_slots="
+                                  f"{self.num_slots}], got {z!r}")
         _check_sampling("rollout", self.temperature, self.top_p, self.top_k, self.greedy)
         if self.engine in ("sglang", "jax_server") and not (self.server_url or self.server_urls):
             raise ConfigError(f"rollout.server_url: required (or rollout.server_urls) when rollout.engine is "
