@@ -7,7 +7,8 @@ be dropped). Errors are relative to each quantity's largest magnitude.
   tensor (4 x 2): the MoE mixer's output and the gradients of its input and of every MoE weight
   within ``EP_TOL`` = 1e-5.
 * Token-local (no expert axis: each device sorts and multiplies its own tokens against the
-  all-gathered experts), meshes fsdp x tensor (4 x 2) and data x fsdp (2 x 4): the mixer's
+  all-gathered experts), meshes fsdp x tensor (4 x 2), data x fsdp (2 x 4) and data x context
+  (2 x 4, each row's 16 tokens split over 4 devices): the mixer's
   output and gradients within ``LOCAL_TOL`` = 1e-6 (measured <= 4.9e-7); the expert sort of
   the traced layer runs on each device's ``n·k / devices`` token copies (without the hook: on
   all ``n·k``, the global dispatch every device repeats); the tiny model's
@@ -30,7 +31,7 @@ EP_TOL = 1e-5
 LOCAL_TOL = 1e-6
 MODEL_TOL = 2e-6
 EP_MESHES = ("data_expert", "expert_tensor")
-LOCAL_MESHES = ("fsdp_tensor", "data_fsdp")
+LOCAL_MESHES = ("fsdp_tensor", "data_fsdp", "data_context")
 
 
 def test_sharded_moe_matches_unsharded():
@@ -42,12 +43,12 @@ def test_sharded_moe_matches_unsharded():
     runner = res.pop("runner_ragged_error")
     assert runner.startswith("mesh.a2a='ragged'") and "not implemented on CPU" in runner, runner
     model = res.pop("model")
-    assert set(model) == set(LOCAL_MESHES)
+    assert set(model) == {"fsdp_tensor", "data_fsdp"}
     for name, r in model.items():
         assert r["hook"] == "token_local_moe", (name, r)
         assert r["loss"] < MODEL_TOL and r["grads"] < MODEL_TOL, (name, r)
     n_copies = res.pop("n_copies")  # tokens x top-k of the layer's input
-    for name, devs in (("fsdp_tensor", 4), ("data_fsdp", 8)):  # devices splitting the tokens
+    for name, devs in (("fsdp_tensor", 4), ("data_fsdp", 8), ("data_context", 8)):  # token splits
         rows = res.pop(f"sorted_rows_{name}")
         assert rows == {"hook": n_copies // devs, "global": n_copies}, (name, rows)
     assert set(res) == {f"{m}_{r}" for m in EP_MESHES + LOCAL_MESHES for r in ("natural", "skewed")}
@@ -84,7 +85,8 @@ def main():
     meshes = {"data_expert": MeshConfig(data=2, fsdp=1, expert=4),
               "expert_tensor": MeshConfig(fsdp=1, expert=4, tensor=2),
               "fsdp_tensor": MeshConfig(fsdp=4, tensor=2),
-              "data_fsdp": MeshConfig(data=2, fsdp=4)}
+              "data_fsdp": MeshConfig(data=2, fsdp=4),
+              "data_context": MeshConfig(data=2, fsdp=1, context=4)}
 
     def rel(a, b):
         a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
