@@ -131,10 +131,10 @@ class RolloutConfig:
     """How responses are generated: ``jax`` = the embedded engine in this process
     (``num_slots`` sequences decoded together, ``steps_per_call`` tokens per jitted call,
     ``seed`` for requests without one, ``prefill_sizes`` its admission row counts: empty = powers
-    of two up to ``num_slots``; a single size makes every prompt's prefill numerics independent of
-    what is admitted with it, since XLA CPU's matmul blocking depends on the row count: with
-    ``[1]`` here and ``--prefill-sizes 1`` on ``launch/serve.py`` the two draw bit-identical
-    samples for the same seeds); ``jax_server`` = JAX rollout servers
+    of two up to ``num_slots``; a prompt's prefill rounds differently with the number of rows
+    prefilled with it (measured on CPU), so a single size makes it independent of what arrives
+    with it: with ``[1]`` here and ``--prefill-sizes 1`` on ``launch/serve.py`` the two draw
+    bit-identical samples for the same seeds); ``jax_server`` = JAX rollout servers
     (``launch/serve.py``); ``sglang`` = SGLang servers. ``cascade_jax.rollout.make_engine``
     builds the backend.
 
