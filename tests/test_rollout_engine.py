@@ -5,8 +5,8 @@
 * seeded sampling (τ = 1, top-p 0.9, top-k 20) gives the same tokens whatever the slot, the
   companions and the number of slots (log-probs within 2e-5: other batch shapes may round
   differently);
-* stop / length / abort finish reasons, n-grouping (sample ``i`` of a group = seed's ``i``-th
-  stream), requests joining a running batch from other threads;
+* stop / length / abort finish reasons, n-grouping (sample ``i`` of a group = the one-sample
+  request seeded ``sample_seed(seed, i)``), requests joining a running batch from other threads;
 * no compilation after warm-up on a steady mixed-length workload;
 * ``score`` equals the trainer's ``token_logprobs``; weight updates (version rule, no copy,
   outputs change); bad requests are errors naming the field.
@@ -22,6 +22,7 @@ import pytest
 import cascade_jax.rl as rl
 from cascade_jax.rollout import Request, RolloutEngine, RolloutError, SamplingParams
 from cascade_jax.rollout.engine import JaxEngine
+from cascade_jax.rollout.types import sample_seed
 from models import nemotron_h as nh
 
 CFG = nh.preset("tiny", pattern="ME*", vocab_size=64)
@@ -120,9 +121,14 @@ def test_n_grouping(engine):
     group = out.groups[0]
     assert len(group) == 3 and len(out.groups[1]) == 1 and len(out.samples()) == 4
     assert len({tuple(s.response_ids) for s in group}) == 3  # distinct streams
-    first = engine.generate([Request(prompt_ids=prompt(4), sampling=SamplingParams(
-        max_new_tokens=6, temperature=1.0, n=1, seed=77))]).groups[0][0]
-    np.testing.assert_array_equal(group[0].response_ids, first.response_ids)
+    # sample k = the one-sample request seeded sample_seed(77, k) (what the HTTP client sends;
+    # sample_seed(77, 0) = 77)
+    singles = engine.generate([Request(prompt_ids=prompt(4), sampling=SamplingParams(
+        max_new_tokens=6, temperature=1.0, n=1, seed=sample_seed(77, k))) for k in range(3)])
+    assert sample_seed(77, 0) == 77
+    for s, one in zip(group, singles.samples()):
+        np.testing.assert_array_equal(s.response_ids, one.response_ids)
+        np.testing.assert_allclose(s.logprobs, one.logprobs, atol=2e-5, rtol=0)
 
 
 def test_finish_reasons_stop_length_abort(engine):
