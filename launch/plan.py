@@ -101,7 +101,7 @@ def main(argv=None) -> dict:
 
     from cascade_jax import sharding
     from cascade_jax.config import MeshConfig
-    from cascade_jax.sharding.plan import plan
+    from cascade_jax.sharding.plan import PlanError, plan
 
     model_cfg = model_config(args)
     if len(jax.devices()) < n_dev:
@@ -111,6 +111,8 @@ def main(argv=None) -> dict:
         res = plan(model_cfg, mesh, objective=args.objective, seq_len=args.seq_len, batch=args.batch,
                    device_memory_gib=args.device_memory_gib, grad_accum=args.grad_accum,
                    fast_compile=not args.full_compile, a2a=args.a2a)
+    except PlanError as e:
+        raise SystemExit(f"error: {e}") from None
     except sharding.ShardingError as e:
         hint = (" (plans compile on CPU: the padded exchange's buffers bound the ragged one's)"
                 if "mesh.a2a='ragged'" in str(e) else "")

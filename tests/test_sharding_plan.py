@@ -102,6 +102,24 @@ def test_impossible_meshes_name_the_axis():
     assert p.returncode != 0 and "mesh.a2a='ragged'" in p.stderr and "not implemented on CPU" in p.stderr
 
 
+def test_reference_attention_key_limit_refused_before_compiling():
+    """From 131072 keys XLA:CPU's compiler dies (SIGFPE) on the XLA reference attention
+    (``XLA_CPU_MAX_KEYS``): the planner refuses before compiling, naming the limit, with and
+    without a context axis (which all-gathers the keys); one key fewer is not refused by that
+    check (an attention-free model is never refused by it)."""
+    from cascade_jax.sharding.plan import XLA_CPU_MAX_KEYS, reference_attention_keys
+    from models import nemotron_h as nh
+
+    assert XLA_CPU_MAX_KEYS == 131072
+    for mesh in ("fsdp:2", "context:2"):
+        p = _plan("--preset=tiny", f"--mesh={mesh}", "--seq-len=131072", expect_ok=False, timeout=120)
+        assert p.returncode == 1, (mesh, p.returncode, p.stderr[-2000:])
+        assert "seq_len=131072" in p.stderr and "XLA_CPU_MAX_KEYS = 131072" in p.stderr, p.stderr[-2000:]
+    cfg = nh.preset("tiny")
+    assert "*" in cfg.pattern and reference_attention_keys(cfg, 131071) == 131071
+    assert reference_attention_keys(nh.preset("tiny", pattern="ME-"), 262144) == 0
+
+
 def _shard_param_bytes(cfg, sizes):
     """Per-device fp32 bytes of ``cfg``'s parameters on a mesh of ``sizes``, each leaf split by
     the mesh axes its logical axes map to (an independent count from the ``ParamSpec``s)."""

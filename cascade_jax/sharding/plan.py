@@ -43,10 +43,39 @@ from .rules import BATCH_AXES, RULES, Rules
 from .state import _train_state_shape, batch_shardings, state_shardings
 from .step import compile_train_step
 
-__all__ = ["plan", "jaxpr_flops", "abstract_batch", "abstract_train_state", "FAST_COMPILE"]
+__all__ = ["plan", "jaxpr_flops", "abstract_batch", "abstract_train_state", "FAST_COMPILE",
+           "PlanError", "reference_attention_keys", "XLA_CPU_MAX_KEYS"]
 
 #: XLA options of a plan-only compile: no optimisation of the generated machine code
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+#: Key length ``S`` of the XLA reference attention (the whole sequence: the context-parallel
+#: attention all-gathers K/V) from which XLA:CPU cannot compile the step: its tiled fusion
+#: emitter dies with SIGFPE (an integer division by zero in
+#: ``xla::gpu::experimental::GetSchedule`` under ``xla::cpu::EmitTiledFusionKernel``). Measured
+#: with jax 0.11.2 on nano-30b-a3b, attention layers only: fsdp 8 at S = 126976 compiles and at
+#: S = 131072 crashes the process; the key length decides, not the score elements per device:
+#: fsdp 8 with 2 rows per device at S = 98304 (6.2e11 score elements per device) compiles,
+#: fsdp 4 x tensor 2 at 131072 and context 8 at 262144 (2.7e11 per device) crash.
+XLA_CPU_MAX_KEYS = 131072
+
+
+class PlanError(ValueError):
+    """A step the planner cannot compile on this backend; the message names the limit."""
+
+
+def reference_attention_keys(model_cfg, seq_len: int) -> int:
+    """The key length ``S = seq_len`` of the XLA reference attention
+    (:mod:`kernels.xla_attention`: fp32 scores ``[rows, Hq, T, S]``, what ``auto`` runs on CPU
+    and TPU), or 0 when the model has no attention layer or another attention implementation
+    runs on this platform."""
+    import kernels
+
+    if "*" not in model_cfg.pattern:
+        return 0
+    if kernels.resolve_impl("attention", model_cfg.attention_impl) != "xla":
+        return 0
+    return seq_len
 
 
 def _subjaxprs(params):
@@ -138,6 +167,15 @@ def plan(model_cfg, mesh, *, objective: str = "grpo", seq_len: int = 8192,
     batch_devs = math.prod(shape[a] for a in BATCH_AXES)
     batch = batch or batch_devs * grad_accum
     opt_cfg = opt_cfg or OptimizerConfig(grad_accum=grad_accum)
+    keys = reference_attention_keys(model_cfg, seq_len)
+    if keys >= XLA_CPU_MAX_KEYS and jax.devices()[0].platform == "cpu":
+        raise PlanError(
+            f"seq_len={seq_len}: the XLA reference attention (fp32 scores [rows, heads, T, S], "
+            f"S = {keys} keys) cannot be compiled by XLA:CPU from S >= XLA_CPU_MAX_KEYS = "
+            f"{XLA_CPU_MAX_KEYS} (its tiled fusion emitter crashes with SIGFPE; context "
+            "parallelism all-gathers the keys, so it does not help); the scores alone would take "
+            f"{4 * model_cfg.num_attention_heads * seq_len * seq_len / 2**40:.1f} TiB per row. "
+            f"Plan with seq_len < {XLA_CPU_MAX_KEYS}")
     state = abstract_train_state(model_cfg, opt_cfg, mesh, rules)
     b = abstract_batch(objective, batch, seq_len)
     b = _with_shardings(b, batch_shardings(b, mesh, rules))
