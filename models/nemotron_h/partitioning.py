@@ -12,11 +12,16 @@ untouched. A trainer that owns a mesh installs one for the duration of a trace::
 dim). The mapping from logical names to mesh axes lives in one table outside the model
 (``cascade_jax.sharding.rules``).
 
-Expert parallelism uses the same mechanism: ``use_partitioner(fn, expert_parallel=ep)`` makes
-the MoE layer hand its routed tokens to ``ep(x [n,H], w [n,k], idx [n,k], up, down,
-expert_ffn) -> [n,H]``, which exchanges tokens between devices and calls back
-``expert_ffn(rows, group_sizes, up_local, down_local)`` (the grouped matmuls) on each device's
-local experts. Without it the layer computes all experts in the global program.
+The MoE dispatch uses the same mechanism: ``use_partitioner(fn, expert_parallel=hook)`` makes
+the MoE layer hand its routed tokens to ``hook(x [n,H], w [n,k], idx [n,k], up, down,
+expert_ffn) -> [n,H]``, which calls back ``expert_ffn(rows, group_sizes, up, down)`` (the
+grouped matmuls) on each device. The hook (despite the keyword's name) is either of the two
+dispatches of ``cascade_jax.sharding.moe`` (``make_moe_dispatch`` picks one per mesh):
+expert-parallel (``expert_parallel_moe``: experts split over the ``expert`` axis, tokens
+exchanged between devices by an all-to-all, each device running its local experts) or
+token-local (``token_local_moe``: experts not split, each device sorting only its own tokens,
+those of its batch / sequence shard, against all experts, instead of one global sort over every
+token). Without a hook the layer sorts all tokens over all experts in the global program.
 
 Context parallelism likewise: ``use_partitioner(fn, context_parallel=cp)`` routes the two
 sequence-mixing kernels through ``cp.attention(q, k, v, positions, segment_ids, attention_fn)``
@@ -58,7 +63,8 @@ def active_partitioner() -> Optional[Callable]:
 
 
 def expert_parallel() -> Optional[Callable]:
-    """The active expert-parallel dispatcher, or None (all experts in the global program)."""
+    """The active MoE dispatch hook (expert-parallel or token-local, see the module docstring),
+    or None (one global dispatch of all tokens over all experts)."""
     return _EXPERT_PARALLEL.get()
 
 
@@ -70,8 +76,9 @@ def context_parallel():
 @contextlib.contextmanager
 def use_partitioner(fn: Optional[Callable], expert_parallel: Optional[Callable] = None,
                     context_parallel=None):
-    """Install ``fn(x, names) -> x`` as the activation partitioner (and optionally the
-    expert-parallel dispatcher and the context-parallel kernels) inside the block."""
+    """Install ``fn(x, names) -> x`` as the activation partitioner (and optionally the MoE
+    dispatch hook ``expert_parallel``, expert-parallel or token-local, and the context-parallel
+    kernels) inside the block."""
     tokens = (_PARTITIONER.set(fn), _EXPERT_PARALLEL.set(expert_parallel),
               _CONTEXT_PARALLEL.set(context_parallel))
     try:
