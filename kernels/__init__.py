@@ -22,11 +22,13 @@ import jax
 import jax.numpy as jnp
 
 from . import xla_attention as _attention_xla
+from . import xla_flash_attention as _attention_xla_flash
 from . import xla_gmm as _gmm_xla
 from . import xla_ssd as _ssd_xla
 from ._common import platform
 
-__all__ = ["grouped_matmul", "attention", "ssd", "resolve_impl", "pallas_gmm_variant", "AUTO", "IMPLS"]
+__all__ = ["grouped_matmul", "attention", "ssd", "resolve_impl", "pallas_gmm_variant", "AUTO", "IMPLS",
+           "XLA_BLOCKWISE_MIN_KEYS", "xla_attention_form"]
 
 IMPLS = ("auto", "pallas", "cudnn", "xla")
 
@@ -44,6 +46,17 @@ AUTO = {
     "tpu": {"gmm": "xla", "attention": "xla", "ssd": "xla", "gmm_pallas": "tpu"},
 }
 _KERNELS = ("gmm", "attention", "ssd")
+
+#: Key length ``S`` from which ``impl="xla"`` attention runs the blockwise online-softmax form
+#: (:mod:`kernels.xla_flash_attention`, O(T·block) memory) instead of the full-score reference
+#: (:mod:`kernels.xla_attention`, fp32 scores ``[B, Hq, T, S]``; XLA:CPU cannot even compile it
+#: from S = 131072). Shorter calls keep the reference, so the transformers parity tests see it.
+XLA_BLOCKWISE_MIN_KEYS = 8192
+
+
+def xla_attention_form(num_keys: int) -> str:
+    """``"full"`` or ``"blockwise"``: the XLA attention ``impl="xla"`` runs for ``num_keys`` keys."""
+    return "blockwise" if num_keys >= XLA_BLOCKWISE_MIN_KEYS else "full"
 
 
 def resolve_impl(kernel: str, impl: str) -> str:
@@ -95,7 +108,9 @@ def attention(q, k, v, *, impl: str = "auto", **kw):
 
     ``cudnn`` covers only calls :func:`kernels.cudnn_attention.supported` accepts (on a GPU, bf16/fp16,
     self-attention without segment ids / kv_valid / custom positions); other calls fall back to
-    ``pallas`` when ``cudnn`` was asked for explicitly and to ``xla`` when ``auto`` chose it."""
+    ``pallas`` when ``cudnn`` was asked for explicitly and to ``xla`` when ``auto`` chose it. ``xla``
+    is the full-score reference below :data:`XLA_BLOCKWISE_MIN_KEYS` keys and the blockwise
+    online softmax (:mod:`kernels.xla_flash_attention`) from there on (:func:`xla_attention_form`)."""
     requested = impl
     impl = resolve_impl("attention", impl)
     if impl == "cudnn":
@@ -104,6 +119,8 @@ def attention(q, k, v, *, impl: str = "auto", **kw):
             return cudnn_attention.attention(q, k, v, **kw)
         impl = "xla" if requested == "auto" else "pallas"
     if impl == "xla":
+        if xla_attention_form(k.shape[1]) == "blockwise":
+            return _attention_xla_flash.attention(q, k, v, **kw)
         return _attention_xla.attention(q, k, v, **kw)
     from . import pallas_attention
     return pallas_attention.attention(q, k, v, **kw)
