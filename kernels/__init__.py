@@ -51,7 +51,7 @@ _KERNELS = ("gmm", "attention", "ssd")
 #: (:mod:`kernels.xla_flash_attention`, O(T·block) memory) instead of the full-score reference
 #: (:mod:`kernels.xla_attention`, fp32 scores ``[B, Hq, T, S]``; XLA:CPU cannot even compile it
 #: from S = 131072). Shorter calls keep the reference, so the transformers parity tests see it.
-XLA_BLOCKWISE_MIN_KEYS = 8192
+XLA_BLOCKWISE_MIN_KEYS = 16384
 
 
 def xla_attention_form(num_keys: int) -> str:

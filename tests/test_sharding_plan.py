@@ -102,22 +102,32 @@ def test_impossible_meshes_name_the_axis():
     assert p.returncode != 0 and "mesh.a2a='ragged'" in p.stderr and "not implemented on CPU" in p.stderr
 
 
-def test_reference_attention_key_limit_refused_before_compiling():
-    """From 131072 keys XLA:CPU's compiler dies (SIGFPE) on the XLA reference attention
-    (``XLA_CPU_MAX_KEYS``): the planner refuses before compiling, naming the limit, with and
-    without a context axis (which all-gathers the keys); one key fewer is not refused by that
-    check (an attention-free model is never refused by it)."""
-    from cascade_jax.sharding.plan import XLA_CPU_MAX_KEYS, reference_attention_keys
+def test_long_keys_plan_blockwise_and_full_score_limit_refused(monkeypatch):
+    """From 131072 keys XLA:CPU's compiler dies (SIGFPE) on the full-score XLA reference
+    attention (``XLA_CPU_MAX_KEYS``). ``impl="xla"`` runs the blockwise form from
+    ``kernels.XLA_BLOCKWISE_MIN_KEYS`` keys on, so such steps plan, with and without a context
+    axis (which all-gathers the keys); the guard still refuses, before compiling and naming the
+    limit, a step that would run the full-score form there (threshold raised in-process)."""
+    import kernels
+    from cascade_jax import sharding
+    from cascade_jax.config import MeshConfig
+    from cascade_jax.sharding.plan import XLA_CPU_MAX_KEYS, PlanError, plan, reference_attention_keys
     from models import nemotron_h as nh
 
-    assert XLA_CPU_MAX_KEYS == 131072
+    assert XLA_CPU_MAX_KEYS == 131072 and kernels.XLA_BLOCKWISE_MIN_KEYS < XLA_CPU_MAX_KEYS
     for mesh in ("fsdp:2", "context:2"):
-        p = _plan("--preset=tiny", f"--mesh={mesh}", "--seq-len=131072", expect_ok=False, timeout=120)
-        assert p.returncode == 1, (mesh, p.returncode, p.stderr[-2000:])
-        assert "seq_len=131072" in p.stderr and "XLA_CPU_MAX_KEYS = 131072" in p.stderr, p.stderr[-2000:]
+        r = _plan("--preset=tiny", f"--mesh={mesh}", "--seq-len=131072", "--json", timeout=300)
+        assert r["seq_len"] == 131072 and r["flops_per_step"] > 0, (mesh, r)
     cfg = nh.preset("tiny")
-    assert "*" in cfg.pattern and reference_attention_keys(cfg, 131071) == 131071
-    assert reference_attention_keys(nh.preset("tiny", pattern="ME-"), 262144) == 0
+    n = kernels.XLA_BLOCKWISE_MIN_KEYS
+    assert "*" in cfg.pattern and reference_attention_keys(cfg, n - 1) == n - 1
+    assert reference_attention_keys(cfg, n) == 0 and reference_attention_keys(cfg, 262144) == 0
+    assert reference_attention_keys(nh.preset("tiny", pattern="ME-"), 1024) == 0
+    monkeypatch.setattr(kernels, "XLA_BLOCKWISE_MIN_KEYS", 10 ** 9)
+    assert reference_attention_keys(cfg, 131072) == 131072
+    mesh = sharding.make_mesh(MeshConfig(fsdp=1), jax.devices()[:1])
+    with pytest.raises(PlanError, match="seq_len=131072.*XLA_CPU_MAX_KEYS = 131072"):
+        plan(cfg, mesh, seq_len=131072)
 
 
 def _shard_param_bytes(cfg, sizes):

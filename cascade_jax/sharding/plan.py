@@ -67,13 +67,16 @@ class PlanError(ValueError):
 def reference_attention_keys(model_cfg, seq_len: int) -> int:
     """The key length ``S = seq_len`` of the XLA reference attention
     (:mod:`kernels.xla_attention`: fp32 scores ``[rows, Hq, T, S]``, what ``auto`` runs on CPU
-    and TPU), or 0 when the model has no attention layer or another attention implementation
-    runs on this platform."""
+    and TPU below ``kernels.XLA_BLOCKWISE_MIN_KEYS`` keys), or 0 when the model has no attention
+    layer, another attention implementation runs on this platform, or the XLA attention runs
+    blockwise at this length (:mod:`kernels.xla_flash_attention`, no ``[T, S]`` scores)."""
     import kernels
 
     if "*" not in model_cfg.pattern:
         return 0
     if kernels.resolve_impl("attention", model_cfg.attention_impl) != "xla":
+        return 0
+    if kernels.xla_attention_form(seq_len) != "full":
         return 0
     return seq_len
 
