@@ -8,6 +8,10 @@ the segment ids are equal, and ``kv_valid[s]``. Query head ``j`` uses KV head ``
 (consecutive repeats) without materialising the repeats. Scores are fp32, softmax in fp32, the
 probabilities are cast to ``v.dtype`` before the value product (as the transformers reference).
 A query with no visible key returns zeros.
+
+This full-score form materialises fp32 scores ``[B, Hq, T, S]``; ``kernels.attention(impl="xla")``
+runs it below ``kernels.XLA_BLOCKWISE_MIN_KEYS`` keys and the blockwise online-softmax form
+(:mod:`kernels.xla_flash_attention`, same contract) from there on.
 """
 
 from __future__ import annotations
