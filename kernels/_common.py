@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 __all__ = ["on_cpu", "platform", "pick_block", "round_up", "cdiv", "triton_params", "pad_to",
-           "GMM_EPILOGUES", "apply_epilogue", "epilogue_grad", "check_gmm_shapes"]
+           "GMM_EPILOGUES", "apply_epilogue", "epilogue_grad", "check_gmm_shapes", "attention_args"]
 
 
 def platform() -> str:
@@ -36,6 +36,31 @@ def check_gmm_shapes(lhs, rhs, group_sizes, epilogue=None):
         raise ValueError(f"gmm: bad shapes lhs {lhs.shape}, rhs {rhs.shape}, group_sizes {group_sizes.shape}")
     if epilogue not in GMM_EPILOGUES:
         raise ValueError(f"gmm: epilogue must be one of {GMM_EPILOGUES}, got {epilogue!r}")
+
+
+def attention_args(q, k, q_positions=None, kv_positions=None, q_segment_ids=None,
+                   kv_segment_ids=None, kv_valid=None):
+    """The attention contract shared by the kernels (``q [B, T, Hq, D]``, ``k [B, S, Hkv, D]``,
+    ``Hq`` a multiple of ``Hkv``, segment ids for both sides or neither), with the defaults made
+    explicit: positions ``0..T-1`` / ``0..S-1``, one segment (ids 0), every key valid. Returns
+    ``(q_positions [B, T], kv_positions [B, S], q_segment_ids [B, T], kv_segment_ids [B, S],
+    kv_valid [B, S])``."""
+    b, t, hq, _ = q.shape
+    s, hkv = k.shape[1], k.shape[2]
+    if hq % hkv:
+        raise ValueError(f"attention: {hq} query heads not a multiple of {hkv} kv heads")
+    if (q_segment_ids is None) != (kv_segment_ids is None):
+        raise ValueError("attention: pass both q_segment_ids and kv_segment_ids or neither")
+    i32 = jnp.int32
+    if q_positions is None:
+        q_positions = jnp.broadcast_to(jnp.arange(t, dtype=i32), (b, t))
+    if kv_positions is None:
+        kv_positions = jnp.broadcast_to(jnp.arange(s, dtype=i32), (b, s))
+    if q_segment_ids is None:
+        q_segment_ids, kv_segment_ids = jnp.zeros((b, t), i32), jnp.zeros((b, s), i32)
+    if kv_valid is None:
+        kv_valid = jnp.ones((b, s), bool)
+    return q_positions, kv_positions, q_segment_ids, kv_segment_ids, kv_valid
 
 
 def apply_epilogue(acc, epilogue):

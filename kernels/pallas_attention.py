@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from ._common import on_cpu, pad_to, pick_block, round_up, pallas_call, triton_params
+from ._common import attention_args, on_cpu, pad_to, pick_block, round_up, pallas_call, triton_params
 
 __all__ = ["attention", "attention_context_parallel", "block_ranges", "zigzag_permutation"]
 
@@ -297,22 +297,11 @@ def attention(q, k, v, *, q_positions=None, kv_positions=None, q_segment_ids=Non
     (padded) sequence lengths; T and S are padded to the blocks internally."""
     b, t, hq, d = q.shape
     s, hkv = k.shape[1], k.shape[2]
-    if hq % hkv:
-        raise ValueError(f"attention: {hq} query heads not a multiple of {hkv} kv heads")
-    if (q_segment_ids is None) != (kv_segment_ids is None):
-        raise ValueError("attention: pass both q_segment_ids and kv_segment_ids or neither")
+    q_positions, kv_positions, q_segment_ids, kv_segment_ids, kv_valid = attention_args(
+        q, k, q_positions, kv_positions, q_segment_ids, kv_segment_ids, kv_valid)
     interpret = on_cpu() if interpret is None else interpret
     scale = d ** -0.5 if scale is None else float(scale)
     i32 = jnp.int32
-    if q_positions is None:
-        q_positions = jnp.broadcast_to(jnp.arange(t, dtype=i32), (b, t))
-    if kv_positions is None:
-        kv_positions = jnp.broadcast_to(jnp.arange(s, dtype=i32), (b, s))
-    if q_segment_ids is None:
-        q_segment_ids = jnp.zeros((b, t), i32)
-        kv_segment_ids = jnp.zeros((b, s), i32)
-    if kv_valid is None:
-        kv_valid = jnp.ones((b, s), bool)
     tmin = 8 if interpret else 16  # Triton dots need >= 16 rows/cols (a decode query pads to 16)
     bq = pick_block(t, max(block_q, tmin), tmin)
     bk = pick_block(s, max(block_k, tmin), tmin)

@@ -41,6 +41,8 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
+from ._common import attention_args
+
 __all__ = ["attention"]
 
 
@@ -162,21 +164,10 @@ def attention(q, k, v, *, q_positions=None, kv_positions=None, q_segment_ids=Non
     (clipped to ``T`` / ``S``; ``T``, ``S`` are padded up to a multiple, padded keys invisible)."""
     b, t, hq, d = q.shape
     s, hkv = k.shape[1], k.shape[2]
-    if hq % hkv:
-        raise ValueError(f"attention: {hq} query heads not a multiple of {hkv} kv heads")
-    if (q_segment_ids is None) != (kv_segment_ids is None):
-        raise ValueError("attention: pass both q_segment_ids and kv_segment_ids or neither")
+    q_positions, kv_positions, q_segment_ids, kv_segment_ids, kv_valid = attention_args(
+        q, k, q_positions, kv_positions, q_segment_ids, kv_segment_ids, kv_valid)
     if block_q < 1 or block_k < 1:
         raise ValueError(f"attention: block_q={block_q} and block_k={block_k} must be >= 1")
-    if q_positions is None:
-        q_positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    if kv_positions is None:
-        kv_positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-    if q_segment_ids is None:
-        q_segment_ids = jnp.zeros((b, t), jnp.int32)
-        kv_segment_ids = jnp.zeros((b, s), jnp.int32)
-    if kv_valid is None:
-        kv_valid = jnp.ones((b, s), bool)
     scale = d ** -0.5 if scale is None else scale
     bq, bk = min(block_q, t), min(block_k, s)
     nq, nk = math.ceil(t / bq), math.ceil(s / bk)
