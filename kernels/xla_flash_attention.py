@@ -41,7 +41,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
-from ._common import attention_args
+from ._common import attention_args, pad_to
 
 __all__ = ["attention"]
 
@@ -149,14 +149,6 @@ def _flash_bwd(scale, nq, nk, res, dout):
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
-def _pad(x, n, value):
-    if x.shape[1] == n:
-        return x
-    widths = [(0, 0)] * x.ndim
-    widths[1] = (0, n - x.shape[1])
-    return jnp.pad(x, widths, constant_values=value)
-
-
 def attention(q, k, v, *, q_positions=None, kv_positions=None, q_segment_ids=None,
               kv_segment_ids=None, kv_valid=None, scale=None, block_q: int = 512, block_k: int = 512):
     """``q [B, T, Hq, D]``, ``k, v [B, S, Hkv, D]`` -> ``[B, T, Hq, D]``; arguments as
@@ -172,9 +164,9 @@ def attention(q, k, v, *, q_positions=None, kv_positions=None, q_segment_ids=Non
     bq, bk = min(block_q, t), min(block_k, s)
     nq, nk = math.ceil(t / bq), math.ceil(s / bk)
     tp, sp = nq * bq, nk * bk
-    qg = _pad(q.reshape(b, t, hkv, hq // hkv, d), tp, 0)
-    out = _flash(float(scale), nq, nk, qg, _pad(k, sp, 0), _pad(v, sp, 0),
-                 _pad(q_positions.astype(jnp.int32), tp, 0), _pad(q_segment_ids.astype(jnp.int32), tp, 0),
-                 _pad(kv_positions.astype(jnp.int32), sp, 0), _pad(kv_segment_ids.astype(jnp.int32), sp, 0),
-                 _pad(kv_valid.astype(bool), sp, False))
+    qg = pad_to(q.reshape(b, t, hkv, hq // hkv, d), 1, tp, 0)
+    out = _flash(float(scale), nq, nk, qg, pad_to(k, 1, sp, 0), pad_to(v, 1, sp, 0),
+                 pad_to(q_positions.astype(jnp.int32), 1, tp, 0), pad_to(q_segment_ids.astype(jnp.int32), 1, tp, 0),
+                 pad_to(kv_positions.astype(jnp.int32), 1, sp, 0), pad_to(kv_segment_ids.astype(jnp.int32), 1, sp, 0),
+                 pad_to(kv_valid.astype(bool), 1, sp, False))
     return out[:, :t].reshape(b, t, hq, d)
