@@ -271,6 +271,8 @@ class DataConfig:
     ``pack_buffer`` examples of look-ahead for packing. ``on_bad_row``: ``error`` (naming
     file:line) or ``skip`` (counted). ``tokenizer``: directory with ``tokenizer.json`` (default:
     ``model.checkpoint``, else the tiny tokenizer). ``num_epochs``: ``None`` repeats forever.
+    The built-in tiny source: ``tiny_rows_per_domain`` rows per domain, of which a share
+    ``tiny_near_miss_rate`` answer with the example's near miss (``cascade_jax.rewards.tiny``).
     """
 
     sources: tuple[DataSource, ...] = (DataSource(format="tiny"),)
@@ -287,6 +289,7 @@ class DataConfig:
     on_bad_row: Literal["error", "skip"] = "error"
     tokenizer: Optional[str] = None
     tiny_rows_per_domain: int = 1024
+    tiny_near_miss_rate: float = 0.3
 
     __hash__ = _hash_by_value
 
@@ -296,6 +299,8 @@ class DataConfig:
         for name in ("batch_prompts", "batch_rows", "seq_len", "pack_buffer", "tiny_rows_per_domain"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"data.{name}: must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.tiny_near_miss_rate <= 1.0:
+            raise ConfigError(f"data.tiny_near_miss_rate: must be in [0, 1], got {self.tiny_near_miss_rate}")
         if self.oversample < 1.0:
             raise ConfigError(f"data.oversample: must be >= 1, got {self.oversample}")
         if self.num_epochs is not None and self.num_epochs < 1:

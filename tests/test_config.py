@@ -33,6 +33,7 @@ def test_unknown_section():
     ("stage.objective=ppo", "stage.objective: must be one of"),
     ("rollout.top_p=0", "rollout.top_p"),
     ("mesh.tensor=0", "mesh.tensor"),
+    ("data.tiny_near_miss_rate=1.5", "data.tiny_near_miss_rate: must be in \\[0, 1\\]"),
     ("optimizer=3", "optimizer: expected a mapping"),
     ("nokey", "expected KEY=VALUE"),
     ("model.preset.x=1", "is a value, not a section"),

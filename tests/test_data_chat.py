@@ -10,11 +10,16 @@ import pytest
 
 from cascade_jax.data import (ChatTemplateError, Tokenizer, load_tokenizer, render_chat,
                               render_text, save_tokenizer, tiny_tokenizer)
-from cascade_jax.data.sources import ADD_TOOL
 from cascade_jax.rewards.tool_call import format_tool_call, parse_tool_calls
 from tests.oracle_util import REPO, oracle_python
 
 TOK = tiny_tokenizer()
+#: a two-parameter tool (the tiny domain's own tool, ``square(n)``, has one)
+ADD_TOOL = {"type": "function", "function": {
+    "name": "add", "description": "Add two integers.",
+    "parameters": {"type": "object", "properties": {
+        "a": {"type": "integer", "description": "first addend"},
+        "b": {"type": "integer", "description": "second addend"}}, "required": ["a", "b"]}}}
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Weather for a city.",
     "parameters": {"type": "object", "properties": {

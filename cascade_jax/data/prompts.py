@@ -88,7 +88,7 @@ def load_prompt_rows(config, *, process_index: int = 0, process_count: int = 1) 
     skipped = 0
     for src in data.sources:
         reader = open_source(src, domains=wanted, tiny_rows_per_domain=data.tiny_rows_per_domain,
-                             seed=data.shuffle_seed)
+                             tiny_near_miss_rate=data.tiny_near_miss_rate, seed=data.shuffle_seed)
         for i in range(len(reader)):
             where, row = reader[i]
             try:

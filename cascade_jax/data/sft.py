@@ -101,7 +101,8 @@ def example_dataset(config, tokenizer: Tokenizer, *, process_index: int = 0,
     parts, weights = [], []
     for i, src in enumerate(data.sources):
         reader = open_source(src, domains=data.domains, tiny_rows_per_domain=data.tiny_rows_per_domain,
-                             seed=data.shuffle_seed, thinking=config.rollout.thinking)
+                             tiny_near_miss_rate=data.tiny_near_miss_rate, seed=data.shuffle_seed,
+                             thinking=config.rollout.thinking)
         if len(reader) < process_count:
             raise DataError(f"{src.path or 'tiny'}: {len(reader)} rows < {process_count} processes")
         ds = grain.MapDataset.source(reader).shuffle(seed=_seed(data.shuffle_seed, i))

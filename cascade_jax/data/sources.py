@@ -40,7 +40,7 @@ import numpy as np
 from cascade_jax.data.rows import BadRow, DataError
 
 __all__ = ["open_source", "resolve_files", "JsonlSource", "ParquetSource", "ArrayRecordSource",
-           "TfdsSource", "TinySource", "ADD_TOOL", "TINY_REASONING"]
+           "TfdsSource", "TinySource", "TINY_TOOL", "TINY_REASONING"]
 
 _EXT = {"jsonl": (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".ndjson", ".ndjson.gz"),
         "parquet": (".parquet",),
@@ -230,12 +230,11 @@ class TfdsSource:
         return where, _plain_feature(ex)
 
 
-#: the tool the tiny ``tool_call`` domain declares (``add(a, b)``)
-ADD_TOOL = {"type": "function", "function": {
-    "name": "add", "description": "Add two integers.",
+#: the tool the tiny ``tool_call`` domain declares (``square(n)``)
+TINY_TOOL = {"type": "function", "function": {
+    "name": "square", "description": "Square an integer.",
     "parameters": {"type": "object", "properties": {
-        "a": {"type": "integer", "description": "first addend"},
-        "b": {"type": "integer", "description": "second addend"}}, "required": ["a", "b"]}}}
+        "n": {"type": "integer", "description": "the integer to square"}}, "required": ["n"]}}}
 
 
 #: the reasoning of every tiny SFT row in thinking mode: short, so the tiny model learns the
@@ -244,25 +243,27 @@ TINY_REASONING = "I know the answer."
 
 
 class TinySource:
-    """The tiny domains as rows (``prompt``, ``response`` = the reference, ``domain``,
-    ``metadata``, ``tools`` = [add] for ``tool_call``, and with ``thinking`` the ``reasoning``
+    """The tiny domains as rows (``prompt``, ``response`` = the example's ``sft_response``: the
+    reference, or in some rows its near miss, see :mod:`cascade_jax.rewards.tiny`; ``domain``,
+    ``metadata``, ``tools`` = [square] for ``tool_call``, and with ``thinking`` the ``reasoning``
     :data:`TINY_REASONING`; without, SFT renders ``<think></think>answer`` as non-thinking RL
     prompts expect)."""
 
     def __init__(self, domains: Sequence[str], rows_per_domain: int, seed: int,
-                 thinking: bool = True):
+                 thinking: bool = True, near_miss_rate: float = 0.3):
         from cascade_jax import domains as d
         from cascade_jax.rewards.tiny import tiny_examples
 
         self._rows = []
         for dom in (domains or d.DOMAINS):
-            for j, ex in enumerate(tiny_examples(d.check_domain(dom), n=rows_per_domain, seed=seed)):
-                row = {"prompt": ex.prompt, "response": ex.reference, "domain": ex.domain,
+            for j, ex in enumerate(tiny_examples(d.check_domain(dom), n=rows_per_domain, seed=seed,
+                                                    near_miss_rate=near_miss_rate)):
+                row = {"prompt": ex.prompt, "response": ex.sft_response, "domain": ex.domain,
                        "metadata": ex.metadata}
                 if thinking:
                     row["reasoning"] = TINY_REASONING
                 if ex.domain == d.TOOL_CALL:
-                    row["tools"] = [ADD_TOOL]
+                    row["tools"] = [TINY_TOOL]
                 self._rows.append((f"tiny:{dom}:{j}", row))
 
     def __len__(self):
@@ -273,7 +274,7 @@ class TinySource:
 
 
 def open_source(source, *, domains: Sequence[str] = (), tiny_rows_per_domain: int = 1024,
-                seed: int = 0, thinking: bool = True):
+                tiny_near_miss_rate: float = 0.3, seed: int = 0, thinking: bool = True):
     """A random-access source for one ``DataSource`` config; errors if missing or empty, or if
     its field mapping names an unknown canonical field."""
     from cascade_jax.data.rows import CANONICAL_FIELDS
@@ -285,7 +286,7 @@ def open_source(source, *, domains: Sequence[str] = (), tiny_rows_per_domain: in
                         f"valid: {', '.join(CANONICAL_FIELDS)} (and metadata.KEY)")
     fmt = source.format
     if fmt == "tiny":
-        src = TinySource(domains, tiny_rows_per_domain, seed, thinking)
+        src = TinySource(domains, tiny_rows_per_domain, seed, thinking, tiny_near_miss_rate)
     elif fmt == "tfds":
         if not os.path.isdir(source.path):
             raise DataError(f"{source.path}: no such TFDS dataset directory")

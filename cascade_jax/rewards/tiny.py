@@ -10,21 +10,36 @@ domain                        task
 ============================  ===================================================================
 math                          add two digits in 0..4, answer in ``\\boxed{}``
 instruction_following         name a given word obeying case / keyword / length constraints
-mcq                           which letter follows X (one of A..H) in the alphabet (4 options)
+mcq                           which letter follows X (one of A..H) in the alphabet; the options are
+                              the letters after A..D (or after E..H when X is one of them), in order
 structured_output             a JSON object ``{"n": k}``, k in 0..9 (closed schema)
-tool_call                     call ``add(a, b)``, a and b in 0..4, in the template's tool-call format
+tool_call                     call ``square(n)``, n in 0..9, in the template's tool-call format
 code                          a Python expression evaluating to a target in 0..20 (sandboxed)
 rlhf                          short reply mentioning a topic word (synthetic pairwise judge;
                               eval: win rate against the fixed baseline answer "A <word> is nice.",
                               which the reference ties)
-long_context                  look up a key's one-digit value in 3 key/value lines (QA judge)
+long_context                  needle in a haystack: find the one-digit code on one of three lines,
+                              the others filler words (QA judge)
 swe                           a unified diff fixing a one-line operator bug in one of four
                               functions of (a, b) or (b, a) (patch judge: changed-line F1)
 ============================  ===================================================================
 
-The ranges are small on purpose: the tiny preset (hidden size 64, two attention layers) learns
-to copy and look up from the prompt within a few hundred SFT steps at these sizes, so its sampled
-scores after the tiny SFT stage are partial and every RL stage has reward variance to work with.
+The tasks are shaped for what the tiny model (hidden size 128 in the tiny stage configs, two
+attention layers) learns in a few hundred SFT steps: copying a token from near the end of the
+prompt, finding the one line of its kind (the needle), and small fixed maps (letter order, sums of
+two digits). It does not learn to match a key against the prompt within that budget: a key/value
+lookup ("what is the value of river?") and multiple choice over shuffled options both stayed at
+chance after 200 SFT steps given to those domains alone, and a two-argument tool call at 0.03.
+The prompt words that matter stand last and the ranges are small.
+
+Near misses. SFT data distilled from a teacher follows the content but not always the verifier's
+format, and RL with the verifier removes such slips; that is most of what the paper's RL stages
+gain. The tiny domains that RL stages train on model this: for instruction following, MCQ, tool
+calling, structured output and long context each example has a ``near_miss`` -- the right content
+with a format slip that scores 0 (``Piano`` for capitals only, ``I like ...`` for lowercase only,
+``done.`` for "end with done", ``Answer: B or C``, a wrongly named tool parameter, ``{"n": "3"}``
+for an integer field, the code as a word) -- and :data:`NEAR_MISS_RATE` of the SFT rows use it as
+the response. The tiny SFT stage then leaves partial scores that its RL stages can raise.
 
     examples = tiny_examples("code", n=64, seed=0)
     scores = make_scorer("code")([e.prompt for e in examples], responses,
@@ -43,15 +58,23 @@ from cascade_jax.rewards.tool_call import format_tool_call
 __all__ = ["TinyExample", "tiny_examples", "GENERATORS"]
 
 
+#: the default share of SFT rows whose response is the example's near miss (domains that have
+#: one; the run config's ``data.tiny_near_miss_rate``)
+NEAR_MISS_RATE = 0.3
+
+
 @dataclasses.dataclass(frozen=True)
 class TinyExample:
     domain: str
     prompt: str
     metadata: dict
     reference: str  # a response that scores 1
+    near_miss: str = ""  # the right content with a format slip, scoring 0 ("" if none)
+    sft_response: str = ""  # the SFT row's response: the near miss in NEAR_MISS_RATE of rows
 
 
 _WORDS = ["apple", "river", "cloud", "stone", "tiger", "piano", "lemon", "garden"]
+_NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
 
 def _math(r: random.Random) -> TinyExample:
@@ -64,35 +87,36 @@ def _if(r: random.Random) -> TinyExample:
     w = r.choice(_WORDS)
     kind = r.randrange(3)
     if kind == 0:
-        return TinyExample(d.INSTRUCTION_FOLLOWING, f"Write the word {w} in capital letters only.",
+        return TinyExample(d.INSTRUCTION_FOLLOWING, f"In capital letters only, write the word {w}.",
                            {"instruction_id_list": ["change_case:english_capital",
                                                     "keywords:existence"],
-                            "kwargs": [{}, {"keywords": [w]}]}, w.upper())
+                            "kwargs": [{}, {"keywords": [w]}]}, w.upper(), w.capitalize())
     if kind == 1:
         return TinyExample(d.INSTRUCTION_FOLLOWING,
-                           f"Use the word {w} in fewer than 5 words, all lowercase.",
+                           f"In fewer than 5 words, all lowercase, use the word {w}.",
                            {"instruction_id_list": ["keywords:existence",
                                                     "length_constraints:number_words",
                                                     "change_case:english_lowercase"],
                             "kwargs": [{"keywords": [w]}, {"num_words": 5, "relation": "less than"},
-                                       {}]}, f"i like {w}")
-    return TinyExample(d.INSTRUCTION_FOLLOWING, f"Say {w} and end your reply with the word done.",
+                                       {}]}, f"i like {w}", f"I like {w}")
+    return TinyExample(d.INSTRUCTION_FOLLOWING, f"End your reply with the word done, after saying {w}.",
                        {"instruction_id_list": ["keywords:existence", "startend:end_checker"],
-                        "kwargs": [{"keywords": [w]}, {"end_phrase": "done"}]}, f"{w} done")
+                        "kwargs": [{"keywords": [w]}, {"end_phrase": "done"}]}, f"{w} done",
+                       f"{w} done.")
 
 
 def _mcq(r: random.Random) -> TinyExample:
     i = r.randrange(8)
     x, right = chr(65 + i), chr(66 + i)
-    wrong = r.sample([chr(65 + k) for k in range(10) if chr(65 + k) != right], 3)
-    options = wrong + [right]
-    r.shuffle(options)
+    block = 4 * (i // 4)  # the options: the letters after A..D, or after E..H, in order
+    options = [chr(66 + block + k) for k in range(4)]
     letters = "ABCD"
     gold = letters[options.index(right)]
     body = "\n".join(f"{letters[k]}) {o}" for k, o in enumerate(options))
     return TinyExample(d.MCQ, f"Which letter comes right after {x} in the alphabet?\n{body}\n"
                               f"Reply with 'Answer: <letter>'.",
-                       {"answer": gold, "letters": letters}, f"Answer: {gold}")
+                       {"answer": gold, "letters": letters}, f"Answer: {gold}",
+                       f"Answer: {gold} or {letters[(letters.index(gold) + 1) % 4]}")
 
 
 def _structured(r: random.Random) -> TinyExample:
@@ -100,15 +124,15 @@ def _structured(r: random.Random) -> TinyExample:
     schema = {"type": "object", "properties": {"n": {"const": k}}, "required": ["n"]}
     return TinyExample(d.STRUCTURED_OUTPUT,
                        f'Return only a JSON object with the integer field "n" equal to {k}.',
-                       {"schema": schema}, f'{{"n": {k}}}')
+                       {"schema": schema}, f'{{"n": {k}}}', f'{{"n": "{k}"}}')
 
 
 def _tool(r: random.Random) -> TinyExample:
-    a, b = r.randint(0, 4), r.randint(0, 4)
-    args = {"a": a, "b": b}
-    return TinyExample(d.TOOL_CALL, f"Use the add tool to add {a} and {b}.",
-                       {"expected_calls": [{"name": "add", "arguments": args}]},
-                       format_tool_call("add", args))
+    n = r.randint(0, 9)
+    args = {"n": n}
+    return TinyExample(d.TOOL_CALL, f"Use the square tool on {n}.",
+                       {"expected_calls": [{"name": "square", "arguments": args}]},
+                       format_tool_call("square", args), format_tool_call("square", {"x": n}))
 
 
 def _code(r: random.Random) -> TinyExample:
@@ -127,13 +151,12 @@ def _rlhf(r: random.Random) -> TinyExample:
 
 
 def _long_context(r: random.Random) -> TinyExample:
-    keys = r.sample(_WORDS, 3)
-    values = {k: r.randint(1, 9) for k in keys}
-    k = r.choice(keys)
-    lines = "\n".join(f"{key}: {v}" for key, v in values.items())
-    q = f"What is the value of {k}?"
-    return TinyExample(d.LONG_CONTEXT, f"{lines}\n\n{q}",
-                       {"answer": str(values[k]), "question": q}, str(values[k]))
+    code = r.randint(1, 9)
+    lines = [" ".join(r.choices(_WORDS, k=3)) for _ in range(2)]
+    lines.insert(r.randrange(3), f"the code is {code}")
+    q = "What is the code?"
+    return TinyExample(d.LONG_CONTEXT, "\n".join(lines) + f"\n\n{q}",
+                       {"answer": str(code), "question": q}, str(code), _NUMBER_WORDS[code])
 
 
 _OPS = [("add", "+", "-"), ("sub", "-", "+"), ("mul", "*", "+"), ("div", "/", "*")]
@@ -159,8 +182,16 @@ GENERATORS: dict[str, Callable[[random.Random], TinyExample]] = {
 assert set(GENERATORS) == set(d.DOMAINS)
 
 
-def tiny_examples(domain: str, n: int, seed: int = 0) -> list[TinyExample]:
-    """``n`` deterministic examples of ``domain`` (same seed, same examples)."""
+def tiny_examples(domain: str, n: int, seed: int = 0,
+                  near_miss_rate: float = NEAR_MISS_RATE) -> list[TinyExample]:
+    """``n`` deterministic examples of ``domain`` (same seed, same examples), each with its
+    ``sft_response`` drawn: the near miss with probability ``near_miss_rate``, else the
+    reference (at rate 0 nothing is drawn, so the examples are those of the plain generator)."""
     d.check_domain(domain)
     r = random.Random(f"{domain}:{seed}")
-    return [GENERATORS[domain](r) for _ in range(n)]
+    out = []
+    for _ in range(n):
+        ex = GENERATORS[domain](r)
+        slip = bool(ex.near_miss) and near_miss_rate > 0 and r.random() < near_miss_rate
+        out.append(dataclasses.replace(ex, sft_response=ex.near_miss if slip else ex.reference))
+    return out
