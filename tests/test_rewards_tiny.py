@@ -44,11 +44,13 @@ def test_rlhf_reference_wins_its_group():
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("domain", ["instruction_following", "mcq", "tool_call", "structured_output",
-                                    "long_context"])
+                                    "long_context", "code"])
 def test_near_miss_scores_zero_and_fills_its_share_of_sft_rows(domain):
     ex = tiny_examples(domain, 400, seed=0)
-    scores = make_scorer(domain)([e.prompt for e in ex], ["<think>ok</think>" + e.near_miss for e in ex],
-                                 [e.metadata for e in ex])
+    scored = ex[:16] if domain == "code" else ex  # code runs each response in the sandbox
+    scores = make_scorer(domain)([e.prompt for e in scored],
+                                 ["<think>ok</think>" + e.near_miss for e in scored],
+                                 [e.metadata for e in scored])
     assert all(s.value == 0.0 for s in scores), [s.reason for s in scores if s.value]
     assert all(e.sft_response in (e.reference, e.near_miss) for e in ex)
     share = sum(e.sft_response == e.near_miss for e in ex) / len(ex)
@@ -56,7 +58,7 @@ def test_near_miss_scores_zero_and_fills_its_share_of_sft_rows(domain):
 
 
 def test_domains_without_near_miss_train_on_the_reference():
-    for domain in ("math", "code", "rlhf", "swe"):
+    for domain in ("math", "rlhf", "swe"):
         assert all(not e.near_miss and e.sft_response == e.reference
                    for e in tiny_examples(domain, 50, seed=1))
 

@@ -35,10 +35,10 @@ The prompt words that matter stand last and the ranges are small.
 Near misses. SFT data distilled from a teacher follows the content but not always the verifier's
 format, and RL with the verifier removes such slips; that is most of what the paper's RL stages
 gain. The tiny domains that RL stages train on model this: for instruction following, MCQ, tool
-calling, structured output and long context each example has a ``near_miss`` -- the right content
+calling, structured output, long context and code each example has a ``near_miss`` -- the right content
 with a format slip that scores 0 (``Piano`` for capitals only, ``I like ...`` for lowercase only,
 ``done.`` for "end with done", ``Answer: B or C``, a wrongly named tool parameter, ``{"n": "3"}``
-for an integer field, the code as a word) -- and :data:`NEAR_MISS_RATE` of the SFT rows use it as
+for an integer field, the code as a word, a ``print`` statement for an expression) -- and :data:`NEAR_MISS_RATE` of the SFT rows use it as
 the response. The tiny SFT stage then leaves partial scores that its RL stages can raise.
 
     examples = tiny_examples("code", n=64, seed=0)
@@ -140,7 +140,7 @@ def _code(r: random.Random) -> TinyExample:
     return TinyExample(d.CODE, f"Write a Python expression that evaluates to {t}.",
                        {"tests": [{"input": "", "output": str(t)}], "expression": True,
                         "limits": {"wall_s": 5.0, "cpu_s": 2}},
-                       f"```python\n{t}\n```")
+                       f"```python\n{t}\n```", f"```python\nprint({t})\n```")
 
 
 def _rlhf(r: random.Random) -> TinyExample:
