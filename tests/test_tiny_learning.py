@@ -139,20 +139,21 @@ def test_mopd_stage_pulls_each_domain_toward_its_teacher(tiny_sft, tmp_path_fact
 
 #: own-domain avg@4 gains (32 held-out prompts x 4 samples, temperature 1, seeded) that the full
 #: default tiny cascade must reach, per stage: start -> end measured on 2 CPU cores in brackets.
-#: Margins are about half the measured gain and above eval noise (standard error ~0.04); the
-#: stages left out are reported, see README: mopd (rlhf 0.40 -> 0.43, math 0.56 -> 0.48) and
-#: code_rl (0.92 -> 0.99, already near 1 at its start).
+#: Margins are about half the measured gain and well above eval noise (standard error ~0.04).
+#: Reported, not asserted (README): the rlhf stage (0.91 -> 0.84: MOPD had already distilled the
+#: side-branch teacher, 0.94) and MOPD's other domains (math 0.68 -> 0.46, teacher 0.63).
 CASCADE_GAINS = {
-    "rlhf_teacher": ("rlhf", 0.08),  # 0.45 -> 0.62
-    "if_rl": ("instruction_following", 0.12),  # 0.23 -> 0.48
-    "multi_domain_rl": ("structured_output", 0.05),  # 0.73 -> 0.85 (mcq 0.86 -> 0.95, tool_call 0.90 -> 0.96)
-    "rlhf": ("rlhf", 0.15),  # 0.43 -> 0.80
-    "long_context_rl": ("long_context", 0.25),  # 0.35 -> 0.89
-    "swe_rl": ("swe", 0.1),  # 0.23 -> 0.43
+    "rlhf_teacher": ("rlhf", 0.2),  # 0.49 -> 0.94
+    "if_rl": ("instruction_following", 0.12),  # 0.49 -> 0.76
+    "multi_domain_rl": ("structured_output", 0.1),  # 0.68 -> 0.91 (mcq 0.90 -> 0.96, tool_call 0.91 -> 0.88)
+    "mopd": ("rlhf", 0.25),  # 0.39 -> 0.91
+    "long_context_rl": ("long_context", 0.2),  # 0.39 -> 0.81
+    "code_rl": ("code", 0.12),  # 0.54 -> 0.82
+    "swe_rl": ("swe", 0.4),  # 0.01 -> 0.98
 }
 
 
-@pytest.mark.slow  # the full default tiny cascade: 17.4 min wall on 2 heavily shared cores (cold cache)
+@pytest.mark.slow  # the full default tiny cascade: 11.5 min wall on 2 idle cores (cold cache)
 def test_full_tiny_cascade(tmp_path):
     """``launch/run.py --stage=cascade`` with default settings: SFT leaves partial sampled scores
     (every domain's avg@4 strictly between 0 and 1), and the stages of
@@ -165,7 +166,7 @@ def test_full_tiny_cascade(tmp_path):
     reg = json.loads((cdir / "teachers.json").read_text())["checkpoints"]
     state = json.loads((cdir / "cascade_state.json").read_text())["stages"]
     sft = reg["sft"]["scores"]
-    assert all(0.0 < v < 1.0 for v in sft.values()), sft  # measured 0.23 (instruction_following) .. 0.95
+    assert all(0.0 < v < 1.0 for v in sft.values()), sft  # measured 0.48 (swe) .. 0.87 (mcq)
     for stage, (dom, margin) in CASCADE_GAINS.items():
         before = reg[state[stage]["start"]]["scores"][dom]
         after = reg[stage]["scores"][dom]

@@ -33,13 +33,14 @@ chance after 200 SFT steps given to those domains alone, and a two-argument tool
 The prompt words that matter stand last and the ranges are small.
 
 Near misses. SFT data distilled from a teacher follows the content but not always the verifier's
-format, and RL with the verifier removes such slips; that is most of what the paper's RL stages
-gain. The tiny domains that RL stages train on model this: for instruction following, MCQ, tool
-calling, structured output, long context and code each example has a ``near_miss`` -- the right content
-with a format slip that scores 0 (``Piano`` for capitals only, ``I like ...`` for lowercase only,
-``done.`` for "end with done", ``Answer: B or C``, a wrongly named tool parameter, ``{"n": "3"}``
-for an integer field, the code as a word, a ``print`` statement for an expression) -- and :data:`NEAR_MISS_RATE` of the SFT rows use it as
-the response. The tiny SFT stage then leaves partial scores that its RL stages can raise.
+format, and RL against the verifier removes such slips. The tiny domains that RL stages train on
+model this: for instruction following, MCQ, tool calling, structured output, long context and code
+each example has a ``near_miss``, the right content with a format slip that scores 0:
+``Piano`` for capitals only, ``I like ...`` for lowercase only, ``done.`` for "end with done",
+``Answer: B or C``, a wrongly named tool parameter, ``{"n": "3"}`` for an integer field, the
+needle's code as a word, a ``print`` statement for an expression. A share ``near_miss_rate``
+(default :data:`NEAR_MISS_RATE`; ``data.tiny_near_miss_rate`` in a run config) of the SFT rows
+answer with it, so the tiny SFT stage leaves partial scores that its RL stages can raise.
 
     examples = tiny_examples("code", n=64, seed=0)
     scores = make_scorer("code")([e.prompt for e in examples], responses,
@@ -99,7 +100,8 @@ def _if(r: random.Random) -> TinyExample:
                                                     "change_case:english_lowercase"],
                             "kwargs": [{"keywords": [w]}, {"num_words": 5, "relation": "less than"},
                                        {}]}, f"i like {w}", f"I like {w}")
-    return TinyExample(d.INSTRUCTION_FOLLOWING, f"End your reply with the word done, after saying {w}.",
+    return TinyExample(d.INSTRUCTION_FOLLOWING,
+                       f"End your reply with the word done, after saying {w}.",
                        {"instruction_id_list": ["keywords:existence", "startend:end_checker"],
                         "kwargs": [{"keywords": [w]}, {"end_phrase": "done"}]}, f"{w} done",
                        f"{w} done.")
