@@ -33,7 +33,7 @@ import mmap
 import os
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
@@ -250,14 +250,15 @@ class TinySource:
     prompts expect)."""
 
     def __init__(self, domains: Sequence[str], rows_per_domain: int, seed: int,
-                 thinking: bool = True, near_miss_rate: float = 0.3):
+                 thinking: bool = True, near_miss_rate: Optional[float] = None):
         from cascade_jax import domains as d
-        from cascade_jax.rewards.tiny import tiny_examples
+        from cascade_jax.rewards.tiny import NEAR_MISS_RATE, tiny_examples
 
+        rate = NEAR_MISS_RATE if near_miss_rate is None else near_miss_rate
         self._rows = []
         for dom in (domains or d.DOMAINS):
             for j, ex in enumerate(tiny_examples(d.check_domain(dom), n=rows_per_domain, seed=seed,
-                                                    near_miss_rate=near_miss_rate)):
+                                                    near_miss_rate=rate)):
                 row = {"prompt": ex.prompt, "response": ex.sft_response, "domain": ex.domain,
                        "metadata": ex.metadata}
                 if thinking:
@@ -274,7 +275,7 @@ class TinySource:
 
 
 def open_source(source, *, domains: Sequence[str] = (), tiny_rows_per_domain: int = 1024,
-                tiny_near_miss_rate: float = 0.3, seed: int = 0, thinking: bool = True):
+                tiny_near_miss_rate: Optional[float] = None, seed: int = 0, thinking: bool = True):
     """A random-access source for one ``DataSource`` config; errors if missing or empty, or if
     its field mapping names an unknown canonical field."""
     from cascade_jax.data.rows import CANONICAL_FIELDS
