@@ -6,6 +6,7 @@ import pathlib
 
 import pytest
 
+from cascade_jax.cascade import ledger as L
 from cascade_jax.cascade import study as S
 
 S_PATH = pathlib.Path(__file__).resolve().parents[1] / "launch" / "studies" / "mopd_vs_grpo.json"
@@ -122,3 +123,81 @@ def test_grpo_overrides_apply_to_grpo_runs_only():
     assert (m.rollout.n_samples, m.data.batch_prompts) == (base.rollout.n_samples, base.data.batch_prompts)
     assert m.optimizer == base.optimizer
     assert m.rollout.n_samples * m.data.batch_prompts == g.rollout.n_samples * g.data.batch_prompts
+
+
+# --------------------------------------------------------------------------------------------
+# The ledger: declared claims never move; every study and verdict stays on record.
+
+STUDIES = S_PATH.parent
+
+
+def test_every_shipped_study_is_declared_in_the_ledger_unchanged():
+    ledger = L.load_ledger()
+    files = sorted(p for p in STUDIES.glob("*.json") if p.name != L.LEDGER_PATH.name)
+    assert files, "no shipped study"
+    for path in files:
+        spec = S.load_spec(path)
+        entry = L.check_declared(spec, ledger)
+        assert entry is not None, f"{path.name}: not in the ledger"
+        assert entry["status"] == "active" and entry["file"] == path.name
+        assert S.spec_from_dict(entry["spec"], name=spec.name) == spec
+    active = {e["file"] for e in ledger.values() if e["status"] == "active"}
+    assert active == {p.name for p in files}
+
+
+def test_ledger_entries_are_consistent():
+    """Each entry's recorded fingerprint is that of its stored spec, every run judges exactly the
+    study's claims, and a superseded study names a study of the ledger."""
+    ledger = L.load_ledger()
+    for name, e in ledger.items():
+        spec = S.spec_from_dict(e["spec"], name=name)
+        assert L.fingerprint(spec) == e["fingerprint"], name
+        claims = {c.name for c in spec.claims}
+        for r in e["runs"]:
+            assert set(r["verdicts"]) == claims, (name, r["date"])
+            assert all(v["held"] in (True, False, None) for v in r["verdicts"].values())
+        if e["status"] == "superseded":
+            assert e["superseded_by"] in ledger
+
+
+def test_a_moved_claim_is_refused_before_anything_runs(tmp_path):
+    """The shipped study with one margin changed (or the steps it is judged at) keeps its name:
+    refused, and nothing is written; under a new name it is a new study and runs."""
+    d = json.loads(S_PATH.read_text())
+    moved = dict(d, claims=[dict(d["claims"][0], margin_steps=d["claims"][0]["margin_steps"] - 1)]
+                 + d["claims"][1:])
+    for variant in (moved, dict(d, steps=d["steps"] + 4)):
+        path = tmp_path / S_PATH.name
+        path.write_text(json.dumps(variant))
+        with pytest.raises(S.StudyError, match="mopd_vs_grpo.*differ from those declared in the study ledger"):
+            S.declare(tmp_path / "run", S.load_spec(path))
+        assert not (tmp_path / "run").exists()
+    renamed = tmp_path / "mopd_vs_grpo_fewer_steps.json"
+    renamed.write_text(json.dumps(moved))
+    S.declare(tmp_path / "run", S.load_spec(renamed))
+    assert (tmp_path / "run" / "claims.json").exists()
+    # formatting and key order do not change the fingerprint
+    path = tmp_path / S_PATH.name
+    path.write_text(json.dumps(dict(reversed(list(d.items()))), indent=None))
+    assert L.fingerprint(S.load_spec(path)) == L.fingerprint(S.load_spec(S_PATH))
+
+
+def test_report_lists_every_declared_study_with_failed_verdicts():
+    text = "\n".join(L.ledger_lines())
+    for name, e in L.load_ledger().items():
+        assert f"### `{name}` ({e['status']}" in text
+        for c in e["spec"]["claims"]:
+            assert f"`{c['name']}`" in text
+    assert "No run recorded." in text  # the first declaration, never run
+    assert text.count("NOT held") >= 5  # the failed verdicts stay in the report
+
+
+def test_malformed_ledger_is_an_error_naming_the_entry(tmp_path):
+    bad = tmp_path / "ledger.json"
+    bad.write_text(json.dumps({"studies": [{"name": "x", "status": "active"}]}))
+    with pytest.raises(L.LedgerError, match=r"studies\[0\]: missing 'spec'"):
+        L.load_ledger(bad)
+    bad.write_text(json.dumps({"studies": [{"name": "x", "status": "draft", "spec": {}, "fingerprint": "",
+                                            "runs": [], "declared": {}}]}))
+    with pytest.raises(L.LedgerError, match=r"studies\[0\]\.status: 'draft'"):
+        L.load_ledger(bad)

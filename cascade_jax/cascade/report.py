@@ -24,6 +24,7 @@ from typing import Optional
 import numpy as np
 
 from cascade_jax import domains as D
+from cascade_jax.cascade import ledger as L
 from cascade_jax.cascade import plan as P
 from cascade_jax.cascade import registry as R
 
@@ -272,7 +273,7 @@ def _study_section(plt, sres: dict, png: pathlib.Path) -> list[str]:
             lines.append(f"| {r['method']} | {r['domain']} | {r['start']:.3f} | {r['end']:.3f} | "
                          f"{r['change']:+.3f} |")
     lines += ["", f"![MOPD vs GRPO]({png.name})", ""]
-    return lines
+    return lines + L.ledger_lines()
 
 
 def write_study_report(study_dir) -> pathlib.Path:

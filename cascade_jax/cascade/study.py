@@ -30,6 +30,7 @@ import numpy as np
 
 from cascade_jax import config as C
 from cascade_jax import domains as D
+from cascade_jax.cascade import ledger as L
 
 __all__ = ["StudyError", "Claim", "StudySpec", "spec_from_dict", "load_spec", "declare",
            "first_reach", "seed_mean", "verdicts", "regressions", "method_config", "run_study"]
@@ -61,7 +62,9 @@ class StudySpec:
     ``teacher_policy``: as in :func:`registry.assign_teachers`; ``overrides``: ``--set`` values
     for both methods' stage configs; ``grpo_overrides``: ``--set`` values for the GRPO runs only,
     applied after ``overrides`` (GRPO needs groups of several samples per prompt where MOPD,
-    scoring every token against a teacher, spends the same samples on more prompts)."""
+    scoring every token against a teacher, spends the same samples on more prompts);
+    ``name``: the study's name in the ledger (:mod:`~cascade_jax.cascade.ledger`; a study file's
+    name is its stem), not part of its fingerprint."""
 
     claims: tuple
     start: str = "multi_domain_rl"
@@ -72,6 +75,7 @@ class StudySpec:
     teacher_policy: object = "paper"
     overrides: tuple = ()
     grpo_overrides: tuple = ()
+    name: str = ""
 
 
 def _claim(d: dict, i: int) -> Claim:
@@ -102,7 +106,8 @@ def _claim(d: dict, i: int) -> Claim:
     return Claim(**d)
 
 
-def spec_from_dict(d: dict) -> StudySpec:
+def spec_from_dict(d: dict, name: str = "") -> StudySpec:
+    """A validated :class:`StudySpec`; ``name`` applies unless ``d`` names the study itself."""
     if not isinstance(d, dict):
         raise StudyError("study config: expected an object")
     fields = {f.name for f in dataclasses.fields(StudySpec)}
@@ -110,13 +115,15 @@ def spec_from_dict(d: dict) -> StudySpec:
     if extra:
         raise StudyError(f"study config: unknown key(s) {', '.join(sorted(extra))}; valid: "
                          f"{', '.join(sorted(fields))}")
+    if "name" in d and not isinstance(d["name"], str):
+        raise StudyError(f"study config: name: expected a string, got {d['name']!r}")
     if not d.get("claims"):
         raise StudyError("study config: 'claims' must declare at least one claim before running")
     claims = tuple(_claim(c, i) for i, c in enumerate(d["claims"]))
     names = [c.name for c in claims]
     if len(set(names)) != len(names):
         raise StudyError("study config: claim names must be unique")
-    spec = StudySpec(**{**d, "claims": claims,
+    spec = StudySpec(**{"name": name, **d, "claims": claims,
                         **{k: tuple(d[k]) for k in ("domains", "seeds", "overrides", "grpo_overrides")
                            if k in d}})
     if len(spec.seeds) < 3:
@@ -135,13 +142,18 @@ def load_spec(path) -> StudySpec:
         d = json.loads(pathlib.Path(path).read_text())
     except json.JSONDecodeError as e:
         raise StudyError(f"{path}: not valid JSON ({e})") from None
-    return spec_from_dict(d)
+    return spec_from_dict(d, name=pathlib.Path(path).stem)
 
 
 def declare(study_dir, spec: StudySpec) -> dict:
     """Write ``claims.json`` (the claims and the settings they are judged under) before any run;
-    if it exists, it must be identical (else :class:`StudyError`)."""
+    if it exists, it must be identical (else :class:`StudyError`). A study the repository's ledger
+    declares must match its declaration there (:func:`ledger.check_declared`)."""
     study_dir = pathlib.Path(study_dir)
+    try:
+        L.check_declared(spec)
+    except L.LedgerError as e:
+        raise StudyError(str(e)) from None
     decl = {"claims": [dataclasses.asdict(c) for c in spec.claims], "start": spec.start,
             "steps": spec.steps, "eval_every": spec.eval_every, "seeds": list(spec.seeds),
             "domains": list(spec.domains)}
