@@ -27,7 +27,7 @@ from typing import Any, Literal, Optional, Sequence
 __all__ = [
     "ConfigError", "ModelSection", "MeshConfig", "A2A_MODES", "OptimizerConfig", "RolloutConfig",
     "DataSource", "DataConfig", "StageConfig", "RunConfig", "EvalConfig", "Config", "from_dict", "to_dict", "to_json",
-    "load", "apply_overrides", "replace_path",
+    "load", "apply_overrides", "replace_path", "migrate_dict",
 ]
 
 
@@ -112,18 +112,26 @@ class OptimizerConfig:
             raise ConfigError(f"optimizer.grad_accum: must be >= 1, got {self.grad_accum}")
 
 
-def _check_sampling(section: str, temperature: float, top_p: float, top_k: int, greedy: bool):
-    """Sampling settings: ``temperature > 0`` (or exactly 0 with ``greedy``), ``top_p`` in
-    (0, 1], ``top_k`` -1 (off) or >= 1."""
-    if greedy and temperature != 0:
-        raise ConfigError(f"{section}.temperature: must be 0 with {section}.greedy=true, got {temperature}")
-    if not greedy and not temperature > 0:
-        raise ConfigError(f"{section}.temperature: must be > 0 (or 0 with {section}.greedy=true for "
-                          f"argmax decoding), got {temperature}")
+def _check_sampling(section: str, temperature: float, top_p: float, top_k: int):
+    """Sampling settings: ``temperature >= 0`` (0 = greedy), ``top_p`` in (0, 1], ``top_k`` -1
+    (off) or >= 1."""
+    if not temperature >= 0:
+        raise ConfigError(f"{section}.temperature: must be >= 0 (0 = greedy, argmax decoding), "
+                          f"got {temperature}")
     if not 0.0 < top_p <= 1.0:
         raise ConfigError(f"{section}.top_p: must be in (0, 1], got {top_p}")
     if top_k == 0 or top_k < -1:
         raise ConfigError(f"{section}.top_k: must be -1 (off) or >= 1, got {top_k}")
+
+
+def _removed_greedy(section: str, value: Any) -> str:
+    """The migration message for the removed ``<section>.greedy`` switch."""
+    if value is True:
+        return (f"{section}.greedy: removed; temperature 0 means greedy: write "
+                f"\"{section}\": {{\"temperature\": 0}} (--set {section}.temperature=0) and drop "
+                f"{section}.greedy")
+    return (f"{section}.greedy: removed; {section}.temperature alone sets the sampling (0 = greedy): "
+            f"drop {section}.greedy")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,10 +165,9 @@ class RolloutConfig:
     n_samples: int = 16
     max_prompt_len: int = 1024
     max_response_len: int = 49152
-    temperature: float = 1.0
+    temperature: float = 1.0  # τ; 0 = greedy (argmax decoding)
     top_p: float = 1.0
     top_k: int = -1  # -1 = off
-    greedy: bool = False  # argmax decoding (then temperature must be 0)
     thinking: bool = True
     num_slots: int = 64
     steps_per_call: int = 16
@@ -196,7 +203,7 @@ class RolloutConfig:
             if not (isinstance(z, int) and not isinstance(z, bool) and 1 <= z <= self.num_slots):
                 raise ConfigError(f"rollout.prefill_sizes[{i}]: must be an integer in [1, rollout.num_slots="
                                   f"{self.num_slots}], got {z!r}")
-        _check_sampling("rollout", self.temperature, self.top_p, self.top_k, self.greedy)
+        _check_sampling("rollout", self.temperature, self.top_p, self.top_k)
         if self.engine in ("sglang", "jax_server") and not (self.server_url or self.server_urls):
             raise ConfigError(f"rollout.server_url: required (or rollout.server_urls) when rollout.engine is "
                               f"'{self.engine}'")
@@ -377,10 +384,9 @@ class EvalConfig:
     every: int = 0
     prompts: int = 16
     k: int = 4
-    temperature: float = 1.0
+    temperature: float = 1.0  # 0 = greedy
     top_p: float = 1.0
     top_k: int = -1
-    greedy: bool = False
     max_response_len: int = 0
     seed: int = 1234
 
@@ -392,7 +398,7 @@ class EvalConfig:
                 raise ConfigError(f"eval.{name}: must be >= 1, got {getattr(self, name)}")
         if self.max_response_len < 0:
             raise ConfigError(f"eval.max_response_len: must be >= 0, got {self.max_response_len}")
-        _check_sampling("eval", self.temperature, self.top_p, self.top_k, self.greedy)
+        _check_sampling("eval", self.temperature, self.top_p, self.top_k)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -413,6 +419,32 @@ class Config:
             raise ConfigError(f"data.sources: the built-in 'tiny' source is for the tiny preset; preset "
                               f"{self.model.preset!r} needs real data (set data.sources; configs/SOURCES.md "
                               f"lists the released datasets)")
+
+
+#: keys that were fields once: ``{section class: (section name, {key: message(section, value)})}``;
+#: a config that still sets one gets an error saying what to write instead
+_REMOVED_KEYS = {RolloutConfig: ("rollout", {"greedy": _removed_greedy}),
+                 EvalConfig: ("eval", {"greedy": _removed_greedy})}
+
+
+def _check_removed(cls, key: str, value: Any, path: str = "") -> None:
+    section, removed = _REMOVED_KEYS.get(cls, ("", {}))
+    if key in removed:
+        raise ConfigError(removed[key](path or section, value))
+
+
+def migrate_dict(d: dict) -> dict:
+    """A stored config dict (a run dir's ``run_config.json``) written by an older version, in
+    today's layout: the removed ``rollout.greedy`` / ``eval.greedy`` are dropped (lossless: with
+    ``greedy`` true the old validation already required ``temperature`` 0). A new dict."""
+    out = copy.deepcopy(d)
+    for section in ("rollout", "eval"):
+        sec = out.get(section)
+        if isinstance(sec, dict) and "greedy" in sec:
+            if sec["greedy"] and sec.get("temperature", 1.0) != 0:
+                continue  # not a config this code ever wrote: left for the comparison to refuse
+            del sec["greedy"]
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -489,6 +521,7 @@ def from_dict(cls, d: dict, *, _path: str = ""):
     kwargs = {}
     for key, value in d.items():
         path = f"{_path}.{key}" if _path else key
+        _check_removed(cls, key, value, _path)
         if key not in fields:
             raise ConfigError(
                 f"unknown key '{path}'; valid keys{' of ' + _path if _path else ''}: "
@@ -542,6 +575,8 @@ def replace_path(cfg, path: str, value: Any, *, _prefix: str = ""):
     head, _, rest = path.partition(".")
     full = f"{_prefix}{head}"
     names = [f.name for f in dataclasses.fields(cfg)]
+    if not rest:
+        _check_removed(type(cfg), head, value, _prefix[:-1])
     if head not in names:
         raise ConfigError(f"unknown key '{_prefix}{path}'; valid keys{' of ' + _prefix[:-1] if _prefix else ''}: "
                           f"{', '.join(names)}")

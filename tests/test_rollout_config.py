@@ -21,8 +21,8 @@ def test_make_jax_engine_and_sampling_params():
     assert (eng.num_slots, eng.max_len, eng.steps_per_call, eng.weight_version()) == (3, 32, 2, "2")
     sp = sampling_params(rc, stop_token_ids=[2], seed=7)
     assert (sp.n, sp.max_new_tokens, sp.top_k, sp.top_p, sp.stop_token_ids, sp.seed) == (4, 24, 5, 0.9, (2,), 7)
-    greedy = sampling_params(C.from_dict(C.RolloutConfig, {"greedy": True, "temperature": 0.0}))
-    assert greedy.temperature == 0.0
+    greedy = sampling_params(C.from_dict(C.RolloutConfig, {"temperature": 0.0}))
+    assert greedy.temperature == 0.0 and greedy.greedy and greedy.logprob_temperature == 1.0
     with pytest.raises(ValueError, match="model_cfg"):
         make_engine(rc)
 

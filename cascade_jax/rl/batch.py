@@ -15,6 +15,11 @@ Two row layouts share the same fields:
 
 ``segment_ids``: int32, ``>= 1`` on real tokens, ``0`` on padding; a new value starts a new
 sequence (attention/SSM state does not cross it).
+
+``RLBatch.sampling`` records the sampling contract the rollouts were drawn with
+(:class:`~cascade_jax.contract.sampling.SamplingParams` without seeds): a static pytree field
+(part of the tree structure, not a leaf), so the jitted steps read its temperature at trace time
+and refuse a batch sampled at another temperature than theirs.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cascade_jax.contract.sampling import SamplingParams
+
 __all__ = ["RLBatch", "SFTBatch", "FINISH_STOP", "FINISH_LENGTH", "FINISH_ABORT",
            "sequence_index", "num_sequences", "response_lengths", "pack_routed_experts"]
 
@@ -35,15 +42,22 @@ FINISH_LENGTH = 1  # truncated at the length limit ("overlong")
 FINISH_ABORT = 2  # aborted by the engine (should not normally reach the trainer)
 
 
+#: static (non-array) fields: part of the pytree structure, hashed into the jit cache key
+_META_FIELDS = ("sampling",)
+
+
 def _register(cls):
     fields = [f.name for f in dataclasses.fields(cls)]
-    return jax.tree_util.register_dataclass(cls, data_fields=fields, meta_fields=[])
+    meta = [f for f in fields if f in _META_FIELDS]
+    return jax.tree_util.register_dataclass(cls, data_fields=[f for f in fields if f not in meta],
+                                            meta_fields=meta)
 
 
 @_register
 @dataclasses.dataclass(frozen=True)
 class RLBatch:
-    """One optimiser batch of rollouts (a pytree; every field an array or ``None``).
+    """One optimiser batch of rollouts (a pytree; every field but ``sampling`` an array or
+    ``None``).
 
     Per token, ``[B, T]``:
       tokens        int32   prompt + response token ids (pad with any id, e.g. 0)
@@ -67,6 +81,11 @@ class RLBatch:
       domain_ids    int32   domain id (``cascade_jax.domains.domain_id``; routes the MOPD teacher)
       policy_version int32  optional: trainer step whose weights generated the response
                             (logged as the policy lag; strictly on-policy → lag 0)
+    Static (not a leaf):
+      sampling      the :class:`SamplingParams` (``seed=None``) the responses were drawn with;
+                    ``rollout_logp`` is ``log softmax(z / τ)[y]`` at its temperature ``τ``
+                    (``log softmax(z)[y]`` when ``τ = 0``). The packers and samplers always set
+                    it; ``None`` only in hand-built batches (then the step's contract applies).
     """
 
     tokens: jax.Array
@@ -83,6 +102,7 @@ class RLBatch:
     seq_index: Optional[jax.Array] = None
     policy_version: Optional[jax.Array] = None
     routed_experts: Optional[jax.Array] = None
+    sampling: Optional[SamplingParams] = None
 
     @property
     def shape(self):
