@@ -9,7 +9,8 @@ A run config is composed from sections::
 
     Config(model=..., mesh=..., optimizer=..., rollout=..., data=..., stage=..., run=...)
 
-and is built from JSON files (``load``), dicts (``from_dict``) and command-line overrides
+and is built from JSON files (``load``; a file may extend another with ``"base": "<file>"``, e.g.
+the tiny stages each extend ``configs/tiny/base.json``), dicts (``from_dict``) and command-line overrides
 (``apply_overrides(cfg, ["optimizer.lr=2e-6", "stage.steps=52"])``), and written back with
 ``to_json``. Values in overrides are parsed as JSON when possible (``1e-3``, ``true``,
 ``[1, 2]``, ``null``) and fall back to the raw string.
@@ -20,6 +21,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import os
 import types
 import typing
 from typing import Any, Literal, Optional, Sequence
@@ -27,7 +29,7 @@ from typing import Any, Literal, Optional, Sequence
 __all__ = [
     "ConfigError", "ModelSection", "MeshConfig", "A2A_MODES", "OptimizerConfig", "RolloutConfig",
     "DataSource", "DataConfig", "StageConfig", "RunConfig", "EvalConfig", "Config", "from_dict", "to_dict", "to_json",
-    "load", "apply_overrides", "replace_path", "migrate_dict",
+    "load", "load_dict", "merge", "apply_overrides", "replace_path", "migrate_dict",
 ]
 
 
@@ -552,14 +554,51 @@ def to_json(cfg, indent: int = 2) -> str:
     return json.dumps(to_dict(cfg), indent=indent, sort_keys=False)
 
 
-def load(path: str, cls=Config):
-    """Load a JSON config file (missing sections/fields keep their defaults)."""
+def merge(base: dict, diff: dict) -> dict:
+    """``diff`` laid over ``base``: mappings merge key by key (recursively), every other value
+    (numbers, strings, lists, ``null``) replaces the base's. New dicts; the inputs are kept."""
+    out = copy.deepcopy(base)
+    for k, v in diff.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+#: the key of a config file naming the file it extends
+BASE_KEY = "base"
+
+
+def load_dict(path: str, *, _chain: tuple = ()) -> dict:
+    """A JSON config file as a dict, composed: a top-level ``"base": "<file>"`` (a path relative
+    to this file's directory) names the config it extends; this file's values are laid over the
+    base's with :func:`merge` (bases may have bases). ``--print-config`` and ``run_config.json``
+    show the composed result. A missing file raises ``FileNotFoundError`` (its name); invalid
+    JSON, a non-string base or a loop of bases :class:`ConfigError`."""
+    real = os.path.realpath(path)
+    if real in _chain:
+        raise ConfigError(f"{path}: {BASE_KEY} chain loops back to this file")
     with open(path) as f:
         try:
             d = json.load(f)
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path}: not valid JSON ({e})") from None
-    return from_dict(cls, d)
+    if not isinstance(d, dict):
+        raise ConfigError(f"{path}: expected a JSON object, got {type(d).__name__}")
+    if BASE_KEY not in d:
+        return d
+    base = d.pop(BASE_KEY)
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"{path}: {BASE_KEY}: expected the path of a config file, got {base!r}")
+    base_path = os.path.join(os.path.dirname(path), base)
+    return merge(load_dict(base_path, _chain=_chain + (real,)), d)
+
+
+def load(path: str, cls=Config):
+    """Load a JSON config file, composed with its bases (:func:`load_dict`); missing sections
+    and fields keep their defaults."""
+    return from_dict(cls, load_dict(path))
 
 
 def parse_value(text: str) -> Any:
