@@ -1,21 +1,18 @@
 """Rollout config -> engine: make_engine builds the embedded engine with the config's slots,
 lengths and seed; sampling settings validated with errors naming the field."""
 
-import jax
-import jax.numpy as jnp
 import pytest
 
 from cascade_jax import config as C
 from cascade_jax.rollout import JaxEngine, RolloutEngine
 from cascade_jax.rollout.factory import make_engine, sampling_params
-from models import nemotron_h as nh
 
 
-def test_make_jax_engine_and_sampling_params():
+def test_make_jax_engine_and_sampling_params(tiny_cfg, tiny_params):
     rc = C.from_dict(C.RolloutConfig, {"num_slots": 3, "max_prompt_len": 8, "max_response_len": 24,
                                        "steps_per_call": 2, "n_samples": 4, "top_k": 5, "top_p": 0.9})
-    cfg = nh.preset("tiny", pattern="M*", vocab_size=32)
-    params = nh.init_params(cfg, jax.random.key(0), dtype=jnp.float32)
+    cfg = tiny_cfg(pattern="M*", vocab_size=32)
+    params = tiny_params(cfg)
     eng = make_engine(rc, model_cfg=cfg, params=params, weight_version="2", prompt_buckets=(8,))
     assert isinstance(eng, JaxEngine) and isinstance(eng, RolloutEngine)
     assert (eng.num_slots, eng.max_len, eng.steps_per_call, eng.weight_version()) == (3, 32, 2, "2")

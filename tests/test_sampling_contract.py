@@ -88,11 +88,11 @@ def test_reference_logprobs_at_the_batch_temperature_by_hand():
     np.testing.assert_allclose(np.asarray(lp)[0], [0.0] + HAND_TAU_HALF, atol=1e-6)
 
 
-def test_stage_reference_reads_the_batch_contract():
+def test_stage_reference_reads_the_batch_contract(tiny_cfg, tiny_params):
     """``Stage._ref_logp`` at the batch's τ = 0.5 equals ``log softmax(z / 0.5)`` of the full
     forward's logits (an independent path: no vocabulary chunking), fp32 to 1e-5."""
-    cfg = nh.preset("tiny", vocab_size=32, hidden_size=32, pattern="*-", intermediate_size=48)
-    params = nh.init_params(cfg, jax.random.key(0), dtype=jnp.float32)
+    cfg = tiny_cfg(vocab_size=32, hidden_size=32, pattern="*-", intermediate_size=48)
+    params = tiny_params(cfg)
     ro = toy_rollouts(0.5, response=(7, 9, 11, 2))
     batch = pack_rollouts(ro, [0.0], pad_multiple=8)
     host = types.SimpleNamespace(_ref_fn=None, ref_params=params,
@@ -127,8 +127,8 @@ def rl_batch(params, tau, record):
                       sampling=SamplingParams(temperature=tau) if record else None)
 
 
-def test_train_step_reads_the_contract_temperature():
-    params = nh.init_params(CFG, jax.random.key(1), dtype=jnp.float32)
+def test_train_step_reads_the_contract_temperature(tiny_params):
+    params = tiny_params(CFG, 1)
     state = rl.TrainState.create(params, optax.sgd(1e-3))
     contract = SamplingParams(temperature=0.7)
     batch = rl_batch(params, 0.7, record=True)
@@ -141,8 +141,8 @@ def test_train_step_reads_the_contract_temperature():
     assert float(m1["mismatch_abs_max"]) > 1e-2
 
 
-def test_train_steps_refuse_a_batch_sampled_at_another_temperature():
-    params = nh.init_params(CFG, jax.random.key(1), dtype=jnp.float32)
+def test_train_steps_refuse_a_batch_sampled_at_another_temperature(tiny_params):
+    params = tiny_params(CFG, 1)
     batch = rl_batch(params, 0.7, record=True)
     one = SamplingParams(temperature=1.0)
     msg = r"sampled at temperature 0.7 but the step computes log-probs at temperature 1.0"
@@ -153,12 +153,12 @@ def test_train_steps_refuse_a_batch_sampled_at_another_temperature():
             rl.make_train_step(obj, model_cfg=CFG, sampling=one)(None, batch)
 
 
-def test_packer_and_sampler_record_the_contract():
+def test_packer_and_sampler_record_the_contract(tiny_params):
     a, b = toy_rollouts(0.5), toy_rollouts(0.7)
     mixed = Rollouts(requests=a.requests + b.requests, groups=a.groups + b.groups)
     with pytest.raises(SamplingMismatchError, match="pack_rollouts"):
         pack_rollouts(mixed, [0.0, 0.0])
-    params = nh.init_params(CFG, jax.random.key(0), dtype=jnp.float32)
+    params = tiny_params(CFG)
     prompts = jax.random.randint(jax.random.key(1), (2, 3), 3, CFG.vocab_size)
     batch, _ = sample(params, prompts, CFG, rng=jax.random.key(2), max_new_tokens=3,
                       temperature=0.0, top_p=0.9, eos_id=2)
