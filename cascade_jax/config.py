@@ -242,7 +242,7 @@ class DataSource:
     ``format``: ``jsonl`` (plain or ``.gz``), ``parquet``, ``array_record`` (records are UTF-8
     JSON rows), ``tfds`` (a prepared TFDS dataset directory, ArrayRecord files, read without
     TensorFlow; ``split`` names the split), or ``tiny`` (the built-in tiny domains of
-    ``cascade_jax.rewards.tiny``).
+    ``cascade_jax.data.tiny``).
     ``fields``: canonical field -> key in the row (dotted paths reach nested keys), e.g.
     ``{"messages": "conversation", "domain": "env", "metadata.answer": "expected_answer"}``;
     unmapped canonical fields are read under their own name (see ``cascade_jax.data.rows``).
@@ -281,7 +281,7 @@ class DataConfig:
     file:line) or ``skip`` (counted). ``tokenizer``: directory with ``tokenizer.json`` (default:
     ``model.checkpoint``, else the tiny tokenizer). ``num_epochs``: ``None`` repeats forever.
     The built-in tiny source: ``tiny_rows_per_domain`` rows per domain, of which a share
-    ``tiny_near_miss_rate`` answer with the example's near miss (``cascade_jax.rewards.tiny``).
+    ``tiny_near_miss_rate`` answer with the example's near miss (``cascade_jax.data.tiny``).
     """
 
     sources: tuple[DataSource, ...] = (DataSource(format="tiny"),)

@@ -18,13 +18,11 @@ from typing import Any, Optional, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
+from cascade_jax.contract.batch import FINISH_REASONS
 from cascade_jax.contract.sampling import SamplingParams
 
 __all__ = ["FINISH_REASONS", "SamplingParams", "Request", "Sample", "Rollouts", "RolloutEngine",
            "RolloutError", "sample_seed"]
-
-#: SGLang's ``meta_info.finish_reason.type`` values, in the order of ``rl.batch.FINISH_*`` codes.
-FINISH_REASONS = ("stop", "length", "abort")
 
 
 class RolloutError(RuntimeError):
