@@ -22,6 +22,7 @@ import cascade_jax.rl as rl
 from cascade_jax import config as C
 from cascade_jax.contract import SamplingMismatchError, SamplingParams
 from cascade_jax.rollout import Request, Rollouts, Sample, sample
+from cascade_jax.rollout.client import ServedTeachers
 from cascade_jax.rollout.packing import pack_rollouts
 from cascade_jax.rollout.teachers import Teachers
 from cascade_jax.runner import build as B
@@ -73,6 +74,18 @@ def test_teacher_logprobs_at_the_rollout_temperature_by_hand():
     mixed = Rollouts(requests=a.requests + b.requests, groups=a.groups + b.groups)
     with pytest.raises(SamplingMismatchError, match=r"requests\[1\] was sampled at temperature 0.7"):
         teachers.score(mixed)
+
+
+def test_served_teachers_refuse_rollouts_sampled_at_another_temperature():
+    """Servers' prompt log-probs are at temperature 1 (docs/rollout-protocol.md §3): served
+    teachers refuse τ ≠ 1 before any request is sent (no server listens at the URL)."""
+    teachers = ServedTeachers({"math": "http://127.0.0.1:9"}, max_retries=0, timeout_s=1)
+    try:
+        with pytest.raises(SamplingMismatchError, match="servers score at temperature 1, the rollouts "
+                                                        "were sampled at temperature 0.5"):
+            teachers.score(toy_rollouts(0.5))
+    finally:
+        teachers.close()
 
 
 def toy_batch(temperature):
