@@ -9,7 +9,8 @@ A run config is composed from sections::
 
     Config(model=..., mesh=..., optimizer=..., rollout=..., data=..., stage=..., run=...)
 
-and is built from JSON files (``load``), dicts (``from_dict``) and command-line overrides
+and is built from JSON files (``load``; a file may extend another with ``"base": "<file>"``, e.g.
+the tiny stages each extend ``configs/tiny/base.json``), dicts (``from_dict``) and command-line overrides
 (``apply_overrides(cfg, ["optimizer.lr=2e-6", "stage.steps=52"])``), and written back with
 ``to_json``. Values in overrides are parsed as JSON when possible (``1e-3``, ``true``,
 ``[1, 2]``, ``null``) and fall back to the raw string.
@@ -20,6 +21,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import os
 import types
 import typing
 from typing import Any, Literal, Optional, Sequence
@@ -27,7 +29,7 @@ from typing import Any, Literal, Optional, Sequence
 __all__ = [
     "ConfigError", "ModelSection", "MeshConfig", "A2A_MODES", "OptimizerConfig", "RolloutConfig",
     "DataSource", "DataConfig", "StageConfig", "RunConfig", "EvalConfig", "Config", "from_dict", "to_dict", "to_json",
-    "load", "apply_overrides", "replace_path",
+    "load", "load_dict", "merge", "apply_overrides", "replace_path", "migrate_dict",
 ]
 
 
@@ -112,18 +114,26 @@ class OptimizerConfig:
             raise ConfigError(f"optimizer.grad_accum: must be >= 1, got {self.grad_accum}")
 
 
-def _check_sampling(section: str, temperature: float, top_p: float, top_k: int, greedy: bool):
-    """Sampling settings: ``temperature > 0`` (or exactly 0 with ``greedy``), ``top_p`` in
-    (0, 1], ``top_k`` -1 (off) or >= 1."""
-    if greedy and temperature != 0:
-        raise ConfigError(f"{section}.temperature: must be 0 with {section}.greedy=true, got {temperature}")
-    if not greedy and not temperature > 0:
-        raise ConfigError(f"{section}.temperature: must be > 0 (or 0 with {section}.greedy=true for "
-                          f"argmax decoding), got {temperature}")
+def _check_sampling(section: str, temperature: float, top_p: float, top_k: int):
+    """Sampling settings: ``temperature >= 0`` (0 = greedy), ``top_p`` in (0, 1], ``top_k`` -1
+    (off) or >= 1."""
+    if not temperature >= 0:
+        raise ConfigError(f"{section}.temperature: must be >= 0 (0 = greedy, argmax decoding), "
+                          f"got {temperature}")
     if not 0.0 < top_p <= 1.0:
         raise ConfigError(f"{section}.top_p: must be in (0, 1], got {top_p}")
     if top_k == 0 or top_k < -1:
         raise ConfigError(f"{section}.top_k: must be -1 (off) or >= 1, got {top_k}")
+
+
+def _removed_greedy(section: str, value: Any) -> str:
+    """The migration message for the removed ``<section>.greedy`` switch."""
+    if value is True:
+        return (f"{section}.greedy: removed; temperature 0 means greedy: write "
+                f"\"{section}\": {{\"temperature\": 0}} (--set {section}.temperature=0) and drop "
+                f"{section}.greedy")
+    return (f"{section}.greedy: removed; {section}.temperature alone sets the sampling (0 = greedy): "
+            f"drop {section}.greedy")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,10 +167,9 @@ class RolloutConfig:
     n_samples: int = 16
     max_prompt_len: int = 1024
     max_response_len: int = 49152
-    temperature: float = 1.0
+    temperature: float = 1.0  # τ; 0 = greedy (argmax decoding)
     top_p: float = 1.0
     top_k: int = -1  # -1 = off
-    greedy: bool = False  # argmax decoding (then temperature must be 0)
     thinking: bool = True
     num_slots: int = 64
     steps_per_call: int = 16
@@ -196,7 +205,7 @@ class RolloutConfig:
             if not (isinstance(z, int) and not isinstance(z, bool) and 1 <= z <= self.num_slots):
                 raise ConfigError(f"rollout.prefill_sizes[{i}]: must be an integer in [1, rollout.num_slots="
                                   f"{self.num_slots}], got {z!r}")
-        _check_sampling("rollout", self.temperature, self.top_p, self.top_k, self.greedy)
+        _check_sampling("rollout", self.temperature, self.top_p, self.top_k)
         if self.engine in ("sglang", "jax_server") and not (self.server_url or self.server_urls):
             raise ConfigError(f"rollout.server_url: required (or rollout.server_urls) when rollout.engine is "
                               f"'{self.engine}'")
@@ -233,7 +242,7 @@ class DataSource:
     ``format``: ``jsonl`` (plain or ``.gz``), ``parquet``, ``array_record`` (records are UTF-8
     JSON rows), ``tfds`` (a prepared TFDS dataset directory, ArrayRecord files, read without
     TensorFlow; ``split`` names the split), or ``tiny`` (the built-in tiny domains of
-    ``cascade_jax.rewards.tiny``).
+    ``cascade_jax.data.tiny``).
     ``fields``: canonical field -> key in the row (dotted paths reach nested keys), e.g.
     ``{"messages": "conversation", "domain": "env", "metadata.answer": "expected_answer"}``;
     unmapped canonical fields are read under their own name (see ``cascade_jax.data.rows``).
@@ -272,7 +281,7 @@ class DataConfig:
     file:line) or ``skip`` (counted). ``tokenizer``: directory with ``tokenizer.json`` (default:
     ``model.checkpoint``, else the tiny tokenizer). ``num_epochs``: ``None`` repeats forever.
     The built-in tiny source: ``tiny_rows_per_domain`` rows per domain, of which a share
-    ``tiny_near_miss_rate`` answer with the example's near miss (``cascade_jax.rewards.tiny``).
+    ``tiny_near_miss_rate`` answer with the example's near miss (``cascade_jax.data.tiny``).
     """
 
     sources: tuple[DataSource, ...] = (DataSource(format="tiny"),)
@@ -377,10 +386,9 @@ class EvalConfig:
     every: int = 0
     prompts: int = 16
     k: int = 4
-    temperature: float = 1.0
+    temperature: float = 1.0  # 0 = greedy
     top_p: float = 1.0
     top_k: int = -1
-    greedy: bool = False
     max_response_len: int = 0
     seed: int = 1234
 
@@ -392,7 +400,7 @@ class EvalConfig:
                 raise ConfigError(f"eval.{name}: must be >= 1, got {getattr(self, name)}")
         if self.max_response_len < 0:
             raise ConfigError(f"eval.max_response_len: must be >= 0, got {self.max_response_len}")
-        _check_sampling("eval", self.temperature, self.top_p, self.top_k, self.greedy)
+        _check_sampling("eval", self.temperature, self.top_p, self.top_k)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -413,6 +421,32 @@ class Config:
             raise ConfigError(f"data.sources: the built-in 'tiny' source is for the tiny preset; preset "
                               f"{self.model.preset!r} needs real data (set data.sources; configs/SOURCES.md "
                               f"lists the released datasets)")
+
+
+#: keys that were fields once: ``{section class: (section name, {key: message(section, value)})}``;
+#: a config that still sets one gets an error saying what to write instead
+_REMOVED_KEYS = {RolloutConfig: ("rollout", {"greedy": _removed_greedy}),
+                 EvalConfig: ("eval", {"greedy": _removed_greedy})}
+
+
+def _check_removed(cls, key: str, value: Any, path: str = "") -> None:
+    section, removed = _REMOVED_KEYS.get(cls, ("", {}))
+    if key in removed:
+        raise ConfigError(removed[key](path or section, value))
+
+
+def migrate_dict(d: dict) -> dict:
+    """A stored config dict (a run dir's ``run_config.json``) written by an older version, in
+    today's layout: the removed ``rollout.greedy`` / ``eval.greedy`` are dropped (lossless: with
+    ``greedy`` true the old validation already required ``temperature`` 0). A new dict."""
+    out = copy.deepcopy(d)
+    for section in ("rollout", "eval"):
+        sec = out.get(section)
+        if isinstance(sec, dict) and "greedy" in sec:
+            if sec["greedy"] and sec.get("temperature", 1.0) != 0:
+                continue  # not a config this code ever wrote: left for the comparison to refuse
+            del sec["greedy"]
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -489,6 +523,7 @@ def from_dict(cls, d: dict, *, _path: str = ""):
     kwargs = {}
     for key, value in d.items():
         path = f"{_path}.{key}" if _path else key
+        _check_removed(cls, key, value, _path)
         if key not in fields:
             raise ConfigError(
                 f"unknown key '{path}'; valid keys{' of ' + _path if _path else ''}: "
@@ -519,14 +554,51 @@ def to_json(cfg, indent: int = 2) -> str:
     return json.dumps(to_dict(cfg), indent=indent, sort_keys=False)
 
 
-def load(path: str, cls=Config):
-    """Load a JSON config file (missing sections/fields keep their defaults)."""
+def merge(base: dict, diff: dict) -> dict:
+    """``diff`` laid over ``base``: mappings merge key by key (recursively), every other value
+    (numbers, strings, lists, ``null``) replaces the base's. New dicts; the inputs are kept."""
+    out = copy.deepcopy(base)
+    for k, v in diff.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+#: the key of a config file naming the file it extends
+BASE_KEY = "base"
+
+
+def load_dict(path: str, *, _chain: tuple = ()) -> dict:
+    """A JSON config file as a dict, composed: a top-level ``"base": "<file>"`` (a path relative
+    to this file's directory) names the config it extends; this file's values are laid over the
+    base's with :func:`merge` (bases may have bases). ``--print-config`` and ``run_config.json``
+    show the composed result. A missing file raises ``FileNotFoundError`` (its name); invalid
+    JSON, a non-string base or a loop of bases :class:`ConfigError`."""
+    real = os.path.realpath(path)
+    if real in _chain:
+        raise ConfigError(f"{path}: {BASE_KEY} chain loops back to this file")
     with open(path) as f:
         try:
             d = json.load(f)
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path}: not valid JSON ({e})") from None
-    return from_dict(cls, d)
+    if not isinstance(d, dict):
+        raise ConfigError(f"{path}: expected a JSON object, got {type(d).__name__}")
+    if BASE_KEY not in d:
+        return d
+    base = d.pop(BASE_KEY)
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"{path}: {BASE_KEY}: expected the path of a config file, got {base!r}")
+    base_path = os.path.join(os.path.dirname(path), base)
+    return merge(load_dict(base_path, _chain=_chain + (real,)), d)
+
+
+def load(path: str, cls=Config):
+    """Load a JSON config file, composed with its bases (:func:`load_dict`); missing sections
+    and fields keep their defaults."""
+    return from_dict(cls, load_dict(path))
 
 
 def parse_value(text: str) -> Any:
@@ -542,6 +614,8 @@ def replace_path(cfg, path: str, value: Any, *, _prefix: str = ""):
     head, _, rest = path.partition(".")
     full = f"{_prefix}{head}"
     names = [f.name for f in dataclasses.fields(cfg)]
+    if not rest:
+        _check_removed(type(cfg), head, value, _prefix[:-1])
     if head not in names:
         raise ConfigError(f"unknown key '{_prefix}{path}'; valid keys{' of ' + _prefix[:-1] if _prefix else ''}: "
                           f"{', '.join(names)}")

@@ -78,7 +78,7 @@ def resolve(args) -> tuple[C.Config, pathlib.Path | None]:
         if getattr(args, flag) is not None:
             sets.append((key, getattr(args, flag)))
     if args.greedy:
-        sets += [("eval.temperature", 0.0), ("eval.greedy", True)]
+        sets += [("eval.temperature", 0.0)]
     if args.thinking:
         sets.append(("rollout.thinking", args.thinking == "on"))
     # one validation pass over the final values (a single field may be invalid on its own)

@@ -125,8 +125,7 @@ def run_demo(cfg: C.Config, out_dir: pathlib.Path) -> dict:
     lengths = jnp.repeat(jnp.arange(n_prompts) % r.max_prompt_len // 2 + r.max_prompt_len // 2 + 1,
                          r.n_samples)
     kw = dict(rng=jax.random.key(cfg.run.seed + 1), max_new_tokens=r.max_response_len,
-              prompt_lengths=lengths, temperature=r.temperature if not r.greedy else 1.0,
-              top_p=r.top_p, top_k=r.top_k, greedy=r.greedy)
+              prompt_lengths=lengths, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k)
     t0 = time.perf_counter()
     batch, responses = jax.block_until_ready(sample(params, prompts, mcfg, **kw))
     compile_s = time.perf_counter() - t0

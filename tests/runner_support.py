@@ -17,6 +17,11 @@ _CACHE: dict = {}
 ROLLOUT = {"n_samples": 4, "max_prompt_len": 64, "max_response_len": 24, "thinking": True}
 
 
+def tiny_stage_model() -> dict:
+    """The tiny stages' ``model`` section (one home: ``configs/tiny/base.json``)."""
+    return json.loads((ROOT / "configs" / "tiny" / "base.json").read_text())["model"]
+
+
 def write_config(path: pathlib.Path, objective: str, run_dir: pathlib.Path, *, steps: int,
                  domains=("structured_output",), **sections) -> pathlib.Path:
     """A tiny-preset stage config at ``path``; ``sections`` update the defaults per section."""

@@ -1,10 +1,17 @@
-"""Run-config system: validation names the bad field, overrides, JSON round trip."""
+"""Run-config system: validation names the bad field, overrides, JSON round trip, composition
+from a base (the tiny stages compose to exactly their values from before the base existed)."""
 
+import dataclasses
 import json
+import pathlib
 
 import pytest
 
+import configs
 from cascade_jax import config as C
+from launch import run as R
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def test_defaults_and_json_round_trip(tmp_path):
@@ -57,7 +64,7 @@ def test_overrides_parse_json_values():
 
 def test_configs_are_immutable_and_hashable_sections():
     cfg = C.Config()
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError, match="cannot assign to field 'lr'"):
         cfg.optimizer.lr = 1.0  # frozen
     assert hash(cfg.optimizer) == hash(C.OptimizerConfig())
     # sections with mapping fields hash by value too (configs can be static jit arguments)
@@ -74,8 +81,7 @@ def test_cross_field_validation():
 
 
 def test_shipped_configs_load():
-    import pathlib
-    root = pathlib.Path(__file__).resolve().parents[1] / "configs"
+    root = REPO / "configs"
     files = sorted(root.glob("*.json"))
     assert files, "configs/ must ship at least one launch config"
     for f in files:
@@ -102,3 +108,48 @@ def test_overrides_are_validated_together_in_any_order():
         C.apply_overrides(C.Config(), ["rollout.enginez=jax"])
     with pytest.raises(C.ConfigError, match="'optimizer.lr' is a value, not a section"):
         C.apply_overrides(C.Config(), ["optimizer.lr.x=1"])
+
+
+def test_tiny_stages_compose_to_their_values_before_the_base():
+    """Every ``configs/tiny/<stage>.json`` is a diff over ``tiny/base.json``; composed, each
+    equals the stand-alone file it replaced (``fixtures/...``: ``to_dict`` of every tiny stage
+    captured before the base existed, with the since-removed ``greedy: false``)."""
+    before = json.loads((REPO / "tests" / "fixtures" / "tiny_stages_composed_before_base.json").read_text())
+    tiny = [n for n in configs.stage_names() if n.startswith("tiny/")]
+    assert sorted(tiny) == sorted(before) and "tiny/base" not in tiny
+    for name in tiny:
+        want = before[name]
+        for section in ("rollout", "eval"):
+            assert want[section].pop("greedy") is False
+        assert C.to_dict(C.load(str(configs.stage_path(name)))) == want, name
+        assert "base" in json.loads(configs.stage_path(name).read_text())  # really a diff
+
+
+def test_base_composition(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b0.json").write_text(json.dumps(
+        {"optimizer": {"lr": 0.1, "b2": 0.9}, "data": {"domains": ["math", "mcq"]},
+         "model": {"overrides": {"hidden_size": 64, "head_dim": 16}}}))
+    (tmp_path / "sub" / "b1.json").write_text(json.dumps({"base": "b0.json", "optimizer": {"lr": 0.2}}))
+    (tmp_path / "run.json").write_text(json.dumps(
+        {"base": "sub/b1.json", "data": {"domains": ["code"]}, "model": {"overrides": {"head_dim": 32}}}))
+    cfg = C.load(str(tmp_path / "run.json"))
+    assert (cfg.optimizer.lr, cfg.optimizer.b2) == (0.2, 0.9)  # mappings merge key by key
+    assert cfg.data.domains == ("code",)  # lists replace
+    assert cfg.model.overrides == {"hidden_size": 64, "head_dim": 32}
+    (tmp_path / "loop.json").write_text(json.dumps({"base": "loop.json"}))
+    with pytest.raises(C.ConfigError, match="base chain loops back"):
+        C.load(str(tmp_path / "loop.json"))
+    (tmp_path / "bad.json").write_text(json.dumps({"base": 3}))
+    with pytest.raises(C.ConfigError, match="base: expected the path of a config file, got 3"):
+        C.load(str(tmp_path / "bad.json"))
+    (tmp_path / "gone.json").write_text(json.dumps({"base": "nope.json"}))
+    with pytest.raises(FileNotFoundError, match="nope.json"):
+        C.load(str(tmp_path / "gone.json"))
+
+
+def test_print_config_shows_the_composed_stage(capsys):
+    assert R.main(["--stage=tiny/mopd", "--print-config"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert "base" not in shown and shown == C.to_dict(C.load(str(configs.stage_path("tiny/mopd"))))
+    assert shown["model"]["overrides"] == {"hidden_size": 128, "head_dim": 32}  # from the base

@@ -15,7 +15,7 @@ from cascade_jax import domains as D
 from cascade_jax.data import DataError, prompt_batches, render_chat, tiny_tokenizer
 from cascade_jax.data.convert import write_jsonl
 from cascade_jax.rewards import make_scorer
-from cascade_jax.rewards.tiny import tiny_examples
+from cascade_jax.data.tiny import tiny_examples
 from tests.oracle_util import REPO
 
 TOK = tiny_tokenizer()

@@ -16,7 +16,7 @@ from cascade_jax.data import packing
 from cascade_jax.data.convert import write_array_record, write_jsonl, write_parquet, write_tfds
 from cascade_jax.data.sft import Example, example_dataset
 from cascade_jax.domains import DOMAINS
-from cascade_jax.rewards.tiny import tiny_examples
+from cascade_jax.data.tiny import tiny_examples
 from tests.oracle_util import REPO
 from tests.test_data_chat import ADD_TOOL
 

@@ -12,7 +12,7 @@ from cascade_jax.data import (TINY_VOCAB_SIZE, TokenizerError, load_tokenizer, s
                               tiny_tokenizer, tokenizer_for, write_tiny_tokenizer)
 from cascade_jax.data.tokenizer import TINY_CONTROL_TOKENS, TINY_SPECIAL_TOKENS, build_tiny_tokenizer
 from cascade_jax.domains import DOMAINS
-from cascade_jax.rewards.tiny import tiny_examples
+from cascade_jax.data.tiny import tiny_examples
 from models.nemotron_h import preset
 
 TOK = tiny_tokenizer()

@@ -119,7 +119,7 @@ def test_train_steps_report_expert_load():
             assert float(m[k]) == pytest.approx(want[k], rel=1e-5, abs=1e-6), (objective, accum, k)
 
 
-def test_runner_metrics_carry_expert_load(tmp_path):
+def test_runner_metrics_carry_expert_load(tmp_path, tiny_cfg):
     from cascade_jax import config as C
     from cascade_jax.runner import run_stage
 
@@ -138,6 +138,6 @@ def test_runner_metrics_carry_expert_load(tmp_path):
     steps = [r for r in rows if "loss" in r]
     assert len(steps) == 1
     m = steps[0]
-    n_exp = nh.preset("tiny").n_routed_experts
+    n_exp = tiny_cfg().n_routed_experts
     assert 1.0 <= m["moe/load_max_over_mean"] <= m["moe/load_max_over_mean_worst"] <= n_exp
     assert 0.0 <= m["moe/dead_experts"] < 1.0 and m["moe/load_cv"] >= 0.0

@@ -1,20 +1,16 @@
 """The entry point: demo end to end, config errors exit 2 naming the key."""
 
 import json
-import subprocess
-import sys
-import pathlib
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+import pytest
 
 
-def _run(*args):
-    return subprocess.run([sys.executable, str(ROOT / "launch" / "run.py"), *args],
-                          capture_output=True, text=True, timeout=300,
-                          env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"})
+@pytest.fixture
+def _run(launch_run):
+    return lambda *args: launch_run(*args, timeout=300)
 
 
-def test_demo_runs(tmp_path):
+def test_demo_runs(tmp_path, _run):
     r = _run("--stage=demo", f"--set=run.out_dir={tmp_path}", "--set=rollout.max_response_len=6",
              "--set=rollout.n_samples=2")
     assert r.returncode == 0, r.stderr
@@ -24,7 +20,7 @@ def test_demo_runs(tmp_path):
     assert json.loads((tmp_path / "run_config.json").read_text())["rollout"]["n_samples"] == 2
 
 
-def test_bad_key_and_stage():
+def test_bad_key_and_stage(_run):
     r = _run("--stage=mopd", "--set=optimizer.lrr=1", "--print-config")
     assert r.returncode == 2 and "optimizer.lrr" in r.stderr and "warmup_steps" in r.stderr
     r = _run("--stage=demo", "--set=model.overrides.hiden_size=8")
@@ -33,7 +29,7 @@ def test_bad_key_and_stage():
     assert r.returncode == 2 and "valid stages" in r.stderr and "mopd" in r.stderr
 
 
-def test_print_config():
+def test_print_config(_run):
     r = _run("--stage=mopd", "--set=stage.steps=40", "--print-config")
     assert r.returncode == 0, r.stderr
     cfg = json.loads(r.stdout)

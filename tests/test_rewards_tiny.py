@@ -6,7 +6,7 @@ import pytest
 
 from cascade_jax.domains import DOMAINS, RLHF
 from cascade_jax.rewards import make_scorer
-from cascade_jax.rewards.tiny import GENERATORS, NEAR_MISS_RATE, tiny_examples
+from cascade_jax.data.tiny import GENERATORS, NEAR_MISS_RATE, tiny_examples
 
 
 def test_every_domain_has_a_tiny_environment():

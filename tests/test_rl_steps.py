@@ -311,9 +311,9 @@ def test_sampler_logprobs_match_trainer():
     for b in range(4):  # prompt kept, response right after it
         np.testing.assert_array_equal(batch.tokens[b, :int(lengths[b])], prompts[b, :int(lengths[b])])
     g, _ = sample(params, prompts, CFG, rng=jax.random.key(4), max_new_tokens=6,
-                  prompt_lengths=lengths, temperature=0.8, eos_id=2, greedy=True)
+                  prompt_lengths=lengths, temperature=0.0, eos_id=2)
     g2, _ = sample(params, prompts, CFG, rng=jax.random.key(5), max_new_tokens=6,
-                   prompt_lengths=lengths, temperature=0.8, eos_id=2, greedy=True)
+                   prompt_lengths=lengths, temperature=0.0, eos_id=2)
     np.testing.assert_array_equal(g.tokens, g2.tokens)  # greedy ignores the key
     # greedy (τ = 0) picks the mode: its log-prob is the max of the unscaled log-softmax
     full = jax.nn.log_softmax(nh.forward(params, g.tokens, CFG, segment_ids=g.segment_ids), -1)

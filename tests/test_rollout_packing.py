@@ -3,7 +3,6 @@ hand; both layouts give the same trainer log-probs per response token (fp32, 1e-
 log-probs are ``None`` unless given; bad inputs name the field; the mismatch helper."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -12,7 +11,6 @@ from cascade_jax import domains
 from cascade_jax.rollout import Request, Rollouts, Sample, SamplingParams
 from cascade_jax.rollout.mismatch import logprob_mismatch
 from cascade_jax.rollout.packing import pack_rollouts
-from models import nemotron_h as nh
 
 
 def S(prompt, resp, lp, reason="stop", version="5"):
@@ -65,9 +63,9 @@ def test_packed_layout_by_hand_with_teacher():
     np.testing.assert_allclose(rl.response_lengths(b), [2, 1, 3])
 
 
-def test_layouts_agree_under_the_trainer():
-    cfg = nh.preset("tiny", pattern="M*", vocab_size=16)
-    params = nh.init_params(cfg, jax.random.key(0), dtype=jnp.float32)
+def test_layouts_agree_under_the_trainer(tiny_cfg, tiny_params):
+    cfg = tiny_cfg(pattern="M*", vocab_size=16)
+    params = tiny_params(cfg)
     ro = rollouts()
     padded = pack_rollouts(ro, np.zeros(3), pad_multiple=8)
     packed = pack_rollouts(ro, np.zeros(3), layout="packed", seq_len=16)

@@ -14,7 +14,6 @@ import pytest
 
 import cascade_jax.rl as rl
 from cascade_jax.rollout import sample, sample_tokens, support_mask
-from models import nemotron_h as nh
 
 
 def np_log_softmax(z):
@@ -110,9 +109,9 @@ def test_row_independent_of_batch_companions():
         assert float(alone[1][0]) == float(mixed[1][0])
 
 
-def test_fixed_batch_sampler_has_no_teacher_logp_and_mopd_refuses_it():
-    cfg = nh.preset("tiny", vocab_size=32, hidden_size=32, pattern="*-", intermediate_size=48)
-    params = nh.init_params(cfg, jax.random.key(0), dtype=jnp.float32)
+def test_fixed_batch_sampler_has_no_teacher_logp_and_mopd_refuses_it(tiny_cfg, tiny_params):
+    cfg = tiny_cfg(vocab_size=32, hidden_size=32, pattern="*-", intermediate_size=48)
+    params = tiny_params(cfg)
     prompts = jax.random.randint(jax.random.key(1), (2, 3), 3, cfg.vocab_size)
     batch, _ = sample(params, prompts, cfg, rng=jax.random.key(2), max_new_tokens=3, top_p=0.9,
                       top_k=8)

@@ -21,16 +21,16 @@ import sys
 
 import pytest
 
-from tests.runner_support import metrics, run_cli
+from tests.runner_support import metrics, tiny_stage_model
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def test_tiny_sft_stage_lowers_heldout_loss(tmp_path_factory):
+def test_tiny_sft_stage_lowers_heldout_loss(tmp_path_factory, launch_run):
     """Held-out loss of the packaged tiny SFT config, 24 steps of 4 rows x 256 tokens: it must
     fall below 20% of its initial value (measured: 6.306 -> 0.314 on 2 CPU cores)."""
     d = tmp_path_factory.mktemp("sft")
-    r = run_cli(tmp_path_factory, "--stage=tiny/sft", f"--run-dir={d / 'run'}",
+    r = launch_run("--stage=tiny/sft", f"--run-dir={d / 'run'}",
                 "--set=stage.steps=24", "--set=optimizer.decay_steps=24", "--set=eval.every=24",
                 "--set=data.batch_rows=4", "--set=data.seq_len=256", "--set=eval.prompts=8")
     assert r.returncode == 0, r.stderr[-3000:]
@@ -43,8 +43,7 @@ def test_tiny_sft_stage_lowers_heldout_loss(tmp_path_factory):
 def _tiny_cfg(tmp, name, objective, steps, **sections):
     from cascade_jax import config as C
 
-    d = {"model": {"preset": "tiny", "dtype": "float32",
-                   "overrides": {"hidden_size": 128, "head_dim": 32}},  # the tiny stages' model
+    d = {"model": tiny_stage_model(),
          "rollout": {"n_samples": 8, "max_prompt_len": 48, "max_response_len": 16,
                      "thinking": False},
          "data": {"domains": ["structured_output"], "batch_prompts": 16, "batch_rows": 4,
@@ -96,7 +95,7 @@ def test_grpo_stage_raises_its_domain_score(tiny_sft, tmp_path):
     assert ev[20] - ev[0] >= 0.02, ev
 
 
-def test_mopd_stage_pulls_each_domain_toward_its_teacher(tiny_sft, tmp_path_factory):
+def test_mopd_stage_pulls_each_domain_toward_its_teacher(tiny_sft, tmp_path_factory, launch_run):
     """``launch/run.py`` MOPD with two teacher checkpoints: the student is :func:`tiny_sft` at
     step 20, structured_output's teacher the step-60 export and math's the step-40 one. Over
     12 steps (16 prompts x 2 samples, lr 5e-4) the student ends close to each domain's teacher
@@ -122,7 +121,7 @@ def test_mopd_stage_pulls_each_domain_toward_its_teacher(tiny_sft, tmp_path_fact
                     stage={"teachers": teachers, "is_correction": "icepop"},
                     run={"out_dir": str(d / "run")})
     (d / "mopd.json").write_text(C.to_json(cfg))
-    r = run_cli(tmp_path_factory, f"--config={d / 'mopd.json'}")
+    r = launch_run(f"--config={d / 'mopd.json'}")
     assert r.returncode == 0, r.stderr[-3000:]
     rows = metrics(d / "run")
     ev = {m["step"]: m for m in rows if any(k.startswith("eval/") for k in m)}
@@ -160,13 +159,11 @@ CASCADE_GAINS = {
 
 
 @pytest.fixture(scope="module")
-def full_cascade(tmp_path_factory):
+def full_cascade(tmp_path_factory, launch_run):
     """The full default tiny cascade (``launch/run.py --stage=cascade``): 11.5 min wall on 2 idle
     cores from a cold compilation cache."""
     cdir = tmp_path_factory.mktemp("full") / "cascade"
-    r = subprocess.run([sys.executable, str(ROOT / "launch" / "run.py"), "--stage=cascade",
-                        f"--run-dir={cdir}", "--no-progress"], capture_output=True, text=True,
-                       env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=3600)
+    r = launch_run("--stage=cascade", f"--run-dir={cdir}", timeout=3600)
     assert r.returncode == 0, r.stderr[-3000:]
     return cdir
 

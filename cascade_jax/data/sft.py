@@ -186,7 +186,7 @@ class SFTIterator:
         return self
 
     def __next__(self):
-        from cascade_jax.rl.batch import SFTBatch
+        from cascade_jax.contract.batch import SFTBatch
 
         rows, n_examples = [], 0
         for _ in range(self.rows):

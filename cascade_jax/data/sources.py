@@ -16,7 +16,7 @@ not parse (reported or skipped downstream, per ``data.on_bad_row``).
   Decoded features are the row (bytes -> str, arrays -> lists); a dataset whose only feature is
   a text ``json`` holds the row as JSON text (what :func:`cascade_jax.data.convert.write_tfds`
   writes).
-* tiny: the built-in tiny domains (``cascade_jax.rewards.tiny``), ``tiny_rows_per_domain`` rows
+* tiny: the built-in tiny domains (``cascade_jax.data.tiny``), ``tiny_rows_per_domain`` rows
   per domain, as ``{"prompt", "response", "domain", "metadata", "tools"}`` rows.
 
 A missing path, a glob matching nothing, or a source with no rows is a :class:`DataError` when
@@ -244,7 +244,7 @@ TINY_REASONING = "I know the answer."
 
 class TinySource:
     """The tiny domains as rows (``prompt``, ``response`` = the example's ``sft_response``: the
-    reference, or in some rows its near miss, see :mod:`cascade_jax.rewards.tiny`; ``domain``,
+    reference, or in some rows its near miss, see :mod:`cascade_jax.data.tiny`; ``domain``,
     ``metadata``, ``tools`` = [square] for ``tool_call``, and with ``thinking`` the ``reasoning``
     :data:`TINY_REASONING`; without, SFT renders ``<think></think>answer`` as non-thinking RL
     prompts expect)."""
@@ -252,7 +252,7 @@ class TinySource:
     def __init__(self, domains: Sequence[str], rows_per_domain: int, seed: int,
                  thinking: bool = True, near_miss_rate: Optional[float] = None):
         from cascade_jax import domains as d
-        from cascade_jax.rewards.tiny import NEAR_MISS_RATE, tiny_examples
+        from cascade_jax.data.tiny import NEAR_MISS_RATE, tiny_examples
 
         rate = NEAR_MISS_RATE if near_miss_rate is None else near_miss_rate
         self._rows = []

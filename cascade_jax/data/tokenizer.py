@@ -10,7 +10,7 @@ it wins, as transformers 5 writes it). :func:`load_tokenizer` reads both without
     tok = load_tokenizer(out_dir)
 
 The tiny preset has no released tokenizer; :func:`tiny_tokenizer` builds one reproducibly: a
-byte-level BPE trained with ``tokenizers`` on the tiny domains' text (``cascade_jax.rewards.tiny``),
+byte-level BPE trained with ``tokenizers`` on the tiny domains' text (``cascade_jax.data.tiny``),
 plus the chat special tokens, with vocabulary :data:`TINY_VOCAB_SIZE` = the tiny model's 512
 (256 byte symbols + 11 special tokens + 245 merges). Byte-level means every Unicode string
 round-trips exactly (``decode(encode(s)) == s``).
@@ -212,7 +212,7 @@ def tiny_chat_template() -> str:
 
 def _tiny_corpus(n_per_domain: int = 64) -> list[str]:
     from cascade_jax.domains import DOMAINS
-    from cascade_jax.rewards.tiny import tiny_examples
+    from cascade_jax.data.tiny import tiny_examples
 
     texts = []
     for dom in DOMAINS:

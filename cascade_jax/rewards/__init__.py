@@ -26,7 +26,8 @@ swe                    :class:`~.swe.SWERepair` judge                gold_patch,
 
 Judged domains take ``judge=``: a :class:`~.judges.ServedJudge` (SGLang ``/generate``, prompts in
 ``configs/judges/``) or, by default, the rule-based synthetic judges of the tiny preset.
-Tiny learnable environments for every domain live in :mod:`cascade_jax.rewards.tiny`.
+Tiny learnable environments for every domain (their generators) live with the data in
+:mod:`cascade_jax.data.tiny`; these scorers score them.
 """
 
 from __future__ import annotations

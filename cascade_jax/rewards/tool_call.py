@@ -31,6 +31,7 @@ import json
 import re
 from typing import Any, Mapping, Optional
 
+from cascade_jax.contract.formats import format_tool_call  # the format's home (re-exported)
 from cascade_jax.rewards.base import (NO_ANSWER, MetadataError, Score, final_answer, require,
                                       values_match)
 
@@ -109,15 +110,6 @@ def parse_tool_calls(text: str) -> list[ToolCall]:
     if last_end is not None and text[last_end:].strip():
         raise ToolCallParseError(f"text after the last </tool_call>: {text[last_end:].strip()[:60]!r}")
     return calls
-
-
-def format_tool_call(name: str, arguments: Mapping[str, Any]) -> str:
-    """Render one call in the template's format (non-string values as JSON)."""
-    lines = ["<tool_call>", f"<function={name}>"]
-    for k, v in arguments.items():
-        lines += [f"<parameter={k}>", v if isinstance(v, str) else json.dumps(v), "</parameter>"]
-    lines += ["</function>", "</tool_call>"]
-    return "\n".join(lines)
 
 
 def _value_matches(raw: str, expected: Any) -> bool:

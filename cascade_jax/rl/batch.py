@@ -1,111 +1,18 @@
-"""Batch formats for the RL and SFT update steps.
-
-Layout: every per-token array is ``[B, T]`` and *aligned with* ``tokens``: entry ``[b, t]``
-describes token ``tokens[b, t]`` as a prediction from its prefix ``tokens[b, :t]`` (so a
-log-prob at ``[b, t]`` is ``log π(tokens[b, t] | tokens[b, <t])``). Entry ``t = 0`` and the
-first token of every packed segment have no prefix; their masks must be 0.
-
-Two row layouts share the same fields:
-
-* **padded** (default, ``seq_index is None``): one sequence per row — prompt tokens, then
-  response tokens, then padding. Sequence ``n`` is row ``n``; per-sequence arrays are ``[B]``.
-* **packed**: several sequences per row, separated by ``segment_ids``; ``seq_index[b, t]`` in
-  ``[0, N)`` names the sequence a token belongs to (any value on padding) and per-sequence
-  arrays are ``[N]``.
-
-``segment_ids``: int32, ``>= 1`` on real tokens, ``0`` on padding; a new value starts a new
-sequence (attention/SSM state does not cross it).
-"""
+"""Helpers over the RL and SFT batches. The batch types (:class:`RLBatch`, :class:`SFTBatch`,
+their layouts and the ``FINISH_*`` codes) live in :mod:`cascade_jax.contract.batch`, below data,
+rollout and rl, and are re-exported here."""
 
 from __future__ import annotations
-
-import dataclasses
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cascade_jax.contract.batch import (FINISH_ABORT, FINISH_LENGTH, FINISH_STOP, RLBatch,
+                                        SFTBatch)
+
 __all__ = ["RLBatch", "SFTBatch", "FINISH_STOP", "FINISH_LENGTH", "FINISH_ABORT",
            "sequence_index", "num_sequences", "response_lengths", "pack_routed_experts"]
-
-# ``finish_reason`` codes (int32).
-FINISH_STOP = 0  # ended with EOS / a stop string
-FINISH_LENGTH = 1  # truncated at the length limit ("overlong")
-FINISH_ABORT = 2  # aborted by the engine (should not normally reach the trainer)
-
-
-def _register(cls):
-    fields = [f.name for f in dataclasses.fields(cls)]
-    return jax.tree_util.register_dataclass(cls, data_fields=fields, meta_fields=[])
-
-
-@_register
-@dataclasses.dataclass(frozen=True)
-class RLBatch:
-    """One optimiser batch of rollouts (a pytree; every field an array or ``None``).
-
-    Per token, ``[B, T]``:
-      tokens        int32   prompt + response token ids (pad with any id, e.g. 0)
-      positions     int32   position within the sequence (0 at its first token)
-      segment_ids   int32   >= 1 on real tokens, 0 on padding
-      loss_mask     float32 1.0 on response tokens that are trained on, else 0.0
-      rollout_logp  float32 log π_inf(token) returned by the inference engine (0 off-mask)
-      teacher_logp  float32 log π_teacher(token) for MOPD (zeros when unused)
-      ref_logp      float32 log π_ref(token) for the KL term, or ``None``
-      seq_index     int32   packed layout only: sequence id of each token in [0, N); ``None``
-                            for the padded layout (sequence = row)
-    Per token and MoE layer, ``[B, T, L_moe, K]`` (optional):
-      routed_experts int32  routing replay (R3): the experts the rollout engine routed each
-                            token to (the trainer's MoE then uses them); -1 where the engine
-                            has none (padding, each sequence's last token). See
-                            :func:`pack_routed_experts`.
-    Per sequence, ``[N]`` (``N = B`` when padded):
-      rewards       float32 scalar reward of the response
-      group_ids     int32   prompt/group id (responses to the same prompt share it)
-      finish_reason int32   FINISH_STOP / FINISH_LENGTH / FINISH_ABORT
-      domain_ids    int32   domain id (``cascade_jax.domains.domain_id``; routes the MOPD teacher)
-      policy_version int32  optional: trainer step whose weights generated the response
-                            (logged as the policy lag; strictly on-policy → lag 0)
-    """
-
-    tokens: jax.Array
-    positions: jax.Array
-    segment_ids: jax.Array
-    loss_mask: jax.Array
-    rollout_logp: jax.Array
-    rewards: jax.Array
-    group_ids: jax.Array
-    finish_reason: jax.Array
-    domain_ids: jax.Array
-    teacher_logp: Optional[jax.Array] = None
-    ref_logp: Optional[jax.Array] = None
-    seq_index: Optional[jax.Array] = None
-    policy_version: Optional[jax.Array] = None
-    routed_experts: Optional[jax.Array] = None
-
-    @property
-    def shape(self):
-        return self.tokens.shape
-
-    def replace(self, **kw) -> "RLBatch":
-        return dataclasses.replace(self, **kw)
-
-
-@_register
-@dataclasses.dataclass(frozen=True)
-class SFTBatch:
-    """Packed SFT rows, all ``[B, T]``: ``tokens`` int32, ``positions`` int32 (restart at 0 in
-    each segment), ``segment_ids`` int32 (>= 1 real, 0 padding), ``loss_mask`` float32 (1.0 on
-    assistant tokens, aligned with ``tokens`` as in :class:`RLBatch`)."""
-
-    tokens: jax.Array
-    positions: jax.Array
-    segment_ids: jax.Array
-    loss_mask: jax.Array
-
-    def replace(self, **kw) -> "SFTBatch":
-        return dataclasses.replace(self, **kw)
 
 
 def sequence_index(batch: RLBatch) -> jax.Array:

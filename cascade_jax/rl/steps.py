@@ -9,6 +9,13 @@ No device assumptions, no randomness, no hidden state: the same inputs give bitw
 outputs. Keyword arguments are static; bind them with :func:`functools.partial` and
 ``jax.jit`` the result (see :func:`make_train_step`).
 
+Temperature (the sampling contract, :mod:`cascade_jax.contract.sampling`): the RL steps compute
+``log π(y) = log softmax(z / τ)[y]`` at the temperature of their ``sampling`` argument (the run's
+contract, ``rollout.temperature``), else of the batch's recorded ``batch.sampling``, else
+``τ = 1``; ``τ = 0`` (greedy) computes ``log softmax(z)[y]``. A batch recorded at another
+temperature than the step's raises :class:`~cascade_jax.contract.sampling.SamplingMismatchError`
+(at trace time: ``batch.sampling`` is static).
+
 Metrics (scalars): ``loss``, ``grad_norm`` (before clipping), ``lr``, ``entropy``,
 ``resp_len_mean/max/min``, ``num_tokens`` (trained tokens), ``total_tokens``; per objective
 the advantage and IS statistics of :mod:`.advantages`, :mod:`.losses`, :mod:`.is_correction`;
@@ -31,6 +38,7 @@ import jax.numpy as jnp
 import optax
 
 from cascade_jax.config import StageConfig
+from cascade_jax.contract.sampling import SamplingParams, check_temperature
 
 from .advantages import grpo_advantages
 from .expert_load import COUNTS_KEY, expert_counts, load_metrics
@@ -148,6 +156,14 @@ def _policy_loss(objective: Callable, *, model_cfg, compute_dtype, temperature: 
     return loss_fn
 
 
+def _temperature(batch: RLBatch, sampling: Optional[SamplingParams], what: str) -> float:
+    """``τ`` of the step's log-probs (module doc): the step's contract, else the batch's,
+    else 1; a batch recorded at another temperature than the step's is refused."""
+    check_temperature(batch.sampling, sampling, what=what)
+    contract = sampling if sampling is not None else batch.sampling
+    return 1.0 if contract is None else contract.logprob_temperature
+
+
 def _length_metrics(batch: RLBatch) -> dict:
     lens = response_lengths(batch)
     has = lens > 0
@@ -161,7 +177,7 @@ def _length_metrics(batch: RLBatch) -> dict:
 
 def grpo_train_step(state: TrainState, batch: RLBatch, *, model_cfg,
                     stage: StageConfig = StageConfig(objective="grpo"), grad_accum: int = 1,
-                    compute_dtype=jnp.bfloat16, temperature: float = 1.0,
+                    compute_dtype=jnp.bfloat16, sampling: Optional[SamplingParams] = None,
                     vocab_chunk: int = DEFAULT_VOCAB_CHUNK, clip_low: float = 0.2,
                     clip_high: float = 0.2, model=None, row_len: Optional[int] = None):
     """One strictly on-policy GRPO update (docs/algorithms.md §5).
@@ -178,7 +194,9 @@ def grpo_train_step(state: TrainState, batch: RLBatch, *, model_cfg,
     Rollout fidelity: ``batch.routed_experts`` (when set) is replayed in every MoE layer
     (routing replay); ``row_len`` computes the log-probs batch-invariantly at ``[1, row_len]``
     per row (zero-mismatch mode; equal to the rollout engine's row length).
+    ``sampling``: the run's sampling contract; ``lp`` at its temperature (module doc).
     """
+    temperature = _temperature(batch, sampling, "grpo_train_step")
     adv, keep, adv_metrics = grpo_advantages(
         batch.rewards, batch.group_ids, batch.finish_reason, leave_one_out=stage.leave_one_out,
         overlong_filtering=stage.overlong_filtering, dynamic_filtering=stage.dynamic_filtering)
@@ -211,16 +229,19 @@ def grpo_train_step(state: TrainState, batch: RLBatch, *, model_cfg,
 
 def mopd_train_step(state: TrainState, batch: RLBatch, *, model_cfg,
                     stage: StageConfig = StageConfig(objective="mopd"), grad_accum: int = 1,
-                    compute_dtype=jnp.bfloat16, temperature: float = 1.0,
+                    compute_dtype=jnp.bfloat16, sampling: Optional[SamplingParams] = None,
                     vocab_chunk: int = DEFAULT_VOCAB_CHUNK, normalization: str = "sequence",
                     grpo_coef: float = 0.0, model=None, row_len: Optional[int] = None):
     """One MOPD update (docs/algorithms.md §6): ``batch.teacher_logp`` holds each sequence's
     domain teacher's log-probs (:func:`routed_logprobs`), ``batch.rollout_logp`` the
     inference engine's. ``L = mopd_loss(lp, teacher_logp, rollout_logp, loss_mask,
     is_low=stage.is_low, is_high=stage.is_high)`` normalised per sequence over the whole
-    batch's sequence count. ``grpo_coef > 0`` mixes in ``grpo_coef · Â`` from the rewards."""
+    batch's sequence count. ``grpo_coef > 0`` mixes in ``grpo_coef · Â`` from the rewards.
+    ``sampling``: the run's sampling contract; ``lp`` (and the teachers' log-probs) at its
+    temperature (module doc)."""
     if batch.teacher_logp is None:
         raise ValueError("mopd_train_step: batch.teacher_logp is required")
+    temperature = _temperature(batch, sampling, "mopd_train_step")
     n_seq = num_sequences(batch)
     seq = sequence_index(batch)
     alive = (batch.finish_reason != FINISH_ABORT).astype(jnp.float32)

@@ -392,7 +392,19 @@ class ServedTeachers:
         self._owned = list(made.values())
 
     def score(self, rollouts: Rollouts) -> list:
+        """Per sample the teacher log-probs at temperature 1: servers' prompt log-probs are
+        always at temperature 1 (docs/rollout-protocol.md §3), so rollouts sampled at another
+        temperature (the sampling contract's) are refused rather than scored inconsistently."""
+        from cascade_jax.contract.sampling import SamplingMismatchError, shared_sampling
+
         from .teachers import score_by_domain
+        if rollouts.requests:
+            tau = shared_sampling([r.sampling for r in rollouts.requests], what="served teachers")
+            if tau.logprob_temperature != 1.0:
+                raise SamplingMismatchError(
+                    f"served teachers: servers score at temperature 1, the rollouts were sampled at "
+                    f"temperature {tau.temperature}; use in-process teachers (stage.teachers) or "
+                    f"rollout.temperature 1")
         return score_by_domain(rollouts, self.by_domain,
                                lambda client, prompts, responses: client.score(prompts, responses))
 

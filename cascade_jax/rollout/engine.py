@@ -642,14 +642,16 @@ class JaxEngine:
         return Rollouts(requests=tuple(requests), groups=tuple(h.result() for h in handles))
 
     def score(self, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]],
-              *, batch_size: Optional[int] = None) -> list:
-        """Teacher-forced ``[len(response)]`` float32 log-probs per pair at temperature 1 under
-        the current weights (:func:`cascade_jax.rollout.scoring.score_logprobs`: the trainer's
-        chunked log-softmax over the full forward)."""
+              *, batch_size: Optional[int] = None, temperature: float = 1.0) -> list:
+        """Teacher-forced ``[len(response)]`` float32 log-probs per pair at ``temperature``
+        (default 1: the protocol's; ``log softmax(z / τ)[y]``) under the current weights
+        (:func:`cascade_jax.rollout.scoring.score_logprobs`: the trainer's chunked log-softmax
+        over the full forward)."""
         with self._cond:
             params = self._params
         return score_logprobs(params, self.model_cfg, prompts, responses,
-                              batch_size=batch_size or self.num_slots, model=self.model)
+                              batch_size=batch_size or self.num_slots, model=self.model,
+                              temperature=temperature)
 
     def update_weights(self, params, version: str, *, timeout: float = 600.0) -> None:
         """Swap in ``params`` labelled ``version`` (:func:`check_version_order`). Same tree

@@ -23,11 +23,12 @@ __all__ = ["make_engine", "make_weight_sync", "sampling_params"]
 
 def sampling_params(rollout_cfg, *, stop_token_ids: Sequence[int] = (),
                     seed: Optional[int] = None) -> SamplingParams:
-    """The per-request :class:`SamplingParams` of ``rollout_cfg`` (``n = n_samples``,
-    ``max_new_tokens = max_response_len``, ``temperature`` 0 when ``greedy``)."""
+    """The sampling contract of ``rollout_cfg`` (:mod:`cascade_jax.contract.sampling`; the one
+    place it is built from a config): ``n = n_samples``, ``max_new_tokens =
+    max_response_len``, ``temperature`` (0 = greedy), ``top_p``, ``top_k``."""
     return SamplingParams(
         max_new_tokens=rollout_cfg.max_response_len,
-        temperature=0.0 if rollout_cfg.greedy else rollout_cfg.temperature,
+        temperature=rollout_cfg.temperature,
         top_p=rollout_cfg.top_p, top_k=rollout_cfg.top_k,
         stop_token_ids=tuple(int(t) for t in stop_token_ids), n=rollout_cfg.n_samples, seed=seed)
 

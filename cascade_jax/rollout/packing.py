@@ -14,7 +14,8 @@ Per sequence: ``rewards``; ``group_ids`` = index of the request (``+ group_offse
 kept, the update steps mask them); ``domain_ids`` = :func:`cascade_jax.domains.domain_id` of
 the request's ``domain`` (``-1`` when it has none); ``policy_version`` = the sample's
 ``weight_version`` as an int when every version is a decimal integer (trainer steps), else
-``None``.
+``None``; ``sampling`` (static) = the requests' sampling contract
+(:func:`cascade_jax.contract.sampling.shared_sampling`: one temperature for the whole batch).
 
 Routing replay: when any sample carries ``routed_experts [P + R − 1, L_moe, K]`` (SGLang's
 layout), ``routed_experts [rows, T, L_moe, K]`` holds them at the sample's columns
@@ -36,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cascade_jax import domains
+from cascade_jax.contract.sampling import shared_sampling
 from cascade_jax.rl.batch import RLBatch, pack_routed_experts
 
 from .types import FINISH_REASONS, Rollouts
@@ -92,6 +94,7 @@ def pack_rollouts(rollouts: Rollouts, rewards, *, teacher_logp: Optional[Sequenc
             raise ValueError(f"samples[{n}].prompt_ids: empty prompt")
     group_ids = np.asarray([group_offset + g for g, grp in enumerate(rollouts.groups) for _ in grp],
                            np.int32)
+    sampling = shared_sampling([r.sampling for r in rollouts.requests], what="pack_rollouts")
     domain_ids = np.asarray([domain_code(r.domain) for r, grp in zip(rollouts.requests, rollouts.groups)
                              for _ in grp], np.int32)
     finish = np.asarray([finish_code(s.finish_reason) for s in samples], np.int32)
@@ -172,4 +175,4 @@ def pack_rollouts(rollouts: Rollouts, rewards, *, teacher_logp: Optional[Sequenc
         teacher_logp=None if teacher is None else jnp.asarray(teacher),
         seq_index=jnp.asarray(seq_index) if layout == "packed" else None,
         policy_version=None if version is None else jnp.asarray(version),
-        routed_experts=None if routed is None else jnp.asarray(routed))
+        routed_experts=None if routed is None else jnp.asarray(routed), sampling=sampling)

@@ -29,6 +29,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from cascade_jax.contract.sampling import SamplingParams
 from cascade_jax.rl.batch import FINISH_LENGTH, FINISH_STOP, RLBatch
 
 __all__ = ["sample_tokens", "support_mask", "sample"]
@@ -83,23 +84,36 @@ def _row_keys(rng: jax.Array, B: int) -> jax.Array:
     return jax.vmap(lambda b: jax.random.fold_in(rng, b))(jnp.arange(B))
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "temperature", "eos_id",
-                                             "greedy", "model"))
 def sample(params, prompts: jax.Array, cfg, *, rng: jax.Array, max_new_tokens: int,
            prompt_lengths: Optional[jax.Array] = None, temperature: float = 1.0,
            top_p: float = 1.0, top_k: int = -1, eos_id: Optional[int] = None,
-           greedy: bool = False, group_ids=None, model=None):
+           group_ids=None, model=None):
     """Sample responses with a fixed batch; returns ``(batch, responses)``.
 
     ``batch`` is an :class:`RLBatch` in the padded layout, ``[B, P + max_new_tokens]``: prompt
     then response then padding, ``loss_mask`` on the response tokens, ``rollout_logp`` aligned
-    with the tokens (:func:`sample_tokens` semantics; ``greedy`` is ``τ = 0``, so its log-probs
-    are those of the unscaled logits), ``finish_reason``; ``rewards`` are zeros (score
+    with the tokens (:func:`sample_tokens` semantics: ``log softmax(z / τ)[y]``; ``temperature
+    = 0`` is greedy and its log-probs are those of the unscaled logits), ``finish_reason``,
+    ``sampling`` the contract it was drawn with (``SamplingParams(max_new_tokens, temperature,
+    top_p, top_k, stop_token_ids=(eos_id,) or ())``); ``rewards`` are zeros (score
     ``responses`` and ``batch.replace(rewards=...)``), ``group_ids`` default to ``arange(B)``,
     ``domain_ids`` to zeros, ``teacher_logp`` is ``None`` (MOPD fills it). ``responses`` is
     ``[B, max_new_tokens]`` int32: tokens after EOS are set to ``eos_id``. Row ``b`` at step
     ``t`` draws with key ``fold_in(fold_in(rng, b), t)``.
     """
+    contract = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                              top_k=top_k, stop_token_ids=() if eos_id is None else (int(eos_id),))
+    batch, toks = _sample(params, prompts, cfg, rng=rng, max_new_tokens=max_new_tokens,
+                          prompt_lengths=prompt_lengths, temperature=temperature, top_p=top_p,
+                          top_k=top_k, eos_id=eos_id, group_ids=group_ids, model=model)
+    return batch.replace(sampling=contract), toks
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "temperature", "eos_id",
+                                             "model"))
+def _sample(params, prompts, cfg, *, rng, max_new_tokens, prompt_lengths, temperature, top_p,
+            top_k, eos_id, group_ids, model):
+    """:func:`sample`'s jitted body (its batch without ``sampling``)."""
     if model is None:
         from models import nemotron_h as model
     B, P = prompts.shape
@@ -108,7 +122,7 @@ def sample(params, prompts: jax.Array, cfg, *, rng: jax.Array, max_new_tokens: i
                else jnp.asarray(prompt_lengths, jnp.int32))
     last, cache = model.prefill(params, prompts, cfg, lengths=lengths, max_len=P + M,
                                 last_only=True)  # [B, V] next-token logits
-    temps = jnp.full((B,), 0.0 if greedy else temperature, jnp.float32)
+    temps = jnp.full((B,), temperature, jnp.float32)
     top_ps = jnp.full((B,), top_p, jnp.float32)
     top_ks = jnp.full((B,), top_k, jnp.int32)
     row_keys = _row_keys(rng, B)

@@ -1,4 +1,5 @@
-"""Teacher-forced scoring: ``log π(response[t] | prompt, response[:t])`` at temperature 1.
+"""Teacher-forced scoring: ``log π(response[t] | prompt, response[:t])`` at temperature ``τ``
+(default 1): ``log softmax(z_t / τ)[response[t]]`` of the next-token logits ``z_t``.
 
 Each pair ``(prompt, response)`` becomes the sequence ``prompt ++ response``; the full forward's
 final hidden states go through the trainer's chunked log-softmax
@@ -25,23 +26,26 @@ def pow2_at_least(n: int) -> int:
     return 1 << max(0, int(n - 1).bit_length())
 
 
-@functools.partial(jax.jit, static_argnames=("model_cfg", "model"))
-def _score_rows(params, tokens, segment_ids, model_cfg, model):
-    """``[B, T-1]`` log-probs of ``tokens[:, 1:]`` given their prefixes (temperature 1)."""
+@functools.partial(jax.jit, static_argnames=("model_cfg", "model", "temperature"))
+def _score_rows(params, tokens, segment_ids, model_cfg, model, temperature=1.0):
+    """``[B, T-1]`` log-probs of ``tokens[:, 1:]`` given their prefixes at ``temperature``."""
     from cascade_jax.rl.logprobs import chunked_logprobs
     T = tokens.shape[1]
     pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), tokens.shape)
     h = model.hidden_states(params, tokens, model_cfg, positions=pos, segment_ids=segment_ids)
-    lp, _ = chunked_logprobs(h[:, :-1], params["lm_head"], tokens[:, 1:])
+    lp, _ = chunked_logprobs(h[:, :-1], params["lm_head"], tokens[:, 1:], temperature=temperature)
     return lp
 
 
 def score_logprobs(params, model_cfg, prompts: Sequence[Sequence[int]],
                    responses: Sequence[Sequence[int]], *, batch_size: int = 8,
-                   model=None) -> list:
+                   model=None, temperature: float = 1.0) -> list:
     """For every pair a ``[len(response)]`` float32 array of teacher-forced log-probs under
-    ``params`` (module doc). ``ValueError`` naming the pair for an empty prompt or a token id
-    outside the vocabulary."""
+    ``params`` at ``temperature`` ``τ > 0`` (module doc; a sampling contract's
+    ``logprob_temperature``). ``ValueError`` naming the pair for an empty prompt or a token id
+    outside the vocabulary, or for ``τ <= 0``."""
+    if not temperature > 0:
+        raise ValueError(f"temperature: must be > 0 (a greedy contract scores at 1), got {temperature}")
     if model is None:
         from models import nemotron_h as model
     if len(prompts) != len(responses):
@@ -66,7 +70,8 @@ def score_logprobs(params, model_cfg, prompts: Sequence[Sequence[int]],
             seq = pairs[i][0] + pairs[i][1]
             tokens[r, :len(seq)] = seq
             seg[r, :len(seq)] = 1
-        lp = np.asarray(_score_rows(params, tokens, seg, model_cfg, model))  # [nb, T-1]
+        lp = np.asarray(_score_rows(params, tokens, seg, model_cfg, model,
+                                    temperature=float(temperature)))  # [nb, T-1]
         for r, i in enumerate(idx):
             P, R = len(pairs[i][0]), len(pairs[i][1])
             out[i] = lp[r, P - 1:P - 1 + R].astype(np.float32)

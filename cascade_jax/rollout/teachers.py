@@ -4,8 +4,10 @@
 ``{domain: checkpoint_dir}`` (Hub layout, ``models.nemotron_h.load_checkpoint``; a directory
 named for several domains is loaded once). :meth:`Teachers.score` returns, for every sample of
 a :class:`~cascade_jax.rollout.types.Rollouts` (group by group, the packer's order), the
-``[len(response)]`` float32 teacher log-probs at temperature 1
-``log π_teacher(response[t] | prompt, response[:t])`` — exactly what
+``[len(response)]`` float32 teacher log-probs ``log π_teacher(response[t] | prompt,
+response[:t]) = log softmax(z_t / τ)[response[t]]`` at the temperature ``τ`` of the rollouts'
+sampling contract (:mod:`cascade_jax.contract.sampling`: the requests' shared temperature, 1 for
+greedy), the temperature the student's log-probs have in the train step — exactly what
 :func:`~cascade_jax.rollout.packing.pack_rollouts` takes as ``teacher_logp``::
 
     teachers = Teachers.from_checkpoints({"math": "ckpt/math", "code": "ckpt/code"})
@@ -22,6 +24,7 @@ import os
 from typing import Callable, Mapping, Optional
 
 from cascade_jax import domains
+from cascade_jax.contract.sampling import shared_sampling
 
 from .scoring import score_logprobs
 from .types import Rollouts
@@ -63,12 +66,17 @@ class Teachers:
         return len({id(p) for _, p in self.by_domain.values()})
 
     def score(self, rollouts: Rollouts) -> list:
-        """Per sample (``rollouts.samples()`` order) the ``[R]`` float32 teacher log-probs."""
+        """Per sample (``rollouts.samples()`` order) the ``[R]`` float32 teacher log-probs at
+        the rollouts' sampling temperature (module doc)."""
+        if not rollouts.requests:
+            return []
+        tau = shared_sampling([r.sampling for r in rollouts.requests],
+                              what="teachers").logprob_temperature
         return score_by_domain(
             rollouts, self.by_domain,
             lambda teacher, prompts, responses: score_logprobs(
                 teacher[1], teacher[0], prompts, responses, batch_size=self.batch_size,
-                model=self.model),
+                model=self.model, temperature=tau),
             key=lambda teacher: id(teacher[1]))
 
 

@@ -7,7 +7,8 @@ SGLang servers. Everything here is host-side (numpy / Python); nothing is jitted
 Log-prob semantics follow SGLang's default: the log-prob recorded for a sampled token ``y`` is
 ``log softmax(z / τ)[y]`` of the temperature-scaled logits ``z``, *not* renormalised over the
 top-p / top-k support that ``y`` was actually drawn from. ``τ = 0`` means greedy decoding and
-then the log-prob is that of the unscaled logits, ``log softmax(z)[y]``.
+then the log-prob is that of the unscaled logits, ``log softmax(z)[y]``. The settings are the
+sampling contract :class:`~cascade_jax.contract.sampling.SamplingParams` (re-exported here).
 """
 
 from __future__ import annotations
@@ -17,52 +18,15 @@ from typing import Any, Optional, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
+from cascade_jax.contract.batch import FINISH_REASONS
+from cascade_jax.contract.sampling import SamplingParams
+
 __all__ = ["FINISH_REASONS", "SamplingParams", "Request", "Sample", "Rollouts", "RolloutEngine",
            "RolloutError", "sample_seed"]
-
-#: SGLang's ``meta_info.finish_reason.type`` values, in the order of ``rl.batch.FINISH_*`` codes.
-FINISH_REASONS = ("stop", "length", "abort")
 
 
 class RolloutError(RuntimeError):
     """A backend could not produce what was asked (server unreachable, bad reply, sync failed)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplingParams:
-    """Per-request sampling settings (a subset of SGLang 0.5.23's ``sampling_params``).
-
-    max_new_tokens   response length limit (finish reason ``length`` when reached)
-    temperature      τ >= 0; 0 = greedy
-    top_p            nucleus mass in (0, 1]
-    top_k            -1 = off, else keep the k largest logits
-    stop_token_ids   a sampled id in this set ends the response (it is kept, finish ``stop``)
-    n                samples per request (one group)
-    seed             per-request seed: sample ``i`` of the request draws from a key derived
-                     from ``(sample_seed(seed, i), step)`` only, so it never depends on slot or
-                     batch, and ``n`` samples equal ``n`` one-sample requests seeded
-                     ``sample_seed(seed, i)`` (:func:`sample_seed`)
-    """
-
-    max_new_tokens: int = 128
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = -1
-    stop_token_ids: tuple = ()
-    n: int = 1
-    seed: Optional[int] = None
-
-    def __post_init__(self):
-        if self.max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens: must be >= 0, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature: must be >= 0 (0 = greedy), got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p: must be in (0, 1], got {self.top_p}")
-        if self.top_k == 0 or self.top_k < -1:
-            raise ValueError(f"top_k: must be -1 (off) or >= 1, got {self.top_k}")
-        if self.n < 1:
-            raise ValueError(f"n: must be >= 1, got {self.n}")
 
 
 def sample_seed(seed: int, k: int) -> int:

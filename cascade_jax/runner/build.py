@@ -14,6 +14,7 @@ build_prompt_data      iterator of prompt batches with ``get_state()`` / ``set_s
 build_engine           the rollout engine (``cascade_jax.rollout`` protocol)
 build_scorers          ``{domain: scorer}`` for the stage's domains
 build_teachers         ``{domain: (model_cfg, params)}`` for MOPD
+build_sampling         the run's sampling contract (``rollout`` settings, stop at EOS)
 build_train_step       the jitted ``step(state, batch) -> (state, metrics)`` (with a mesh:
                        ``cascade_jax.sharding.compile_train_step``, in/out shardings)
 =====================  =========================================================================
@@ -44,7 +45,7 @@ from cascade_jax.runner.errors import (CheckpointLoadError, ConfigError, InputFi
 
 __all__ = ["Parts", "build", "resolve_init", "build_model", "model_config", "build_tokenizer", "build_mesh",
            "start_distributed", "check_batch_fits_mesh", "ShardedStep", "build_sft_data", "build_prompt_data", "build_engine", "build_scorers",
-           "build_teachers", "build_train_step", "compute_dtype", "validate", "stage_domains"]
+           "build_teachers", "build_sampling", "build_train_step", "compute_dtype", "validate", "stage_domains"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -329,21 +330,34 @@ def build_teachers(config: C.Config, student_cfg):
     return Teachers(by_domain)
 
 
+def build_sampling(config: C.Config, tokenizer=None):
+    """The run's sampling contract (``cascade_jax.rollout.factory.sampling_params`` of
+    ``config.rollout``, stopping at the tokenizer's EOS): what every request is sampled with,
+    what each ``RLBatch`` records and what the train step, the teachers and the KL reference
+    compute their log-probs at."""
+    from cascade_jax.rollout.factory import sampling_params
+
+    stop = () if tokenizer is None else (tokenizer.eos_id,)
+    return sampling_params(config.rollout, stop_token_ids=stop)
+
+
 # --------------------------------------------------------------------------------------------
 # Train step
 
 
-def build_train_step(config: C.Config, model_cfg, mesh=None):
+def build_train_step(config: C.Config, model_cfg, mesh=None, sampling=None):
     """``step(state, batch) -> (state, metrics)`` for ``stage.objective`` with the state donated
     (the previous state's buffers are reused). With a ``mesh``: :class:`ShardedStep` (the step
     compiled by ``cascade_jax.sharding.compile_train_step`` with in/out shardings, each batch
-    placed on the mesh first); without: plain ``jax.jit``."""
+    placed on the mesh first); without: plain ``jax.jit``. RL steps compute their log-probs at
+    the temperature of the sampling contract ``sampling`` (default :func:`build_sampling`) and
+    refuse a batch recorded at another one."""
     from cascade_jax import rl
 
     obj = config.stage.objective
     static = dict(compute_dtype=compute_dtype(config), opt_cfg=config.optimizer)
     if obj in ("grpo", "mopd"):
-        static.update(stage=config.stage, temperature=config.rollout.temperature)
+        static.update(stage=config.stage, sampling=sampling or build_sampling(config))
         r = config.rollout
         if r.zero_mismatch:  # batch-invariant log-probs at the rollout's row length
             static.update(row_len=r.max_prompt_len + r.max_response_len)
@@ -408,7 +422,8 @@ def validate(config: C.Config) -> None:
     if st.objective in ("grpo", "mopd"):
         stage_domains(config)
         if r.temperature <= 0:
-            raise ConfigError(f"rollout.temperature: RL needs sampling (> 0), got {r.temperature}")
+            raise ConfigError(f"rollout.temperature: RL needs sampling (> 0; 0 is greedy decoding), "
+                              f"got {r.temperature}")
     if st.objective == "sft" and config.data.seq_len > mcfg.max_position_embeddings:
         raise ConfigError(f"data.seq_len {config.data.seq_len} exceeds the model's "
                           f"max_position_embeddings {mcfg.max_position_embeddings}")
@@ -431,6 +446,7 @@ class Parts:
     tokenizer: Any
     mesh: Any
     train_step: Any
+    sampling: Any = None  # the run's SamplingParams (build_sampling)
     data: Any = None  # SFT batches or prompt batches
     engine: Any = None
     scorers: Optional[dict] = None
@@ -447,8 +463,9 @@ def build(config: C.Config) -> Parts:
     if tokenizer.vocab_size > model_cfg.vocab_size:
         raise ConfigError(f"tokenizer has {tokenizer.vocab_size} tokens > model vocab_size "
                           f"{model_cfg.vocab_size}")
-    parts = Parts(model_cfg=model_cfg, params=params, tokenizer=tokenizer,
-                  mesh=mesh, train_step=build_train_step(config, model_cfg, mesh))
+    sampling = build_sampling(config, tokenizer)
+    parts = Parts(model_cfg=model_cfg, params=params, tokenizer=tokenizer, mesh=mesh,
+                  train_step=build_train_step(config, model_cfg, mesh, sampling), sampling=sampling)
     obj = config.stage.objective
     if obj == "sft":
         parts.data = build_sft_data(config, tokenizer)

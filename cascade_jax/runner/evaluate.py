@@ -167,9 +167,9 @@ def evaluate_checkpoint(config) -> dict:
     engine = JaxEngine(model_cfg, params, num_slots=min(len(prompts) * e.k, 256),
                        max_len=config.rollout.max_prompt_len + max_new)
     res = evaluate(engine, tok, prompts, B.build_scorers(config), k=e.k, max_new_tokens=max_new,
-                   temperature=0.0 if e.greedy else e.temperature, top_p=e.top_p, top_k=e.top_k,
+                   temperature=e.temperature, top_p=e.top_p, top_k=e.top_k,
                    seed=e.seed)
-    settings = {"k": e.k, "prompts": e.prompts, "temperature": 0.0 if e.greedy else e.temperature,
+    settings = {"k": e.k, "prompts": e.prompts, "temperature": e.temperature,
                 "top_p": e.top_p, "top_k": e.top_k, "max_new_tokens": max_new, "seed": e.seed,
                 "thinking": config.rollout.thinking}
     return {"checkpoint": config.model.checkpoint, "settings": settings, **res}

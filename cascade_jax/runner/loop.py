@@ -85,7 +85,7 @@ def check_run_dir(config: C.Config, run_dir: pathlib.Path, *, fresh: bool = Fals
     except (OSError, json.JSONDecodeError) as e:
         raise RunDirError(f"run dir {run_dir}: unreadable run_config.json ({e}); pass --fresh "
                           f"to start over") from None
-    keys = _diff(old, C.to_dict(config))
+    keys = _diff(C.migrate_dict(old), C.to_dict(config))  # older layouts compared as today's
     if keys:
         shown = ", ".join(keys[:8]) + (" ..." if len(keys) > 8 else "")
         raise RunDirError(f"run dir {run_dir} holds a different run (differs in {shown}); pass "

@@ -146,15 +146,17 @@ class Stage:
         return {**m, **info}
 
     def _requests(self, prompts, seeds, max_new_tokens=None):
-        from cascade_jax.rollout import Request, SamplingParams
+        """One request per prompt: the run's sampling contract with the prompt's seed."""
+        import dataclasses
 
-        r = self.config.rollout
+        from cascade_jax.rollout import Request
+
+        sp = self.parts.sampling or B.build_sampling(self.config, self.tok)
+        if max_new_tokens:
+            sp = dataclasses.replace(sp, max_new_tokens=max_new_tokens)
         return [Request(prompt_ids=tuple(p.ids), domain=p.domain, metadata=p.metadata,
-                        rid=f"s{int(self.state.step)}-{int(sd)}", sampling=SamplingParams(
-                            max_new_tokens=max_new_tokens or r.max_response_len,
-                            temperature=0.0 if r.greedy else r.temperature, top_p=r.top_p,
-                            top_k=r.top_k, n=r.n_samples, seed=int(sd),
-                            stop_token_ids=(self.tok.eos_id,)))
+                        rid=f"s{int(self.state.step)}-{int(sd)}",
+                        sampling=dataclasses.replace(sp, seed=int(sd)))
                 for p, sd in zip(prompts, seeds)]
 
     def _generate(self, reqs):
@@ -268,14 +270,18 @@ class Stage:
         return batch, info
 
     def _ref_logp(self, batch: rl.RLBatch) -> rl.RLBatch:
-        """``ref_logp [B, T]``: log-probs of the batch under the stage's starting weights at the
-        rollout temperature (0 off the response tokens), for the KL term of ``grpo_loss``."""
+        """``ref_logp [B, T]``: log-probs ``log softmax(z / τ)[y]`` of the batch under the
+        stage's starting weights at the temperature ``τ`` of the batch's sampling contract
+        (``batch.sampling.logprob_temperature``; 0 off the response tokens), for the KL term of
+        ``grpo_loss``."""
         if self._ref_fn is None:
-            mcfg, tau = self.parts.model_cfg, self.config.rollout.temperature
-            self._ref_fn = jax.jit(lambda p, b: rl.token_logprobs(p, b, mcfg, temperature=tau)[0])
+            mcfg = self.parts.model_cfg
+            self._ref_fn = jax.jit(lambda p, b, tau: rl.token_logprobs(p, b, mcfg, temperature=tau)[0],
+                                   static_argnums=2)
+        tau = 1.0 if batch.sampling is None else batch.sampling.logprob_temperature
         view = rl.SFTBatch(tokens=batch.tokens, positions=batch.positions,
                            segment_ids=batch.segment_ids, loss_mask=batch.loss_mask)
-        return batch.replace(ref_logp=self._ref_fn(self.ref_params, view) * batch.loss_mask)
+        return batch.replace(ref_logp=self._ref_fn(self.ref_params, view, tau) * batch.loss_mask)
 
     def _reverse_kl(self, batch: rl.RLBatch) -> dict:
         """Per domain, the sampled reverse-KL estimate ``mean_t(log π_student(y_t) −
@@ -315,7 +321,7 @@ class Stage:
         e = cfg.eval
         res = E.evaluate(self.parts.engine, self.tok, self._eval_prompts, self.parts.scorers, k=e.k,
                          max_new_tokens=e.max_response_len or cfg.rollout.max_response_len,
-                         temperature=0.0 if e.greedy else e.temperature, top_p=e.top_p,
+                         temperature=e.temperature, top_p=e.top_p,
                          top_k=e.top_k, seed=e.seed)
         return {"step": step, **res}
 

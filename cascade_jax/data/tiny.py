@@ -2,8 +2,9 @@
 
 Each generator makes short prompts with metadata for the domain's real scorer, plus a reference
 response that earns reward 1, so a small model trained from scratch can move every stage's
-reward. All use the production scorers from :func:`cascade_jax.rewards.make_scorer` (judged
-domains with their rule-based synthetic judges); the code domain really executes in the sandbox.
+reward. All are scored by the production scorers of :func:`cascade_jax.rewards.make_scorer`
+(judged domains with their rule-based synthetic judges; the code domain really executes in the
+sandbox): the generators live with the data, their scorers with the rewards.
 
 ============================  ===================================================================
 domain                        task
@@ -54,7 +55,7 @@ import random
 from typing import Callable
 
 from cascade_jax import domains as d
-from cascade_jax.rewards.tool_call import format_tool_call
+from cascade_jax.contract.formats import format_tool_call
 
 __all__ = ["TinyExample", "tiny_examples", "GENERATORS"]
 
