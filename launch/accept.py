@@ -309,18 +309,23 @@ def sec_train(ctx, budget):
            "peak_memory_bytes": peak_mem, "peak_memory_before_bytes": mem_before,
            "compiled_memory_bytes": compiled_bytes}
     del state
-    planner = _collect_planner(ctx["planner"], max(budget.deadline - time.perf_counter(), 0) + 60) \
-        if "planner" in ctx else {"status": "skipped", "error": "planner not started"}
-    out["planner"] = planner
-    if planner.get("status") == "ok":
-        est = planner["total_bytes"]
-        out["planner_total_bytes"] = est
-        out["ratio_peak_to_planner"] = (peak_mem / est) if peak_mem else None
-        out["ratio_compiled_to_planner"] = (compiled_bytes / est) if compiled_bytes else None
-        out["planner_flops_per_step"] = planner["flops_per_step"]
+    out["planner"] = {"status": "running", "command": ctx["planner"]["cmd"]} if "planner" in ctx else \
+        {"status": "skipped", "error": "planner not started"}
     if not peak_mem:
         out["peak_memory_note"] = "the backend reports no memory statistics (CPU); the ratio needs a device"
     return out
+
+
+def attach_planner(train: dict, planner: dict) -> dict:
+    """The train section with the planner's estimate and the measured / estimated ratios."""
+    train = {**train, "planner": planner}
+    if planner.get("status") == "ok":
+        est = planner["total_bytes"]
+        peak, compiled = train.get("peak_memory_bytes"), train.get("compiled_memory_bytes")
+        train.update(planner_total_bytes=est, planner_flops_per_step=planner["flops_per_step"],
+                     ratio_peak_to_planner=(peak / est) if peak else None,
+                     ratio_compiled_to_planner=(compiled / est) if compiled else None)
+    return train
 
 
 def _model_params(ctx):
@@ -821,8 +826,11 @@ def child(args, doc_path: pathlib.Path, sections):
         doc["wall_s"] = time.time() - doc["t0"]
         _write(out_dir, doc)
         print(f"[accept] {name}: {sec['status']} in {sec['seconds']:.1f} s ({sec['cpu_s']:.1f} s CPU)", file=sys.stderr, flush=True)
-    if "planner" in ctx and ctx["planner"]["proc"].poll() is None:
-        ctx["planner"]["proc"].kill()
+    if "planner" in ctx:  # it ran alongside the sections; wait for it within the budget (+ 60 s)
+        res = _collect_planner(ctx["planner"], t_end - time.time() + 60)
+        if doc["sections"].get("train", {}).get("status") == "ok":
+            doc["sections"]["train"] = attach_planner(doc["sections"]["train"], res)
+            _write(out_dir, doc)
 
 
 def main(argv=None) -> dict:
