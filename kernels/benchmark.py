@@ -10,11 +10,13 @@ Rows (Nemotron shapes unless ``--smoke``):
   2688→1856 (up) and 1856→2688 (down), balanced groups and skewed groups (Dirichlet α = 2 with 8
   experts forced empty). Impls: ``pallas`` (ours; on GPU also ``pallas_triton`` and the forward of
   ``pallas_mosaic_aligned``, the Mosaic kernel alone on a prebuilt tile-aligned layout), ``xla``
-  (reference loop), ``dense`` (one
+  (reference loop, what ``auto`` runs today), ``ragged_dot`` (stock ``jax.lax.ragged_dot``; skipped
+  where its dense expansion cannot fit), ``dense`` (one
   ``[6T, K] × [K, N]`` matmul, the FLOP-equivalent upper bound), ``tokamax`` (``ragged_dot``) when
   importable. FLOPs ``2·6T·K·N`` (fwd), ×3 for fwd+bwd.
 * ``attention`` — causal GQA, B = 1, 32 query / 2 KV heads, head_dim 128, S ∈ {4K, 32K, 128K}.
-  Impls: ``pallas``, ``xla`` (skipped where its S×S scores cannot fit), ``cudnn``
+  Impls: ``pallas``, ``xla`` (skipped where its S×S scores cannot fit), ``xla_blockwise``
+  (:mod:`kernels.xla_flash_attention`), ``cudnn``
   (``jax.nn.dot_product_attention(implementation="cudnn")``), ``tokamax`` when importable, ``dense``
   (a square matmul with the same FLOPs; also for ``ssd``).
   FLOPs ``2·S²·H·D`` (fwd, causal), ×3.5 for fwd+bwd.
@@ -39,7 +41,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import grouped_matmul, pallas_attention, pallas_gmm, pallas_ssd, xla_attention, xla_gmm, xla_ssd
+from . import (grouped_matmul, pallas_attention, pallas_gmm, pallas_ssd, xla_attention, xla_flash_attention, xla_gmm,
+               xla_ssd)
 from ._common import on_cpu, platform
 
 FULL = {
@@ -74,16 +77,25 @@ def _device_memory():
 
 
 class Bench:
-    def __init__(self, iters):
+    """Collects rows. ``impls``: record only these implementations (None: all); ``deadline``
+    (a ``time.perf_counter()`` value): rows reached after it are skipped ("time budget")."""
+
+    def __init__(self, iters, *, impls=None, deadline=None):
         self.iters = iters
         self.rows = []
+        self.impls = None if impls is None else set(impls)
+        self.deadline = deadline
 
     def run(self, kernel, case, impl, fn, args, flops_fwd, bwd_factor, *, interpret=False, skip=None):
         """Times the forward and forward+backward (grad of a sum over the outputs) of ``fn``."""
+        if self.impls is not None and impl not in self.impls:
+            return
         for pass_name, factor in (("fwd", 1.0), ("fwd+bwd", bwd_factor)):
-            row = dict(kernel=kernel, case=case, impl=impl, **{"pass": pass_name})
+            row = dict(kernel=kernel, case=case, impl=impl, flops_fwd=flops_fwd, **{"pass": pass_name})
             if interpret:
                 row["interpret"] = True
+            if not skip and self.deadline is not None and time.perf_counter() > self.deadline:
+                skip = "time budget spent before this row"
             if skip or (pass_name == "fwd+bwd" and bwd_factor is None):
                 row.update(status="skipped", reason=skip or "forward-only row (no VJP)")
                 self.rows.append(row)
@@ -137,6 +149,7 @@ def _dense_same_flops(b: Bench, kernel, case, flops, dtype, rng):
 def bench_gmm(b: Bench, cfg, rng, interpret):
     dtype = jnp.dtype(cfg["dtype"])
     tk, tk_err = _tokamax()
+    mem = _device_memory()
     for tokens in cfg["tokens"]:
         m = tokens * cfg["top_k"]
         for k, n in cfg["dims"]:
@@ -144,7 +157,7 @@ def bench_gmm(b: Bench, cfg, rng, interpret):
             rhs = jnp.asarray(rng.normal(size=(cfg["experts"], k, n)) / np.sqrt(k), dtype)
             w2 = jnp.asarray(rng.normal(size=(k, n)) / np.sqrt(k), dtype)
             flops = 2.0 * m * k * n
-            for skewed in (False, True):
+            for skewed in cfg.get("loads", (False, True)):
                 gs = jnp.asarray(_group_sizes(m, cfg["experts"], skewed, rng), jnp.int32)
                 case = f"T={tokens} M={m} {k}->{n} {'skewed' if skewed else 'balanced'}"
                 b.run("gmm", case, "pallas", lambda a, w, g=gs: grouped_matmul(a, w, g, impl="pallas"), (lhs, rhs), flops, 3.0,
@@ -160,6 +173,12 @@ def bench_gmm(b: Bench, cfg, rng, interpret):
                           lambda a, w, t=tg: pallas_gmm_mgpu.gmm_aligned(a, w, t, block_m=128, block_n=128 if n % 128 == 0 else 64)[0],
                           (lhs_p, rhs), flops, None)
                 b.run("gmm", case, "xla", lambda a, w, g=gs: xla_gmm.gmm(a, w, g), (lhs, rhs), flops, 3.0)
+                # stock jax.lax.ragged_dot: expanded densely over the experts on GPU/CPU (an
+                # E·M·K temporary for the forward, more for the backward)
+                expand = 3 * cfg["experts"] * m * k * dtype.itemsize
+                b.run("gmm", case, "ragged_dot", lambda a, w, g=gs: jax.lax.ragged_dot(a, w, g), (lhs, rhs), flops, 3.0,
+                      skip=(f"dense expansion needs ~{expand / 2**30:.0f} GiB > device memory"
+                            if mem is not None and expand > mem else None))
                 b.run("gmm", case, "dense", lambda a, w: jnp.dot(a, w), (lhs, w2), flops, 3.0)
                 if tk is None:
                     b.run("gmm", case, "tokamax", None, (), flops, 3.0, skip=tk_err)
@@ -185,6 +204,8 @@ def bench_attention(b: Bench, cfg, rng, interpret):
         too_big = mem is not None and scores_bytes > mem
         b.run("attention", case, "xla", lambda q, k, v: xla_attention.attention(q, k, v), (q, k, v), flops, 3.5,
               skip=f"S×S scores need ~{scores_bytes / 2**30:.0f} GiB > device memory" if too_big else None)
+        b.run("attention", case, "xla_blockwise", lambda q, k, v: xla_flash_attention.attention(q, k, v), (q, k, v),
+              flops, 3.5)
         why = cudnn_attention.why_unsupported(q, k, v)
         b.run("attention", case, "cudnn", lambda q, k, v: cudnn_attention.attention(q, k, v), (q, k, v), flops, 3.5,
               skip=why)

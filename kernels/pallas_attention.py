@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from . import tuning
 from ._common import attention_args, on_cpu, pad_to, pick_block, round_up, pallas_call, triton_params
 
 __all__ = ["attention", "attention_context_parallel", "block_ranges", "zigzag_permutation"]
@@ -291,12 +292,16 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
 def attention(q, k, v, *, q_positions=None, kv_positions=None, q_segment_ids=None,
-              kv_segment_ids=None, kv_valid=None, scale=None, block_q: int = 128,
-              block_k: int = 128, interpret: Optional[bool] = None):
-    """Pallas flash attention (see module docstring). ``block_q``/``block_k`` are capped by the
-    (padded) sequence lengths; T and S are padded to the blocks internally."""
+              kv_segment_ids=None, kv_valid=None, scale=None, block_q: Optional[int] = None,
+              block_k: Optional[int] = None, interpret: Optional[bool] = None):
+    """Pallas flash attention (see module docstring). ``block_q``/``block_k``: default from the
+    tuning table (``attention`` at ``(t, s, d)``, :func:`kernels.tuning.lookup`), else 128; capped
+    by the (padded) sequence lengths; T and S are padded to the blocks internally."""
     b, t, hq, d = q.shape
     s, hkv = k.shape[1], k.shape[2]
+    tuned = tuning.lookup("attention", t=t, s=s, d=d)
+    block_q = block_q or tuned.get("block_q", 128)
+    block_k = block_k or tuned.get("block_k", 128)
     q_positions, kv_positions, q_segment_ids, kv_segment_ids, kv_valid = attention_args(
         q, k, q_positions, kv_positions, q_segment_ids, kv_segment_ids, kv_valid)
     interpret = on_cpu() if interpret is None else interpret

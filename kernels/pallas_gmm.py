@@ -41,11 +41,12 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from . import tuning
 from ._common import (apply_epilogue, check_gmm_shapes, epilogue_grad, on_cpu, pad_to, pallas_call,
                       pick_block, round_up, triton_params)
 from .xla_gmm import group_offsets
 
-__all__ = ["gmm", "tgmm", "group_offsets", "tile_group_ranges", "visit_schedule"]
+__all__ = ["gmm", "tgmm", "tuned_blocks", "group_offsets", "tile_group_ranges", "visit_schedule"]
 
 # ------------------------------------------------------------------------------------------
 # Group metadata
@@ -396,28 +397,43 @@ def _variant(variant: Optional[str]) -> str:
     return variant
 
 
+def tuned_blocks(variant: str, m: int, k: int, n: int, block_m=None, block_k=None, block_n=None):
+    """``(block_m, block_k, block_n)``: the given ones, else the tuning table's entry for
+    ``gmm_<variant>`` at ``(m, k, n)`` on this device (:func:`kernels.tuning.lookup`), else 128."""
+    t = tuning.lookup("gmm_triton" if variant == "gpu" else "gmm_tpu", m=m, k=k, n=n)
+    return (block_m or t.get("block_m", 128), block_k or t.get("block_k", 128),
+            block_n or t.get("block_n", 128))
+
+
 def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, epilogue: Optional[str] = None,
-        variant: Optional[str] = None, block_m: int = 128, block_k: int = 128, block_n: int = 128,
-        interpret: Optional[bool] = None) -> jax.Array:
+        variant: Optional[str] = None, block_m: Optional[int] = None, block_k: Optional[int] = None,
+        block_n: Optional[int] = None, interpret: Optional[bool] = None) -> jax.Array:
     """Grouped matmul ``[M, K] × [E, K, N] -> [M, N]`` (see module docstring).
 
     ``epilogue``: ``None`` or ``"relu2"`` (``relu(·)²`` fused on the fp32 accumulator).
     ``variant``: ``"gpu"`` (Triton lowering; what interpret mode runs) | ``"tpu"`` (Mosaic TPU);
     default: the platform's, from :func:`kernels.pallas_gmm_variant`.
+    ``block_*``: default from the tuning table, else 128 (:func:`tuned_blocks`); the backward
+    uses the forward's blocks.
     ``interpret``: default ``True`` exactly when running on CPU.
     """
     check_gmm_shapes(lhs, rhs, group_sizes, epilogue)
     variant = _variant(variant)
     interpret = on_cpu() if interpret is None else interpret
+    block_m, block_k, block_n = tuned_blocks(variant, lhs.shape[0], lhs.shape[1], rhs.shape[2],
+                                             block_m, block_k, block_n)
     cfg = (variant, block_m, block_k, block_n, interpret)
     return _gmm(lhs, rhs.astype(lhs.dtype), group_sizes.astype(jnp.int32), cfg, epilogue)
 
 
 def tgmm(lhs: jax.Array, dout: jax.Array, group_sizes: jax.Array, *, variant: Optional[str] = None,
-         block_m: int = 128, block_k: int = 128, block_n: int = 128,
+         block_m: Optional[int] = None, block_k: Optional[int] = None, block_n: Optional[int] = None,
          interpret: Optional[bool] = None) -> jax.Array:
-    """``out[e] = lhs[rows_e]ᵀ @ dout[rows_e]`` -> ``[E, K, N]`` (fp32 accumulation, ``lhs.dtype``)."""
+    """``out[e] = lhs[rows_e]ᵀ @ dout[rows_e]`` -> ``[E, K, N]`` (fp32 accumulation, ``lhs.dtype``);
+    blocks as in :func:`gmm` (the table entry of the forward shape ``(M, K, N)``)."""
     variant = _variant(variant)
     interpret = on_cpu() if interpret is None else interpret
+    block_m, block_k, block_n = tuned_blocks(variant, lhs.shape[0], lhs.shape[1], dout.shape[1],
+                                             block_m, block_k, block_n)
     cfg = (variant, block_m, block_k, block_n, interpret)
     return _tgmm_call(lhs, dout, group_sizes.astype(jnp.int32), cfg, lhs.dtype)

@@ -30,10 +30,11 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from . import pallas_gmm  # its Triton-layout weight gradient (one-way: pallas_gmm never imports this)
+from . import tuning
 from ._common import apply_epilogue, check_gmm_shapes, epilogue_grad, pad_to, round_up
 from .moe_dispatch import padded_layout
 
-__all__ = ["gmm", "gmm_aligned", "aligned_tiles"]
+__all__ = ["gmm", "gmm_aligned", "aligned_tiles", "tuned_blocks"]
 
 
 def aligned_tiles(group_sizes, num_rows: int, block_m: int):
@@ -147,11 +148,18 @@ def _gmm_bwd(cfg, epilogue, res, dout):
 _gmm.defvjp(_gmm_fwd, _gmm_bwd)
 
 
+def tuned_blocks(m: int, k: int, n: int, block_m: Optional[int] = None, block_k: Optional[int] = None):
+    """``(block_m, block_k)``: the given ones, else the tuning table's ``gmm_mosaic`` entry at
+    ``(m, k, n)`` on this device (:func:`kernels.tuning.lookup`), else ``block_m`` 64 (less
+    padding per expert) up to 32K rows and 128 above, ``block_k`` 64."""
+    t = tuning.lookup("gmm_mosaic", m=m, k=k, n=n)
+    return (block_m or t.get("block_m", 64 if m <= 32768 else 128), block_k or t.get("block_k", 64))
+
+
 def gmm(lhs, rhs, group_sizes, *, epilogue: Optional[str] = None, block_m: Optional[int] = None,
-        block_k: int = 64):
+        block_k: Optional[int] = None):
     """Mosaic GPU grouped matmul ``[M, K] × [E, K, N] -> [M, N]`` (contract of
-    :func:`kernels.xla_gmm.gmm`). ``block_m`` defaults to 64 (less padding per expert) below
-    32K rows and 128 above."""
+    :func:`kernels.xla_gmm.gmm`); blocks from :func:`tuned_blocks`."""
     check_gmm_shapes(lhs, rhs, group_sizes, epilogue)
-    bm = block_m or (64 if lhs.shape[0] <= 32768 else 128)
-    return _gmm(lhs, rhs.astype(lhs.dtype), group_sizes.astype(jnp.int32), (bm, block_k), epilogue)
+    bm, bk = tuned_blocks(lhs.shape[0], lhs.shape[1], rhs.shape[2], block_m, block_k)
+    return _gmm(lhs, rhs.astype(lhs.dtype), group_sizes.astype(jnp.int32), (bm, bk), epilogue)

@@ -42,6 +42,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from . import tuning
 from ._common import on_cpu, pad_to, pallas_call, triton_params
 from .xla_ssd import segment_resets
 
@@ -143,7 +144,7 @@ def _specs(tp, p, n, rep):
 
 
 def _fwd_call(x, dt, acum, bm, cm, rc, s0, cfg, save_states):
-    q, interpret = cfg
+    q, interpret, warps_fwd, _ = cfg
     b, tp, h, p = x.shape
     g, n = bm.shape[2], bm.shape[3]
     nc = tp // q
@@ -160,7 +161,7 @@ def _fwd_call(x, dt, acum, bm, cm, rc, s0, cfg, save_states):
         out_shape=[jax.ShapeDtypeStruct((b, tp, h, p), f32), jax.ShapeDtypeStruct((b, h, p, n), f32),
                    jax.ShapeDtypeStruct(st_shape, f32)],
         interpret=interpret,
-        compiler_params=triton_params(interpret, 4, 1),
+        compiler_params=triton_params(interpret, warps_fwd, 1),
         cost_estimate=pl.CostEstimate(flops=flops, transcendentals=b * h * tp * (q + 2),
                                       bytes_accessed=x.nbytes + 4 * b * tp * h * p + h // g * (bm.nbytes + cm.nbytes)),
         name="ssd_fwd",
@@ -168,7 +169,7 @@ def _fwd_call(x, dt, acum, bm, cm, rc, s0, cfg, save_states):
 
 
 def _bwd_call(x, dt, acum, bm, cm, rc, states, dy, dsf, cfg):
-    q, interpret = cfg
+    q, interpret, _, warps_bwd = cfg
     b, tp, h, p = x.shape
     g, n = bm.shape[2], bm.shape[3]
     nc = tp // q
@@ -184,7 +185,7 @@ def _bwd_call(x, dt, acum, bm, cm, rc, states, dy, dsf, cfg):
                    jax.ShapeDtypeStruct((b, tp, h), f32), jax.ShapeDtypeStruct((b, tp, h, n), f32),
                    jax.ShapeDtypeStruct((b, tp, h, n), f32), jax.ShapeDtypeStruct((b, h, p, n), f32)],
         interpret=interpret,
-        compiler_params=triton_params(interpret, 8, 1),
+        compiler_params=triton_params(interpret, warps_bwd, 1),
         cost_estimate=pl.CostEstimate(flops=flops, transcendentals=b * h * tp * (q + 2),
                                       bytes_accessed=2 * x.nbytes + 8 * b * tp * h * (p + n) + states.nbytes),
         name="ssd_bwd",
@@ -235,8 +236,12 @@ def _prepare(x, dt, A, Bm, Cm, chunk_size, segment_ids):
 
 
 def ssd(x, dt, A, Bm, Cm, *, chunk_size, segment_ids=None, initial_state=None,
-        interpret: Optional[bool] = None):
-    """Pallas SSD scan (see module docstring). Returns ``(y [B,T,H,P] fp32, final [B,H,P,N] fp32)``."""
+        interpret: Optional[bool] = None, num_warps_fwd: Optional[int] = None,
+        num_warps_bwd: Optional[int] = None):
+    """Pallas SSD scan (see module docstring). Returns ``(y [B,T,H,P] fp32, final [B,H,P,N] fp32)``.
+
+    ``num_warps_fwd`` / ``num_warps_bwd`` (compiled Triton launches): default from the tuning
+    table (``ssd`` at ``(t, p, n)``, :func:`kernels.tuning.lookup`), else 4 / 8."""
     b, t, h, p = x.shape
     g, n = Bm.shape[2], Bm.shape[3]
     if h % g:
@@ -244,7 +249,10 @@ def ssd(x, dt, A, Bm, Cm, *, chunk_size, segment_ids=None, initial_state=None,
     interpret = on_cpu() if interpret is None else interpret
     xp, dtp, acum, bp, cp, rc = _prepare(x, dt, A, Bm, Cm, chunk_size, segment_ids)
     s0 = jnp.zeros((b, h, p, n), f32) if initial_state is None else initial_state.astype(f32)
-    y, sf = _ssd_core(xp, dtp, acum, bp, cp, rc, s0, (chunk_size, interpret))
+    tuned = tuning.lookup("ssd", t=t, p=p, n=n)
+    cfg = (chunk_size, interpret, num_warps_fwd or tuned.get("num_warps_fwd", 4),
+           num_warps_bwd or tuned.get("num_warps_bwd", 8))
+    y, sf = _ssd_core(xp, dtp, acum, bp, cp, rc, s0, cfg)
     return y[:, :t], sf
 
 
