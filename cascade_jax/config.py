@@ -118,8 +118,10 @@ def _check_sampling(section: str, temperature: float, top_p: float, top_k: int, 
     if greedy and temperature != 0:
         raise ConfigError(f"{section}.temperature: must be 0 with {section}.greedy=true, got {temperature}")
     if not greedy and not temperature > 0:
-        raise ConfigError(f"{section}.temperature: must be > 0 (or 0 with {section}.greedy=true for "
-                          f"argmax decoding), got {temperature}")
+        hint = (" (RL stages sample their rollouts; argmax decoding is eval.greedy=true with "
+                "eval.temperature=0, or rollout.greedy=true for the demo)" if section == "rollout" else
+                f" (or 0 with {section}.greedy=true for argmax decoding)")
+        raise ConfigError(f"{section}.temperature: must be > 0{hint}, got {temperature}")
     if not 0.0 < top_p <= 1.0:
         raise ConfigError(f"{section}.top_p: must be in (0, 1], got {top_p}")
     if top_k == 0 or top_k < -1:
@@ -338,16 +340,23 @@ class StageConfig:
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
-    """Bookkeeping: output directory, seed, logging and checkpoint cadence (0 = only at the
-    end), retention (last ``keep_last`` plus the ``keep_best`` best by eval score), Hub exports
-    every ``export_every`` steps (0 = only the final one), ``jax.profiler`` traces of the steps
-    in ``profile_steps`` (numbered as in ``metrics.jsonl``: the first step is 1; written to
-    ``<run dir>/profile``, readable by TensorBoard's profile plugin or Perfetto)."""
+    """Bookkeeping: output directory, seed, logging and checkpoint cadence, retention (last
+    ``keep_last`` plus the ``keep_best`` best by eval score), Hub exports every ``export_every``
+    steps (0 = only the final one), ``jax.profiler`` traces of the steps in ``profile_steps``
+    (numbered as in ``metrics.jsonl``: the first step is 1; written to ``<run dir>/profile``,
+    readable by TensorBoard's profile plugin or Perfetto).
+
+    Checkpoints are preemption-safe by default: one every ``checkpoint_every`` steps (0 = off)
+    and one whenever ``checkpoint_every_s`` seconds of wall time have passed since the last
+    (0 = off), besides the final one and the one written when SIGTERM / SIGINT stops the stage
+    (``cascade_jax.runner.loop``). Neither cadence changes the results: a run dir resumes
+    under another cadence."""
 
     out_dir: str = "runs/default"
     seed: int = 0
     log_every: int = 1
-    checkpoint_every: int = 0
+    checkpoint_every: int = 1000
+    checkpoint_every_s: float = 1800.0
     keep_last: int = 3
     keep_best: int = 1
     async_checkpoint: bool = True
@@ -361,6 +370,9 @@ class RunConfig:
         for name in ("checkpoint_every", "keep_best", "export_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"run.{name}: must be >= 0, got {getattr(self, name)}")
+        if not self.checkpoint_every_s >= 0:
+            raise ConfigError(f"run.checkpoint_every_s: must be >= 0 seconds (0 = off), got "
+                              f"{self.checkpoint_every_s}")
         bad = [s for s in self.profile_steps if isinstance(s, bool) or not isinstance(s, int) or s < 1]
         if bad:
             raise ConfigError(f"run.profile_steps: step numbers start at 1 (as in metrics.jsonl), "
@@ -410,6 +422,11 @@ class Config:
         # The built-in tiny domains are toy prompts for the tiny preset; a paper-scale model must
         # not fall back to them silently when a config leaves ``data.sources`` out.
         if self.model.preset != "tiny" and any(s.format == "tiny" for s in self.data.sources):
+            from models.nemotron_h.config import PRESETS
+
+            if self.model.preset not in PRESETS:  # a typo, not a request for real data
+                raise ConfigError(f"model.preset: unknown preset {self.model.preset!r}; valid presets: "
+                                  f"{', '.join(PRESETS)}")
             raise ConfigError(f"data.sources: the built-in 'tiny' source is for the tiny preset; preset "
                               f"{self.model.preset!r} needs real data (set data.sources; configs/SOURCES.md "
                               f"lists the released datasets)")

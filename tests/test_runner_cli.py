@@ -110,6 +110,7 @@ def test_run_dir_holding_another_run(capsys, tmp_path):
     other = C.apply_overrides(R.resolve_config(R.parse_args(["--stage=tiny/sft"])),
                               ["optimizer.lr=0.5", f"run.out_dir={run_dir}"])
     (run_dir / "run_config.json").write_text(C.to_json(other))
+    (run_dir / "checkpoints" / "7").mkdir(parents=True)  # it got as far as a checkpoint
     before = sorted(p.name for p in run_dir.iterdir())
     code, err = _main(capsys, "--stage=tiny/sft", f"--run-dir={run_dir}")
     assert code == 4 and "holds a different run" in err and "optimizer.lr" in err and "--fresh" in err

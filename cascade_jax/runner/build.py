@@ -237,8 +237,10 @@ def _data_call(fn, config, tokenizer):
     from cascade_jax import data
 
     try:
-        return fn(config, tokenizer, process_index=jax.process_index(),
-                  process_count=jax.process_count())
+        it = fn(config, tokenizer, process_index=jax.process_index(),
+                process_count=jax.process_count())
+        it.check()  # bad rows / nothing usable: fail now, before the run writes anything
+        return it
     except FileNotFoundError as e:
         raise InputFileError(f"data: {e}") from None
     except data.DataError as e:
@@ -439,21 +441,28 @@ class Parts:
 
 def build(config: C.Config) -> Parts:
     """Everything ``config``'s stage needs (see the module table), validated first."""
+    from cascade_jax.runner.preflight import check_memory
+
     validate(config)
     start_distributed()
     mesh = build_mesh(config)
-    model_cfg, params = build_model(config, mesh)
+    # the cheap checks first: tokenizer, data and memory before any weights are made
     tokenizer = build_tokenizer(config)
+    model_cfg = model_config(config)
     if tokenizer.vocab_size > model_cfg.vocab_size:
         raise ConfigError(f"tokenizer has {tokenizer.vocab_size} tokens > model vocab_size "
                           f"{model_cfg.vocab_size}")
-    parts = Parts(model_cfg=model_cfg, params=params, tokenizer=tokenizer,
-                  mesh=mesh, train_step=build_train_step(config, model_cfg, mesh))
     obj = config.stage.objective
+    data = None
     if obj == "sft":
-        parts.data = build_sft_data(config, tokenizer)
+        data = build_sft_data(config, tokenizer)
     elif obj in ("grpo", "mopd"):
-        parts.data = build_prompt_data(config, tokenizer)
+        data = build_prompt_data(config, tokenizer)
+    check_memory(config, model_cfg)
+    model_cfg, params = build_model(config, mesh)
+    parts = Parts(model_cfg=model_cfg, params=params, tokenizer=tokenizer, data=data,
+                  mesh=mesh, train_step=build_train_step(config, model_cfg, mesh))
+    if obj in ("grpo", "mopd"):
         parts.scorers = build_scorers(config)
         if obj == "mopd":
             parts.teachers = build_teachers(config, model_cfg)
