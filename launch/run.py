@@ -226,10 +226,7 @@ def _main(args) -> int:
 
     run_dir = pathlib.Path(cfg.run.out_dir)
     if cfg.stage.objective != "demo":  # an --init inside the run dir: refused before all else
-        from cascade_jax.runner.preflight import check_inputs
-
         check_run_dir(cfg, run_dir, fresh=args.fresh)
-        check_inputs(cfg)  # every missing teacher / data / tokenizer path named at once
     validate(cfg)
     if cfg.stage.objective == "demo":
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -5,6 +5,7 @@ interruptions, bad input, mistyped paths -- each checked for its exit code, its 
 import json
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -16,6 +17,8 @@ import pytest
 from tests.runner_support import cache_dir, write_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+#: a progress line ("[sft] step 3/5 ...", printed every 30 s without a terminal)
+PROGRESS = re.compile(r"^\[[\w/.-]+\] ")
 
 #: a tiny SFT stage of a few short steps (seconds on CPU once compiled)
 TINY_SFT = {"data": {"batch_rows": 2, "seq_len": 128, "domains": ["math"]},
@@ -43,7 +46,7 @@ def _run(tmp_path_factory, script, *args, timeout=300, **env):
 
 def _one_error(r, code: int, *needles) -> str:
     """Exit ``code``, exactly one non-empty stderr line, ``error: ...`` containing ``needles``."""
-    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    lines = [l for l in r.stderr.splitlines() if l.strip() and not PROGRESS.match(l)]
     assert r.returncode == code, (r.returncode, r.stderr[-3000:])
     assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr[-3000:]
     for n in needles:

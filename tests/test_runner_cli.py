@@ -3,6 +3,7 @@ code, no traceback, nothing written; sensible defaults with no arguments."""
 
 import json
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -15,6 +16,7 @@ from cascade_jax.runner import errors as E
 from launch import run as R
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+PROGRESS = re.compile(r"^\[[\w/.-]+\] ")
 
 
 def _main(capsys, *args):
@@ -28,7 +30,8 @@ def _fails(capsys, tmp_path, code, needles, *args):
     run_dir = tmp_path / "run"
     got, err = _main(capsys, f"--run-dir={run_dir}", *args)
     assert got == code, err
-    lines = [l for l in err.splitlines() if l.strip()]
+    # progress lines ("[stage] ...", every 30 s of a slow build) are not part of the error
+    lines = [l for l in err.splitlines() if l.strip() and not PROGRESS.match(l)]
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     for n in needles:
         assert n in lines[0], (n, lines[0])

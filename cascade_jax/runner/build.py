@@ -414,11 +414,14 @@ def validate(config: C.Config) -> None:
     if st.objective == "sft" and config.data.seq_len > mcfg.max_position_embeddings:
         raise ConfigError(f"data.seq_len {config.data.seq_len} exceeds the model's "
                           f"max_position_embeddings {mcfg.max_position_embeddings}")
+    if config.data.batch_prompts < 1:
+        raise ConfigError(f"data.batch_prompts: must be >= 1, got {config.data.batch_prompts}")
+    from cascade_jax.runner.preflight import check_inputs
+
+    check_inputs(config)  # every missing teacher / data / tokenizer path, named at once
     if st.objective == "mopd":
         for dom, path in config.stage.teachers.items():
             resolve_init(path, f"stage.teachers.{dom}")
-    if config.data.batch_prompts < 1:
-        raise ConfigError(f"data.batch_prompts: must be >= 1, got {config.data.batch_prompts}")
 
 
 # --------------------------------------------------------------------------------------------

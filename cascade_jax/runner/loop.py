@@ -53,7 +53,6 @@ from cascade_jax.data.rows import DataError
 from cascade_jax.runner.errors import InputFileError, Preempted, RunDirError
 from cascade_jax.runner.metrics import MetricsWriter, Progress
 from cascade_jax.runner.preempt import StopSignals, hold_point
-from cascade_jax.runner.preflight import check_inputs
 from cascade_jax.runner.stage import Stage
 
 __all__ = ["run_stage", "check_run_dir", "started", "RUN_ARTIFACTS", "BOOKKEEPING_KEYS",
@@ -255,7 +254,6 @@ def _run_stage(config: C.Config, run_dir: pathlib.Path, *, fresh: bool, argv, lo
     obj = config.stage.objective
     # ---- validate and build everything before writing anything
     bar.set_phase("validating")
-    check_inputs(config)  # every missing input named at once, before anything is built
     B.validate(config)
     resume = check_run_dir(config, run_dir, fresh=fresh)
     bar.set_phase("building (model, data, compile)")

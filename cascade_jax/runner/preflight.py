@@ -2,8 +2,8 @@
 there (teachers, data sources, tokenizer, the initial checkpoint) -- all missing ones named in
 one error -- and the train state fits the machine's memory.
 
-:func:`check_inputs` runs first in :func:`cascade_jax.runner.run_stage` (before the config's
-single-input checks, which would name only the first missing path); :func:`check_memory` runs in
+:func:`check_inputs` runs in :func:`cascade_jax.runner.build.validate` after the config checks
+(before the single-input checks, which would name only the first missing path); :func:`check_memory` runs in
 :func:`cascade_jax.runner.build.build` after the tokenizer and data and before the weights.
 """
 
