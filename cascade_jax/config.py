@@ -347,16 +347,23 @@ class StageConfig:
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
-    """Bookkeeping: output directory, seed, logging and checkpoint cadence (0 = only at the
-    end), retention (last ``keep_last`` plus the ``keep_best`` best by eval score), Hub exports
-    every ``export_every`` steps (0 = only the final one), ``jax.profiler`` traces of the steps
-    in ``profile_steps`` (numbered as in ``metrics.jsonl``: the first step is 1; written to
-    ``<run dir>/profile``, readable by TensorBoard's profile plugin or Perfetto)."""
+    """Bookkeeping: output directory, seed, logging and checkpoint cadence, retention (last
+    ``keep_last`` plus the ``keep_best`` best by eval score), Hub exports every ``export_every``
+    steps (0 = only the final one), ``jax.profiler`` traces of the steps in ``profile_steps``
+    (numbered as in ``metrics.jsonl``: the first step is 1; written to ``<run dir>/profile``,
+    readable by TensorBoard's profile plugin or Perfetto).
+
+    Checkpoints are preemption-safe by default: one every ``checkpoint_every`` steps (0 = off)
+    and one whenever ``checkpoint_every_s`` seconds of wall time have passed since the last
+    (0 = off), besides the final one and the one written when SIGTERM / SIGINT stops the stage
+    (``cascade_jax.runner.loop``). Neither cadence changes the results: a run dir resumes
+    under another cadence."""
 
     out_dir: str = "runs/default"
     seed: int = 0
     log_every: int = 1
-    checkpoint_every: int = 0
+    checkpoint_every: int = 1000
+    checkpoint_every_s: float = 1800.0
     keep_last: int = 3
     keep_best: int = 1
     async_checkpoint: bool = True
@@ -370,6 +377,9 @@ class RunConfig:
         for name in ("checkpoint_every", "keep_best", "export_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"run.{name}: must be >= 0, got {getattr(self, name)}")
+        if not self.checkpoint_every_s >= 0:
+            raise ConfigError(f"run.checkpoint_every_s: must be >= 0 seconds (0 = off), got "
+                              f"{self.checkpoint_every_s}")
         bad = [s for s in self.profile_steps if isinstance(s, bool) or not isinstance(s, int) or s < 1]
         if bad:
             raise ConfigError(f"run.profile_steps: step numbers start at 1 (as in metrics.jsonl), "
@@ -418,6 +428,11 @@ class Config:
         # The built-in tiny domains are toy prompts for the tiny preset; a paper-scale model must
         # not fall back to them silently when a config leaves ``data.sources`` out.
         if self.model.preset != "tiny" and any(s.format == "tiny" for s in self.data.sources):
+            from models.nemotron_h.config import PRESETS
+
+            if self.model.preset not in PRESETS:  # a typo, not a request for real data
+                raise ConfigError(f"model.preset: unknown preset {self.model.preset!r}; valid presets: "
+                                  f"{', '.join(PRESETS)}")
             raise ConfigError(f"data.sources: the built-in 'tiny' source is for the tiny preset; preset "
                               f"{self.model.preset!r} needs real data (set data.sources; configs/SOURCES.md "
                               f"lists the released datasets)")

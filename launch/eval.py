@@ -8,16 +8,22 @@
 and rollout settings) come from its ``run_config.json`` (or from ``--config``) and the result is also written to
 ``<run dir>/eval/<name>.json``. Prompts: ``--prompts`` per domain from the data pipeline with
 ``data.shuffle_seed = --seed`` (held out from training for the tiny domains). The runner's
-periodic evaluation calls the same code (``cascade_jax.runner.evaluate``). Errors: one line,
-exit codes as ``launch/run.py``.
+periodic evaluation calls the same code (``cascade_jax.runner.evaluate``). ``--max-new-tokens``
+must fit the model's context with the prompts; ``--name`` is a plain file name; both are
+checked before the evaluation. A progress line is printed every 30 seconds. Errors: one line,
+exit codes as ``launch/run.py`` (130 when interrupted).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
+import re
+import signal
 import sys
+import threading
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 if (ROOT / "cascade_jax").is_dir() and str(ROOT) not in sys.path:
@@ -25,6 +31,8 @@ if (ROOT / "cascade_jax").is_dir() and str(ROOT) not in sys.path:
 
 from cascade_jax import config as C  # noqa: E402
 from cascade_jax.runner import errors as E  # noqa: E402
+
+_NAME = re.compile(r"[A-Za-z0-9._-]+")
 
 
 def parse_args(argv=None):
@@ -93,27 +101,66 @@ def resolve(args) -> tuple[C.Config, pathlib.Path | None]:
     return cfg, run_dir
 
 
+def check_name(name: str) -> str:
+    """``--name``: a plain file name (letters, digits, ``.``, ``_``, ``-``; no path)."""
+    if not _NAME.fullmatch(name) or name in (".", ".."):
+        raise E.ConfigError(f"--name {name!r}: expected a plain file name (letters, digits, '.', "
+                            f"'_', '-'), written as <run dir>/eval/<name>.json")
+    return name
+
+
+def _interrupt(signum, frame):
+    """SIGTERM stops the evaluation like Ctrl-C."""
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)
+    bar = None
     try:
+        check_name(args.name)
         cfg, run_dir = resolve(args)
-        from cascade_jax.runner.evaluate import evaluate_checkpoint, format_table
+        from cascade_jax.runner.build import model_config
+        from cascade_jax.runner.evaluate import check_lengths, evaluate_checkpoint, format_table
+        from cascade_jax.runner.metrics import Progress
 
-        res = evaluate_checkpoint(cfg)
+        check_lengths(cfg, model_config(cfg), flag="--max-new-tokens")
+        bar = Progress(0, desc="eval", enabled=False)
+        res = evaluate_checkpoint(cfg, phase=bar.set_phase)
+        bar.close()
     except E.RunError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
     except C.ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return E.ConfigError.exit_code
+    except KeyboardInterrupt as e:
+        print(f"interrupted ({e or 'SIGINT'}): nothing was written", file=sys.stderr)
+        return E.INTERRUPTED_EXIT
+    finally:
+        if bar is not None:
+            bar.close()
     print(format_table(res["domains"]), file=sys.stderr)
     if run_dir is not None:
         out = run_dir / "eval" / f"{args.name}.json"
-        out.parent.mkdir(exist_ok=True)
-        out.write_text(json.dumps(res, indent=2) + "\n")
+        try:
+            out.parent.mkdir(exist_ok=True)
+            out.write_text(json.dumps(res, indent=2) + "\n")
+        except OSError as e:
+            full = E.disk_error(e) or E.OutputError(f"cannot write {out}: {e.strerror or e}")
+            print(json.dumps(res))  # the result is not lost
+            print(f"error: {full}", file=sys.stderr)
+            return full.exit_code
     print(json.dumps(res))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if code == E.INTERRUPTED_EXIT:  # threads of XLA / the scorers may still run: no teardown
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

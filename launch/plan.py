@@ -46,15 +46,29 @@ def parse_mesh(text: str) -> dict:
     return sizes
 
 
+def _positive(kind):
+    """argparse type: a number of ``kind`` > 0 (argparse names the flag in its error)."""
+    def parse(text):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
+        if not v > 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return v
+    parse.__name__ = kind.__name__
+    return parse
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="nano-30b-a3b", help="model preset (tiny, nano-30b-a3b)")
     ap.add_argument("--mesh", required=True, help="axis:size,... over data, fsdp, expert, context, tensor")
-    ap.add_argument("--seq-len", type=int, default=8192)
-    ap.add_argument("--batch", type=int, default=None,
+    ap.add_argument("--seq-len", type=_positive(int), default=8192)
+    ap.add_argument("--batch", type=_positive(int), default=None,
                     help="sequences per step (default: one per data x fsdp x expert device)")
     ap.add_argument("--objective", default="grpo", choices=("grpo", "mopd", "sft"))
-    ap.add_argument("--grad-accum", type=int, default=1)
+    ap.add_argument("--grad-accum", type=_positive(int), default=1)
     ap.add_argument("--remat", default=None, choices=("none", "full", "dots"))
     ap.add_argument("--no-scan", action="store_true", help="unrolled layer loop (compile-time baseline)")
     ap.add_argument("--full-compile", action="store_true",
@@ -62,7 +76,7 @@ def parse_args(argv=None):
     ap.add_argument("--a2a", default="auto", choices=("auto", "ragged", "padded"),
                     help="the expert-parallel token exchange (the config's mesh.a2a); CPU plans "
                          "compile the padded one (auto), whose buffers bound the ragged one's")
-    ap.add_argument("--device-memory-gib", type=float, default=80.0)
+    ap.add_argument("--device-memory-gib", type=_positive(float), default=80.0)
     ap.add_argument("--override", action="append", default=[], metavar="FIELD=VALUE",
                     help="ModelConfig field override (JSON value), e.g. --override hidden_size=256")
     ap.add_argument("--json", action="store_true", help="print one JSON object")

@@ -10,9 +10,13 @@
 
 ``--stage=cascade`` runs every stage of the cascade in the paper's order (``cascade_jax.cascade``),
 one run dir per stage under the cascade dir, with ``teachers.json`` and ``report.md``; rerunning
-resumes. ``--stage=mopd`` runs MOPD alone: with ``--teachers-from`` a finished cascade dir supplies
-its start and teachers, else the earlier stages run first (into ``runs/cascade``). ``--set``
-applies to every stage; ``--preset`` picks the stage configs (``tiny``, the default, or the 30B).
+resumes. ``--stage=mopd`` is the 30B MOPD stage as configured (``configs/mopd.json``): it checks
+its teachers, data and devices first and names whatever is missing, before anything large is
+built; with ``--teachers-from`` a finished cascade dir supplies its start and teachers (in the
+preset that cascade ran with). ``--stage=tiny/mopd`` is the tiny bootstrap: the earlier tiny
+stages run first (into ``runs/cascade``), or ``--teachers-from`` a tiny cascade (with
+``--set stage.teachers=...`` it is a plain stage config). ``--set`` applies to every stage;
+``--preset`` picks the stage configs of ``--stage=cascade`` (``tiny``, the default, or the 30B).
 
 ``--stage NAME`` loads the packaged ``configs/NAME.json`` (``tiny/NAME`` for the toy-scale
 variants); ``--config PATH`` any JSON config. Then, in order: ``--preset`` sets ``model.preset``
@@ -21,11 +25,21 @@ run dir whose final export ``hub/`` is used), ``--run-dir`` sets ``run.out_dir``
 ``--set a.b=v`` overrides one field (validated; unknown keys are errors naming the key).
 
 Rerunning the same command resumes from the run dir's newest complete checkpoint; a run dir
-holding a different config is refused unless ``--fresh`` (which starts it over).
+holding a different config is refused unless ``--fresh`` (which removes that run's artefacts
+and nothing else; an ``--init`` or teacher inside them is refused first). A run dir whose run
+stopped before its first checkpoint is simply started over.
+
+Checkpoints are written every ``run.checkpoint_every`` steps and every ``run.checkpoint_every_s``
+seconds (defaults 1000 steps, 30 minutes). SIGTERM (a pod preemption) or Ctrl-C during the steps
+finishes the step, writes a checkpoint and exits 75; rerunning the same command resumes it bit
+for bit. Interrupted anywhere else (build, compile, evaluation) it exits 130, having written
+nothing half-done. Without a terminal, a progress line (step, rate, ETA) is printed at least
+every 30 seconds.
 
 Errors print one line ``error: ...`` and exit with a distinct code: 2 config, 3 missing or
-unreadable file, 4 run dir holds another run, 5 checkpoint, 6 rollout server, 1 other (its
-traceback goes to ``<run dir>/error.log``). Nothing is written before validation passes.
+unreadable file or data, 4 run dir holds another run, 5 checkpoint, 6 rollout server, 7 cannot
+write (disk full), 1 other (its traceback goes to ``<run dir>/error.log``). Nothing is written
+before validation passes (data included: the first batch is drawn before the run dir is made).
 """
 
 from __future__ import annotations
@@ -34,9 +48,12 @@ import argparse
 import json
 import os
 import pathlib
+import signal
 import sys
+import threading
 import time
 import traceback
+from typing import NoReturn
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 if (ROOT / "cascade_jax").is_dir() and str(ROOT) not in sys.path:  # `python launch/run.py` from a checkout
@@ -144,13 +161,56 @@ def run_demo(cfg: C.Config, out_dir: pathlib.Path) -> dict:
     }
 
 
+def _cascade_route(args):
+    """``(command stage, preset)`` when the command line asks for the cascade driver, else
+    ``None``: ``--stage=cascade``; ``--stage=tiny/mopd`` with no teachers set (the tiny
+    bootstrap: the cascade's stages up to MOPD, or ``--teachers-from`` a cascade); and
+    ``--stage=mopd --teachers-from DIR`` (the preset that cascade was run with). Plain
+    ``--stage=mopd`` is the 30B MOPD stage as configured (``configs/mopd.json``)."""
+    if args.config:
+        return None
+    if args.stage == "cascade":
+        return "cascade", args.preset
+    if args.stage == "tiny/mopd" and not any(o.split("=", 1)[0].strip().startswith("stage.teachers")
+                                             for o in args.overrides):
+        return "mopd", args.preset or "tiny"
+    if args.stage == "mopd" and args.teachers_from:
+        from cascade_jax.cascade import plan as P
+
+        return "mopd", args.preset or P.load_state(args.teachers_from).get("preset", "nano-30b-a3b")
+    return None
+
+
+def _print_cascade_config(args) -> int:
+    """``--stage=cascade --print-config``: every stage's resolved config, by stage name."""
+    from cascade_jax.cascade import plan as P
+
+    preset = args.preset or "tiny"
+    cdir = pathlib.Path(args.run_dir or "runs/cascade")
+    try:
+        out = {n: C.to_dict(P.stage_config(n, preset=preset, cascade_dir=cdir,
+                                           overrides=args.overrides))
+               for n in P.STAGE_NAMES}
+    except C.ConfigError as e:
+        raise E.ConfigError(str(e)) from None
+    print(json.dumps(out, indent=2))
+    return 0
+
+
 def _main(args) -> int:
-    if args.stage in ("cascade", "mopd") and not args.config and not args.print_config:
+    route = _cascade_route(args)
+    if route is None and (args.teachers_from or args.teachers != "paper"):
+        raise E.ConfigError(f"--teachers / --teachers-from apply to --stage=cascade, --stage=mopd "
+                            f"and --stage=tiny/mopd only, not --stage={args.stage or args.config}")
+    if args.stage == "cascade" and args.print_config and not args.config:
+        return _print_cascade_config(args)
+    if route is not None and not args.print_config:
         from cascade_jax.cascade.driver import command
 
         if args.fresh:
             raise E.ConfigError(f"--fresh does not apply to --stage={args.stage}; use a new --run-dir")
-        out = command(args.stage, run_dir=args.run_dir, preset=args.preset, init=args.init,
+        stage, preset = route
+        out = command(stage, run_dir=args.run_dir, preset=preset, init=args.init,
                       overrides=args.overrides, teachers=args.teachers,
                       teachers_from=args.teachers_from, argv=[sys.executable, *sys.argv],
                       progress=not args.no_progress and sys.stderr.isatty())
@@ -161,9 +221,12 @@ def _main(args) -> int:
         print(C.to_json(cfg))
         return 0
     from cascade_jax.runner.build import validate
+    from cascade_jax.runner.loop import check_run_dir
 
-    validate(cfg)
     run_dir = pathlib.Path(cfg.run.out_dir)
+    if cfg.stage.objective != "demo":  # an --init inside the run dir: refused before all else
+        check_run_dir(cfg, run_dir, fresh=args.fresh)
+    validate(cfg)
     if cfg.stage.objective == "demo":
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "run_config.json").write_text(C.to_json(cfg) + "\n")
@@ -180,8 +243,26 @@ def _main(args) -> int:
     return 0
 
 
+def _interrupt(signum, frame):
+    """SIGTERM outside a stage's steps: stop like Ctrl-C (the steps install their own handler,
+    which checkpoints first)."""
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def _exit(code: int) -> "NoReturn":
+    """Exit now with ``code`` once the output is flushed. After an interrupt, threads of XLA,
+    orbax or the scorers may still run; the interpreter's normal teardown would destroy them
+    while running (``terminate called without an active exception``, exit 134), so the process
+    ends without it. Everything that must be on disk is written or abandoned by then."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)
     try:
         return _main(args)
     except E.RunError as e:
@@ -190,10 +271,15 @@ def main(argv=None) -> int:
     except C.ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return E.ConfigError.exit_code
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        print(f"interrupted ({e or 'SIGINT'}): nothing was left half-written; rerun the same "
+              f"command to continue", file=sys.stderr)
+        return E.INTERRUPTED_EXIT
     except Exception as e:  # noqa: BLE001 - a bug, not bad input: one line + the traceback on disk
+        full = E.disk_error(e)
+        if full is not None:
+            print(f"error: {full}", file=sys.stderr)
+            return full.exit_code
         where = pathlib.Path(args.run_dir) if args.run_dir else None
         msg = f"error: internal: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         if where is not None and where.is_dir():
@@ -208,4 +294,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if code in (E.INTERRUPTED_EXIT, E.Preempted.exit_code, E.OutputError.exit_code):
+        _exit(code)
+    sys.exit(code)

@@ -2,23 +2,39 @@
 steps over >= 3 seeds, judged against claims declared in the study config before anything runs.
 
     python launch/study.py                                   # tiny: launch/studies/mopd_vs_grpo.json
-    python launch/study.py --cascade-dir runs/cascade --study-dir runs/study --set stage.steps=...
+    python launch/study.py --cascade-dir runs/cascade --study-dir runs/study
+    python launch/study.py --cascade-set stage.steps=20      # overrides if the cascade must run first
 
-If the cascade dir has not finished the study's start stage, the cascade runs up to it first.
+Flags: ``--config`` (the study: claims, start stage, steps, seeds; the steps of the runs are set
+there), ``--cascade-dir``, ``--study-dir``, ``--preset``, ``--cascade-set KEY=VALUE``
+(repeatable), ``--no-progress``. If the cascade dir has not finished the study's start stage,
+the cascade runs up to it first -- in the default ``runs/cascade``, or in a ``--cascade-dir``
+that holds a cascade (``cascade_state.json``); a ``--cascade-dir`` that does not is an error
+(a mistyped path would otherwise start a whole new cascade).
 Writes ``<study-dir>/claims.json`` (before the runs), one run dir per method and seed,
 ``study_result.json`` (curves, teacher scores, verdicts, regressions) and ``report.md`` with
-``mopd_vs_grpo.png``; prints one verdict line per claim. Rerunning resumes.
+``mopd_vs_grpo.png``; prints one verdict line per claim. Rerunning resumes. Errors: one line ``error: ...`` (exit 2;
+run errors with ``launch/run.py``'s codes); Ctrl-C / SIGTERM stop the current run with a
+checkpoint (exit 75) or, outside a run's steps, at once (exit 130).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import pathlib
+import signal
 import sys
+import threading
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 if (ROOT / "cascade_jax").is_dir() and str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+
+def _interrupt(signum, frame):
+    """SIGTERM outside a run's steps stops like Ctrl-C."""
+    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 def main(argv=None) -> int:
@@ -40,7 +56,15 @@ def main(argv=None) -> int:
     from cascade_jax.cascade.driver import enable_compilation_cache, run_cascade
     from cascade_jax.runner import errors as E
 
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)
+    explicit = any(a == "--cascade-dir" or a.startswith("--cascade-dir=")
+                   for a in (sys.argv[1:] if argv is None else argv))
     try:
+        if explicit and not (pathlib.Path(args.cascade_dir) / P.STATE_FILE).is_file():
+            raise S.StudyError(f"--cascade-dir {args.cascade_dir}: no cascade there (no "
+                               f"{P.STATE_FILE}); pass the dir a cascade ran in, or leave the "
+                               f"flag out to run one in runs/cascade")
         spec = S.load_spec(args.config)
         enable_compilation_cache()
         S.declare(args.study_dir, spec)  # before any training
@@ -57,6 +81,18 @@ def main(argv=None) -> int:
     except E.RunError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
+    except KeyboardInterrupt as e:
+        print(f"interrupted ({e or 'SIGINT'}); rerun the same command to continue", file=sys.stderr)
+        return E.INTERRUPTED_EXIT
+    except OSError as e:
+        if isinstance(e, FileNotFoundError) and e.filename == args.config:
+            print(f"error: --config {args.config}: no such file", file=sys.stderr)
+            return 3
+        full = E.disk_error(e)
+        if full is None:
+            raise
+        print(f"error: {full}", file=sys.stderr)
+        return full.exit_code
     for v in res["verdicts"]:
         print(f"{'HELD' if v['held'] else 'NOT HELD'}  {v['claim']}: {v['numbers']}")
     print(f"report: {pathlib.Path(args.study_dir) / 'report.md'}")
@@ -64,4 +100,9 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if code in (130, 75, 7):  # threads of XLA / orbax / the scorers may still run: no teardown
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

@@ -3,6 +3,7 @@ code, no traceback, nothing written; sensible defaults with no arguments."""
 
 import json
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -15,6 +16,7 @@ from cascade_jax.runner import errors as E
 from launch import run as R
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+PROGRESS = re.compile(r"^\[[\w/.-]+\] ")
 
 
 def _main(capsys, *args):
@@ -28,7 +30,8 @@ def _fails(capsys, tmp_path, code, needles, *args):
     run_dir = tmp_path / "run"
     got, err = _main(capsys, f"--run-dir={run_dir}", *args)
     assert got == code, err
-    lines = [l for l in err.splitlines() if l.strip()]
+    # progress lines ("[stage] ...", every 30 s of a slow build) are not part of the error
+    lines = [l for l in err.splitlines() if l.strip() and not PROGRESS.match(l)]
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     for n in needles:
         assert n in lines[0], (n, lines[0])
@@ -110,6 +113,7 @@ def test_run_dir_holding_another_run(capsys, tmp_path):
     other = C.apply_overrides(R.resolve_config(R.parse_args(["--stage=tiny/sft"])),
                               ["optimizer.lr=0.5", f"run.out_dir={run_dir}"])
     (run_dir / "run_config.json").write_text(C.to_json(other))
+    (run_dir / "checkpoints" / "7").mkdir(parents=True)  # it got as far as a checkpoint
     before = sorted(p.name for p in run_dir.iterdir())
     code, err = _main(capsys, "--stage=tiny/sft", f"--run-dir={run_dir}")
     assert code == 4 and "holds a different run" in err and "optimizer.lr" in err and "--fresh" in err

@@ -18,7 +18,8 @@ Batch ``k`` draws its per-domain counts from a multinomial over the domain weigh
 data itself) with a generator seeded by ``(shuffle_seed, k)``; each domain serves prompts from its
 own permutation of its pool, reshuffled (seed ``(shuffle_seed, domain, epoch)``) at every pass.
 Prompts whose rendering is longer than ``rollout.max_prompt_len`` tokens (or bad rows, with
-``data.on_bad_row = "skip"``) are skipped, counted, and replaced by the domain's next prompt.
+``data.on_bad_row = "skip"``) are skipped, counted, and replaced by the domain's next prompt;
+:meth:`PromptIterator.check` fails early for a domain none of whose prompts fits.
 The state is ``(k, per-domain epoch and cursor, counters)``.
 
 ``oversample`` (>= 1) draws more prompts than ``batch_prompts`` so that dynamic filtering (drop
@@ -140,6 +141,7 @@ class PromptIterator:
         self._cursor = {d: [0, 0] for d in self._domains}  # domain -> [epoch, position]
         self._perm_cache: dict = {}
         self.stats = {"prompts": 0, "overlong": 0, "bad_row": loaded["bad_rows"]}
+        self.first_skipped: dict = {}  # reason -> location of the first prompt skipped for it
 
     @property
     def domains(self) -> list[str]:
@@ -179,20 +181,53 @@ class PromptIterator:
             epoch, pos = self._cursor[d]
             where, row = pool[int(self._perm(d, epoch)[pos])]
             self._cursor[d] = [epoch + 1, 0] if pos + 1 == len(pool) else [epoch, pos + 1]
-            try:
-                text, ids, _ = render_chat(self._tok, row["messages"], tools=row["tools"],
-                                           thinking=self.thinking, add_generation_prompt=True)
-            except ChatTemplateError as e:
-                if self.on_bad_row == "error":
-                    raise DataError(f"{where}: {e}") from None
-                self.stats["bad_row"] += 1
+            got = self._render(where, row)
+            if got is None:
                 continue
-            if len(ids) > self.max_prompt_len:
-                self.stats["overlong"] += 1
-                continue
-            return where, row, text, ids
+            return (where, row, *got)
         raise DataError(f"domain {d}: no prompt of its {len(pool)} fits rollout.max_prompt_len "
                         f"= {self.max_prompt_len} tokens")
+
+    def _render(self, where: str, row: dict):
+        """``(text, ids)`` of a prompt, or ``None`` if it is skipped (bad or too long)."""
+        try:
+            text, ids, _ = render_chat(self._tok, row["messages"], tools=row["tools"],
+                                       thinking=self.thinking, add_generation_prompt=True)
+        except ChatTemplateError as e:
+            if self.on_bad_row == "error":
+                raise DataError(f"{where}: {e}") from None
+            self.stats["bad_row"] += 1
+            self.first_skipped.setdefault("bad_row", where)
+            return None
+        if len(ids) > self.max_prompt_len:
+            self.stats["overlong"] += 1
+            self.first_skipped.setdefault("overlong", f"{where}: {len(ids)} tokens")
+            return None
+        return text, ids
+
+    def check(self) -> None:
+        """Every domain has a prompt that renders within ``rollout.max_prompt_len`` tokens
+        (scanning each pool in its first epoch's order until one fits: one prompt per domain
+        for usable data), else a :class:`DataError` naming the domain and the limit -- before a
+        run writes anything. The iterator's state is untouched."""
+        for d in self._domains:
+            pool, longest = self._pools[d], 0
+            for j in self._perm(d, 0):
+                where, row = pool[int(j)]
+                try:
+                    n = len(render_chat(self._tok, row["messages"], tools=row["tools"],
+                                        thinking=self.thinking, add_generation_prompt=True)[1])
+                except ChatTemplateError as e:
+                    if self.on_bad_row == "error":
+                        raise DataError(f"{where}: {e}") from None
+                    continue
+                if n <= self.max_prompt_len:
+                    break
+                longest = max(longest, n)
+            else:
+                raise DataError(f"domain {d}: none of its {len(pool)} prompts fits "
+                                f"rollout.max_prompt_len = {self.max_prompt_len} tokens (the "
+                                f"longest has {longest}); raise rollout.max_prompt_len")
 
     def __iter__(self):
         return self

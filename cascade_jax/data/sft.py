@@ -19,7 +19,10 @@ tokenized; its loss mask covers the assistant tokens (:func:`cascade_jax.data.ch
 Examples longer than ``seq_len`` are dropped or truncated to their first ``seq_len`` tokens
 (``data.overlong``); examples without a loss token are dropped; bad rows raise a
 :class:`~cascade_jax.data.rows.DataError` naming ``file:line`` or are skipped
-(``data.on_bad_row``). All are counted in :attr:`SFTIterator.stats`.
+(``data.on_bad_row``). All are counted in :attr:`SFTIterator.stats` (the first location of each
+kind in :attr:`SFTIterator.first_skipped`); a whole pass over the sources without one usable
+example is a :class:`DataError` (it would otherwise loop forever), and
+:meth:`SFTIterator.check` draws the first batch up front so bad data fails before a run starts.
 
 Packing (:mod:`cascade_jax.data.packing`): first-fit decreasing over a look-ahead buffer of
 ``data.pack_buffer`` examples. The iterator state is the next element index, the element indices
@@ -95,10 +98,16 @@ def _seed(base: int, i: int) -> int:
 def example_dataset(config, tokenizer: Tokenizer, *, process_index: int = 0,
                     process_count: int = 1) -> grain.MapDataset:
     """The grain ``MapDataset`` of :class:`Example` / :class:`Skipped` elements (before packing)."""
+    return _examples(config, tokenizer, process_index, process_count)[0]
+
+
+def _examples(config, tokenizer: Tokenizer, process_index: int, process_count: int):
+    """``(dataset, rows per epoch)``: :func:`example_dataset` and the number of elements one
+    pass over every source's shard of this process holds."""
     data = config.data
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} not in [0, {process_count})")
-    parts, weights = [], []
+    parts, weights, epoch = [], [], 0
     for i, src in enumerate(data.sources):
         reader = open_source(src, domains=data.domains, tiny_rows_per_domain=data.tiny_rows_per_domain,
                              tiny_near_miss_rate=data.tiny_near_miss_rate, seed=data.shuffle_seed,
@@ -107,12 +116,13 @@ def example_dataset(config, tokenizer: Tokenizer, *, process_index: int = 0,
             raise DataError(f"{src.path or 'tiny'}: {len(reader)} rows < {process_count} processes")
         ds = grain.MapDataset.source(reader).shuffle(seed=_seed(data.shuffle_seed, i))
         ds = ds[process_index::process_count]
+        epoch += len(ds)
         ds = ds.repeat(data.num_epochs)
         fn = dict(fields=dict(src.fields), seq_len=data.seq_len, overlong=data.overlong,
                   on_bad_row=data.on_bad_row, source_domain=src.domain)
         parts.append(ds.map(lambda rec, fn=fn: sft_example(rec, tokenizer, **fn)))
         weights.append(src.weight)
-    return parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, weights)
+    return (parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, weights)), epoch
 
 
 class SFTIterator:
@@ -122,8 +132,7 @@ class SFTIterator:
     def __init__(self, config, tokenizer: Tokenizer, *, process_index: int = 0,
                  process_count: int = 1, rows: Optional[int] = None):
         data = config.data
-        self._ds = example_dataset(config, tokenizer, process_index=process_index,
-                                   process_count=process_count)
+        self._ds, self._epoch = _examples(config, tokenizer, process_index, process_count)
         self._len = len(self._ds)
         self._finite = data.num_epochs is not None
         self.seq_len = data.seq_len
@@ -136,6 +145,9 @@ class SFTIterator:
         self._next = 0
         self._buffer: list[tuple[int, Example]] = []
         self.stats = self._zero_stats()
+        self.first_skipped: dict = {}  # reason -> location of the first row skipped for it
+        self._run = 0  # elements skipped since the last example
+        self._window: dict = {}  # their reasons
 
     @staticmethod
     def _zero_stats() -> dict:
@@ -168,10 +180,37 @@ class SFTIterator:
             self._next += 1
             if isinstance(ex, Skipped):
                 self.stats[ex.reason] += 1
+                self.first_skipped.setdefault(ex.reason, f"{ex.where}: {ex.detail}" if ex.detail
+                                              else ex.where)
+                self._run += 1
+                self._window[ex.reason] = self._window.get(ex.reason, 0) + 1
+                if self._run >= self._epoch:
+                    raise DataError(self._nothing_fits())
                 continue
+            self._run, self._window = 0, {}
             self.stats["examples"] += 1
             self.stats["truncated"] += int(ex.truncated)
             self._buffer.append((i, ex))
+
+    def _nothing_fits(self) -> str:
+        st = {k: self._window.get(k, 0) for k in ("overlong", "bad_row", "no_loss_tokens")}
+        hint = ("; raise data.seq_len or set data.overlong='truncate'" if st["overlong"] else "")
+        return (f"no usable SFT example in a whole pass over data.sources ({self._epoch} rows: "
+                f"{st['overlong']} longer than data.seq_len={self.seq_len}, {st['bad_row']} bad, "
+                f"{st['no_loss_tokens']} without loss tokens; first: "
+                f"{next(iter(self.first_skipped.values()), '-')}){hint}")
+
+    def check(self) -> None:
+        """Draw the first batch and rewind (the state is restored exactly), so bad data --
+        rows that do not parse, a source with no usable example -- is a :class:`DataError`
+        before a run writes anything."""
+        state = self.get_state()
+        try:
+            next(self)
+        except StopIteration:
+            raise DataError(self._nothing_fits()) from None
+        self.set_state(state)
+        self._run, self._window = 0, {}
 
     def _row(self):
         self._fill()

@@ -10,9 +10,10 @@ distinct exit codes (:mod:`cascade_jax.runner.errors`).
 """
 
 from cascade_jax.runner.errors import (EXIT_CODES, CheckpointLoadError, ConfigError,
-                                       InputFileError, RolloutUnavailable, RunDirError, RunError)
+                                       InputFileError, OutputError, Preempted, RolloutUnavailable,
+                                       RunDirError, RunError)
 from cascade_jax.runner.loop import RUN_ARTIFACTS, check_run_dir, run_stage
 
 __all__ = ["run_stage", "check_run_dir", "RUN_ARTIFACTS", "RunError", "ConfigError",
            "InputFileError", "RunDirError", "CheckpointLoadError", "RolloutUnavailable",
-           "EXIT_CODES"]
+           "OutputError", "Preempted", "EXIT_CODES"]

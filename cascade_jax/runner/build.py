@@ -238,8 +238,10 @@ def _data_call(fn, config, tokenizer):
     from cascade_jax import data
 
     try:
-        return fn(config, tokenizer, process_index=jax.process_index(),
-                  process_count=jax.process_count())
+        it = fn(config, tokenizer, process_index=jax.process_index(),
+                process_count=jax.process_count())
+        it.check()  # bad rows / nothing usable: fail now, before the run writes anything
+        return it
     except FileNotFoundError as e:
         raise InputFileError(f"data: {e}") from None
     except data.DataError as e:
@@ -427,11 +429,14 @@ def validate(config: C.Config) -> None:
     if st.objective == "sft" and config.data.seq_len > mcfg.max_position_embeddings:
         raise ConfigError(f"data.seq_len {config.data.seq_len} exceeds the model's "
                           f"max_position_embeddings {mcfg.max_position_embeddings}")
+    if config.data.batch_prompts < 1:
+        raise ConfigError(f"data.batch_prompts: must be >= 1, got {config.data.batch_prompts}")
+    from cascade_jax.runner.preflight import check_inputs
+
+    check_inputs(config)  # every missing teacher / data / tokenizer path, named at once
     if st.objective == "mopd":
         for dom, path in config.stage.teachers.items():
             resolve_init(path, f"stage.teachers.{dom}")
-    if config.data.batch_prompts < 1:
-        raise ConfigError(f"data.batch_prompts: must be >= 1, got {config.data.batch_prompts}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -455,22 +460,29 @@ class Parts:
 
 def build(config: C.Config) -> Parts:
     """Everything ``config``'s stage needs (see the module table), validated first."""
+    from cascade_jax.runner.preflight import check_memory
+
     validate(config)
     start_distributed()
     mesh = build_mesh(config)
-    model_cfg, params = build_model(config, mesh)
+    # the cheap checks first: tokenizer, data and memory before any weights are made
     tokenizer = build_tokenizer(config)
+    model_cfg = model_config(config)
     if tokenizer.vocab_size > model_cfg.vocab_size:
         raise ConfigError(f"tokenizer has {tokenizer.vocab_size} tokens > model vocab_size "
                           f"{model_cfg.vocab_size}")
     sampling = build_sampling(config, tokenizer)
-    parts = Parts(model_cfg=model_cfg, params=params, tokenizer=tokenizer, mesh=mesh,
-                  train_step=build_train_step(config, model_cfg, mesh, sampling), sampling=sampling)
     obj = config.stage.objective
+    data = None
     if obj == "sft":
-        parts.data = build_sft_data(config, tokenizer)
+        data = build_sft_data(config, tokenizer)
     elif obj in ("grpo", "mopd"):
-        parts.data = build_prompt_data(config, tokenizer)
+        data = build_prompt_data(config, tokenizer)
+    check_memory(config, model_cfg)
+    model_cfg, params = build_model(config, mesh)
+    parts = Parts(model_cfg=model_cfg, params=params, tokenizer=tokenizer, data=data, mesh=mesh,
+                  train_step=build_train_step(config, model_cfg, mesh, sampling), sampling=sampling)
+    if obj in ("grpo", "mopd"):
         parts.scorers = build_scorers(config)
         if obj == "mopd":
             parts.teachers = build_teachers(config, model_cfg)

@@ -34,7 +34,8 @@ import numpy as np
 
 from cascade_jax.runner.errors import CheckpointLoadError
 
-__all__ = ["Checkpointer", "export_hub", "encode_data_state", "decode_data_state"]
+__all__ = ["Checkpointer", "export_hub", "export_model_config", "publish_modes",
+           "encode_data_state", "decode_data_state"]
 
 
 def encode_data_state(state: Any) -> Any:
@@ -170,3 +171,34 @@ def export_hub(params, model_cfg, out_dir: pathlib.Path, *, tokenizer_dir=None) 
                 if not (out_dir / p.name).exists():
                     shutil.copyfile(p, out_dir / p.name)
     return out_dir
+
+
+def export_model_config(model_cfg, tokenizer):
+    """``model_cfg`` with ``eos_token_id`` = the tokenizer's end-of-turn token when the chat
+    template ends turns with it (the tiny template: ``<|im_end|>``, id 4, where the preset says
+    ``</s>``, id 2), so servers loading the export stop at the end of an assistant turn."""
+    import dataclasses
+
+    eos_tok = tokenizer.special_tokens.get("eos_token")
+    eos = tokenizer.eos_id
+    if eos is None or not eos_tok or eos_tok not in (tokenizer.chat_template or ""):
+        return model_cfg
+    cur = model_cfg.eos_token_id
+    cur = tuple(cur) if isinstance(cur, (list, tuple)) else (cur,)
+    if eos in cur:
+        return model_cfg
+    return dataclasses.replace(model_cfg, eos_token_id=eos)
+
+
+def publish_modes(out_dir: pathlib.Path) -> None:
+    """Make an export readable like any written file: files ``0644`` and directories ``0755``
+    (less what the umask removes), where temporary files had left ``0600``."""
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    out_dir = pathlib.Path(out_dir)
+    for p in [out_dir, *out_dir.rglob("*")]:
+        if p.is_symlink():
+            continue
+        p.chmod((0o755 if p.is_dir() else 0o644) & ~mask)

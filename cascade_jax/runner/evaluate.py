@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = ["EvalPrompt", "prompts_of", "heldout_prompts", "evaluate_rollouts", "evaluate", "pass_at_k",
-           "sft_loss_fn", "format_table", "evaluate_checkpoint"]
+           "sft_loss_fn", "format_table", "evaluate_checkpoint", "check_lengths"]
 
 CORRECT = 1.0 - 1e-6
 
@@ -151,19 +151,41 @@ def format_table(domains: Mapping[str, Mapping[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def evaluate_checkpoint(config) -> dict:
+def check_lengths(config, model_cfg, flag: str = "eval.max_response_len") -> None:
+    """Prompt + response tokens of the evaluation fit the model's context
+    (``max_position_embeddings``); else a ``ConfigError`` naming ``flag`` -- before any
+    memory is sized by them."""
+    from cascade_jax.runner.errors import ConfigError
+
+    e = config.eval
+    max_new = e.max_response_len or config.rollout.max_response_len
+    total = config.rollout.max_prompt_len + max_new
+    if total > model_cfg.max_position_embeddings:
+        room = model_cfg.max_position_embeddings - config.rollout.max_prompt_len
+        raise ConfigError(f"{flag} {max_new}: prompts of up to {config.rollout.max_prompt_len} tokens "
+                          f"plus {max_new} new tokens exceed the model's context of "
+                          f"{model_cfg.max_position_embeddings} tokens; at most {max(room, 0)}")
+
+
+def evaluate_checkpoint(config, phase=None) -> dict:
     """Evaluate the Hub checkpoint ``config.model.checkpoint`` on ``config.data.domains`` with
     the ``config.eval`` settings (engine: the embedded JAX engine). Returns :func:`evaluate`'s
-    result plus ``checkpoint`` and ``settings``."""
+    result plus ``checkpoint`` and ``settings``. ``phase(text)`` hears what it is doing (for
+    progress lines)."""
     from cascade_jax.rollout import JaxEngine
     from cascade_jax.runner import build as B
 
+    phase = phase or (lambda _: None)
+    check_lengths(config, B.model_config(config))
+    phase("loading the checkpoint")
     model_cfg, params = B.build_model(config)
     tok = B.build_tokenizer(config)
     domains = B.stage_domains(config)
     e = config.eval
     max_new = e.max_response_len or config.rollout.max_response_len
     prompts = heldout_prompts(config, tok, domains)
+    phase(f"generating {len(prompts)} prompts x {e.k} samples of up to {max_new} tokens "
+          f"({', '.join(domains)}), then scoring")
     engine = JaxEngine(model_cfg, params, num_slots=min(len(prompts) * e.k, 256),
                        max_len=config.rollout.max_prompt_len + max_new)
     res = evaluate(engine, tok, prompts, B.build_scorers(config), k=e.k, max_new_tokens=max_new,

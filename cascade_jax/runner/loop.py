@@ -17,10 +17,18 @@ Run dir: ``run_config.json`` (resolved config), ``provenance.json``, ``metrics.j
 ``tensorboard/``, ``checkpoints/`` (orbax), ``hub/`` (final Hub export with tokenizer),
 ``exports/step_<n>/`` (periodic exports), ``eval/step_<n>.json``, ``summary.json``.
 
+Checkpoints: every ``run.checkpoint_every`` steps, whenever ``run.checkpoint_every_s`` seconds
+have passed since the last one, and at the end. SIGTERM (a pod's preemption notice) or SIGINT
+(Ctrl-C) lets the step in flight finish, checkpoints it and raises ``Preempted`` (exit code 75);
+on several hosts the processes agree on the step first (:mod:`cascade_jax.runner.preempt`).
+
 Resume: rerunning with the same config and run dir continues from the newest loadable
 checkpoint (params, optimiser state, data-iterator state, RNG, step); because every source of
 randomness is a function of (seed, step) and the restored state, the final parameters equal an
-uninterrupted run's bit for bit. A different config in the run dir is refused unless ``fresh``.
+uninterrupted run's bit for bit. A different config in the run dir is refused unless ``fresh``
+(checkpoint cadence and logging may differ); a run dir whose run never wrote a checkpoint is
+started over. ``fresh`` removes only the run artefacts (``RUN_ARTIFACTS``), and an input of the
+run (``--init``, teachers, tokenizer, data) inside them is refused before anything is removed.
 Only process 0 writes files (orbax coordinates its own multi-process writes).
 """
 
@@ -41,11 +49,14 @@ from cascade_jax import config as C
 from cascade_jax.runner import build as B
 from cascade_jax.runner import provenance
 from cascade_jax.runner.checkpoint import Checkpointer
-from cascade_jax.runner.errors import RunDirError
+from cascade_jax.data.rows import DataError
+from cascade_jax.runner.errors import InputFileError, Preempted, RunDirError
 from cascade_jax.runner.metrics import MetricsWriter, Progress
+from cascade_jax.runner.preempt import StopSignals, hold_point
 from cascade_jax.runner.stage import Stage
 
-__all__ = ["run_stage", "check_run_dir", "RUN_ARTIFACTS", "fault_point"]
+__all__ = ["run_stage", "check_run_dir", "started", "RUN_ARTIFACTS", "BOOKKEEPING_KEYS",
+           "fault_point"]
 
 
 def fault_point(point: str, step: int) -> None:
@@ -62,6 +73,11 @@ RUN_ARTIFACTS = ("run_config.json", "provenance.json", "metrics.jsonl", "tensorb
                  "profile", "weights", "error.log")
 
 
+#: Config keys that do not change what a run computes: a run dir resumes under other values.
+BOOKKEEPING_KEYS = ("run.log_every", "run.checkpoint_every", "run.checkpoint_every_s",
+                    "run.keep_last", "run.keep_best", "run.async_checkpoint", "run.profile_steps")
+
+
 def _diff(a, b, prefix="") -> list[str]:
     if isinstance(a, dict) and isinstance(b, dict):
         out = []
@@ -71,22 +87,66 @@ def _diff(a, b, prefix="") -> list[str]:
     return [] if a == b else [prefix[:-1]]
 
 
+def _inputs(config: C.Config) -> list[tuple[str, str]]:
+    """``(what, path)`` of everything the stage reads from disk that a run dir could hold."""
+    out = [("--init (model.checkpoint)", config.model.checkpoint),
+           ("data.tokenizer", config.data.tokenizer)]
+    out += [(f"stage.teachers.{d}", p) for d, p in sorted(config.stage.teachers.items())]
+    out += [(f"data.sources[{i}].path", s.path) for i, s in enumerate(config.data.sources)]
+    return [(w, p) for w, p in out if p]
+
+
+def _artifact_of(path: str, run_dir: pathlib.Path) -> Optional[str]:
+    """The run artefact of ``run_dir`` that ``path`` is (or lies in), else ``None``."""
+    try:
+        rel = pathlib.Path(path).resolve().relative_to(run_dir.resolve())
+    except ValueError:
+        return None
+    if not rel.parts:
+        return "."
+    return rel.parts[0] if rel.parts[0] in RUN_ARTIFACTS else None
+
+
+def started(run_dir: pathlib.Path) -> bool:
+    """Whether ``run_dir`` holds results worth keeping: a complete checkpoint or a final
+    export. A run dir without either (its run stopped before its first checkpoint) holds
+    nothing a rerun could resume, so a corrected command may replace it."""
+    ck = run_dir / "checkpoints"
+    has_ckpt = ck.is_dir() and any(p.name.isdigit() and p.is_dir() for p in ck.iterdir())
+    return has_ckpt or (run_dir / "hub" / "config.json").is_file()
+
+
 def check_run_dir(config: C.Config, run_dir: pathlib.Path, *, fresh: bool = False) -> bool:
-    """Whether ``run_dir`` holds this run (resume) — ``False`` for a new run dir. A different
-    run there raises :class:`RunDirError` naming the differing keys unless ``fresh``."""
+    """Whether ``run_dir`` holds this run (resume) — ``False`` for a new run dir, or one whose
+    earlier run stopped before its first checkpoint (:func:`started`). A different run there
+    raises :class:`RunDirError` naming the differing keys unless ``fresh``; so does an input of
+    the run (``--init``, a teacher, the tokenizer, data) that lies among the run dir's own
+    artefacts, which this run would overwrite (``fresh`` or not). Keys of
+    :data:`BOOKKEEPING_KEYS` (checkpoint cadence, logging) may differ."""
     run_dir = pathlib.Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise RunDirError(f"run dir {run_dir}: exists and is not a directory")
+    for what, path in _inputs(config):
+        art = _artifact_of(path, run_dir)
+        if art is not None:
+            inside = "is the run dir" if art == "." else f"lies in the run dir's {art}/"
+            raise RunDirError(f"{what} {path} {inside} {run_dir}, which this run "
+                              f"{'clears (--fresh)' if fresh else 'overwrites'}; start from it "
+                              f"into another --run-dir")
     f = run_dir / "run_config.json"
     if fresh or not f.exists():
         return False
     try:
         old = json.loads(f.read_text())
     except (OSError, json.JSONDecodeError) as e:
+        if not started(run_dir):
+            return False
         raise RunDirError(f"run dir {run_dir}: unreadable run_config.json ({e}); pass --fresh "
                           f"to start over") from None
-    keys = _diff(C.migrate_dict(old), C.to_dict(config))  # older layouts compared as today's
+    keys = [k for k in _diff(C.migrate_dict(old), C.to_dict(config)) if k not in BOOKKEEPING_KEYS]
     if keys:
+        if not started(run_dir):
+            return False
         shown = ", ".join(keys[:8]) + (" ..." if len(keys) > 8 else "")
         raise RunDirError(f"run dir {run_dir} holds a different run (differs in {shown}); pass "
                           f"--fresh to replace it or choose another --run-dir")
@@ -94,12 +154,13 @@ def check_run_dir(config: C.Config, run_dir: pathlib.Path, *, fresh: bool = Fals
 
 
 def _clear(run_dir: pathlib.Path) -> None:
+    """Remove the run artefacts (:data:`RUN_ARTIFACTS`) of ``run_dir`` and nothing else."""
     for name in RUN_ARTIFACTS:
         p = run_dir / name
-        if p.is_dir():
-            shutil.rmtree(p)
-        elif p.exists():
+        if p.is_symlink() or p.is_file():
             p.unlink()
+        elif p.is_dir():
+            shutil.rmtree(p)
 
 
 def _write_json(path: pathlib.Path, obj) -> None:
@@ -142,30 +203,67 @@ def _peak_flops() -> Optional[float]:
     return None
 
 
+def _data_report(stage: Stage, log, reported: dict) -> dict:
+    """The data iterator's skip counters as metrics (``data/overlong`` ...); logs each kind of
+    skipped row the first time it occurs (and its first location)."""
+    it = stage.parts.data
+    stats = getattr(it, "stats", None) or {}
+    out = {}
+    for key, text in (("overlong", "longer than the length limit, dropped"),
+                      ("truncated", "longer than data.seq_len, truncated"),
+                      ("bad_row", "bad, skipped"), ("no_loss_tokens", "without loss tokens")):
+        n = int(stats.get(key, 0) or 0)
+        if key in stats:
+            out[f"data/{key}"] = float(n)
+        if n and not reported.get(key):
+            reported[key] = True
+            where = (getattr(it, "first_skipped", None) or {}).get(key)
+            limit = ("rollout.max_prompt_len" if stage.obj != "sft" else "data.seq_len")
+            log(f"data: {n} row(s) so far {text.replace('the length limit', limit)}"
+                + (f" (first: {where})" if where else "")
+                + f"; counted as data/{key} in metrics.jsonl")
+    return out
+
+
 def run_stage(config: C.Config, run_dir=None, *, fresh: bool = False,
               argv: Optional[Sequence[str]] = None, progress: bool = True,
               log: Optional[Callable[[str], None]] = None) -> dict:
     """Run (or resume) one stage of ``config`` in ``run_dir`` (default ``run.out_dir``);
     returns the summary (also written to ``summary.json``). Bad input raises
-    :class:`~cascade_jax.runner.errors.RunError` before anything is written."""
-    log = log or (lambda m: print(m, file=sys.stderr))
+    :class:`~cascade_jax.runner.errors.RunError` before anything is written. SIGTERM / SIGINT
+    during the steps checkpoint the last finished step and raise
+    :class:`~cascade_jax.runner.errors.Preempted` (:mod:`cascade_jax.runner.preempt`)."""
+    log = log or (lambda m: print(m, file=sys.stderr, flush=True))
     run_dir = pathlib.Path(run_dir or config.run.out_dir)
     if str(run_dir) != config.run.out_dir:
         config = C.replace_path(config, "run.out_dir", str(run_dir))
     obj = config.stage.objective
     if obj not in ("sft", "grpo", "mopd"):
         raise B.ConfigError(f"stage.objective {obj!r}: run_stage runs sft, grpo and mopd")
+    bar = Progress(config.stage.steps, desc=config.stage.name,
+                   enabled=progress and jax.process_index() == 0,
+                   lines=jax.process_index() == 0, log=log)
+    try:
+        return _run_stage(config, run_dir, fresh=fresh, argv=argv, log=log, bar=bar)
+    finally:
+        bar.close()
 
+
+def _run_stage(config: C.Config, run_dir: pathlib.Path, *, fresh: bool, argv, log,
+               bar: Progress) -> dict:
+    obj = config.stage.objective
     # ---- validate and build everything before writing anything
+    bar.set_phase("validating")
     B.validate(config)
     resume = check_run_dir(config, run_dir, fresh=fresh)
+    bar.set_phase("building (model, data, compile)")
     parts = B.build(config)
     writer = jax.process_index() == 0
 
     if writer:
         run_dir.mkdir(parents=True, exist_ok=True)
-        if fresh:
-            _clear(run_dir)
+        if fresh or (not resume and (run_dir / "run_config.json").exists()):
+            _clear(run_dir)  # a fresh start (or over a run that never checkpointed)
         _write_json(run_dir / "run_config.json", C.to_dict(config))
         prov = provenance.collect(config, mesh=parts.mesh, argv=argv)
         old = run_dir / "provenance.json"
@@ -189,65 +287,90 @@ def run_stage(config: C.Config, run_dir=None, *, fresh: bool = False,
     metrics_w = MetricsWriter(run_dir, enabled=writer)
     metrics_w.truncate_after(start)
     steps = config.stage.steps
-    bar = Progress(steps, start, desc=config.stage.name, enabled=progress and writer)
     every = config.eval.every
+    ck_every, ck_every_s = config.run.checkpoint_every, config.run.checkpoint_every_s
     last_eval = None
     peak = _peak_flops()
+    reported: dict = {}
     try:
-        if every > 0 and start == 0 and steps > 0:  # the baseline of the learning curve
-            last_eval = stage.evaluate(0)
-            if last_eval is not None:
-                metrics_w.write(0, last_eval["flat"], prefix="eval/")
-        for step in range(start, steps):
-            timer = _Timer()
-            t0 = time.perf_counter()
-            profiling = step + 1 in config.run.profile_steps  # numbered as in metrics.jsonl
-            if profiling:
-                jax.profiler.start_trace(str(run_dir / "profile"))
-            try:
-                m = stage.step(step, timer)
-            except StopIteration:  # a finite data source (data.num_epochs) ran out
-                log(f"data exhausted after step {step}; stopping")
-                steps = step
-                break
-            fault_point("train", step + 1)
-            if profiling:
-                jax.profiler.stop_trace()
-            done = step + 1
-            final = done == steps
-            with timer("eval"):
-                if (every > 0 and done % every == 0) or (final and every >= 0):
-                    last_eval = stage.evaluate(done)
-                    if last_eval is not None:
-                        m.update({f"eval/{k}": v for k, v in last_eval["flat"].items()})
-            if final or (config.run.checkpoint_every and done % config.run.checkpoint_every == 0):
-                score = last_eval["score"] if last_eval and last_eval["step"] == done else None
-                m["time/checkpoint_blocked_s"] = ckpt.save(
-                    done, stage.checkpoint_state(), stage.data_state(),
-                    {"eval": last_eval["domains"] if score is not None else None,
-                     "time": time.time()}, eval_score=score)
-                fault_point("save", done)
-            step_s = time.perf_counter() - t0
-            m.update({f"time/{k}_s": v for k, v in timer.t.items()})
-            m["time/step_s"] = step_s
-            if "total_tokens" in m:
-                m["tokens_per_s"] = m["total_tokens"] / step_s
-                flops = 6.0 * stage.active_params * m["total_tokens"]
-                m["model_tflops_per_s"] = flops / step_s / 1e12
-                if peak:
-                    m["mfu"] = flops / step_s / peak
-            if done % config.run.log_every == 0 or final:
-                metrics_w.write(done, m)
-            bar.update(m)
-            if writer and config.run.export_every and done % config.run.export_every == 0 \
-                    and not final:
-                stage.export(run_dir / "exports" / f"step_{done}")
-        if steps > start and steps not in ckpt.steps():
-            ckpt.save(steps, stage.checkpoint_state(), stage.data_state(), {"eval": None})
-        ckpt.wait()
+        with StopSignals(log) as stop:
+            if every > 0 and start == 0 and steps > 0:  # the baseline of the learning curve
+                bar.set_phase("evaluating the start")
+                last_eval = stage.evaluate(0)
+                if last_eval is not None:
+                    metrics_w.write(0, last_eval["flat"], prefix="eval/")
+            bar.begin_steps(start)
+            last_save = time.monotonic()
+            for step in range(start, steps):
+                timer = _Timer()
+                t0 = time.perf_counter()
+                profiling = step + 1 in config.run.profile_steps  # numbered as in metrics.jsonl
+                if profiling:
+                    jax.profiler.start_trace(str(run_dir / "profile"))
+                try:
+                    m = stage.step(step, timer)
+                except StopIteration:  # a finite data source (data.num_epochs) ran out
+                    log(f"data exhausted after step {step}; stopping")
+                    steps = step
+                    break
+                except DataError as e:
+                    raise InputFileError(f"data: {e}") from None
+                fault_point("train", step + 1)
+                if profiling:
+                    jax.profiler.stop_trace()
+                done = step + 1
+                final = done == steps
+                with timer("eval"):
+                    if (every > 0 and done % every == 0) or (final and every >= 0):
+                        bar.set_phase("evaluating")
+                        last_eval = stage.evaluate(done)
+                        bar.set_phase("steps")
+                        if last_eval is not None:
+                            m.update({f"eval/{k}": v for k, v in last_eval["flat"].items()})
+                hold_point(done, stop)
+                halt, time_due = stop.poll(done, bool(ck_every_s) and
+                                           time.monotonic() - last_save >= ck_every_s)
+                if final or halt or time_due or (ck_every and done % ck_every == 0):
+                    score = last_eval["score"] if last_eval and last_eval["step"] == done else None
+                    m["time/checkpoint_blocked_s"] = ckpt.save(
+                        done, stage.checkpoint_state(), stage.data_state(),
+                        {"eval": last_eval["domains"] if score is not None else None,
+                         "time": time.time()}, eval_score=score)
+                    last_save = time.monotonic()
+                    fault_point("save", done)
+                step_s = time.perf_counter() - t0
+                m.update({f"time/{k}_s": v for k, v in timer.t.items()})
+                m["time/step_s"] = step_s
+                if "total_tokens" in m:
+                    m["tokens_per_s"] = m["total_tokens"] / step_s
+                    flops = 6.0 * stage.active_params * m["total_tokens"]
+                    m["model_tflops_per_s"] = flops / step_s / 1e12
+                    if peak:
+                        m["mfu"] = flops / step_s / peak
+                m.update(_data_report(stage, log if writer else (lambda _: None), reported))
+                if done % config.run.log_every == 0 or final or halt:
+                    metrics_w.write(done, m)
+                bar.update(m)
+                if writer and config.run.export_every and done % config.run.export_every == 0 \
+                        and not final and not halt:
+                    stage.export(run_dir / "exports" / f"step_{done}")
+                if halt and not final:
+                    bar.set_phase("writing the checkpoint before exiting")
+                    ckpt.wait()
+                    raise Preempted(
+                        f"stopped by {stop.signal_name} after step {done}/{steps}: checkpoint "
+                        f"{done} written to {run_dir / 'checkpoints'}; rerun the same command "
+                        f"to resume")
+            bar.set_phase("final checkpoint and export")
+            if steps > start and steps not in ckpt.steps():
+                ckpt.save(steps, stage.checkpoint_state(), stage.data_state(), {"eval": None})
+            ckpt.wait()
         summary = {"stage": config.stage.name, "objective": obj, "steps": steps,
                    "resumed_from": start, "run_dir": str(run_dir),
                    "checkpoints": ckpt.steps(), "eval": last_eval["domains"] if last_eval else None}
+        stats = getattr(parts.data, "stats", None)
+        if stats:
+            summary["data"] = {k: v for k, v in stats.items() if isinstance(v, (int, float))}
         if writer:
             if steps > start or not (run_dir / "hub" / "config.json").exists():
                 summary["hub"] = str(stage.export(run_dir / "hub"))
@@ -257,7 +380,6 @@ def run_stage(config: C.Config, run_dir=None, *, fresh: bool = False,
             _write_json(run_dir / "summary.json", summary)
         return summary
     finally:
-        bar.close()
         metrics_w.close()
         ckpt.close()
         stage.close()

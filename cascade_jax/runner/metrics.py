@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import pathlib
-from typing import Mapping
+from typing import Mapping, Optional
 
 __all__ = ["MetricsWriter", "Progress", "scalars"]
 
@@ -84,28 +84,107 @@ class MetricsWriter:
             self._tb = None
 
 
-class Progress:
-    """A tqdm bar over the stage's steps showing the running reward (or loss) and step time."""
+def _duration(s: float) -> str:
+    s = int(round(s))
+    h, m, sec = s // 3600, s % 3600 // 60, s % 60
+    return f"{h}h{m:02d}m{sec:02d}s" if h else (f"{m}m{sec:02d}s" if m else f"{sec}s")
 
-    def __init__(self, total: int, initial: int = 0, *, desc: str = "", enabled: bool = True):
+
+#: seconds between progress lines without a terminal (``CASCADE_PROGRESS_S`` overrides)
+PROGRESS_EVERY_S = 30.0
+
+
+class Progress:
+    """Progress of a stage's steps. On a terminal: a tqdm bar with the running reward (or loss)
+    and step time. Without one (``enabled=False``: logs of a batch job, a pod, a pipe), a line
+    every :data:`PROGRESS_EVERY_S` seconds from a background thread, also while a step, the
+    build or a compile runs::
+
+        [sft] step 120/300 (40%), 2.1 steps/s, ETA 1m26s, loss 1.234 (last step 0.48s)
+
+    ``lines=False`` turns those lines off too (``log`` receives them)."""
+
+    def __init__(self, total: int, initial: int = 0, *, desc: str = "", enabled: bool = True,
+                 lines: bool = True, log=None, every_s: Optional[float] = None):
+        import os
+        import sys
+        import threading
+        import time
+
         self._bar = None
+        self.total, self.n, self.start_n, self.desc = total, initial, initial, desc
+        self.phase = "starting"
+        self._post: dict = {}
+        self._t0 = time.monotonic()
+        self._t_steps = None  # when the first step of this process began
+        self._log = log or (lambda m: print(m, file=sys.stderr, flush=True))
+        self._stop = threading.Event()
+        self._thread = None
         if enabled:
             from tqdm import tqdm
 
             self._bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True,
                              mininterval=0.5)
+        elif lines:
+            every = float(os.environ.get("CASCADE_PROGRESS_S") or every_s or PROGRESS_EVERY_S)
+            self._thread = threading.Thread(target=self._beat, args=(every,), daemon=True,
+                                            name="cascade-progress")
+            self._thread.start()
+
+    def line(self) -> str:
+        """The current progress line (see the class doc)."""
+        import time
+
+        now = time.monotonic()
+        head = f"[{self.desc}] " if self.desc else ""
+        if self._t_steps is None:
+            return f"{head}{self.phase} ({_duration(now - self._t0)} so far)"
+        done = self.n - self.start_n
+        pct = f" ({100.0 * self.n / self.total:.0f}%)" if self.total else ""
+        text = f"{head}step {self.n}/{self.total}{pct}"
+        el = now - self._t_steps
+        if done > 0 and el > 0:
+            rate = done / el
+            text += (f", {rate:.3g} steps/s" if rate >= 1 else f", {1.0 / rate:.3g} s/step")
+            text += f", ETA {_duration((self.total - self.n) / rate)}"
+        for k, v in self._post.items():
+            text += f", {k} {v}"
+        if self.phase != "steps":
+            text += f"; {self.phase}"
+        return text
+
+    def _beat(self, every: float) -> None:
+        while not self._stop.wait(every):
+            self._log(self.line())
+
+    def begin_steps(self, initial: int) -> None:
+        """The build is done; steps start at ``initial`` (the resumed step)."""
+        import time
+
+        self.n = self.start_n = initial
+        self.phase = "steps"
+        self._t_steps = time.monotonic()
+        if self._bar is not None:
+            self._bar.n = initial
+            self._bar.refresh()
+
+    def set_phase(self, phase: str) -> None:
+        self.phase = phase
 
     def update(self, m: Mapping[str, float]) -> None:
-        if self._bar is None:
-            return
         post = {}
         for key, label in (("reward_mean", "reward"), ("loss", "loss"),
                            ("time/step_s", "step_s")):
             if key in m and m[key] is not None:
                 post[label] = f"{m[key]:.4g}"
+        self.n += 1
+        self._post = post
+        if self._bar is None:
+            return
         self._bar.set_postfix(post, refresh=False)
         self._bar.update(1)
 
     def close(self) -> None:
+        self._stop.set()
         if self._bar is not None:
             self._bar.close()

@@ -20,7 +20,7 @@ from cascade_jax.runner import build as B
 from cascade_jax.runner import evaluate as E
 from cascade_jax.rollout import RolloutError
 from cascade_jax.rollout.packing import pack_rollouts
-from cascade_jax.runner.checkpoint import export_hub
+from cascade_jax.runner.checkpoint import export_hub, export_model_config, publish_modes
 from cascade_jax.runner.errors import RolloutUnavailable
 from cascade_jax.runner.metrics import scalars
 
@@ -113,8 +113,10 @@ class Stage:
     def export(self, path: pathlib.Path) -> pathlib.Path:
         from cascade_jax.data import save_tokenizer
 
-        out = export_hub(self.compute_params(), self.parts.model_cfg, path)
+        out = export_hub(self.compute_params(), export_model_config(self.parts.model_cfg, self.tok),
+                         path)
         save_tokenizer(self.tok, out)
+        publish_modes(out)
         return out
 
     # ---- steps --------------------------------------------------------------------------------

@@ -1,0 +1,248 @@
+"""A hostile newcomer: the README's promises tried as real command lines in subprocesses --
+interruptions, bad input, mistyped paths -- each checked for its exit code, its single
+``error:`` line and what it left on disk."""
+
+import json
+import os
+import pathlib
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from tests.runner_support import cache_dir, write_config
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+#: a progress line ("[sft] step 3/5 ...", printed every 30 s without a terminal)
+PROGRESS = re.compile(r"^\[[\w/.-]+\] ")
+
+#: a tiny SFT stage of a few short steps (seconds on CPU once compiled)
+TINY_SFT = {"data": {"batch_rows": 2, "seq_len": 128, "domains": ["math"]},
+            "optimizer": {"lr": 3e-3, "warmup_steps": 1}}
+
+
+def _env(tmp_path_factory, **extra) -> dict:
+    env = {"JAX_PLATFORMS": "cpu", "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+           "PYTHONPATH": str(ROOT),
+           "JAX_COMPILATION_CACHE_DIR": str(cache_dir(tmp_path_factory)),
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+           "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+    env.update(extra)
+    return env
+
+
+def _cmd(script: str, *args) -> list:
+    return [sys.executable, str(ROOT / "launch" / script), *args]
+
+
+def _run(tmp_path_factory, script, *args, timeout=300, **env):
+    return subprocess.run(_cmd(script, *args), capture_output=True, text=True, timeout=timeout,
+                          env=_env(tmp_path_factory, **env))
+
+
+def _one_error(r, code: int, *needles) -> str:
+    """Exit ``code``, exactly one non-empty stderr line, ``error: ...`` containing ``needles``."""
+    lines = [l for l in r.stderr.splitlines() if l.strip() and not PROGRESS.match(l)]
+    assert r.returncode == code, (r.returncode, r.stderr[-3000:])
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr[-3000:]
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+    return lines[0]
+
+
+def _state(run_dir: pathlib.Path, step: int) -> dict:
+    """Every array of the orbax checkpoint at ``step`` plus its data-iterator state."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    with ocp.CheckpointManager(run_dir.absolute() / "checkpoints",
+                               item_names=("state", "data", "meta")) as m:
+        out = m.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
+                                                      data=ocp.args.JsonRestore()))
+    leaves = jax.tree_util.tree_flatten_with_path(out["state"])[0]
+    return {jax.tree_util.keystr(p): np.asarray(v) for p, v in leaves}, out["data"]
+
+
+# --------------------------------------------------------------------------------------------
+# Preemption: SIGTERM after a checkpointed step, exit 75, rerun resumes bit for bit
+
+
+STEPS = 5
+
+
+def test_sigterm_checkpoints_exits_75_and_resumes_bit_identically(tmp_path, tmp_path_factory):
+    def cfg(name):
+        return write_config(tmp_path / f"{name}.json", "sft", tmp_path / name, steps=STEPS,
+                            run={"checkpoint_every": 2}, **TINY_SFT)
+
+    ref = _run(tmp_path_factory, "run.py", f"--config={cfg('ref')}", "--no-progress")
+    assert ref.returncode == 0, ref.stderr[-3000:]
+
+    # the run waits after step 3 (CASCADE_FAULT=hold@3) until a signal arrives from outside;
+    # checkpoint 2 is on disk by then, step 3 is not a checkpoint step
+    args = (f"--config={cfg('killed')}", "--no-progress")
+    p = subprocess.Popen(_cmd("run.py", *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, env=_env(tmp_path_factory, CASCADE_FAULT="hold@3"))
+    ck = tmp_path / "killed" / "checkpoints"
+    t0 = time.monotonic()
+    while not (ck / "2").is_dir() and p.poll() is None and time.monotonic() - t0 < 240:
+        time.sleep(0.05)
+    assert p.poll() is None, p.communicate()[1][-3000:]
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 75, (p.returncode, err[-3000:])
+    assert "SIGTERM received" in err and "stopped by SIGTERM after step 3/5" in err, err[-3000:]
+    assert "terminate called" not in err and "Traceback" not in err, err[-3000:]
+    assert sorted(int(x.name) for x in ck.iterdir() if x.name.isdigit()) == [2, 3]
+    assert not (tmp_path / "killed" / "hub").exists() and not (tmp_path / "killed" / "summary.json").exists()
+    mid_state, _ = _state(tmp_path / "killed", 3)
+    assert int(mid_state["['step']"]) == 3
+
+    again = _run(tmp_path_factory, "run.py", *args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resumed" in again.stderr and "at step 3" in again.stderr
+    a, ad = _state(tmp_path / "ref", STEPS)
+    b, bd = _state(tmp_path / "killed", STEPS)
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(b[k], a[k], err_msg=k)
+    assert ad == bd
+    ref_rows = [json.loads(l) for l in (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()]
+    got_rows = [json.loads(l) for l in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in got_rows] == [r["step"] for r in ref_rows] == list(range(1, STEPS + 1))
+    assert [r["loss"] for r in got_rows] == [r["loss"] for r in ref_rows]
+    # training moved the weights after the resume: the equality above is not vacuous
+    assert any(not np.array_equal(mid_state[k], a[k]) for k in a if k.startswith("['params']"))
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input: one error line, the documented code, nothing written
+
+
+def _jsonl(path: pathlib.Path, rows) -> pathlib.Path:
+    path.write_bytes(b"".join((r if isinstance(r, bytes) else json.dumps(r).encode()) + b"\n"
+                              for r in rows))
+    return path
+
+
+GOOD = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+
+
+@pytest.mark.parametrize("bad, needle", [
+    (b'{"messages": [', "malformed JSON"),
+    ({"text": "no messages here"}, "missing field 'messages'"),
+    (b'{"prompt": "caf\xe9", "response": "x"}', "malformed JSON"),
+])
+def test_bad_sft_rows_exit_3_and_write_nothing(tmp_path, tmp_path_factory, bad, needle):
+    src = _jsonl(tmp_path / "data.jsonl", [GOOD, bad, GOOD])
+    run = tmp_path / "run"
+    args = ["--stage=tiny/sft", f"--run-dir={run}", "--no-progress",
+            '--set=data.sources=[{"path": "%s", "format": "jsonl"}]' % src,
+            "--set=data.batch_rows=2", "--set=data.seq_len=128", "--set=stage.steps=1"]
+    r = _run(tmp_path_factory, "run.py", *args)
+    _one_error(r, 3, "data.jsonl:2", needle)
+    assert not run.exists()
+
+
+def test_sft_source_whose_only_row_is_too_long_is_an_error_not_a_hang(tmp_path, tmp_path_factory):
+    long = {"prompt": "x " * 400, "response": "y"}
+    src = _jsonl(tmp_path / "long.jsonl", [long])
+    run = tmp_path / "run"
+    r = _run(tmp_path_factory, "run.py", "--stage=tiny/sft", f"--run-dir={run}", "--no-progress",
+             '--set=data.sources=[{"path": "%s", "format": "jsonl"}]' % src,
+             "--set=data.batch_rows=2", "--set=data.seq_len=64", timeout=120)
+    _one_error(r, 3, "no usable SFT example", "1 longer than data.seq_len=64", "long.jsonl:1")
+    assert not run.exists()
+
+
+def test_rl_prompts_all_too_long_exit_3_and_write_nothing(tmp_path, tmp_path_factory):
+    rows = [{"prompt": "what is 2 + 2?", "domain": "math", "metadata": {"answer": "4"}}] * 3
+    src = _jsonl(tmp_path / "rl.jsonl", rows)
+    run = tmp_path / "run"
+    r = _run(tmp_path_factory, "run.py", "--stage=tiny/multi_domain_rl", f"--run-dir={run}",
+             "--no-progress", '--set=data.sources=[{"path": "%s", "format": "jsonl"}]' % src,
+             '--set=data.domains=["math"]', "--set=data.domain_weights={}",
+             "--set=rollout.max_prompt_len=8", timeout=120)
+    _one_error(r, 3, "domain math", "rollout.max_prompt_len = 8")
+    assert not run.exists()
+
+
+def test_init_inside_the_run_dir_is_refused_before_anything_is_deleted(tmp_path):
+    """``--init runs/x --run-dir runs/x --fresh``: refused up front; the earlier run's ``hub/``
+    and ``eval/`` stay."""
+    run = tmp_path / "x"
+    (run / "hub").mkdir(parents=True)
+    (run / "eval").mkdir()
+    (run / "hub" / "config.json").write_text("{}")
+    (run / "eval" / "e.json").write_text("{}")
+    (run / "run_config.json").write_text("{}")
+    before = sorted(str(p.relative_to(run)) for p in run.rglob("*"))
+    for extra in (["--fresh"], []):
+        r = subprocess.run(_cmd("run.py", "--stage=tiny/sft", f"--init={run}", f"--run-dir={run}",
+                                *extra), capture_output=True, text=True, timeout=120,
+                           env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)})
+        _one_error(r, 4, "--init", "lies in the run dir's hub/", "another --run-dir")
+        assert sorted(str(p.relative_to(run)) for p in run.rglob("*")) == before
+
+
+def test_fresh_removes_only_run_artefacts(tmp_path):
+    from cascade_jax.runner.loop import RUN_ARTIFACTS, _clear
+
+    run = tmp_path / "run"
+    (run / "hub").mkdir(parents=True)
+    (run / "notes.txt").write_text("mine")
+    (run / "mydata").mkdir()
+    (run / "metrics.jsonl").write_text("")
+    _clear(run)
+    assert sorted(p.name for p in run.iterdir()) == ["mydata", "notes.txt"]
+    assert "notes.txt" not in RUN_ARTIFACTS
+
+
+def _quick(*args, timeout=120):
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout,
+                          env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)},
+                          cwd=ROOT)
+
+
+def test_plan_negative_seq_len_names_the_flag():
+    r = _quick(str(ROOT / "launch" / "plan.py"), "--mesh=fsdp:1", "--seq-len=-5")
+    assert r.returncode == 2 and "argument --seq-len: must be > 0, got -5" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_stage_mopd_is_the_30b_stage_and_names_what_is_missing(tmp_path):
+    r = _quick(str(ROOT / "launch" / "run.py"), "--stage=mopd", f"--run-dir={tmp_path / 'm'}")
+    line = _one_error(r, 3, "teachers: stage.teachers.", "data: data.sources[0].path")
+    assert "runs/sft/final" in line and "[cascade]" not in r.stderr  # not the tiny bootstrap
+    assert not (tmp_path / "m").exists()
+    r = _quick(str(ROOT / "launch" / "run.py"), "--stage=mopd", "--print-config")
+    assert r.returncode == 0 and json.loads(r.stdout)["model"]["preset"] == "nano-30b-a3b"
+
+
+def test_print_config_works_for_every_stage_name(capsys):
+    import configs
+    from launch import run as R
+
+    r = _quick(str(ROOT / "launch" / "run.py"), "--stage=cascade", "--print-config")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert set(out) >= {"sft", "mopd", "swe_rl"} and out["mopd"]["model"]["preset"] == "tiny"
+    for name in configs.stage_names():  # in process: the same main, without 19 interpreters
+        assert R.main([f"--stage={name}", "--print-config"]) == 0, name
+        assert json.loads(capsys.readouterr().out)["stage"]["name"]
+
+
+def test_unknown_preset_is_named_as_such():
+    r = _quick(str(ROOT / "launch" / "run.py"), "--stage=tiny/sft", "--preset=huge", "--print-config")
+    assert r.returncode == 2 and "unknown preset 'huge'" in r.stderr and "real data" not in r.stderr
+
+
+def test_study_mistyped_cascade_dir_is_an_error(tmp_path):
+    r = _quick(str(ROOT / "launch" / "study.py"), f"--cascade-dir={tmp_path / 'cascde'}",
+               f"--study-dir={tmp_path / 's'}")
+    _one_error(r, 2, "--cascade-dir", "no cascade there")
+    assert not (tmp_path / "cascde").exists() and not (tmp_path / "s").exists()
