@@ -158,13 +158,17 @@ def _shard_bytes(tree) -> int:
 def plan(model_cfg, mesh, *, objective: str = "grpo", seq_len: int = 8192,
          batch: Optional[int] = None, opt_cfg: Optional[OptimizerConfig] = None,
          device_memory_gib: float = 80.0, compute_dtype=jnp.bfloat16, grad_accum: int = 1,
-         rules: Rules = RULES, fast_compile: bool = True, a2a: str = "auto") -> dict:
+         rules: Rules = RULES, fast_compile: bool = True, a2a: str = "auto",
+         static: Optional[dict] = None) -> dict:
     """Compile the ``objective`` step for ``mesh`` ahead of time and report per-device memory
     and FLOPs (see the module docstring). ``batch`` defaults to one sequence per device of the
     batch axes (data x fsdp x expert); ``fast_compile``: skip machine-code optimisation (the
     memory analysis does not depend on it); ``a2a``: the expert-parallel exchange
     (``mesh.a2a``; ``ragged`` cannot compile on CPU). The result names the MoE dispatch the
-    step uses (``moe_dispatch``: expert-parallel with its exchange, token-local, or global)."""
+    step uses (``moe_dispatch``: expert-parallel with its exchange, token-local, or global).
+    ``static``: keyword arguments of the objective's step that replace the planner's defaults
+    (a run's ``stage``, ``opt_cfg``, ``temperature``, ``row_len``: what
+    ``cascade_jax.runner.build.train_step_static`` gives the real step)."""
     shape = mesh_shape(mesh)
     n_dev = math.prod(shape.values())
     batch_devs = math.prod(shape[a] for a in BATCH_AXES)
@@ -182,9 +186,14 @@ def plan(model_cfg, mesh, *, objective: str = "grpo", seq_len: int = 8192,
     state = abstract_train_state(model_cfg, opt_cfg, mesh, rules)
     b = abstract_batch(objective, batch, seq_len)
     b = _with_shardings(b, batch_shardings(b, mesh, rules))
+    static_kw = static
     static = dict(compute_dtype=compute_dtype, grad_accum=grad_accum)
     if objective != "sft":
         static["stage"] = StageConfig(objective=objective)
+    given = dict(static_kw or {})
+    if given:
+        static.pop("grad_accum")  # the run's opt_cfg carries it
+        static.update(given)
     step = compile_train_step(objective, mesh=mesh, state=state, batch=b, model_cfg=model_cfg,
                               rules=rules, a2a=a2a, **static)
     hook = make_moe_dispatch(mesh, rules, a2a=a2a)
