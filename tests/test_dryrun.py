@@ -196,3 +196,67 @@ def test_stage_casts_the_policy_once_per_weight_version(monkeypatch):
     st.state = dataclasses.replace(st.state, step=st.state.step + 1)  # the next weight version
     b = st.compute_params()
     assert b is not a and st.compute_params() is b and len(casts) == 2
+
+
+# ---- the 30B stage configs on 64 simulated devices ------------------------------------------
+
+STAGES_30B = ("sft", "if_rl", "multi_domain_rl", "mopd", "rlhf_teacher", "rlhf", "long_context_rl",
+              "code_rl", "swe_rl")
+
+
+def _check_30b_report(rep, stage, want_programs):
+    assert rep["stage"] == stage and rep["preset"] == "nano-30b-a3b"
+    assert rep["target"]["devices"] == 64 and rep["target"]["device_memory_gib"] == 80
+    assert [p["program"] for p in rep["programs"]] == list(want_programs)
+    for p in rep["programs"]:
+        assert p["fits"] and p["headroom"] >= 0.10, (p["program"], p["device_total_bytes"] / GIB)
+        assert p["device_total_bytes"] <= 0.9 * 80 * GIB
+    tpu = D.retarget(rep, platform="tpu")
+    assert tpu["target"]["device_memory_gib"] == 95 and tpu["fits"], tpu["failures"]
+
+
+def test_30b_mopd_rollout_and_sync_programs_fit_64_h100():
+    """CI: the 30B MOPD stage's config on 64 simulated devices, the programs that compile in
+    seconds (the once-per-version cast on fsdp 8 x context 8 and the engine's decode on tensor 2 x
+    expert 4): the bf16 compute copy is the 31.6B parameters' bf16 / fp32 bytes over 64 devices,
+    the decode holds the weights over 8 devices and its K/V cache split by slots and KV heads."""
+    script = ("import json, sys; from cascade_jax.sharding import dryrun as D; import configs; "
+              "from cascade_jax import config as C; D.use_simulated_devices(64); "
+              "cfg = C.load(str(configs.stage_path('mopd'))); "
+              "print(json.dumps(D.dry_run(cfg, programs=('weight_sync', 'rollout_decode'))))")
+    p = subprocess.run([sys.executable, "-c", script], env=child_env(None), capture_output=True,
+                       text=True, timeout=1500, cwd=REPO)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rep = json.loads(p.stdout.strip().splitlines()[-1])
+    _check_30b_report(rep, "mopd", ["weight_sync", "rollout_decode"])
+    sync, dec = rep["programs"]
+    from models import nemotron_h as nh
+    import jax
+
+    mcfg = nh.preset("nano-30b-a3b")
+    specs = jax.tree.leaves(nh.param_specs(mcfg), is_leaf=lambda x: isinstance(x, nh.params.ParamSpec))
+    bf16 = sum(math.prod(s.shape) * (4 if s.fp32 else 2) for s in specs)
+    fp32 = sum(math.prod(s.shape) * 4 for s in specs)
+    assert 31e9 < sum(math.prod(s.shape) for s in specs) < 33e9
+    assert sync["params_bytes"] == pytest.approx(fp32 / 64, rel=0.02)  # largest shard: uneven leaves
+    assert sync["output_bytes"] == pytest.approx(bf16 / 64, rel=0.02)
+    # the engine: weights split over 8 devices (tensor x expert; the non-expert weights over
+    # tensor only), K/V of 6 attention layers [64 slots, 99328, 2 heads, 128] bf16 over 4 x 2
+    kv = 6 * 2 * 64 * 99328 * 2 * 128 * 2 / 8
+    assert dec["cache_bytes"] >= kv and dec["cache_bytes"] < kv + 23 * 64 * 64 * 64 * 128 * 4
+    assert dec["bound"] == "memory"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", STAGES_30B)
+def test_30b_stage_dry_run_fits_64_h100_and_v5p(stage):
+    """Every 30B stage, every program, on its 64-device target (minutes per stage on 2 cores)."""
+    p = _run(f"--stage={stage}", "--dry-run", "--json", timeout=3600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rep = json.loads(p.stdout.strip().splitlines()[-1])
+    want = {"sft": ["train"], "mopd": ["train", "teacher_score", "weight_sync", "rollout_prefill",
+                                       "rollout_decode"]}
+    rl = ["train", "weight_sync", "rollout_prefill", "rollout_decode"]
+    if stage in ("rlhf", "rlhf_teacher"):
+        rl = ["train", "reference_score", "weight_sync", "rollout_prefill", "rollout_decode"]
+    _check_30b_report(rep, stage, want.get(stage, rl))

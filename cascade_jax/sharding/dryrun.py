@@ -18,6 +18,8 @@ The programs, built from the same config by the same builders as a real run
                    (``cascade_jax.rollout.scoring``: ``Teachers`` batch of 8 rows padded to the
                    power of two >= the row length) on the train mesh, every distinct teacher's
                    bf16 weights resident
+``reference_score``  GRPO with ``stage.kl_coef > 0``: the KL reference's log-probs of one
+                   micro-batch under the stage's starting weights (bf16, resident)
 ``weight_sync``    the once-per-version cast of the fp32 master to the bf16 compute copy on the
                    train mesh (what the engine, the syncer and the probe share), then the
                    reshard onto the rollout mesh (bytes each rollout device receives)
@@ -79,7 +81,7 @@ from .rules import RULES, ShardingError, logical_to_spec
 from .state import param_shardings, replicated, validate_model_mesh
 from .step import activation_partitioner
 
-__all__ = ["Chip", "CHIPS", "DryRunError", "resolve_target", "dry_run", "format_report",
+__all__ = ["Chip", "CHIPS", "DryRunError", "resolve_target", "dry_run", "retarget", "format_report",
            "attention_score_bytes"]
 
 GIB = 2 ** 30
@@ -237,8 +239,11 @@ def _model_flops_per_token(model_cfg, ctx: int, train: bool) -> float:
 
 def _finish(prog: dict, target: Target, *, devices: int, tokens: float, useful_per_token: float,
             resident: int = 0, correction: int = 0, hbm_bytes: Optional[float] = None) -> dict:
-    """Add resident bytes, the target correction, headroom, roofline and MFU to ``prog``."""
+    """Add resident bytes, the target correction, headroom, roofline and MFU to ``prog`` (the
+    inputs are kept under ``"basis"`` so :func:`retarget` can redo this for another target)."""
     chip = target.spec
+    prog["basis"] = {"devices": devices, "tokens": tokens, "useful_per_token": useful_per_token,
+                     "resident": int(resident), "correction": int(correction), "hbm_bytes": hbm_bytes}
     prog["resident_bytes"] = int(resident)
     prog["correction_bytes"] = -int(min(correction, prog["temp_bytes"])) if target.platform == "gpu" else 0
     total = prog["total_bytes"] + resident + prog["correction_bytes"]
@@ -299,7 +304,9 @@ def dry_run(config: C.Config, *, devices: Optional[int] = None,
     except ConfigError as e:
         raise DryRunError(str(e)) from None
     obj = config.stage.objective
-    want = programs or ("train", "teacher_score", "weight_sync", "rollout_prefill", "rollout_decode")
+    rmesh = _rollout_mesh(config, mcfg) if obj in ("grpo", "mopd") else None  # checked up front
+    want = programs or ("train", "teacher_score", "reference_score", "weight_sync", "rollout_prefill",
+                        "rollout_decode")
     rows, row_len = _row_shape(config)
     dtype = B.compute_dtype(config)
     bf16_bytes = _shard_bytes(abstract_params(mcfg, mesh, dtype))
@@ -335,10 +342,20 @@ def dry_run(config: C.Config, *, devices: Optional[int] = None,
                            resident=train_resident, correction=corr))
 
     if obj == "mopd" and "teacher_score" in want:
-        out.append(_teacher_program(config, mcfg, mesh, target, row_len, dtype, n_teachers,
-                                    bf16_bytes, log))
-    if obj in ("grpo", "mopd"):
-        rmesh = _rollout_mesh(config, mcfg)
+        import inspect
+
+        from cascade_jax.rollout.scoring import pow2_at_least
+        from cascade_jax.rollout.teachers import Teachers
+
+        t_rows = inspect.signature(Teachers.__init__).parameters["batch_size"].default
+        out.append(_score_program("teacher_score", config, mcfg, mesh, target, t_rows,
+                                  pow2_at_least(row_len), dtype, n_teachers - 1, bf16_bytes, log,
+                                  f" padded to a power of two; {n_teachers} teachers resident"))
+    if ref_bytes and "reference_score" in want:
+        out.append(_score_program("reference_score", config, mcfg, mesh, target,
+                                  rows // config.optimizer.grad_accum, row_len, dtype, 0, bf16_bytes,
+                                  log, " per micro-batch (the KL reference)"))
+    if rmesh is not None:
         if "weight_sync" in want:
             out.append(_sync_program(config, mcfg, mesh, rmesh, target, dtype, train_resident, log))
         if "rollout_prefill" in want or "rollout_decode" in want:
@@ -377,23 +394,23 @@ def _rollout_mesh(config, mcfg):
     return mesh
 
 
-def _teacher_program(config, mcfg, mesh, target, row_len, dtype, n_teachers, bf16_bytes, log):
-    """One teacher's scoring call (``rollout.scoring._score_rows``) on the train mesh."""
+def _score_program(name, config, mcfg, mesh, target, rows, T, dtype, resident_copies,
+                   bf16_bytes, log, note):
+    """A teacher-forced scoring forward (``rollout.scoring._score_rows``: hidden states and the
+    chunked log-softmax) of ``rows x T`` tokens on the train mesh under bf16 weights, with the
+    train state and ``resident_copies`` other bf16 copies resident beside it."""
     from cascade_jax.rl.logprobs import chunked_logprobs
-    from cascade_jax.rollout.scoring import pow2_at_least
-    from cascade_jax.rollout.teachers import Teachers
 
-    import inspect
-    rows = inspect.signature(Teachers.__init__).parameters["batch_size"].default
-    T = pow2_at_least(row_len)
+    from .plan import abstract_train_state
+
     shape = mesh_shape(mesh)
     cp = shape.get("context", 1)
     if T % cp:
-        raise DryRunError(f"teacher_score: padded length {T} does not split over mesh.context={cp}")
+        raise DryRunError(f"{name}: length {T} does not split over mesh.context={cp}")
     params = abstract_params(mcfg, mesh, dtype)
     spec = logical_to_spec(("batch", "seq"), RULES.activations, mesh_shape=shape)
     bdev = math.prod(shape.get(a, 1) for a in RULES.activations["batch"])
-    rows = max(rows, bdev)  # each batch device needs a row; the runner pads to a power of two
+    rows = max(rows, bdev)  # every batch device needs a row
     tok = jax.ShapeDtypeStruct((rows, T), jnp.int32, sharding=NamedSharding(mesh, spec))
 
     def score(p, tokens, seg):
@@ -402,18 +419,16 @@ def _teacher_program(config, mcfg, mesh, target, row_len, dtype, n_teachers, bf1
         lp, _ = chunked_logprobs(h[:, :-1], p["lm_head"], tokens[:, 1:])
         return lp
 
-    log(f"compiling teacher_score ({rows} x {T}) ...")
+    log(f"compiling {name} ({rows} x {T}) ...")
     m, flops, secs = _compile(score, (params, tok, tok), mesh=mesh, a2a=config.mesh.a2a)
-    prog = {"program": "teacher_score", "mesh": {k: v for k, v in shape.items() if v > 1},
-            "devices": math.prod(shape.values()), "shape": f"{rows} x {T} ({n_teachers} teachers resident)",
+    prog = {"program": name, "mesh": {k: v for k, v in shape.items() if v > 1},
+            "devices": math.prod(shape.values()), "shape": f"{rows} x {T}{note}",
             "params_bytes": bf16_bytes, "optimizer_bytes": 0, "cache_bytes": 0, "seconds": secs,
             "flops": flops, **m}
-    tdev = T // cp
-    corr = attention_score_bytes(mcfg, rows // bdev, mcfg.num_attention_heads // shape.get("tensor", 1), tdev, T)
-    # resident beside it: the train state (params + Adam) and the other teachers
-    from .plan import abstract_train_state
+    corr = attention_score_bytes(mcfg, rows // bdev, mcfg.num_attention_heads // shape.get("tensor", 1),
+                                 T // cp, T)
     st = abstract_train_state(mcfg, config.optimizer, mesh)
-    resident = _shard_bytes(st.params) + _shard_bytes(st.opt_state) + (n_teachers - 1) * bf16_bytes
+    resident = _shard_bytes(st.params) + _shard_bytes(st.opt_state) + resident_copies * bf16_bytes
     return _finish(prog, target, devices=prog["devices"], tokens=rows * T,
                    useful_per_token=_model_flops_per_token(mcfg, T, False), resident=resident,
                    correction=corr)
@@ -526,13 +541,44 @@ def format_report(rep: dict) -> str:
         lines.append(f"{p['program']:<16}{g(p['params_bytes'])} {g(p['optimizer_bytes'])} {g(p['cache_bytes'])} "
                      f"{g(p['temp_bytes'])} {g(p['resident_bytes'])} {g(p['correction_bytes'])} "
                      f"{g(p['device_total_bytes'])}         {p['headroom']:8.1%} "
-                     f"{p['flops_per_token'] / 1e9:9.2f} {p['step_seconds']:9.3g} {p['mfu']:5.1%}  "
+                     f"{p['flops_per_token'] / 1e9:9.3g} {p['step_seconds']:9.3g} {p['mfu']:5.1%}  "
                      f"{'yes' if p['fits'] else 'NO'}   ({p['shape']}; compiled in {p['seconds']:.0f} s)")
     lines.append(rep["note"])
     for f in rep["failures"]:
         lines.append(f"DOES NOT FIT: {f}")
     lines.append(f"dry run wall time {rep['wall_seconds']:.0f} s")
     return "\n".join(lines)
+
+
+def retarget(rep: dict, *, platform: str, device_memory_gib: Optional[float] = None,
+             chip: Optional[str] = None, headroom: Optional[float] = None) -> dict:
+    """``rep`` (a :func:`dry_run` report) evaluated for another target of the same device count
+    without compiling again: the CPU programs are the same, only the budget, the chip's peaks and
+    the platform's kernel corrections change."""
+    import copy
+
+    if platform not in C.PLATFORMS:
+        raise DryRunError(f"--platform: must be one of {list(C.PLATFORMS)}, got {platform!r}")
+    chip = chip or DEFAULT_CHIP[platform]
+    mem = device_memory_gib or CHIPS[chip].memory_gib
+    t = Target(rep["target"]["devices"], platform, chip, int(mem * GIB),
+               rep["target"]["headroom"] if headroom is None else headroom)
+    out = copy.deepcopy(rep)
+    progs = []
+    for p in out["programs"]:
+        b = p.pop("basis")
+        progs.append(_finish(p, t, devices=b["devices"], tokens=b["tokens"],
+                             useful_per_token=b["useful_per_token"], resident=b["resident"],
+                             correction=b["correction"], hbm_bytes=b["hbm_bytes"]))
+    out["programs"] = progs
+    out["target"].update(platform=platform, chip=chip, chip_name=t.spec.name, device_memory_gib=mem,
+                         headroom=t.headroom, peak_flops=t.spec.peak_flops,
+                         hbm_bandwidth=t.spec.hbm_bandwidth)
+    out["fits"] = all(p["fits"] for p in progs)
+    out["failures"] = [f"{p['program']}: needs {p['device_total_bytes'] / GIB:.1f} GiB per device, "
+                       f"{p['shortfall_bytes'] / GIB:.1f} GiB over the {1 - t.headroom:.0%} of "
+                       f"{t.memory_bytes / GIB:g} GiB it may use" for p in progs if not p["fits"]]
+    return out
 
 
 # --------------------------------------------------------------------------------------------

@@ -122,8 +122,9 @@ def jaxpr_flops(jaxpr) -> float:
     return total
 
 
-def abstract_batch(objective: str, batch: int, seq_len: int):
-    """``ShapeDtypeStruct`` batch for ``objective`` (``RLBatch`` for grpo / mopd)."""
+def abstract_batch(objective: str, batch: int, seq_len: int, *, ref_logp: bool = False):
+    """``ShapeDtypeStruct`` batch for ``objective`` (``RLBatch`` for grpo / mopd; with
+    ``ref_logp`` the KL reference's log-probs, which a step with ``stage.kl_coef > 0`` needs)."""
     tok = jax.ShapeDtypeStruct((batch, seq_len), jnp.int32)
     flt = jax.ShapeDtypeStruct((batch, seq_len), jnp.float32)
     if objective == "sft":
@@ -132,7 +133,8 @@ def abstract_batch(objective: str, batch: int, seq_len: int):
     return RLBatch(tokens=tok, positions=tok, segment_ids=tok, loss_mask=flt, rollout_logp=flt,
                    rewards=jax.ShapeDtypeStruct((batch,), jnp.float32), group_ids=seq_i,
                    finish_reason=seq_i, domain_ids=seq_i,
-                   teacher_logp=flt if objective == "mopd" else None)
+                   teacher_logp=flt if objective == "mopd" else None,
+                   ref_logp=flt if ref_logp else None)
 
 
 def _with_shardings(tree, shardings):
@@ -184,7 +186,8 @@ def plan(model_cfg, mesh, *, objective: str = "grpo", seq_len: int = 8192,
             f"{4 * model_cfg.num_attention_heads * seq_len * seq_len / 2**40:.1f} TiB per row. "
             f"Plan with seq_len < {XLA_CPU_MAX_KEYS}")
     state = abstract_train_state(model_cfg, opt_cfg, mesh, rules)
-    b = abstract_batch(objective, batch, seq_len)
+    kl = getattr((static or {}).get("stage"), "kl_coef", 0.0) > 0
+    b = abstract_batch(objective, batch, seq_len, ref_logp=objective != "sft" and kl)
     b = _with_shardings(b, batch_shardings(b, mesh, rules))
     static_kw = static
     static = dict(compute_dtype=compute_dtype, grad_accum=grad_accum)
