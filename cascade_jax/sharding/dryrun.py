@@ -359,7 +359,10 @@ def dry_run(config: C.Config, *, devices: Optional[int] = None,
         if "weight_sync" in want:
             out.append(_sync_program(config, mcfg, mesh, rmesh, target, dtype, train_resident, log))
         if "rollout_prefill" in want or "rollout_decode" in want:
-            out.extend(_engine_programs(config, mcfg, rmesh, target, dtype, want, log))
+            try:
+                out.extend(_engine_programs(config, mcfg, rmesh, target, dtype, want, log))
+            except ShardingError as e:
+                raise DryRunError(f"target.rollout_mesh: {e}") from None
     fits = all(p["fits"] for p in out)
     return {
         "stage": config.stage.name, "objective": obj, "preset": config.model.preset,
@@ -494,8 +497,13 @@ def _engine_programs(config, mcfg, rmesh, target, dtype, want, log):
     if "rollout_prefill" in want:
         nb = max(r.prefill_sizes) if r.prefill_sizes else S
         Pb = min(b for b in default_prompt_buckets(max_len) if b >= r.max_prompt_len)
-        args = (params, cache, logits, slots, sds((nb, Pb), jnp.int32), sds((nb, 6), jnp.int32),
-                sds((nb, 2), jnp.float32), sds((nb, 8), jnp.int32))
+        # the admitted rows split over the mesh's batch axes, as the cache's slots are
+        rows_sh = NamedSharding(rmesh, logical_to_spec(("cache_batch",), RULES.activations,
+                                                       mesh_shape=rshape, shape=(nb,),
+                                                       what="rollout.prefill_sizes rows"))
+        rsd = lambda shp, dt: jax.ShapeDtypeStruct(shp, dt, sharding=rows_sh)
+        args = (params, cache, logits, slots, rsd((nb, Pb), jnp.int32), rsd((nb, 6), jnp.int32),
+                rsd((nb, 2), jnp.float32), rsd((nb, 8), jnp.int32))
         log(f"compiling rollout_prefill ({nb} x {Pb}) ...")
         fl = lambda: jaxpr_flops(jax.make_jaxpr(lambda p, t: nh.prefill(
             p, t, mcfg, max_len=Pb, last_only=True))(params, args[4]))
