@@ -89,6 +89,48 @@ class MeshConfig:
             raise ConfigError(f"mesh.a2a: must be one of {list(A2A_MODES)}, got {self.a2a!r}")
 
 
+#: platforms of ``target.platform`` and the chips of ``target.chip`` (peak figures in
+#: cascade_jax/sharding/dryrun.py)
+PLATFORMS = ("gpu", "tpu")
+CHIPS = {"gpu": ("h100", "h200"), "tpu": ("v5p",)}
+
+
+@dataclasses.dataclass(frozen=True)
+class TargetConfig:
+    """The pod a stage is planned for (``launch/run.py --dry-run``,
+    :mod:`cascade_jax.sharding.dryrun`): ``devices`` accelerators (0 = the product of the
+    ``mesh`` sizes, which must not contain -1 then) of ``device_memory_gib`` each on
+    ``platform``; ``chip`` (default ``h100`` on gpu, ``v5p`` on tpu) gives the documented peak
+    FLOP/s and HBM bandwidth of the roofline estimate; a program fits when it leaves at least
+    ``headroom`` of the device memory free. ``rollout_mesh``: the rollout engine's mesh over the
+    devices of one node (``tensor`` / ``expert`` / ``data`` axes, no -1; its size is the engine's
+    device count)."""
+
+    devices: int = 0
+    platform: Literal[PLATFORMS] = "gpu"
+    chip: str = ""
+    device_memory_gib: float = 80.0
+    headroom: float = 0.10
+    rollout_mesh: MeshConfig = MeshConfig(fsdp=1)
+
+    def __post_init__(self):
+        if self.devices < 0:
+            raise ConfigError(f"target.devices: must be >= 0 (0 = the mesh's size), got {self.devices}")
+        if self.platform not in PLATFORMS:
+            raise ConfigError(f"target.platform: must be one of {list(PLATFORMS)}, got {self.platform!r}")
+        if self.chip and self.chip not in CHIPS[self.platform]:
+            raise ConfigError(f"target.chip: {self.chip!r} is not a {self.platform} chip; one of "
+                              f"{list(CHIPS[self.platform])}")
+        if not self.device_memory_gib > 0:
+            raise ConfigError(f"target.device_memory_gib: must be > 0, got {self.device_memory_gib}")
+        if not 0 <= self.headroom < 1:
+            raise ConfigError(f"target.headroom: must be in [0, 1), got {self.headroom}")
+        m = self.rollout_mesh
+        for name in ("data", "fsdp", "expert", "tensor", "context"):
+            if getattr(m, name) < 1:
+                raise ConfigError(f"target.rollout_mesh.{name}: must be >= 1 (no -1), got {getattr(m, name)}")
+
+
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
     """AdamW with linear warm-up from ``warmup_init_lr`` to ``lr`` over ``warmup_steps``, then
@@ -423,6 +465,7 @@ class Config:
     stage: StageConfig = StageConfig()
     run: RunConfig = RunConfig()
     eval: EvalConfig = EvalConfig()
+    target: TargetConfig = TargetConfig()
 
     def __post_init__(self):
         # The built-in tiny domains are toy prompts for the tiny preset; a paper-scale model must

@@ -80,7 +80,36 @@ def parse_args(argv=None):
     ap.add_argument("--teachers", default="paper",
                     help="cascade/mopd: MOPD teachers: paper, best, or domain=stage,... (default paper)")
     ap.add_argument("--teachers-from", help="mopd: a finished cascade dir supplying start and teachers")
+    dry = ap.add_argument_group("dry run (cascade_jax/sharding/dryrun.py; docs/sharding.md)")
+    dry.add_argument("--dry-run", action="store_true",
+                     help="compile every accelerator program of the stage for its target pod on simulated "
+                          "CPU devices (no weights, nothing written); exit 1 naming what does not fit")
+    dry.add_argument("--devices", type=int, help="dry run: device count (default target.devices)")
+    dry.add_argument("--device-memory-gib", type=float, help="dry run: memory per device (default "
+                     "target.device_memory_gib)")
+    dry.add_argument("--platform", help="dry run: gpu or tpu (default target.platform)")
+    dry.add_argument("--json", action="store_true", help="dry run: print one JSON object")
     return ap.parse_args(argv)
+
+
+def _dry_run(args, argv) -> int:
+    """``--dry-run``: simulate the target's device count (re-executing this command in a fresh
+    process if jax already started with fewer devices), then compile and report."""
+    import subprocess
+
+    from cascade_jax.sharding import dryrun
+
+    cfg = resolve_config(args)
+    try:
+        n = dryrun.simulated_device_count(cfg, args.devices)
+        if not dryrun.use_simulated_devices(n):
+            env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(n))
+            return subprocess.call([sys.executable, str(pathlib.Path(__file__).resolve()), *argv], env=env)
+        return dryrun.command(cfg, devices=args.devices, device_memory_gib=args.device_memory_gib,
+                              platform=args.platform, as_json=args.json,
+                              log=lambda m: print(m, file=sys.stderr))
+    except dryrun.DryRunError as e:
+        raise E.ConfigError(str(e)) from None
 
 
 def resolve_config(args) -> C.Config:
@@ -197,7 +226,9 @@ def _print_cascade_config(args) -> int:
     return 0
 
 
-def _main(args) -> int:
+def _main(args, argv=()) -> int:
+    if args.dry_run:
+        return _dry_run(args, argv)
     route = _cascade_route(args)
     if route is None and (args.teachers_from or args.teachers != "paper"):
         raise E.ConfigError(f"--teachers / --teachers-from apply to --stage=cascade, --stage=mopd "
@@ -264,7 +295,7 @@ def main(argv=None) -> int:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _interrupt)
     try:
-        return _main(args)
+        return _main(args, list(sys.argv[1:] if argv is None else argv))
     except E.RunError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code

@@ -87,3 +87,15 @@ def test_cluster_detection():
     assert not cluster_detected({"TPU_WORKER_HOSTNAMES": "localhost"})  # a single-host TPU VM
     assert cluster_detected({"TPU_WORKER_HOSTNAMES": "10.0.0.2,10.0.0.3"})
     assert cluster_detected({"CASCADE_DISTRIBUTED": "1"})
+
+
+def test_weights_are_sharded_over_fsdp_and_context():
+    """ZeRO-3 over every token-splitting axis that holds no other weight dim: with a context
+    axis the weights' hidden dim is split over fsdp x context, so the master weights, Adam
+    moments and gradients are sharded over all the devices of an fsdp x context mesh."""
+    mesh = {"data": 1, "fsdp": 8, "expert": 1, "context": 8, "tensor": 1}
+    w = RULES.weights
+    assert logical_to_spec(("experts", "embed", "expert_mlp"), w, mesh_shape=mesh) == P(None, ("fsdp", "context"))
+    assert logical_to_spec(("embed",), w, mesh_shape={**mesh, "fsdp": 1}) == P("context")
+    with pytest.raises(ShardingError, match=r"mesh axis 'context' \(fsdp=8 x context=8\) does not divide dim 0"):
+        logical_to_spec(("embed",), w, mesh_shape=mesh, shape=(96,))

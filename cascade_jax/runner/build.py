@@ -45,7 +45,7 @@ from cascade_jax.runner.errors import (CheckpointLoadError, ConfigError, InputFi
 
 __all__ = ["Parts", "build", "resolve_init", "build_model", "model_config", "build_tokenizer", "build_mesh",
            "start_distributed", "check_batch_fits_mesh", "ShardedStep", "build_sft_data", "build_prompt_data", "build_engine", "build_scorers",
-           "build_teachers", "build_sampling", "build_train_step", "compute_dtype", "validate", "stage_domains"]
+           "build_teachers", "build_sampling", "build_train_step", "train_step_static", "compute_dtype", "validate", "stage_domains"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -347,6 +347,20 @@ def build_sampling(config: C.Config, tokenizer=None):
 # Train step
 
 
+def train_step_static(config: C.Config, sampling=None) -> dict:
+    """The keyword arguments of ``stage.objective``'s train step (``rl.make_train_step``) for
+    this config (``sampling``: the run's :class:`SamplingParams`, else built from the config);
+    the dry run (``cascade_jax.sharding.dryrun``) compiles the same step."""
+    obj = config.stage.objective
+    static = dict(compute_dtype=compute_dtype(config), opt_cfg=config.optimizer)
+    if obj in ("grpo", "mopd"):
+        static.update(stage=config.stage, sampling=sampling or build_sampling(config))
+        r = config.rollout
+        if r.zero_mismatch:  # batch-invariant log-probs at the rollout's row length
+            static.update(row_len=r.max_prompt_len + r.max_response_len)
+    return static
+
+
 def build_train_step(config: C.Config, model_cfg, mesh=None, sampling=None):
     """``step(state, batch) -> (state, metrics)`` for ``stage.objective`` with the state donated
     (the previous state's buffers are reused). With a ``mesh``: :class:`ShardedStep` (the step
@@ -357,12 +371,7 @@ def build_train_step(config: C.Config, model_cfg, mesh=None, sampling=None):
     from cascade_jax import rl
 
     obj = config.stage.objective
-    static = dict(compute_dtype=compute_dtype(config), opt_cfg=config.optimizer)
-    if obj in ("grpo", "mopd"):
-        static.update(stage=config.stage, sampling=sampling or build_sampling(config))
-        r = config.rollout
-        if r.zero_mismatch:  # batch-invariant log-probs at the rollout's row length
-            static.update(row_len=r.max_prompt_len + r.max_response_len)
+    static = train_step_static(config, sampling)
     if mesh is not None:
         return ShardedStep(obj, mesh, model_cfg, dict(static, a2a=config.mesh.a2a))
     fn = rl.make_train_step(obj, jit=False, model_cfg=model_cfg, **static)

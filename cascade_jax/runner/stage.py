@@ -64,6 +64,7 @@ class Stage:
         self._eval_prompts = None
         self._heldout = None
         self._sft_loss = None
+        self._compute = None  # (train state, its compute copy): see compute_params
         # the engine starts with the initial weights, version "0" (= step 0)
 
     # ---- checkpoint state ------------------------------------------------------------------
@@ -97,7 +98,14 @@ class Stage:
     # ---- weights ------------------------------------------------------------------------------
 
     def compute_params(self):
-        return rl.compute_params(self.state.params, self.specs, self.dtype)
+        """The compute copy of the current weight version, cast once per version (the train
+        state object: every step replaces it) and shared by the engine, the weight syncer and
+        its probe, exact rollouts, the routing check and the export; at 30B each cast is a
+        60 GB copy."""
+        if self._compute is None or self._compute[0] is not self.state:
+            self._compute = None  # drop the old version's copy before casting the new one
+            self._compute = (self.state, rl.compute_params(self.state.params, self.specs, self.dtype))
+        return self._compute[1]
 
     def sync_weights(self, label: Optional[str] = None) -> None:
         """Push the compute copy to the engine, labelled with the step (its weight version)."""

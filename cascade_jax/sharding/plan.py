@@ -122,8 +122,9 @@ def jaxpr_flops(jaxpr) -> float:
     return total
 
 
-def abstract_batch(objective: str, batch: int, seq_len: int):
-    """``ShapeDtypeStruct`` batch for ``objective`` (``RLBatch`` for grpo / mopd)."""
+def abstract_batch(objective: str, batch: int, seq_len: int, *, ref_logp: bool = False):
+    """``ShapeDtypeStruct`` batch for ``objective`` (``RLBatch`` for grpo / mopd; with
+    ``ref_logp`` the KL reference's log-probs, which a step with ``stage.kl_coef > 0`` needs)."""
     tok = jax.ShapeDtypeStruct((batch, seq_len), jnp.int32)
     flt = jax.ShapeDtypeStruct((batch, seq_len), jnp.float32)
     if objective == "sft":
@@ -132,7 +133,8 @@ def abstract_batch(objective: str, batch: int, seq_len: int):
     return RLBatch(tokens=tok, positions=tok, segment_ids=tok, loss_mask=flt, rollout_logp=flt,
                    rewards=jax.ShapeDtypeStruct((batch,), jnp.float32), group_ids=seq_i,
                    finish_reason=seq_i, domain_ids=seq_i,
-                   teacher_logp=flt if objective == "mopd" else None)
+                   teacher_logp=flt if objective == "mopd" else None,
+                   ref_logp=flt if ref_logp else None)
 
 
 def _with_shardings(tree, shardings):
@@ -158,13 +160,17 @@ def _shard_bytes(tree) -> int:
 def plan(model_cfg, mesh, *, objective: str = "grpo", seq_len: int = 8192,
          batch: Optional[int] = None, opt_cfg: Optional[OptimizerConfig] = None,
          device_memory_gib: float = 80.0, compute_dtype=jnp.bfloat16, grad_accum: int = 1,
-         rules: Rules = RULES, fast_compile: bool = True, a2a: str = "auto") -> dict:
+         rules: Rules = RULES, fast_compile: bool = True, a2a: str = "auto",
+         static: Optional[dict] = None) -> dict:
     """Compile the ``objective`` step for ``mesh`` ahead of time and report per-device memory
     and FLOPs (see the module docstring). ``batch`` defaults to one sequence per device of the
     batch axes (data x fsdp x expert); ``fast_compile``: skip machine-code optimisation (the
     memory analysis does not depend on it); ``a2a``: the expert-parallel exchange
     (``mesh.a2a``; ``ragged`` cannot compile on CPU). The result names the MoE dispatch the
-    step uses (``moe_dispatch``: expert-parallel with its exchange, token-local, or global)."""
+    step uses (``moe_dispatch``: expert-parallel with its exchange, token-local, or global).
+    ``static``: keyword arguments of the objective's step that replace the planner's defaults
+    (a run's ``stage``, ``opt_cfg``, ``temperature``, ``row_len``: what
+    ``cascade_jax.runner.build.train_step_static`` gives the real step)."""
     shape = mesh_shape(mesh)
     n_dev = math.prod(shape.values())
     batch_devs = math.prod(shape[a] for a in BATCH_AXES)
@@ -180,11 +186,17 @@ def plan(model_cfg, mesh, *, objective: str = "grpo", seq_len: int = 8192,
             f"{4 * model_cfg.num_attention_heads * seq_len * seq_len / 2**40:.1f} TiB per row. "
             f"Plan with seq_len < {XLA_CPU_MAX_KEYS}")
     state = abstract_train_state(model_cfg, opt_cfg, mesh, rules)
-    b = abstract_batch(objective, batch, seq_len)
+    kl = getattr((static or {}).get("stage"), "kl_coef", 0.0) > 0
+    b = abstract_batch(objective, batch, seq_len, ref_logp=objective != "sft" and kl)
     b = _with_shardings(b, batch_shardings(b, mesh, rules))
+    static_kw = static
     static = dict(compute_dtype=compute_dtype, grad_accum=grad_accum)
     if objective != "sft":
         static["stage"] = StageConfig(objective=objective)
+    given = dict(static_kw or {})
+    if given:
+        static.pop("grad_accum")  # the run's opt_cfg carries it
+        static.update(given)
     step = compile_train_step(objective, mesh=mesh, state=state, batch=b, model_cfg=model_cfg,
                               rules=rules, a2a=a2a, **static)
     hook = make_moe_dispatch(mesh, rules, a2a=a2a)

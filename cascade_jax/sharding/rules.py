@@ -48,7 +48,7 @@ class Rules:
 RULES = Rules(
     weights={
         "vocab": ("tensor",),
-        "embed": ("fsdp",),
+        "embed": ("fsdp", "context"),
         "q_heads": ("tensor",),
         "kv_heads": ("tensor",),
         "mlp": ("tensor",),
