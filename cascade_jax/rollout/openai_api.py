@@ -209,8 +209,13 @@ def _completion_logprobs(call: _Call, o: dict) -> Optional[dict]:
         offsets.append(pos)
         pos += len(s)
     top = None
-    if o["top"] is not None:
-        top = [{_token_str(tok, t): lp for lp, t, _ in entry} for entry in o["top"]]
+    if o["top"] is not None:  # best first; ids that decode to the same text keep the best value
+        top = []
+        for entry in o["top"]:
+            d: dict = {}
+            for lp, t, _ in entry:
+                d.setdefault(_token_str(tok, t), lp)
+            top.append(d)
     return {"tokens": tokens, "token_logprobs": o["logprobs"], "top_logprobs": top, "text_offset": offsets}
 
 
