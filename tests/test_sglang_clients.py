@@ -177,6 +177,20 @@ def test_slime_style_streaming_is_cumulative_and_matches_one_shot(server):
                                [t[0] for t in final["meta_info"]["output_token_logprobs"]], atol=1e-6)
 
 
+def test_project_client_asks_for_and_decodes_routed_experts(server):
+    """``ServerClient(routed_experts=model_cfg)`` (what ``rollout.routing_replay`` builds for a
+    served engine): each sample carries ``routed_experts [P + R - 1, L_moe, K]``, the trainer's
+    routing of its tokens (as top-k sets)."""
+    from cascade_jax.rollout import Request, SamplingParams, ServerClient
+    with ServerClient([server.url], routed_experts=server.cfg, timeout_s=300) as c:
+        r = c.generate([Request(prompt_ids=tuple(PROMPT), sampling=SamplingParams(max_new_tokens=5, n=2, seed=1))])
+    for s in r.samples():
+        seq = PROMPT + [int(t) for t in s.response_ids]
+        assert s.routed_experts.shape == (len(seq) - 1, server.cfg.pattern.count("E"), server.cfg.num_experts_per_tok)
+        np.testing.assert_array_equal(np.sort(s.routed_experts, -1),
+                                      np.sort(_routing_ref(server.params[0], server.cfg, seq), -1))
+
+
 def test_verl_style_top_logprobs_and_loads(server):
     """verl's adapter: a body with None-valued fields filtered out, ``top_logprobs_num``,
     ``logprob_start_len`` 0. SGLang's layout: ``output_top_logprobs`` one list per output token
