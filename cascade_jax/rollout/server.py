@@ -1,15 +1,19 @@
 """The JAX rollout server: :class:`~cascade_jax.rollout.engine.JaxEngine` behind FastAPI/uvicorn,
-speaking SGLang 0.5.23's HTTP protocol for what an RL trainer uses (docs/rollout-protocol.md §2-5;
-shapes in :mod:`cascade_jax.rollout.sglang_api`), so a trainer, ``sglang-router`` or any SGLang
-client cannot tell it from an SGLang server.
+speaking SGLang 0.5.23's HTTP protocol for what an RL trainer uses (docs/rollout-protocol.md §2-5,
+§11; shapes in :mod:`cascade_jax.rollout.sglang_api`), so a trainer, ``sglang-router`` or the
+SGLang clients of slime, verl and AReaL cannot tell it from an SGLang server; plus SGLang's
+OpenAI-compatible routes (:mod:`cascade_jax.rollout.openai_api`).
 
     python launch/serve.py --checkpoint DIR [--host 127.0.0.1] [--port 30000] [--api-key K]
 
-Endpoints: ``/generate``, ``/health``, ``/health_generate``, ``/get_model_info`` (``/model_info``),
-``/get_server_info`` (``/server_info``), ``/get_weight_version``, ``/update_weights_from_disk``,
-``/init_weights_update_group``, ``/update_weights_from_distributed``,
-``/destroy_weights_update_group``, ``/pause_generation``, ``/continue_generation``,
-``/flush_cache``, ``/abort_request``.
+Endpoints: ``/generate`` (also ``stream: true``), ``/health``, ``/health_generate``,
+``/get_model_info`` (``/model_info``), ``/get_server_info`` (``/server_info``),
+``/get_weight_version``, ``/update_weights_from_disk``, ``/init_weights_update_group``,
+``/update_weights_from_distributed``, ``/destroy_weights_update_group``,
+``/update_weights_from_tensor`` (validated, then refused: see below),
+``/release_memory_occupation``, ``/resume_memory_occupation``, ``/pause_generation``,
+``/continue_generation``, ``/flush_cache``, ``/abort_request``, ``GET /v1/loads``,
+``/v1/models``, ``/v1/completions``, ``/v1/chat/completions``.
 
 Behaviour:
 
@@ -17,31 +21,49 @@ Behaviour:
   samples of one item form one engine request, sample ``i`` seeded ``(sampling_seed, i)``).
   ``return_logprob`` with ``logprob_start_len >= 0`` adds the prompt's teacher-forced
   log-probs (engine ``score``; concurrent scoring calls are batched). ``max_new_tokens: 0``
-  is pure scoring.
+  is pure scoring. ``top_logprobs_num k`` adds SGLang's ``output_top_logprobs`` /
+  ``input_top_logprobs`` (one full forward of prompt + response after the sample finishes).
+  ``stream: true`` answers SSE chunks, cumulative, as the engine retires tokens.
+  ``image_data`` / ``video_data`` / ``audio_data`` are accepted empty and refused otherwise;
+  ``sampling_params.custom_params`` is accepted (no custom logit processor runs).
 * ``--zero-mismatch``: each item's samples come from :func:`cascade_jax.rollout.exact.
   generate_exact` over rows of ``--max-len`` tokens with the current weights (a trainer using
   ``row_len = --max-len`` recomputes the log-probs bit for bit); top-p < 1 / top-k are refused.
-* ``return_routed_experts: true`` adds ``meta_info.routed_experts`` (base64 of int32
-  ``[P + R - 1, L_moe, K]``, SGLang's layout: the experts prefill and decode routed each fed
-  token to); the server must run with ``--enable-return-routed-experts``, else a 400 naming
-  the field.
+* ``return_routed_experts: true`` adds ``meta_info.routed_experts`` in SGLang 0.5.23's layout:
+  base64 of int32 ``[P + R - 1, num_hidden_layers, top_k]``, each MoE layer's experts at its
+  global layer index, the other layers 0 (:class:`sglang_api.RoutedLayout`); the server must
+  run with ``--enable-return-routed-experts``, else a 400 naming the field.
 * Pause (``mode`` ``abort``, the default, or ``in_place``/``retract``) stops the engine; ``abort``
   also finishes every running request with finish reason ``abort`` (clients resubmit). New
   ``/generate`` requests wait until ``/continue_generation``.
 * A weight update (disk or distributed) waits until no request is in flight (new ones wait),
-  loads and validates the new weights completely before swapping, and requires a new
-  ``weight_version``; a missing, corrupt or mismatched checkpoint is refused with 400 and the
-  previous version keeps serving. ``/flush_cache`` answers 400 while requests run or wait.
-* Distributed updates: ``/init_weights_update_group`` starts this server's torch.distributed
-  peer (:mod:`torch_peer`, own process with torch) at rank ``rank_offset``; each
-  ``/update_weights_from_distributed`` receives its tensors (one flat broadcast per bucket with
-  ``load_format: "flattened_bucket"``, else one per tensor) into shared memory and stages them;
-  when every Hub tensor of the model has arrived the new params are swapped in at once.
+  loads and validates the new weights before swapping; a missing, corrupt or mismatched
+  checkpoint is refused with 400 and the previous version keeps serving. ``weight_version`` is
+  optional (absent: the label stays, as SGLang does); a given one may repeat the current label
+  but decimal labels never go backwards. ``/flush_cache`` answers 400 while requests run or wait.
+* Distributed updates: ``/init_weights_update_group`` (``master_port`` an int or a decimal
+  string) starts this server's torch.distributed peer (:mod:`torch_peer`, own process with
+  torch) at rank ``rank_offset``; each ``/update_weights_from_distributed`` receives its tensors
+  (one flat broadcast per bucket with ``load_format: "flattened_bucket"``, else one per tensor),
+  merges them into the host copy of the served Hub tensors and swaps the rebuilt model in at
+  once: every bucket loads as it arrives (SGLang's behaviour; slime sends the version with each).
+* ``/update_weights_from_tensor``: SGLang's clients send torch ``MultiprocessingSerializer``
+  pickles of CUDA-IPC handles; the body is validated, then refused (400) with a message naming
+  the disk and distributed endpoints.
+* ``/release_memory_occupation`` (``tags`` null = all, ``["weights"]``, ``["kv_cache"]``;
+  ``cuda_graph`` is accepted and frees nothing) waits for idle, copies the weights to host
+  memory and deletes the device buffers; ``/resume_memory_occupation`` puts them back (an empty
+  decode state). Both answer ``{success, message, bytes: {tag: n}, released}``; ``/generate``
+  answers 503 while anything is released.
 * ``--api-key``: every endpoint but the health probes (``/health``, ``/health_generate``, which
   SGLang also leaves open so routers and orchestrators can probe) requires
   ``Authorization: Bearer <key>`` (401 otherwise).
   Malformed JSON, unknown fields, wrong types and out-of-range values are 400 with a message
   naming the field; no request can take the server down.
+* Start-up: programs compile on first use (``--warmup`` compiles every shape first) and go to
+  JAX's persistent compilation cache (``--compilation-cache-dir``), so a restart reuses them.
+  Once uvicorn listens the server prints ``ready: serving http://HOST:PORT (...)`` with the time
+  it took; ``/health`` is 200 from then on (``/health_generate`` runs a real generation).
 """
 
 from __future__ import annotations
