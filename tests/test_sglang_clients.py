@@ -107,6 +107,11 @@ def test_ready_line_and_server_info(server):
     assert info["context_length"] == 288 and info["max_running_requests"] == 2
     assert "api_key" not in info or info["api_key"] is None
     assert httpx.get(server.url + "/get_server_info").json()["tp_size"] == 1
+    from cascade_jax.rollout import RolloutError, ServerClient
+    with ServerClient([server.url]) as c:  # what a zero-mismatch stage checks at start
+        c.check_server_args(zero_mismatch=False, context_length=288)
+        with pytest.raises(RolloutError, match="zero_mismatch is False, expected True"):
+            c.check_server_args(zero_mismatch=True, context_length=288)
 
 
 def test_slime_style_generate_with_routed_experts_and_custom_params(server):
