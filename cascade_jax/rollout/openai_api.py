@@ -32,10 +32,11 @@ Replies::
                  "usage": {...}}
 
 Streaming answers Server-Sent Events ``data: {chunk}`` (``text_completion`` chunks with ``text``
-deltas; ``chat.completion.chunk`` with ``delta`` = ``{"role"}``, then ``{"content"}`` pieces,
-then ``{"tool_calls"}``), a last chunk per choice with its ``finish_reason``, a usage chunk when
-``stream_options.include_usage``, and ``data: [DONE]``; the pieces are sent as each choice
-finishes (stop strings and tool calls are resolved on the whole text).
+deltas; ``chat.completion.chunk`` with ``delta`` = ``{"role", "content"}``, then ``{"content"}``
+pieces, then ``{"tool_calls"}``), a last chunk per choice with its ``finish_reason`` (and the
+choice's ``logprobs``), a usage chunk when ``stream_options.include_usage``, and ``data:
+[DONE]``. Text is sent as the engine decodes it; with stop strings longer than a token, or with
+tools, a choice's pieces are sent when it finishes (those need the whole text).
 
 Tool calls are parsed from the model's text with the project's parser
 (:func:`cascade_jax.rewards.tool_call.parse_tool_calls`, the chat template's Qwen3-Coder
@@ -284,6 +285,37 @@ async def _generate(srv, call: _Call) -> list:
     return [call.finish(r) for r in replies]
 
 
+async def _progressive(srv, call: _Call):
+    """Run the call's samples and follow them as the engine retires tokens: yields
+    ``("delta", k, text)`` for new text of sample ``k`` (held back while it ends in a partial
+    UTF-8 character) and finally ``("done", choices)``. Only for calls without stop strings
+    (those need the whole text)."""
+    item = call.item()
+    refused = await srv._enter(1)
+    if refused is not None:
+        raise RolloutError(refused.body.decode())
+    loop = asyncio.get_running_loop()
+    task = asyncio.ensure_future(srv._run_item(item, loop))
+    tok, stops = srv.tokenizer, set(call.sampling.stop_token_ids)
+    emitted = [""] * call.sampling.n
+    try:
+        while not task.done():
+            await asyncio.wait([task], timeout=0.05)
+            for k, (ids, _) in enumerate(srv.engine.progress(item.rid) or []):
+                text = tok.decode([t for t in ids if t not in stops], skip_special_tokens=True)
+                if len(text) > len(emitted[k]) and not text.endswith("\ufffd") and text.startswith(emitted[k]):
+                    yield "delta", k, text[len(emitted[k]):]
+                    emitted[k] = text
+        outs = [call.finish(r) for r in await srv._item_replies(item, task.result())]
+        for k, o in enumerate(outs):
+            if len(o["text"]) > len(emitted[k]):
+                yield "delta", k, o["text"][len(emitted[k]):]
+        yield "done", outs
+    finally:
+        task.cancel()
+        await srv._done_inflight(1)
+
+
 def _tokens_of(srv, prompt) -> list:
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]
@@ -339,11 +371,28 @@ def mount(app, srv) -> None:
         top = _num(body, "logprobs", 0, 0, 5, integer=True)
         call = _Call(srv, body, _tokens_of(srv, body["prompt"]), max_tokens_keys=("max_tokens",),
                      top_logprobs=top, chat=False)
+        head = {"id": call.id, "object": "text_completion", "created": call.created, "model": call.model}
+        if call.stream and not call.stop_strings:  # token by token as the engine decodes
+            async def live():
+                async for ev in _progressive(srv, call):
+                    if ev[0] == "delta":
+                        yield sse({**head, "choices": [{"index": ev[1], "text": ev[2], "logprobs": None,
+                                                        "finish_reason": None}]})
+                        continue
+                    outs = ev[1]
+                    for i, o in enumerate(outs):
+                        yield sse({**head, "choices": [{"index": i, "text": "",
+                                                        "logprobs": _completion_logprobs(call, o),
+                                                        "finish_reason": o["finish_reason"],
+                                                        "matched_stop": o["matched_stop"]}]})
+                    if call.include_usage:
+                        yield sse({**head, "choices": [], "usage": call.usage(outs)})
+                yield sse("[DONE]")
+            return StreamingResponse(live(), media_type="text/event-stream")
         outs = await _generate(srv, call)
         choices = [{"index": i, "text": o["text"], "logprobs": _completion_logprobs(call, o),
                     "finish_reason": o["finish_reason"], "matched_stop": o["matched_stop"]}
                    for i, o in enumerate(outs)]
-        head = {"id": call.id, "object": "text_completion", "created": call.created, "model": call.model}
         if not call.stream:
             return JSONResponse({**head, "choices": choices, "usage": call.usage(outs)})
 
@@ -412,6 +461,30 @@ def mount(app, srv) -> None:
             raise RequestError("top_logprobs", "needs logprobs: true")
         call = _Call(srv, body, [int(t) for t in srv.tokenizer.encode(text)],
                      max_tokens_keys=("max_completion_tokens", "max_tokens"), top_logprobs=top, chat=True)
+        if call.stream and not call.stop_strings and not use_tools:  # token by token as the engine decodes
+            head = {"id": call.id, "object": "chat.completion.chunk", "created": call.created, "model": call.model}
+
+            async def live():
+                started = set()
+                async for ev in _progressive(srv, call):
+                    if ev[0] == "delta":
+                        k = ev[1]
+                        delta = {"content": ev[2]} if k in started else {"role": "assistant", "content": ev[2]}
+                        started.add(k)
+                        yield sse({**head, "choices": [{"index": k, "delta": delta, "logprobs": None,
+                                                        "finish_reason": None}]})
+                        continue
+                    outs = ev[1]
+                    for i, o in enumerate(outs):
+                        delta = {} if i in started else {"role": "assistant", "content": ""}
+                        yield sse({**head, "choices": [{"index": i, "delta": delta,
+                                                        "logprobs": _chat_logprobs(call, o),
+                                                        "finish_reason": o["finish_reason"],
+                                                        "matched_stop": o["matched_stop"]}]})
+                    if call.include_usage:
+                        yield sse({**head, "choices": [], "usage": call.usage(outs)})
+                yield sse("[DONE]")
+            return StreamingResponse(live(), media_type="text/event-stream")
         outs = await _generate(srv, call)
         choices = []
         for i, o in enumerate(outs):
