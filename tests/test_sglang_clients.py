@@ -81,9 +81,16 @@ def server(tmp_path_factory):
             proc.kill()
 
 
+def _padded(seq, n=32):
+    """``seq`` right-padded to ``n`` (one compiled forward for every test; causal, so the
+    positions of ``seq`` do not see the padding)."""
+    assert len(seq) <= n
+    return jnp.asarray([list(seq) + [0] * (n - len(seq))])
+
+
 def _routing_ref(params, cfg, seq):
     """The trainer's experts of ``seq[:-1]``: ``[len - 1, L_moe, K]``."""
-    return np.asarray(nh.forward(params, jnp.asarray([seq[:-1]]), cfg, return_routed_experts=True)[1][0])
+    return np.asarray(nh.forward(params, _padded(seq), cfg, return_routed_experts=True)[1][0])[:len(seq) - 1]
 
 
 def _decode_routed_sglang(meta, seq_len, hf):
@@ -214,7 +221,7 @@ def test_verl_style_top_logprobs_and_loads(server):
     assert status == 200, out
     meta = out["meta_info"]
     seq = PROMPT + out["output_ids"]
-    logits = np.asarray(nh.forward(server.params[0], jnp.asarray([seq]), server.cfg)[0], np.float64)
+    logits = np.asarray(nh.forward(server.params[0], _padded(seq), server.cfg)[0], np.float64)[:len(seq)]
     ref = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(
         -1, keepdims=True)
     assert len(meta["output_top_logprobs"]) == len(out["output_ids"])
