@@ -767,7 +767,9 @@ class JaxEngine:
         """Free the device buffers of ``tags`` (None = all of :attr:`MEMORY_TAGS`) while idle:
         ``weights`` are copied to host memory first (restored by :meth:`resume_memory`),
         ``kv_cache`` is dropped (rebuilt empty). Returns ``{tag: bytes freed}``; requests
-        submitted meanwhile are refused (``RolloutError``). Raises when busy or unknown tag."""
+        submitted meanwhile are refused (``RolloutError``). Raises when busy or unknown tag.
+        The weight arrays are deleted, so never release an engine whose params alias someone
+        else's (e.g. the trainer's after an in-process :meth:`update_weights`)."""
         tags = list(self.MEMORY_TAGS if tags is None else tags)
         for t in tags:
             if t not in self.MEMORY_TAGS:
