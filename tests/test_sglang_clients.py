@@ -187,6 +187,16 @@ def test_slime_style_streaming_is_cumulative_and_matches_one_shot(server):
     assert one["output_ids"] == toks
     np.testing.assert_allclose([t[0] for t in one["meta_info"]["output_token_logprobs"]],
                                [t[0] for t in final["meta_info"]["output_token_logprobs"]], atol=1e-6)
+    # n = 2: every chunk carries its sample's ``index``; the last chunk of each equals the list reply
+    group = {"input_ids": PROMPT, "sampling_params": {"max_new_tokens": 8, "n": 2, "sampling_seed": 5}}
+    last = {}
+    with httpx.stream("POST", server.url + "/generate", json={**group, "stream": True}, timeout=300) as r:
+        for line in r.iter_lines():
+            if line.startswith("data:") and line[5:].strip() != "[DONE]":
+                c = json.loads(line[5:])
+                last[c["index"]] = c
+    listed = httpx.post(server.url + "/generate", json=group, timeout=300).json()
+    assert sorted(last) == [0, 1] and [last[i]["output_ids"] for i in (0, 1)] == [o["output_ids"] for o in listed]
 
 
 def test_project_client_asks_for_and_decodes_routed_experts(server):
