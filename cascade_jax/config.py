@@ -200,9 +200,12 @@ class RolloutConfig:
     ``sync_timeout_s`` and is verified to ``sync_tol`` (max |Δ log p| on a probe set).
 
     Rollout fidelity: ``routing_replay`` asks the engine for the experts of every token and MoE
-    layer and replays them in the trainer's forward (R3); ``zero_mismatch`` samples every token
+    layer and replays them in the trainer's forward (R3; servers must run with
+    ``--enable-return-routed-experts``); ``zero_mismatch`` samples every token
     from the trainer's own batch-invariant log-probs (``cascade_jax.rl.next_token_logprobs``),
-    so the trainer recomputes the sampling log-probs bit for bit (IS ratios exactly 1)."""
+    so the trainer recomputes the sampling log-probs bit for bit (IS ratios exactly 1): in
+    process, or by ``launch/serve.py --zero-mismatch --max-len max_prompt_len + max_response_len``
+    servers (checked at start)."""
 
     engine: Literal["jax", "jax_server", "sglang"] = "jax"
     server_url: Optional[str] = None
@@ -265,15 +268,13 @@ class RolloutConfig:
                 raise ConfigError(f"rollout.{name}: must be > 0, got {getattr(self, name)}")
         if not 0 <= self.nccl_master_port < 65536:
             raise ConfigError(f"rollout.nccl_master_port: must be in [0, 65536), got {self.nccl_master_port}")
-        if self.zero_mismatch and self.engine != "jax":
-            raise ConfigError(f"rollout.zero_mismatch: needs rollout.engine 'jax' (the embedded engine), "
-                              f"got {self.engine!r}")
+        if self.zero_mismatch and self.engine == "sglang":
+            raise ConfigError("rollout.zero_mismatch: needs rollout.engine 'jax' or 'jax_server' (a "
+                              "launch/serve.py --zero-mismatch server); SGLang's kernels are not the trainer's, "
+                              "got engine 'sglang'")
         if self.zero_mismatch and (self.top_p < 1.0 or self.top_k != -1):
             raise ConfigError(f"rollout.zero_mismatch: samples from the full distribution; needs "
                               f"rollout.top_p 1 and rollout.top_k -1, got top_p {self.top_p}, top_k {self.top_k}")
-        if self.routing_replay and self.engine != "jax":
-            raise ConfigError(f"rollout.routing_replay: needs rollout.engine 'jax' (the embedded engine), "
-                              f"got {self.engine!r}")
 
 
 @dataclasses.dataclass(frozen=True)

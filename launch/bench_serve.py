@@ -31,7 +31,7 @@ if __package__ in (None, ""):
 import numpy as np  # noqa: E402
 
 LOAD_FLAGS = ["--num-slots", "16", "--max-len", "64", "--prompt-buckets", "16", "--prefill-sizes", "1,4,16",
-              "--steps-per-call", "4"]
+              "--steps-per-call", "4", "--warmup"]  # timed: compile before serving
 
 
 def _workload(rng, n):

@@ -2,7 +2,9 @@
 
     python launch/serve.py --checkpoint DIR [--host 127.0.0.1] [--port N] [--api-key K] [--num-slots N] ...
 
-See :mod:`cascade_jax.rollout.server` for the endpoints and ``--help`` for the flags.
+Prints ``ready: serving http://HOST:PORT (...)`` once it answers requests; a bad start ends in one
+``error: ...`` line with the project's exit code (2 config, 3 missing file, 5 checkpoint, 6 rollout
+server). See :mod:`cascade_jax.rollout.server` for the endpoints and ``--help`` for the flags.
 """
 
 import os
@@ -14,4 +16,4 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 from cascade_jax.rollout.server import main  # noqa: E402
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -59,7 +59,7 @@ def test_routing_replay_alone_logs_routing_and_keeps_the_decode_mismatch(tmp_pat
         assert 0.0 <= m["routing_token_diff_frac"] <= 1.0
 
 
-@pytest.mark.parametrize("field,value", [("top_p", 0.9), ("top_k", 5), ("engine", "jax_server")])
+@pytest.mark.parametrize("field,value", [("top_p", 0.9), ("top_k", 5), ("engine", "sglang")])
 def test_zero_mismatch_rejects_unsupported_settings(field, value):
     r = {"zero_mismatch": True, field: value}
     if field == "engine":
@@ -68,7 +68,20 @@ def test_zero_mismatch_rejects_unsupported_settings(field, value):
         C.from_dict(C.Config, {"rollout": r})
 
 
-def test_routing_replay_rejects_a_served_engine():
-    with pytest.raises(C.ConfigError, match="rollout.routing_replay.*engine"):
-        C.from_dict(C.Config, {"rollout": {"routing_replay": True, "engine": "sglang",
-                                           "server_url": "http://127.0.0.1:1"}})
+def test_routing_replay_and_zero_mismatch_accept_served_engines():
+    """Served engines return routed experts (the client asks for them and decodes SGLang's
+    layout) and ``launch/serve.py --zero-mismatch`` samples as the trainer recomputes."""
+    from cascade_jax.rollout.factory import make_engine
+    from models import nemotron_h as nh
+
+    for engine in ("sglang", "jax_server"):
+        cfg = C.from_dict(C.Config, {"rollout": {"routing_replay": True, "engine": engine,
+                                                 "server_url": "http://127.0.0.1:1"}})
+        client = make_engine(cfg.rollout, model_cfg=nh.preset("tiny"))
+        try:
+            assert client.routed_layout.moe_layers == tuple(i for i, c in enumerate(nh.preset("tiny").pattern)
+                                                            if c == "E")
+        finally:
+            client.close()
+    C.from_dict(C.Config, {"rollout": {"zero_mismatch": True, "engine": "jax_server",
+                                       "server_url": "http://127.0.0.1:1"}})

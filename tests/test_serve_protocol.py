@@ -53,7 +53,10 @@ def test_parse_generate_layout_and_errors():
            ({"input_ids": [[1], [2]], "sampling_params": [{"n": 1}, {"n": 2}]}, "n"),
            ({"input_ids": [1], "sampling_params": {"top_k": 0}}, "top_k"),
            ({"input_ids": [1], "sampling_params": {"stop": ["x"]}}, "stop"),
-           ({"input_ids": [1], "stream": True}, "stream"),
+           ({"input_ids": [1], "stream": "yes"}, "stream"),
+           ({"input_ids": [1], "image_data": ["data:image/png;base64,AAAA"]}, "image_data"),
+           ({"input_ids": [1], "sampling_params": {"custom_params": 3}}, "custom_params"),
+           ({"input_ids": [1], "return_logprob": True, "top_logprobs_num": -1}, "top_logprobs_num"),
            ({"input_ids": [1], "return_logprob": "yes"}, "return_logprob"),
            ({"input_ids": [1], "text": "a"}, "input_ids"),
            ({"input_ids": []}, "input_ids")]
@@ -185,10 +188,13 @@ def test_client_fails_cleanly_when_no_server_answers():
 
 
 def test_return_routed_experts_in_sglang_layout():
-    """``/generate`` with ``return_routed_experts``: ``meta_info.routed_experts`` is base64 of
-    int32 ``[P + R - 1, L_moe, K]`` (the engine's experts, equal as top-k sets to the full
-    forward's routing, fp32); a server started without the flag refuses it naming the field; a
-    non-bool value is a 400 naming it. The app runs in process over a real engine."""
+    """``/generate`` with ``return_routed_experts``: ``meta_info.routed_experts`` decodes with
+    SGLang 0.5.23's own formula (``np.frombuffer(base64.b64decode(s), np.int32)``, reshaped to
+    ``[seqlen - 1, num_hidden_layers, num_experts_per_tok]`` of the checkpoint's config): each MoE
+    layer's row (its global index in the hybrid pattern) holds the engine's experts, equal as
+    top-k sets to the full forward's routing (fp32); every other layer's row is 0 (SGLang's
+    zero-initialised capture buffer). A server started without the flag refuses it naming the
+    field; a non-bool value is a 400 naming it. The app runs in process over a real engine."""
     import base64
 
     from fastapi.testclient import TestClient
@@ -204,7 +210,9 @@ def test_return_routed_experts_in_sglang_layout():
                            context_length=8, new_rid=lambda: "x")
     cfg = nh.preset("tiny", vocab_size=64)
     params = nh.init_params(cfg, jax.random.key(2), dtype=jnp.float32)
-    L, K = cfg.pattern.count("E"), cfg.num_experts_per_tok
+    hf = cfg.to_hf_dict()  # what an SGLang client reads from config.json
+    L, K = hf["num_hidden_layers"], hf["num_experts_per_tok"]
+    moe = [i for i, c in enumerate(hf["hybrid_override_pattern"]) if c == "E"]
     body = {"input_ids": [5, 9, 3, 7], "return_routed_experts": True,
             "sampling_params": {"max_new_tokens": 5, "sampling_seed": 3}}
     for enabled in (True, False):
@@ -226,7 +234,9 @@ def test_return_routed_experts_in_sglang_layout():
         seq = body["input_ids"] + out["output_ids"]
         rx = rx.reshape(len(seq) - 1, L, K)
         want = nh.forward(params, jnp.asarray([seq[:-1]]), cfg, return_routed_experts=True)[1][0]
-        np.testing.assert_array_equal(np.sort(rx, -1), np.sort(np.asarray(want), -1))
+        np.testing.assert_array_equal(np.sort(rx[:, moe], -1), np.sort(np.asarray(want), -1))
+        others = [i for i in range(L) if i not in moe]
+        assert others and not rx[:, others].any()
         assert "routed_experts" not in plain["meta_info"]
 
 

@@ -69,12 +69,15 @@ class ServerClient:
       backoff_s, max_backoff_s: exponential backoff base and cap between retries.
       syncer: an object with ``update(params, version)`` (``weight_sync.DiskWeightSync`` or
         ``NcclWeightSync``) that :meth:`update_weights` delegates to.
+      routed_experts: a model config (or :class:`sglang_api.RoutedLayout`): every body asks for
+        ``return_routed_experts`` and every sample carries ``routed_experts [P + R - 1, L_moe, K]``
+        decoded from SGLang's ``[P + R - 1, num_hidden_layers, top_k]`` (routing replay).
     """
 
     def __init__(self, urls: Sequence[str], *, router_url: Optional[str] = None,
                  api_key: Optional[str] = None, max_concurrency: int = 32, timeout_s: float = 600.0,
                  connect_timeout_s: float = 10.0, max_retries: int = 5, max_aborts: int = 20,
-                 backoff_s: float = 0.2, max_backoff_s: float = 5.0, syncer=None):
+                 backoff_s: float = 0.2, max_backoff_s: float = 5.0, syncer=None, routed_experts=None):
         if isinstance(urls, str):
             urls = [urls]
         if not urls:
@@ -92,6 +95,8 @@ class ServerClient:
         self.backoff_s = backoff_s
         self.max_backoff_s = max_backoff_s
         self.syncer = syncer
+        self.routed_layout = (routed_experts if routed_experts is None or isinstance(routed_experts, sglang_api.RoutedLayout)
+                              else sglang_api.RoutedLayout.of(routed_experts))
         self.stats = {"retries": 0, "resubmitted_aborts": 0}  # over the client's lifetime
         self._ids = itertools.count()
         self._loop = asyncio.new_event_loop()
@@ -141,8 +146,10 @@ class ServerClient:
             base = r.rid or f"{call}-{i}"
             for k in range(r.sampling.n):
                 def body(attempt, r=r, k=k, base=base):
-                    return sglang_api.encode_generate(r.prompt_ids, r.sampling, rid=f"{base}-{k}-a{attempt}", k=k)
-                jobs.append(_Job((i, k), body, lambda reply, r=r: sglang_api.decode_sample(reply, r.prompt_ids)))
+                    return sglang_api.encode_generate(r.prompt_ids, r.sampling, rid=f"{base}-{k}-a{attempt}", k=k,
+                                                      return_routed_experts=self.routed_layout is not None)
+                jobs.append(_Job((i, k), body, lambda reply, r=r: sglang_api.decode_sample(
+                    reply, r.prompt_ids, self.routed_layout)))
         results = self._run(self._execute(jobs))
         groups = tuple(tuple(results[(i, k)] for k in range(r.sampling.n)) for i, r in enumerate(requests))
         return Rollouts(requests=tuple(requests), groups=groups)
@@ -198,6 +205,15 @@ class ServerClient:
 
     # ---------------------------------------------------------------------------------------
     # per-server admin calls (never through the router)
+
+    def check_server_args(self, **expected) -> None:
+        """Every server's ``/server_info`` reports each ``key: value`` of ``expected``
+        (:class:`RolloutError` naming the server and the first differing key)."""
+        for u, info in self.call_all("GET", "/server_info").items():
+            for k, v in expected.items():
+                got = info.get(k) if isinstance(info, dict) else None
+                if got != v:
+                    raise RolloutError(f"{u}/server_info: {k} is {got!r}, expected {v!r}")
 
     def versions(self) -> dict:
         """``{url: weight_version}`` from ``/get_weight_version`` of every server."""

@@ -105,6 +105,15 @@ def check_version_order(old: str, new: str) -> None:
         raise RolloutError(f"weight version {new!r}: not after the current version {old!r}")
 
 
+def _delete(arrays) -> int:
+    """Free the device buffers of ``arrays`` now; their total bytes."""
+    n = 0
+    for x in arrays:
+        n += int(x.nbytes)
+        x.delete()
+    return n
+
+
 def _seed_key(seed_hi, seed_lo):
     """Threefry key of the 64-bit seed ``hi · 2^32 + lo`` (uint32 halves)."""
     return jax.random.wrap_key_data(jnp.stack([seed_hi, seed_lo]).astype(jnp.uint32))
@@ -227,6 +236,9 @@ class JaxEngine:
         self._seed_rng = np.random.default_rng(seed)
         self._rid_counter = itertools.count()
 
+        self._cache_dtype = params["embed"].dtype
+        self._released: set = set()  # memory tags freed by release_memory
+        self._host_params = None
         self._cache = model.init_cache(model_cfg, S, self.max_len, dtype=params["embed"].dtype)
         self._logits = jnp.zeros((S, self.vocab_size), jnp.float32)
         # host-side slot state
@@ -242,8 +254,8 @@ class JaxEngine:
         self.return_routed_experts = bool(return_routed_experts)
         if self.return_routed_experts:  # experts of every fed position: [S, max_len, L_moe, K]
             n_moe = sum(k == "E" for k in model_cfg.pattern)
-            self._slots["rx"] = jnp.full((S, self.max_len, n_moe, model_cfg.num_experts_per_tok),
-                                         -1, jnp.int32)
+            self._rx_shape = (S, self.max_len, n_moe, model_cfg.num_experts_per_tok)
+            self._slots["rx"] = jnp.full(self._rx_shape, -1, jnp.int32)
 
         self._queue: collections.deque = collections.deque()
         self._handles: dict = {}  # rid -> handle (in flight)
@@ -371,6 +383,8 @@ class JaxEngine:
         with self._cond:
             if self._error is not None:
                 raise RolloutError(f"engine failed earlier: {self._error}")
+            if self._released:
+                raise RolloutError(f"device memory is released ({sorted(self._released)}); resume it first")
             rid = request.rid if request.rid is not None else f"jax-{next(self._rid_counter)}"
             if rid in self._handles:
                 raise ValueError(f"rid: {rid!r} is already in flight")
@@ -441,6 +455,11 @@ class JaxEngine:
         like SGLang's ``/flush_cache`` it reports False while anything is queued or running."""
         with self._cond:
             return self.num_running() == 0 and not self._queue
+
+    def used_tokens(self) -> int:
+        """Cache positions held by running samples (prompt + tokens decoded so far)."""
+        with self._cond:
+            return sum(len(j.handle.request.prompt_ids) + len(j.tokens) for j in self._jobs if j is not None)
 
     def num_running(self) -> int:
         return sum(j is not None for j in self._jobs)
@@ -648,20 +667,29 @@ class JaxEngine:
         (:func:`cascade_jax.rollout.scoring.score_logprobs`: the trainer's chunked log-softmax
         over the full forward)."""
         with self._cond:
+            if "weights" in self._released:
+                raise RolloutError("score: the weights are released; resume them first")
             params = self._params
         return score_logprobs(params, self.model_cfg, prompts, responses,
                               batch_size=batch_size or self.num_slots, model=self.model,
                               temperature=temperature)
 
-    def update_weights(self, params, version: str, *, timeout: float = 600.0) -> None:
-        """Swap in ``params`` labelled ``version`` (:func:`check_version_order`). Same tree
+    def update_weights(self, params, version: str, *, timeout: float = 600.0,
+                       check_order: bool = True) -> None:
+        """Swap in ``params`` labelled ``version`` (:func:`check_version_order`; with
+        ``check_order=False`` any label is taken, the current one included: a bucket of a
+        multi-part update). Same tree
         and shapes required (:class:`RolloutError` naming the first bad leaf); leaves already
         on the engine's sharding and dtype are used without a copy, others are converted.
         Stops admitting, lets running samples finish (driving :meth:`step` itself when no
         background loop runs), swaps, resumes admitting."""
         version = str(version)
         with self._cond:
-            check_version_order(self._version, version)
+            if self._released:
+                raise RolloutError(f"update_weights {version!r}: device memory is released "
+                                   f"({sorted(self._released)}); resume it first")
+            if check_order:
+                check_version_order(self._version, version)
         new = self._conform(params)
         deadline = time.monotonic() + timeout
         with self._cond:
@@ -718,6 +746,88 @@ class JaxEngine:
         """The parameter pytree now in use."""
         with self._cond:
             return self._params
+
+    def progress(self, rid: str) -> Optional[list]:
+        """Tokens and log-probs decoded so far by each sample of request ``rid`` (``[(tokens,
+        logps)]`` in sample order; a queued sample has none), or None when ``rid`` is not in
+        flight. What a streaming server reads between retirements."""
+        with self._cond:
+            h = self._handles.get(rid)
+            if h is None:
+                return None
+            out = [([], []) if s is None else (list(s.response_ids), list(s.logprobs)) for s in h.samples]
+            for j in self._jobs:
+                if j is not None and j.handle is h:
+                    out[j.index] = (list(j.tokens), list(j.logps))
+            return out
+
+    #: what :meth:`release_memory` can free: the parameters, and the decode state (per-slot
+    #: cache, next-token logits, recorded experts)
+    MEMORY_TAGS = ("weights", "kv_cache")
+
+    def release_memory(self, tags: Optional[Sequence[str]] = None) -> dict:
+        """Free the device buffers of ``tags`` (None = all of :attr:`MEMORY_TAGS`) while idle:
+        ``weights`` are copied to host memory first (restored by :meth:`resume_memory`),
+        ``kv_cache`` is dropped (rebuilt empty). Returns ``{tag: bytes freed}``; requests
+        submitted meanwhile are refused (``RolloutError``). Raises when busy or unknown tag.
+        The weight arrays are deleted, so never release an engine whose params alias someone
+        else's (e.g. the trainer's after an in-process :meth:`update_weights`)."""
+        tags = list(self.MEMORY_TAGS if tags is None else tags)
+        for t in tags:
+            if t not in self.MEMORY_TAGS:
+                raise ValueError(f"tags: unknown tag {t!r}; valid: {list(self.MEMORY_TAGS)}")
+        freed = {}
+        with self._step_lock, self._cond:
+            if self.num_running() or self._queue:
+                raise RolloutError("release_memory: requests are running or queued")
+            if "weights" in tags and "weights" not in self._released:
+                leaves, tree = jax.tree.flatten(self._params)
+                host = [np.array(x, copy=True) for x in leaves]
+                freed["weights"] = _delete(leaves)
+                self._host_params = (tree, host, [getattr(x, "sharding", None) for x in leaves])
+                self._params = None
+                self._released.add("weights")
+            if "kv_cache" in tags and "kv_cache" not in self._released:
+                bufs = jax.tree.leaves(self._cache) + [self._logits] + (
+                    [self._slots["rx"]] if "rx" in self._slots else [])
+                freed["kv_cache"] = _delete(bufs)
+                self._cache = self._logits = None
+                self._slots.pop("rx", None)
+                self._released.add("kv_cache")
+        return freed
+
+    def resume_memory(self, tags: Optional[Sequence[str]] = None) -> dict:
+        """Undo :meth:`release_memory` for ``tags`` (None = all): weights back on the device from
+        the host copy, an empty decode state. Returns ``{tag: bytes allocated}``."""
+        tags = list(self.MEMORY_TAGS if tags is None else tags)
+        for t in tags:
+            if t not in self.MEMORY_TAGS:
+                raise ValueError(f"tags: unknown tag {t!r}; valid: {list(self.MEMORY_TAGS)}")
+        out = {}
+        with self._step_lock, self._cond:
+            if "weights" in tags and "weights" in self._released:
+                tree, host, shardings = self._host_params
+                leaves = [jax.device_put(h, s) if s is not None else jnp.asarray(h) for h, s in zip(host, shardings)]
+                self._params = jax.tree.unflatten(tree, leaves)
+                self._host_params = None
+                self._released.discard("weights")
+                out["weights"] = sum(int(x.nbytes) for x in leaves)
+            if "kv_cache" in tags and "kv_cache" in self._released:
+                self._cache = self.model.init_cache(self.model_cfg, self.num_slots, self.max_len,
+                                                    dtype=self._cache_dtype)
+                self._logits = jnp.zeros((self.num_slots, self.vocab_size), jnp.float32)
+                if self.return_routed_experts:
+                    self._slots["rx"] = jnp.full(self._rx_shape, -1, jnp.int32)
+                self._slots["done"] = jnp.ones(self.num_slots, bool)
+                self._released.discard("kv_cache")
+                out["kv_cache"] = sum(int(x.nbytes) for x in jax.tree.leaves(self._cache)) + int(self._logits.nbytes) \
+                    + (int(self._slots["rx"].nbytes) if "rx" in self._slots else 0)
+        return out
+
+    def released(self) -> tuple:
+        """The memory tags now released (empty when everything is on the device)."""
+        with self._cond:
+            return tuple(sorted(self._released))
 
     def health(self) -> bool:
         """True unless a step failed (then every later call raises)."""

@@ -55,6 +55,11 @@ def make_engine(rollout_cfg, *, model_cfg=None, params=None, weight_version: str
         from .client import ServerClient
         r = rollout_cfg
         urls = ([r.server_url] if r.server_url else []) + [u for u in r.server_urls if u != r.server_url]
+        if getattr(r, "routing_replay", False):
+            if model_cfg is None:
+                raise ValueError("make_engine: rollout.routing_replay with a server needs model_cfg "
+                                 "(the layer pattern that decodes routed experts)")
+            kwargs.setdefault("routed_experts", model_cfg)
         client = ServerClient(urls, router_url=r.router_url, api_key=r.api_key, max_concurrency=r.max_concurrency,
                               timeout_s=r.request_timeout_s, max_retries=r.max_retries, **kwargs)
         if model_cfg is not None:

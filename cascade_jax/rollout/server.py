@@ -1,15 +1,19 @@
 """The JAX rollout server: :class:`~cascade_jax.rollout.engine.JaxEngine` behind FastAPI/uvicorn,
-speaking SGLang 0.5.23's HTTP protocol for what an RL trainer uses (docs/rollout-protocol.md §2-5;
-shapes in :mod:`cascade_jax.rollout.sglang_api`), so a trainer, ``sglang-router`` or any SGLang
-client cannot tell it from an SGLang server.
+speaking SGLang 0.5.23's HTTP protocol for what an RL trainer uses (docs/rollout-protocol.md §2-5,
+§11; shapes in :mod:`cascade_jax.rollout.sglang_api`), so a trainer, ``sglang-router`` or the
+SGLang clients of slime, verl and AReaL cannot tell it from an SGLang server; plus SGLang's
+OpenAI-compatible routes (:mod:`cascade_jax.rollout.openai_api`).
 
     python launch/serve.py --checkpoint DIR [--host 127.0.0.1] [--port 30000] [--api-key K]
 
-Endpoints: ``/generate``, ``/health``, ``/health_generate``, ``/get_model_info`` (``/model_info``),
-``/get_server_info`` (``/server_info``), ``/get_weight_version``, ``/update_weights_from_disk``,
-``/init_weights_update_group``, ``/update_weights_from_distributed``,
-``/destroy_weights_update_group``, ``/pause_generation``, ``/continue_generation``,
-``/flush_cache``, ``/abort_request``.
+Endpoints: ``/generate`` (also ``stream: true``), ``/health``, ``/health_generate``,
+``/get_model_info`` (``/model_info``), ``/get_server_info`` (``/server_info``),
+``/get_weight_version``, ``/update_weights_from_disk``, ``/init_weights_update_group``,
+``/update_weights_from_distributed``, ``/destroy_weights_update_group``,
+``/update_weights_from_tensor`` (validated, then refused: see below),
+``/release_memory_occupation``, ``/resume_memory_occupation``, ``/pause_generation``,
+``/continue_generation``, ``/flush_cache``, ``/abort_request``, ``GET /v1/loads``,
+``/v1/models``, ``/v1/completions``, ``/v1/chat/completions``.
 
 Behaviour:
 
@@ -17,37 +21,58 @@ Behaviour:
   samples of one item form one engine request, sample ``i`` seeded ``(sampling_seed, i)``).
   ``return_logprob`` with ``logprob_start_len >= 0`` adds the prompt's teacher-forced
   log-probs (engine ``score``; concurrent scoring calls are batched). ``max_new_tokens: 0``
-  is pure scoring.
+  is pure scoring. ``top_logprobs_num k`` adds SGLang's ``output_top_logprobs`` /
+  ``input_top_logprobs`` (one full forward of prompt + response after the sample finishes).
+  ``stream: true`` answers SSE chunks, cumulative, as the engine retires tokens.
+  ``image_data`` / ``video_data`` / ``audio_data`` are accepted empty and refused otherwise;
+  ``sampling_params.custom_params`` is accepted (no custom logit processor runs).
 * ``--zero-mismatch``: each item's samples come from :func:`cascade_jax.rollout.exact.
   generate_exact` over rows of ``--max-len`` tokens with the current weights (a trainer using
   ``row_len = --max-len`` recomputes the log-probs bit for bit); top-p < 1 / top-k are refused.
-* ``return_routed_experts: true`` adds ``meta_info.routed_experts`` (base64 of int32
-  ``[P + R - 1, L_moe, K]``, SGLang's layout: the experts prefill and decode routed each fed
-  token to); the server must run with ``--enable-return-routed-experts``, else a 400 naming
-  the field.
+* ``return_routed_experts: true`` adds ``meta_info.routed_experts`` in SGLang 0.5.23's layout:
+  base64 of int32 ``[P + R - 1, num_hidden_layers, top_k]``, each MoE layer's experts at its
+  global layer index, the other layers 0 (:class:`sglang_api.RoutedLayout`); the server must
+  run with ``--enable-return-routed-experts``, else a 400 naming the field.
 * Pause (``mode`` ``abort``, the default, or ``in_place``/``retract``) stops the engine; ``abort``
   also finishes every running request with finish reason ``abort`` (clients resubmit). New
   ``/generate`` requests wait until ``/continue_generation``.
 * A weight update (disk or distributed) waits until no request is in flight (new ones wait),
-  loads and validates the new weights completely before swapping, and requires a new
-  ``weight_version``; a missing, corrupt or mismatched checkpoint is refused with 400 and the
-  previous version keeps serving. ``/flush_cache`` answers 400 while requests run or wait.
-* Distributed updates: ``/init_weights_update_group`` starts this server's torch.distributed
-  peer (:mod:`torch_peer`, own process with torch) at rank ``rank_offset``; each
-  ``/update_weights_from_distributed`` receives its tensors (one flat broadcast per bucket with
-  ``load_format: "flattened_bucket"``, else one per tensor) into shared memory and stages them;
-  when every Hub tensor of the model has arrived the new params are swapped in at once.
+  loads and validates the new weights before swapping; a missing, corrupt or mismatched
+  checkpoint is refused with 400 and the previous version keeps serving. ``weight_version`` is
+  optional (absent: the label stays, as SGLang does); a given one may repeat the current label
+  but decimal labels never go backwards. ``/flush_cache`` answers 400 while requests run or wait.
+* Distributed updates: ``/init_weights_update_group`` (``master_port`` an int or a decimal
+  string) starts this server's torch.distributed peer (:mod:`torch_peer`, own process with
+  torch) at rank ``rank_offset``; each ``/update_weights_from_distributed`` receives its tensors
+  (one flat broadcast per bucket with ``load_format: "flattened_bucket"``, else one per tensor),
+  merges them into the host copy of the served Hub tensors and swaps the rebuilt model in at
+  once: every bucket loads as it arrives (SGLang's behaviour; slime sends the version with each).
+* ``/update_weights_from_tensor``: SGLang's clients send torch ``MultiprocessingSerializer``
+  pickles of CUDA-IPC handles; the body is validated, then refused (400) with a message naming
+  the disk and distributed endpoints.
+* ``/release_memory_occupation`` (``tags`` null = all, ``["weights"]``, ``["kv_cache"]``;
+  ``cuda_graph`` is accepted and frees nothing) waits for idle, copies the weights to host
+  memory and deletes the device buffers; ``/resume_memory_occupation`` puts them back (an empty
+  decode state). Both answer ``{success, message, bytes: {tag: n}, released}``; ``/generate``
+  answers 503 while anything is released.
 * ``--api-key``: every endpoint but the health probes (``/health``, ``/health_generate``, which
   SGLang also leaves open so routers and orchestrators can probe) requires
   ``Authorization: Bearer <key>`` (401 otherwise).
   Malformed JSON, unknown fields, wrong types and out-of-range values are 400 with a message
   naming the field; no request can take the server down.
+* Start-up: programs compile on first use (``--warmup`` compiles every shape first) and go to
+  JAX's persistent compilation cache (``--compilation-cache-dir``), so a restart reuses them.
+  Once uvicorn listens the server prints ``ready: serving http://HOST:PORT (...)`` with the time
+  it took; ``/health`` is 200 from then on (``/health_generate`` runs a real generation).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
+import datetime
+import functools
 import json
 import logging
 import time
@@ -55,17 +80,25 @@ import uuid
 from pathlib import Path
 from typing import Any, Optional
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from fastapi import FastAPI, Request as HTTPRequest
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
-from . import sglang_api
+from . import openai_api, sglang_api
+from .scoring import pow2_at_least
 from .sglang_api import RequestError
 from .types import Request, RolloutError
 
 __all__ = ["RolloutServer", "build_parser", "main"]
 
 log = logging.getLogger("cascade_jax.rollout.server")
+
+#: the SGLang release whose protocol this server speaks (reported as ``version``)
+SGLANG_VERSION = "0.5.23"
+#: ``include`` sections of ``/v1/loads``
+LOAD_SECTIONS = frozenset({"core", "memory", "spec", "lora", "disagg", "queues", "all"})
 
 
 def _err(status: int, message: str) -> JSONResponse:
@@ -75,6 +108,20 @@ def _err(status: int, message: str) -> JSONResponse:
 def _update_reply(ok: bool, message: str, status: Optional[int] = None, **extra) -> JSONResponse:
     return JSONResponse({"success": ok, "message": message, **extra},
                         status_code=status if status is not None else (200 if ok else 400))
+
+
+@functools.partial(jax.jit, static_argnames=("model_cfg", "k"))
+def _top_rows(params, tokens, segment_ids, inv_t, model_cfg, k):
+    """Top-``k`` log-probs after every position of ``tokens [1, T]``: ``(logp [1, T, k], ids)``
+    of ``log_softmax(logits)`` and of ``log_softmax(logits · inv_t)``; logits = final hidden
+    states @ ``lm_head`` in fp32."""
+    from models import nemotron_h as nh
+    pos = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+    h = nh.hidden_states(params, tokens, model_cfg, positions=pos, segment_ids=segment_ids)
+    z = jnp.einsum("bth,hv->btv", h.astype(jnp.float32), params["lm_head"].astype(jnp.float32))
+    v1, i1 = jax.lax.top_k(jax.nn.log_softmax(z, -1), k)
+    vt, it = jax.lax.top_k(jax.nn.log_softmax(z * inv_t, -1), k)
+    return v1, i1, vt, it
 
 
 class _ScoreBatcher:
@@ -126,7 +173,7 @@ class RolloutServer:
 
     def __init__(self, engine, model_cfg, *, checkpoint: str, dtype=None, api_key: Optional[str] = None,
                  tokenizer=None, server_args: Optional[dict] = None, update_timeout_s: float = 600.0,
-                 zero_mismatch: bool = False):
+                 zero_mismatch: bool = False, served_model_name: Optional[str] = None):
         self.engine = engine
         self.zero_mismatch = bool(zero_mismatch)
         self.model_cfg = model_cfg
@@ -145,8 +192,12 @@ class RolloutServer:
         self.batcher = _ScoreBatcher(engine, max(1, engine.num_slots))
         self.peer = None  # weight_sync.TorchPeer while a group exists
         self.group_name: Optional[str] = None
-        self.staged: dict = {}
         self.hub_shapes = self._hub_shapes()
+        self.routed_layout = sglang_api.RoutedLayout.of(model_cfg) if "E" in model_cfg.pattern else None
+        self._hub_cache: Optional[tuple] = None  # (weight version, {Hub name: host array}) for bucketed updates
+        self.started = time.time()
+        self._finished: collections.deque = collections.deque()  # (time, tokens) of finished samples
+        self.served_model_name = served_model_name or checkpoint
         self.app = self._build_app()
 
     # ------------------------------------------------------------------------------------------
@@ -182,7 +233,14 @@ class RolloutServer:
     # ------------------------------------------------------------------------------------------
     # generation
 
+    def _text_of(self, item):
+        if not item.return_text_in_logprobs or self.tokenizer is None:
+            return None
+        return lambda t: self.tokenizer.decode([t])
+
     async def _run_item(self, item: sglang_api.GenerateItem, loop) -> list:
+        """The item's samples and (with ``logprob_start_len >= 0``) its prompt log-probs:
+        ``(samples, input_lps, t0)``."""
         t0 = time.perf_counter()
         fut = loop.create_future()
 
@@ -204,11 +262,19 @@ class RolloutServer:
         except asyncio.CancelledError:
             self.engine.abort(handle.rid)
             raise
-        samples = handle.result(0)
+        return handle.result(0), input_lps, t0
+
+    async def _item_replies(self, item, run) -> list:
+        """SGLang reply items of one finished item (one per sample)."""
+        samples, input_lps, t0 = run
         n = item.sampling.n
         out = []
         for k, s in enumerate(samples):
             resp = [int(t) for t in s.response_ids]
+            self._finished.append((time.time(), len(resp)))
+            out_top = in_top = None
+            if item.top_logprobs_num > 0:
+                out_top, in_top = await asyncio.to_thread(self._top_logprobs, item, resp)
             out.append(sglang_api.generate_item_reply(
                 rid=item.rid if n == 1 else f"{item.rid}-{k}", prompt_ids=item.prompt_ids, output_ids=resp,
                 output_logprobs=[float(x) for x in s.logprobs] if item.return_logprob else None,
@@ -217,15 +283,34 @@ class RolloutServer:
                 input_logprobs=input_lps, logprob_start_len=item.logprob_start_len,
                 e2e_latency=time.perf_counter() - t0,
                 routed_experts=s.routed_experts if item.return_routed_experts else None,
+                routed_layout=self.routed_layout, output_top=out_top, input_top=in_top,
+                text_of=self._text_of(item),
                 text=self.tokenizer.decode(resp) if self.tokenizer is not None else ""))
         return out
 
-    async def generate(self, request: HTTPRequest):
-        body = await _json(request)
-        items, batched = sglang_api.parse_generate(
-            body, vocab_size=self._vocab(), context_length=self.engine.max_len,
-            tokenize=(lambda t: [int(x) for x in self.tokenizer.encode(t)]) if self.tokenizer is not None else None,
-            new_rid=lambda: uuid.uuid4().hex)
+    def _top_logprobs(self, item, response: list) -> tuple:
+        """``(output_top, input_top)`` of one sample: for every response token the
+        ``top_logprobs_num`` most likely ``(logp, id)`` under ``log_softmax(logits / T)`` (the
+        sampling temperature, as ``output_token_logprobs``; T = 0 counts as 1), and for the
+        prompt positions ``logprob_start_len .. P-1`` the same at temperature 1 (None at 0)."""
+        seq = list(item.prompt_ids) + response
+        P, k = len(item.prompt_ids), item.top_logprobs_num
+        T = max(16, pow2_at_least(len(seq)))
+        tokens = np.zeros((1, T), np.int32)
+        seg = np.zeros((1, T), np.int32)
+        tokens[0, :len(seq)], seg[0, :len(seq)] = seq, 1
+        temp = item.sampling.temperature if item.sampling.temperature > 0 else 1.0
+        kk = min(pow2_at_least(k), self._vocab())
+        v1, i1, vt, it = (np.asarray(x)[0] for x in _top_rows(
+            self.engine.params(), tokens, seg, np.float32(1.0 / temp), self.model_cfg, kk))
+        out_top = [list(zip(vt[t, :k].tolist(), it[t, :k].tolist())) for t in range(P - 1, len(seq) - 1)]
+        in_top = None
+        if item.logprob_start_len >= 0:
+            in_top = [None if t == 0 else list(zip(v1[t - 1, :k].tolist(), i1[t - 1, :k].tolist()))
+                      for t in range(item.logprob_start_len, P)]
+        return out_top, in_top
+
+    def _check_items(self, items, body, batched):
         if items[0].return_routed_experts and not getattr(self.engine, "return_routed_experts", False):
             raise RequestError("return_routed_experts", "this server was started without "
                                                         "--enable-return-routed-experts")
@@ -239,18 +324,40 @@ class RolloutServer:
                 raise RequestError(f"input_ids{f'[{i}]' if batched else ''}",
                                    f"prompt of {len(it.prompt_ids)} tokens exceeds the largest prompt bucket "
                                    f"{self.engine.prompt_buckets[-1]}")
+
+    async def _enter(self, n_items: int) -> Optional[JSONResponse]:
+        """Wait for the gate, count the items in flight; a 503 while memory is released."""
+        released = self.engine.released() if hasattr(self.engine, "released") else ()
+        if released:
+            return _err(503, f"device memory is released ({', '.join(released)}); "
+                             "call /resume_memory_occupation first")
         if not self.gate.is_set():
             self.waiting += 1
             try:
                 await self.gate.wait()
             finally:
                 self.waiting -= 1
-        self.inflight += len(items)
+        self.inflight += n_items
+        return None
+
+    async def generate(self, request: HTTPRequest):
+        body = await _json(request)
+        items, batched = sglang_api.parse_generate(
+            body, vocab_size=self._vocab(), context_length=self.engine.max_len,
+            tokenize=(lambda t: [int(x) for x in self.tokenizer.encode(t)]) if self.tokenizer is not None else None,
+            new_rid=lambda: uuid.uuid4().hex)
+        self._check_items(items, body, batched)
+        refused = await self._enter(len(items))
+        if refused is not None:
+            return refused
         loop = asyncio.get_running_loop()
         tasks = [asyncio.ensure_future(self._run_item(it, loop)) for it in items]
+        if body.get("stream"):
+            return StreamingResponse(self._stream(items, batched, tasks), media_type="text/event-stream")
         watch = asyncio.ensure_future(_watch_disconnect(request, tasks))
         try:
-            results = await asyncio.gather(*tasks)
+            runs = await asyncio.gather(*tasks)
+            results = [await self._item_replies(it, run) for it, run in zip(items, runs)]
         except asyncio.CancelledError:
             return _err(499, "client disconnected")
         except ValueError as e:  # the engine's own validation (names the field)
@@ -265,30 +372,91 @@ class RolloutServer:
         flat = [r for group in results for r in group]
         return JSONResponse(flat if batched else flat[0])
 
+    async def _stream(self, items, batched, tasks):
+        """SSE chunks (SGLang's cumulative streaming): a chunk whenever a sample has new tokens
+        (``finish_reason`` null), the finished items, then ``[DONE]``. A disconnect cancels the
+        items (the engine aborts them)."""
+        sent: dict = {}
+        done_items: set = set()
+        t0 = time.perf_counter()
+        try:
+            while len(done_items) < len(items):
+                for i, (it, task) in enumerate(zip(items, tasks)):
+                    if i in done_items:
+                        continue
+                    if task.done():
+                        replies = await self._item_replies(it, task.result())
+                        for k, r in enumerate(replies):
+                            if batched:
+                                r["index"] = i * it.sampling.n + k
+                            yield sglang_api.sse(r)
+                        done_items.add(i)
+                        continue
+                    prog = None if self.zero_mismatch else self.engine.progress(it.rid)
+                    for k, (toks, lps) in enumerate(prog or []):
+                        if len(toks) <= sent.get((i, k), 0):
+                            continue
+                        sent[(i, k)] = len(toks)
+                        chunk = sglang_api.generate_item_reply(
+                            rid=it.rid if it.sampling.n == 1 else f"{it.rid}-{k}", prompt_ids=it.prompt_ids,
+                            output_ids=toks, output_logprobs=lps if it.return_logprob else None,
+                            finish_reason=None, matched=None, max_new_tokens=it.sampling.max_new_tokens,
+                            weight_version=self.engine.weight_version(), input_logprobs=None,
+                            logprob_start_len=-1, e2e_latency=time.perf_counter() - t0,
+                            text_of=self._text_of(it),
+                            text=self.tokenizer.decode(toks) if self.tokenizer is not None else "")
+                        if batched:
+                            chunk["index"] = i * it.sampling.n + k
+                        yield sglang_api.sse(chunk)
+                pending = [t for i, t in enumerate(tasks) if i not in done_items and not t.done()]
+                if pending:
+                    await asyncio.wait(pending, timeout=0.05)
+        except (ValueError, RolloutError) as e:
+            yield sglang_api.sse({"error": {"message": str(e)}})
+        finally:
+            for t in tasks:
+                t.cancel()
+            await self._done_inflight(len(items))
+        yield sglang_api.sse("[DONE]")
+
     # ------------------------------------------------------------------------------------------
     # weights
 
-    async def _swap(self, params, version: str, what: str) -> None:
-        """Close the gate, wait for in-flight requests, swap, reopen (unless paused)."""
+    async def _swap(self, params, version: Optional[str], what: str) -> None:
+        """Close the gate, wait for in-flight requests, swap, reopen (unless paused).
+        ``version`` None keeps the current label (SGLang: an update without ``weight_version``)."""
         self.gate.clear()
         try:
             await self._drain(what)
-            await asyncio.to_thread(self.engine.update_weights, params, version, timeout=self.update_timeout_s)
+            label = self.engine.weight_version() if version is None else version
+            await asyncio.to_thread(self.engine.update_weights, params, label, timeout=self.update_timeout_s,
+                                    check_order=version is not None and version != self.engine.weight_version())
         finally:
             if not self.paused:
                 self.gate.set()
 
-    def _check_version(self, body: dict) -> str:
+    def _check_version(self, body: dict) -> Optional[str]:
+        """The update's new label: None (absent: SGLang keeps the current one), the current one
+        (e.g. every bucket of a multi-bucket update carries it), or a new one that must not go
+        backwards (``check_version_order``)."""
         from .engine import check_version_order
         v = body.get("weight_version")
+        if v is None:
+            return None
         if not isinstance(v, str) or not v:
-            raise RequestError("weight_version", "required (a non-empty string): the JAX rollout server labels "
-                                                 "every update")
-        try:
-            check_version_order(self.engine.weight_version(), v)
-        except RolloutError as e:
-            raise RequestError("weight_version", str(e)) from None
+            raise RequestError("weight_version", f"expected a non-empty string, got {v!r}")
+        if v != self.engine.weight_version():
+            try:
+                check_version_order(self.engine.weight_version(), v)
+            except RolloutError as e:
+                raise RequestError("weight_version", str(e)) from None
         return v
+
+    def _check_released(self, what: str):
+        released = self.engine.released() if hasattr(self.engine, "released") else ()
+        if "weights" in released:
+            raise RequestError("weights", f"{what}: the weights are released; call /resume_memory_occupation "
+                                          "with tags [\"weights\"] first")
 
     async def update_from_disk(self, request: HTTPRequest):
         from models import nemotron_h as nh
@@ -301,6 +469,7 @@ class RolloutServer:
                 raise RequestError(k, f"expected a bool, got {body[k]!r}")
         if body.get("load_format") not in (None, "auto", "safetensors"):
             raise RequestError("load_format", f"only 'auto' / 'safetensors' checkpoints, got {body['load_format']!r}")
+        self._check_released("update_weights_from_disk")
         async with self.update_lock:
             version = self._check_version(body)
             path = body["model_path"]
@@ -321,6 +490,7 @@ class RolloutServer:
             except RolloutError as e:
                 return _update_reply(False, f"Failed to update weights: {e}", num_paused_requests=n_aborted)
             self.checkpoint = path
+            self._hub_cache = None
         return _update_reply(True, "Succeeded to update model weights.", num_paused_requests=n_aborted)
 
     async def init_group(self, request: HTTPRequest):
@@ -328,7 +498,10 @@ class RolloutServer:
         body = sglang_api.check_body(await _json(request), "/init_weights_update_group",
                                      required=("master_address", "master_port", "rank_offset", "world_size"))
         for k in ("master_port", "rank_offset", "world_size"):
-            if not sglang_api._is_int(body[k]) or body[k] < (1 if k != "rank_offset" else 0):
+            v = body[k]
+            if isinstance(v, str) and v.strip().isdigit():  # SGLang's request model converts "29500"
+                v = body[k] = int(v)
+            if not sglang_api._is_int(v) or v < (1 if k != "rank_offset" else 0):
                 raise RequestError(k, f"expected a positive integer, got {body[k]!r}")
         if not body["rank_offset"] < body["world_size"]:
             raise RequestError("rank_offset", f"must be < world_size {body['world_size']}")
@@ -349,8 +522,17 @@ class RolloutServer:
                 await asyncio.to_thread(peer.wait_ready)
             except RolloutError as e:
                 return _update_reply(False, f"Failed to initialize the weight update group: {e}")
-            self.peer, self.group_name, self.staged = peer, name, {}
+            self.peer, self.group_name = peer, name
         return _update_reply(True, "Succeeded to initialize custom process group.")
+
+    def _hub_now(self) -> dict:
+        """Host Hub tensors of the weights now served (cached per weight version): a bucket is
+        merged into them and the whole model rebuilt, so every bucket loads as it arrives."""
+        from models import nemotron_h as nh
+        v = self.engine.weight_version()
+        if self._hub_cache is None or self._hub_cache[0] != v:
+            self._hub_cache = (v, {n: f() for n, _, f in nh.hub_tensors(self.engine.params(), self.model_cfg)})
+        return self._hub_cache[1]
 
     async def update_distributed(self, request: HTTPRequest):
         from models import nemotron_h as nh
@@ -364,11 +546,12 @@ class RolloutServer:
             raise RequestError("dtypes", f"expected a list of {len(names)} dtype names")
         if not isinstance(shapes, list) or len(shapes) != len(names):
             raise RequestError("shapes", f"expected a list of {len(names)} shapes")
-        for i, (d, s) in enumerate(zip(dtypes, shapes)):
+        dtypes = [d[len("torch."):] if isinstance(d, str) and d.startswith("torch.") else d for d in dtypes]
+        for i, (d, sh) in enumerate(zip(dtypes, shapes)):
             if d not in NUMPY_DTYPES:
                 raise RequestError(f"dtypes[{i}]", f"must be one of {sorted(NUMPY_DTYPES)}, got {d!r}")
-            if not isinstance(s, list) or not all(sglang_api._is_int(x) and x >= 0 for x in s):
-                raise RequestError(f"shapes[{i}]", f"expected a list of non-negative ints, got {s!r}")
+            if not isinstance(sh, list) or not all(sglang_api._is_int(x) and x >= 0 for x in sh):
+                raise RequestError(f"shapes[{i}]", f"expected a list of non-negative ints, got {sh!r}")
         fmt = body.get("load_format")
         if fmt not in (None, "flattened_bucket"):
             raise RequestError("load_format", f"must be null or 'flattened_bucket', got {fmt!r}")
@@ -383,43 +566,80 @@ class RolloutServer:
                 arrays = await asyncio.to_thread(self._receive, names, dtypes, shapes, fmt)
             except RolloutError as e:
                 return _update_reply(False, f"Failed to receive weights: {e}")
-            if body.get("weight_version") is not None:
-                self._check_version(body)
+            version = self._check_version(body)
+            self._check_released("update_weights_from_distributed")
             unknown = [n for n in names if n not in self.hub_shapes]
             if unknown:
-                return _update_reply(False, f"unknown tensor {unknown[0]!r} (not a Hub name of this model)")
-            self.staged.update(zip(names, arrays))
-            version = body.get("weight_version")
-            if len(self.staged) < len(self.hub_shapes):
-                if version is not None:
-                    missing = sorted(set(self.hub_shapes) - set(self.staged))
-                    return _update_reply(False, f"weight_version {version!r} given but {len(missing)} tensors were "
-                                         f"never sent (first: {missing[0]!r}); the previous weights keep serving")
-                return _update_reply(True, f"Staged {len(names)} tensors ({len(self.staged)}/{len(self.hub_shapes)}).")
-            staged, self.staged = self.staged, {}
-            if version is None:
-                return _update_reply(False, "all tensors received but no weight_version: the JAX rollout server "
-                                     "labels every update; the previous weights keep serving")
+                return _update_reply(False, f"unknown tensor {unknown[0]!r} (not a Hub name of this model); "
+                                     "the previous weights keep serving")
             try:
-                params = await asyncio.to_thread(nh.params_from_hub_tensors, staged, self.model_cfg, dtype=self.dtype)
+                hub = dict(await asyncio.to_thread(self._hub_now))
+                for n, a in zip(names, arrays):
+                    if tuple(a.shape) != tuple(hub[n].shape):
+                        raise ValueError(f"{n} has shape {list(a.shape)}, the model's is {list(hub[n].shape)}")
+                    hub[n] = np.array(a)
+                params = await asyncio.to_thread(nh.params_from_hub_tensors, hub, self.model_cfg, dtype=self.dtype)
             except (nh.CheckpointError, ValueError) as e:
-                return _update_reply(False, f"Failed to load the received weights: {e}")
+                return _update_reply(False, f"Failed to load the received weights: {e}; the previous weights keep "
+                                     "serving")
             if body.get("abort_all_requests"):
                 self.engine.abort_all()
             try:
                 await self._swap(params, version, "update_weights_from_distributed")
             except RolloutError as e:
                 return _update_reply(False, f"Failed to update weights: {e}")
+            self._hub_cache = (self.engine.weight_version(), hub)
         return _update_reply(True, "Succeeded to update parameter online.")
 
     def _receive(self, names, dtypes, shapes, fmt) -> list:
-        from .weight_sync import NUMPY_DTYPES
         sizes = [int(np.prod(s)) for s in shapes]
         if fmt == "flattened_bucket":
             flat = self.peer.broadcast(dtypes[0], sum(sizes))
             offs = np.cumsum([0] + sizes)
             return [flat[offs[i]:offs[i + 1]].reshape(s) for i, s in enumerate(shapes)]
         return [self.peer.broadcast(d, n).reshape(s) for d, n, s in zip(dtypes, sizes, shapes)]
+
+    async def update_from_tensor(self, request: HTTPRequest):
+        """SGLang's colocated path: ``serialized_named_tensors`` are torch
+        ``MultiprocessingSerializer`` pickles of CUDA-IPC handles, which only a torch process on
+        the same GPU can open (and unpickling them would run code a client chose). Validated,
+        then refused with 400 naming the formats this server loads."""
+        body = sglang_api.check_body(await _json(request), "/update_weights_from_tensor",
+                                     required=("serialized_named_tensors",))
+        if not isinstance(body["serialized_named_tensors"], list):
+            raise RequestError("serialized_named_tensors", "expected a list (one entry per tensor-parallel rank)")
+        self._check_version(body)
+        return _update_reply(False, "serialized_named_tensors: torch MultiprocessingSerializer / CUDA-IPC tensors "
+                             "cannot be loaded by the JAX rollout server (load_format "
+                             f"{body.get('load_format')!r}); supported: /update_weights_from_disk (Hub safetensors "
+                             "directory) and /update_weights_from_distributed (torch.distributed broadcast, "
+                             "'flattened_bucket' or per-tensor). The previous weights keep serving.")
+
+    async def _memory(self, request: HTTPRequest, endpoint: str, release: bool):
+        body = sglang_api.check_body(await _json(request), endpoint)
+        tags = body.get("tags")
+        valid = list(self.engine.MEMORY_TAGS) + ["cuda_graph"]
+        if tags is not None and (not isinstance(tags, list) or not all(isinstance(t, str) for t in tags)):
+            raise RequestError("tags", f"expected a list of tag names ({valid}) or null, got {tags!r}")
+        for i, t in enumerate(tags or []):
+            if t not in valid:
+                raise RequestError(f"tags[{i}]", f"unknown tag {t!r}; valid: {valid}")
+        engine_tags = None if tags is None else [t for t in tags if t != "cuda_graph"]  # no CUDA graphs here
+        async with self.update_lock:
+            if release:
+                self.gate.clear()
+                try:
+                    await self._drain(endpoint)
+                    nbytes = await asyncio.to_thread(self.engine.release_memory, engine_tags)
+                finally:
+                    if not self.paused:
+                        self.gate.set()
+            else:
+                nbytes = await asyncio.to_thread(self.engine.resume_memory, engine_tags)
+        verb = "Released" if release else "Resumed"
+        what = ", ".join(f"{t} {b / 2**20:.1f} MiB" for t, b in nbytes.items()) or "nothing (already done)"
+        return JSONResponse({"success": True, "message": f"{verb} device memory: {what}.",
+                             "bytes": nbytes, "released": list(self.engine.released())})
 
     async def destroy_group(self, request: HTTPRequest):
         body = sglang_api.check_body(await _json(request), "/destroy_weights_update_group")
@@ -428,7 +648,7 @@ class RolloutServer:
                 return _update_reply(False, "no weight update group")
             if body.get("group_name") not in (None, self.group_name):
                 raise RequestError("group_name", f"unknown group {body['group_name']!r} (have {self.group_name!r})")
-            peer, self.peer, self.group_name, self.staged = self.peer, None, None, {}
+            peer, self.peer, self.group_name = self.peer, None, None
             await asyncio.to_thread(peer.close)
         return _update_reply(True, "Succeeded to destroy custom process group.")
 
@@ -500,11 +720,80 @@ class RolloutServer:
                 "architectures": ["NemotronHForCausalLM"]}
 
     def server_info(self) -> dict:
-        return {**self.server_args, "version": "cascade-jax", "model_path": self.checkpoint,
-                "weight_version": self.engine.weight_version(), "context_length": self.engine.max_len,
-                "num_slots": self.engine.num_slots, "skip_tokenizer_init": self.tokenizer is None,
-                "internal_states": [{"num_running": self.engine.num_running(), "num_queued": self.engine.num_queued(),
-                                     "paused": self.paused, "inflight": self.inflight}]}
+        """SGLang's ``/server_info``: its ``ServerArgs`` fields (the ones RL clients read, with
+        this server's real values: one device, no tensor / pipeline / data / expert parallelism,
+        memory release supported with a host copy of the weights), ``internal_states`` and
+        ``version``; then this server's own settings."""
+        a = self.server_args
+        e = self.engine
+        sglang_args = {
+            "model_path": a.get("checkpoint", self.checkpoint), "tokenizer_path": a.get("checkpoint", self.checkpoint),
+            "tokenizer_mode": "auto", "skip_tokenizer_init": self.tokenizer is None, "load_format": "auto",
+            "trust_remote_code": False, "dtype": a.get("dtype", "auto"), "kv_cache_dtype": "auto",
+            "context_length": e.max_len, "device": jax.default_backend(), "served_model_name": self.served_model_name,
+            "is_embedding": False, "host": a.get("host"), "port": a.get("port"),
+            "mem_fraction_static": None, "max_running_requests": e.num_slots,
+            "max_total_tokens": e.num_slots * e.max_len, "chunked_prefill_size": e.prompt_buckets[-1],
+            "max_prefill_tokens": e.prompt_buckets[-1] * e.num_slots, "page_size": 1,
+            "tp_size": 1, "pp_size": 1, "dp_size": 1, "ep_size": 1, "nnodes": 1, "node_rank": 0,
+            "random_seed": a.get("seed", 0), "stream_output": False, "stream_interval": 1,
+            "enable_memory_saver": True, "enable_weights_cpu_backup": True, "disable_radix_cache": True,
+            "enable_return_routed_experts": bool(getattr(e, "return_routed_experts", False)),
+            "enable_deterministic_inference": self.zero_mismatch, "weight_version": e.weight_version(),
+            "tool_call_parser": "qwen3_coder" if self.tokenizer is not None else None, "reasoning_parser": None,
+            "attention_backend": "jax", "sampling_backend": "jax", "log_level": a.get("log_level", "warning"),
+            "api_key": None,  # never echoed
+        }
+        own = {k: v for k, v in a.items() if k not in ("api_key", "checkpoint")}
+        return {**own, **sglang_args, "zero_mismatch": self.zero_mismatch, "num_slots": e.num_slots,
+                "prompt_buckets": list(e.prompt_buckets), "version": SGLANG_VERSION, "backend": "cascade-jax",
+                "internal_states": [{"num_running_reqs": e.num_running(), "num_waiting_reqs": e.num_queued(),
+                                     "last_gen_throughput": self._throughput(), "paused": self.paused,
+                                     "inflight": self.inflight, "memory_released": list(e.released())}]}
+
+    def _throughput(self, window_s: float = 10.0) -> float:
+        """Generated tokens per second over the last ``window_s``."""
+        now = time.time()
+        while self._finished and self._finished[0][0] < now - window_s:
+            self._finished.popleft()
+        return sum(n for _, n in self._finished) / window_s
+
+    async def loads(self, request: HTTPRequest):
+        """SGLang's ``GET /v1/loads`` (query ``include``, ``dp_rank``, ``format=json``): one
+        data-parallel rank."""
+        q = request.query_params
+        include = [x.strip() for x in (q.get("include") or "all").split(",") if x.strip()]
+        bad = sorted(set(include) - LOAD_SECTIONS)
+        if bad:
+            raise RequestError("include", f"invalid sections {bad}; valid: {sorted(LOAD_SECTIONS)}")
+        if q.get("format", "json") != "json":
+            raise RequestError("format", f"only 'json' is served, got {q.get('format')!r}")
+        if q.get("dp_rank") not in (None, "0"):
+            raise RequestError("dp_rank", f"this server has one data-parallel rank (0), got {q.get('dp_rank')!r}")
+        e = self.engine
+        used, total = e.used_tokens(), e.num_slots * e.max_len
+        load = {"dp_rank": 0, "timestamp": time.time(), "num_running_reqs": e.num_running(),
+                "num_waiting_reqs": e.num_queued() + self.waiting, "num_used_tokens": used,
+                "max_total_num_tokens": total, "token_usage": used / total, "gen_throughput": self._throughput(),
+                "cache_hit_rate": 0.0, "utilization": e.num_running() / e.num_slots,
+                "max_running_requests": e.num_slots}
+        every = "all" in include
+        if every or "memory" in include:
+            released = e.released()
+            wbytes = 0 if "weights" in released else sum(int(x.nbytes) for x in jax.tree.leaves(e.params()))
+            kv = 0 if "kv_cache" in released else sum(int(x.nbytes) for x in jax.tree.leaves(e._cache))
+            load["memory"] = {"weight_gb": wbytes / 2**30, "kv_cache_gb": kv / 2**30, "graph_gb": 0.0,
+                              "token_capacity": total}
+        if every or "queues" in include:
+            load["queues"] = {"waiting": e.num_queued(), "grammar": 0, "paused": self.waiting, "retracted": 0}
+        load["num_total_reqs"] = load["num_running_reqs"] + load["num_waiting_reqs"]
+        return JSONResponse({
+            "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(), "version": SGLANG_VERSION,
+            "dp_rank_count": 1, "loads": [load],
+            "aggregate": {"total_running_reqs": load["num_running_reqs"], "total_waiting_reqs": load["num_waiting_reqs"],
+                          "total_reqs": load["num_total_reqs"], "total_used_tokens": used, "total_tokens": total,
+                          "avg_token_usage": load["token_usage"], "avg_throughput": load["gen_throughput"],
+                          "avg_utilization": load["utilization"]}})
 
     # ------------------------------------------------------------------------------------------
 
@@ -554,6 +843,16 @@ class RolloutServer:
         app.post("/continue_generation")(self.resume)
         app.api_route("/flush_cache", methods=["GET", "POST"])(self.flush)
         app.post("/abort_request")(self.abort_request)
+        app.post("/update_weights_from_tensor")(self.update_from_tensor)
+        def memory_route(path: str, release: bool):
+            async def handler(request: HTTPRequest):
+                return await srv._memory(request, path, release)
+            return handler
+        for verb, release in (("release", True), ("resume", False)):
+            path = f"/{verb}_memory_occupation"
+            app.api_route(path, methods=["GET", "POST"])(memory_route(path, release))
+        app.get("/v1/loads")(self.loads)
+        openai_api.mount(app, srv)
         return app
 
 
@@ -616,6 +915,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=30000)
     ap.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every endpoint")
+    ap.add_argument("--served-model-name", default=None, help="the model id of /v1/models (default: --checkpoint)")
     ap.add_argument("--weight-version", default="default", help="label of the initial weights")
     ap.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto",
                     help="weight dtype (auto: as stored)")
@@ -631,7 +931,14 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--zero-mismatch", action="store_true",
                     help="sample every token from the trainer's batch-invariant log-probs at rows of "
                          "--max-len (rollout.exact; the trainer uses row_len = --max-len); no top-p/top-k")
-    ap.add_argument("--no-warmup", action="store_true", help="compile lazily instead of at start")
+    ap.add_argument("--warmup", action="store_true",
+                    help="compile every prompt bucket x prefill size and scoring length before serving "
+                         "(default: each program compiles on first use, served from the persistent cache "
+                         "afterwards)")
+    ap.add_argument("--no-warmup", action="store_true", help="(the default; kept for old command lines)")
+    ap.add_argument("--compilation-cache-dir", default=None,
+                    help="persistent XLA compilation cache (default: $JAX_COMPILATION_CACHE_DIR, else "
+                         "~/.cache/cascade-jax/xla; '' disables it)")
     ap.add_argument("--update-timeout-s", type=float, default=600.0)
     ap.add_argument("--log-level", default="warning")
     return ap
@@ -643,39 +950,103 @@ def _ints(text: Optional[str], flag: str):
     try:
         return tuple(int(x) for x in text.split(",") if x.strip())
     except ValueError:
-        raise SystemExit(f"{flag}: expected comma-separated integers, got {text!r}") from None
+        raise _Exit(2, f"{flag}: expected comma-separated integers, got {text!r}") from None
 
 
-def main(argv=None) -> None:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper())
+class _Exit(Exception):
+    """A start-up failure: one ``error: ...`` line and the project's exit code (README: 2 config,
+    3 missing file, 5 checkpoint, 6 rollout server)."""
+
+    def __init__(self, code: int, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+def _compilation_cache(flag: Optional[str]) -> Optional[str]:
+    """Turn on JAX's persistent compilation cache (content-addressed, shared between runs), so a
+    restarted server loads its programs instead of compiling them."""
+    import os
+    path = flag if flag is not None else os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join(
+        os.path.expanduser("~"), ".cache", "cascade-jax", "xla")
+    if not path:
+        return None
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return path
+
+
+def _serve(args) -> None:
+    import threading
+
     import uvicorn
     from models import nemotron_h as nh
     from .engine import JaxEngine
 
+    t_start = time.perf_counter()
+    cache_dir = _compilation_cache(args.compilation_cache_dir)
     dtype = None if args.dtype == "auto" else args.dtype
+    if not Path(args.checkpoint).exists():
+        raise _Exit(3, f"--checkpoint {args.checkpoint}: no such directory")
     try:
         model_cfg, params = nh.load_checkpoint(args.checkpoint, dtype=dtype)
-    except nh.CheckpointError as e:
-        raise SystemExit(f"--checkpoint: {e}") from None
+    except (nh.CheckpointError, OSError, ValueError) as e:
+        raise _Exit(5, f"--checkpoint {args.checkpoint}: {e}") from None
     tokenizer = None
     if (Path(args.checkpoint) / "tokenizer.json").is_file():
         from cascade_jax.data import load_tokenizer
-        tokenizer = load_tokenizer(args.checkpoint)
-    engine = JaxEngine(model_cfg, params, num_slots=args.num_slots, max_len=args.max_len,
-                       prompt_buckets=_ints(args.prompt_buckets, "--prompt-buckets"),
-                       prefill_sizes=_ints(args.prefill_sizes, "--prefill-sizes"),
-                       steps_per_call=args.steps_per_call, weight_version=args.weight_version, seed=args.seed,
-                       return_routed_experts=args.enable_return_routed_experts)
+        try:
+            tokenizer = load_tokenizer(args.checkpoint)
+        except (OSError, ValueError) as e:
+            raise _Exit(5, f"--checkpoint {args.checkpoint}: tokenizer: {e}") from None
+    try:
+        engine = JaxEngine(model_cfg, params, num_slots=args.num_slots, max_len=args.max_len,
+                           prompt_buckets=_ints(args.prompt_buckets, "--prompt-buckets"),
+                           prefill_sizes=_ints(args.prefill_sizes, "--prefill-sizes"),
+                           steps_per_call=args.steps_per_call, weight_version=args.weight_version, seed=args.seed,
+                           return_routed_experts=args.enable_return_routed_experts)
+    except ValueError as e:
+        raise _Exit(2, str(e)) from None
     engine.start()
     server_args = {k: v for k, v in vars(args).items() if k != "api_key"}
     srv = RolloutServer(engine, model_cfg, checkpoint=args.checkpoint, dtype=dtype, api_key=args.api_key,
                         tokenizer=tokenizer, server_args=server_args, update_timeout_s=args.update_timeout_s,
-                        zero_mismatch=args.zero_mismatch)
-    if not args.no_warmup:  # compile every generation and scoring shape before serving
+                        zero_mismatch=args.zero_mismatch, served_model_name=args.served_model_name)
+    t_compile = time.perf_counter()
+    if args.warmup:  # compile every generation and scoring shape before serving
         engine.warmup()
         srv.batcher.warmup(engine.max_len)
-    uvicorn.run(srv.app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
-    engine.stop()
-    if srv.peer is not None:
-        srv.peer.close()
+    t_compile = time.perf_counter() - t_compile
+    server = uvicorn.Server(uvicorn.Config(srv.app, host=args.host, port=args.port, log_level=args.log_level,
+                                           access_log=False))
+
+    def announce():
+        while not server.started and not server.should_exit:
+            time.sleep(0.02)
+        if server.started:
+            what = ("every shape compiled" if args.warmup else "programs compile on first use")
+            print(f"ready: serving http://{args.host}:{args.port} (weights {engine.weight_version()!r}; "
+                  f"started in {time.perf_counter() - t_start:.1f} s, {t_compile:.1f} s compiling before serving, "
+                  f"{what}; compilation cache {cache_dir or 'off'})", flush=True)
+    threading.Thread(target=announce, daemon=True).start()
+    try:
+        server.run()
+    finally:
+        engine.stop()
+        if srv.peer is not None:
+            srv.peer.close()
+    if not server.started:
+        raise _Exit(6, f"--port {args.port}: could not serve on {args.host}:{args.port} (in use?)")
+
+
+def main(argv=None) -> int:
+    """Run the server; returns the exit code (0 after a clean shutdown)."""
+    import sys
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper())
+    try:
+        _serve(args)
+    except _Exit as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return e.code
+    return 0

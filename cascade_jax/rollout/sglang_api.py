@@ -15,8 +15,16 @@ Reply item (a dict for one sample, a list for a batch or ``n > 1``, grouped per 
                    "length": L} | {"type": "abort", "message": str},
                    "prompt_tokens": P, "completion_tokens": R, "cached_tokens": 0,
                    "weight_version": str, "e2e_latency": s,
-                   "output_token_logprobs": [[logp, id, null], ...],       # return_logprob
-                   "input_token_logprobs": [[logp | null, id, null], ...]}}  # logprob_start_len >= 0
+                   "output_token_logprobs": [[logp, id, text|null], ...],  # return_logprob
+                   "input_token_logprobs": [[logp | null, id, null], ...],  # logprob_start_len >= 0
+                   "output_top_logprobs": [[[logp, id, null] x k] per token],  # top_logprobs_num k
+                   "input_top_logprobs": [null | [[logp, id, null] x k] per position],
+                   "routed_experts": base64 of int32 [P + R - 1, num_hidden_layers, top_k]}}
+
+``stream: true`` answers Server-Sent Events instead: ``data: {item}`` lines (each item
+cumulative: all tokens so far, ``finish_reason`` null until the last one; ``index`` = the
+item's position in a batch / ``n`` group), closed by ``data: [DONE]`` (SGLang's default,
+non-incremental streaming).
 
 ``input_token_logprobs`` covers prompt positions ``logprob_start_len .. P-1``; the entry of
 position 0 has a null log-prob (nothing predicts the first token). Teacher-forced scoring sends
@@ -26,6 +34,7 @@ position 0 has a null log-prob (nothing predicts the first token). Teacher-force
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import math
 from typing import Any, Callable, Optional, Sequence
@@ -36,7 +45,8 @@ from .types import FINISH_REASONS, RolloutError, Sample, SamplingParams, sample_
 
 __all__ = ["GENERATE_FIELDS", "SAMPLING_FIELDS", "BODY_FIELDS", "RequestError", "GenerateItem",
            "parse_generate", "check_body", "generate_item_reply", "encode_generate",
-           "encode_score", "decode_sample", "decode_score", "derive_seed"]
+           "encode_score", "decode_sample", "decode_score", "derive_seed", "RoutedLayout",
+           "encode_routed_experts", "decode_routed_experts", "sse"]
 
 #: Top-level ``/generate`` fields of SGLang 0.5.23's ``GenerateReqInput`` (RL-relevant subset
 #: plus the multimodal / session fields, which the JAX server refuses).
@@ -69,6 +79,11 @@ BODY_FIELDS = {
     "/update_weights_from_distributed": frozenset({
         "names", "dtypes", "shapes", "group_name", "flush_cache", "abort_all_requests",
         "weight_version", "load_format", "selector", "torch_empty_cache"}),
+    "/update_weights_from_tensor": frozenset({
+        "serialized_named_tensors", "load_format", "flush_cache", "abort_all_requests",
+        "weight_version", "selector", "torch_empty_cache"}),
+    "/release_memory_occupation": frozenset({"tags"}),
+    "/resume_memory_occupation": frozenset({"tags"}),
     "/destroy_weights_update_group": frozenset({"group_name"}),
     "/pause_generation": frozenset({"mode"}),
     "/continue_generation": frozenset({"torch_empty_cache"}),
@@ -80,18 +95,19 @@ BODY_FIELDS = {
 _SAMPLING_DEFAULT_ONLY = {
     "min_p": 0.0, "frequency_penalty": 0.0, "presence_penalty": 0.0, "repetition_penalty": 1.0,
     "min_new_tokens": 0, "json_schema": None, "regex": None, "ebnf": None, "structural_tag": None,
-    "stop_regex": None, "logit_bias": None, "custom_params": None,
+    "stop_regex": None, "logit_bias": None,
 }
 _SAMPLING_BOOL = ("ignore_eos", "skip_special_tokens", "spaces_between_special_tokens", "no_stop_trim")
 _TOP_DEFAULT_ONLY = {
-    "input_embeds": None, "image_data": None, "video_data": None, "audio_data": None,
-    "top_logprobs_num": 0, "token_ids_logprob": None, "stream": False,
+    "input_embeds": None, "token_ids_logprob": None,
     "return_hidden_states": False, "modalities": None, "session_params": None, "lora_path": None,
     "lora_id": None, "custom_logit_processor": None, "bootstrap_host": None, "bootstrap_port": None,
     "bootstrap_room": None, "data_parallel_rank": None,
     "return_entropy": False, "return_sampling_mask": False,
 }
+_MULTIMODAL = ("image_data", "video_data", "audio_data")  # accepted when absent, null or empty
 MAX_N = 1024  # samples per request the server accepts
+MAX_TOP_LOGPROBS = 64  # top_logprobs_num the server accepts
 
 
 class RequestError(ValueError):
@@ -116,6 +132,8 @@ class GenerateItem:
     return_logprob: bool
     logprob_start_len: int  # -1 = no input log-probs
     return_routed_experts: bool = False
+    top_logprobs_num: int = 0
+    return_text_in_logprobs: bool = False
 
 
 def _is_int(x) -> bool:
@@ -213,6 +231,10 @@ def _sampling(sp: Any, field: str, *, vocab_size: int, max_new_limit: int) -> Sa
                                             "use stop_token_ids")
     if sp.get("stream_interval") is not None:
         _int(sp["stream_interval"], f"{field}.stream_interval")
+    if sp.get("custom_params") is not None and not isinstance(sp["custom_params"], dict):
+        # SGLang hands custom_params to a custom logit processor; without one (the JAX server
+        # runs none) they change nothing
+        raise RequestError(f"{field}.custom_params", f"expected an object, got {sp['custom_params']!r}")
     return SamplingParams(**kw)
 
 
@@ -239,6 +261,13 @@ def parse_generate(body: Any, *, vocab_size: int, context_length: int,
     for k, v in body.items():  # unknown top-level fields are ignored, as SGLang's dataclass does
         if k in _TOP_DEFAULT_ONLY and v is not None and v != _TOP_DEFAULT_ONLY[k]:
             raise RequestError(k, f"not supported by the JAX rollout server (only {_TOP_DEFAULT_ONLY[k]!r})")
+        if k in _MULTIMODAL and v not in (None, [], "") and not (isinstance(v, list) and all(
+                x in (None, []) for x in v)):
+            raise RequestError(k, "the JAX rollout server serves a text-only model: only an empty "
+                                  "list (or null) is accepted")
+    for k in ("stream", "return_text_in_logprobs"):
+        if body.get(k) is not None and not isinstance(body[k], bool):
+            raise RequestError(k, f"expected a bool, got {body[k]!r}")
     has_ids, has_text = body.get("input_ids") is not None, body.get("text") is not None
     if has_ids == has_text:
         raise RequestError("input_ids", "exactly one of input_ids and text is required")
@@ -272,13 +301,14 @@ def parse_generate(body: Any, *, vocab_size: int, context_length: int,
         f"{rids}-{i}" if rids is not None else None for i in range(b)]
     rets = _per_item(body.get("return_logprob", False), b, "return_logprob")
     starts = _per_item(body.get("logprob_start_len", -1), b, "logprob_start_len")
+    tops = _per_item(body.get("top_logprobs_num", 0), b, "top_logprobs_num")
     routed = body.get("return_routed_experts", False)
     if routed is None:
         routed = False
     if not isinstance(routed, bool):
         raise RequestError("return_routed_experts", f"expected a bool, got {routed!r}")
     items, ns = [], set()
-    for i, (prompt, sp, rid, ret, start) in enumerate(zip(prompts, sps, rids, rets, starts)):
+    for i, (prompt, sp, rid, ret, start, top) in enumerate(zip(prompts, sps, rids, rets, starts, tops)):
         sfx = f"[{i}]" if batched else ""
         if not prompt:
             raise RequestError(f"{field}{sfx}", "empty prompt")
@@ -299,23 +329,91 @@ def parse_generate(body: Any, *, vocab_size: int, context_length: int,
         start = _int(start, f"logprob_start_len{sfx}")
         if not -1 <= start < len(prompt):
             raise RequestError(f"logprob_start_len{sfx}", f"must be -1 or in [0, {len(prompt)}), got {start}")
-        items.append(GenerateItem(prompt, sampling, rid or new_rid(), ret, start if ret else -1, routed))
+        top = 0 if top is None else _int(top, f"top_logprobs_num{sfx}")
+        if not 0 <= top <= min(MAX_TOP_LOGPROBS, vocab_size):
+            raise RequestError(f"top_logprobs_num{sfx}", f"must be in [0, {min(MAX_TOP_LOGPROBS, vocab_size)}], "
+                                                         f"got {top}")
+        items.append(GenerateItem(prompt, sampling, rid or new_rid(), ret, start if ret else -1, routed,
+                                  top if ret else 0, bool(body.get("return_text_in_logprobs"))))
     if len(ns) > 1:
         raise RequestError("sampling_params.n", "all items of a batch must share the same n")
     return items, batched or items[0].sampling.n > 1
 
 
+@dataclasses.dataclass(frozen=True)
+class RoutedLayout:
+    """Where SGLang 0.5.23 puts routed experts: its capturer holds int32
+    ``[tokens, num_hidden_layers, top_k]``, zero-initialised, and each MoE layer writes the row
+    of its own (global) decoder layer index; a request's ``meta_info.routed_experts`` is the
+    base64 of the rows of its first ``seqlen - 1`` tokens (``seqlen = P + R``) in C order.
+    ``moe_layers``: the global indices of the MoE layers (``'E'`` in the hybrid pattern)."""
+
+    num_hidden_layers: int
+    moe_layers: tuple
+    top_k: int
+
+    @classmethod
+    def of(cls, model_cfg) -> "RoutedLayout":
+        pattern = model_cfg.pattern
+        return cls(len(pattern), tuple(i for i, c in enumerate(pattern) if c == "E"),
+                   int(model_cfg.num_experts_per_tok))
+
+
+def encode_routed_experts(rx: np.ndarray, layout: RoutedLayout) -> str:
+    """``rx [T, L_moe, K]`` (the engine's MoE layers in order) -> base64 of int32
+    ``[T, num_hidden_layers, K]``: MoE layer ``j`` at row ``layout.moe_layers[j]``, every other
+    layer 0 (as SGLang's zero-initialised capture buffer)."""
+    rx = np.asarray(rx)
+    if rx.ndim != 3 or rx.shape[1:] != (len(layout.moe_layers), layout.top_k):
+        raise ValueError(f"routed_experts: expected [T, {len(layout.moe_layers)}, {layout.top_k}], got {rx.shape}")
+    full = np.zeros((rx.shape[0], layout.num_hidden_layers, layout.top_k), np.int32)
+    full[:, list(layout.moe_layers)] = rx
+    return base64.b64encode(full.tobytes()).decode("ascii")
+
+
+def decode_routed_experts(data: str, seq_len: int, layout: RoutedLayout) -> np.ndarray:
+    """``meta_info.routed_experts`` of a ``seq_len``-token sequence (prompt + response) ->
+    ``[seq_len - 1, L_moe, K]`` int32 (the MoE layers' rows). Raises ``ValueError`` when the
+    size does not match ``[seq_len - 1, num_hidden_layers, top_k]``."""
+    flat = np.frombuffer(base64.b64decode(data.encode("ascii")), np.int32)
+    want = (seq_len - 1) * layout.num_hidden_layers * layout.top_k
+    if flat.size != want:
+        raise ValueError(f"routed_experts: {flat.size} values, expected (seq_len - 1) * num_hidden_layers * top_k "
+                         f"= {seq_len - 1} * {layout.num_hidden_layers} * {layout.top_k} = {want}")
+    full = flat.reshape(seq_len - 1, layout.num_hidden_layers, layout.top_k)
+    return np.ascontiguousarray(full[:, list(layout.moe_layers)])
+
+
+def _triples(lps, ids, texts=None) -> list:
+    return [[None if lp is None else float(lp), int(t), None if texts is None else texts[i]]
+            for i, (lp, t) in enumerate(zip(lps, ids))]
+
+
+def _top(entries, text_of=None) -> list:
+    """``[[(logp, id), ...] | None per position]`` -> SGLang's ``[[[logp, id, text], ...] | None]``."""
+    return [None if e is None else [[float(lp), int(t), None if text_of is None else text_of(int(t))]
+                                    for lp, t in e] for e in entries]
+
+
 def generate_item_reply(*, rid: str, prompt_ids: Sequence[int], output_ids: Sequence[int],
-                        output_logprobs: Optional[Sequence[float]], finish_reason: str,
+                        output_logprobs: Optional[Sequence[float]], finish_reason: Optional[str],
                         matched: Optional[int], max_new_tokens: int, weight_version: str,
                         input_logprobs: Optional[Sequence[Optional[float]]], logprob_start_len: int,
                         e2e_latency: float, text: str = "", abort_message: str = "",
-                        routed_experts: Optional[np.ndarray] = None) -> dict:
+                        routed_experts: Optional[np.ndarray] = None,
+                        routed_layout: Optional[RoutedLayout] = None,
+                        output_top: Optional[list] = None, input_top: Optional[list] = None,
+                        text_of: Optional[Callable[[int], str]] = None) -> dict:
     """One reply item in SGLang's layout (see module doc). ``input_logprobs`` are the log-probs
-    of prompt positions ``logprob_start_len .. P-1`` (None at position 0). ``routed_experts``
-    ``[P + R - 1, L_moe, K]``: ``meta_info.routed_experts`` = base64 of its int32 bytes (C
-    order), as SGLang's ``return_routed_experts``."""
-    if finish_reason == "stop":
+    of prompt positions ``logprob_start_len .. P-1`` (None at position 0); ``output_top`` /
+    ``input_top`` the top-k ``(logp, id)`` pairs per output token / per those prompt positions
+    (None at position 0). ``routed_experts [P + R - 1, L_moe, K]`` becomes
+    ``meta_info.routed_experts`` (:func:`encode_routed_experts` with ``routed_layout``).
+    ``finish_reason`` None: a streaming chunk of an unfinished item. ``text_of``: token text for
+    ``return_text_in_logprobs`` (None: the text slot is null)."""
+    if finish_reason is None:
+        fr = None
+    elif finish_reason == "stop":
         fr = {"type": "stop", "matched": matched}
     elif finish_reason == "length":
         fr = {"type": "length", "length": max_new_tokens}
@@ -325,16 +423,26 @@ def generate_item_reply(*, rid: str, prompt_ids: Sequence[int], output_ids: Sequ
             "completion_tokens": len(output_ids), "cached_tokens": 0,
             "weight_version": weight_version, "e2e_latency": e2e_latency}
     if output_logprobs is not None:
-        meta["output_token_logprobs"] = [[float(lp), int(t), None] for lp, t in zip(output_logprobs, output_ids)]
+        out_texts = None if text_of is None else [text_of(int(t)) for t in output_ids]
+        meta["output_token_logprobs"] = _triples(output_logprobs, output_ids, out_texts)
         if logprob_start_len >= 0:
             toks = list(prompt_ids)[logprob_start_len:]
-            meta["input_token_logprobs"] = [[None if lp is None else float(lp), int(t), None]
-                                            for lp, t in zip(input_logprobs, toks)]
+            in_texts = None if text_of is None else [text_of(int(t)) for t in toks]
+            meta["input_token_logprobs"] = _triples(input_logprobs, toks, in_texts)
+        if output_top is not None:
+            meta["output_top_logprobs"] = _top(output_top, text_of)
+            if logprob_start_len >= 0:
+                meta["input_top_logprobs"] = _top(input_top, text_of)
     if routed_experts is not None:
-        import base64
-        meta["routed_experts"] = base64.b64encode(
-            np.ascontiguousarray(routed_experts, dtype=np.int32).tobytes()).decode("ascii")
+        meta["routed_experts"] = encode_routed_experts(routed_experts, routed_layout)
     return {"text": text, "output_ids": [int(t) for t in output_ids], "meta_info": meta}
+
+
+def sse(obj) -> bytes:
+    """One Server-Sent Events line as SGLang streams ``/generate``: ``data: <json>`` + blank line
+    (``obj`` = ``"[DONE]"`` closes the stream)."""
+    import json
+    return b"data: " + (obj.encode() if isinstance(obj, str) else json.dumps(obj).encode()) + b"\n\n"
 
 
 # --------------------------------------------------------------------------------------------
@@ -351,8 +459,10 @@ def derive_seed(seed: Optional[int], k: int) -> Optional[int]:
     return sample_seed(seed, k)
 
 
-def encode_generate(prompt_ids: Sequence[int], sp: SamplingParams, *, rid: str, k: int = 0) -> dict:
-    """The ``/generate`` body of sample ``k`` of a request (``n = 1``; only 0.5.23 fields)."""
+def encode_generate(prompt_ids: Sequence[int], sp: SamplingParams, *, rid: str, k: int = 0,
+                    return_routed_experts: bool = False) -> dict:
+    """The ``/generate`` body of sample ``k`` of a request (``n = 1``; only 0.5.23 fields);
+    ``return_routed_experts`` asks for the experts of every token (routing replay)."""
     params = {"max_new_tokens": int(sp.max_new_tokens), "temperature": float(sp.temperature),
               "top_p": float(sp.top_p), "top_k": int(sp.top_k), "n": 1,
               "stop_token_ids": [int(t) for t in sp.stop_token_ids],
@@ -361,8 +471,11 @@ def encode_generate(prompt_ids: Sequence[int], sp: SamplingParams, *, rid: str, 
     seed = derive_seed(sp.seed, k)
     if seed is not None:
         params["sampling_seed"] = seed
-    return {"input_ids": [int(t) for t in prompt_ids], "rid": rid, "return_logprob": True,
+    body = {"input_ids": [int(t) for t in prompt_ids], "rid": rid, "return_logprob": True,
             "sampling_params": params}
+    if return_routed_experts:
+        body["return_routed_experts"] = True
+    return body
 
 
 def encode_score(prompt_ids: Sequence[int], response_ids: Sequence[int], *, rid: str) -> dict:
@@ -384,10 +497,11 @@ def _meta(item: Any) -> dict:
     return item["meta_info"]
 
 
-def decode_sample(item: Any, prompt_ids: Sequence[int]) -> Sample:
+def decode_sample(item: Any, prompt_ids: Sequence[int], routed_layout: Optional[RoutedLayout] = None) -> Sample:
     """A reply item (n = 1, ``return_logprob``) as a :class:`Sample`; tokens and log-probs are
-    both read from ``output_token_logprobs`` so they align. Malformed replies raise
-    :class:`RolloutError` naming the field."""
+    both read from ``output_token_logprobs`` so they align. With ``routed_layout`` the item must
+    carry ``meta_info.routed_experts`` (SGLang's layout), decoded into ``Sample.routed_experts
+    [P + R - 1, L_moe, K]``. Malformed replies raise :class:`RolloutError` naming the field."""
     meta = _meta(item)
     fr = meta.get("finish_reason")
     if not isinstance(fr, dict) or fr.get("type") not in FINISH_REASONS:
@@ -405,8 +519,18 @@ def decode_sample(item: Any, prompt_ids: Sequence[int]) -> Sample:
     version = meta.get("weight_version")
     if not isinstance(version, str):
         raise _bad("meta_info.weight_version", f"expected a string, got {version!r}")
+    rx = None
+    if routed_layout is not None:
+        data = meta.get("routed_experts")
+        if not isinstance(data, str):
+            raise _bad("meta_info.routed_experts", f"expected a base64 string, got {str(data)[:80]!r}")
+        try:
+            rx = decode_routed_experts(data, len(prompt_ids) + len(toks), routed_layout)
+        except (ValueError, TypeError) as e:
+            raise _bad("meta_info.routed_experts", str(e)) from None
     return Sample(prompt_ids=np.asarray(prompt_ids, np.int32), response_ids=np.asarray(toks, np.int32),
-                  logprobs=np.asarray(lps, np.float32), finish_reason=fr["type"], weight_version=version)
+                  logprobs=np.asarray(lps, np.float32), finish_reason=fr["type"], weight_version=version,
+                  routed_experts=rx)
 
 
 def decode_score(item: Any, n_prompt: int, n_response: int) -> tuple[np.ndarray, str]:

@@ -10,7 +10,8 @@ Two transports behind one framing (docs/rollout-protocol.md §5, §8)::
   leaves a half-written version), then ``/update_weights_from_disk`` with ``weight_version`` on
   each server; the last ``keep`` versions are kept, older ones deleted.
 * :class:`NcclWeightSync`: ``/init_weights_update_group`` once, then per bucket
-  ``/update_weights_from_distributed`` (``load_format: "flattened_bucket"``) while a
+  ``/update_weights_from_distributed`` (``load_format: "flattened_bucket"``, the version on
+  every bucket; the server loads each as it arrives) while a
   torch.distributed peer (:mod:`torch_peer`, its own process with torch; never imported here)
   broadcasts the bucket from rank 0. A bucket holds tensors of one dtype, flattened in list
   order and concatenated with no padding. The trainer hands buckets to the peer through a tmpfs
@@ -410,16 +411,16 @@ class NcclWeightSync(_Sync):
         pending = None
         for bucket in buckets(params, self.model_cfg, self.bucket_bytes):
             if pending is not None:
-                self._send(*pending, version=None)
+                self._send(*pending, version=version, last=False)
             pending = bucket
-        self._send(*pending, version=version)  # the last bucket carries the version
+        self._send(*pending, version=version, last=True)
 
-    def _send(self, dt: str, items: list, *, version: Optional[str]) -> None:
+    def _send(self, dt: str, items: list, *, version: str, last: bool) -> None:
+        """One bucket; every bucket carries the version (as slime sends it: SGLang loads each
+        bucket as it arrives), the last one also flushes the cache."""
         body = {"names": [n for n, _, _ in items], "dtypes": [dt] * len(items),
                 "shapes": [list(s) for _, s, _ in items], "group_name": self.group_name,
-                "load_format": "flattened_bucket", "flush_cache": version is not None}
-        if version is not None:
-            body["weight_version"] = version
+                "load_format": "flattened_bucket", "flush_cache": last, "weight_version": version}
         flat = np.concatenate([np.ascontiguousarray(a).reshape(-1) for _, _, a in items])
         fut = self._pool.submit(self.client.call_all, "POST", "/update_weights_from_distributed", body,
                                 timeout_s=self.timeout_s)

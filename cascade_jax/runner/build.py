@@ -294,6 +294,12 @@ def build_engine(config: C.Config, model_cfg, params, tokenizer):
             if close is not None:
                 close()
             raise RolloutUnavailable(f"rollout server(s) {urls}: not reachable or not healthy")
+        if r.zero_mismatch:  # the servers must sample as the trainer recomputes
+            try:
+                eng.check_server_args(zero_mismatch=True, context_length=r.max_prompt_len + r.max_response_len)
+            except R.RolloutError as e:
+                eng.close()
+                raise ConfigError(f"rollout.zero_mismatch: {e}") from None
     return eng
 
 

@@ -179,7 +179,7 @@ class Stage:
         from cascade_jax.rollout.types import sample_seed
 
         r = self.config.rollout
-        if not r.zero_mismatch:
+        if not r.zero_mismatch or r.engine != "jax":  # servers run --zero-mismatch themselves
             return self.parts.engine.generate(reqs)
         sp = reqs[0].sampling
         flat = [list(q.prompt_ids) for q in reqs for _ in range(q.sampling.n)]
