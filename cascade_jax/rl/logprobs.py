@@ -31,6 +31,8 @@ from typing import Optional, Sequence
 import jax
 import jax.numpy as jnp
 
+from models.nemotron_h.partitioning import use_partitioner
+
 from .batch import sequence_index
 from .losses import segment_start_mask
 
@@ -174,10 +176,11 @@ def _rows_logprobs(params, rows, static):
 
     def one(r):
         tok, pos, seg, rx = r
-        out = _logprobs(params, tok[None], pos[None], seg[None],
-                        None if rx is None else rx[None], cfg, model, temperature,
-                        vocab_chunk, fixed_order=True,
-                        return_routed_experts=return_routed_experts)
+        with use_partitioner(None):  # on a mesh too: the sampler's single-device row program
+            out = _logprobs(params, tok[None], pos[None], seg[None],
+                            None if rx is None else rx[None], cfg, model, temperature,
+                            vocab_chunk, fixed_order=True,
+                            return_routed_experts=return_routed_experts)
         return jax.tree.map(lambda a: a[0], out)
 
     return jax.lax.map(one, rows)
