@@ -25,10 +25,13 @@ terms are exact zeros), so the sampler's partly filled row and the trainer's ful
 
 from __future__ import annotations
 
+import functools
 from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+
+from models.nemotron_h.partitioning import use_partitioner
 
 from .batch import sequence_index
 from .losses import segment_start_mask
@@ -155,21 +158,58 @@ def token_logprobs(params, batch, cfg, *, temperature: float = 1.0,
         rows = (pad(batch.tokens), pad(batch.positions), pad(batch.segment_ids),
                 None if routed_experts is None else pad(routed_experts, -1))
 
-        def one(r):
-            tok, pos, seg, rx = r
-            out = _logprobs(params, tok[None], pos[None], seg[None],
-                            None if rx is None else rx[None], cfg, model, temperature,
-                            vocab_chunk, fixed_order=True,
-                            return_routed_experts=return_routed_experts)
-            return jax.tree.map(lambda a: a[0], out)
-
-        lp, ent, experts = jax.lax.map(one, rows)
+        static = (cfg, model, float(temperature), int(vocab_chunk), bool(return_routed_experts))
+        lp, ent, experts = _exact_rows(params, rows, static)
         lp, ent = lp[:, :T], ent[:, :T]
         experts = None if experts is None else experts[:, :T]
     valid = segment_start_mask(batch.segment_ids)
     if return_routed_experts:
         return lp * valid, ent * valid, experts
     return lp * valid, ent * valid
+
+
+def _rows_logprobs(params, rows, static):
+    """Batch-invariant rows: ``(lp, ent, experts or None)``, each row of ``rows = (tokens,
+    positions, segment_ids, routed_experts or None)`` (``[B, row_len, ...]``) alone at shape
+    ``[1, row_len]`` (a ``lax.map``), vocabulary sums in the fixed order."""
+    cfg, model, temperature, vocab_chunk, return_routed_experts = static
+
+    def one(r):
+        tok, pos, seg, rx = r
+        with use_partitioner(None):  # on a mesh too: the sampler's single-device row program
+            out = _logprobs(params, tok[None], pos[None], seg[None],
+                            None if rx is None else rx[None], cfg, model, temperature,
+                            vocab_chunk, fixed_order=True,
+                            return_routed_experts=return_routed_experts)
+        return jax.tree.map(lambda a: a[0], out)
+
+    return jax.lax.map(one, rows)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _exact_rows(params, rows, static):
+    """:func:`_rows_logprobs` whose value under differentiation comes from a forward-only
+    computation (the zero-mismatch trainer side; module doc, "Why a custom VJP").
+
+    ``fwd`` runs exactly the primal program and keeps only its inputs; ``bwd`` recomputes the
+    rows with their VJP behind an optimisation barrier (so XLA cannot merge the two forwards)
+    and pulls back the cotangent of ``lp`` (``ent`` carries no gradient, ``experts`` are ids).
+    Cost: one extra forward of the rows per step."""
+    return _rows_logprobs(params, rows, static)
+
+
+def _exact_rows_fwd(params, rows, static):
+    return _rows_logprobs(params, rows, static), (params, rows)
+
+
+def _exact_rows_bwd(static, res, ct):
+    params, rows = jax.lax.optimization_barrier(res)
+    _, pull = jax.vjp(lambda p: _rows_logprobs(p, rows, static)[0], params)
+    (g,) = pull(ct[0])
+    return g, jax.tree.map(lambda _: None, rows)
+
+
+_exact_rows.defvjp(_exact_rows_fwd, _exact_rows_bwd)
 
 
 def _model_hidden(params, tokens, positions, segment_ids, routed_experts, cfg, model, **kw):
