@@ -118,6 +118,7 @@ class ToolEnvironment:
 
     def __init__(self):
         self.tools: dict = {}
+        self.final_info: dict = {}  # extra info of the final score (e.g. per-test outcomes)
 
     # ---- to implement
     def reset(self, task: Mapping[str, Any]) -> Reset:
@@ -133,7 +134,7 @@ class ToolEnvironment:
             return Step((f"error: {turn.parse_error}; no tool was run",))
         if not turn.calls or any(c.name == self.finish_tool for c in turn.calls):
             reward, reason = self.score_answer(turn)
-            return Step(done=True, reward=float(reward), info={"reason": reason})
+            return Step(done=True, reward=float(reward), info={**self.final_info, "reason": reason})
         if len(turn.calls) > self.max_calls_per_turn:
             return Step((f"error: {len(turn.calls)} tool calls in one turn; at most "
                          f"{self.max_calls_per_turn} are run",))

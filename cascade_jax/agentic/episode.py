@@ -130,7 +130,11 @@ class EpisodeRun:
         self.ended_by = how
         t = time.monotonic()
         try:
-            self.reward = float(self.env.truncate(how) if reward is None else reward)
+            if reward is None:
+                self.reward = float(self.env.truncate(how))
+                self.info.update(getattr(self.env, "final_info", None) or {})
+            else:
+                self.reward = float(reward)
         except Exception as e:  # a bug in environment code: recorded, the rollout goes on
             self.ended_by, self.reward = "error", 0.0
             self.info["error"] = f"{type(e).__name__}: {e}"
