@@ -10,7 +10,8 @@ policy in tests, or any callable). Per assistant turn::
     response, logprobs, finish = policy(prompt, budget)
     row += response (loss 1, log-probs)      # render.EpisodeRow
     turn = renderer.parse(response)
-    finish == "length"   -> end ("length"): env.truncate
+    finish == "length"   -> end ("length"): env.truncate  (or, limits.end_on_length=False:
+                            row += stop token (loss 0) and the environment acts on the turn)
     step = env.step(turn)
     step.done            -> end ("env"): step.reward
     row += continuation(observations)      (loss 0)
@@ -43,15 +44,21 @@ ENDINGS = ("env", "turns", "tokens", "time", "length", "error")
 class EpisodeLimits:
     """``max_turns`` assistant turns; ``max_tokens`` tokens in the row (prompt, turns and
     observations); ``max_new_tokens`` per assistant turn; ``wall_s`` seconds per episode
-    (checked between turns: a running generation or tool call is bounded by its own limits)."""
+    (checked between turns: a running generation or tool call is bounded by its own limits).
+    ``end_on_length``: a turn cut by ``max_new_tokens`` ends the episode (``length``); when
+    false the turn is closed with the stop token as context (no loss) and the environment acts
+    on it like on any other turn."""
 
     max_turns: int = 8
     max_tokens: int = 2048
     max_new_tokens: int = 256
     wall_s: float = 600.0
+    end_on_length: bool = True
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
+            if f.name == "end_on_length":
+                continue
             v = getattr(self, f.name)
             if not isinstance(v, (int, float)) or v <= 0:
                 raise ValueError(f"EpisodeLimits.{f.name}: must be positive, got {v!r}")
@@ -185,8 +192,10 @@ class EpisodeRun:
         self.turns.append(turn)
         self.messages.append(turn.message)
         if finish_reason != "stop":
-            self._end("length")
-            return False
+            if self.limits.end_on_length or len(self.row) + 1 >= self.limits.max_tokens:
+                self._end("length")
+                return False
+            self.row.add_context([self.renderer.stop_id])  # close the cut turn (no loss)
         self._pending = turn
         return True
 
