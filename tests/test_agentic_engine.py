@@ -57,9 +57,13 @@ class CountingEnv:
 @pytest.fixture(scope="module")
 def setup():
     params = nh.init_params(CFG, jax.random.key(0), dtype=jnp.float32)
-    eng = JaxEngine(CFG, params, num_slots=4, max_len=128, prompt_buckets=(64, 128),
+    eng = JaxEngine(CFG, params, num_slots=4, max_len=128, prompt_buckets=(128,),
                     prefill_sizes=(4,), steps_per_call=4)
-    yield params, eng, ChatRenderer(tiny_tokenizer())
+    renderer = ChatRenderer(tiny_tokenizer())
+    stats = DriverStats()
+    eps = run_episodes(eng, TASKS, CountingEnv, renderer, limits=LIMITS, seed=5, tool_workers=2,
+                       timeout_s=600, stats=stats)
+    yield params, eng, renderer, eps, stats
     eng.stop()
 
 
@@ -67,10 +71,7 @@ TASKS = [{"prompt": p} for p in ("count with me", "count again", "one two", "thr
 
 
 def test_episode_rows_masks_and_logprobs(setup):
-    params, eng, renderer = setup
-    stats = DriverStats()
-    eps = run_episodes(eng, TASKS, CountingEnv, renderer, limits=LIMITS, seed=5, tool_workers=2,
-                       timeout_s=300, stats=stats)
+    params, eng, renderer, eps, stats = setup
     assert len(eps) == 4 and stats.episodes == 4 and stats.turns == 12
     for e in eps:
         assert e.ended_by == "env" and len(e.turns) == 3 and e.finish_reason == "stop"
@@ -108,14 +109,23 @@ def test_episode_rows_masks_and_logprobs(setup):
         np.testing.assert_allclose(e.logprobs[1:][on], ref[on], atol=1e-5, rtol=0)
         assert np.all(e.logprobs[mask == 0] == 0)
     assert 0 < stats.gen_busy_s <= stats.wall_s + 1e-6 and stats.tool_busy_s > 0
-    # seeded: the same rows with one tool worker
+
+
+def test_episodes_are_seeded_independent_of_timing(setup):
+    params, eng, renderer, eps, _ = setup
     again = run_episodes(eng, TASKS, CountingEnv, renderer, limits=LIMITS, seed=5,
                          tool_workers=1, timeout_s=300)
     for a, b in zip(eps, again):
         np.testing.assert_array_equal(a.tokens, b.tokens)
         np.testing.assert_allclose(a.logprobs, b.logprobs, atol=2e-5)
+    other = run_episodes(eng, TASKS[:1], CountingEnv, renderer, limits=LIMITS, seed=6,
+                         timeout_s=300)
+    assert list(other[0].tokens) != list(eps[0].tokens)
 
-    # the rows feed the GRPO step
+
+@pytest.mark.slow
+def test_episode_rows_feed_the_grpo_step(setup):
+    params, eng, renderer, eps, _ = setup
     batch = pack_episodes(eps, group_ids=[0, 0, 1, 1])
     assert batch.tokens.shape[0] == 4 and batch.tokens.shape[1] % 8 == 0
     np.testing.assert_array_equal(np.asarray(batch.loss_mask)[0, :len(eps[0].tokens)], eps[0].loss_mask)
