@@ -14,8 +14,9 @@ snapshot (:class:`~cascade_jax.agentic.tools.Workspace`); hostile or failing cal
 observations.
 
 Reward (:meth:`SWEEnv.score_answer`, also for a truncated episode), SWE-bench's harness in
-small: the test files of the snapshot are written back over the copy (the agent's edits to them
-are discarded), the task's ``test_patch`` is applied (``patch -p1`` in the sandbox), and the
+small: the test files of the snapshot are written back over the copy and the files the test
+patch creates are removed (the agent's edits to tests are discarded), the task's ``test_patch``
+is applied (``patch -p1`` in the sandbox), and the
 ``FAIL_TO_PASS`` + ``PASS_TO_PASS`` tests run in the sandbox (:meth:`Workspace.run_tests`):
 reward 1 iff every one passes; 0 if the copy went over its disk quota, the patch does not apply,
 or any test fails or errors. ``info`` carries the per-test outcomes. The task row may list
@@ -25,6 +26,8 @@ or any test fails or errors. ``info`` carries the per-test outcomes. The task ro
 from __future__ import annotations
 
 import json
+import re
+import shlex
 from typing import Any, Mapping, Optional
 
 from .env import Reset, Tool, ToolEnvironment, tool_spec
@@ -32,7 +35,7 @@ from .render import AssistantTurn
 from .swe_tasks import materialize
 from .tools import REPO_MOUNT, ToolLimits, Workspace
 
-__all__ = ["SWEEnv", "SWE_TOOLS", "SWE_SYSTEM", "test_ids", "evaluate_workspace"]
+__all__ = ["SWEEnv", "SWE_TOOLS", "SWE_SYSTEM", "task_test_ids", "evaluate_workspace"]
 
 SWE_SYSTEM = ("You are a software engineer. The repository is checked out at /repo. Fix the issue "
               "the user describes by editing the code with the tools; run commands to explore "
@@ -53,7 +56,7 @@ SWE_TOOLS = (
 )
 
 
-def test_ids(task: Mapping[str, Any], field: str) -> list[str]:
+def task_test_ids(task: Mapping[str, Any], field: str) -> list[str]:
     """``task[field]`` (``FAIL_TO_PASS`` / ``PASS_TO_PASS``) as a list of test ids."""
     v = task.get(field, [])
     if isinstance(v, str):
@@ -70,7 +73,14 @@ def evaluate_workspace(ws: Workspace, task: Mapping[str, Any]) -> tuple[float, d
     """Reward and info of the copy's current state (module doc)."""
     if ws.over_quota:
         return 0.0, {"reason": "the repository copy went over its disk quota"}
-    tests = {p: t for p, t in (task.get("files") or {}).items() if p.startswith("tests/")}
+    snapshot = task.get("files") or {}
+    tests = {p: t for p, t in snapshot.items() if p.startswith("tests/")}
+    created = [p for p in re.findall(r"^\+\+\+ b/(\S+)", task.get("test_patch") or "", re.M)
+               if p not in snapshot]
+    if created:  # files the test patch creates: whatever the agent put there goes
+        r = ws.run_shell("rm -f -- " + " ".join(shlex.quote(p) for p in created))
+        if not r.ok:
+            return 0.0, {"reason": f"could not clear the test patch's files: {r.text[:200]}"}
     if tests:
         r = ws.write_files(tests)
         if not r.ok:
@@ -79,7 +89,7 @@ def evaluate_workspace(ws: Workspace, task: Mapping[str, Any]) -> tuple[float, d
         r = ws.apply_patch(task["test_patch"])
         if not r.ok:
             return 0.0, {"reason": f"the test patch does not apply: {r.text[:200]}"}
-    ids = test_ids(task, "FAIL_TO_PASS") + test_ids(task, "PASS_TO_PASS")
+    ids = task_test_ids(task, "FAIL_TO_PASS") + task_test_ids(task, "PASS_TO_PASS")
     if not ids:
         raise ValueError("FAIL_TO_PASS / PASS_TO_PASS: the task lists no tests")
     r = ws.run_tests(ids)
