@@ -12,7 +12,7 @@ import pytest
 
 from cascade_jax.agentic.episode import EpisodeLimits, ScriptedPolicy, run_episode
 from cascade_jax.agentic.render import ChatRenderer
-from cascade_jax.agentic.swe import SWEEnv, evaluate_workspace, task_test_ids
+from cascade_jax.agentic.swe import SWE_TOOLS, SWEEnv, evaluate_workspace, task_test_ids
 from cascade_jax.agentic.swe_tasks import gold_edit, materialize, swe_tasks
 from cascade_jax.agentic.tools import ToolLimits, Workspace
 from cascade_jax.data.tokenizer import tiny_tokenizer
@@ -79,7 +79,7 @@ def test_correct_fix_scores_1(monkeypatch, renderer, task):
     assert "core.py" in obs[0] and old.strip() in obs[1] and obs[2].startswith("edited")
     # the row is the rendered conversation, loss only on the four turns
     assert list(ep.tokens) == list(renderer.tokenizer.encode(
-        renderer.conversation_text(ep.messages, [t for t in SWEEnv().reset(task).tools])))
+        renderer.conversation_text(ep.messages, list(SWE_TOOLS))))
     assert renderer.tokenizer.decode(ep.tokens[ep.loss_mask == 1]) == "<|im_end|>".join(texts) + "<|im_end|>"
 
 

@@ -219,7 +219,12 @@ class EpisodeRun:
             self._end("turns")
             return
         obs = [{"role": "tool", "content": o} for o in step.observations]
-        ids = self.renderer.continuation_ids(self.messages, obs, self.tools)
+        try:
+            ids = self.renderer.continuation_ids(self.messages, obs, self.tools)
+        except ValueError as e:  # RenderError, ChatTemplateError: recorded, the rollout goes on
+            self.info["error"] = f"render: {type(e).__name__}: {e}"
+            self._end("error", 0.0)
+            return
         self.messages += obs
         if len(self.row) + len(ids) >= self.limits.max_tokens:
             self._end("tokens")

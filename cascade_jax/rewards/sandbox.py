@@ -23,6 +23,11 @@ Statuses: ``ok`` (exit 0), ``runtime_error``, ``timeout`` (wall clock or CPU), `
 ``output_limit``, ``compile_error``, ``sandbox_error`` (the sandbox itself failed to start).
 ``reason`` always says what happened in words.
 
+:func:`run_command` runs an arbitrary command with a caller's host directory bound (writable or
+read-only) at a chosen mount point and working directory, under the same limits: the agentic
+tools (``cascade_jax.agentic.tools``) bind a per-episode copy of a repository writable at
+``/repo`` (made writable for the sandbox uid by :func:`sandbox_owned`).
+
 Total memory is bounded by ``processes x memory_bytes`` (address space is a per-process limit;
 there is no cgroup here) plus ``2 x tmp_bytes`` (``/tmp`` and ``/dev/shm``).
 """
