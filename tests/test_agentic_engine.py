@@ -154,3 +154,46 @@ def renderer_spans(mask):
 def test_union_length():
     assert union_length([(0, 1), (0.5, 2), (3, 4)]) == pytest.approx(3.0)
     assert union_length([]) == 0.0
+
+
+def _episode(n_tokens, turns, reward, ended_by="env", rx=None, domain="swe", version="3"):
+    """A synthetic episode: sampled tokens on the ``turns`` column ranges."""
+    from cascade_jax.agentic.episode import Episode
+    mask = np.zeros(n_tokens, np.float32)
+    for s, t in turns:
+        mask[s:t] = 1
+    tokens = np.arange(n_tokens, dtype=np.int32) % 50
+    logp = -np.linspace(0.1, 1.0, n_tokens).astype(np.float32) * mask
+    return Episode({}, tokens, mask, logp, reward, ended_by, [], [], True, {},
+                   weight_versions=[version] * len(turns), routed_experts=rx, domain=domain)
+
+
+def test_pack_episodes_fields():
+    from cascade_jax.domains import domain_id
+    from cascade_jax.rl.batch import FINISH_LENGTH, FINISH_STOP
+    rx0 = np.random.default_rng(0).integers(0, 8, (9, 2, 2)).astype(np.int32)
+    rx1 = np.random.default_rng(1).integers(0, 8, (4, 2, 2)).astype(np.int32)
+    eps = [_episode(10, [(3, 5), (7, 10)], 1.0, rx=rx0), _episode(5, [(2, 5)], 0.0, "turns", rx=rx1)]
+    b = pack_episodes(eps, group_ids=[7, 7], num_experts=8)
+    assert b.tokens.shape == (2, 16)
+    np.testing.assert_array_equal(np.asarray(b.loss_mask)[0, :10], eps[0].loss_mask)
+    np.testing.assert_array_equal(np.asarray(b.rollout_logp)[1, :5], eps[1].logprobs)
+    np.testing.assert_array_equal(np.asarray(b.segment_ids)[1], [1] * 5 + [0] * 11)
+    np.testing.assert_array_equal(np.asarray(b.positions)[0, :10], np.arange(10))
+    np.testing.assert_array_equal(np.asarray(b.finish_reason), [FINISH_STOP, FINISH_LENGTH])
+    np.testing.assert_array_equal(np.asarray(b.domain_ids), [domain_id("swe")] * 2)
+    np.testing.assert_array_equal(np.asarray(b.group_ids), [7, 7])
+    np.testing.assert_array_equal(np.asarray(b.policy_version), [3, 3])
+    np.testing.assert_array_equal(np.asarray(b.rewards), [1.0, 0.0])
+    rx = np.asarray(b.routed_experts)
+    np.testing.assert_array_equal(rx[0, :9], rx0)
+    np.testing.assert_array_equal(rx[1, :4], rx1)
+    assert (rx[0, 9:] == -1).all() and (rx[1, 4:] == -1).all()
+    with pytest.raises(ValueError, match="seq_len"):
+        pack_episodes(eps, seq_len=8)
+    with pytest.raises(ValueError, match="group_ids"):
+        pack_episodes(eps, group_ids=[0])
+    with pytest.raises(ValueError, match="num_experts"):
+        pack_episodes(eps)
+    with pytest.raises(ValueError, match="first token"):
+        pack_episodes([_episode(4, [(0, 2)], 0.0)])

@@ -146,3 +146,23 @@ def test_disk_quota(monkeypatch, snapshot):
         assert not r.ok and ws.over_quota and "over its quota" in r.text
         r = ws.run_shell("head -c 5000000 /dev/zero > huge")  # one file past file_size_bytes
         assert not r.ok and os.path.getsize(os.path.join(ws.path, "huge")) <= 2 << 20
+
+
+def test_bad_arguments_name_the_field(snapshot, tmp_path):
+    with pytest.raises(ValueError, match="mount"):
+        sandbox.run_command(("true",), directory=snapshot, mount="/usr")
+    with pytest.raises(ValueError, match="mount"):
+        sandbox.run_command(("true",), directory=snapshot, ro_binds=((snapshot, "relative"),))
+    with pytest.raises(ValueError, match="directory"):
+        sandbox.run_command(("true",), directory=str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="argv"):
+        sandbox.run_command((), directory=snapshot)
+    with pytest.raises(ValueError, match="snapshot"):
+        Workspace(str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="workspace_bytes"):
+        ToolLimits(workspace_bytes=0)
+    with Workspace(snapshot, LIMITS) as ws:
+        assert not ws.run_shell("  ").ok and not ws.str_replace("pkg/__init__.py", "", "x").ok
+        r = ws.run_tests(["tests/test_add.py"])
+        assert not r.ok and "path::function" in r.text
+        assert "view_range" in ws.view("pkg/__init__.py", [1]).text
