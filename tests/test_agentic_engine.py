@@ -5,23 +5,36 @@
   of the conversation (recomputed here from the messages), and whose sampling log-probs equal a
   teacher-forced forward of the whole row (atol 1e-5);
 * seeded: the rows do not depend on the number of tool workers (timing);
-* the rows pack into an RLBatch the GRPO step takes (finite loss, non-zero gradient).
+* the same episodes through the HTTP protocol (the JAX rollout server and ServerClient) are
+  token-identical;
+* the rows pack into an RLBatch (fields checked on synthetic episodes) the GRPO step takes
+  (slow: finite loss, non-zero gradient).
 """
+
+import threading
+import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import uvicorn
 
 import cascade_jax.rl as rl
-from cascade_jax.agentic.driver import DriverStats, pack_episodes, run_episodes, union_length
+from cascade_jax.agentic.driver import (BlockingEngine, DriverStats, pack_episodes, run_episodes,
+                                        union_length)
 from cascade_jax.agentic.env import Reset, Step
-from cascade_jax.agentic.episode import EpisodeLimits
+from cascade_jax.agentic.episode import Episode, EpisodeLimits
 from cascade_jax.agentic.render import ChatRenderer
 from cascade_jax.config import OptimizerConfig, StageConfig
 from cascade_jax.data.tokenizer import tiny_tokenizer
+from cascade_jax.domains import domain_id
+from cascade_jax.rl.batch import FINISH_LENGTH, FINISH_STOP
+from cascade_jax.rollout.client import ServerClient
 from cascade_jax.rollout.engine import JaxEngine
+from cascade_jax.rollout.launcher import free_port
 from cascade_jax.rollout.scoring import score_logprobs
+from cascade_jax.rollout.server import RolloutServer
 from models import nemotron_h as nh
 
 CFG = nh.preset("tiny", pattern="ME*")
@@ -158,7 +171,6 @@ def test_union_length():
 
 def _episode(n_tokens, turns, reward, ended_by="env", rx=None, domain="swe", version="3"):
     """A synthetic episode: sampled tokens on the ``turns`` column ranges."""
-    from cascade_jax.agentic.episode import Episode
     mask = np.zeros(n_tokens, np.float32)
     for s, t in turns:
         mask[s:t] = 1
@@ -169,8 +181,6 @@ def _episode(n_tokens, turns, reward, ended_by="env", rx=None, domain="swe", ver
 
 
 def test_pack_episodes_fields():
-    from cascade_jax.domains import domain_id
-    from cascade_jax.rl.batch import FINISH_LENGTH, FINISH_STOP
     rx0 = np.random.default_rng(0).integers(0, 8, (9, 2, 2)).astype(np.int32)
     rx1 = np.random.default_rng(1).integers(0, 8, (4, 2, 2)).astype(np.int32)
     eps = [_episode(10, [(3, 5), (7, 10)], 1.0, rx=rx0), _episode(5, [(2, 5)], 0.0, "turns", rx=rx1)]
@@ -197,3 +207,36 @@ def test_pack_episodes_fields():
         pack_episodes(eps)
     with pytest.raises(ValueError, match="first token"):
         pack_episodes([_episode(4, [(0, 2)], 0.0)])
+
+
+def test_served_engine_gives_the_same_episodes(setup):
+    """The same episodes through the HTTP protocol: the JAX rollout server (in this process,
+    around the same engine) and the ServerClient, via BlockingEngine; one body per turn with
+    ``input_ids``, seeded as in process, so the rows are token-identical."""
+    params, eng, renderer, eps, _ = setup
+    port = free_port()
+    srv = uvicorn.Server(uvicorn.Config(RolloutServer(eng, CFG, checkpoint="in-process").app,
+                                        host="127.0.0.1", port=port, log_level="error"))
+    th = threading.Thread(target=srv.run, daemon=True)
+    th.start()
+    client = None
+    try:
+        client = ServerClient([f"http://127.0.0.1:{port}"], max_concurrency=4, timeout_s=120,
+                              backoff_s=0.1)
+        deadline = time.monotonic() + 60
+        while not client.health():
+            assert time.monotonic() < deadline, "server did not come up"
+            time.sleep(0.1)
+        served = BlockingEngine(client, max_inflight=4)
+        got = run_episodes(served, TASKS, CountingEnv, renderer, limits=LIMITS, seed=5,
+                           tool_workers=2, timeout_s=300)
+        served.close()
+    finally:
+        if client is not None:
+            client.close()
+        srv.should_exit = True
+        th.join(30)
+    for a, b in zip(eps, got):
+        np.testing.assert_array_equal(a.tokens, b.tokens)
+        np.testing.assert_array_equal(a.loss_mask, b.loss_mask)
+        np.testing.assert_allclose(a.logprobs, b.logprobs, atol=2e-5)

@@ -16,6 +16,11 @@ against a continuous-batching engine with the low-level API of
   the engine decodes the others;
 * the result is one :class:`~cascade_jax.agentic.episode.Episode` per task, in task order.
 
+Served engines: :class:`BlockingEngine` gives any blocking ``RolloutEngine`` (the HTTP
+``ServerClient`` in front of JAX rollout servers or SGLang, which send ``input_ids`` to
+``/generate``) the ``start`` / ``submit`` interface, one ``generate`` call per turn on a thread
+pool; log-probs come back per token as from the in-process engine.
+
 :func:`pack_episodes` turns episodes into the padded :class:`~cascade_jax.rl.batch.RLBatch` the
 GRPO step consumes (``loss_mask`` 1 only on sampled tokens, ``rollout_logp`` their sampling
 log-probs).
@@ -46,7 +51,50 @@ from .env import Environment
 from .episode import Episode, EpisodeLimits, EpisodeRun
 from .render import ChatRenderer
 
-__all__ = ["DriverStats", "run_episodes", "pack_episodes", "union_length"]
+__all__ = ["BlockingEngine", "DriverStats", "run_episodes", "pack_episodes", "union_length"]
+
+
+class _Handle:
+    """What :class:`BlockingEngine` hands to ``on_done``: ``result(timeout)`` -> the group."""
+
+    def __init__(self, future: concurrent.futures.Future):
+        self._future = future
+
+    def result(self, timeout: Optional[float] = None) -> tuple:
+        try:
+            return self._future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            raise RolloutError(f"request not finished within {timeout} s") from None
+
+
+class BlockingEngine:
+    """``start`` / ``submit(request, on_done)`` over any blocking
+    :class:`~cascade_jax.rollout.types.RolloutEngine` (e.g. the HTTP
+    :class:`~cascade_jax.rollout.client.ServerClient` of served engines): each request is one
+    ``engine.generate([request])`` call on a pool of ``max_inflight`` threads, so episodes run
+    concurrently against servers as they do against the in-process engine."""
+
+    def __init__(self, engine, max_inflight: int = 8):
+        if max_inflight < 1:
+            raise ValueError(f"max_inflight: must be >= 1, got {max_inflight}")
+        self.engine = engine
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_inflight,
+                                                           thread_name_prefix="agentic-generate")
+
+    def start(self) -> None:
+        pass
+
+    def submit(self, request: Request, on_done: Callable) -> _Handle:
+        fut = self._pool.submit(lambda: self.engine.generate([request]).groups[0])
+        handle = _Handle(fut)
+        fut.add_done_callback(lambda _: on_done(handle))
+        return handle
+
+    def health(self) -> bool:
+        return self.engine.health()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
 
 
 def union_length(intervals: Sequence[tuple[float, float]]) -> float:
