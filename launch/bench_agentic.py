@@ -12,7 +12,10 @@ thread pool) twice, after a compile warm-up:
 Prints one JSON object: per mode ``episodes_per_s``, ``gen_share`` / ``tool_share`` (the share
 of wall time during which at least one generation / one environment call was running; they sum
 to more than 1 when the two overlap), turns, sampled tokens, mean reward, and the concurrent /
-sequential throughput ratio. The model is random unless ``--checkpoint`` names a Hub export
+sequential throughput ratio, and the engine's throughput on the multi-turn rows (sampled tokens
+per second of generation busy time) against the same number of tokens generated as single-turn
+rows (each episode's first prompt, its sampled-token count as ``max_new_tokens``, one
+``generate`` call) — the price of re-prefilling the conversation every turn. The model is random unless ``--checkpoint`` names a Hub export
 (with its tokenizer): a random model rarely calls a tool, so its episodes are mostly one turn
 (``--continue-on-length`` lets a cut turn continue into the environment).
 
@@ -43,6 +46,7 @@ def main(argv=None):
 
     import jax
     import jax.numpy as jnp
+    import numpy as np
 
     from cascade_jax.agentic.driver import DriverStats, run_episodes
     from cascade_jax.agentic.episode import EpisodeLimits
@@ -52,6 +56,7 @@ def main(argv=None):
     from cascade_jax.agentic.swe_tasks import swe_tasks
     from cascade_jax.data.tokenizer import load_tokenizer, tiny_tokenizer
     from cascade_jax.rollout.engine import JaxEngine
+    from cascade_jax.rollout.types import Request, SamplingParams
     from models import nemotron_h as nh
 
     if args.checkpoint:
@@ -92,12 +97,34 @@ def main(argv=None):
 
     concurrent = measure([tasks], args.tool_workers)
     sequential = measure([[t] for t in tasks], 1)
+    # single-turn baseline: per episode of the concurrent run, its first prompt and as many
+    # sampled tokens as the episode had, in one request (no stop token), all at once
+    multi = DriverStats()
+    episodes = run_episodes(eng, tasks, make_env, renderer, limits=limits, seed=args.seed,
+                            tool_workers=args.tool_workers, domain=domain, timeout_s=1800,
+                            stats=multi)
+    reqs = []
+    for i, e in enumerate(episodes):
+        if e.loss_mask.sum() == 0:
+            continue
+        p0 = int(np.argmax(e.loss_mask == 1))
+        reqs.append(Request(prompt_ids=tuple(int(t) for t in e.tokens[:p0]),
+                            sampling=SamplingParams(max_new_tokens=int(e.loss_mask.sum()),
+                                                    temperature=1.0, seed=i)))
+    t0 = time.perf_counter()
+    single = eng.generate(reqs)
+    single_s = time.perf_counter() - t0
+    single_tokens = sum(len(s.response_ids) for s in single.samples())
+    multi_tps = multi.sampled_tokens / max(multi.gen_busy_s, 1e-9)
+    single_tps = single_tokens / max(single_s, 1e-9)
     print(json.dumps({
         "env": args.env, "episodes": args.episodes, "slots": args.slots,
         "tool_workers": args.tool_workers, "max_new_tokens": args.max_new_tokens,
         "model": args.checkpoint or "random tiny", "compile_s": compile_s,
         "concurrent": concurrent, "sequential": sequential,
         "speedup_vs_sequential": concurrent["episodes_per_s"] / sequential["episodes_per_s"],
+        "multi_turn_tokens_per_s": multi_tps, "single_turn_tokens_per_s": single_tps,
+        "multi_vs_single_turn_throughput": multi_tps / single_tps,
         "device": str(jax.devices()[0]),
     }, indent=1))
     eng.stop()
