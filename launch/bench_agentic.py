@@ -87,7 +87,8 @@ def main(argv=None):
             st = DriverStats()
             eps += run_episodes(eng, batch, make_env, renderer, limits=limits, seed=args.seed + i,
                                 tool_workers=workers, domain=domain, timeout_s=1800, stats=st)
-            for k in ("wall_s", "gen_busy_s", "tool_busy_s", "episodes", "turns", "sampled_tokens"):
+            for k in ("wall_s", "gen_busy_s", "tool_busy_s", "overlap_s", "episodes", "turns",
+                      "sampled_tokens"):
                 setattr(total, k, getattr(total, k) + getattr(st, k))
         out = total.as_dict()
         out["reward_mean"] = sum(e.reward for e in eps) / len(eps)

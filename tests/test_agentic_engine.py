@@ -136,6 +136,30 @@ def test_episodes_are_seeded_independent_of_timing(setup):
     assert list(other[0].tokens) != list(eps[0].tokens)
 
 
+class SleepyEnv(CountingEnv):
+    """CountingEnv whose tool calls take 0.4 s in the task marked ``sleep``."""
+
+    def reset(self, task):
+        self.sleep = task.get("sleep", False)
+        return super().reset(task)
+
+    def step(self, turn):
+        if self.sleep:
+            time.sleep(0.4)
+        return super().step(turn)
+
+
+def test_tools_run_while_other_episodes_decode(setup):
+    params, eng, renderer, eps, _ = setup
+    stats = DriverStats()
+    tasks = [{**TASKS[0], "sleep": True}] + TASKS[1:]
+    got = run_episodes(eng, tasks, SleepyEnv, renderer, limits=LIMITS, seed=5, tool_workers=2,
+                       timeout_s=300, stats=stats)
+    assert stats.tool_busy_s >= 3 * 0.4 and stats.overlap_s > 0, stats
+    for a, b in zip(eps, got):  # timing changed, the episodes did not
+        np.testing.assert_array_equal(a.tokens, b.tokens)
+
+
 @pytest.mark.slow
 def test_episode_rows_feed_the_grpo_step(setup):
     params, eng, renderer, eps, _ = setup

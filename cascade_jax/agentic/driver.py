@@ -27,8 +27,8 @@ log-probs).
 
 Timing (:class:`DriverStats`): the driver records every generation and every environment call
 as an interval; ``gen_busy_s`` / ``tool_busy_s`` are the lengths of the unions of those
-intervals (wall time during which at least one generation / one tool call was running), so
-``gen_share + tool_share`` exceeds 1 exactly when they overlap.
+intervals (wall time during which at least one generation / one tool call was running);
+``overlap_s`` is the time during which both were (``gen + tool - |gen ∪ tool|``).
 """
 
 from __future__ import annotations
@@ -119,6 +119,7 @@ class DriverStats:
     wall_s: float = 0.0
     gen_busy_s: float = 0.0
     tool_busy_s: float = 0.0
+    overlap_s: float = 0.0  # |gen ∩ tool| = gen_busy + tool_busy - |gen ∪ tool|
     episodes: int = 0
     turns: int = 0
     sampled_tokens: int = 0
@@ -131,7 +132,8 @@ class DriverStats:
         w = self.wall_s or 1.0
         return {"episodes": self.episodes, "turns": self.turns, "wall_s": self.wall_s,
                 "episodes_per_s": self.episodes_per_s, "gen_share": self.gen_busy_s / w,
-                "tool_share": self.tool_busy_s / w, "sampled_tokens": self.sampled_tokens}
+                "tool_share": self.tool_busy_s / w, "overlap_share": self.overlap_s / w,
+                "sampled_tokens": self.sampled_tokens}
 
 
 def run_episodes(engine, tasks: Sequence[Mapping[str, Any]], make_env: Callable[[], Environment],
@@ -218,6 +220,7 @@ def run_episodes(engine, tasks: Sequence[Mapping[str, Any]], make_env: Callable[
         stats.wall_s = time.monotonic() - t_start
         stats.gen_busy_s = union_length(gen_iv)
         stats.tool_busy_s = union_length(tool_iv)
+        stats.overlap_s = stats.gen_busy_s + stats.tool_busy_s - union_length(gen_iv + tool_iv)
         stats.episodes = len(episodes)
         stats.turns = sum(len(e.turns) for e in episodes)
         stats.sampled_tokens = int(sum(e.loss_mask.sum() for e in episodes))
