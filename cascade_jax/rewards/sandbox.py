@@ -200,14 +200,8 @@ def prepare(program: str, *, language: str, compile_limits: Limits = COMPILE_LIM
         f.write(program)
     os.chmod(os.path.join(d, name), 0o644)
     if language == "python":
-        interp = _python_interpreter()
-        extra: tuple[str, ...] = ()
-        if not interp.startswith("/usr/"):
-            prefix = os.path.dirname(os.path.dirname(interp))  # .../bin/python3 -> ...
-            if prefix in ("", "/"):
-                raise SandboxUnavailable(f"refusing to expose {prefix!r} for interpreter {interp}")
-            extra = (prefix,)
-        return Prepared(language, d, (interp, "-I", "-S", "-B", "/box/prog.py"), extra_ro=extra)
+        interp, extra = python_command()
+        return Prepared(language, d, (*interp, "-I", "-S", "-B", "/box/prog.py"), extra_ro=extra)
     compile_argv = (_cxx_compiler(), "-O2", "-std=gnu++17", "-pipe", "-o", "/box/prog",
                     "/box/prog.cpp")
     res = _execute(d, compile_argv, b"", compile_limits, writable_box=True)
@@ -245,7 +239,7 @@ def python_command() -> tuple[tuple[str, ...], tuple[str, ...]]:
     interp = _python_interpreter()
     extra: tuple[str, ...] = ()
     if not interp.startswith("/usr/"):
-        prefix = os.path.dirname(os.path.dirname(interp))
+        prefix = os.path.dirname(os.path.dirname(interp))  # .../bin/python3 -> ...
         if prefix in ("", "/"):
             raise SandboxUnavailable(f"refusing to expose {prefix!r} for interpreter {interp}")
         extra = (prefix,)
