@@ -2,7 +2,7 @@
 
 Attacks (each on its own per-episode copy, each leaving no sandbox process behind): fork bomb,
 infinite loop, memory bomb, huge output, writing outside the copy (host paths, the snapshot,
-the helper scripts, ``/usr``), network to the host's loopback, reading the host's files
+the tool scripts, ``/usr``), network to the host's loopback, reading the host's files
 (directly and through a symlink planted in the copy), filling the disk past the copy's quota.
 """
 
@@ -89,7 +89,7 @@ def test_huge_output_is_cut(monkeypatch, snapshot):
 @pytest.mark.timeout(60)
 def test_writes_outside_the_copy_fail(monkeypatch, snapshot, tmp_path):
     host_target = tmp_path / "pwned"
-    targets = ["/usr/pwned", "/pwned", "/etc/pwned", "/helpers/pwned", str(host_target),
+    targets = ["/usr/pwned", "/pwned", "/etc/pwned", "/scripts/pwned", str(host_target),
                os.path.join(snapshot, "pwned"), "/proc/1/root/pwned"]
     with tracked_sandbox(monkeypatch), Workspace(snapshot, LIMITS) as ws:
         r = ws.run_shell("; ".join(f"echo x > {t} 2>/dev/null && echo WROTE {t}" for t in targets)

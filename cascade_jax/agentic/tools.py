@@ -4,7 +4,7 @@ A :class:`Workspace` is one episode's copy of a repository snapshot (a host dire
 ``shutil.copytree(symlinks=True)`` from the trusted snapshot and handed to the sandbox uid). Every
 tool call runs inside the bubblewrap sandbox of :mod:`cascade_jax.rewards.sandbox` with the copy
 bound writable at ``/repo`` (the working directory), nothing else of the host visible but ``/usr``
-and the read-only helper scripts, no network, and the call's :class:`~cascade_jax.rewards.sandbox.
+and the read-only tool scripts, no network, and the call's :class:`~cascade_jax.rewards.sandbox.
 Limits` (CPU seconds, address space per process, process count, wall clock, output bytes, file
 size). The tools:
 
@@ -19,7 +19,7 @@ size). The tools:
                      script, returning ``{id: "passed" | "failed" | "error"}``
 ===================  ============================================================================
 
-The viewer and editor run in the sandbox too (a helper script reading its JSON arguments on
+The viewer and editor run in the sandbox too (a tool script reading its JSON arguments on
 stdin), so a symlink planted in the copy cannot make the host read or write its own files; the
 host only ever copies the trusted snapshot in, measures the copy's size with ``lstat`` (no
 file is opened) and deletes it (``shutil.rmtree`` does not follow links).
@@ -50,7 +50,7 @@ from cascade_jax.rewards import sandbox
 __all__ = ["ToolLimits", "ToolResult", "Workspace", "TOOL_LIMITS", "REPO_MOUNT"]
 
 REPO_MOUNT = "/repo"
-HELPERS_MOUNT = "/helpers"  # the editor and test-runner scripts, read-only
+SCRIPTS_MOUNT = "/scripts"  # the editor and test-runner scripts, read-only
 
 #: per-call limits of the agent's tools: a repository's tests may need a few processes
 TOOL_LIMITS = sandbox.Limits(wall_s=10.0, cpu_s=5, memory_bytes=512 << 20,
@@ -89,7 +89,7 @@ class ToolResult:
 
 
 # --------------------------------------------------------------------------------------------
-# Helper scripts (run inside the sandbox with the sandbox's Python)
+# Tool scripts (run inside the sandbox with the sandbox's Python)
 
 _EDITOR = r'''
 import json, os, sys
@@ -159,23 +159,23 @@ for tid in req["tests"]:
 sys.stdout.write("\n" + req["nonce"] + json.dumps(out) + "\n")
 '''
 
-_HELPERS_LOCK = threading.Lock()
-_HELPERS: Optional[str] = None
+_SCRIPTS_LOCK = threading.Lock()
+_SCRIPTS: Optional[str] = None
 
 
-def _helpers_dir() -> str:
-    """A host directory (made once per process, world-readable) holding the helper scripts."""
-    global _HELPERS
-    with _HELPERS_LOCK:
-        if _HELPERS is None or not os.path.isdir(_HELPERS):
-            d = tempfile.mkdtemp(prefix="cascade-agentic-helpers-")
+def _scripts_dir() -> str:
+    """A host directory (made once per process, world-readable) holding the tool scripts."""
+    global _SCRIPTS
+    with _SCRIPTS_LOCK:
+        if _SCRIPTS is None or not os.path.isdir(_SCRIPTS):
+            d = tempfile.mkdtemp(prefix="cascade-agentic-scripts-")
             for name, text in (("editor.py", _EDITOR), ("runtests.py", _RUNNER)):
                 with open(os.path.join(d, name), "w", encoding="utf-8") as f:
                     f.write(text)
                 os.chmod(os.path.join(d, name), 0o644)
             os.chmod(d, 0o755)
-            _HELPERS = d
-        return _HELPERS
+            _SCRIPTS = d
+        return _SCRIPTS
 
 
 def _truncate(text: str, limit: int) -> str:
@@ -231,7 +231,7 @@ class Workspace:
         res = sandbox.run_command(tuple(argv), directory=self.path, writable=True,
                                   mount=REPO_MOUNT, stdin=stdin, limits=limits or self.limits.call,
                                   extra_ro=self._extra_ro,
-                                  ro_binds=((_helpers_dir(), HELPERS_MOUNT),))
+                                  ro_binds=((_scripts_dir(), SCRIPTS_MOUNT),))
         size = _tree_bytes(self.path)
         if size > self.limits.workspace_bytes:
             self.over_quota = True
@@ -266,7 +266,7 @@ class Workspace:
         return self._observe(*self._run((*self._python, "-B", "-"), stdin=code))
 
     def _editor(self, args: Mapping) -> ToolResult:
-        script = HELPERS_MOUNT + "/editor.py"
+        script = SCRIPTS_MOUNT + "/editor.py"
         res, size = self._run((*self._python, "-I", "-B", script), stdin=json.dumps(dict(args)))
         obs = self._observe(res, size, show_ok_status=False)
         if res.status == "runtime_error" and res.stderr.strip().splitlines()[-1:] and \
@@ -318,7 +318,7 @@ class Workspace:
             return ToolResult(False, f"[error: test id {bad[0]!r} is not 'path::function']",
                               "error")
         nonce = secrets.token_hex(16)
-        script = HELPERS_MOUNT + "/runtests.py"
+        script = SCRIPTS_MOUNT + "/runtests.py"
         res, size = self._run((*self._python, "-I", "-B", script),
                               stdin=json.dumps({"nonce": nonce, "tests": ids}) + "\n",
                               limits=limits)
