@@ -22,10 +22,12 @@ failing tests use inputs on which the bug changes the result (checked at generat
 
 from __future__ import annotations
 
+import atexit
 import difflib
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 import threading
 from typing import Any, Mapping
@@ -156,10 +158,16 @@ _SNAPSHOTS: dict = {}
 _SNAP_LOCK = threading.Lock()
 
 
+@atexit.register
+def _remove_snapshots() -> None:
+    for d in _SNAPSHOTS.values():
+        shutil.rmtree(d, ignore_errors=True)
+
+
 def materialize(task: Mapping[str, Any]) -> str:
     """A host directory holding the task's repository snapshot: ``task["repo_dir"]`` when given
     (a checkout), else ``task["files"]`` written once per process into a temp directory (cached
-    by the files' hash). The snapshot is never modified (episodes copy it)."""
+    by the files' hash, removed at exit). The snapshot is never modified (episodes copy it)."""
     if task.get("repo_dir"):
         d = str(task["repo_dir"])
         if not os.path.isdir(d):

@@ -36,6 +36,7 @@ would be needed).
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import json
 import os
@@ -163,8 +164,15 @@ _SCRIPTS_LOCK = threading.Lock()
 _SCRIPTS: Optional[str] = None
 
 
+@atexit.register
+def _remove_scripts() -> None:
+    if _SCRIPTS is not None:
+        shutil.rmtree(_SCRIPTS, ignore_errors=True)
+
+
 def _scripts_dir() -> str:
-    """A host directory (made once per process, world-readable) holding the tool scripts."""
+    """A host directory (made once per process, world-readable, removed at exit) holding the
+    tool scripts."""
     global _SCRIPTS
     with _SCRIPTS_LOCK:
         if _SCRIPTS is None or not os.path.isdir(_SCRIPTS):
