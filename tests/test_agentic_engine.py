@@ -176,6 +176,33 @@ def test_episode_rows_feed_the_grpo_step(setup):
     assert float(metrics["num_tokens"]) == sum(float(e.loss_mask.sum()) for e in eps)
 
 
+@pytest.mark.slow
+def test_routed_experts_carry_over_to_episode_rows():
+    """With ``return_routed_experts``, an episode's experts are the last turn's: equal (as top-k
+    sets) to a full forward's routing of the row, -1 after the last sampled token."""
+    params = nh.init_params(CFG, jax.random.key(0), dtype=jnp.float32)
+    eng = JaxEngine(CFG, params, num_slots=4, max_len=128, prompt_buckets=(128,),
+                    prefill_sizes=(4,), steps_per_call=4, return_routed_experts=True)
+    try:
+        eps = run_episodes(eng, TASKS[:2], CountingEnv, ChatRenderer(tiny_tokenizer()),
+                           limits=LIMITS, seed=5, timeout_s=600)
+    finally:
+        eng.stop()
+    fwd = jax.jit(lambda t: nh.forward(params, t, CFG, return_routed_experts=True)[1])
+    batch = pack_episodes(eps, num_experts=CFG.n_routed_experts)
+    for n, e in enumerate(eps):
+        L = len(e.tokens)
+        rx = e.routed_experts
+        assert rx.shape == (L - 1, CFG.pattern.count("E"), CFG.num_experts_per_tok)
+        last = int(np.flatnonzero(e.loss_mask)[-1])  # the last sampled token
+        seq = np.zeros((1, 128), np.int32)
+        seq[0, :L] = e.tokens
+        want = np.sort(np.asarray(fwd(jnp.asarray(seq)))[0, :last], -1)
+        np.testing.assert_array_equal(np.sort(rx[:last], -1), want)
+        assert (rx[last:] == -1).all()
+        np.testing.assert_array_equal(np.asarray(batch.routed_experts)[n, :L - 1], rx)
+
+
 def renderer_spans(mask):
     """``(start, end)`` of each run of ones in ``mask``."""
     spans, start = [], None

@@ -268,7 +268,13 @@ def pack_episodes(episodes: Sequence[Episode], *, group_ids: Optional[Sequence[i
     if all(e.routed_experts is not None for e in episodes):
         if num_experts is None:
             raise ValueError("num_experts: required to pack routed_experts")
-        rx = pack_routed_experts([e.routed_experts for e in episodes], T, num_experts=num_experts)
+        known = []  # drop the trailing -1 rows (context after the last turn): packed as -1
+        for e in episodes:
+            r = np.asarray(e.routed_experts)
+            free = (r.reshape(r.shape[0], -1) < 0).all(axis=1)
+            n = r.shape[0] - int(np.argmin(free[::-1])) if not free.all() else 0
+            known.append(r[:n])
+        rx = pack_routed_experts(known, T, num_experts=num_experts)
     return RLBatch(
         tokens=jnp.asarray(tokens), positions=jnp.asarray(positions),
         segment_ids=jnp.asarray(segments), loss_mask=jnp.asarray(mask),

@@ -79,8 +79,9 @@ class Episode:
     info            the environment's final info (e.g. the scorer's reason), errors
     gen_s / tool_s  seconds spent generating / in environment steps (incl. the final reward)
     weight_versions the engine's weight version per turn
-    routed_experts  ``[L - 1, L_moe, K]`` int32 when the engine returned them for the last
-                    turn (its prefill re-routes the whole row), else None
+    routed_experts  ``[L - 1, L_moe, K]`` int32 when the engine returned them: the last turn's
+                    (its prefill re-routes the whole row before it, decode the turn), -1 for
+                    context appended after it (no sampled token follows), else None
     """
 
     task: Mapping[str, Any]
@@ -236,8 +237,12 @@ class EpisodeRun:
             raise RuntimeError("result: the episode has not ended")
         tokens, mask, logp = self.row.arrays()
         rx = self.routed_experts
-        if rx is not None and rx.shape[0] != len(tokens) - 1:
-            rx = None  # the last turn did not cover the whole row
+        if rx is not None:
+            n = len(tokens) - 1  # fed tokens of the row
+            if rx.shape[0] > n:
+                rx = None
+            elif rx.shape[0] < n:  # context after the last turn (no loss follows): routed freely
+                rx = np.concatenate([rx, np.full((n - rx.shape[0],) + rx.shape[1:], -1, rx.dtype)])
         return Episode(self.task, tokens, mask, logp, float(self.reward), self.ended_by,
                        self.messages, self.turns, self.canonical, self.info, self.gen_s,
                        self.tool_s, self.versions, rx, self.domain)
