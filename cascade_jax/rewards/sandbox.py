@@ -23,6 +23,11 @@ Statuses: ``ok`` (exit 0), ``runtime_error``, ``timeout`` (wall clock or CPU), `
 ``output_limit``, ``compile_error``, ``sandbox_error`` (the sandbox itself failed to start).
 ``reason`` always says what happened in words.
 
+:func:`run_command` runs an arbitrary command with a caller's host directory bound (writable or
+read-only) at a chosen mount point and working directory, under the same limits: the agentic
+tools (``cascade_jax.agentic.tools``) bind a per-episode copy of a repository writable at
+``/repo`` (made writable for the sandbox uid by :func:`sandbox_owned`).
+
 Total memory is bounded by ``processes x memory_bytes`` (address space is a per-process limit;
 there is no cgroup here) plus ``2 x tmp_bytes`` (``/tmp`` and ``/dev/shm``).
 """
@@ -43,7 +48,8 @@ from typing import Optional
 
 __all__ = [
     "Limits", "Result", "SandboxUnavailable", "Prepared", "prepare", "run", "run_prepared",
-    "available", "DEFAULT_LIMITS", "COMPILE_LIMITS", "LANGUAGES", "SANDBOX_UID",
+    "available", "DEFAULT_LIMITS", "COMPILE_LIMITS", "LANGUAGES", "SANDBOX_UID", "run_command",
+    "python_command", "sandbox_owned",
 ]
 
 SANDBOX_UID = 65534  # "nobody" on Debian; used inside the namespace and as host uid when root
@@ -194,14 +200,8 @@ def prepare(program: str, *, language: str, compile_limits: Limits = COMPILE_LIM
         f.write(program)
     os.chmod(os.path.join(d, name), 0o644)
     if language == "python":
-        interp = _python_interpreter()
-        extra: tuple[str, ...] = ()
-        if not interp.startswith("/usr/"):
-            prefix = os.path.dirname(os.path.dirname(interp))  # .../bin/python3 -> ...
-            if prefix in ("", "/"):
-                raise SandboxUnavailable(f"refusing to expose {prefix!r} for interpreter {interp}")
-            extra = (prefix,)
-        return Prepared(language, d, (interp, "-I", "-S", "-B", "/box/prog.py"), extra_ro=extra)
+        interp, extra = python_command()
+        return Prepared(language, d, (*interp, "-I", "-S", "-B", "/box/prog.py"), extra_ro=extra)
     compile_argv = (_cxx_compiler(), "-O2", "-std=gnu++17", "-pipe", "-o", "/box/prog",
                     "/box/prog.cpp")
     res = _execute(d, compile_argv, b"", compile_limits, writable_box=True)
@@ -233,6 +233,54 @@ def run(program: str, *, language: str, stdin: str = "", limits: Optional[Limits
         return run_prepared(p, stdin, limits)
 
 
+def python_command() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """``(argv prefix, extra read-only binds)`` that run the sandbox's Python interpreter
+    (:func:`_python_interpreter`; an interpreter outside ``/usr`` has its prefix bound)."""
+    interp = _python_interpreter()
+    extra: tuple[str, ...] = ()
+    if not interp.startswith("/usr/"):
+        prefix = os.path.dirname(os.path.dirname(interp))  # .../bin/python3 -> ...
+        if prefix in ("", "/"):
+            raise SandboxUnavailable(f"refusing to expose {prefix!r} for interpreter {interp}")
+        extra = (prefix,)
+    return (interp,), extra
+
+
+def sandbox_owned(path: str) -> None:
+    """Give ``path`` (recursively) to the uid the sandbox writes as, so a writable bind of it is
+    writable inside: :data:`SANDBOX_UID` when the caller is root, else nothing to do."""
+    uid = _host_uid()
+    if uid is None:
+        return
+    for root, dirs, files in os.walk(path):
+        os.chown(root, uid, uid)
+        for name in files:
+            os.chown(os.path.join(root, name), uid, uid, follow_symlinks=False)
+
+
+def run_command(argv: tuple[str, ...], *, directory: str, writable: bool = True,
+                mount: str = "/box", chdir: Optional[str] = None, stdin: str = "",
+                limits: Optional[Limits] = None, extra_ro: tuple[str, ...] = (),
+                ro_binds: tuple = ()) -> Result:
+    """Run ``argv`` in the sandbox with the host ``directory`` bound at ``mount`` (writable when
+    ``writable``: the caller's per-run copy, see :func:`sandbox_owned`), working directory
+    ``chdir`` (default ``mount``); everything else as :func:`run` (limits, namespaces, statuses).
+    ``extra_ro``: more host directories bound read-only at the same path (outside ``/tmp``);
+    ``ro_binds``: ``((host directory, mount point), ...)`` bound read-only after ``/tmp``."""
+    if not argv:
+        raise ValueError("argv: empty command")
+    reserved = ("/", "/usr", "/tmp", "/proc", "/dev")
+    for at in (mount, *[at for _, at in ro_binds]):
+        if not at.startswith("/") or at in reserved:
+            raise ValueError(f"mount: must be a fresh absolute path, got {at!r}")
+    if not os.path.isdir(directory):
+        raise ValueError(f"directory: {directory!r} is not a directory")
+    _require_tools()
+    return _execute(os.path.realpath(directory), tuple(argv), stdin.encode("utf-8"),
+                    limits or DEFAULT_LIMITS, writable_box=writable, extra_ro=tuple(extra_ro),
+                    mount=mount, chdir=chdir or mount, ro_binds=tuple(ro_binds))
+
+
 # --------------------------------------------------------------------------------------------
 # Execution
 
@@ -252,7 +300,8 @@ def _mounts(extra_ro: tuple[str, ...]) -> list[str]:
 
 
 def _bwrap_argv(box: str, argv: tuple[str, ...], limits: Limits, status_fd: int,
-                writable_box: bool, extra_ro: tuple[str, ...]) -> list[str]:
+                writable_box: bool, extra_ro: tuple[str, ...], mount: str = "/box",
+                chdir: str = "/tmp", ro_binds: tuple = ()) -> list[str]:
     bwrap, prlimit = _require_tools()
     cpu = int(limits.cpu_s)
     cmd = [
@@ -260,8 +309,9 @@ def _bwrap_argv(box: str, argv: tuple[str, ...], limits: Limits, status_fd: int,
         "--proc", "/proc", "--dev", "/dev",
         "--size", str(int(limits.tmp_bytes)), "--tmpfs", "/dev/shm", "--remount-ro", "/dev",
         "--size", str(int(limits.tmp_bytes)), "--tmpfs", "/tmp",
-        "--bind" if writable_box else "--ro-bind", box, "/box",
-        "--remount-ro", "/", "--chdir", "/tmp",
+        "--bind" if writable_box else "--ro-bind", box, mount,
+        *[a for host, at in ro_binds for a in ("--ro-bind", host, at)],
+        "--remount-ro", "/", "--chdir", chdir,
         "--unshare-all", "--unshare-user", "--disable-userns",
         "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID),
         "--hostname", "sandbox", "--die-with-parent", "--new-session",
@@ -356,14 +406,15 @@ def _classify(code: int, stderr: str, limits: Limits, cpu_s: float) -> tuple[str
 
 
 def _execute(box: str, argv: tuple[str, ...], stdin: bytes, limits: Limits,
-             writable_box: bool, extra_ro: tuple[str, ...] = ()) -> Result:
+             writable_box: bool, extra_ro: tuple[str, ...] = (), mount: str = "/box",
+             chdir: str = "/tmp", ro_binds: tuple = ()) -> Result:
     _become_subreaper()
     status_r, status_w = os.pipe()
     stdin_file = tempfile.TemporaryFile()
     stdin_file.write(stdin)
     stdin_file.seek(0)
     uid = _host_uid()
-    cmd = _bwrap_argv(box, argv, limits, status_w, writable_box, extra_ro)
+    cmd = _bwrap_argv(box, argv, limits, status_w, writable_box, extra_ro, mount, chdir, ro_binds)
     start = time.monotonic()
     try:
         proc = subprocess.Popen(

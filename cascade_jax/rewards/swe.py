@@ -12,15 +12,18 @@ or the rule-based :class:`~cascade_jax.rewards.judges.RulePatchJudge` (changed-l
 tiny preset. ``metrics["above_half"]`` marks scores > 0.5: the stage masks the loss of prompts where
 no rollout exceeds 0.5 (docs/algorithms.md §3).
 
-**Agentic SWE RL (OpenHands) — how it would plug in.** That stage is out of scope here; it needs
-a multi-turn environment rather than a one-shot scorer. It would reuse this interface at the end
-of an episode: the rollout driver runs the OpenHands loop (≤ 200 turns, non-thinking mode) with
-tool calls parsed by :func:`cascade_jax.rewards.tool_call.parse_tool_calls` and tool results
-returned in user turns (``<tool_response>``), each action executed in a per-episode container
-(Docker with the repository image — bubblewrap is not enough for repository test suites); the
-episode's final ``git diff`` becomes ``response`` and a scorer with the same signature runs the
-task's FAIL_TO_PASS/PASS_TO_PASS tests in that container, returning 1 iff all pass. The
-``Score``/``Scorer`` types and the domain name ``swe`` stay the same; only the scorer differs.
+**Agentic SWE RL (OpenHands).** The multi-turn counterpart lives in :mod:`cascade_jax.agentic`
+(docs/agentic.md): :class:`cascade_jax.agentic.swe.SWEEnv` runs an OpenHands-style scaffold
+(``execute_bash``, ``str_replace_editor``, ``finish``) with tool calls parsed by
+:func:`cascade_jax.rewards.tool_call.parse_tool_calls` and tool results in the template's tool
+role, each action executed in the bubblewrap sandbox on a per-episode writable copy of the
+repository; the reward is 1 iff the task's FAIL_TO_PASS and PASS_TO_PASS tests pass there after
+the test patch is applied. :func:`cascade_jax.agentic.swe_tasks.swe_tasks` generates
+SWE-bench-format tasks for tests and the tiny preset. Still out of scope: real SWE-Gym
+repositories need their own environment (a container image per repository; bubblewrap over the
+host's ``/usr`` does not provide their dependencies), and the episodes re-prefill the
+conversation every turn (cache reuse needs an engine change). The domain name ``swe`` and this
+agentless scorer stay as they are.
 """
 
 from __future__ import annotations
