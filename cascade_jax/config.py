@@ -377,6 +377,9 @@ class StageConfig:
     is_low: float = 0.5
     is_high: float = 2.0
     teachers: dict = dataclasses.field(default_factory=dict)  # domain -> checkpoint
+    #: MOPD loss normalisation (rl.losses.mopd_loss): "sequence" (the paper's Eq. 4), "token"
+    #: (per token over the global batch, NVIDIA's replication) or "domain" (each domain equal)
+    loss_norm: Literal["sequence", "token", "domain"] = "sequence"
 
     __hash__ = _hash_by_value
 
@@ -386,6 +389,9 @@ class StageConfig:
         if not 0.0 < self.is_low < self.is_high:
             raise ConfigError(
                 f"stage.is_low/is_high: need 0 < is_low < is_high, got {self.is_low}, {self.is_high}")
+        if self.loss_norm not in ("sequence", "token", "domain"):
+            raise ConfigError(f"stage.loss_norm: must be one of ['sequence', 'token', 'domain'], "
+                              f"got {self.loss_norm!r}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -38,6 +38,7 @@ def test_unknown_section():
     ("optimizer.lr=abc", "optimizer.lr: expected float"),
     ("stage.steps=1.5", "stage.steps: expected int"),
     ("stage.objective=ppo", "stage.objective: must be one of"),
+    ("stage.loss_norm=row", "stage.loss_norm: must be one of"),
     ("rollout.top_p=0", "rollout.top_p"),
     ("mesh.tensor=0", "mesh.tensor"),
     ("data.tiny_near_miss_rate=1.5", "data.tiny_near_miss_rate: must be in \\[0, 1\\]"),

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import pytest
 
 import cascade_jax.rl as rl
+from cascade_jax.config import ConfigError, StageConfig
 
 RTOL, ATOL = 1e-5, 1e-6
 
@@ -64,9 +65,11 @@ def np_grpo(lp, old, adv, mask, roll=None, ref=None, n=None, kl=0.0, eps_lo=0.2,
     return tot / n
 
 
-def np_mopd(lp, teacher, inf, mask, lo=0.5, hi=2.0, per="sequence"):
+def np_mopd(lp, teacher, inf, mask, lo=0.5, hi=2.0, per="sequence", dom=None):
+    """``dom``: each row's domain (needed for ``per="domain"``)."""
     B, T = lp.shape
     rows, tot, ntok = [], 0.0, 0
+    dsum, dtok = {}, {}
     for b in range(B):
         s, v = 0.0, 0
         for t in range(T):
@@ -78,8 +81,12 @@ def np_mopd(lp, teacher, inf, mask, lo=0.5, hi=2.0, per="sequence"):
             s += w * (teacher[b, t] - lp[b, t]) * lp[b, t]
         if v:
             rows.append(s / v)
+            k = 0 if dom is None else dom[b]
+            dsum[k], dtok[k] = dsum.get(k, 0.0) + s, dtok.get(k, 0) + v
         tot += s
         ntok += v
+    if per == "domain":
+        return -np.mean([dsum[d] / dtok[d] for d in dsum])
     return -np.mean(rows) if per == "sequence" else -tot / ntok
 
 
@@ -259,17 +266,92 @@ def test_grpo_micro_batches_sum_to_batch():
 # MOPD loss
 
 
-@pytest.mark.parametrize("per", ["sequence", "token"])
+HAND_DOMAINS = np.array([4, 3, 4, 0, 3, 4], np.int32)  # per row of hand_batch (row 4 empty)
+
+
+@pytest.mark.parametrize("per", ["sequence", "token", "domain"])
 def test_mopd_loss_matches_numpy(per):
     d = hand_batch()
+    dom = np.broadcast_to(HAND_DOMAINS[:, None], d["mask"].shape)
     loss, m = rl.mopd_loss(jnp.asarray(d["lp"]), jnp.asarray(d["teacher"]), jnp.asarray(d["roll"]),
-                           jnp.asarray(d["mask"]), normalization=per)
-    np.testing.assert_allclose(loss, np_mopd(d["lp"], d["teacher"], d["roll"], d["mask"], per=per),
-                               rtol=RTOL, atol=ATOL)
+                           jnp.asarray(d["mask"]), normalization=per, domain_index=jnp.asarray(dom),
+                           num_domains=9)
+    np.testing.assert_allclose(loss, np_mopd(d["lp"], d["teacher"], d["roll"], d["mask"], per=per,
+                                             dom=HAND_DOMAINS), rtol=RTOL, atol=ATOL)
     sel = d["mask"] > 0
     np.testing.assert_allclose(m["reverse_kl"], (d["lp"] - d["teacher"])[sel].mean(), rtol=1e-5)
     r = np.exp(d["lp"] - d["roll"])[sel]
     np.testing.assert_allclose(m["is_frac_corrected"], ((r < .5) | (r > 2)).mean(), atol=1e-7)
+    want_tok = np.zeros(9)
+    np.add.at(want_tok, HAND_DOMAINS, d["mask"].sum(1))
+    np.testing.assert_array_equal(m["domain_tokens"], want_tok)
+
+
+def _hand_mopd_case():
+    """Three sequences, on-policy (``lp = lp_inf``, so ``w = 1``), one prompt token each:
+    A (domain 4) lp [-1], teacher [-0.5] → a·lp = [-0.5]; B (domain 3) lp [-2, -1, -1, -1],
+    teacher [-1, -1, -2, -1] → a·lp = [-2, 0, 1, 0]; C (domain 4) lp [-1, -3], teacher [-2, -1]
+    → a·lp = [1, -6]. Domain 4: 3 tokens, Σ a·lp = -5.5, Σ|a| = 3.5; domain 3: 4 tokens,
+    Σ a·lp = -1, Σ|a| = 2."""
+    lp = np.array([[0, -1, 0, 0, 0], [0, -2, -1, -1, -1], [0, -1, -3, 0, 0]], np.float32)
+    teacher = np.array([[0, -.5, 0, 0, 0], [0, -1, -1, -2, -1], [0, -2, -1, 0, 0]], np.float32)
+    mask = np.array([[0, 1, 0, 0, 0], [0, 1, 1, 1, 1], [0, 1, 1, 0, 0]], np.float32)
+    dom = np.broadcast_to(np.array([4, 3, 4], np.int32)[:, None], mask.shape)
+    return lp, teacher, mask, dom
+
+
+# per normalisation: the loss and domain 4's share of the gradient weight Σ c |a|, by hand
+#   token:    L = 6.5 / 7;                        share = 3.5 / (3.5 + 2)
+#   sequence: L = (0.5/1 + 1/4 + 5/2) / 3 (A, B, C: -Σ a·lp / |V|) = 3.25 / 3;
+#             weights A 0.5/(3·1), C 3/(3·2), B 2/(3·4) → share = (1/6 + 1/2) / (1/6 + 1/2 + 1/6)
+#   domain:   L = (5.5/3 + 1/4) / 2;              share = (3.5/6) / (3.5/6 + 2/8)
+HAND_MOPD = {"token": (6.5 / 7, 3.5 / 5.5), "sequence": (3.25 / 3, 0.8),
+             "domain": ((5.5 / 3 + 0.25) / 2, 0.7)}
+
+
+@pytest.mark.parametrize("per", sorted(HAND_MOPD))
+def test_mopd_loss_normalisations_hand_computed(per):
+    lp, teacher, mask, dom = _hand_mopd_case()
+    loss, m = rl.mopd_loss(jnp.asarray(lp), jnp.asarray(teacher), jnp.asarray(lp), jnp.asarray(mask),
+                           normalization=per, domain_index=jnp.asarray(dom), num_domains=9)
+    want_loss, want_share = HAND_MOPD[per]
+    np.testing.assert_allclose(float(loss), want_loss, rtol=1e-6)
+    gw = np.asarray(m["domain_grad_weight"])
+    assert gw[[0, 1, 2, 5, 6, 7, 8]].sum() == 0.0
+    np.testing.assert_allclose(gw[4] / gw.sum(), want_share, rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(m["domain_tokens"])[[3, 4]], [4.0, 3.0])
+    # the gradient is -c_t a_t per token (w = 1): the weights' sum is Σ |∂L/∂lp|
+    g = jax.grad(lambda x: rl.mopd_loss(x, jnp.asarray(teacher), jnp.asarray(lp), jnp.asarray(mask),
+                                        normalization=per, domain_index=jnp.asarray(dom),
+                                        num_domains=9)[0])(jnp.asarray(lp))
+    np.testing.assert_allclose(float(jnp.abs(g).sum()), gw.sum(), rtol=1e-6)
+
+
+def test_mopd_domain_normalisation_micro_batches_sum_to_batch():
+    """Rows split in two micro-batches, each given the whole batch's per-domain token counts:
+    the two losses sum to the one-batch loss."""
+    d = hand_batch()
+    dom = np.broadcast_to(HAND_DOMAINS[:, None], d["mask"].shape)
+    n_d = np.zeros(9, np.float32)
+    np.add.at(n_d, HAND_DOMAINS, d["mask"].sum(1))
+    args = lambda rows: [jnp.asarray(d[k][rows]) for k in ("lp", "teacher", "roll", "mask")]
+    kw = lambda rows, **x: dict(normalization="domain", domain_index=jnp.asarray(dom[rows]),
+                                num_domains=9, **x)
+    full, _ = rl.mopd_loss(*args(slice(None)), **kw(slice(None)))
+    parts = sum(float(rl.mopd_loss(*args(r), **kw(r, domain_tokens=jnp.asarray(n_d)))[0])
+                for r in (slice(0, 3), slice(3, 6)))
+    np.testing.assert_allclose(parts, float(full), rtol=RTOL, atol=ATOL)
+
+
+def test_mopd_loss_bad_normalisation():
+    d = hand_batch()
+    a = [jnp.asarray(d[k]) for k in ("lp", "teacher", "roll", "mask")]
+    with pytest.raises(ValueError, match="needs domain_index"):
+        rl.mopd_loss(*a, normalization="domain")
+    with pytest.raises(ValueError, match="unknown normalization 'row'"):
+        rl.mopd_loss(*a, normalization="row")
+    with pytest.raises(ConfigError, match="stage.loss_norm: must be one of"):
+        StageConfig(objective="mopd", loss_norm="row")
 
 
 def test_mopd_gradient_masked_not_clamped():

@@ -245,6 +245,35 @@ def test_finite_differences_mopd():
     _fd_check(surrogate, params, expected_grad=g)
 
 
+@pytest.mark.parametrize("norm", ["token", "domain"])
+def test_mopd_step_loss_norm_and_domain_metrics(norm):
+    """``stage.loss_norm`` reaches the loss (the step's gradient is ``mopd_loss``'s with the
+    batch's counts, also over micro-batches), and each teacher domain gets its token count and
+    loss share (the shares of the two domains sum to 1)."""
+    params, batch = make_batch(CFG, seed=8)
+    dom = np.array([4, 3, 4, 4, 3, 4, 3, 4], np.int32)  # math, structured_output
+    batch = batch.replace(domain_ids=jnp.asarray(dom), finish_reason=jnp.zeros((8,), jnp.int32))
+    stage = StageConfig(objective="mopd", loss_norm=norm, teachers={"math": "a", "structured_output": "b"})
+    kw = dict(model_cfg=CFG, compute_dtype=F32, stage=stage)
+    g1, m1 = grads_of(jax.jit(functools.partial(rl.mopd_train_step, **kw)), params, batch)
+    g2, m2 = grads_of(jax.jit(functools.partial(rl.mopd_train_step, grad_accum=2, **kw)), params, batch)
+    assert_tree_close(g2, g1, 1e-5)
+    lp_of = lambda p: rl.token_logprobs(p, batch, CFG)[0]
+    mask = batch.loss_mask * rl.segment_start_mask(batch.segment_ids)
+    dom_tok = jnp.broadcast_to(jnp.asarray(dom)[:, None], mask.shape)
+    want = jax.jit(jax.grad(lambda p: rl.mopd_loss(
+        lp_of(p), batch.teacher_logp, batch.rollout_logp, mask, normalization=norm,
+        domain_index=dom_tok, num_domains=9)[0]))(params)
+    assert_tree_close(g1, want, 1e-5)
+    m_np = np.asarray(mask)
+    for name, i in (("math", 4), ("structured_output", 3)):
+        assert float(m1[f"mopd/tokens/{name}"]) == m_np[dom == i].sum() > 0, name
+        np.testing.assert_allclose(m2[f"mopd/loss_share/{name}"], m1[f"mopd/loss_share/{name}"], rtol=1e-5)
+    np.testing.assert_allclose(m1["mopd/loss_share/math"] + m1["mopd/loss_share/structured_output"],
+                               1.0, rtol=1e-6)
+    assert 0.0 < float(m1["mopd/loss_share/math"]) < 1.0
+
+
 def test_finite_differences_sft():
     params, batch = make_batch(CFG_SMOOTH, seed=5)
     sft = rl.SFTBatch(batch.tokens, batch.positions, batch.segment_ids, batch.loss_mask)

@@ -93,9 +93,10 @@ def grpo_loss(logp: jax.Array, old_logp: Optional[jax.Array], advantages: jax.Ar
 def mopd_loss(logp: jax.Array, teacher_logp: jax.Array, inference_logp: jax.Array,
               mask: jax.Array, *, is_low: float = 0.5, is_high: float = 2.0,
               advantages: Optional[jax.Array] = None, advantage_coef: float = 1.0,
-              normalization: Literal["sequence", "token"] = "sequence",
+              normalization: Literal["sequence", "token", "domain"] = "sequence",
               seq_index: Optional[jax.Array] = None, num_segments: Optional[int] = None,
-              num_sequences=None, num_tokens=None):
+              num_sequences=None, num_tokens=None, domain_index: Optional[jax.Array] = None,
+              num_domains: Optional[int] = None, domain_tokens: Optional[jax.Array] = None):
     """Multi-domain on-policy distillation loss (docs/algorithms.md §6, Eqs. 2–4).
 
     Per sampled token ``y_t`` (sampled from π_inf)::
@@ -103,19 +104,35 @@ def mopd_loss(logp: jax.Array, teacher_logp: jax.Array, inference_logp: jax.Arra
         a_t = sg(lp_teacher,t − lp_t)                      (+ c·Â_seq if ``advantages``)
         r_t = exp(sg(lp_t) − lp_inf,t)
         w_t = r_t · 1[is_low ≤ r_t ≤ is_high]              (masked, not clamped)
-        L   = −(1/N_seq) Σ_seq (1/|V(y)|) Σ_{t∈V(y)} w_t a_t lp_t        ("sequence", Eq. 4)
-        L   = −(1/num_tokens) Σ_{b,t} mask w_t a_t lp_t                  ("token", NeMo-RL)
+        L   = −Σ_{b,t} mask · c_t · w_t a_t lp_t
 
-    ``|V(y)|`` counts the **original** valid tokens (band-masked tokens still count).
-    ``N_seq`` (``num_sequences``) defaults to the number of sequences with ``|V| > 0``; pass
-    the whole optimiser batch's count when accumulating micro-batches. In the padded layout
-    a sequence is a row; for packed rows give ``seq_index [B, T]`` and static
-    ``num_segments``. ``advantages`` (``[B]`` or ``[B, T]``, optional) mixes an outcome-reward
-    (GRPO) advantage into ``a_t`` with weight ``advantage_coef``.
+    with the normalisation coefficient ``c_t`` of ``normalization``:
+
+    * ``"sequence"`` (the paper's Eq. 4): ``c_t = 1 / (N_seq · |V(y)|)`` — each sequence weighs
+      the same, its tokens share ``1/N_seq``;
+    * ``"token"`` (NVIDIA's NeMo-RL replication): ``c_t = 1 / num_tokens`` — each token of the
+      global batch weighs the same (a domain with longer answers weighs more);
+    * ``"domain"``: ``c_t = 1 / (|D| · n_{d(t)})`` with ``n_d`` the valid tokens of domain ``d``
+      in the batch and ``|D|`` the number of domains with ``n_d > 0`` — each domain present
+      weighs ``1/|D|``, its tokens share it equally, whatever its answer length or batch share.
+
+    ``|V(y)|`` counts the **original** valid tokens (band-masked tokens still count), and so do
+    ``num_tokens`` and ``n_d``. ``N_seq`` (``num_sequences``) defaults to the number of
+    sequences with ``|V| > 0``, ``num_tokens`` to ``Σ mask``, ``domain_tokens`` (``[num_domains]``
+    ``n_d``) to the per-domain ``Σ mask``: pass the whole optimiser batch's counts when
+    accumulating micro-batches. In the padded layout a sequence is a row; for packed rows give
+    ``seq_index [B, T]`` and static ``num_segments``. ``"domain"`` needs ``domain_index [B, T]``
+    (int, each token's domain in ``[0, num_domains)``) and static ``num_domains``.
+    ``advantages`` (``[B]`` or ``[B, T]``, optional) mixes an outcome-reward (GRPO) advantage
+    into ``a_t`` with weight ``advantage_coef``.
 
     Metrics: ``reverse_kl`` = mean over valid tokens of ``lp − lp_teacher`` (sampled-token
     estimate of KL(π_train‖π_teacher)), ``mopd_adv_mean``, IS stats (masked fraction = tokens
-    outside the band).
+    outside the band). With ``domain_index`` and ``num_domains`` also two ``[num_domains]``
+    vectors, sums over this (micro-)batch: ``domain_tokens`` (valid tokens per domain) and
+    ``domain_grad_weight`` = ``Σ_{t∈d} mask · c_t · w_t · |a_t|``, the domain's part of the
+    gradient's weight (``∇L = −Σ mask c w a ∇lp``); its share of the sum over domains is the
+    domain's share of the loss.
     """
     logp = logp.astype(jnp.float32)
     m = mask.astype(jnp.float32)
@@ -126,22 +143,39 @@ def mopd_loss(logp: jax.Array, teacher_logp: jax.Array, inference_logp: jax.Arra
         adv = adv + advantage_coef * extra
     w, is_m = is_weights(logp, inference_logp, m, mode="icepop", low=is_low, high=is_high)
     tok = w * adv * logp * m  # w is already 0 off the mask
+    per_domain = domain_index is not None and num_domains is not None
+    if per_domain:
+        dom = domain_index.astype(jnp.int32).ravel()
+        dom_m = jax.ops.segment_sum(m.ravel(), dom, num_domains)
     if normalization == "sequence":
         if seq_index is None:
             seq_sum, seq_len = tok.sum(-1), m.sum(-1)
+            len_tok = jnp.broadcast_to(seq_len[:, None], m.shape)
         else:
             if num_segments is None:
                 raise ValueError("mopd_loss: packed rows need a static num_segments")
             seq_sum = jax.ops.segment_sum(tok.ravel(), seq_index.ravel(), num_segments)
             seq_len = jax.ops.segment_sum(m.ravel(), seq_index.ravel(), num_segments)
+            len_tok = seq_len[seq_index]
         n = (seq_len > 0).sum() if num_sequences is None else num_sequences
         n = jnp.maximum(jnp.asarray(n, jnp.float32), 1.0)
         loss = -(seq_sum / jnp.maximum(seq_len, 1.0)).sum() / n
+        coef = 1.0 / (n * jnp.maximum(len_tok, 1.0))
     elif normalization == "token":
         n = m.sum() if num_tokens is None else num_tokens
-        loss = -tok.sum() / jnp.maximum(jnp.asarray(n, jnp.float32), 1.0)
+        n = jnp.maximum(jnp.asarray(n, jnp.float32), 1.0)
+        loss = -tok.sum() / n
+        coef = jnp.broadcast_to(1.0 / n, m.shape)
+    elif normalization == "domain":
+        if not per_domain:
+            raise ValueError('mopd_loss: normalization="domain" needs domain_index and a static '
+                             "num_domains")
+        n_d = dom_m if domain_tokens is None else jnp.asarray(domain_tokens, jnp.float32)
+        n_dom = jnp.maximum((n_d > 0).sum().astype(jnp.float32), 1.0)
+        coef = (1.0 / (n_dom * jnp.maximum(n_d, 1.0)))[domain_index.astype(jnp.int32)]
+        loss = -(coef * tok).sum()
     else:
-        raise ValueError(f"unknown normalization {normalization!r}; valid: sequence, token")
+        raise ValueError(f"unknown normalization {normalization!r}; valid: sequence, token, domain")
     rkl = sg(logp) - teacher_logp.astype(jnp.float32)
     metrics = {
         "reverse_kl": masked_mean(rkl, m),
@@ -149,6 +183,10 @@ def mopd_loss(logp: jax.Array, teacher_logp: jax.Array, inference_logp: jax.Arra
         "num_tokens": m.sum(),
         **is_m,
     }
+    if per_domain:
+        metrics["domain_tokens"] = dom_m
+        metrics["domain_grad_weight"] = jax.ops.segment_sum((m * coef * w * jnp.abs(adv)).ravel(),
+                                                            dom, num_domains)
     return loss, metrics
 
 

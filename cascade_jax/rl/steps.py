@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from cascade_jax import domains as D
 from cascade_jax.config import StageConfig
 from cascade_jax.contract.sampling import SamplingParams, check_temperature
 
@@ -52,7 +53,7 @@ from .optim import TrainState, compute_params, trainable_mask
 __all__ = ["grpo_train_step", "mopd_train_step", "sft_train_step", "make_train_step",
            "accumulate_gradients"]
 
-_SUM_KEYS = ("loss", "pg_loss", "num_tokens", COUNTS_KEY)
+_SUM_KEYS = ("loss", "pg_loss", "num_tokens", COUNTS_KEY, "domain_tokens", "domain_grad_weight")
 
 
 def _split(x: jax.Array, k: int) -> jax.Array:
@@ -230,18 +231,25 @@ def grpo_train_step(state: TrainState, batch: RLBatch, *, model_cfg,
 def mopd_train_step(state: TrainState, batch: RLBatch, *, model_cfg,
                     stage: StageConfig = StageConfig(objective="mopd"), grad_accum: int = 1,
                     compute_dtype=jnp.bfloat16, sampling: Optional[SamplingParams] = None,
-                    vocab_chunk: int = DEFAULT_VOCAB_CHUNK, normalization: str = "sequence",
+                    vocab_chunk: int = DEFAULT_VOCAB_CHUNK, normalization: Optional[str] = None,
                     grpo_coef: float = 0.0, model=None, row_len: Optional[int] = None):
     """One MOPD update (docs/algorithms.md §6): ``batch.teacher_logp`` holds each sequence's
     domain teacher's log-probs (:func:`routed_logprobs`), ``batch.rollout_logp`` the
     inference engine's. ``L = mopd_loss(lp, teacher_logp, rollout_logp, loss_mask,
-    is_low=stage.is_low, is_high=stage.is_high)`` normalised per sequence over the whole
-    batch's sequence count. ``grpo_coef > 0`` mixes in ``grpo_coef · Â`` from the rewards.
-    ``sampling``: the run's sampling contract; ``lp`` (and the teachers' log-probs) at its
-    temperature (module doc)."""
+    is_low=stage.is_low, is_high=stage.is_high)`` normalised by ``normalization`` (default
+    ``stage.loss_norm``: per sequence, per token or per domain, with the whole batch's
+    sequence / token / per-domain token counts). ``grpo_coef > 0`` mixes in ``grpo_coef · Â``
+    from the rewards. ``sampling``: the run's sampling contract; ``lp`` (and the teachers'
+    log-probs) at its temperature (module doc).
+
+    Per domain ``d`` of ``stage.teachers`` the metrics add ``mopd/tokens/<d>`` (valid response
+    tokens of the batch) and ``mopd/loss_share/<d>`` (the domain's share of the gradient weight
+    ``Σ mask · c_t · w_t · |a_t|``, :func:`~cascade_jax.rl.losses.mopd_loss`; the shares sum
+    to 1 over the batch's domains)."""
     if batch.teacher_logp is None:
         raise ValueError("mopd_train_step: batch.teacher_logp is required")
     temperature = _temperature(batch, sampling, "mopd_train_step")
+    normalization = stage.loss_norm if normalization is None else normalization
     n_seq = num_sequences(batch)
     seq = sequence_index(batch)
     alive = (batch.finish_reason != FINISH_ABORT).astype(jnp.float32)
@@ -249,7 +257,11 @@ def mopd_train_step(state: TrainState, batch: RLBatch, *, model_cfg,
     seq_len = jax.ops.segment_sum(mask.ravel(), seq.ravel(), num_segments=n_seq)
     n_valid_seq = (seq_len > 0).sum()
     num_tokens = mask.sum()
-    micro = _micro(batch, mask, teacher_logp=batch.teacher_logp, rollout_logp=batch.rollout_logp)
+    n_dom = len(D.DOMAINS)
+    dom_tok = batch.domain_ids.astype(jnp.int32)[seq]
+    domain_tokens = jax.ops.segment_sum(mask.ravel(), dom_tok.ravel(), num_segments=n_dom)
+    micro = _micro(batch, mask, teacher_logp=batch.teacher_logp, rollout_logp=batch.rollout_logp,
+                   dom=dom_tok)
     packed = batch.seq_index is not None
     if packed:
         micro["seq"] = seq
@@ -265,12 +277,18 @@ def mopd_train_step(state: TrainState, batch: RLBatch, *, model_cfg,
                          advantages=mb.get("adv"), advantage_coef=grpo_coef,
                          normalization=normalization, seq_index=mb.get("seq"),
                          num_segments=n_seq if packed else None,
-                         num_sequences=n_valid_seq, num_tokens=num_tokens)
+                         num_sequences=n_valid_seq, num_tokens=num_tokens,
+                         domain_index=mb["dom"], num_domains=n_dom, domain_tokens=domain_tokens)
 
     loss_fn = _policy_loss(objective, model_cfg=model_cfg, compute_dtype=compute_dtype,
                            temperature=temperature, vocab_chunk=vocab_chunk, model=model,
                            row_len=row_len)
     grads, metrics = accumulate_gradients(loss_fn, state.params, micro, grad_accum)
+    tokens, gw = metrics.pop("domain_tokens"), metrics.pop("domain_grad_weight")
+    share = gw / jnp.maximum(gw.sum(), 1e-30)
+    for name in sorted(stage.teachers):
+        metrics[f"mopd/tokens/{name}"] = tokens[D.domain_id(name)]
+        metrics[f"mopd/loss_share/{name}"] = share[D.domain_id(name)]
     metrics = {**metrics, **extra, **_length_metrics(batch),
                "reward_mean": batch.rewards.astype(jnp.float32).mean(),
                "num_sequences": n_valid_seq.astype(jnp.float32)}
