@@ -217,6 +217,7 @@ def test_run_dir_written_with_greedy_still_resumes(tmp_path):
     old["rollout"]["greedy"] = False
     old["eval"]["greedy"] = True  # the old layout of eval.temperature 0
     (tmp_path / "run_config.json").write_text(json.dumps(old))
+    (tmp_path / "checkpoints" / "1").mkdir(parents=True)  # a started run (runner.loop.started)
     assert check_run_dir(cfg, tmp_path) is True
     other = C.replace_path(cfg, "rollout.temperature", 0.5)
     with pytest.raises(RunDirError, match=r"differs in rollout.temperature\)"):
