@@ -808,6 +808,16 @@ def _write(out_dir: pathlib.Path, doc: dict):
     (out_dir / "accept.md").write_text(markdown(doc))
 
 
+def _fault_point(section: str) -> None:
+    """Test hook: ``CASCADE_ACCEPT_FAULT=crash:<section>`` kills the process at the start of that
+    section (as a hard crash would), ``raise:<section>`` raises there."""
+    kind, _, where = os.environ.get("CASCADE_ACCEPT_FAULT", "").partition(":")
+    if where == section and kind == "crash":
+        os._exit(3)
+    if where == section and kind == "raise":
+        raise RuntimeError(f"injected fault in {section}")
+
+
 def child(args, doc_path: pathlib.Path, sections):
     import jax
     if args.cache_dir:
@@ -841,6 +851,7 @@ def child(args, doc_path: pathlib.Path, sections):
         share = min(SHARES[name] * args.budget, t_end - now)
         t0, c0 = time.perf_counter(), time.process_time()
         try:
+            _fault_point(name)
             res = RUNNERS[name](ctx, Budget(share))
             sec = {"status": "ok", **res}
         except Exception as e:  # noqa: BLE001 - a failed section is recorded, the run goes on
