@@ -618,8 +618,9 @@ def sec_correctness(ctx, budget):
 # --- speed ---------------------------------------------------------------------------------
 
 
-def _with_ratios(rows, kernel, peak):
-    """Our rows, each with its ratio to every baseline row of the same case and pass."""
+def _with_ratios(rows, kernel, peak, verdict: bool = True):
+    """Our rows, each with its ratio to every baseline row of the same case and pass (and its
+    goal; ``verdict=False``: no ``met`` verdict, e.g. interpreted kernels on CPU)."""
     index = {(r["case"], r["pass"], r["impl"]): r for r in rows}
     out = []
     for r in rows:
@@ -644,11 +645,12 @@ def _with_ratios(rows, kernel, peak):
         if goal and r["status"] == "ok":
             what, value = goal
             if what == "tflops":
-                entry["goal"] = {"tflops_at_least": value, "met": r["tflops"] >= value}
+                entry["goal"] = {"tflops_at_least": value, "met": (r["tflops"] >= value) if verdict else None}
             else:
                 b = what.split(":")[1]
                 ratio = base.get(b, {}).get("ratio")
-                entry["goal"] = {f"ratio_to_{b}_at_least": value, "met": None if ratio is None else ratio >= value}
+                entry["goal"] = {f"ratio_to_{b}_at_least": value,
+                                 "met": None if ratio is None or not verdict else ratio >= value}
         out.append(entry)
     return out
 
@@ -666,7 +668,8 @@ def _speed(kernel, ctx, budget):
     flops = {"gmm": "2·M·K·N, M = top_k · tokens (fwd); ×3 fwd+bwd",
              "attention": "2·S²·H·D causal, B = 1 (fwd); ×3.5 fwd+bwd",
              "ssd": "S·H·(2QN + 2QP + 4PN) (fwd); ×3 fwd+bwd"}[kernel]
-    return {"flop_formula": flops, "shapes": cfg, "rows": _with_ratios(b.rows, kernel, ctx.get("peak")),
+    return {"flop_formula": flops, "shapes": cfg,
+            "rows": _with_ratios(b.rows, kernel, ctx.get("peak"), verdict=not ctx["smoke"]),
             "all_rows": b.rows}
 
 
