@@ -48,7 +48,6 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import math
 import os
 import pathlib
 import statistics
@@ -619,8 +618,9 @@ def sec_correctness(ctx, budget):
 # --- speed ---------------------------------------------------------------------------------
 
 
-def _with_ratios(rows, kernel, peak):
-    """Our rows, each with its ratio to every baseline row of the same case and pass."""
+def _with_ratios(rows, kernel, peak, verdict: bool = True):
+    """Our rows, each with its ratio to every baseline row of the same case and pass (and its
+    goal; ``verdict=False``: no ``met`` verdict, e.g. interpreted kernels on CPU)."""
     index = {(r["case"], r["pass"], r["impl"]): r for r in rows}
     out = []
     for r in rows:
@@ -645,11 +645,12 @@ def _with_ratios(rows, kernel, peak):
         if goal and r["status"] == "ok":
             what, value = goal
             if what == "tflops":
-                entry["goal"] = {"tflops_at_least": value, "met": r["tflops"] >= value}
+                entry["goal"] = {"tflops_at_least": value, "met": (r["tflops"] >= value) if verdict else None}
             else:
                 b = what.split(":")[1]
                 ratio = base.get(b, {}).get("ratio")
-                entry["goal"] = {f"ratio_to_{b}_at_least": value, "met": None if ratio is None else ratio >= value}
+                entry["goal"] = {f"ratio_to_{b}_at_least": value,
+                                 "met": None if ratio is None or not verdict else ratio >= value}
         out.append(entry)
     return out
 
@@ -667,7 +668,8 @@ def _speed(kernel, ctx, budget):
     flops = {"gmm": "2·M·K·N, M = top_k · tokens (fwd); ×3 fwd+bwd",
              "attention": "2·S²·H·D causal, B = 1 (fwd); ×3.5 fwd+bwd",
              "ssd": "S·H·(2QN + 2QP + 4PN) (fwd); ×3 fwd+bwd"}[kernel]
-    return {"flop_formula": flops, "shapes": cfg, "rows": _with_ratios(b.rows, kernel, ctx.get("peak")),
+    return {"flop_formula": flops, "shapes": cfg,
+            "rows": _with_ratios(b.rows, kernel, ctx.get("peak"), verdict=not ctx["smoke"]),
             "all_rows": b.rows}
 
 
@@ -808,6 +810,16 @@ def _write(out_dir: pathlib.Path, doc: dict):
     (out_dir / "accept.md").write_text(markdown(doc))
 
 
+def _fault_point(section: str) -> None:
+    """Test hook: ``CASCADE_ACCEPT_FAULT=crash:<section>`` kills the process at the start of that
+    section (as a hard crash would), ``raise:<section>`` raises there."""
+    kind, _, where = os.environ.get("CASCADE_ACCEPT_FAULT", "").partition(":")
+    if where == section and kind == "crash":
+        os._exit(3)
+    if where == section and kind == "raise":
+        raise RuntimeError(f"injected fault in {section}")
+
+
 def child(args, doc_path: pathlib.Path, sections):
     import jax
     if args.cache_dir:
@@ -841,6 +853,7 @@ def child(args, doc_path: pathlib.Path, sections):
         share = min(SHARES[name] * args.budget, t_end - now)
         t0, c0 = time.perf_counter(), time.process_time()
         try:
+            _fault_point(name)
             res = RUNNERS[name](ctx, Budget(share))
             sec = {"status": "ok", **res}
         except Exception as e:  # noqa: BLE001 - a failed section is recorded, the run goes on
