@@ -40,6 +40,6 @@ def test_engine_vs_trainer_logprob_mismatch(dtype):
         packed = engine_mismatch(eng, reqs, layout="packed", seq_len=64)
         print(f"mismatch {dtype} packed: {packed}")
         for m in (padded, packed):
-            assert m["max_abs"] < 2e-6 and m["mean_abs"] < 5e-7, m
+            assert m["mismatch_abs_max"] < 2e-6 and m["mismatch_abs_mean"] < 5e-7, m
     else:
-        assert padded["max_abs"] < 5e-2, padded
+        assert padded["mismatch_abs_max"] < 5e-2, padded

@@ -9,7 +9,6 @@ import pytest
 import cascade_jax.rl as rl
 from cascade_jax import domains
 from cascade_jax.rollout import Request, Rollouts, Sample, SamplingParams
-from cascade_jax.rollout.mismatch import logprob_mismatch
 from cascade_jax.rollout.packing import pack_rollouts
 
 
@@ -96,9 +95,11 @@ def test_non_integer_versions_and_mismatch_helper():
     ro = rollouts()
     g = (tuple(s.__class__(**{**s.__dict__, "weight_version": "ckpt-a"}) for s in ro.groups[0]), ro.groups[1])
     assert pack_rollouts(Rollouts(ro.requests, g), np.zeros(3)).policy_version is None
-    m = logprob_mismatch(np.asarray([[0.0, -1.0, -2.0]]), np.asarray([[5.0, -1.5, -1.75]]),
-                         np.asarray([[0, 1, 1]]))
-    assert m == {"max_abs": 0.5, "mean_abs": 0.375, "tokens": 2}
+    m = rl.logprob_mismatch(jnp.asarray([[5.0, -1.5, -1.75]]), jnp.asarray([[0.0, -1.0, -2.0]]),
+                            jnp.asarray([[0, 1, 1]]))  # (train, rollout, mask)
+    assert {k: float(v) for k, v in m.items()} == {
+        "mismatch_abs_max": 0.5, "mismatch_abs_mean": 0.375, "mismatch_exact_frac": 0.0,
+        "mismatch_out_of_band": 0.0}
 
 
 def test_routed_experts_by_hand_padded_and_packed():

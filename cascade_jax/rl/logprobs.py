@@ -21,6 +21,21 @@ returning the whole next-token distribution ``z_t − logsumexp(z_t)`` at each r
 log-prob a token is sampled with equals the one :func:`token_logprobs` recomputes, bit for bit.
 Causality makes the prefix's numbers independent of what follows it at a fixed shape (masked
 terms are exact zeros), so the sampler's partly filled row and the trainer's full one agree.
+
+Why a custom VJP (the trainer side under ``value_and_grad``): the same row function, compiled
+once as a plain forward and once inside a gradient program, did not give the same bits. In the
+gradient program the forward's intermediates also feed the backward (saved residuals), which
+changes how XLA fuses the forward; with ``xla_allow_excess_precision`` (on by default) XLA drops
+``f32 -> bf16 -> f32`` convert pairs inside fusions, so which bf16 roundings happen depends on
+the fusion: bf16 rows of 64+ tokens were off on every token by 1e-3 to 5e-3 (the MoE layer is
+the first whose output differs; with the flag off both programs agree), and fp32 rows moved in
+the last bit on some tokens (a fusion-dependent order, not the flag). :func:`_exact_rows` therefore returns the value of a forward-only
+computation of the rows (its only residuals are its inputs, so XLA compiles the same forward as
+the sampler's) and its backward recomputes the rows with their VJP behind an
+``optimization_barrier`` (so the two forwards cannot be merged): the log-probs the loss, the
+importance ratios and the ``mismatch_*`` metrics see are the sampler's, bit for bit, at the
+price of one extra forward of the rows per step. The rows run without the mesh's activation
+hooks (``use_partitioner(None)``), the sampler's single-device program, also in a sharded step.
 """
 
 from __future__ import annotations

@@ -148,7 +148,7 @@ def main(argv=None) -> dict:
                   "ratio": round(t["fixed"][0] / t["mixed"][0], 3),
                   "ratio_cpu_time": round(t["fixed"][1] / t["mixed"][1], 3),
                   "ideal_ratio": round(n_mixed // S * L / (useful / S), 3), "goal": 2.0},
-        "mismatch": {k: mm[k] for k in ("max_abs", "mean_abs", "tokens")},
+        "mismatch": {k: mm[k] for k in ("mismatch_abs_max", "mismatch_abs_mean", "tokens")},
     }
     print(json.dumps(report, indent=1))
     return report

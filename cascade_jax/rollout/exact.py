@@ -5,8 +5,9 @@ decode step it computes each slot's next-token distribution with
 :func:`cascade_jax.rl.next_token_logprobs` — the trainer's forward and chunked log-softmax over
 the slot's row at the fixed shape ``[1, row_len]``, with the vocabulary sums in a written-out
 order. The trainer's :func:`cascade_jax.rl.token_logprobs` with ``row_len=row_len`` (and the
-train steps with ``row_len``) recompute the very same numbers, so the sampling log-prob of every
-token equals the trainer's bit for bit, whatever the batch sizes on either side.
+train steps with ``row_len``, inside ``value_and_grad`` too: :mod:`cascade_jax.rl.logprobs`, "Why a
+custom VJP") recompute the very same numbers, so the sampling log-prob of every token equals the
+trainer's bit for bit, whatever the batch sizes on either side.
 
 Cost: one full forward of ``row_len`` tokens per generated token and slot (no cache), i.e.
 about ``row_len`` times the work of a cached decode step; the benchmark
