@@ -135,3 +135,15 @@ def test_protocol_and_prefix_stability(tok):
     # a new *user* turn makes the template drop the earlier reasoning: not prefix-stable
     with pytest.raises(RenderError, match="prefix-stable"):
         r.continuation_ids(msgs, [{"role": "user", "content": "c"}])
+
+
+def test_non_canonical_turns_keep_the_models_tokens(tok):
+    task = lookup_tasks(1, seed=7)[0]
+    call, code = lookup_solution(task)
+    # a blank line inside the call markup: parsed the same, rendered without it
+    texts = [call.replace("<function=lookup>\n", "<function=lookup>\n\n"), code]
+    r, _, ep = _run(tok, texts, task=task)
+    assert ep.reward == 1.0 and not ep.canonical
+    masked = [t for t, m in zip(ep.tokens, ep.loss_mask) if m]
+    assert tok.decode(masked) == "<|im_end|>".join(texts) + "<|im_end|>"
+    assert list(ep.tokens) != list(tok.encode(r.conversation_text(ep.messages, [LOOKUP_TOOL])))

@@ -127,6 +127,7 @@ class EpisodeRun:
         self.routed_experts = None
         self._t0 = None
         self._pending: Optional[AssistantTurn] = None
+        self._before: list = []
 
     @property
     def done(self) -> bool:
@@ -189,20 +190,25 @@ class EpisodeRun:
         if routed_experts is not None:
             self.routed_experts = np.asarray(routed_experts)
         turn = self.renderer.parse(response_ids, finish_reason)
-        self.canonical &= self.renderer.is_canonical(self.messages, turn, self.tools)
+        self._before = list(self.messages)  # the canonical check runs off the driver thread
         self.turns.append(turn)
         self.messages.append(turn.message)
         if finish_reason != "stop":
             if self.limits.end_on_length or len(self.row) + 1 >= self.limits.max_tokens:
+                self._check_canonical(turn)
                 self._end("length")
                 return False
             self.row.add_context([self.renderer.stop_id])  # close the cut turn (no loss)
         self._pending = turn
         return True
 
+    def _check_canonical(self, turn: AssistantTurn) -> None:
+        self.canonical &= self.renderer.is_canonical(self._before, turn, self.tools)
+
     def on_step(self) -> None:
         """Run the environment on the pending turn and append its observations."""
         turn, self._pending = self._pending, None
+        self._check_canonical(turn)
         t = time.monotonic()
         try:
             step: Step = self.env.step(turn)
