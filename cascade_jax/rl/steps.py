@@ -286,9 +286,9 @@ def mopd_train_step(state: TrainState, batch: RLBatch, *, model_cfg,
     grads, metrics = accumulate_gradients(loss_fn, state.params, micro, grad_accum)
     tokens, gw = metrics.pop("domain_tokens"), metrics.pop("domain_grad_weight")
     share = gw / jnp.maximum(gw.sum(), 1e-30)
-    for name in sorted(stage.teachers):
-        metrics[f"mopd/tokens/{name}"] = tokens[D.domain_id(name)]
-        metrics[f"mopd/loss_share/{name}"] = share[D.domain_id(name)]
+    for name in sorted(set(stage.teachers) & set(D.DOMAIN_IDS)):
+        metrics[f"mopd/tokens/{name}"] = tokens[D.DOMAIN_IDS[name]]
+        metrics[f"mopd/loss_share/{name}"] = share[D.DOMAIN_IDS[name]]
     metrics = {**metrics, **extra, **_length_metrics(batch),
                "reward_mean": batch.rewards.astype(jnp.float32).mean(),
                "num_sequences": n_valid_seq.astype(jnp.float32)}
