@@ -260,10 +260,45 @@ def _exit(code: int) -> "NoReturn":
     os._exit(code)
 
 
+class _Quiet:
+    """Background-thread noise of a failing write, kept off the terminal: orbax's error log
+    records (the ``absl`` logger) are held and written to ``<run dir>/error.log`` with the
+    traceback, and tensorstore's late callbacks into a closed event loop (one traceback per
+    array, hundreds for a full disk) are dropped -- the error surfaces once, as one
+    ``error:`` line."""
+
+    def __init__(self):
+        import logging
+
+        self.records: list = []
+        outer = self
+
+        class _Keep(logging.Handler):
+            def emit(self, record):
+                outer.records.append(self.format(record))
+
+        self._logger = logging.getLogger("absl")
+        self._handler = _Keep(level=logging.ERROR)
+        self._handler.setFormatter(logging.Formatter("%(levelname)s:%(name)s:%(message)s"))
+        self._logger.addHandler(self._handler)
+        self._logger.propagate = False
+        self._hook = sys.excepthook
+        sys.excepthook = self._excepthook
+
+    def _excepthook(self, tp, value, tb):
+        if tp is RuntimeError and "Event loop is closed" in str(value):
+            return
+        self._hook(tp, value, tb)
+
+    def text(self) -> str:
+        return "".join(r + "\n" for r in self.records)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _interrupt)
+    quiet = _Quiet()
     try:
         return _main(args)
     except E.RunError as e:
@@ -284,7 +319,7 @@ def main(argv=None) -> int:
         where = pathlib.Path(args.run_dir) if args.run_dir else None
         msg = f"error: internal: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         if where is not None and where.is_dir():
-            (where / "error.log").write_text(traceback.format_exc())
+            (where / "error.log").write_text(quiet.text() + traceback.format_exc())
             msg += f" (traceback in {where / 'error.log'})"
         else:
             msg += " (set CASCADE_TRACEBACK=1 to see the traceback)"
