@@ -53,6 +53,7 @@ import sys
 import threading
 import time
 import traceback
+import warnings
 from typing import NoReturn
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -299,6 +300,8 @@ def main(argv=None) -> int:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _interrupt)
     quiet = _Quiet()
+    # a compilation-cache entry that cannot be written (a full disk) only costs a recompile
+    warnings.filterwarnings("ignore", message="Error writing persistent compilation cache entry")
     try:
         return _main(args)
     except E.RunError as e:
