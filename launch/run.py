@@ -229,6 +229,10 @@ def _main(args) -> int:
     if cfg.stage.objective != "demo":  # an --init inside the run dir: refused before all else
         check_run_dir(cfg, run_dir, fresh=args.fresh)
     validate(cfg)
+    if cfg.stage.objective != "demo":
+        from cascade_jax.runner.preflight import check_inputs
+
+        check_inputs(cfg)  # every missing teacher / data / tokenizer path, named at once
     if cfg.stage.objective == "demo":
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "run_config.json").write_text(C.to_json(cfg) + "\n")

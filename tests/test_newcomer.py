@@ -307,3 +307,34 @@ def test_full_disk_is_one_error_line_exit_7(tmp_path, tmp_path_factory):
     assert "Traceback" not in r.stderr
     again = _run(tmp_path_factory, "run.py", f"--config={cfg}", "--no-progress", timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
+
+
+def test_progress_lines_without_a_terminal_name_step_rate_and_eta():
+    """Without a terminal a background thread prints a line every ``every_s`` seconds, while
+    building and while steps run (30 s by default; 0.05 here)."""
+    import threading
+
+    from cascade_jax.runner.metrics import Progress
+
+    lines, got = [], threading.Event()
+
+    def log(m):
+        lines.append(m)
+        if m.startswith("[sft] step 5/10"):
+            got.set()
+
+    bar = Progress(10, desc="sft", enabled=False, log=log, every_s=0.05)
+    bar.set_phase("building (model, data, compile)")
+    time.sleep(0.2)
+    bar.begin_steps(2)
+    for _ in range(3):
+        time.sleep(0.02)
+        bar.update({"loss": 1.5, "time/step_s": 0.02})
+    assert got.wait(5)
+    bar.close()
+    assert any(l.startswith("[sft] building (model, data, compile) (") for l in lines), lines
+    last = [l for l in lines if " ETA " in l][-1]
+    assert last.startswith("[sft] step 5/10 (50%), ") and "steps/s" in last and "loss 1.5" in last
+    n = len(lines)
+    time.sleep(0.2)
+    assert len(lines) == n  # closed: no more lines
