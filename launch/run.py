@@ -53,6 +53,7 @@ import sys
 import threading
 import time
 import traceback
+import warnings
 from typing import NoReturn
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -258,6 +259,10 @@ def _main(args, argv=()) -> int:
     if cfg.stage.objective != "demo":  # an --init inside the run dir: refused before all else
         check_run_dir(cfg, run_dir, fresh=args.fresh)
     validate(cfg)
+    if cfg.stage.objective != "demo":
+        from cascade_jax.runner.preflight import check_inputs
+
+        check_inputs(cfg)  # every missing teacher / data / tokenizer path, named at once
     if cfg.stage.objective == "demo":
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "run_config.json").write_text(C.to_json(cfg) + "\n")
@@ -290,10 +295,47 @@ def _exit(code: int) -> "NoReturn":
     os._exit(code)
 
 
+class _Quiet:
+    """Background-thread noise of a failing write, kept off the terminal: orbax's error log
+    records (the ``absl`` logger) are held and written to ``<run dir>/error.log`` with the
+    traceback, and tensorstore's late callbacks into a closed event loop (one traceback per
+    array, hundreds for a full disk) are dropped -- the error surfaces once, as one
+    ``error:`` line."""
+
+    def __init__(self):
+        import logging
+
+        self.records: list = []
+        outer = self
+
+        class _Keep(logging.Handler):
+            def emit(self, record):
+                outer.records.append(self.format(record))
+
+        self._logger = logging.getLogger("absl")
+        self._handler = _Keep(level=logging.ERROR)
+        self._handler.setFormatter(logging.Formatter("%(levelname)s:%(name)s:%(message)s"))
+        self._logger.addHandler(self._handler)
+        self._logger.propagate = False
+        self._hook = sys.excepthook
+        sys.excepthook = self._excepthook
+
+    def _excepthook(self, tp, value, tb):
+        if tp is RuntimeError and "Event loop is closed" in str(value):
+            return
+        self._hook(tp, value, tb)
+
+    def text(self) -> str:
+        return "".join(r + "\n" for r in self.records)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _interrupt)
+    quiet = _Quiet()
+    # a compilation-cache entry that cannot be written (a full disk) only costs a recompile
+    warnings.filterwarnings("ignore", message="Error writing persistent compilation cache entry")
     try:
         return _main(args, list(sys.argv[1:] if argv is None else argv))
     except E.RunError as e:
@@ -314,7 +356,7 @@ def main(argv=None) -> int:
         where = pathlib.Path(args.run_dir) if args.run_dir else None
         msg = f"error: internal: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         if where is not None and where.is_dir():
-            (where / "error.log").write_text(traceback.format_exc())
+            (where / "error.log").write_text(quiet.text() + traceback.format_exc())
             msg += f" (traceback in {where / 'error.log'})"
         else:
             msg += " (set CASCADE_TRACEBACK=1 to see the traceback)"

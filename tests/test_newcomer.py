@@ -246,3 +246,95 @@ def test_study_mistyped_cascade_dir_is_an_error(tmp_path):
                f"--study-dir={tmp_path / 's'}")
     _one_error(r, 2, "--cascade-dir", "no cascade there")
     assert not (tmp_path / "cascde").exists() and not (tmp_path / "s").exists()
+
+
+def _config_only_hub(d: pathlib.Path) -> pathlib.Path:
+    """A directory with the tiny preset's ``config.json`` (enough for checks that need only the
+    model's shape; loading weights from it would fail)."""
+    from models import nemotron_h as nh
+
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "config.json").write_text(json.dumps(nh.preset("tiny").to_hf_dict()))
+    return d
+
+
+def test_eval_max_new_tokens_checked_against_the_context(tmp_path):
+    hub = _config_only_hub(tmp_path / "hub")
+    r = _quick(str(ROOT / "launch" / "eval.py"), f"--checkpoint={hub}", "--max-new-tokens=100000")
+    line = _one_error(r, 2, "--max-new-tokens 100000", "context of")
+    assert "at most" in line
+
+
+def test_eval_name_outside_the_eval_dir_is_refused_first(tmp_path):
+    run = tmp_path / "run"
+    (run / "hub").mkdir(parents=True)
+    r = _quick(str(ROOT / "launch" / "eval.py"), f"--checkpoint={run}", "--name=../../x")
+    _one_error(r, 2, "--name '../../x'", "plain file name")
+    assert not (tmp_path / "x.json").exists() and not (run / "eval").exists()
+
+
+def test_long_rows_among_good_ones_are_counted_with_their_location(tmp_path):
+    from cascade_jax import config as C
+    from cascade_jax import data
+
+    long = {"prompt": "x " * 400, "response": "y"}
+    src = _jsonl(tmp_path / "mix.jsonl", [GOOD, long, GOOD, GOOD])
+    cfg = C.from_dict(C.Config, {"data": {"sources": [{"path": str(src), "format": "jsonl"}],
+                                          "batch_rows": 1, "seq_len": 64, "num_epochs": 1}})
+    it = data.sft_batches(cfg, data.tiny_tokenizer())
+    it.check()
+    assert it.stats["overlong"] == 0  # check() rewinds
+    n = sum(1 for _ in it)
+    assert n >= 1 and it.stats["overlong"] == 1 and it.stats["examples"] == 3
+    assert it.first_skipped["overlong"].startswith(f"{src}:2: ")
+
+
+@pytest.mark.slow
+def test_full_disk_is_one_error_line_exit_7(tmp_path, tmp_path_factory):
+    """A file size limit (RLIMIT_FSIZE: writes fail with EFBIG, as ENOSPC would) hit by the
+    first checkpoint: one ``error:`` line, exit 7, no traceback; the same command reruns."""
+    import resource
+
+    run = tmp_path / "run"
+    cfg = write_config(tmp_path / "sft.json", "sft", run, steps=2, **TINY_SFT)
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+
+    r = subprocess.run(_cmd("run.py", f"--config={cfg}", "--no-progress"), capture_output=True,
+                       text=True, timeout=600, env=_env(tmp_path_factory), preexec_fn=limit)
+    _one_error(r, 7, "cannot write the run's files", "file too large")
+    assert "Traceback" not in r.stderr
+    again = _run(tmp_path_factory, "run.py", f"--config={cfg}", "--no-progress", timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+
+
+def test_progress_lines_without_a_terminal_name_step_rate_and_eta():
+    """Without a terminal a background thread prints a line every ``every_s`` seconds, while
+    building and while steps run (30 s by default; 0.05 here)."""
+    import threading
+
+    from cascade_jax.runner.metrics import Progress
+
+    lines, got = [], threading.Event()
+
+    def log(m):
+        lines.append(m)
+        if m.startswith("[sft] step 5/10"):
+            got.set()
+
+    bar = Progress(10, desc="sft", enabled=False, log=log, every_s=0.05)
+    bar.set_phase("building (model, data, compile)")
+    time.sleep(0.2)
+    bar.begin_steps(2)
+    for _ in range(3):
+        time.sleep(0.02)
+        bar.update({"loss": 1.5, "time/step_s": 0.02})
+    assert got.wait(5)
+    bar.close()
+    assert any(l.startswith("[sft] building (model, data, compile) (") for l in lines), lines
+    last = [l for l in lines if " ETA " in l][-1]
+    assert last.startswith("[sft] step 5/10 (50%), ") and "steps/s" in last and "loss 1.5" in last
+    n = len(lines)
+    time.sleep(0.2)
+    assert len(lines) == n  # closed: no more lines

@@ -426,7 +426,8 @@ class ShardedStep:
 def validate(config: C.Config) -> None:
     """Checks that need more than one field (single fields are checked by the config classes):
     the model section, lengths against the model's context, the stage's domains, the data's
-    batch shape, sampling settings for RL, teacher paths for MOPD."""
+    batch shape, sampling settings for RL (the files a stage reads:
+    :func:`cascade_jax.runner.preflight.check_inputs`)."""
     mcfg = model_config(config)
     r, st = config.rollout, config.stage
     if st.objective in ("grpo", "mopd", "demo"):
@@ -446,12 +447,6 @@ def validate(config: C.Config) -> None:
                           f"max_position_embeddings {mcfg.max_position_embeddings}")
     if config.data.batch_prompts < 1:
         raise ConfigError(f"data.batch_prompts: must be >= 1, got {config.data.batch_prompts}")
-    from cascade_jax.runner.preflight import check_inputs
-
-    check_inputs(config)  # every missing teacher / data / tokenizer path, named at once
-    if st.objective == "mopd":
-        for dom, path in config.stage.teachers.items():
-            resolve_init(path, f"stage.teachers.{dom}")
 
 
 # --------------------------------------------------------------------------------------------

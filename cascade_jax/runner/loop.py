@@ -53,6 +53,7 @@ from cascade_jax.data.rows import DataError
 from cascade_jax.runner.errors import InputFileError, Preempted, RunDirError
 from cascade_jax.runner.metrics import MetricsWriter, Progress
 from cascade_jax.runner.preempt import StopSignals, hold_point
+from cascade_jax.runner.preflight import check_inputs
 from cascade_jax.runner.stage import Stage
 
 __all__ = ["run_stage", "check_run_dir", "started", "RUN_ARTIFACTS", "BOOKKEEPING_KEYS",
@@ -255,6 +256,7 @@ def _run_stage(config: C.Config, run_dir: pathlib.Path, *, fresh: bool, argv, lo
     # ---- validate and build everything before writing anything
     bar.set_phase("validating")
     B.validate(config)
+    check_inputs(config)  # every missing teacher / data / tokenizer path, named at once
     resume = check_run_dir(config, run_dir, fresh=fresh)
     bar.set_phase("building (model, data, compile)")
     parts = B.build(config)

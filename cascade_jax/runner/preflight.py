@@ -2,8 +2,8 @@
 there (teachers, data sources, tokenizer, the initial checkpoint) -- all missing ones named in
 one error -- and the train state fits the machine's memory.
 
-:func:`check_inputs` runs in :func:`cascade_jax.runner.build.validate` after the config checks
-(before the single-input checks, which would name only the first missing path); :func:`check_memory` runs in
+:func:`check_inputs` runs right after :func:`cascade_jax.runner.build.validate` (the config's
+cross-field checks) in ``launch/run.py`` and :func:`cascade_jax.runner.run_stage`; :func:`check_memory` runs in
 :func:`cascade_jax.runner.build.build` after the tokenizer and data and before the weights.
 """
 
@@ -51,6 +51,11 @@ def check_inputs(config: C.Config) -> None:
         parts = [f"{group}: {', '.join(items)}" for group, items in missing.items()]
         raise InputFileError(f"stage {config.stage.name} cannot start: no such file or directory -- "
                              + "; ".join(parts))
+    if config.stage.objective == "mopd":  # present, but each must be a checkpoint or a run dir
+        from cascade_jax.runner.build import resolve_init
+
+        for dom, path in sorted(config.stage.teachers.items()):
+            resolve_init(path, f"stage.teachers.{dom}")
 
 
 def available_bytes() -> tuple[int, str]:
