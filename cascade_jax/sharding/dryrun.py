@@ -313,7 +313,7 @@ def dry_run(config: C.Config, *, devices: Optional[int] = None,
     n_teachers = len(set(config.stage.teachers.values())) if obj == "mopd" else 0
     ref_bytes = bf16_bytes if obj == "grpo" and config.stage.kl_coef > 0 else 0
     train_resident = ref_bytes + n_teachers * bf16_bytes
-    out = []
+    out = _Logged(log)
 
     if "train" in want:
         log(f"compiling train ({rows} x {row_len}, grad_accum {config.optimizer.grad_accum}) ...")
@@ -374,7 +374,7 @@ def dry_run(config: C.Config, *, devices: Optional[int] = None,
         "rollout_mesh": ({k: v for k, v in C.to_dict(config.target.rollout_mesh).items()
                           if k != "a2a" and v > 1} if obj != "sft" else None),
         "remat": mcfg.remat, "grad_accum": config.optimizer.grad_accum,
-        "programs": out, "fits": fits,
+        "programs": list(out), "fits": fits,
         "failures": [f"{p['program']}: needs {p['device_total_bytes'] / GIB:.1f} GiB per device, "
                      f"{p['shortfall_bytes'] / GIB:.1f} GiB over the {1 - target.headroom:.0%} of "
                      f"{target.memory_bytes / GIB:g} GiB it may use" for p in out if not p["fits"]],
@@ -382,6 +382,23 @@ def dry_run(config: C.Config, *, devices: Optional[int] = None,
         "note": "estimate: compiled by XLA:CPU on simulated devices; corrections for the target's "
                 "kernels applied where stated (correction_bytes); see cascade_jax/sharding/dryrun.py",
     }
+
+
+class _Logged(list):
+    """The report's program list; logs each program's total as it is added (long dry runs)."""
+
+    def __init__(self, log):
+        super().__init__()
+        self.log = log
+
+    def append(self, p):
+        super().append(p)
+        self.log(f"  {p['program']}: {p['device_total_bytes'] / GIB:.1f} GiB per device, headroom "
+                 f"{p['headroom']:.0%}{'' if p['fits'] else ' (does not fit)'}")
+
+    def extend(self, ps):
+        for p in ps:
+            self.append(p)
 
 
 def _rollout_mesh(config, mcfg):
