@@ -434,8 +434,8 @@ def sec_mismatch(ctx, budget):
         reqs = [Request(prompt_ids=tuple(p), sampling=SamplingParams(max_new_tokens=n_new, temperature=1.0, seed=i))
                 for i, p in enumerate(prompts)]
         mm = engine_mismatch(eng, reqs)
-        out["engine_default"] = {"max_abs": mm["max_abs"], "mean_abs": mm["mean_abs"], "tokens": mm["tokens"],
-                                 "bitwise_equal": mm["max_abs"] == 0.0}
+        out["engine_default"] = {"max_abs": mm["mismatch_abs_max"], "mean_abs": mm["mismatch_abs_mean"],
+                                 "tokens": mm["tokens"], "bitwise_equal": mm["mismatch_abs_max"] == 0.0}
     except Exception as e:  # noqa: BLE001
         out["engine_default"] = {"status": "error", "reason": _err(e)}
     return out
