@@ -3,6 +3,7 @@ hand; both layouts give the same trainer log-probs per response token (fp32, 1e-
 log-probs are ``None`` unless given; bad inputs name the field; the mismatch helper."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
