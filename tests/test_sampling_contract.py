@@ -109,7 +109,8 @@ def test_stage_reference_reads_the_batch_contract(tiny_cfg, tiny_params):
     ro = toy_rollouts(0.5, response=(7, 9, 11, 2))
     batch = pack_rollouts(ro, [0.0], pad_multiple=8)
     host = types.SimpleNamespace(_ref_fn=None, ref_params=params,
-                                 parts=types.SimpleNamespace(model_cfg=cfg))
+                                 config=types.SimpleNamespace(optimizer=types.SimpleNamespace(grad_accum=1)),
+                                 parts=types.SimpleNamespace(model_cfg=cfg, mesh=None))
     got = np.asarray(Stage._ref_logp(host, batch).ref_logp)[0]
     z = np.asarray(nh.forward(params, batch.tokens, cfg, segment_ids=batch.segment_ids), np.float64)[0]
     want = np.asarray(jax.nn.log_softmax(jnp.asarray(z / 0.5), -1))

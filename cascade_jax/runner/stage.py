@@ -283,15 +283,34 @@ class Stage:
         """``ref_logp [B, T]``: log-probs ``log softmax(z / τ)[y]`` of the batch under the
         stage's starting weights at the temperature ``τ`` of the batch's sampling contract
         (``batch.sampling.logprob_temperature``; 0 off the response tokens), for the KL term of
-        ``grpo_loss``."""
-        if self._ref_fn is None:
-            mcfg = self.parts.model_cfg
-            self._ref_fn = jax.jit(lambda p, b, tau: rl.token_logprobs(p, b, mcfg, temperature=tau)[0],
-                                   static_argnums=2)
+        ``grpo_loss``. Runs as the train step does: ``optimizer.grad_accum`` micro-batches
+        (``sharding.reference_logprobs``) and, with a mesh, compiled for it
+        (``sharding.compile_reference_logprobs``: the reference weights on the params'
+        shardings, the batch placed as the train step places it)."""
+        from cascade_jax.sharding.step import compile_reference_logprobs, reference_logprobs
+
         tau = 1.0 if batch.sampling is None else batch.sampling.logprob_temperature
         view = rl.SFTBatch(tokens=batch.tokens, positions=batch.positions,
                            segment_ids=batch.segment_ids, loss_mask=batch.loss_mask)
-        return batch.replace(ref_logp=self._ref_fn(self.ref_params, view, tau) * batch.loss_mask)
+        mesh, accum, mcfg = self.parts.mesh, self.config.optimizer.grad_accum, self.parts.model_cfg
+        if mesh is not None:
+            view = self.parts.train_step.place_batch(view)
+        key = (tau, tuple((x.shape, str(x.dtype)) for x in jax.tree.leaves(view)))
+        fn = (self._ref_fn or {}).get(key)
+        if fn is None:
+            if mesh is None:
+                fn = jax.jit(lambda p, b: reference_logprobs(p, b, model_cfg=mcfg, temperature=tau,
+                                                             grad_accum=accum))
+            else:
+                fn = compile_reference_logprobs(mesh=mesh, params=self.ref_params, batch=view,
+                                                model_cfg=mcfg, temperature=tau, grad_accum=accum,
+                                                a2a=self.config.mesh.a2a)
+            self._ref_fn = {**(self._ref_fn or {}), key: fn}
+        ref = fn(self.ref_params, view)
+        if mesh is not None and jax.process_count() > 1:  # back to this process's rows
+            from jax.experimental import multihost_utils
+            ref = multihost_utils.global_array_to_host_local_array(ref, mesh, ref.sharding.spec)
+        return batch.replace(ref_logp=ref)
 
     def _reverse_kl(self, batch: rl.RLBatch) -> dict:
         """Per domain, the sampled reverse-KL estimate ``mean_t(log π_student(y_t) −

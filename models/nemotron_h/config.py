@@ -11,7 +11,8 @@ import json
 import math
 from typing import Any, Literal, Optional
 
-__all__ = ["ModelConfig", "ModelConfigError", "preset", "with_overrides", "PRESETS"]
+__all__ = ["ModelConfig", "ModelConfigError", "preset", "with_overrides", "PRESETS", "REMAT_POLICIES",
+           "REMAT_KINDS", "normalize_remat", "remat_for_kind"]
 
 
 class ModelConfigError(ValueError):
@@ -38,6 +39,46 @@ _HF_ALIASES = {
 Impl = Literal["auto", "pallas", "cudnn", "xla"]
 Remat = Literal["none", "full", "dots"]
 
+#: remat policies: ``none`` saves every intermediate for the backward; ``full`` saves nothing
+#: inside the wrapped function (only its inputs; the backward recomputes it); ``dots`` saves the
+#: outputs of matmuls without batch dimensions and recomputes the rest.
+REMAT_POLICIES = ("none", "full", "dots")
+#: per-layer-kind remat keys -> pattern characters
+REMAT_KINDS = {"attention": "*", "mamba": "M", "moe": "E", "mlp": "-"}
+
+
+def normalize_remat(value):
+    """``remat`` as stored in :class:`ModelConfig`: one policy name (``"none" | "full" |
+    "dots"``) or, per layer kind, a sorted tuple of ``(kind, policy)`` pairs from a mapping
+    ``{"attention" | "mamba" | "moe" | "mlp": policy}`` (kinds left out: ``"none"``). Raises
+    :class:`ModelConfigError` naming ``remat`` on anything else."""
+    if isinstance(value, str):
+        if value not in REMAT_POLICIES:
+            raise ModelConfigError(f"remat: must be one of {list(REMAT_POLICIES)} or a mapping "
+                                   f"{{layer kind: policy}}, got {value!r}")
+        return value
+    if isinstance(value, (list, tuple)) and all(isinstance(x, (list, tuple)) and len(x) == 2 for x in value):
+        value = dict(value)
+    if not isinstance(value, dict):
+        raise ModelConfigError(f"remat: must be one of {list(REMAT_POLICIES)} or a mapping "
+                               f"{{layer kind: policy}}, got {value!r}")
+    bad = sorted(set(value) - set(REMAT_KINDS))
+    if bad:
+        raise ModelConfigError(f"remat: unknown layer kind(s) {bad}; valid kinds: {list(REMAT_KINDS)}")
+    for k, v in value.items():
+        if v not in REMAT_POLICIES:
+            raise ModelConfigError(f"remat.{k}: must be one of {list(REMAT_POLICIES)}, got {v!r}")
+    return tuple(sorted(value.items()))
+
+
+def remat_for_kind(remat, kind: str) -> str:
+    """The policy name a layer of pattern character ``kind`` runs under a per-kind ``remat``
+    (normalised tuple); a single policy name applies to every kind."""
+    if isinstance(remat, str):
+        return remat
+    by_char = {REMAT_KINDS[k]: v for k, v in remat}
+    return by_char.get(kind, "none")
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
@@ -45,9 +86,13 @@ class ModelConfig:
 
     HF fields keep their transformers names. JAX-only fields (not written to config.json):
     ``dt_floor`` (lower clamp of dt; 0.0 as SGLang and the CUDA kernels run, 1e-3 reproduces
-    transformers' full-sequence clamp), ``remat`` (per layer kind or one policy for all),
+    transformers' full-sequence clamp), ``remat`` (one policy name, :data:`REMAT_POLICIES`,
+    wrapping every layer of the loop or every group body of the scan; or a mapping per layer
+    kind, ``{"attention", "mamba", "moe", "mlp"} -> policy``, wrapping each layer of that kind
+    on its own, also inside the scanned group bodies, which are then not wrapped as a whole;
+    stored as sorted ``(kind, policy)`` pairs, :func:`normalize_remat`),
     ``scan_layers`` (the full-sequence pass scans repeated layer groups: one compiled body per
-    distinct group, same numerics as the loop; ``remat`` then applies per group),
+    distinct group, same numerics as the loop),
     ``freeze_router`` (stop gradients into ``gate``), and the kernel switches ``*_impl``.
     """
 
@@ -96,7 +141,7 @@ class ModelConfig:
     pad_token_id: Optional[int] = 0
     # JAX-only options
     dt_floor: float = 0.0
-    remat: Remat = "none"
+    remat: Any = "none"  # Remat, or per layer kind (see the class docstring)
     scan_layers: bool = False
     freeze_router: bool = False
     moe_impl: Impl = "auto"
@@ -145,6 +190,7 @@ class ModelConfig:
             raise ModelConfigError(f"time_step_limit: expected (min, max), got {self.time_step_limit!r}")
         if self.dt_floor < 0:
             raise ModelConfigError(f"dt_floor: must be >= 0, got {self.dt_floor}")
+        object.__setattr__(self, "remat", normalize_remat(self.remat))
 
     # ---- derived sizes (docs/model.md §4) ----
     @property

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import kernels
 from kernels import moe_dispatch
 
-from .config import ModelConfig
+from .config import ModelConfig, remat_for_kind
 from .layer_scan import run_layers
 from .partitioning import constrain, context_parallel, expert_parallel
 
@@ -289,6 +289,25 @@ _REMAT_POLICIES = {
 }
 
 
+def _per_kind_remat(layer, cfg: ModelConfig):
+    """``layer(kind, lp, h, x)`` with each layer checkpointed on its own under its kind's
+    policy (``cfg.remat`` per layer kind; ``none`` = not wrapped): inside a scanned group the
+    backward then keeps the inputs of every layer of the group and recomputes one layer at a
+    time, instead of recomputing the whole group body and holding all its layers'
+    intermediates at once."""
+    wrapped = {}
+    for kind in set(cfg.pattern):
+        policy = remat_for_kind(cfg.remat, kind)
+        if policy != "none":
+            wrapped[kind] = jax.checkpoint(functools.partial(layer, kind), policy=_REMAT_POLICIES[policy])
+
+    def run(kind, lp, h, x):
+        if kind in wrapped:
+            return wrapped[kind](lp, h, x)
+        return layer(kind, lp, h, x)
+    return run
+
+
 def _channel_mixer(kind, mp, u, cfg, expert_ids=None):
     """MoE (``E``) and dense MLP (``-``) layers: per-token, no decode state.
     Returns ``(out, expert ids [..., K] or None)``."""
@@ -358,8 +377,11 @@ def hidden_states(params, tokens, cfg: ModelConfig, *, positions=None, segment_i
         return constrain(h, _RESIDUAL), ids
 
     remat = None
-    if cfg.remat != "none":
-        remat = functools.partial(jax.checkpoint, policy=_REMAT_POLICIES[cfg.remat])
+    if isinstance(cfg.remat, str):  # one policy: every layer (loop) or every group body (scan)
+        if cfg.remat != "none":
+            remat = functools.partial(jax.checkpoint, policy=_REMAT_POLICIES[cfg.remat])
+    else:
+        layer = _per_kind_remat(layer, cfg)
     h, ids = run_layers(layer, params["layers"], h, cfg.pattern, xs=given, scan=cfg.scan_layers,
                         remat=remat)
     used = [ids[i] for i in moe]
