@@ -127,13 +127,22 @@ def _tiny_param_bytes(dtype_bytes: dict) -> int:
 def test_tiny_rl_stage_dry_run_on_simulated_devices():
     """run.py sets the device count itself (none in the environment): 4 devices, fsdp 4; the
     rollout programs on a 2-device tensor mesh. The fp32 master's bytes per device lie between
-    a quarter of the model and the model, the Adam moments are twice them."""
-    p = _run("--stage=tiny/multi_domain_rl", "--dry-run", "--devices", "4", "--set", "mesh.fsdp=4",
-             "--set", "target.rollout_mesh.tensor=2", "--json", devices=None)
+    a quarter of the model and the model, the Adam moments are twice them. The stage has a KL
+    reference (tiny RLHF, ``stage.kl_coef`` 0.03): its log-probs compile as the runner runs
+    them, the whole batch in ``optimizer.grad_accum`` = 2 micro-batches on the train mesh, a
+    forward only (between a fifth and a half of the train step's FLOPs: the step is a forward,
+    a backward of twice its FLOPs and, with remat, a second forward)."""
+    p = _run("--stage=tiny/rlhf", "--dry-run", "--devices", "4", "--set", "mesh.fsdp=4",
+             "--set", "target.rollout_mesh.tensor=2", "--set", "optimizer.grad_accum=2", "--json",
+             devices=None)
     assert p.returncode == 0, p.stderr[-3000:]
     rep = json.loads(p.stdout.strip().splitlines()[-1])
     progs = {q["program"]: q for q in rep["programs"]}
-    assert set(progs) == {"train", "weight_sync", "rollout_prefill", "rollout_decode"}
+    assert set(progs) == {"train", "reference_score", "weight_sync", "rollout_prefill", "rollout_decode"}
+    ref = progs["reference_score"]
+    assert ref["mesh"] == {"fsdp": 4} and "in 2 micro-batches" in ref["shape"], ref["shape"]
+    assert ref["shape"].split(" in ")[0] == progs["train"]["shape"].split(",")[0]  # the whole batch
+    assert 0.2 < ref["flops"] / progs["train"]["flops"] < 0.5, (ref["flops"], progs["train"]["flops"])
     assert rep["target"]["devices"] == 4 and rep["mesh"] == {"fsdp": 4}
     assert rep["rollout_mesh"] == {"tensor": 2} and progs["rollout_decode"]["devices"] == 2
     fp32 = _tiny_param_bytes({"fp32": 4, "compute": 4})

@@ -18,8 +18,10 @@ The programs, built from the same config by the same builders as a real run
                    (``cascade_jax.rollout.scoring``: ``Teachers`` batch of 8 rows padded to the
                    power of two >= the row length) on the train mesh, every distinct teacher's
                    bf16 weights resident
-``reference_score``  GRPO with ``stage.kl_coef > 0``: the KL reference's log-probs of one
-                   micro-batch under the stage's starting weights (bf16, resident)
+``reference_score``  GRPO with ``stage.kl_coef > 0``: the KL reference's log-probs of the
+                   whole batch in ``optimizer.grad_accum`` micro-batches on the train mesh
+                   (``Stage._ref_logp``: ``step.compile_reference_logprobs``) under the stage's
+                   starting weights (bf16)
 ``weight_sync``    the once-per-version cast of the fp32 master to the bf16 compute copy on the
                    train mesh (what the engine, the syncer and the probe share), then the
                    reshard onto the rollout mesh (bytes each rollout device receives)
@@ -352,9 +354,7 @@ def dry_run(config: C.Config, *, devices: Optional[int] = None,
                                   pow2_at_least(row_len), dtype, n_teachers - 1, bf16_bytes, log,
                                   f" padded to a power of two; {n_teachers} teachers resident"))
     if ref_bytes and "reference_score" in want:
-        out.append(_score_program("reference_score", config, mcfg, mesh, target,
-                                  rows // config.optimizer.grad_accum, row_len, dtype, 0, bf16_bytes,
-                                  log, " per micro-batch (the KL reference)"))
+        out.append(_reference_program(config, mcfg, mesh, target, rows, row_len, dtype, bf16_bytes, log))
     if rmesh is not None:
         if "weight_sync" in want:
             out.append(_sync_program(config, mcfg, mesh, rmesh, target, dtype, train_resident, log))
@@ -449,6 +449,50 @@ def _score_program(name, config, mcfg, mesh, target, rows, T, dtype, resident_co
                                  T // cp, T)
     st = abstract_train_state(mcfg, config.optimizer, mesh)
     resident = _shard_bytes(st.params) + _shard_bytes(st.opt_state) + resident_copies * bf16_bytes
+    return _finish(prog, target, devices=prog["devices"], tokens=rows * T,
+                   useful_per_token=_model_flops_per_token(mcfg, T, False), resident=resident,
+                   correction=corr)
+
+
+def _reference_program(config, mcfg, mesh, target, rows, T, dtype, bf16_bytes, log):
+    """The KL reference's log-probs as the runner computes them (``Stage._ref_logp``:
+    :func:`.step.compile_reference_logprobs`, the whole ``rows x T`` batch in
+    ``optimizer.grad_accum`` micro-batches on the train mesh, bf16 reference weights), with
+    the train state resident beside it."""
+    from cascade_jax.rl.batch import SFTBatch
+
+    from .plan import abstract_train_state
+    from .state import batch_shardings
+    from .step import compile_reference_logprobs
+
+    accum = config.optimizer.grad_accum
+    params = abstract_params(mcfg, mesh, dtype)
+    tok = jax.ShapeDtypeStruct((rows, T), jnp.int32)
+    view = SFTBatch(tok, tok, tok, jax.ShapeDtypeStruct((rows, T), jnp.float32))
+    view = _sized(view, batch_shardings(view, mesh))
+    log(f"compiling reference_score ({rows} x {T}, {accum} micro-batches) ...")
+    t0 = time.perf_counter()
+    fn = compile_reference_logprobs(mesh=mesh, params=params, batch=view, model_cfg=mcfg,
+                                    grad_accum=accum, a2a=config.mesh.a2a)
+    tr = fn.trace(params, view)
+    flops = jaxpr_flops(tr.jaxpr)
+    mem = tr.lower().compile(compiler_options=FAST_COMPILE).memory_analysis()
+    m = {"argument_bytes": int(mem.argument_size_in_bytes), "temp_bytes": int(mem.temp_size_in_bytes),
+         "output_bytes": int(mem.output_size_in_bytes), "alias_bytes": int(mem.alias_size_in_bytes)}
+    m["total_bytes"] = m["argument_bytes"] + m["temp_bytes"] + m["output_bytes"] - m["alias_bytes"]
+    shape = mesh_shape(mesh)
+    prog = {"program": "reference_score", "mesh": {k: v for k, v in shape.items() if v > 1},
+            "devices": math.prod(shape.values()),
+            "shape": f"{rows} x {T} in {accum} micro-batches (the KL reference, Stage._ref_logp)",
+            "params_bytes": bf16_bytes, "optimizer_bytes": 0, "cache_bytes": 0,
+            "seconds": time.perf_counter() - t0, "flops": flops, **m}
+    cp, tp = shape.get("context", 1), shape.get("tensor", 1)
+    bdev = math.prod(shape.get(a, 1) for a in RULES.activations["batch"])
+    corr = attention_score_bytes(mcfg, max(1, rows // accum // bdev),
+                                 mcfg.num_attention_heads // tp, T // cp, T)
+    st = abstract_train_state(mcfg, config.optimizer, mesh)
+    resident = _shard_bytes(st.params) + _shard_bytes(st.opt_state)
+    # the reference copy itself is an argument of the program (params_bytes, in total_bytes)
     return _finish(prog, target, devices=prog["devices"], tokens=rows * T,
                    useful_per_token=_model_flops_per_token(mcfg, T, False), resident=resident,
                    correction=corr)
