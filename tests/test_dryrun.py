@@ -257,7 +257,6 @@ def test_30b_mopd_weight_sync_on_64_devices():
 
 
 SHORT = {  # measured (docs/sharding.md §5): strict, so a fix turns them into failures to update
-    "sft": "train: 75.0 GiB per device on H100-80GB, 3.0 GiB short of 10 % headroom (fits the v5p)",
     "long_context_rl": "rollout_prefill of 4 x 32768 tokens: 483 GiB per device planned (padded "
                        "expert exchange on CPU)",
 }
