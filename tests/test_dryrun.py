@@ -213,6 +213,45 @@ STAGES_30B = ("sft", "if_rl", "multi_domain_rl", "mopd", "rlhf_teacher", "rlhf",
               "code_rl", "swe_rl")
 
 
+def _shape_only_mesh(mesh_cfg):
+    """An object with a mesh's ``axis_names`` and ``devices.shape`` (all the layout checks
+    read), for checking a 64-device layout without 64 devices."""
+    import types
+
+    import numpy as np
+
+    from cascade_jax.sharding.mesh import resolve_sizes
+    from cascade_jax.sharding.rules import MESH_AXES
+
+    sizes = resolve_sizes(mesh_cfg, math.prod(max(1, getattr(mesh_cfg, a)) for a in MESH_AXES))
+    return types.SimpleNamespace(axis_names=tuple(MESH_AXES),
+                                 devices=np.empty([sizes[a] for a in MESH_AXES], dtype=object))
+
+
+@pytest.mark.parametrize("stage", STAGES_30B)
+def test_30b_stage_layout_is_consistent(stage):
+    """CI, no compile: every shipped 30B config's mesh is its target's 64 devices, splits the
+    model (whole heads, KV heads, Mamba heads and groups, experts), its train batch (each
+    micro-batch over the batch axes, the row over the context axis), and its rollout mesh fits
+    one 8-device node and splits the model too. (Whether it fits memory: the slow dry run.)"""
+    from cascade_jax.runner import build as B
+    from cascade_jax.sharding.state import validate_model_mesh
+    import configs
+
+    cfg = C.load(str(configs.stage_path(stage)))
+    t = D.resolve_target(cfg)
+    assert (t.devices, t.platform, t.memory_bytes) == (64, "gpu", 80 * GIB)
+    mcfg = B.model_config(cfg)
+    mesh = _shape_only_mesh(cfg.mesh)
+    assert mesh.devices.size == 64
+    validate_model_mesh(mcfg, mesh)
+    B.check_batch_fits_mesh(cfg, mesh)
+    if cfg.stage.objective != "sft":
+        rmesh = _shape_only_mesh(cfg.target.rollout_mesh)
+        assert rmesh.devices.size == 8
+        validate_model_mesh(mcfg, rmesh)
+
+
 def _check_30b_report(rep, stage, want_programs):
     assert rep["stage"] == stage and rep["preset"] == "nano-30b-a3b"
     assert rep["target"]["devices"] == 64 and rep["target"]["device_memory_gib"] == 80
