@@ -284,8 +284,8 @@ class Stage:
         stage's starting weights at the temperature ``τ`` of the batch's sampling contract
         (``batch.sampling.logprob_temperature``; 0 off the response tokens), for the KL term of
         ``grpo_loss``. Runs as the train step does: ``optimizer.grad_accum`` micro-batches
-        (``sharding.reference_logprobs``) and, with a mesh, compiled for it
-        (``sharding.compile_reference_logprobs``: the reference weights on the params'
+        (``sharding.step.reference_logprobs``) and, with a mesh, compiled for it
+        (``sharding.step.compile_reference_logprobs``: the reference weights on the params'
         shardings, the batch placed as the train step places it)."""
         from cascade_jax.sharding.step import compile_reference_logprobs, reference_logprobs
 
