@@ -74,6 +74,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cascade_jax.sharding import rollout as layout
+from cascade_jax.sharding.moe import make_moe_dispatch
+from cascade_jax.sharding.rules import RULES, ShardingError
+from cascade_jax.sharding.state import param_shardings, replicated
+from cascade_jax.sharding.step import activation_partitioner
+from models.nemotron_h.partitioning import use_partitioner
+
 from .sampler import sample_tokens
 from .scoring import score_logprobs
 from .types import Request, RolloutError, Rollouts, Sample, sample_seed
@@ -198,6 +205,17 @@ class JaxEngine:
                      (SGLang's layout; kept on the device per slot, ``[S, max_len, L_moe, K]``)
     model            module with ``prefill`` / ``decode_step`` / ``init_cache`` /
                      ``hidden_states`` (default ``models.nemotron_h``)
+    mesh             None (one device, as given), or the engine's mesh over the devices of one
+                     node: a ``jax.sharding.Mesh``, a ``MeshConfig`` or its text
+                     ``"tensor:4,expert:2"`` (:func:`cascade_jax.sharding.rollout.engine_mesh`).
+                     Parameters, caches and slot state are placed with ``NamedSharding``s from the
+                     rules table (:mod:`cascade_jax.sharding.rollout`), the prefill and decode
+                     programs are jitted with them and traced under the mesh's activation
+                     partitioner and MoE dispatch (expert-parallel with an ``expert`` axis);
+                     ``num_slots`` and every ``prefill_sizes`` entry must be multiples of the
+                     slots' split (default prefill sizes: its powers-of-two multiples)
+    rules            the rules table (default :data:`cascade_jax.sharding.RULES`)
+    a2a              the expert-parallel token exchange (``mesh.a2a``: auto | ragged | padded)
     """
 
     def __init__(self, model_cfg, params, *, num_slots: int = 8, max_len: int = 2048,
@@ -205,11 +223,27 @@ class JaxEngine:
                  prefill_sizes: Optional[Sequence[int]] = None, steps_per_call: int = 16,
                  weight_version: str = "0", seed: int = 0, overlap: bool = False,
                  max_stop_tokens: int = 8, refill_batch: Optional[int] = None, model=None,
-                 return_routed_experts: bool = False):
+                 return_routed_experts: bool = False, mesh=None, rules=None, a2a: str = "auto"):
         if model is None:
             from models import nemotron_h as model
         if num_slots < 1:
             raise ValueError(f"num_slots: must be >= 1, got {num_slots}")
+        self.rules = RULES if rules is None else rules
+        if mesh is not None:  # ShardingError (a ValueError) naming the field
+            mesh = layout.engine_mesh(mesh)
+        self.mesh, self._a2a = mesh, a2a
+        split = 1 if mesh is None else layout.batch_split(mesh, self.rules)
+        if num_slots % split:
+            raise ShardingError(f"num_slots: {num_slots} slots cannot be split over the mesh's "
+                                f"batch axes ({split} ways); use a multiple of {split}")
+        if mesh is not None and not prefill_sizes:
+            prefill_sizes = [split << i for i in range((num_slots // split).bit_length())
+                             if (split << i) <= num_slots]
+        elif prefill_sizes:
+            odd = [int(z) for z in prefill_sizes if int(z) % split]
+            if odd:
+                raise ShardingError(f"prefill_sizes: {odd[0]} rows cannot be split over the mesh's "
+                                    f"batch axes ({split} ways); use multiples of {split}")
         if steps_per_call < 1:
             raise ValueError(f"steps_per_call: must be >= 1, got {steps_per_call}")
         buckets = tuple(sorted(set(int(b) for b in (prompt_buckets or default_prompt_buckets(max_len)))))
@@ -239,8 +273,11 @@ class JaxEngine:
         self._cache_dtype = params["embed"].dtype
         self._released: set = set()  # memory tags freed by release_memory
         self._host_params = None
-        self._cache = model.init_cache(model_cfg, S, self.max_len, dtype=params["embed"].dtype)
-        self._logits = jnp.zeros((S, self.vocab_size), jnp.float32)
+        self._param_sh = None if mesh is None else param_shardings(model_cfg, mesh, self.rules)
+        if mesh is not None:  # each device receives only its shards (host or other-mesh input)
+            self._params = jax.tree.map(lambda x, sh: jax.device_put(x, sh), params, self._param_sh)
+        self._cache = self._new_cache()
+        self._logits = self._place(jnp.zeros((S, self.vocab_size), jnp.float32))
         # host-side slot state
         self._jobs: list = [None] * S
         # device-side slot state (written by admission, advanced by decoding): position of
@@ -256,6 +293,9 @@ class JaxEngine:
             n_moe = sum(k == "E" for k in model_cfg.pattern)
             self._rx_shape = (S, self.max_len, n_moe, model_cfg.num_experts_per_tok)
             self._slots["rx"] = jnp.full(self._rx_shape, -1, jnp.int32)
+        self._slots_sh = None if mesh is None else layout.slot_shardings(self._slots, mesh, self.rules)
+        if mesh is not None:
+            self._slots = jax.device_put(self._slots, self._slots_sh)
 
         self._queue: collections.deque = collections.deque()
         self._handles: dict = {}  # rid -> handle (in flight)
@@ -270,8 +310,56 @@ class JaxEngine:
         self.overlap = bool(overlap)
         self._inflight = None  # (tokens, logp, active) of the last decode call, unread
 
-        self._admit_fn = jax.jit(self._admit_impl, donate_argnums=(1, 2, 3))
-        self._decode_fn = jax.jit(self._decode_impl, donate_argnums=(1, 2, 3))
+        self._admit_fn, self._decode_fn = self._programs()
+
+    # ------------------------------------------------------------------------------------------
+    # placement on the mesh
+
+    def _place(self, x, sharding=None):
+        """``x`` on ``sharding`` (default replicated) when the engine has a mesh, else as is."""
+        if self.mesh is None:
+            return x
+        return jax.device_put(x, replicated(self.mesh) if sharding is None else sharding)
+
+    def _new_cache(self):
+        """An empty decode cache (``model.init_cache``), created directly in its shards."""
+        make = lambda: self.model.init_cache(self.model_cfg, self.num_slots, self.max_len,
+                                             dtype=self._cache_dtype)
+        if self.mesh is None:
+            return make()
+        shardings = layout.cache_shardings(jax.eval_shape(make), self.mesh, self.rules)
+        return jax.jit(make, out_shardings=shardings)()
+
+    def param_shardings(self):
+        """The parameters' shardings (pytree like the params), or None without a mesh: what a
+        weight load should place each leaf on (``load_checkpoint(..., sharding=...)``)."""
+        return self._param_sh
+
+    def _programs(self):
+        """The jitted admission and decode programs. With a mesh: in/out shardings of the
+        params, cache, logits and slot state fixed (host inputs replicated), cache, logits and
+        slot state donated, and the trace run under the mesh's activation partitioner and MoE
+        dispatch (the model's ``constrain`` calls and expert-parallel / token-local MoE)."""
+        if self.mesh is None:
+            return (jax.jit(self._admit_impl, donate_argnums=(1, 2, 3)),
+                    jax.jit(self._decode_impl, donate_argnums=(1, 2, 3)))
+        partitioner = activation_partitioner(self.mesh, self.rules)
+        dispatch = make_moe_dispatch(self.mesh, self.rules, a2a=self._a2a)
+
+        def under_mesh(fn):
+            def traced(*args):
+                with use_partitioner(partitioner, dispatch):
+                    return fn(*args)
+            return traced
+
+        rep = replicated(self.mesh)
+        c_sh = layout.cache_shardings(self._cache, self.mesh, self.rules)
+        state = (self._param_sh, c_sh, rep, self._slots_sh)
+        admit = jax.jit(under_mesh(self._admit_impl), in_shardings=state + (rep,) * 4,
+                        out_shardings=state[1:], donate_argnums=(1, 2, 3))
+        decode = jax.jit(under_mesh(self._decode_impl), in_shardings=state + (rep,),
+                         out_shardings=state[1:] + (rep,) * 3, donate_argnums=(1, 2, 3))
+        return admit, decode
 
     # ------------------------------------------------------------------------------------------
     # jitted programs
@@ -675,14 +763,22 @@ class JaxEngine:
                               temperature=temperature)
 
     def update_weights(self, params, version: str, *, timeout: float = 600.0,
-                       check_order: bool = True) -> None:
+                       check_order: bool = True, donate: bool = False) -> None:
         """Swap in ``params`` labelled ``version`` (:func:`check_version_order`; with
         ``check_order=False`` any label is taken, the current one included: a bucket of a
         multi-part update). Same tree
         and shapes required (:class:`RolloutError` naming the first bad leaf); leaves already
         on the engine's sharding and dtype are used without a copy, others are converted.
         Stops admitting, lets running samples finish (driving :meth:`step` itself when no
-        background loop runs), swaps, resumes admitting."""
+        background loop runs), swaps, resumes admitting.
+
+        On a mesh the new weights land in place: every leaf is ``device_put`` straight onto the
+        engine's existing ``NamedSharding`` (a host array sends each device its slice, an array
+        on another mesh is resharded device to device; nothing is gathered onto one device), a
+        dtype cast runs on the leaf's own devices first and its temporary is donated. The
+        replaced weights are dropped when the swap is done (freed unless the caller still holds
+        them). ``donate=True``: the caller hands ``params`` over, so leaves that must move are
+        donated (freed as they land) instead of copied."""
         version = str(version)
         with self._cond:
             if self._released:
@@ -690,7 +786,7 @@ class JaxEngine:
                                    f"({sorted(self._released)}); resume it first")
             if check_order:
                 check_version_order(self._version, version)
-        new = self._conform(params)
+        new = self._conform(params, donate)
         deadline = time.monotonic() + timeout
         with self._cond:
             self._admitting = False
@@ -718,7 +814,7 @@ class JaxEngine:
                 self._admitting = True
                 self._cond.notify_all()
 
-    def _conform(self, params):
+    def _conform(self, params, donate: bool = False):
         old_leaves, old_def = jax.tree.flatten_with_path(self._params)
         new_leaves, new_def = jax.tree.flatten_with_path(params)
         if old_def != new_def:
@@ -730,11 +826,14 @@ class JaxEngine:
             if tuple(leaf.shape) != tuple(old.shape):
                 raise RolloutError(f"update_weights: {name} has shape {tuple(leaf.shape)}, "
                                    f"expected {tuple(old.shape)}")
-            if leaf.dtype != old.dtype:
-                leaf = jnp.asarray(leaf, old.dtype)
+            given = leaf
+            if leaf.dtype != old.dtype:  # on the host, or on the leaf's own devices
+                leaf = (leaf.astype(old.dtype) if isinstance(leaf, jax.Array)
+                        else np.asarray(leaf, old.dtype))
             sharding = getattr(old, "sharding", None)
             if sharding is not None and getattr(leaf, "sharding", None) != sharding:
-                leaf = jax.device_put(leaf, sharding)
+                mine = isinstance(leaf, jax.Array) and (leaf is not given or donate)
+                leaf = jax.device_put(leaf, sharding, donate=mine)
             out.append(leaf)
         return jax.tree.unflatten(old_def, out)
 
@@ -813,12 +912,12 @@ class JaxEngine:
                 self._released.discard("weights")
                 out["weights"] = sum(int(x.nbytes) for x in leaves)
             if "kv_cache" in tags and "kv_cache" in self._released:
-                self._cache = self.model.init_cache(self.model_cfg, self.num_slots, self.max_len,
-                                                    dtype=self._cache_dtype)
-                self._logits = jnp.zeros((self.num_slots, self.vocab_size), jnp.float32)
+                self._cache = self._new_cache()
+                self._logits = self._place(jnp.zeros((self.num_slots, self.vocab_size), jnp.float32))
                 if self.return_routed_experts:
-                    self._slots["rx"] = jnp.full(self._rx_shape, -1, jnp.int32)
-                self._slots["done"] = jnp.ones(self.num_slots, bool)
+                    self._slots["rx"] = self._place(jnp.full(self._rx_shape, -1, jnp.int32),
+                                                    self._slots_sh and self._slots_sh["rx"])
+                self._slots["done"] = self._place(jnp.ones(self.num_slots, bool))
                 self._released.discard("kv_cache")
                 out["kv_cache"] = sum(int(x.nbytes) for x in jax.tree.leaves(self._cache)) + int(self._logits.nbytes) \
                     + (int(self._slots["rx"].nbytes) if "rx" in self._slots else 0)
