@@ -337,7 +337,8 @@ class JaxEngine:
 
     def _programs(self):
         """The jitted admission and decode programs. With a mesh: in/out shardings of the
-        params, cache, logits and slot state fixed (host inputs replicated), cache, logits and
+        params, cache, logits and slot state fixed (admitted rows split like the slots, the
+        decode's ``refill`` replicated), cache, logits and
         slot state donated, and the trace run under the mesh's activation partitioner and MoE
         dispatch (the model's ``constrain`` calls and expert-parallel / token-local MoE)."""
         if self.mesh is None:
@@ -353,9 +354,10 @@ class JaxEngine:
             return traced
 
         rep = replicated(self.mesh)
+        rows = layout.rows_sharding(self.prefill_sizes[0], self.mesh, self.rules)  # as the slots
         c_sh = layout.cache_shardings(self._cache, self.mesh, self.rules)
         state = (self._param_sh, c_sh, rep, self._slots_sh)
-        admit = jax.jit(under_mesh(self._admit_impl), in_shardings=state + (rep,) * 4,
+        admit = jax.jit(under_mesh(self._admit_impl), in_shardings=state + (rows,) * 4,
                         out_shardings=state[1:], donate_argnums=(1, 2, 3))
         decode = jax.jit(under_mesh(self._decode_impl), in_shardings=state + (rep,),
                          out_shardings=state[1:] + (rep,) * 3, donate_argnums=(1, 2, 3))

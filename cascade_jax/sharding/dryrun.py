@@ -76,6 +76,7 @@ from models.nemotron_h.partitioning import use_partitioner
 from .context import make_context_parallel
 from .mesh import make_mesh, mesh_shape, resolve_sizes
 from .moe import make_moe_dispatch
+from . import rollout as layout
 from .plan import FAST_COMPILE, PlanError, jaxpr_flops, plan
 from .rules import RULES, ShardingError, logical_to_spec
 from .state import param_shardings, replicated, validate_model_mesh
@@ -188,20 +189,6 @@ def abstract_params(model_cfg, mesh, dtype=jnp.bfloat16, rules=RULES):
     specs = nh.param_specs(model_cfg)
     shape = jax.eval_shape(lambda m: compute_params(m, specs, dtype), master)
     return _sized(shape, param_shardings(model_cfg, mesh, rules))
-
-
-def _cache_shardings(cache, mesh, rules=RULES):
-    shape = mesh_shape(mesh)
-    names = {"k": ("cache_batch", "cache_seq", "kv_heads", "head_dim"),
-             "v": ("cache_batch", "cache_seq", "kv_heads", "head_dim"),
-             "conv": ("cache_batch", None, None), "ssm": ("cache_batch", "ssm_heads", None, None)}
-    out = []
-    for layer in cache:
-        out.append({k: NamedSharding(mesh, logical_to_spec(names[k], rules.activations,
-                                                            mesh_shape=shape, shape=v.shape,
-                                                            what=f"decode cache {k!r}"))
-                    for k, v in layer.items()})
-    return out
 
 
 def _compile(fn, args, *, mesh, rules=RULES, a2a="auto", donate=(), flops_fn=None):
@@ -498,7 +485,7 @@ def _engine_programs(config, mcfg, rmesh, target, dtype, want, log):
     params = abstract_params(mcfg, rmesh, dtype)
     p_bytes = _shard_bytes(params)
     cache = jax.eval_shape(lambda: nh.init_cache(mcfg, S, max_len, dtype=dtype))
-    cache = _sized(cache, _cache_shardings(cache, rmesh))
+    cache = _sized(cache, layout.cache_shardings(cache, rmesh))  # as JaxEngine(mesh=...) places them
     c_bytes = _shard_bytes(cache)
     rep = replicated(rmesh)
     sds = lambda shp, dt: jax.ShapeDtypeStruct(shp, dt, sharding=rep)
@@ -509,15 +496,14 @@ def _engine_programs(config, mcfg, rmesh, target, dtype, want, log):
              "stops": sds((S, 8), jnp.int32), "done": sds((S,), jnp.bool_)}
     if r.routing_replay:
         slots["rx"] = sds((S, max_len, mcfg.pattern.count("E"), mcfg.num_experts_per_tok), jnp.int32)
+    slots = _sized(slots, layout.slot_shardings(slots, rmesh))  # recorded experts split like the cache
     out = []
     mesh_d = {k: v for k, v in rshape.items() if v > 1}
     if "rollout_prefill" in want:
         nb = max(r.prefill_sizes) if r.prefill_sizes else S
         Pb = min(b for b in default_prompt_buckets(max_len) if b >= r.max_prompt_len)
         # the admitted rows split over the mesh's batch axes, as the cache's slots are
-        rows_sh = NamedSharding(rmesh, logical_to_spec(("cache_batch",), RULES.activations,
-                                                       mesh_shape=rshape, shape=(nb,),
-                                                       what="rollout.prefill_sizes rows"))
+        rows_sh = layout.rows_sharding(nb, rmesh, what="rollout.prefill_sizes rows")
         rsd = lambda shp, dt: jax.ShapeDtypeStruct(shp, dt, sharding=rows_sh)
         args = (params, cache, logits, slots, rsd((nb, Pb), jnp.int32), rsd((nb, 6), jnp.int32),
                 rsd((nb, 2), jnp.float32), rsd((nb, 8), jnp.int32))
