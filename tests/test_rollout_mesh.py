@@ -14,7 +14,9 @@ Mesh ``tensor:2,expert:4`` on the tiny model (4 query / 2 KV heads, 8 Mamba head
   cache keeps its shardings through the donated prefill / decode programs.
 * Update: a host (numpy) copy of other weights lands on the same shardings (every leaf's
   ``.sharding`` checked), both engines then generate equal samples, which differ from the
-  first weights' ones; weights already on the engine's shardings are taken without a copy.
+  first weights' ones; weights already on the engine's shardings are taken without a copy; after
+  ``release_memory`` / ``resume_memory`` weights and cache are back on their shardings and the
+  first weights' samples come again.
 * Bad meshes are :class:`~cascade_jax.sharding.ShardingError` naming the field: KV heads not
   divided, experts not divided, more devices than present, an unknown axis, a context axis,
   slots / prefill rows not split by the batch axes.
@@ -99,6 +101,29 @@ def test_mesh_engine_placement_and_update_keep_shardings(child):
     u = child["update"]
     assert u["shardings_kept"] and u["cache_kept"], u
     assert u["no_copy_when_on_shardings"], u
+    # back on the first weights (already sharded), then released and resumed: the first samples
+    r = child["resumed"]
+    assert r["shardings_kept"] and r["cache_kept"], r
+    assert r["tokens_equal"] and r["experts_equal"] and r["logp_diff"] <= LOGP_TOL, r
+
+
+def test_parse_mesh_names_the_bad_entry():
+    from cascade_jax.config import MeshConfig
+    from cascade_jax.sharding import ShardingError
+    from cascade_jax.sharding.rollout import engine_mesh, parse_mesh
+
+    assert parse_mesh(" tensor:4, expert:2 ") == MeshConfig(tensor=4, expert=2, fsdp=1)
+    for text, msg in (("tensor:4,tensor:2", "--mesh: axis 'tensor' given twice"),
+                      ("tensor:x", "--mesh: size of 'tensor' must be an integer, got 'x'"),
+                      ("expert:0", "--mesh: size of 'expert' must be >= 1, got 0"),
+                      ("tensor=2", "--mesh: bad entry 'tensor=2'"), (",", "--mesh: empty mesh ','")):
+        with pytest.raises(ShardingError) as e:
+            parse_mesh(text)
+        assert str(e.value).startswith(msg), (text, str(e.value))
+    with pytest.raises(ShardingError) as e:  # this process has fewer devices than the mesh asks for
+        engine_mesh(f"tensor:{jax.device_count() + 1}")
+    assert str(e.value) == (f"mesh: tensor:{jax.device_count() + 1} needs {jax.device_count() + 1} devices, "
+                            f"only {jax.device_count()} present")
 
 
 def test_mesh_errors_name_the_field(child):
@@ -209,6 +234,11 @@ def main():
     out["update"] = {"shardings_kept": after == before, "cache_kept": cache_kept(),
                      "no_copy_when_on_shardings": all(a is b for a, b in zip(jax.tree.leaves(sh.params()),
                                                                             jax.tree.leaves(placed)))}
+    del placed  # released below: the engine's weight buffers are deleted
+    sh.release_memory()
+    sh.resume_memory()
+    out["resumed"] = {"shardings_kept": [x.sharding for x in jax.tree.leaves(sh.params())] == before,
+                      "cache_kept": cache_kept(), **_compare(r_sh, sh.generate(reqs))}
 
     def error(fn):
         try:
