@@ -98,6 +98,10 @@ def test_mesh_engine_placement_and_update_keep_shardings(child):
     assert p["k_spec"] == str(jax.sharding.PartitionSpec("expert", None, "tensor")), p
     assert p["ssm_spec"] == str(jax.sharding.PartitionSpec("expert", "tensor")), p
     assert p["cache_kept_after_generate"] and p["devices"] == 8, p
+    # what one device holds: the K/V and SSM states 1/8, the conv states 1/4 (slots only), the
+    # weights under half (norms, conv and Mamba vectors replicated; the rest split 2 or 8 ways)
+    (cache_dev, cache_all), (par_dev, par_all) = p["cache_bytes"], p["param_bytes"]
+    assert cache_all / 8 <= cache_dev < cache_all / 4 and par_all / 8 < par_dev < par_all / 2, p
     u = child["update"]
     assert u["shardings_kept"] and u["cache_kept"], u
     assert u["no_copy_when_on_shardings"], u
@@ -215,7 +219,14 @@ def main():
     r_one, r_sh = one.generate(reqs), sh.generate(reqs)
     out["initial"] = _compare(r_one, r_sh)
     cache_kept = lambda: [x.sharding for x in jax.tree.leaves(sh._cache)] == jax.tree.leaves(cache_sh)
+    def per_device(tree):  # (bytes on the first device, bytes of the whole arrays)
+        xs = jax.tree.leaves(tree)
+        d0 = sh.mesh.devices.flat[0]
+        return (sum(s.data.nbytes for x in xs for s in x.addressable_shards if s.device == d0),
+                sum(x.nbytes for x in xs))
+
     out["placement"] = {
+        "param_bytes": per_device(sh.params()), "cache_bytes": per_device(sh._cache),
         "params_on_rules_shardings": before == expected, "n_params": len(leaves),
         "n_split_params": sum(not s.is_fully_replicated for s in before),
         "k_spec": str(k_sh.spec), "ssm_spec": str(ssm_sh.spec), "devices": len(k_sh.device_set),
