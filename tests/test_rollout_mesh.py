@@ -22,8 +22,8 @@ Mesh ``tensor:2,expert:4`` on the tiny model (4 query / 2 KV heads, 8 Mamba head
   slots / prefill rows not split by the batch axes.
 * ``launch/serve.py --mesh tensor:2,expert:4`` in a real subprocess answers ``/generate`` with
   the unsharded engine's tokens and log-probs (``LOGP_TOL``), then loads a disk update onto its
-  shards and answers with the new weights' samples; bad ``--mesh`` values end the start with
-  exit code 2 and one ``error:`` line naming ``--mesh``.
+  shards and answers with the new weights' samples (``slow``: two compiles in a child); bad
+  ``--mesh`` values end the start with exit code 2 and one ``error:`` line naming ``--mesh``.
 """
 
 from __future__ import annotations
@@ -146,6 +146,18 @@ def _serve(ckpt, mesh, port, log):
     return subprocess.Popen(cmd, cwd=REPO, env=child_env(8), stdout=log, stderr=subprocess.STDOUT)
 
 
+def test_serve_bad_mesh_is_one_error_line_naming_the_flag(tmp_path):
+    ck = write_version(params(0), nh.preset("tiny"), tmp_path, "0")
+    for bad, text in (("tensor:4", "--mesh tensor:4: mesh axis 'tensor' (size 4) does not divide "
+                                   "num_key_value_heads=2"),
+                      ("tensor:16", "--mesh: tensor:16 needs 16 devices, only 8 present")):
+        proc = subprocess.run([sys.executable, "-m", "launch.serve", "--checkpoint", str(ck), "--mesh", bad,
+                               "--compilation-cache-dir", ""],
+                              cwd=REPO, env=child_env(8), capture_output=True, text=True, timeout=300)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and lines and lines[-1].startswith(f"error: {text}"), proc.stderr
+
+
 @pytest.mark.slow
 def test_serve_with_mesh_answers_generate(tmp_path):
     cfg = nh.preset("tiny")
@@ -156,13 +168,6 @@ def test_serve_with_mesh_answers_generate(tmp_path):
     ref0 = eng.generate(reqs)
     eng.update_weights(p1, "1")
     ref1 = eng.generate(reqs)
-
-    for bad, text in (("tensor:4", "--mesh tensor:4: mesh axis 'tensor' (size 4) does not divide "
-                                   "num_key_value_heads=2"),
-                      ("tensor:16", "--mesh: tensor:16 needs 16 devices, only 8 present")):
-        proc = subprocess.run([sys.executable, "-m", "launch.serve", "--checkpoint", str(ck0), "--mesh", bad],
-                              cwd=REPO, env=child_env(8), capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith(f"error: {text}"), proc.stderr
 
     port, log_path = free_port(), tmp_path / "serve.log"
     with open(log_path, "wb") as log:
