@@ -497,6 +497,13 @@ def _engine_programs(config, mcfg, rmesh, target, dtype, want, log):
     if r.routing_replay:
         slots["rx"] = sds((S, max_len, mcfg.pattern.count("E"), mcfg.num_experts_per_tok), jnp.int32)
     slots = _sized(slots, layout.slot_shardings(slots, rmesh))  # recorded experts split like the cache
+    # the engine's own jitted programs (JaxEngine._programs): its in / out shardings, traced
+    # under the rollout mesh's partitioner and MoE dispatch
+    eng.mesh, eng.rules, eng._a2a = rmesh, RULES, "auto"  # the padded exchange on a CPU host
+    eng._param_sh, eng._cache = param_shardings(mcfg, rmesh), cache
+    eng._slots_sh = {k: v.sharding for k, v in slots.items()}
+    eng.prefill_sizes = (max(r.prefill_sizes) if r.prefill_sizes else S,)
+    admit_fn, decode_fn = eng._programs()
     out = []
     mesh_d = {k: v for k, v in rshape.items() if v > 1}
     if "rollout_prefill" in want:
@@ -510,7 +517,7 @@ def _engine_programs(config, mcfg, rmesh, target, dtype, want, log):
         log(f"compiling rollout_prefill ({nb} x {Pb}) ...")
         fl = lambda: jaxpr_flops(jax.make_jaxpr(lambda p, t: nh.prefill(
             p, t, mcfg, max_len=Pb, last_only=True))(params, args[4]))
-        m, flops, secs = _compile(eng._admit_impl, args, mesh=rmesh, donate=(1, 2, 3), flops_fn=fl)
+        m, flops, secs = _compile(admit_fn, args, mesh=rmesh, donate=(1, 2, 3), flops_fn=fl)
         prog = {"program": "rollout_prefill", "mesh": mesh_d, "devices": ndev,
                 "shape": f"{nb} x {Pb} into {S} slots x {max_len}", "params_bytes": p_bytes,
                 "optimizer_bytes": 0, "cache_bytes": c_bytes, "seconds": secs, "flops": flops, **m}
@@ -524,7 +531,7 @@ def _engine_programs(config, mcfg, rmesh, target, dtype, want, log):
         tokv = sds((S,), jnp.int32)
         fl = lambda: jaxpr_flops(jax.make_jaxpr(lambda p, c, t: nh.decode_step(
             p, c, t, t, mcfg))(params, cache, tokv)) * r.steps_per_call
-        m, flops, secs = _compile(eng._decode_impl, (params, cache, logits, slots, sds((), jnp.int32)),
+        m, flops, secs = _compile(decode_fn, (params, cache, logits, slots, sds((), jnp.int32)),
                                   mesh=rmesh, donate=(1, 2, 3), flops_fn=fl)
         prog = {"program": "rollout_decode", "mesh": mesh_d, "devices": ndev,
                 "shape": f"{S} slots x {max_len}, {r.steps_per_call} tokens per call",
