@@ -1,6 +1,7 @@
 """The JAX rollout server (SGLang's HTTP protocol over the embedded JAX engine).
 
     python launch/serve.py --checkpoint DIR [--host 127.0.0.1] [--port N] [--api-key K] [--num-slots N] ...
+    python launch/serve.py --checkpoint DIR --mesh tensor:4,expert:2 ...   # one node's 8 devices
 
 Prints ``ready: serving http://HOST:PORT (...)`` once it answers requests; a bad start ends in one
 ``error: ...`` line with the project's exit code (2 config, 3 missing file, 5 checkpoint, 6 rollout

@@ -29,6 +29,12 @@ Behaviour:
 * ``--zero-mismatch``: each item's samples come from :func:`cascade_jax.rollout.exact.
   generate_exact` over rows of ``--max-len`` tokens with the current weights (a trainer using
   ``row_len = --max-len`` recomputes the log-probs bit for bit); top-p < 1 / top-k are refused.
+* ``--mesh tensor:4,expert:2``: the engine runs on a mesh over this node's devices
+  (:mod:`cascade_jax.sharding.rollout`): the checkpoint is read straight into the weights'
+  shards, caches are sharded by the same rules table, and disk / distributed weight updates are
+  loaded onto the engine's shardings (each device gets its slices; nothing gathered on one).
+  A mesh that asks for more devices than present, names an unknown axis or does not split the
+  model's heads / experts / the slots is a start-up error naming the field (exit code 2).
 * ``return_routed_experts: true`` adds ``meta_info.routed_experts`` in SGLang 0.5.23's layout:
   base64 of int32 ``[P + R - 1, num_hidden_layers, top_k]``, each MoE layer's experts at its
   global layer index, the other layers 0 (:class:`sglang_api.RoutedLayout`); the server must
@@ -85,6 +91,10 @@ import jax.numpy as jnp
 import numpy as np
 from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+
+from cascade_jax.sharding.rollout import engine_mesh, parse_mesh
+from cascade_jax.sharding.rules import ShardingError
+from cascade_jax.sharding.state import param_shardings
 
 from . import openai_api, sglang_api
 from .scoring import pow2_at_least
@@ -452,6 +462,12 @@ class RolloutServer:
                 raise RequestError("weight_version", str(e)) from None
         return v
 
+    def _param_shardings(self):
+        """Where a weight update's leaves are loaded: the engine's shardings on its mesh (each
+        device reads its own slice; nothing is gathered onto one device), None without one."""
+        fn = getattr(self.engine, "param_shardings", None)
+        return None if fn is None else fn()
+
     def _check_released(self, what: str):
         released = self.engine.released() if hasattr(self.engine, "released") else ()
         if "weights" in released:
@@ -474,7 +490,8 @@ class RolloutServer:
             version = self._check_version(body)
             path = body["model_path"]
             try:
-                cfg, params = await asyncio.to_thread(nh.load_checkpoint, path, dtype=self.dtype)
+                cfg, params = await asyncio.to_thread(nh.load_checkpoint, path, dtype=self.dtype,
+                                                      sharding=self._param_shardings())
             except (nh.CheckpointError, OSError, ValueError) as e:
                 return _update_reply(False, f"Failed to update weights from {path}: {e}. The previous weights "
                                      f"(version {self.engine.weight_version()!r}) keep serving.",
@@ -578,7 +595,8 @@ class RolloutServer:
                     if tuple(a.shape) != tuple(hub[n].shape):
                         raise ValueError(f"{n} has shape {list(a.shape)}, the model's is {list(hub[n].shape)}")
                     hub[n] = np.array(a)
-                params = await asyncio.to_thread(nh.params_from_hub_tensors, hub, self.model_cfg, dtype=self.dtype)
+                params = await asyncio.to_thread(nh.params_from_hub_tensors, hub, self.model_cfg, dtype=self.dtype,
+                                                 sharding=self._param_shardings())
             except (nh.CheckpointError, ValueError) as e:
                 return _update_reply(False, f"Failed to load the received weights: {e}; the previous weights keep "
                                      "serving")
@@ -925,6 +943,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--prefill-sizes", default=None, help="comma-separated admission row counts")
     ap.add_argument("--steps-per-call", type=int, default=4, help="tokens decoded per jitted call")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--mesh", default=None,
+                    help="the engine's mesh over this node's devices, axis:size,... over data, fsdp, expert, "
+                         "tensor (e.g. tensor:4,expert:2); weights and caches are sharded by the rules table "
+                         "(default: one device)")
+    ap.add_argument("--a2a", choices=["auto", "ragged", "padded"], default="auto",
+                    help="expert-parallel token exchange with an expert axis (auto: ragged on GPU/TPU, padded on CPU)")
     ap.add_argument("--enable-return-routed-experts", action="store_true",
                     help="record the experts of every token and MoE layer, so /generate can return them "
                          "(return_routed_experts)")
@@ -986,10 +1010,23 @@ def _serve(args) -> None:
     t_start = time.perf_counter()
     cache_dir = _compilation_cache(args.compilation_cache_dir)
     dtype = None if args.dtype == "auto" else args.dtype
+    mesh = sharding = None
+    if args.mesh is not None:
+        try:
+            mesh = engine_mesh(parse_mesh(args.mesh, field="--mesh"), field="--mesh")
+        except ShardingError as e:
+            raise _Exit(2, str(e)) from None
     if not Path(args.checkpoint).exists():
         raise _Exit(3, f"--checkpoint {args.checkpoint}: no such directory")
+    if mesh is not None:  # each device reads only its slices of the checkpoint
+        try:
+            sharding = param_shardings(nh.ModelConfig.from_json_file(Path(args.checkpoint) / "config.json"), mesh)
+        except ShardingError as e:
+            raise _Exit(2, f"--mesh {args.mesh}: {e}") from None
+        except (OSError, ValueError) as e:
+            raise _Exit(5, f"--checkpoint {args.checkpoint}: config.json: {e}") from None
     try:
-        model_cfg, params = nh.load_checkpoint(args.checkpoint, dtype=dtype)
+        model_cfg, params = nh.load_checkpoint(args.checkpoint, dtype=dtype, sharding=sharding)
     except (nh.CheckpointError, OSError, ValueError) as e:
         raise _Exit(5, f"--checkpoint {args.checkpoint}: {e}") from None
     tokenizer = None
@@ -1004,7 +1041,9 @@ def _serve(args) -> None:
                            prompt_buckets=_ints(args.prompt_buckets, "--prompt-buckets"),
                            prefill_sizes=_ints(args.prefill_sizes, "--prefill-sizes"),
                            steps_per_call=args.steps_per_call, weight_version=args.weight_version, seed=args.seed,
-                           return_routed_experts=args.enable_return_routed_experts)
+                           return_routed_experts=args.enable_return_routed_experts, mesh=mesh, a2a=args.a2a)
+    except ShardingError as e:
+        raise _Exit(2, f"--mesh {args.mesh}: {e}") from None
     except ValueError as e:
         raise _Exit(2, str(e)) from None
     engine.start()

@@ -78,6 +78,7 @@ from models.nemotron_h.partitioning import use_partitioner
 from .context import make_context_parallel
 from .mesh import make_mesh, mesh_shape, resolve_sizes
 from .moe import make_moe_dispatch
+from . import rollout as layout
 from .plan import FAST_COMPILE, PlanError, jaxpr_flops, plan
 from .rules import RULES, ShardingError, logical_to_spec
 from .state import param_shardings, replicated, validate_model_mesh
@@ -190,20 +191,6 @@ def abstract_params(model_cfg, mesh, dtype=jnp.bfloat16, rules=RULES):
     specs = nh.param_specs(model_cfg)
     shape = jax.eval_shape(lambda m: compute_params(m, specs, dtype), master)
     return _sized(shape, param_shardings(model_cfg, mesh, rules))
-
-
-def _cache_shardings(cache, mesh, rules=RULES):
-    shape = mesh_shape(mesh)
-    names = {"k": ("cache_batch", "cache_seq", "kv_heads", "head_dim"),
-             "v": ("cache_batch", "cache_seq", "kv_heads", "head_dim"),
-             "conv": ("cache_batch", None, None), "ssm": ("cache_batch", "ssm_heads", None, None)}
-    out = []
-    for layer in cache:
-        out.append({k: NamedSharding(mesh, logical_to_spec(names[k], rules.activations,
-                                                            mesh_shape=shape, shape=v.shape,
-                                                            what=f"decode cache {k!r}"))
-                    for k, v in layer.items()})
-    return out
 
 
 def _compile(fn, args, *, mesh, rules=RULES, a2a="auto", donate=(), flops_fn=None):
@@ -542,7 +529,7 @@ def _engine_programs(config, mcfg, rmesh, target, dtype, want, log):
     params = abstract_params(mcfg, rmesh, dtype)
     p_bytes = _shard_bytes(params)
     cache = jax.eval_shape(lambda: nh.init_cache(mcfg, S, max_len, dtype=dtype))
-    cache = _sized(cache, _cache_shardings(cache, rmesh))
+    cache = _sized(cache, layout.cache_shardings(cache, rmesh))  # as JaxEngine(mesh=...) places them
     c_bytes = _shard_bytes(cache)
     rep = replicated(rmesh)
     sds = lambda shp, dt: jax.ShapeDtypeStruct(shp, dt, sharding=rep)
@@ -553,22 +540,28 @@ def _engine_programs(config, mcfg, rmesh, target, dtype, want, log):
              "stops": sds((S, 8), jnp.int32), "done": sds((S,), jnp.bool_)}
     if r.routing_replay:
         slots["rx"] = sds((S, max_len, mcfg.pattern.count("E"), mcfg.num_experts_per_tok), jnp.int32)
+    slots = _sized(slots, layout.slot_shardings(slots, rmesh))  # recorded experts split like the cache
+    # the engine's own jitted programs (JaxEngine._programs): its in / out shardings, traced
+    # under the rollout mesh's partitioner and MoE dispatch
+    eng.mesh, eng.rules, eng._a2a = rmesh, RULES, "auto"  # the padded exchange on a CPU host
+    eng._param_sh, eng._cache = param_shardings(mcfg, rmesh), cache
+    eng._slots_sh = {k: v.sharding for k, v in slots.items()}
+    eng.prefill_sizes = (max(r.prefill_sizes) if r.prefill_sizes else S,)
+    admit_fn, decode_fn = eng._programs()
     out = []
     mesh_d = {k: v for k, v in rshape.items() if v > 1}
     if "rollout_prefill" in want:
         nb = max(r.prefill_sizes) if r.prefill_sizes else S
         Pb = min(b for b in default_prompt_buckets(max_len) if b >= r.max_prompt_len)
         # the admitted rows split over the mesh's batch axes, as the cache's slots are
-        rows_sh = NamedSharding(rmesh, logical_to_spec(("cache_batch",), RULES.activations,
-                                                       mesh_shape=rshape, shape=(nb,),
-                                                       what="rollout.prefill_sizes rows"))
+        rows_sh = layout.rows_sharding(nb, rmesh, what="rollout.prefill_sizes rows")
         rsd = lambda shp, dt: jax.ShapeDtypeStruct(shp, dt, sharding=rows_sh)
         args = (params, cache, logits, slots, rsd((nb, Pb), jnp.int32), rsd((nb, 6), jnp.int32),
                 rsd((nb, 2), jnp.float32), rsd((nb, 8), jnp.int32))
         log(f"compiling rollout_prefill ({nb} x {Pb}) ...")
         fl = lambda: jaxpr_flops(jax.make_jaxpr(lambda p, t: nh.prefill(
             p, t, mcfg, max_len=Pb, last_only=True))(params, args[4]))
-        m, flops, secs = _compile(eng._admit_impl, args, mesh=rmesh, donate=(1, 2, 3), flops_fn=fl)
+        m, flops, secs = _compile(admit_fn, args, mesh=rmesh, donate=(1, 2, 3), flops_fn=fl)
         prog = {"program": "rollout_prefill", "mesh": mesh_d, "devices": ndev,
                 "shape": f"{nb} x {Pb} into {S} slots x {max_len}", "params_bytes": p_bytes,
                 "optimizer_bytes": 0, "cache_bytes": c_bytes, "seconds": secs, "flops": flops, **m}
@@ -582,7 +575,7 @@ def _engine_programs(config, mcfg, rmesh, target, dtype, want, log):
         tokv = sds((S,), jnp.int32)
         fl = lambda: jaxpr_flops(jax.make_jaxpr(lambda p, c, t: nh.decode_step(
             p, c, t, t, mcfg))(params, cache, tokv)) * r.steps_per_call
-        m, flops, secs = _compile(eng._decode_impl, (params, cache, logits, slots, sds((), jnp.int32)),
+        m, flops, secs = _compile(decode_fn, (params, cache, logits, slots, sds((), jnp.int32)),
                                   mesh=rmesh, donate=(1, 2, 3), flops_fn=fl)
         prog = {"program": "rollout_decode", "mesh": mesh_d, "devices": ndev,
                 "shape": f"{S} slots x {max_len}, {r.steps_per_call} tokens per call",
