@@ -746,7 +746,7 @@ class RolloutServer:
         }
         own = {k: v for k, v in a.items() if k not in ("api_key", "checkpoint")}
         return {**own, **sglang_args, "zero_mismatch": self.zero_mismatch, "num_slots": e.num_slots,
-                "prompt_buckets": list(e.prompt_buckets), "version": SGLANG_VERSION, "backend": "cascade-jax",
+                "prompt_buckets": list(e.prompt_buckets), "version": SGLANG_VERSION, "backend": sglang_api.BACKEND,
                 "internal_states": [{"num_running_reqs": e.num_running(), "num_waiting_reqs": e.num_queued(),
                                      "last_gen_throughput": self._throughput(), "paused": self.paused,
                                      "inflight": self.inflight, "memory_released": list(e.released())}]}

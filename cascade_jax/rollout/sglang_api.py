@@ -43,6 +43,10 @@ import numpy as np
 
 from .types import FINISH_REASONS, RolloutError, Sample, SamplingParams, sample_seed
 
+#: ``/server_info`` ``backend`` of ``launch/serve.py`` (SGLang has no such field): a trainer that
+#: sees it on every server may sync weights in the params layout (``weight_sync.DiskWeightSync``)
+BACKEND = "cascade-jax"
+
 __all__ = ["GENERATE_FIELDS", "SAMPLING_FIELDS", "BODY_FIELDS", "RequestError", "GenerateItem",
            "parse_generate", "check_body", "generate_item_reply", "encode_generate",
            "encode_score", "decode_sample", "decode_score", "derive_seed", "RoutedLayout",
