@@ -14,6 +14,11 @@
         Baseline: this machine's sequential write (fsync) + read of the same number of bytes in
         the same directory, measured after each sync; ``ratio`` = baseline seconds / (export +
         server load seconds), medians over ``--repeats``; goal >= 0.7.
+
+    python launch/bench_serve.py startup [--serve-flags ...]
+        The tiny server's launch -> ``ready`` line -> first ``/generate`` reply, with an empty
+        persistent compilation cache and again with the filled one (goal: first answer < 30 s on
+        2 cores). Baseline: a fresh interpreter importing jax and running one op.
 """
 
 from __future__ import annotations
@@ -211,6 +216,74 @@ def bench_disk_sync(args) -> dict:
             "load_average": os.getloadavg(), "cpus": os.cpu_count()}
 
 
+def _timed_python(code: str) -> float:
+    """Wall seconds of a fresh ``python -c code`` (this interpreter, this repository first)."""
+    import subprocess
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": _REPO})
+    return time.perf_counter() - t0
+
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _first_answer(ckpt: str, cache_dir: str, extra: list) -> dict:
+    """Launch ``launch/serve.py`` on ``ckpt`` and time launch -> ready line -> first ``/generate``
+    reply (8 greedy tokens) -> a second one."""
+    import subprocess
+    import httpx
+    from cascade_jax.rollout.launcher import free_port
+
+    port = free_port()
+    cmd = [sys.executable, os.path.join(_REPO, "launch", "serve.py"), "--checkpoint", ckpt, "--port", str(port),
+           "--compilation-cache-dir", cache_dir, *extra]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONPATH": _REPO})
+    try:
+        ready_line = ""
+        for line in proc.stdout:
+            if line.startswith("ready:"):
+                ready_line = line.strip()
+                break
+        t_ready = time.perf_counter() - t0
+        body = {"input_ids": [1, 2, 3, 4, 5], "sampling_params": {"max_new_tokens": 8, "temperature": 0}}
+        url = f"http://127.0.0.1:{port}/generate"
+        r = httpx.post(url, json=body, timeout=600)
+        r.raise_for_status()
+        t_first = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        httpx.post(url, json=body, timeout=600).raise_for_status()
+        return {"ready_s": t_ready, "first_generate_s": t_first, "second_generate_latency_s": time.perf_counter() - t1,
+                "ready_line": ready_line}
+    finally:
+        proc.terminate()
+        proc.wait(60)
+
+
+def bench_startup(args) -> dict:
+    """Time to the tiny server's first answer, with an empty and then a filled persistent
+    compilation cache; baseline: a bare ``import jax`` + one op in a fresh interpreter."""
+    import jax
+    from models import nemotron_h as nh
+
+    cfg = nh.preset("tiny")
+    with tempfile.TemporaryDirectory(dir=".") as tmp:
+        ck = os.path.join(tmp, "ckpt")
+        nh.save_checkpoint(nh.init_params(cfg, jax.random.key(0)), cfg, ck)
+        cache = os.path.join(tmp, "xla-cache")
+        load0 = os.getloadavg()
+        cold = _first_answer(ck, cache, args.serve_flags)
+        warm = _first_answer(ck, cache, args.serve_flags)
+    base = _timed_python("import jax, jax.numpy as jnp; jnp.zeros(1).block_until_ready()")
+    imports = _timed_python("import cascade_jax.rollout.server, uvicorn, fastapi")
+    return {"bench": "serve_startup", "serve_flags": args.serve_flags, "cold_cache": cold, "warm_cache": warm,
+            "baseline_import_jax_s": base, "import_server_modules_s": imports,
+            "ratio_cold_first_answer_vs_import_jax": cold["first_generate_s"] / base,
+            "ratio_warm_first_answer_vs_import_jax": warm["first_generate_s"] / base, "goal_first_answer_s": 30,
+            "load_average_before": load0, "load_average_after": os.getloadavg(), "cpus": os.cpu_count()}
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="which", required=True)
@@ -225,9 +298,12 @@ def main(argv=None) -> None:
     b.add_argument("--layout", choices=["auto", "hub", "params"], default="auto",
                    help="auto: the params layout with launch/serve.py servers (what a trainer uses)")
     b.add_argument("--dir", default=None, help="where to write (default: a temporary directory here)")
+    c = sub.add_parser("startup")
+    c.add_argument("--serve-flags", nargs=argparse.REMAINDER, default=[],
+                   help="extra launch/serve.py flags (default: none, the server's defaults)")
     args = ap.parse_args(argv)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    out = bench_load(args) if args.which == "load" else bench_disk_sync(args)
+    out = {"load": bench_load, "disk-sync": bench_disk_sync, "startup": bench_startup}[args.which](args)
     print(json.dumps(out, indent=2))
 
 

@@ -232,7 +232,8 @@ def test_params_layout_cast_sharding_and_errors(tmp_path, params32):
     t["layers.0.mixer.in_z"] = t["layers.0.mixer.in_z"][:, :-1].copy()
     del t["norm_f"]
     save_file(t, d / "model.safetensors", metadata=meta)
-    with pytest.raises(CheckpointError, match=r"(?s)2 problems.*layers\.0\.mixer\.in_z.*shape.*missing tensor 'norm_f'"):
+    with pytest.raises(CheckpointError,
+                       match=r"(?s)2 problems.*'layers\.0\.mixer\.in_z'.*: shape.*missing tensor 'norm_f'"):
         load_checkpoint(d)
     h = tmp_path / "mixed"
     save_checkpoint(params32, CFG, h, max_shard_bytes=20_000)
