@@ -7,11 +7,18 @@
         engine settings in process (``JaxEngine.generate`` on the same workload, no HTTP), measured
         after the server stopped; ``ratio_vs_in_process`` = served tokens/s / in-process tokens/s.
 
-    python launch/bench_serve.py disk-sync [--gb 2.1]
+    python launch/bench_serve.py disk-sync [--gb 0.5 --repeats 3 --layout auto]
         A NemotronH config of ``--gb`` GB in bf16 behind one server; ``DiskWeightSync.update``
-        (atomic versioned export + ``/update_weights_from_disk`` + verification). Baseline: this
-        machine's sequential write (fsync) + read of the same number of bytes in the same
-        directory; ``ratio`` = baseline seconds / (export + server load seconds), goal >= 0.7.
+        (atomic versioned export + ``/update_weights_from_disk`` + verification), in the params
+        layout (``--layout auto`` with our server; ``hub`` for the SGLang-readable layout).
+        Baseline: this machine's sequential write (fsync) + read of the same number of bytes in
+        the same directory, measured after each sync; ``ratio`` = baseline seconds / (export +
+        server load seconds), medians over ``--repeats``; goal >= 0.7.
+
+    python launch/bench_serve.py startup [--serve-flags ...]
+        The tiny server's launch -> ``ready`` line -> first ``/generate`` reply, with an empty
+        persistent compilation cache and again with the filled one (goal: first answer < 30 s on
+        2 cores). Baseline: a fresh interpreter importing jax and running one op.
 """
 
 from __future__ import annotations
@@ -138,7 +145,28 @@ def _sequential_write_read(path: Path, nbytes: int, chunk: int = 64 << 20) -> tu
     return t1 - t0, t2 - t1
 
 
+def _sync_config(gb: float):
+    """A 3-layer-kind NemotronH config of about ``gb`` GB in bf16 (the routed-expert count
+    scales it; at least 4 experts)."""
+    import jax
+    from models import nemotron_h as nh
+    from models.nemotron_h.params import param_specs
+
+    base = dict(vocab_size=32000, hidden_size=2048, moe_intermediate_size=1024, intermediate_size=4096,
+                moe_shared_expert_intermediate_size=2048, mamba_num_heads=32, mamba_head_dim=64,
+                num_attention_heads=16, num_key_value_heads=4, head_dim=128)
+
+    def nbytes(e):
+        specs = param_specs(nh.preset("tiny", **base, n_routed_experts=e))
+        return 2 * sum(int(np.prod(s.shape)) for s in jax.tree.leaves(specs, is_leaf=lambda x: hasattr(x, "fp32")))
+    per_expert = (nbytes(8) - nbytes(4)) / 4
+    experts = max(4, 2 * round((gb * 1e9 - nbytes(4)) / per_expert / 2) + 4)
+    return nh.preset("tiny", **base, n_routed_experts=experts)
+
+
 def bench_disk_sync(args) -> dict:
+    """``--repeats`` syncs, each followed by the ``dd``-like baseline of the same byte count in
+    the same directory (interleaved, so both see the same disk and CPU load); medians."""
     import jax
     import jax.numpy as jnp
     from cascade_jax.rollout.client import ServerClient
@@ -146,43 +174,122 @@ def bench_disk_sync(args) -> dict:
     from cascade_jax.rollout.weight_sync import DiskWeightSync, write_version
     from models import nemotron_h as nh
 
-    scale = dict(vocab_size=32000, hidden_size=2048, moe_intermediate_size=4096, intermediate_size=4096,
-                 moe_shared_expert_intermediate_size=4096, mamba_num_heads=32, mamba_head_dim=64,
-                 num_attention_heads=16, num_key_value_heads=4, head_dim=128,
-                 n_routed_experts=max(4, 2 * round(8 * args.gb / 2.1)))
-    cfg = nh.preset("tiny", **scale)
-    params = nh.init_params(cfg, jax.random.key(0), dtype=jnp.bfloat16)
+    cfg = _sync_config(args.gb)
+    params = jax.block_until_ready(nh.init_params(cfg, jax.random.key(0), dtype=jnp.bfloat16))
     nbytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
-    root = Path(args.dir or tempfile.mkdtemp(prefix="bench-sync-"))
+    root = Path(args.dir or tempfile.mkdtemp(prefix="bench-sync-", dir="."))
     root.mkdir(parents=True, exist_ok=True)
+    runs = []
     try:
         ck0 = write_version(params, cfg, root / "initial", "0")
         launcher = Launcher(serve_command(extra=["--num-slots", "1", "--max-len", "32", "--prompt-buckets", "16",
-                                                 "--prefill-sizes", "1", "--no-warmup"]),
+                                                 "--prefill-sizes", "1"]),
                             n=1, checkpoint=str(ck0), weight_version="0", log_dir=str(root), health_timeout_s=900,
                             restart=False)
         launcher.start()
         client = ServerClient(launcher.urls, timeout_s=900)
         try:
-            sync = DiskWeightSync(client, cfg, root / "versions", keep=1, tol=2e-2, timeout_s=900)
-            new = jax.tree.map(lambda x: (x * 1.01).astype(x.dtype), params)
-            del params
-            sync.update(new, "1")
-            t = total = sync.timings
+            sync = DiskWeightSync(client, cfg, root / "versions", keep=1, tol=2e-2, timeout_s=900,
+                                  layout=args.layout)
+            for k in range(1, args.repeats + 1):
+                new = jax.block_until_ready(jax.tree.map(lambda x: (x * (1 + 0.01 * k)).astype(x.dtype), params))
+                sync.update(new, str(k))
+                del new
+                t = sync.timings
+                w, r = _sequential_write_read(root / "baseline.bin", nbytes)
+                runs.append({"export_s": t["write_s"], "server_load_s": t["load_s"], "baseline_write_s": w,
+                             "baseline_read_s": r, "ratio": (w + r) / (t["write_s"] + t["load_s"]),
+                             "update_total_s_incl_pause_flush_verify": t["total_s"]})
         finally:
             client.close()
             launcher.stop()
-        w, r = _sequential_write_read(root / "baseline.bin", nbytes)
     finally:
         import shutil
         shutil.rmtree(root, ignore_errors=True)
     gb = nbytes / 1e9
-    sync_s = t["write_s"] + t["load_s"]
-    return {"bench": "disk_weight_sync", "checkpoint_gb": gb, "export_s": t["write_s"], "server_load_s": t["load_s"],
-            "sync_gb_per_s": gb / sync_s, "update_total_s_incl_pause_flush_verify": total["total_s"],
-            "probe_max_abs_dlogp": sync.last_error,
-            "baseline_write_s": w, "baseline_read_s": r, "baseline_gb_per_s": gb / (w + r),
-            "ratio": (w + r) / sync_s, "goal": 0.7}
+    med = {k: float(np.median([r[k] for r in runs])) for k in runs[0]}
+    sync_s = med["export_s"] + med["server_load_s"]
+    return {"bench": "disk_weight_sync", "layout": sync.layout, "checkpoint_gb": gb, "repeats": args.repeats,
+            **{f"median_{k}": v for k, v in med.items()}, "sync_gb_per_s": gb / sync_s,
+            "baseline_gb_per_s": gb / (med["baseline_write_s"] + med["baseline_read_s"]),
+            "probe_max_abs_dlogp": sync.last_error, "goal_ratio": 0.7, "runs": runs,
+            "load_average": os.getloadavg(), "cpus": os.cpu_count()}
+
+
+def _timed_python(code: str) -> float:
+    """Wall seconds of a fresh ``python -c code`` (this interpreter, this repository first)."""
+    import subprocess
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": _REPO})
+    return time.perf_counter() - t0
+
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far (``/proc/PID/stat``): on a busy machine,
+    a floor for what the same work takes on idle cores."""
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _first_answer(ckpt: str, cache_dir: str, extra: list) -> dict:
+    """Launch ``launch/serve.py`` on ``ckpt`` and time launch -> ready line -> first ``/generate``
+    reply (8 greedy tokens) -> a second one."""
+    import subprocess
+    import httpx
+    from cascade_jax.rollout.launcher import free_port
+
+    port = free_port()
+    cmd = [sys.executable, os.path.join(_REPO, "launch", "serve.py"), "--checkpoint", ckpt, "--port", str(port),
+           "--compilation-cache-dir", cache_dir, *extra]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONPATH": _REPO})
+    try:
+        ready_line = ""
+        for line in proc.stdout:
+            if line.startswith("ready:"):
+                ready_line = line.strip()
+                break
+        t_ready = time.perf_counter() - t0
+        body = {"input_ids": [1, 2, 3, 4, 5], "sampling_params": {"max_new_tokens": 8, "temperature": 0}}
+        url = f"http://127.0.0.1:{port}/generate"
+        r = httpx.post(url, json=body, timeout=600)
+        r.raise_for_status()
+        t_first = time.perf_counter() - t0
+        cpu_first = _cpu_seconds(proc.pid)
+        t1 = time.perf_counter()
+        httpx.post(url, json=body, timeout=600).raise_for_status()
+        return {"ready_s": t_ready, "first_generate_s": t_first, "server_cpu_s_to_first_generate": cpu_first,
+                "second_generate_latency_s": time.perf_counter() - t1, "ready_line": ready_line}
+    finally:
+        proc.terminate()
+        proc.wait(60)
+
+
+def bench_startup(args) -> dict:
+    """Time to the tiny server's first answer, with an empty and then a filled persistent
+    compilation cache; baseline: a bare ``import jax`` + one op in a fresh interpreter."""
+    import jax
+    from models import nemotron_h as nh
+
+    cfg = nh.preset("tiny")
+    with tempfile.TemporaryDirectory(dir=".") as tmp:
+        ck = os.path.join(tmp, "ckpt")
+        nh.save_checkpoint(nh.init_params(cfg, jax.random.key(0)), cfg, ck)
+        cache = os.path.join(tmp, "xla-cache")
+        load0 = os.getloadavg()
+        cold = _first_answer(ck, cache, args.serve_flags)
+        warm = _first_answer(ck, cache, args.serve_flags)
+    base = _timed_python("import jax, jax.numpy as jnp; jnp.zeros(1).block_until_ready()")
+    imports = _timed_python("import cascade_jax.rollout.server, uvicorn, fastapi")
+    return {"bench": "serve_startup", "serve_flags": args.serve_flags, "cold_cache": cold, "warm_cache": warm,
+            "baseline_import_jax_s": base, "import_server_modules_s": imports,
+            "ratio_cold_first_answer_vs_import_jax": cold["first_generate_s"] / base,
+            "ratio_warm_first_answer_vs_import_jax": warm["first_generate_s"] / base, "goal_first_answer_s": 30,
+            "load_average_before": load0, "load_average_after": os.getloadavg(), "cpus": os.cpu_count()}
 
 
 def main(argv=None) -> None:
@@ -194,11 +301,17 @@ def main(argv=None) -> None:
     a.add_argument("--baseline-requests", type=int, default=256)
     a.add_argument("--seed", type=int, default=0)
     b = sub.add_parser("disk-sync")
-    b.add_argument("--gb", type=float, default=2.1)
+    b.add_argument("--gb", type=float, default=0.5)
+    b.add_argument("--repeats", type=int, default=3)
+    b.add_argument("--layout", choices=["auto", "hub", "params"], default="auto",
+                   help="auto: the params layout with launch/serve.py servers (what a trainer uses)")
     b.add_argument("--dir", default=None, help="where to write (default: a temporary directory here)")
+    c = sub.add_parser("startup")
+    c.add_argument("--serve-flags", nargs=argparse.REMAINDER, default=[],
+                   help="extra launch/serve.py flags (default: none, the server's defaults)")
     args = ap.parse_args(argv)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    out = bench_load(args) if args.which == "load" else bench_disk_sync(args)
+    out = {"load": bench_load, "disk-sync": bench_disk_sync, "startup": bench_startup}[args.which](args)
     print(json.dumps(out, indent=2))
 
 

@@ -181,6 +181,68 @@ def test_hub_layout_on_disk(tmp_path, params16):
     assert ModelConfig.from_json_file(tmp_path / "o" / "config.json") == CFG
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("max_shard_bytes", [5e9, 20_000])
+def test_params_layout_roundtrip_bitwise(tmp_path, params32, params16, dtype, max_shard_bytes):
+    """The params layout (the disk weight sync's): one tensor per leaf named by its pytree path,
+    our shapes and dtypes byte for byte (read back with the safetensors library itself, so any
+    safetensors reader can), the layout in the metadata, and a bit-exact load."""
+    from models.nemotron_h.checkpoint import PARAMS_LAYOUT
+    p = params32 if dtype == "float32" else params16
+    d = tmp_path / "out"
+    save_checkpoint(p, CFG, d, max_shard_bytes=max_shard_bytes, layout="params")
+    shards = sorted(f for f in os.listdir(d) if f.endswith(".safetensors"))
+    assert (len(shards) == 1) == (max_shard_bytes == 5e9)
+    if len(shards) > 1:
+        assert set(json.loads((d / "model.safetensors.index.json").read_text())["weight_map"].values()) == set(shards)
+    stored = {}
+    for f in shards:
+        with safe_open(d / f, "numpy") as sf:
+            assert sf.metadata() == {"format": "np", "layout": PARAMS_LAYOUT}
+            stored.update({k: sf.get_tensor(k) for k in sf.keys()})
+    flat = {jax.tree_util.keystr(kp, simple=True, separator="."): np.asarray(x)
+            for kp, x in jax.tree_util.tree_flatten_with_path(p)[0]}
+    assert sorted(stored) == sorted(flat) and "layers.0.mixer.in_z" in stored
+    for k, x in flat.items():
+        assert stored[k].dtype == x.dtype and stored[k].shape == x.shape, k
+        assert stored[k].tobytes() == x.tobytes(), k
+    cfg2, p2 = load_checkpoint(d)
+    assert cfg2 == CFG and cfg2.hf_source == str(d)
+    assert_bitwise_equal(p, p2)
+
+
+def test_params_layout_cast_sharding_and_errors(tmp_path, params32):
+    """Params layout: the ``dtype`` cast and a ``sharding`` (slice reads) as for the Hub layout;
+    a tensor of the wrong shape, a missing one and a mix of layouts are named; a bad ``layout``
+    argument is refused."""
+    d = tmp_path / "p"
+    save_checkpoint(params32, CFG, d, layout="params")
+    dev = jax.devices()[0]
+    _, p = load_checkpoint(d, dtype=jnp.bfloat16, sharding=jax.sharding.SingleDeviceSharding(dev))
+    want = jax.tree_util.tree_map_with_path(
+        lambda kp, x: x if kp[-1].key in FP32_PARAMS else x.astype(jnp.bfloat16), params32)
+    assert_bitwise_equal(want, p)
+    _, p = load_checkpoint(d, dtype=jnp.bfloat16)
+    assert_bitwise_equal(want, p)
+    with pytest.raises(ValueError, match="layout must be one of"):
+        save_checkpoint(params32, CFG, tmp_path / "x", layout="torch")
+    t = load_file(d / "model.safetensors")
+    with safe_open(d / "model.safetensors", "numpy") as sf:
+        meta = sf.metadata()
+    t["layers.0.mixer.in_z"] = t["layers.0.mixer.in_z"][:, :-1].copy()
+    del t["norm_f"]
+    save_file(t, d / "model.safetensors", metadata=meta)
+    with pytest.raises(CheckpointError,
+                       match=r"(?s)2 problems.*'layers\.0\.mixer\.in_z'.*: shape.*missing tensor 'norm_f'"):
+        load_checkpoint(d)
+    h = tmp_path / "mixed"
+    save_checkpoint(params32, CFG, h, max_shard_bytes=20_000)
+    first = sorted(h.glob("model-*.safetensors"))[0]
+    save_file(load_file(first), first, metadata=meta)
+    with pytest.raises(CheckpointError, match="mix the Hub and the params layout"):
+        load_checkpoint(h)
+
+
 def test_nano_30b_hub_tensor_names():
     """The loader's expected Hub tensors for the real 30B config (nothing allocated): 3 + 23 Mamba
     layers x 9 + 6 attention x 5 + 23 MoE x (5 + 2 x 128) = 6,243 tensors, fp32 only for A_log, D,
@@ -245,6 +307,14 @@ def _named_sharding_child(ckpt: str) -> None:
     e = p["layers"][1]["mixer"]["experts_up"]
     assert e.addressable_shards[0].data.shape == (cfg.n_routed_experts // 4, cfg.hidden_size // 2,
                                                   cfg.moe_intermediate_size)
+    # the same through the params layout (each device reads its slice of the stored leaf)
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        save_checkpoint(ref, dataclasses.replace(cfg0, hf_source=None), Path(tmp) / "p", layout="params")
+        _, q = load_checkpoint(Path(tmp) / "p", sharding=shard)
+    for x, y, s in zip(jax.tree.leaves(q), jax.tree.leaves(ref), jax.tree.leaves(shard)):
+        assert x.sharding == s, (x.sharding, s)
+        assert np.array_equal(np.asarray(x), np.asarray(y))
     print(json.dumps({"n_split": n_split}))
 
 

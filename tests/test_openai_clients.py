@@ -109,6 +109,12 @@ def test_completions_stop_string_seed_and_n(server):
     cut = server.client.completions.create(model=NAME, prompt=ids, max_tokens=12, temperature=1.0, seed=9,
                                            stop=[stop])
     assert cut.choices[0].text == text[:text.find(stop)] and cut.choices[0].finish_reason == "stop"
+    # streamed with the stop string (sent when the choice finishes): the same text, reason and usage
+    chunks = list(server.client.completions.create(model=NAME, prompt=ids, max_tokens=12, temperature=1.0, seed=9,
+                                                   stop=[stop], stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == cut.choices[0].text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["stop"]
+    assert chunks[-1].usage.completion_tokens == cut.usage.completion_tokens and not chunks[-1].choices
 
 
 def test_chat_template_tools_logprobs_and_streaming(server):
@@ -150,6 +156,10 @@ def test_chat_template_tools_logprobs_and_streaming(server):
     # tools reach the checkpoint's chat template; an assistant turn with tool_calls renders too
     t = server.client.chat.completions.create(model=NAME, messages=msgs, tools=TOOLS, max_tokens=2, temperature=0)
     assert t.usage.prompt_tokens == len(server.tok.encode(render_text(server.tok, msgs, tools=TOOLS)))
+    streamed = list(server.client.chat.completions.create(model=NAME, messages=msgs, tools=TOOLS, max_tokens=2,
+                                                          temperature=0, stream=True))  # sent when finished
+    assert "".join(c.choices[0].delta.content or "" for c in streamed) == (t.choices[0].message.content or "")
+    assert [c.choices[0].finish_reason for c in streamed if c.choices[0].finish_reason] == [t.choices[0].finish_reason]
     history = msgs + [{"role": "assistant", "content": "", "tool_calls": [{
         "id": "call_1", "type": "function", "function": {"name": "add", "arguments": json.dumps({"a": 2, "b": 3})}}]},
         {"role": "tool", "tool_call_id": "call_1", "content": "5"}]

@@ -117,6 +117,34 @@ def test_write_version_is_atomic_and_loadable(tiny, tmp_path):
         write_version(params, cfg, tmp_path, "../escape")
 
 
+def test_disk_sync_layout_follows_the_servers(tiny, tmp_path):
+    """``layout="auto"``: the params layout only when every server is ours (``/server_info``
+    ``backend``), else the Hub layout SGLang reads; asked once. Both load bit-exact."""
+    cfg, params = tiny
+
+    class Client:
+        def __init__(self, infos):
+            self.infos, self.asked = infos, 0
+
+        def call_all(self, method, path, body=None, *, timeout_s=None):
+            assert (method, path) == ("GET", "/server_info")
+            self.asked += 1
+            return self.infos
+
+    ours, sglang = {"backend": api.BACKEND, "tp_size": 1}, {"tp_size": 1, "version": "0.5.23"}
+    for infos, want in (({"a": ours, "b": ours}, "params"), ({"a": ours, "b": sglang}, "hub"), ({"a": sglang}, "hub")):
+        client = Client(infos)
+        sync = DiskWeightSync(client, cfg, tmp_path)
+        assert sync._layout() == want and sync._layout() == want and client.asked == 1
+    with pytest.raises(ValueError, match="layout"):
+        DiskWeightSync(Client({}), cfg, tmp_path, layout="torch")
+    for layout in ("hub", "params"):
+        path = write_version(params, cfg, tmp_path / layout, "3", layout=layout)
+        _, back = nh.load_checkpoint(path)
+        for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(back)):
+            assert x.dtype == y.dtype and np.asarray(x).tobytes() == np.asarray(y).tobytes()
+
+
 def test_torch_peer_broadcasts_over_gloo_and_times_out():
     init = f"tcp://127.0.0.1:{free_port()}"
     peers = [TorchPeer(init_method=init, rank=r, world_size=3, backend="gloo", timeout_s=60) for r in range(3)]

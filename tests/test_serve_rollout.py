@@ -24,6 +24,7 @@ import httpx
 import jax
 import numpy as np
 import pytest
+from safetensors import safe_open
 
 from cascade_jax.rollout import Request, RolloutError, SamplingParams
 from cascade_jax.rollout.client import ServedTeachers, ServerClient
@@ -262,6 +263,9 @@ def test_disk_sync_versions_keep_k_and_no_stale_state(stack):
         old = new
     stack.current[0] = "4"
     assert sorted(p.name for p in (stack.root / "versions").iterdir()) == ["v3", "v4"]  # keep = 2
+    assert sync.layout == "params"  # our servers: no transposes on either side
+    with safe_open(stack.root / "versions" / "v4" / "model.safetensors", "numpy") as f:
+        assert f.metadata()["layout"] == nh.PARAMS_LAYOUT
     with pytest.raises(RolloutError, match="'4'"):
         sync.update(stack.params[4], "4")  # unchanged version
     with pytest.raises(RolloutError, match="'3'"):

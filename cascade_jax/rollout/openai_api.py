@@ -49,6 +49,7 @@ strings that are one token become stop token ids; longer ones cut the text after
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 import uuid
@@ -57,7 +58,8 @@ from typing import Any, Optional
 from fastapi import Request as HTTPRequest
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from .sglang_api import GenerateItem, RequestError, sse
+from .sglang_api import GenerateItem, RequestError, read_json, sse
+from .sglang_api import _int, _num as _finite
 from .types import RolloutError, SamplingParams
 
 __all__ = ["mount"]
@@ -71,11 +73,12 @@ def _error(message: str, param: Optional[str] = None, code: int = 400) -> JSONRe
 
 
 def _num(body, key, default, lo=None, hi=None, integer=False):
+    """``body[key]`` (``default`` when absent): a finite number (an integer with ``integer``) in
+    ``[lo, hi]``, else :class:`RequestError` naming ``key``."""
     v = body.get(key)
     if v is None:
         return default
-    if isinstance(v, bool) or not isinstance(v, int if integer else (int, float)):
-        raise RequestError(key, f"expected {'an integer' if integer else 'a number'}, got {v!r}")
+    v = _int(v, key) if integer else _finite(v, key)
     if (lo is not None and v < lo) or (hi is not None and v > hi):
         raise RequestError(key, f"must be in [{lo}, {hi}], got {v!r}")
     return v
@@ -269,19 +272,27 @@ def _tool_calls(text: str, tools: Optional[list]) -> tuple[Optional[str], Option
     return (content or None), out
 
 
-async def _generate(srv, call: _Call) -> list:
-    """Run the call's ``n`` samples through the engine; the finished choices."""
+@contextlib.asynccontextmanager
+async def _running(srv, call: _Call):
+    """Admit the call (waits while paused; :class:`RolloutError` while memory is released) and
+    run its samples: yields ``(item, task)``; on exit the task is cancelled (the engine aborts
+    unfinished samples) and the call leaves the in-flight count."""
     item = call.item()
     refused = await srv._enter(1)
     if refused is not None:
         raise RolloutError(refused.body.decode())
-    loop = asyncio.get_running_loop()
-    task = asyncio.ensure_future(srv._run_item(item, loop))
+    task = asyncio.ensure_future(srv._run_item(item, asyncio.get_running_loop()))
     try:
-        replies = await srv._item_replies(item, await task)
+        yield item, task
     finally:
         task.cancel()
         await srv._done_inflight(1)
+
+
+async def _generate(srv, call: _Call) -> list:
+    """Run the call's ``n`` samples through the engine; the finished choices."""
+    async with _running(srv, call) as (item, task):
+        replies = await srv._item_replies(item, await task)
     return [call.finish(r) for r in replies]
 
 
@@ -290,15 +301,9 @@ async def _progressive(srv, call: _Call):
     ``("delta", k, text)`` for new text of sample ``k`` (held back while it ends in a partial
     UTF-8 character) and finally ``("done", choices)``. Only for calls without stop strings
     (those need the whole text)."""
-    item = call.item()
-    refused = await srv._enter(1)
-    if refused is not None:
-        raise RolloutError(refused.body.decode())
-    loop = asyncio.get_running_loop()
-    task = asyncio.ensure_future(srv._run_item(item, loop))
     tok, stops = srv.tokenizer, set(call.sampling.stop_token_ids)
     emitted = [""] * call.sampling.n
-    try:
+    async with _running(srv, call) as (item, task):
         while not task.done():
             await asyncio.wait([task], timeout=0.05)
             for k, (ids, _) in enumerate(srv.engine.progress(item.rid) or []):
@@ -311,9 +316,34 @@ async def _progressive(srv, call: _Call):
             if len(o["text"]) > len(emitted[k]):
                 yield "delta", k, o["text"][len(emitted[k]):]
         yield "done", outs
-    finally:
-        task.cancel()
-        await srv._done_inflight(1)
+
+
+async def _live(srv, call: _Call, delta, final):
+    """The choices of a call streamed as the engine decodes (:func:`_progressive`):
+    ``delta(k, text)`` per new piece of sample ``k``, ``final(i, out)`` per finished choice,
+    then the finished outputs (a list, for the usage chunk)."""
+    async for ev in _progressive(srv, call):
+        if ev[0] == "delta":
+            yield delta(ev[1], ev[2])
+            continue
+        for i, o in enumerate(ev[1]):
+            yield final(i, o)
+        yield ev[1]
+
+
+def _sse_response(head: dict, call: _Call, choices) -> StreamingResponse:
+    """Server-Sent Events of one call: ``data: {**head, "choices": [choice]}`` for every choice
+    dict the async iterator ``choices`` yields, the usage chunk (``stream_options.include_usage``)
+    after the outputs list it yields last, then ``data: [DONE]``."""
+    async def events():
+        async for c in choices:
+            if isinstance(c, list):
+                if call.include_usage:
+                    yield sse({**head, "choices": [], "usage": call.usage(c)})
+                continue
+            yield sse({**head, "choices": [c]})
+        yield sse("[DONE]")
+    return StreamingResponse(events(), media_type="text/event-stream")
 
 
 def _tokens_of(srv, prompt) -> list:
@@ -333,19 +363,12 @@ def _tokens_of(srv, prompt) -> list:
 def mount(app, srv) -> None:
     """Add the ``/v1`` routes of ``srv`` (a :class:`~cascade_jax.rollout.server.RolloutServer`)."""
 
-    async def body_of(request: HTTPRequest) -> dict:
-        raw = await request.body()
-        try:
-            body = json.loads(raw) if raw.strip() else None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise RequestError("body", f"malformed JSON ({e})") from None
-        if not isinstance(body, dict):
-            raise RequestError("body", f"expected a JSON object, got {type(body).__name__}")
-        return body
-
     async def guarded(handler, request):
         try:
-            return await handler(await body_of(request))
+            body = await read_json(request)
+            if not isinstance(body, dict):
+                raise RequestError("body", f"expected a JSON object, got {type(body).__name__}")
+            return await handler(body)
         except RequestError as e:
             return _error(str(e), e.field)
         except ValueError as e:  # the engine's own validation
@@ -372,46 +395,33 @@ def mount(app, srv) -> None:
         call = _Call(srv, body, _tokens_of(srv, body["prompt"]), max_tokens_keys=("max_tokens",),
                      top_logprobs=top, chat=False)
         head = {"id": call.id, "object": "text_completion", "created": call.created, "model": call.model}
-        if call.stream and not call.stop_strings:  # token by token as the engine decodes
-            async def live():
-                async for ev in _progressive(srv, call):
-                    if ev[0] == "delta":
-                        yield sse({**head, "choices": [{"index": ev[1], "text": ev[2], "logprobs": None,
-                                                        "finish_reason": None}]})
-                        continue
-                    outs = ev[1]
-                    for i, o in enumerate(outs):
-                        yield sse({**head, "choices": [{"index": i, "text": "",
-                                                        "logprobs": _completion_logprobs(call, o),
-                                                        "finish_reason": o["finish_reason"],
-                                                        "matched_stop": o["matched_stop"]}]})
-                    if call.include_usage:
-                        yield sse({**head, "choices": [], "usage": call.usage(outs)})
-                yield sse("[DONE]")
-            return StreamingResponse(live(), media_type="text/event-stream")
-        outs = await _generate(srv, call)
-        choices = [{"index": i, "text": o["text"], "logprobs": _completion_logprobs(call, o),
+
+        def final(i, o):  # a choice's last chunk
+            return {"index": i, "text": "", "logprobs": _completion_logprobs(call, o),
                     "finish_reason": o["finish_reason"], "matched_stop": o["matched_stop"]}
-                   for i, o in enumerate(outs)]
+
+        def piece(i, text):
+            return {"index": i, "text": text, "logprobs": None, "finish_reason": None}
+
+        if call.stream and not call.stop_strings:  # token by token as the engine decodes
+            return _sse_response(head, call, _live(srv, call, piece, final))
+        outs = await _generate(srv, call)
         if not call.stream:
+            choices = [{**final(i, o), "text": o["text"]} for i, o in enumerate(outs)]
             return JSONResponse({**head, "choices": choices, "usage": call.usage(outs)})
 
-        async def events():
-            for c, o in zip(choices, outs):
-                for k, t in enumerate(o["ids"]):  # one chunk per token, text deltas
-                    prev = srv.tokenizer.decode(o["ids"][:k], skip_special_tokens=True)
-                    piece = srv.tokenizer.decode(o["ids"][:k + 1], skip_special_tokens=True)[len(prev):]
-                    piece = piece[:max(0, len(o["text"]) - len(prev))]
-                    if piece:
-                        yield sse({**head, "choices": [{"index": c["index"], "text": piece, "logprobs": None,
-                                                        "finish_reason": None}]})
-                yield sse({**head, "choices": [{"index": c["index"], "text": "", "logprobs": c["logprobs"],
-                                                "finish_reason": c["finish_reason"],
-                                                "matched_stop": c["matched_stop"]}]})
-            if call.include_usage:
-                yield sse({**head, "choices": [], "usage": call.usage(outs)})
-            yield sse("[DONE]")
-        return StreamingResponse(events(), media_type="text/event-stream")
+        async def buffered():
+            for i, o in enumerate(outs):
+                sent = 0  # one chunk per token, text deltas adding up to the choice's text (the
+                for k in range(len(o["ids"]) + 1):  # last one: text a stop string cut inside a token)
+                    upto = len(o["text"]) if k == len(o["ids"]) else min(
+                        len(o["text"]), len(srv.tokenizer.decode(o["ids"][:k + 1], skip_special_tokens=True)))
+                    if upto > sent:
+                        yield piece(i, o["text"][sent:upto])
+                        sent = upto
+                yield final(i, o)
+            yield outs
+        return _sse_response(head, call, buffered())
 
     async def chat(body: dict):
         from cascade_jax.data.chat import ChatTemplateError, render_text
@@ -461,30 +471,20 @@ def mount(app, srv) -> None:
             raise RequestError("top_logprobs", "needs logprobs: true")
         call = _Call(srv, body, [int(t) for t in srv.tokenizer.encode(text)],
                      max_tokens_keys=("max_completion_tokens", "max_tokens"), top_logprobs=top, chat=True)
+        head = {"id": call.id, "object": "chat.completion.chunk", "created": call.created, "model": call.model}
         if call.stream and not call.stop_strings and not use_tools:  # token by token as the engine decodes
-            head = {"id": call.id, "object": "chat.completion.chunk", "created": call.created, "model": call.model}
+            started = set()
 
-            async def live():
-                started = set()
-                async for ev in _progressive(srv, call):
-                    if ev[0] == "delta":
-                        k = ev[1]
-                        delta = {"content": ev[2]} if k in started else {"role": "assistant", "content": ev[2]}
-                        started.add(k)
-                        yield sse({**head, "choices": [{"index": k, "delta": delta, "logprobs": None,
-                                                        "finish_reason": None}]})
-                        continue
-                    outs = ev[1]
-                    for i, o in enumerate(outs):
-                        delta = {} if i in started else {"role": "assistant", "content": ""}
-                        yield sse({**head, "choices": [{"index": i, "delta": delta,
-                                                        "logprobs": _chat_logprobs(call, o),
-                                                        "finish_reason": o["finish_reason"],
-                                                        "matched_stop": o["matched_stop"]}]})
-                    if call.include_usage:
-                        yield sse({**head, "choices": [], "usage": call.usage(outs)})
-                yield sse("[DONE]")
-            return StreamingResponse(live(), media_type="text/event-stream")
+            def piece(k, text):
+                delta = {"content": text} if k in started else {"role": "assistant", "content": text}
+                started.add(k)
+                return {"index": k, "delta": delta, "logprobs": None, "finish_reason": None}
+
+            def final(i, o):
+                return {"index": i, "delta": {} if i in started else {"role": "assistant", "content": ""},
+                        "logprobs": _chat_logprobs(call, o), "finish_reason": o["finish_reason"],
+                        "matched_stop": o["matched_stop"]}
+            return _sse_response(head, call, _live(srv, call, piece, final))
         outs = await _generate(srv, call)
         choices = []
         for i, o in enumerate(outs):
@@ -494,30 +494,26 @@ def mount(app, srv) -> None:
                                                     "reasoning_content": None, "tool_calls": calls},
                             "logprobs": _chat_logprobs(call, o), "finish_reason": reason,
                             "matched_stop": o["matched_stop"]})
-        head = {"id": call.id, "object": "chat.completion", "created": call.created, "model": call.model}
         if not call.stream:
-            return JSONResponse({**head, "choices": choices, "usage": call.usage(outs)})
-        head["object"] = "chat.completion.chunk"
+            return JSONResponse({**head, "object": "chat.completion", "choices": choices,
+                                 "usage": call.usage(outs)})
 
-        async def events():
+        async def buffered():
             for c in choices:
-                i = c["index"]
-                yield sse({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                                "logprobs": None, "finish_reason": None}]})
-                if c["message"]["content"]:
-                    yield sse({**head, "choices": [{"index": i, "delta": {"content": c["message"]["content"]},
-                                                    "logprobs": c["logprobs"], "finish_reason": None}]})
-                if c["message"]["tool_calls"]:
-                    deltas = [{"index": k, **tc} for k, tc in enumerate(c["message"]["tool_calls"])]
-                    yield sse({**head, "choices": [{"index": i, "delta": {"tool_calls": deltas},
-                                                    "logprobs": None, "finish_reason": None}]})
-                yield sse({**head, "choices": [{"index": i, "delta": {}, "logprobs": None,
-                                                "finish_reason": c["finish_reason"],
-                                                "matched_stop": c["matched_stop"]}]})
-            if call.include_usage:
-                yield sse({**head, "choices": [], "usage": call.usage(outs)})
-            yield sse("[DONE]")
-        return StreamingResponse(events(), media_type="text/event-stream")
+                i, msg = c["index"], c["message"]
+                yield {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                       "finish_reason": None}
+                if msg["content"]:
+                    yield {"index": i, "delta": {"content": msg["content"]}, "logprobs": c["logprobs"],
+                           "finish_reason": None}
+                if msg["tool_calls"]:
+                    yield {"index": i, "delta": {"tool_calls": [{"index": k, **tc} for k, tc in
+                                                                enumerate(msg["tool_calls"])]},
+                           "logprobs": None, "finish_reason": None}
+                yield {"index": i, "delta": {}, "logprobs": None, "finish_reason": c["finish_reason"],
+                       "matched_stop": c["matched_stop"]}
+            yield outs
+        return _sse_response(head, call, buffered())
 
     @app.post("/v1/completions")
     async def completions_route(request: HTTPRequest):

@@ -79,7 +79,6 @@ import asyncio
 import collections
 import datetime
 import functools
-import json
 import logging
 import time
 import uuid
@@ -98,7 +97,7 @@ from cascade_jax.sharding.state import param_shardings
 
 from . import openai_api, sglang_api
 from .scoring import pow2_at_least
-from .sglang_api import RequestError
+from .sglang_api import RequestError, read_json
 from .types import Request, RolloutError
 
 __all__ = ["RolloutServer", "build_parser", "main"]
@@ -351,7 +350,7 @@ class RolloutServer:
         return None
 
     async def generate(self, request: HTTPRequest):
-        body = await _json(request)
+        body = await read_json(request)
         items, batched = sglang_api.parse_generate(
             body, vocab_size=self._vocab(), context_length=self.engine.max_len,
             tokenize=(lambda t: [int(x) for x in self.tokenizer.encode(t)]) if self.tokenizer is not None else None,
@@ -476,7 +475,7 @@ class RolloutServer:
 
     async def update_from_disk(self, request: HTTPRequest):
         from models import nemotron_h as nh
-        body = sglang_api.check_body(await _json(request), "/update_weights_from_disk", required=("model_path",))
+        body = sglang_api.check_body(await read_json(request), "/update_weights_from_disk", required=("model_path",))
         if not isinstance(body["model_path"], str):
             raise RequestError("model_path", f"expected a string, got {body['model_path']!r}")
         for k in ("abort_all_requests", "flush_cache", "is_async", "keep_pause", "torch_empty_cache",
@@ -512,7 +511,7 @@ class RolloutServer:
 
     async def init_group(self, request: HTTPRequest):
         from .weight_sync import TorchPeer
-        body = sglang_api.check_body(await _json(request), "/init_weights_update_group",
+        body = sglang_api.check_body(await read_json(request), "/init_weights_update_group",
                                      required=("master_address", "master_port", "rank_offset", "world_size"))
         for k in ("master_port", "rank_offset", "world_size"):
             v = body[k]
@@ -554,7 +553,7 @@ class RolloutServer:
     async def update_distributed(self, request: HTTPRequest):
         from models import nemotron_h as nh
         from .weight_sync import NUMPY_DTYPES
-        body = sglang_api.check_body(await _json(request), "/update_weights_from_distributed",
+        body = sglang_api.check_body(await read_json(request), "/update_weights_from_distributed",
                                      required=("names", "dtypes", "shapes"))
         names, dtypes, shapes = body["names"], body["dtypes"], body["shapes"]
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names) or not names:
@@ -622,7 +621,7 @@ class RolloutServer:
         ``MultiprocessingSerializer`` pickles of CUDA-IPC handles, which only a torch process on
         the same GPU can open (and unpickling them would run code a client chose). Validated,
         then refused with 400 naming the formats this server loads."""
-        body = sglang_api.check_body(await _json(request), "/update_weights_from_tensor",
+        body = sglang_api.check_body(await read_json(request), "/update_weights_from_tensor",
                                      required=("serialized_named_tensors",))
         if not isinstance(body["serialized_named_tensors"], list):
             raise RequestError("serialized_named_tensors", "expected a list (one entry per tensor-parallel rank)")
@@ -634,7 +633,7 @@ class RolloutServer:
                              "'flattened_bucket' or per-tensor). The previous weights keep serving.")
 
     async def _memory(self, request: HTTPRequest, endpoint: str, release: bool):
-        body = sglang_api.check_body(await _json(request), endpoint)
+        body = sglang_api.check_body(await read_json(request), endpoint)
         tags = body.get("tags")
         valid = list(self.engine.MEMORY_TAGS) + ["cuda_graph"]
         if tags is not None and (not isinstance(tags, list) or not all(isinstance(t, str) for t in tags)):
@@ -660,7 +659,7 @@ class RolloutServer:
                              "bytes": nbytes, "released": list(self.engine.released())})
 
     async def destroy_group(self, request: HTTPRequest):
-        body = sglang_api.check_body(await _json(request), "/destroy_weights_update_group")
+        body = sglang_api.check_body(await read_json(request), "/destroy_weights_update_group")
         async with self.update_lock:
             if self.peer is None:
                 return _update_reply(False, "no weight update group")
@@ -674,7 +673,7 @@ class RolloutServer:
     # control
 
     async def pause(self, request: HTTPRequest):
-        body = sglang_api.check_body(await _json(request), "/pause_generation")
+        body = sglang_api.check_body(await read_json(request), "/pause_generation")
         mode = body.get("mode") or "abort"
         if mode not in ("abort", "retract", "in_place"):
             raise RequestError("mode", f"must be 'abort', 'retract' or 'in_place', got {mode!r}")
@@ -686,7 +685,7 @@ class RolloutServer:
                              "num_aborted_requests": n})
 
     async def resume(self, request: HTTPRequest):
-        sglang_api.check_body(await _json(request), "/continue_generation")
+        sglang_api.check_body(await read_json(request), "/continue_generation")
         self.paused = False
         self.engine.resume()
         if not self.update_lock.locked():
@@ -694,7 +693,7 @@ class RolloutServer:
         return JSONResponse({"message": "Generation continued successfully.", "status": "ok"})
 
     async def flush(self, request: HTTPRequest):
-        sglang_api.check_body(await _json(request), "/flush_cache")
+        sglang_api.check_body(await read_json(request), "/flush_cache")
         if self.inflight or self.waiting or not self.engine.flush_cache():
             return PlainTextResponse("Cache not flushed. Please check there are no running or waiting requests.",
                                      status_code=400)
@@ -702,7 +701,7 @@ class RolloutServer:
                                  "(When there are running or waiting requests, the operation will not be performed.)\n")
 
     async def abort_request(self, request: HTTPRequest):
-        body = sglang_api.check_body(await _json(request), "/abort_request")
+        body = sglang_api.check_body(await read_json(request), "/abort_request")
         if body.get("abort_all") is not None and not isinstance(body["abort_all"], bool):
             raise RequestError("abort_all", f"expected a bool, got {body['abort_all']!r}")
         if body.get("abort_all"):
@@ -764,7 +763,7 @@ class RolloutServer:
         }
         own = {k: v for k, v in a.items() if k not in ("api_key", "checkpoint")}
         return {**own, **sglang_args, "zero_mismatch": self.zero_mismatch, "num_slots": e.num_slots,
-                "prompt_buckets": list(e.prompt_buckets), "version": SGLANG_VERSION, "backend": "cascade-jax",
+                "prompt_buckets": list(e.prompt_buckets), "version": SGLANG_VERSION, "backend": sglang_api.BACKEND,
                 "internal_states": [{"num_running_reqs": e.num_running(), "num_waiting_reqs": e.num_queued(),
                                      "last_gen_throughput": self._throughput(), "paused": self.paused,
                                      "inflight": self.inflight, "memory_released": list(e.released())}]}
@@ -872,16 +871,6 @@ class RolloutServer:
         app.get("/v1/loads")(self.loads)
         openai_api.mount(app, srv)
         return app
-
-
-async def _json(request: HTTPRequest) -> Any:
-    raw = await request.body()
-    if not raw.strip():
-        return None
-    try:
-        return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise RequestError("body", f"malformed JSON ({e})") from None
 
 
 async def _watch_disconnect(request: HTTPRequest, tasks: list):

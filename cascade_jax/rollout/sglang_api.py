@@ -36,12 +36,17 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import json
 import math
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
 from .types import FINISH_REASONS, RolloutError, Sample, SamplingParams, sample_seed
+
+#: ``/server_info`` ``backend`` of ``launch/serve.py`` (SGLang has no such field): a trainer that
+#: sees it on every server may sync weights in the params layout (``weight_sync.DiskWeightSync``)
+BACKEND = "cascade-jax"
 
 __all__ = ["GENERATE_FIELDS", "SAMPLING_FIELDS", "BODY_FIELDS", "RequestError", "GenerateItem",
            "parse_generate", "check_body", "generate_item_reply", "encode_generate",
@@ -159,6 +164,18 @@ def _token_list(x, field: str, vocab_size: int) -> tuple:
         if not _is_int(t) or not 0 <= t < vocab_size:
             raise RequestError(f"{field}[{i}]", f"expected a token id in [0, {vocab_size}), got {t!r}")
     return tuple(x)
+
+
+async def read_json(request) -> Any:
+    """The JSON body of an HTTP request (anything with ``await request.body()``); None when
+    empty; :class:`RequestError` on ``body`` when it is not JSON."""
+    raw = await request.body()
+    if not raw.strip():
+        return None
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RequestError("body", f"malformed JSON ({e})") from None
 
 
 def check_body(body: Any, endpoint: str, required: Sequence[str] = ()) -> dict:

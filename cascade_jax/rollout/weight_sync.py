@@ -5,10 +5,13 @@ Two transports behind one framing (docs/rollout-protocol.md §5, §8)::
     check the version  ->  pause every server  ->  transfer  ->  flush (retry its 400)
     ->  continue  ->  every server reports the new weight_version  ->  probe log-probs match
 
-* :class:`DiskWeightSync`: Hub-layout safetensors (``models.nemotron_h.save_checkpoint``) into
+* :class:`DiskWeightSync`: safetensors (``models.nemotron_h.save_checkpoint``) into
   ``{root}/v{version}``, written to a temporary sibling, fsynced and renamed (a crash never
   leaves a half-written version), then ``/update_weights_from_disk`` with ``weight_version`` on
-  each server; the last ``keep`` versions are kept, older ones deleted.
+  each server; the last ``keep`` versions are kept, older ones deleted. Layout: the params
+  layout (our leaves as held, no transposes: about disk speed) when every server is
+  ``launch/serve.py`` (``/server_info`` ``backend: "cascade-jax"``), else the Hub layout that
+  SGLang reads.
 * :class:`NcclWeightSync`: ``/init_weights_update_group`` once, then per bucket
   ``/update_weights_from_distributed`` (``load_format: "flattened_bucket"``, the version on
   every bucket; the server loads each as it arrives) while a
@@ -48,6 +51,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from .sglang_api import BACKEND
 from .types import RolloutError
 
 __all__ = ["Probe", "make_probe", "reference_logprobs", "write_version", "DiskWeightSync",
@@ -204,9 +208,10 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_version(params, model_cfg, root, version: str) -> Path:
-    """Write ``params`` as a Hub checkpoint at ``{root}/v{version}`` atomically (temporary sibling,
-    fsynced files, rename, fsynced parent); returns the path."""
+def write_version(params, model_cfg, root, version: str, *, layout: str = "hub") -> Path:
+    """Write ``params`` as a checkpoint of ``layout`` (``"hub"`` or ``"params"``,
+    ``models.nemotron_h.save_checkpoint``) at ``{root}/v{version}`` atomically (temporary
+    sibling, fsynced files, rename, fsynced parent); returns the path."""
     from models import nemotron_h as nh
 
     if not _VERSION_RE.match(version):
@@ -214,25 +219,38 @@ def write_version(params, model_cfg, root, version: str) -> Path:
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     path = root / f"v{version}"
-    nh.save_checkpoint(params, dataclasses.replace(model_cfg, hf_source=None), path)
+    nh.save_checkpoint(params, dataclasses.replace(model_cfg, hf_source=None), path, layout=layout)
     _fsync_dir(root)
     return path
 
 
 class DiskWeightSync(_Sync):
-    """Disk transport (see module doc). ``root`` must be visible to every server."""
+    """Disk transport (see module doc). ``root`` must be visible to every server. ``layout``:
+    ``"auto"`` (params layout when every server reports ``backend: "cascade-jax"`` in
+    ``/server_info``, else Hub; asked once), ``"hub"`` or ``"params"``."""
 
-    def __init__(self, client, model_cfg, root, *, keep: int = 2, **kw):
+    def __init__(self, client, model_cfg, root, *, keep: int = 2, layout: str = "auto", **kw):
         super().__init__(client, model_cfg, **kw)
         if keep < 1:
             raise ValueError(f"keep: must be >= 1, got {keep}")
+        if layout not in ("auto", "hub", "params"):
+            raise ValueError(f"layout: must be 'auto', 'hub' or 'params', got {layout!r}")
         self.root = Path(root)
         self.keep = keep
+        self.layout = layout
         self.paths: list = []  # pushed version directories, oldest first
 
+    def _layout(self) -> str:
+        if self.layout == "auto":
+            infos = self.client.call_all("GET", "/server_info", timeout_s=self.timeout_s)
+            ours = all(isinstance(i, dict) and i.get("backend") == BACKEND for i in infos.values())
+            self.layout = "params" if ours else "hub"
+        return self.layout
+
     def _transfer(self, params, version: str) -> None:
+        layout = self._layout()
         t0 = time.perf_counter()
-        path = write_version(params, self.model_cfg, self.root, version)
+        path = write_version(params, self.model_cfg, self.root, version, layout=layout)
         t1 = time.perf_counter()
         body = {"model_path": str(path), "weight_version": version, "flush_cache": True}
         self.client.call_all("POST", "/update_weights_from_disk", body, timeout_s=self.timeout_s)

@@ -5,4 +5,4 @@ from .params import init_params, abstract_params, param_counts, param_specs, log
 from .model import (forward, hidden_states, logits_from_hidden, prefill, decode_step, init_cache,
                     num_moe_layers)
 from .checkpoint import (CheckpointError, load_checkpoint, save_checkpoint, hub_tensors,
-                         params_from_hub_tensors)
+                         params_from_hub_tensors, PARAMS_LAYOUT)

@@ -26,6 +26,17 @@ Hub names and layout versus ours (``M.`` = ``backbone.layers.{i}.mixer.``, ``L``
 On load, ``model.`` for ``backbone.``, the singular ``backbone.embedding.weight`` and transformers-5
 stacked experts ``M.experts.up_proj`` ``[E, I, H]`` / ``M.experts.down_proj`` ``[E, H, I]`` are
 accepted; ``mtp.*`` tensors are ignored.
+
+**Params layout** (``save_checkpoint(..., layout="params")``; the trainer -> server disk weight
+sync, docs/rollout-protocol.md §5.1): the same directory shape and safetensors format, but one
+tensor per param leaf, named by its pytree path (``embed``, ``layers.3.mixer.in_z``, ...), in
+the layout and dtype we hold, with ``"layout": "cascade-jax-params"`` in the safetensors
+metadata. Nothing is transposed, fused or split either way: a save writes each host buffer as
+it is (no copy on CPU) and an unsharded load reads each tensor's bytes straight into an aligned
+host buffer that JAX adopts without a copy on CPU, so a sync costs about a sequential write +
+read of the bytes. ``load_checkpoint`` recognises it from the metadata. Any safetensors reader
+reads these files, but only this module maps them to the model: Hub exports (SGLang, vLLM,
+transformers) always use the default ``layout="hub"``.
 """
 
 from __future__ import annotations
@@ -53,7 +64,7 @@ from .config import ModelConfig, ModelConfigError, _HF_ALIASES, _JAX_ONLY
 from .params import param_specs
 
 __all__ = ["CheckpointError", "load_checkpoint", "save_checkpoint", "hub_tensors", "params_from_hub_tensors",
-           "TOKENIZER_FILE_PATTERNS"]
+           "TOKENIZER_FILE_PATTERNS", "PARAMS_LAYOUT", "LAYOUTS"]
 
 
 class CheckpointError(ValueError):
@@ -64,6 +75,9 @@ class CheckpointError(ValueError):
 # safetensors dtype names we load and save. Anything else is rejected.
 _DTYPES = {"BF16": np.dtype(ml_dtypes.bfloat16), "F16": np.dtype(np.float16), "F32": np.dtype(np.float32)}
 INDEX_FILE = "model.safetensors.index.json"
+#: safetensors metadata value of ``"layout"`` for the params layout (module doc)
+PARAMS_LAYOUT = "cascade-jax-params"
+LAYOUTS = ("hub", "params")
 SINGLE_FILE = "model.safetensors"
 # Files copied verbatim from the source checkpoint on export (besides config.json).
 TOKENIZER_FILE_PATTERNS = (
@@ -156,6 +170,22 @@ def _plans(cfg: ModelConfig, stored: set) -> dict:
             "layers": layers}
 
 
+def _params_plans(cfg: ModelConfig) -> dict:
+    """Pytree of :class:`_Plan` for the params layout: each leaf is the stored tensor named by
+    its pytree path (:func:`_leaf_names`), same shape, no transpose."""
+    specs = param_specs(cfg)
+    leaves, treedef = jax.tree.flatten(specs, is_leaf=lambda x: hasattr(x, "fp32"))
+    return jax.tree.unflatten(treedef, [
+        _Plan(tuple(spec.shape), spec.fp32, [_Source(name, tuple(spec.shape))], tuple(range(len(spec.shape))))
+        for name, spec in zip(_leaf_names(specs), leaves)])
+
+
+def _leaf_names(tree) -> list:
+    """Pytree paths of the param leaves as ``layers.3.mixer.in_z`` (the params layout's names)."""
+    with_paths = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: _is_plan(x) or hasattr(x, "fp32"))[0]
+    return [jax.tree_util.keystr(kp, simple=True, separator=".") for kp, _ in with_paths]
+
+
 def _is_plan(x) -> bool:
     return isinstance(x, _Plan)
 
@@ -207,17 +237,30 @@ class _Stored:
     dtype: str  # safetensors dtype name
     shape: tuple
     data: Any  # the safetensors slice handle (reads nothing until indexed)
+    offset: Optional[int] = None  # byte offset of the tensor's data in ``file`` (None: in memory)
 
 
-def _open(file: Path, stack: contextlib.ExitStack) -> dict[str, _Stored]:
-    """The tensors of one safetensors file (header only; the library validates its offsets)."""
+def _data_offsets(file: Path) -> dict[str, int]:
+    """``{name: absolute byte offset of its data}`` from a safetensors header (the format: an
+    8-byte little-endian header length N, N bytes of JSON with each tensor's ``data_offsets``
+    relative to the end of the header). Called after ``safe_open`` validated the header."""
+    with open(file, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    return {k: 8 + n + int(v["data_offsets"][0]) for k, v in header.items() if k != "__metadata__"}
+
+
+def _open(file: Path, stack: contextlib.ExitStack) -> tuple[dict[str, _Stored], str]:
+    """The tensors of one safetensors file (header only; the library validates its offsets) and
+    its layout (``"params"`` when its metadata says :data:`PARAMS_LAYOUT`, else ``"hub"``)."""
     try:
         f = stack.enter_context(safe_open(file, framework="numpy"))
+        offsets = _data_offsets(file)
         out = {}
         for name in f.keys():
             sl = f.get_slice(name)
-            out[name] = _Stored(name, file, sl.get_dtype(), tuple(sl.get_shape()), sl)
-        return out
+            out[name] = _Stored(name, file, sl.get_dtype(), tuple(sl.get_shape()), sl, offsets[name])
+        return out, "params" if (f.metadata() or {}).get("layout") == PARAMS_LAYOUT else "hub"
     except OSError as e:
         raise CheckpointError(f"{file}: cannot read ({e})") from None
     except SafetensorError as e:
@@ -243,16 +286,18 @@ def _weight_files(path: Path) -> tuple[list[str], Optional[dict]]:
     return found, None
 
 
-def _list_tensors(path: Path, stack: contextlib.ExitStack) -> dict[str, _Stored]:
-    """All tensors of the checkpoint by canonical name (``mtp.*`` left out), checked against the
-    index if there is one."""
+def _list_tensors(path: Path, stack: contextlib.ExitStack) -> tuple[dict[str, _Stored], str]:
+    """All tensors of the checkpoint by canonical name (``mtp.*`` left out; params layout: as
+    stored), checked against the index if there is one, and the layout (``"hub"``/``"params"``)."""
     files, weight_map = _weight_files(path)
     tensors: dict[str, _Stored] = {}  # by stored name
+    layouts = {}
     for fname in files:
         if Path(fname).name != fname or not (path / fname).is_file():
             raise CheckpointError(f"{path / INDEX_FILE}: shard {fname!r} listed in the index does not exist "
                                   f"in {path}")
-        for name, st in _open(path / fname, stack).items():
+        found, layouts[fname] = _open(path / fname, stack)
+        for name, st in found.items():
             if name in tensors:
                 raise CheckpointError(f"{path}: tensor {name!r} is stored twice ({tensors[name].file.name} "
                                       f"and {fname})")
@@ -263,6 +308,11 @@ def _list_tensors(path: Path, stack: contextlib.ExitStack) -> dict[str, _Stored]
             if weight_map.get(name) != stored_in.get(name):
                 raise CheckpointError(f"{path / INDEX_FILE}: maps tensor {name!r} to {weight_map.get(name)!r} "
                                       f"but it is stored in {stored_in.get(name)!r}")
+    if len(set(layouts.values())) > 1:
+        raise CheckpointError(f"{path}: shards mix the Hub and the params layout ({dict(sorted(layouts.items()))})")
+    layout = next(iter(layouts.values()))
+    if layout == "params":
+        return tensors, layout
     out: dict[str, _Stored] = {}
     for name, st in tensors.items():
         canon = _canonical(name)
@@ -270,7 +320,7 @@ def _list_tensors(path: Path, stack: contextlib.ExitStack) -> dict[str, _Stored]
             raise CheckpointError(f"{path}: tensors {out[canon].name!r} and {name!r} both map to {canon!r}")
         if canon is not None:
             out[canon] = st
-    return out
+    return out, layout
 
 
 def _canonical(name: str) -> Optional[str]:
@@ -321,11 +371,15 @@ def _read(stored: dict[str, _Stored], plan: _Plan, index: tuple, dtype) -> np.nd
     shape = tuple(len(range(s.start, s.stop, s.step)) for s in index)
     if not plan.sources:
         return np.zeros(shape, dtype)
+    st = stored[plan.sources[0].name]
+    if (shape == plan.shape and st.offset is not None and len(plan.sources) == 1 and not plan.row0
+            and plan.perm == tuple(range(len(shape)))):
+        return _read_whole(st, dtype)  # the whole tensor as stored: its bytes straight from the file
 
     def block(src, index):  # what ``index`` covers of one source, as a view in our layout
         return stored[src.name].data[_hub_index(plan, index)].transpose(_axes(plan))
 
-    out = np.empty(shape, dtype)
+    out = _aligned_empty(shape, dtype)
     if len(plan.sources) > 1:  # per-expert tensors: our dim 0 picks the tensor
         for n, src in enumerate(plan.sources[index[0]]):
             _assign(out[n], block(src, index[1:]))
@@ -337,9 +391,38 @@ def _read(stored: dict[str, _Stored], plan: _Plan, index: tuple, dtype) -> np.nd
     return out
 
 
+_ALIGN = 64
+
+
+def _aligned_empty(shape: tuple, dtype) -> np.ndarray:
+    """``np.empty(shape, dtype)`` with its data ``_ALIGN``-byte aligned: JAX on CPU adopts such a
+    host buffer (``device_put(..., may_alias=True)``) instead of copying it."""
+    dtype = np.dtype(dtype)
+    n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    raw = np.empty(n + _ALIGN, np.uint8)
+    start = (-raw.ctypes.data) % _ALIGN
+    return raw[start:start + n].view(dtype).reshape(shape)
+
+
+def _read_whole(st: _Stored, dtype) -> np.ndarray:
+    """The whole stored tensor ``st`` as a ``dtype`` array: its bytes read (``readinto``, no
+    mmap, no intermediate copy) into an aligned buffer, cast only when ``dtype`` differs."""
+    buf = _aligned_empty(st.shape, _DTYPES[st.dtype])
+    view = memoryview(buf.reshape(-1).view(np.uint8))
+    with open(st.file, "rb", buffering=0) as f:
+        f.seek(st.offset)
+        got = 0
+        while got < len(view):
+            n = f.readinto(view[got:])
+            if not n:
+                raise CheckpointError(f"{st.file}: tensor {st.name!r} is truncated")
+            got += n
+    return buf if buf.dtype == dtype else buf.astype(dtype)
+
+
 def _materialize(stored, plan: _Plan, dtype, sharding) -> jax.Array:
     if sharding is None:
-        return jax.device_put(_read(stored, plan, (), dtype))
+        return jax.device_put(_read(stored, plan, (), dtype), may_alias=True)
     cache: dict = {}  # replicated blocks are read once
 
     def cb(index):
@@ -367,7 +450,8 @@ def _load_config(path: Path) -> ModelConfig:
 
 
 def load_checkpoint(path, *, dtype=None, sharding=None) -> tuple[ModelConfig, dict]:
-    """Loads a Hub-layout NemotronH checkpoint directory.
+    """Loads a NemotronH checkpoint directory, Hub layout or params layout (module doc; told
+    apart by the safetensors metadata).
 
     Args:
       path: directory with ``config.json`` and safetensors weights (single file or sharded + index).
@@ -392,16 +476,18 @@ def load_checkpoint(path, *, dtype=None, sharding=None) -> tuple[ModelConfig, di
         raise ValueError(f"load_checkpoint: dtype must be a floating dtype, got {target}")
     cfg = _load_config(path)
     with contextlib.ExitStack() as stack:
-        stored = _list_tensors(path, stack)
+        stored, layout = _list_tensors(path, stack)
         try:
-            return cfg, _build_params(cfg, path, stored, target, sharding)
+            return cfg, _build_params(cfg, path, stored, target, sharding, layout)
         except (OSError, SafetensorError) as e:
             raise CheckpointError(f"{path}: read failed ({e})") from None
 
 
-def _build_params(cfg: ModelConfig, where, stored: dict[str, _Stored], target, sharding) -> dict:
-    """Validate ``stored`` (by canonical name) against ``cfg`` and materialise the param pytree."""
-    plans = _plans(cfg, set(stored))
+def _build_params(cfg: ModelConfig, where, stored: dict[str, _Stored], target, sharding,
+                  layout: str = "hub") -> dict:
+    """Validate ``stored`` (by canonical name, or by leaf name in the params layout) against
+    ``cfg`` and materialise the param pytree."""
+    plans = _params_plans(cfg) if layout == "params" else _plans(cfg, set(stored))
     _validate(cfg, where, stored, plans)
     leaves, treedef = jax.tree.flatten(plans, is_leaf=_is_plan)
     if sharding is None or isinstance(sharding, jax.sharding.Sharding):
@@ -501,7 +587,29 @@ def _hub_tensors(params, cfg: ModelConfig) -> list[tuple[str, int, Callable[[], 
             for name in parts]
 
 
-def _write_shards(tmp: Path, tensors: list, max_shard_bytes: float) -> None:
+def _params_tensors(params, cfg: ModelConfig) -> list[tuple[str, int, Callable[[], np.ndarray]]]:
+    """``(leaf name, nbytes, produce)`` per param leaf for the params layout: ``produce()`` is
+    the leaf's host buffer as it is (no transpose; on CPU no copy). Checks the layout and dtypes."""
+    plans, treedef = jax.tree.flatten(_params_plans(cfg), is_leaf=_is_plan)
+    try:
+        xs = treedef.flatten_up_to(params)
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"save_checkpoint: params do not have the layout of cfg ({cfg.pattern!r}): {e}") from None
+    out = []
+    for plan, x in zip(plans, xs):
+        name = plan.sources[0].name
+        if tuple(getattr(x, "shape", ())) != plan.shape:
+            raise CheckpointError(f"save_checkpoint: param {name} has shape {tuple(getattr(x, 'shape', ()))}, "
+                                  f"expected {plan.shape}")
+        dt = np.dtype(x.dtype)
+        if dt not in _DTYPES.values():
+            raise CheckpointError(f"save_checkpoint: param {name} has dtype {dt}, expected bfloat16, float16 "
+                                  "or float32")
+        out.append((name, int(np.prod(plan.shape)) * dt.itemsize, functools.partial(_host, x)))
+    return out
+
+
+def _write_shards(tmp: Path, tensors: list, max_shard_bytes: float, metadata: dict) -> None:
     """``model.safetensors``, or shards plus the index; one shard's tensors on the host at a time."""
     shards: list[list] = [[]]
     size = 0
@@ -514,7 +622,7 @@ def _write_shards(tmp: Path, tensors: list, max_shard_bytes: float) -> None:
     n = len(shards)
     names = [SINGLE_FILE] if n == 1 else [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
     for fname, shard in zip(names, shards):
-        save_file({name: produce() for name, _, produce in shard}, tmp / fname, metadata={"format": "pt"})
+        save_file({name: produce() for name, _, produce in shard}, tmp / fname, metadata=metadata)
         with open(tmp / fname, "rb") as f:
             os.fsync(f.fileno())
     if n > 1:
@@ -563,8 +671,12 @@ def _write_config(tmp: Path, cfg: ModelConfig, src: Optional[Path]) -> None:
             shutil.copyfile(p, tmp / p.name)
 
 
-def save_checkpoint(params, cfg: ModelConfig, path, *, max_shard_bytes: float = 5e9) -> None:
+def save_checkpoint(params, cfg: ModelConfig, path, *, max_shard_bytes: float = 5e9, layout: str = "hub") -> None:
     """Writes ``params`` as a Hub-layout checkpoint directory at ``path`` (replacing it atomically).
+
+    ``layout="params"`` writes the params layout instead (module doc: one tensor per leaf, as
+    held, no transposes; for :func:`load_checkpoint` only, e.g. the trainer -> server disk sync);
+    everything else below (config, shards, atomic rename) is the same.
 
     Tensors use the Hub names, fused ``in_proj``, ``conv1d.weight`` ``[C, 1, K]`` and per-expert
     weights; ``A_log``, ``D``, ``e_score_correction_bias`` are written fp32, every other tensor in
@@ -577,7 +689,12 @@ def save_checkpoint(params, cfg: ModelConfig, path, *, max_shard_bytes: float = 
     end, so a crash leaves any previous checkpoint intact.
     """
     path = Path(path)
-    tensors = _hub_tensors(params, cfg)
+    if layout not in LAYOUTS:
+        raise ValueError(f"save_checkpoint: layout must be one of {LAYOUTS}, got {layout!r}")
+    if layout == "params":
+        tensors, metadata = _params_tensors(params, cfg), {"format": "np", "layout": PARAMS_LAYOUT}
+    else:
+        tensors, metadata = _hub_tensors(params, cfg), {"format": "pt"}
     if path.exists() and not path.is_dir():
         raise CheckpointError(f"save_checkpoint: {path} exists and is not a directory")
     src = Path(cfg.hf_source) if cfg.hf_source else None
@@ -589,7 +706,7 @@ def save_checkpoint(params, cfg: ModelConfig, path, *, max_shard_bytes: float = 
     tmp.mkdir()
     try:
         _write_config(tmp, cfg, src)
-        _write_shards(tmp, tensors, max_shard_bytes)
+        _write_shards(tmp, tensors, max_shard_bytes, metadata)
         if path.exists():
             old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
             os.rename(path, old)
