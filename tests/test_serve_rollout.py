@@ -292,15 +292,23 @@ def test_corrupt_or_missing_update_is_refused_and_old_weights_keep_serving(stack
 def test_kill9_mid_generation_fails_over_then_restarts(stack):
     reqs = _requests(max_new=24, n=2, seed0=4000) * 3
     reqs = [Request(prompt_ids=r.prompt_ids, sampling=r.sampling, rid=f"k{i}") for i, r in enumerate(reqs)]
-    stack.client.generate(reqs)  # servers compile on first use: time a warm run below
-    t0 = time.perf_counter()
-    expected = stack.client.generate(reqs)  # undisturbed, for comparison
-    took = time.perf_counter() - t0
+    expected = stack.client.generate(reqs)  # undisturbed, for comparison (also compiles the servers)
     retries0 = stack.client.stats["retries"]
     result = {}
+    # server 0 holds the requests it gets (paused in place), so the kill surely lands on requests in
+    # flight: its own /v1/loads says when it has some, instead of a guessed delay
+    assert _post(stack.launcher.urls[0], "/pause_generation", {"mode": "in_place"}).status_code == 200
     t = threading.Thread(target=lambda: result.setdefault("r", stack.client.generate(reqs)))
     t.start()
-    time.sleep(0.3 * took)
+    headers = {"Authorization": f"Bearer {KEY}"}
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        load = httpx.get(stack.launcher.urls[0] + "/v1/loads", headers=headers, timeout=10).json()["loads"][0]
+        if load["num_running_reqs"] + load["num_waiting_reqs"] > 0:
+            break
+        time.sleep(0.01)
+    else:
+        raise AssertionError("server 0 never reported requests in flight")
     stack.launcher.kill(0)
     t.join(240)
     assert not t.is_alive()
