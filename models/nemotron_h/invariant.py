@@ -419,3 +419,21 @@ def decode_step(params, cache, tokens, positions, cfg: ModelConfig, *,
     if return_routed_experts:
         return h, states, _stack(used, tokens.shape, cfg)
     return h, states
+
+
+# --------------------------------------------------------------------------------------------
+# The model-module interface (``model=invariant`` wherever a model module is taken)
+
+from .params import init_params, param_specs  # noqa: E402  same parameters as the default model
+from .model import init_cache, num_moe_layers  # noqa: E402  same cache layout
+
+#: marks a model whose per-token numbers do not depend on batch, slot, row length or program
+#: (``cascade_jax.rl.token_logprobs`` then uses :func:`idot` for the logits as well)
+KERNEL_INVARIANT = True
+
+
+def __getattr__(name):
+    if name == "GRADIENT_MODEL":  # the trainer's gradient (same parameters, batched kernels)
+        from models import nemotron_h
+        return nemotron_h
+    raise AttributeError(name)
