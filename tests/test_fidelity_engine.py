@@ -183,3 +183,54 @@ def test_engine_rows_of_512_tokens_through_the_train_step(dtype):
     assert all(len(s.response_ids) == 512 for s in samples)
     metrics = _train_step_metrics(cfg, master, _rl_batch(samples, 528), dtype, 0.9)
     assert metrics["mismatch_abs_max"] == 0.0 and metrics["mismatch_exact_frac"] == 1.0, metrics
+
+
+def test_served_engine_zero_mismatch_with_routed_experts():
+    """``launch/serve.py --zero-mismatch`` (a :class:`RolloutServer` around a started
+    :class:`ExactEngine`): a ``/generate`` body of two prompts x ``n = 2`` (four samples over two
+    slots, continuously batched) asking for ``return_routed_experts``: the returned log-probs
+    equal the invariant trainer's bit for bit (fp32) and the returned experts (SGLang layout,
+    MoE layers at their global index) are those the trainer's forward routes each token to."""
+    import base64
+
+    from fastapi.testclient import TestClient
+
+    from cascade_jax.rollout.server import RolloutServer
+
+    cfg = nh.preset("tiny", vocab_size=64)
+    params = nh.init_params(cfg, jax.random.key(3), dtype=jnp.float32)
+    T = 16
+    eng = ExactEngine(cfg, params, num_slots=2, max_len=T, prompt_buckets=(8,), prefill_sizes=(2,),
+                      steps_per_call=3, return_routed_experts=True)
+    body = {"input_ids": [[5, 9, 3, 7], [4, 2]], "return_logprob": True, "return_routed_experts": True,
+            "sampling_params": {"max_new_tokens": 6, "sampling_seed": 3, "n": 2, "temperature": 0.7}}
+    eng.start()
+    try:
+        with TestClient(RolloutServer(eng, cfg, checkpoint="tiny", zero_mismatch=True).app) as client:
+            r = client.post("/generate", json=body)
+    finally:
+        eng.stop()
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert len(out) == 4
+    hf = cfg.to_hf_dict()
+    L, K = hf["num_hidden_layers"], hf["num_experts_per_tok"]
+    moe = [i for i, c in enumerate(hf["hybrid_override_pattern"]) if c == "E"]
+    tok, seg = np.zeros((4, T), np.int32), np.zeros((4, T), np.int32)
+    mask, served = np.zeros((4, T), np.float32), np.zeros((4, T), np.float32)
+    rxs = []
+    for i, o in enumerate(out):
+        p = body["input_ids"][i // 2]
+        seq = p + o["output_ids"]
+        tok[i, :len(seq)], seg[i, :len(seq)], mask[i, len(p):len(seq)] = seq, 1, 1
+        served[i, len(p):len(seq)] = [lp for lp, _, _ in o["meta_info"]["output_token_logprobs"]]
+        rx = np.frombuffer(base64.b64decode(o["meta_info"]["routed_experts"]), np.int32)
+        rxs.append(rx.reshape(len(seq) - 1, L, K)[:, moe])
+    view = rl.SFTBatch(tokens=jnp.asarray(tok), positions=jnp.broadcast_to(jnp.arange(T), (4, T)),
+                       segment_ids=jnp.asarray(seg), loss_mask=jnp.asarray(mask))
+    lp = np.asarray(rl.token_logprobs(params, view, cfg, temperature=0.7, model=invariant)[0])
+    assert np.all(served[mask > 0] < 0)
+    np.testing.assert_array_equal(lp * mask, served)  # bit for bit
+    used = np.asarray(invariant.hidden_states(params, jnp.asarray(tok), cfg, return_routed_experts=True)[1])
+    for i, rx in enumerate(rxs):
+        np.testing.assert_array_equal(rx, used[i, :len(rx)])
