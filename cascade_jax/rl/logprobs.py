@@ -36,6 +36,16 @@ the sampler's) and its backward recomputes the rows with their VJP behind an
 importance ratios and the ``mismatch_*`` metrics see are the sampler's, bit for bit, at the
 price of one extra forward of the rows per step. The rows run without the mesh's activation
 hooks (``use_partitioner(None)``), the sampler's single-device program, also in a sharded step.
+
+Kernel-invariant mode (``model=models.nemotron_h.invariant``, the trainer side of
+:class:`cascade_jax.rollout.exact.ExactEngine`): the model's kernels themselves compute each
+token independently of the batch, the row length and the program (written-out contractions,
+fixed key blocks, the per-step Mamba recurrence, per-token experts, explicit bf16 rounding;
+:mod:`models.nemotron_h.invariant`), and the logits product is the same written-out one
+(``head_dot``), so no per-row map and no ``row_len`` are needed: any batch of padded rows gives
+the cached-decode engine's numbers. :func:`_invariant_rows` returns them as the value of a
+forward-only computation and takes its gradient from the default model's log-probs of the same
+rows (equal up to rounding), so the step costs the default step plus one invariant forward.
 """
 
 from __future__ import annotations

@@ -1,5 +1,12 @@
 """Zero-mismatch generation: every token is sampled from the trainer's own log-probs.
 
+Two forms. :class:`ExactEngine` (what the runner and ``launch/serve.py --zero-mismatch`` use):
+the continuous-batching engine with cached prefill / decode by the kernel-invariant model
+(:mod:`models.nemotron_h.invariant`), one decode step per token; the trainer recomputes its
+log-probs with ``model=models.nemotron_h.invariant`` (:func:`cascade_jax.rl.token_logprobs`)
+bit for bit. :func:`generate_exact` (below) is the older row form at the default kernels: a full
+row forward per token (cost quadratic in the row), matched by the trainer's ``row_len`` mode.
+
 ``generate_exact`` decodes with continuous slot refill, but instead of the KV-cache / recurrent
 decode step it computes each slot's next-token distribution with
 :func:`cascade_jax.rl.next_token_logprobs` — the trainer's forward and chunked log-softmax over
