@@ -120,6 +120,7 @@ def main(argv=None):
             return (np.asarray(tokens)[:, P:] % 2 == 0).mean(-1).astype(np.float32)
 
         fwd_rx = jax.jit(lambda p, t: nh.forward(p, t, cfg, return_routed_experts=True)[1])
+        fwd_rx_inv = jax.jit(lambda p, t: invariant.hidden_states(p, t, cfg, return_routed_experts=True)[1])
         used_rx = jax.jit(lambda p, t, r: nh.forward(p, t, cfg, routed_experts=r, return_routed_experts=True)[1])
         steps = {
             "default": rl.make_train_step("grpo", model_cfg=cfg, stage=stage, opt_cfg=opt, vocab_chunk=chunk),
@@ -177,7 +178,8 @@ def main(argv=None):
                     rollout_rx[:, -1] = -1
                     rollout_rx[np.asarray(seg) == 0] = -1
                 gen_s.append(dt)
-                trainer_rx = np.asarray(fwd_rx(params, batch.tokens))
+                # the trainer's own unreplayed routing (the invariant model in zero-mismatch mode)
+                trainer_rx = np.asarray((fwd_rx_inv if mode == "zero_mismatch" else fwd_rx)(params, batch.tokens))
                 routing = rl.routing_mismatch(jnp.asarray(rollout_rx), jnp.asarray(trainer_rx), batch.loss_mask)
                 if mode != "default":
                     batch = batch.replace(routed_experts=jnp.asarray(rollout_rx))
