@@ -177,11 +177,14 @@ class Stage:
 
     def _routing_mismatch(self, batch: rl.RLBatch) -> dict:
         """Rollout experts (``batch.routed_experts``) vs the trainer's unreplayed forward with the
-        current weights over the response tokens (``rl.routing_mismatch``)."""
+        current weights over the response tokens (``rl.routing_mismatch``); with
+        ``rollout.zero_mismatch`` the trainer's model is the kernel-invariant one."""
         if self._route_fn is None:
             from models import nemotron_h as nh
+            from models.nemotron_h import invariant
             mcfg = self.parts.model_cfg
-            self._route_fn = jax.jit(lambda p, t, pos, seg: nh.forward(
+            model = invariant if self.config.rollout.zero_mismatch else nh
+            self._route_fn = jax.jit(lambda p, t, pos, seg: model.hidden_states(
                 p, t, mcfg, positions=pos, segment_ids=seg, return_routed_experts=True)[1])
         used = self._route_fn(self.compute_params(), batch.tokens, batch.positions, batch.segment_ids)
         return scalars(rl.routing_mismatch(batch.routed_experts, used, batch.loss_mask))
