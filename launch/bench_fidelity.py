@@ -8,20 +8,24 @@ trainer's:
 ``routing_token_diff_frac``: rollout experts vs an unreplayed trainer forward;
 ``routing_used_token_diff_frac``: rollout experts vs the experts the trainer's forward used.
 
-* ``default``          cached decode (``rollout.sampler.sample``) with the perturbed router; the
-                       trainer recomputes log-probs with its own weights (batched forward);
-* ``routing_replay``   the same rollouts plus their experts (decode path), replayed by the
-                       trainer (``RLBatch.routed_experts``) -> routing mismatch 0;
-* ``zero_mismatch``    unperturbed weights, tokens drawn from the trainer's own batch-invariant
-                       log-probs (``rollout.exact.generate_exact``), trainer with ``row_len`` and
-                       routing replay -> every ``mismatch_*`` metric is exactly 0 / 1.
+* ``default``          the continuous-batching engine (``rollout.engine.JaxEngine``, cached
+                       decode) with the perturbed router; the trainer recomputes log-probs with
+                       its own weights (batched forward);
+* ``routing_replay``   the same rollouts plus their experts, replayed by the trainer
+                       (``RLBatch.routed_experts``) -> routing mismatch 0;
+* ``zero_mismatch``    unperturbed weights, the zero-mismatch engine (``rollout.exact.
+                       ExactEngine``: continuous batching, cached decode by the kernel-invariant
+                       model, its recorded experts), trainer with ``model=models.nemotron_h.
+                       invariant`` and routing replay -> every ``mismatch_*`` metric is exactly
+                       0 / 1.
 
-Prints one JSON object: per response length and mode the train-step mismatch metrics of every
-step, the routing mismatch (rollout experts vs an unreplayed trainer forward, and vs the experts
-the trainer used), and the wall-clock of generation and of the train step (after compilation,
-median of ``--repeats``) with their ratios to the default mode of the same length, measured in
-the same run. Zero-mismatch generation runs a full row forward per token (cost quadratic in the
-response length; the cached-decode engine does not have this mode yet), so 2048 is for a GPU.
+Both engines get the same requests (``--prompts`` prompts x ``--group`` samples, every
+``--stop-every``-th token id a stop token: mixed response lengths). Prints one JSON object: per
+response length and mode the train-step mismatch metrics of every step, the routing mismatch
+(rollout experts vs an unreplayed trainer forward, and vs the experts the trainer used), and the
+wall-clock of generation and of the train step (after compilation, median of ``--repeats``)
+with their ratios to the default mode of the same length, measured in the same run. Both
+engines' cost is linear in the response length; 2048 is for a GPU (``--response-lens``).
 
     JAX_PLATFORMS=cpu .venv/bin/python launch/bench_fidelity.py --response-lens 16,256
 """
@@ -51,6 +55,18 @@ def _timed(fn, *a, repeats: int = 1, **kw):
     return out, float(np.median(times))
 
 
+def _timed_engine(eng, reqs, repeats: int = 1):
+    """``(rollouts, median seconds)`` of ``eng.generate(reqs)`` after one warm-up (compile) call
+    with the same requests."""
+    out = eng.generate(reqs)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = eng.generate(reqs)
+        times.append(time.perf_counter() - t0)
+    return out, float(np.median(times))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=1)
@@ -61,13 +77,18 @@ def main(argv=None):
                     help="comma-separated response lengths (max_new_tokens), one report each")
     ap.add_argument("--repeats", type=int, default=1, help="timed repeats after the warm-up call")
     ap.add_argument("--router-noise", type=float, default=0.3)
+    ap.add_argument("--stop-every", type=int, default=64,
+                    help="every k-th token id is a stop token (mixed response lengths; 0: none)")
     args = ap.parse_args(argv)
 
     from cascade_jax import config as C
     from cascade_jax import rl
-    from cascade_jax.rollout.exact import generate_exact
-    from cascade_jax.rollout.sampler import sample
+    from cascade_jax.contract.batch import FINISH_REASONS
+    from cascade_jax.rollout.engine import JaxEngine
+    from cascade_jax.rollout.exact import ExactEngine
+    from cascade_jax.rollout.types import Request, SamplingParams
     from models import nemotron_h as nh
+    from models.nemotron_h import invariant
 
     cfg = nh.preset("tiny")
     specs = nh.param_specs(cfg)
@@ -99,47 +120,66 @@ def main(argv=None):
             return (np.asarray(tokens)[:, P:] % 2 == 0).mean(-1).astype(np.float32)
 
         fwd_rx = jax.jit(lambda p, t: nh.forward(p, t, cfg, return_routed_experts=True)[1])
+        fwd_rx_inv = jax.jit(lambda p, t: invariant.hidden_states(p, t, cfg, return_routed_experts=True)[1])
         used_rx = jax.jit(lambda p, t, r: nh.forward(p, t, cfg, routed_experts=r, return_routed_experts=True)[1])
         steps = {
             "default": rl.make_train_step("grpo", model_cfg=cfg, stage=stage, opt_cfg=opt, vocab_chunk=chunk),
             "routing_replay": rl.make_train_step("grpo", model_cfg=cfg, stage=stage, opt_cfg=opt, vocab_chunk=chunk),
             "zero_mismatch": rl.make_train_step("grpo", model_cfg=cfg, stage=stage, opt_cfg=opt, vocab_chunk=chunk,
-                                                row_len=T),
+                                                model=invariant),
         }
-        report = {"model": "tiny", "rows": N, "row_len": T, "new_tokens": M, "modes": {}}
+        max_len = -(-T // invariant.KV_BLOCK) * invariant.KV_BLOCK
+        engine_kw = dict(num_slots=N, max_len=max_len, prompt_buckets=(max(16, P),), steps_per_call=16)
+        stops = tuple(range(0, cfg.vocab_size, args.stop_every)) if args.stop_every else ()
+
+        def requests(it):
+            return [Request(prompt_ids=tuple(int(t) for t in prompts[g * args.group]), rid=f"{it}-{g}",
+                            sampling=SamplingParams(n=args.group, max_new_tokens=M, seed=100 + it + 7 * g,
+                                                    stop_token_ids=stops))
+                    for g in range(args.prompts)]
+
+        def rows(rollouts):
+            """The rollouts in the padded layout ``[N, T]``: tokens, mask, log-probs, finish."""
+            samples = [s for g in rollouts.groups for s in g]
+            tok, mask, lp = (np.zeros((N, T), np.int32), np.zeros((N, T), np.float32),
+                             np.zeros((N, T), np.float32))
+            for i, smp in enumerate(samples):
+                r = len(smp.response_ids)
+                tok[i, :P], tok[i, P:P + r], mask[i, P:P + r], lp[i, P:P + r] = (
+                    smp.prompt_ids, smp.response_ids, 1, smp.logprobs)
+            fin = np.asarray([FINISH_REASONS.index(smp.finish_reason) for smp in samples], np.int32)
+            return samples, tok, mask, lp, fin
+
+        report = {"model": "tiny", "rows": N, "row_len": T, "new_tokens": M, "stop_every": args.stop_every,
+                  "modes": {}}
         for mode, step in steps.items():
             state = rl.TrainState.from_config(master0, opt, specs)
             per_step, gen_s, train_s = [], [], []
             for it in range(args.steps):
                 params = rl.compute_params(state.params, specs, jnp.bfloat16)
-                key = jax.random.key(100 + it)
-                if mode == "zero_mismatch":
-                    (samples), dt = _timed(lambda: generate_exact(
-                        params, cfg, [list(p) for p in prompts], row_len=T, num_slots=N,
-                        max_new_tokens=M, seed=100 + it, return_routed_experts=True, vocab_chunk=chunk),
-                        repeats=args.repeats)
-                    tok = np.stack([np.concatenate([s.prompt_ids, s.response_ids]) for s in samples])
-                    lp = np.zeros((N, T), np.float32)
-                    lp[:, P:] = np.stack([s.logprobs for s in samples])
-                    rollout_rx = rl.pack_routed_experts([s.routed_experts for s in samples], T,
-                                                        num_experts=cfg.n_routed_experts)
-                    mask = np.zeros((N, T), np.float32)
-                    mask[:, P:] = 1
-                    batch = rl.RLBatch(tokens=jnp.asarray(tok), positions=jnp.broadcast_to(jnp.arange(T), (N, T)),
-                                       segment_ids=jnp.ones((N, T), jnp.int32), loss_mask=jnp.asarray(mask),
-                                       rollout_logp=jnp.asarray(lp), rewards=jnp.asarray(reward(tok)),
-                                       group_ids=jnp.asarray(group_ids), finish_reason=jnp.zeros((N,), jnp.int32),
-                                       domain_ids=jnp.zeros((N,), jnp.int32))
-                else:
+                if mode == "zero_mismatch":  # the trainer's own weights, the invariant engine
+                    eng = ExactEngine(cfg, params, vocab_chunk=chunk, return_routed_experts=True, **engine_kw)
+                else:  # the default engine, with the perturbed router
                     roll_params = perturb(params, 7 + it)
-                    (batch, _), dt = _timed(lambda: sample(roll_params, jnp.asarray(prompts), cfg, rng=key,
-                                                           max_new_tokens=M, group_ids=group_ids), repeats=args.repeats)
-                    # the engine's experts: its (perturbed) router over the sequence, last token unrouted
+                    eng = JaxEngine(cfg, roll_params, **engine_kw)
+                ro, dt = _timed_engine(eng, requests(it), repeats=args.repeats)
+                samples, tok, mask, lp, fin = rows(ro)
+                seg = (np.arange(T)[None] < (mask.sum(1, keepdims=True) + P)).astype(np.int32)
+                batch = rl.RLBatch(tokens=jnp.asarray(tok), positions=jnp.broadcast_to(jnp.arange(T), (N, T)),
+                                   segment_ids=jnp.asarray(seg), loss_mask=jnp.asarray(mask),
+                                   rollout_logp=jnp.asarray(lp), rewards=jnp.asarray(reward(tok)),
+                                   group_ids=jnp.asarray(group_ids), finish_reason=jnp.asarray(fin),
+                                   domain_ids=jnp.zeros((N,), jnp.int32))
+                if mode == "zero_mismatch":
+                    rollout_rx = rl.pack_routed_experts([smp.routed_experts for smp in samples], T,
+                                                        num_experts=cfg.n_routed_experts)
+                else:  # the engine's experts: its (perturbed) router over the sequence, last token unrouted
                     rollout_rx = np.asarray(fwd_rx(roll_params, batch.tokens)).copy()
                     rollout_rx[:, -1] = -1
-                    batch = batch.replace(rewards=jnp.asarray(reward(batch.tokens)))
+                    rollout_rx[np.asarray(seg) == 0] = -1
                 gen_s.append(dt)
-                trainer_rx = np.asarray(fwd_rx(params, batch.tokens))
+                # the trainer's own unreplayed routing (the invariant model in zero-mismatch mode)
+                trainer_rx = np.asarray((fwd_rx_inv if mode == "zero_mismatch" else fwd_rx)(params, batch.tokens))
                 routing = rl.routing_mismatch(jnp.asarray(rollout_rx), jnp.asarray(trainer_rx), batch.loss_mask)
                 if mode != "default":
                     batch = batch.replace(routed_experts=jnp.asarray(rollout_rx))

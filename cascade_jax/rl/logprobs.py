@@ -36,6 +36,16 @@ the sampler's) and its backward recomputes the rows with their VJP behind an
 importance ratios and the ``mismatch_*`` metrics see are the sampler's, bit for bit, at the
 price of one extra forward of the rows per step. The rows run without the mesh's activation
 hooks (``use_partitioner(None)``), the sampler's single-device program, also in a sharded step.
+
+Kernel-invariant mode (``model=models.nemotron_h.invariant``, the trainer side of
+:class:`cascade_jax.rollout.exact.ExactEngine`): the model's kernels themselves compute each
+token independently of the batch, the row length and the program (written-out contractions,
+fixed key blocks, the per-step Mamba recurrence, per-token experts, explicit bf16 rounding;
+:mod:`models.nemotron_h.invariant`), and the logits product is the same written-out one
+(``head_dot``), so no per-row map and no ``row_len`` are needed: any batch of padded rows gives
+the cached-decode engine's numbers. :func:`_invariant_rows` returns them as the value of a
+forward-only computation and takes its gradient from the default model's log-probs of the same
+rows (equal up to rounding), so the step costs the default step plus one invariant forward.
 """
 
 from __future__ import annotations
@@ -52,6 +62,7 @@ from .batch import sequence_index
 from .losses import segment_start_mask
 
 __all__ = ["chunked_logprobs", "token_logprobs", "routed_logprobs", "next_token_logprobs",
+           "invariant_next_logprobs",
            "inverse_temperature",
            "DEFAULT_VOCAB_CHUNK"]
 
@@ -61,7 +72,7 @@ sg = jax.lax.stop_gradient
 
 def chunked_logprobs(hidden: jax.Array, lm_head: jax.Array, targets: jax.Array, *,
                      temperature: float = 1.0, vocab_chunk: int = DEFAULT_VOCAB_CHUNK,
-                     fixed_order: bool = False):
+                     fixed_order: bool = False, head_dot=None):
     """``(logp, entropy)``, each ``[B, T]`` float32, of ``targets [B, T]`` under the logits
     ``hidden [B, T, H] @ lm_head [H, V] / temperature`` (matmul in the inputs' dtype with fp32
     accumulation), without materialising ``[B, T, V]``. Gradients flow into ``hidden`` and
@@ -74,7 +85,7 @@ def chunked_logprobs(hidden: jax.Array, lm_head: jax.Array, targets: jax.Array, 
     @jax.checkpoint
     def body(carry, xs):
         return _chunk_step(carry, xs, hidden, targets, inv_t, C, lm_head.shape[1],
-                           fixed_order)[0], None
+                           fixed_order, head_dot)[0], None
 
     (m, s, u, picked), _ = jax.lax.scan(body, _chunk_init(targets.shape), (w_chunks, starts))
     lse = m + jnp.log(s)
@@ -112,23 +123,34 @@ def _tree_sum(x):
     return x[..., 0]
 
 
-def _chunk_step(carry, xs, hidden, targets, inv_t, C: int, V: int, fixed_order: bool = False):
+def _chunk_step(carry, xs, hidden, targets, inv_t, C: int, V: int, fixed_order: bool = False,
+                head_dot=None):
     """One vocabulary chunk of the streaming log-softmax: ``carry = (m, s, u, picked)`` each
     ``[B, T]``, ``xs = (W_c [H, C], c0)`` -> ``(carry, z [B, T, C])`` (``z`` the chunk's
     temperature-scaled logits, −inf past ``V``). The one definition the trainer's
     :func:`chunked_logprobs` and the sampler's :func:`next_token_logprobs` share;
-    ``fixed_order`` sums with :func:`_tree_sum` (batch-invariant mode)."""
+    ``fixed_order`` sums with :func:`_tree_sum` (batch-invariant mode); ``head_dot(h, W_c)``
+    replaces the logits matmul (the invariant model's written-out product, kernel-invariant
+    mode; the scaled logits are then kept apart from the adds that follow, so no program
+    contracts them into an FMA)."""
     total = _tree_sum if fixed_order else (lambda a: a.sum(-1))
     m, s, u, picked = carry
     w_c, c0 = xs
-    z = jnp.einsum("bth,hc->btc", hidden, w_c, preferred_element_type=jnp.float32) * inv_t
+    if head_dot is None:
+        z = jnp.einsum("bth,hc->btc", hidden, w_c, preferred_element_type=jnp.float32) * inv_t
+    else:
+        z = jax.lax.optimization_barrier(head_dot(hidden, w_c) * inv_t)
     valid = (c0 + jnp.arange(C)) < V
     z = jnp.where(valid, z, -jnp.inf)
     m_new = jnp.maximum(m, sg(z).max(-1))
     scale = jnp.exp(m - m_new)
     e = jnp.exp(z - m_new[..., None])
-    s = s * scale + total(e)
-    u = u * scale + total(sg(jnp.where(valid, e * z, 0.0)))
+    ez = jnp.where(valid, e * z, 0.0)
+    s_old, u_old = s * scale, u * scale
+    if head_dot is not None:
+        ez, s_old, u_old = jax.lax.optimization_barrier((ez, s_old, u_old))
+    s = s_old + total(e)
+    u = u_old + total(sg(ez))
     local = targets - c0
     inside = (local >= 0) & (local < C)
     z_t = jnp.take_along_axis(z, jnp.clip(local, 0, C - 1)[..., None], -1)[..., 0]
@@ -160,7 +182,11 @@ def token_logprobs(params, batch, cfg, *, temperature: float = 1.0,
     if routed_experts is None:
         routed_experts = getattr(batch, "routed_experts", None)
     experts = None
-    if row_len is None:
+    if getattr(model, "KERNEL_INVARIANT", False):  # the invariant kernels: values, any shape
+        static = (cfg, model, float(temperature), int(vocab_chunk), bool(return_routed_experts))
+        rows = (batch.tokens, batch.positions, batch.segment_ids, routed_experts)
+        lp, ent, experts = _invariant_rows(params, rows, static)
+    elif row_len is None:
         lp, ent, experts = _logprobs(params, batch.tokens, batch.positions, batch.segment_ids,
                                      routed_experts, cfg, model, temperature, vocab_chunk,
                                      return_routed_experts=return_routed_experts)
@@ -225,6 +251,80 @@ def _exact_rows_bwd(static, res, ct):
 
 
 _exact_rows.defvjp(_exact_rows_fwd, _exact_rows_bwd)
+
+
+def _invariant_logprobs(params, rows, static):
+    """``(lp, ent, experts or None)`` of padded-layout ``rows`` under the kernel-invariant model
+    (``static[1]``, e.g. :mod:`models.nemotron_h.invariant`): its forward and the chunked
+    log-softmax with the written-out logits product and fixed-order sums, so every token's
+    numbers depend on its own prefix only (any batch, any row length, any program)."""
+    cfg, model, temperature, vocab_chunk, return_routed_experts = static
+    tokens, _, _, rx = rows
+    kw = {"return_routed_experts": True} if return_routed_experts else {}
+    if rx is not None:
+        kw["routed_experts"] = rx
+    out = model.hidden_states(params, tokens, cfg, **kw)
+    h, experts = out if return_routed_experts else (out, None)
+    lp, ent = chunked_logprobs(h[:, :-1], params["lm_head"], tokens[:, 1:],
+                               temperature=temperature, vocab_chunk=vocab_chunk,
+                               fixed_order=True, head_dot=model.idot)
+    return jnp.pad(lp, ((0, 0), (1, 0))), jnp.pad(ent, ((0, 0), (1, 0))), experts
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _invariant_rows(params, rows, static):
+    """:func:`_invariant_logprobs` as the value (forward-only, as the sampler computes it);
+    the gradient is that of the default model's log-probs of the same rows
+    (``model.GRADIENT_MODEL``, batched kernels), which differ from these values only by
+    rounding: the trainer pays one invariant forward on top of the default step."""
+    return _invariant_logprobs(params, rows, static)
+
+
+def _invariant_rows_fwd(params, rows, static):
+    return _invariant_logprobs(params, rows, static), (params, rows)
+
+
+def _invariant_rows_bwd(static, res, ct):
+    cfg, model, temperature, vocab_chunk, _ = static
+    params, (tok, pos, seg, rx) = res
+
+    def lp_of(p):
+        return _logprobs(p, tok, pos, seg, rx, cfg, model.GRADIENT_MODEL, temperature,
+                         vocab_chunk)[0]
+
+    _, pull = jax.vjp(lp_of, params)
+    (g,) = pull(ct[0])
+    return g, jax.tree.map(lambda _: None, res[1])
+
+
+_invariant_rows.defvjp(_invariant_rows_fwd, _invariant_rows_bwd)
+
+
+def invariant_next_logprobs(params, hidden, inv_temperature, *,
+                            vocab_chunk: int = DEFAULT_VOCAB_CHUNK, model=None):
+    """The sampler side of the kernel-invariant mode: ``hidden [S, H]`` (the invariant model's
+    final-normed state after each slot's last token), ``inv_temperature [S]`` -> ``logp [S, V]``
+    ``= z − logsumexp(z)``, ``z = (h · lm_head) / τ``, by the chunk loop of
+    :func:`chunked_logprobs` with the same written-out product, chunks and order, so
+    ``logp[s, y]`` equals the trainer's :func:`token_logprobs` (``model`` the invariant model)
+    of ``y`` after the same prefix, bit for bit."""
+    if model is None:
+        from models.nemotron_h import invariant as model
+    S = hidden.shape[0]
+    w_chunks, starts, C = _vocab_chunks(params["lm_head"], vocab_chunk)
+    V = params["lm_head"].shape[1]
+    hid = hidden[:, None]
+    inv_t = jnp.asarray(inv_temperature, jnp.float32)[:, None, None]
+    targets = jnp.zeros((S, 1), jnp.int32)
+
+    def body(carry, xs):
+        carry, z = _chunk_step(carry, xs, hid, targets, inv_t, C, V, fixed_order=True,
+                               head_dot=model.idot)
+        return carry, z[:, 0]
+
+    (m, s, _, _), zs = jax.lax.scan(body, _chunk_init((S, 1)), (w_chunks, starts))
+    lse = (m + jnp.log(s))[:, 0]
+    return jnp.moveaxis(zs, 0, 1).reshape(S, -1)[:, :V] - lse[:, None]
 
 
 def _model_hidden(params, tokens, positions, segment_ids, routed_experts, cfg, model, **kw):

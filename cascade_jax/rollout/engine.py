@@ -408,12 +408,19 @@ class JaxEngine:
                        for k, v in slots_state.items()}
         return out, logits, slots_state
 
-    def _decode_logits(self, params, cache, tokens, positions):
+    def _decode_logits(self, params, cache, tokens, positions, st=None):
         """Next-token logits ``[S, V]`` after feeding ``tokens [S]`` at ``positions [S]``, and the
         new cache (and the experts used, ``[S, L_moe, K]``, with ``return_routed_experts``). The
-        one place the engine computes next-token logits."""
+        one place the engine computes next-token logits (``st``: the slot state, for
+        alternatives that need the slots' settings)."""
         return self.model.decode_step(params, cache, tokens, positions, self.model_cfg,
                                       return_routed_experts=self.return_routed_experts)
+
+    def _sample(self, z, keys, live, st):
+        """``(ids [S], logp [S])`` drawn from the slots' next-token logits ``z [S, V]`` with their
+        settings (idle rows greedily). The one place the engine samples."""
+        return sample_tokens(z, keys, jnp.where(live, st["temp"], 0.0),
+                             jnp.where(live, st["top_p"], 1.0), jnp.where(live, st["top_k"], -1))
 
     def _decode_impl(self, params, cache, logits, st, refill):
         """Up to ``K = steps_per_call`` tokens per slot -> ``(cache, logits, slot state,
@@ -432,10 +439,8 @@ class JaxEngine:
             i, n_ended, cache, z, pos, step, done, toks, lps, rx = c
             live = ~done
             keys = jax.vmap(jax.random.fold_in)(base, step)
-            tok, lp = sample_tokens(z, keys, jnp.where(live, st["temp"], 0.0),
-                                    jnp.where(live, st["top_p"], 1.0),
-                                    jnp.where(live, st["top_k"], -1))
-            out = self._decode_logits(params, cache, tok, jnp.minimum(pos, last))
+            tok, lp = self._sample(z, keys, live, st)
+            out = self._decode_logits(params, cache, tok, jnp.minimum(pos, last), st)
             z, cache = out[:2]
             if rx is not None:  # the experts of the token fed at ``pos`` (row s, column pos)
                 rx = rx.at[jnp.arange(S), jnp.minimum(pos, last)].set(out[2])

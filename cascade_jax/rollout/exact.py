@@ -1,5 +1,12 @@
 """Zero-mismatch generation: every token is sampled from the trainer's own log-probs.
 
+Two forms. :class:`ExactEngine` (what the runner and ``launch/serve.py --zero-mismatch`` use):
+the continuous-batching engine with cached prefill / decode by the kernel-invariant model
+(:mod:`models.nemotron_h.invariant`), one decode step per token; the trainer recomputes its
+log-probs with ``model=models.nemotron_h.invariant`` (:func:`cascade_jax.rl.token_logprobs`)
+bit for bit. :func:`generate_exact` (below) is the older row form at the default kernels: a full
+row forward per token (cost quadratic in the row), matched by the trainer's ``row_len`` mode.
+
 ``generate_exact`` decodes with continuous slot refill, but instead of the KV-cache / recurrent
 decode step it computes each slot's next-token distribution with
 :func:`cascade_jax.rl.next_token_logprobs` — the trainer's forward and chunked log-softmax over
@@ -25,12 +32,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cascade_jax.rl.logprobs import DEFAULT_VOCAB_CHUNK, inverse_temperature, next_token_logprobs
+from cascade_jax.rl.logprobs import (DEFAULT_VOCAB_CHUNK, inverse_temperature,
+                                     invariant_next_logprobs, next_token_logprobs)
 
+from .engine import JaxEngine
 from .sampler import sample_tokens
 from .types import Sample, sample_seed
 
-__all__ = ["generate_exact"]
+__all__ = ["generate_exact", "ExactEngine"]
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "vocab_chunk", "routed", "model"))
@@ -120,3 +129,116 @@ def generate_exact(params, cfg, prompts: Sequence[Sequence[int]], *, row_len: in
                                 weight_version=weight_version, routed_experts=rx)
             slots[s] = None
     return [results[i] for i in range(len(prompts))]
+
+
+class ExactEngine(JaxEngine):
+    """The zero-mismatch mode of the continuous-batching engine: :class:`JaxEngine`'s scheduling
+    (slots, refill, seeds, streaming, aborts, weight updates) with cached prefill / decode by the
+    kernel-invariant model (:mod:`models.nemotron_h.invariant`): every token's log-prob is
+    computed with the same arithmetic, in the same order, as the trainer's
+    :func:`cascade_jax.rl.token_logprobs` with ``model=models.nemotron_h.invariant`` computes it
+    for the finished row, whatever the slot, the other slots or the row length, so the two are
+    equal bit for bit (fp32 and bf16). Cost per token: one cached decode step (linear in the
+    response length).
+
+    The slot's distribution is ``logp = log softmax(z / τ)`` by the trainer's chunked
+    log-softmax (:func:`cascade_jax.rl.logprobs.invariant_next_logprobs`, ``1/τ`` rounded as the
+    trainer's :func:`~cascade_jax.rl.logprobs.inverse_temperature`); a token is drawn from it
+    at unit temperature (``τ = 0``: greedy, log-probs of the unscaled logits) and reported with
+    ``logp[y]`` itself. No top-p / top-k (a truncated support is not what the trainer's
+    log-probs describe): requests with them are refused. ``max_len`` must be a multiple of
+    :data:`models.nemotron_h.invariant.KV_BLOCK`. Same arguments as :class:`JaxEngine`, less
+    ``model``; ``vocab_chunk`` must be the trainer's."""
+
+    def __init__(self, model_cfg, params, *, vocab_chunk: int = DEFAULT_VOCAB_CHUNK, **kw):
+        if "model" in kw:
+            raise ValueError("model: the zero-mismatch engine always runs models.nemotron_h.invariant")
+        from models.nemotron_h import invariant
+        max_len = int(kw.get("max_len", 2048))
+        if max_len % invariant.KV_BLOCK:
+            raise ValueError(f"max_len: must be a multiple of {invariant.KV_BLOCK} (the invariant "
+                             f"attention's key block), got {max_len}")
+        self.vocab_chunk = int(vocab_chunk)
+        super().__init__(model_cfg, params, model=invariant, **kw)
+        self._slots["inv_t"] = jnp.ones(self.num_slots, jnp.float32)
+
+    def submit(self, request, on_done=None):
+        sp = request.sampling
+        if sp.top_p < 1.0 or (sp.top_k > 0):
+            raise ValueError("top_p / top_k: the zero-mismatch engine samples the full "
+                             "distribution (top_p = 1, top_k = -1)")
+        return super().submit(request, on_done)
+
+    def _admit_impl(self, params, cache, logits, slots_state, tokens, ints, floats, stops):
+        Pb = tokens.shape[1]
+        lengths, slots = ints[:, 0], ints[:, 1]
+        pre = self.model.prefill(params, tokens, self.model_cfg, lengths=lengths, max_len=Pb,
+                                 return_routed_experts=self.return_routed_experts)
+        last, new = pre[:2]
+        out = []
+        for layer, fresh in zip(cache, new):
+            upd = {}
+            for name, buf in layer.items():
+                val = fresh[name].astype(buf.dtype)
+                upd[name] = (buf.at[slots, :Pb].set(val, mode="drop") if name in ("k", "v")
+                             else buf.at[slots].set(val, mode="drop"))
+            out.append(upd)
+        temp, inv_t = floats[:, 0], floats[:, 2]  # inv_t: the trainer's 1/τ (see _admit)
+        logp = invariant_next_logprobs(params, last, inv_t, vocab_chunk=self.vocab_chunk,
+                                       model=self.model)
+        logits = logits.at[slots].set(logp, mode="drop")
+        seed = jax.lax.bitcast_convert_type(ints[:, 4:6], jnp.uint32)
+        values = {"pos": lengths, "step": jnp.zeros_like(lengths), "seed": seed,
+                  "temp": jnp.where(temp > 0, 1.0, 0.0), "top_p": jnp.ones_like(temp),
+                  "top_k": jnp.full_like(lengths, -1), "budget": ints[:, 3], "stops": stops,
+                  "done": jnp.zeros(lengths.shape, bool), "inv_t": inv_t}
+        if self.return_routed_experts:
+            rx = pre[2]
+            values["rx"] = jnp.concatenate(
+                [rx, jnp.full((rx.shape[0], self.max_len - Pb) + rx.shape[2:], -1, jnp.int32)], 1)
+        slots_state = {k: v.at[slots].set(values[k].astype(v.dtype), mode="drop")
+                       for k, v in slots_state.items()}
+        return out, logits, slots_state
+
+    def _admit(self, params, slots: list):
+        # the trainer's 1/τ (rounded from double precision on the host) rides in a third float
+        orig = self._admit_fn
+        jobs = {s: self._jobs[s] for s in slots}
+
+        def admit_fn(params, cache, logits, st, tokens, ints, floats, stops):
+            inv = np.ones((floats.shape[0], 1), np.float32)
+            for r in range(floats.shape[0]):
+                s = int(ints[r, 1])
+                if s in jobs:
+                    inv[r, 0] = inverse_temperature(jobs[s].sp.temperature)
+            return orig(params, cache, logits, st, tokens, ints,
+                        np.concatenate([floats, inv], 1), stops)
+
+        self._admit_fn = admit_fn
+        try:
+            super()._admit(params, slots)
+        finally:
+            self._admit_fn = orig
+
+    def _decode_logits(self, params, cache, tokens, positions, st=None):
+        out = self.model.decode_step(params, cache, tokens, positions, self.model_cfg,
+                                     return_routed_experts=self.return_routed_experts)
+        logp = invariant_next_logprobs(params, out[0], st["inv_t"], vocab_chunk=self.vocab_chunk,
+                                       model=self.model)
+        return (logp,) + tuple(out[1:])
+
+    def _sample(self, z, keys, live, st):
+        # z holds log softmax(z / τ): draw at unit temperature (0 = greedy), report logp[y]
+        S = z.shape[0]
+        ids, _ = sample_tokens(z, keys, jnp.where(live, st["temp"], 0.0), jnp.ones((S,), jnp.float32),
+                               jnp.full((S,), -1, jnp.int32))
+        return ids, jnp.take_along_axis(z, ids[:, None], -1)[:, 0]
+
+    def warmup(self) -> None:
+        orig = self._admit_fn
+        self._admit_fn = lambda p, c, l, st, t, i, f, s: orig(
+            p, c, l, st, t, i, np.concatenate([f, np.ones((f.shape[0], 1), np.float32)], 1), s)
+        try:
+            super().warmup()
+        finally:
+            self._admit_fn = orig

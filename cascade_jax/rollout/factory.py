@@ -45,12 +45,18 @@ def make_engine(rollout_cfg, *, model_cfg=None, params=None, weight_version: str
         if model_cfg is None or params is None:
             raise ValueError("make_engine: rollout.engine 'jax' needs model_cfg and params")
         from .engine import JaxEngine
-        return JaxEngine(model_cfg, params, num_slots=rollout_cfg.num_slots,
-                         max_len=rollout_cfg.max_prompt_len + rollout_cfg.max_response_len,
-                         steps_per_call=rollout_cfg.steps_per_call, seed=rollout_cfg.seed,
-                         prefill_sizes=tuple(getattr(rollout_cfg, "prefill_sizes", ())) or None,
-                         weight_version=weight_version,
-                         return_routed_experts=getattr(rollout_cfg, "routing_replay", False), **kwargs)
+        max_len = rollout_cfg.max_prompt_len + rollout_cfg.max_response_len
+        cls = JaxEngine
+        if getattr(rollout_cfg, "zero_mismatch", False):  # the engine's zero-mismatch mode
+            from models.nemotron_h.invariant import KV_BLOCK
+
+            from .exact import ExactEngine
+            cls, max_len = ExactEngine, -(-max_len // KV_BLOCK) * KV_BLOCK
+        return cls(model_cfg, params, num_slots=rollout_cfg.num_slots, max_len=max_len,
+                   steps_per_call=rollout_cfg.steps_per_call, seed=rollout_cfg.seed,
+                   prefill_sizes=tuple(getattr(rollout_cfg, "prefill_sizes", ())) or None,
+                   weight_version=weight_version,
+                   return_routed_experts=getattr(rollout_cfg, "routing_replay", False), **kwargs)
     if rollout_cfg.engine in ("jax_server", "sglang"):
         from .client import ServerClient
         r = rollout_cfg

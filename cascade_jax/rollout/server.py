@@ -26,9 +26,13 @@ Behaviour:
   ``stream: true`` answers SSE chunks, cumulative, as the engine retires tokens.
   ``image_data`` / ``video_data`` / ``audio_data`` are accepted empty and refused otherwise;
   ``sampling_params.custom_params`` is accepted (no custom logit processor runs).
-* ``--zero-mismatch``: each item's samples come from :func:`cascade_jax.rollout.exact.
-  generate_exact` over rows of ``--max-len`` tokens with the current weights (a trainer using
-  ``row_len = --max-len`` recomputes the log-probs bit for bit); top-p < 1 / top-k are refused.
+* ``--zero-mismatch``: the engine is :class:`cascade_jax.rollout.exact.ExactEngine` (continuous
+  batching, cached decode by the kernel-invariant model), so a trainer using
+  ``model=models.nemotron_h.invariant`` recomputes the returned log-probs bit for bit, whatever
+  else was batched with the request; ``return_routed_experts`` works as in the default mode;
+  top-p < 1 / top-k are refused. (A :class:`RolloutServer` given a default engine with
+  ``zero_mismatch`` samples each item by :func:`cascade_jax.rollout.exact.generate_exact` over
+  rows of the engine's ``max_len``, the trainer's ``row_len`` mode.)
 * ``--mesh tensor:4,expert:2``: the engine runs on a mesh over this node's devices
   (:mod:`cascade_jax.sharding.rollout`): the checkpoint is read straight into the weights'
   shards, caches are sharded by the same rules table, and disk / distributed weight updates are
@@ -96,6 +100,7 @@ from cascade_jax.sharding.rules import ShardingError
 from cascade_jax.sharding.state import param_shardings
 
 from . import openai_api, sglang_api
+from .exact import ExactEngine
 from .scoring import pow2_at_least
 from .sglang_api import RequestError, read_json
 from .types import Request, RolloutError
@@ -185,6 +190,9 @@ class RolloutServer:
                  zero_mismatch: bool = False, served_model_name: Optional[str] = None):
         self.engine = engine
         self.zero_mismatch = bool(zero_mismatch)
+        # the zero-mismatch engine serves with continuous batching like any engine; a default
+        # engine with zero_mismatch falls back to rollout.exact.generate_exact per item
+        self._exact_items = self.zero_mismatch and not isinstance(engine, ExactEngine)
         self.model_cfg = model_cfg
         self.checkpoint = checkpoint
         self.dtype = dtype
@@ -256,7 +264,7 @@ class RolloutServer:
         def on_done(h):
             loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(h))
 
-        if self.zero_mismatch:
+        if self._exact_items:
             handle = _ExactRun(self.engine, item, loop, on_done)
         else:
             handle = self.engine.submit(Request(prompt_ids=item.prompt_ids, sampling=item.sampling,
@@ -401,7 +409,7 @@ class RolloutServer:
                             yield sglang_api.sse(r)
                         done_items.add(i)
                         continue
-                    prog = None if self.zero_mismatch else self.engine.progress(it.rid)
+                    prog = None if self._exact_items else self.engine.progress(it.rid)
                     for k, (toks, lps) in enumerate(prog or []):
                         if len(toks) <= sent.get((i, k), 0):
                             continue
@@ -942,8 +950,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="record the experts of every token and MoE layer, so /generate can return them "
                          "(return_routed_experts)")
     ap.add_argument("--zero-mismatch", action="store_true",
-                    help="sample every token from the trainer's batch-invariant log-probs at rows of "
-                         "--max-len (rollout.exact; the trainer uses row_len = --max-len); no top-p/top-k")
+                    help="the zero-mismatch engine (rollout.exact.ExactEngine): sampling log-probs equal "
+                         "those of a trainer using models.nemotron_h.invariant bit for bit; --max-len a "
+                         "multiple of 16; no top-p/top-k")
     ap.add_argument("--warmup", action="store_true",
                     help="compile every prompt bucket x prefill size and scoring length before serving "
                          "(default: each program compiles on first use, served from the persistent cache "
@@ -1025,8 +1034,9 @@ def _serve(args) -> None:
             tokenizer = load_tokenizer(args.checkpoint)
         except (OSError, ValueError) as e:
             raise _Exit(5, f"--checkpoint {args.checkpoint}: tokenizer: {e}") from None
+    engine_cls = ExactEngine if args.zero_mismatch else JaxEngine
     try:
-        engine = JaxEngine(model_cfg, params, num_slots=args.num_slots, max_len=args.max_len,
+        engine = engine_cls(model_cfg, params, num_slots=args.num_slots, max_len=args.max_len,
                            prompt_buckets=_ints(args.prompt_buckets, "--prompt-buckets"),
                            prefill_sizes=_ints(args.prefill_sizes, "--prefill-sizes"),
                            steps_per_call=args.steps_per_call, weight_version=args.weight_version, seed=args.seed,

@@ -362,8 +362,9 @@ def train_step_static(config: C.Config, sampling=None) -> dict:
     if obj in ("grpo", "mopd"):
         static.update(stage=config.stage, sampling=sampling or build_sampling(config))
         r = config.rollout
-        if r.zero_mismatch:  # batch-invariant log-probs at the rollout's row length
-            static.update(row_len=r.max_prompt_len + r.max_response_len)
+        if r.zero_mismatch:  # the kernel-invariant model's log-probs (rollout.exact.ExactEngine)
+            from models.nemotron_h import invariant
+            static.update(model=invariant)
     return static
 
 

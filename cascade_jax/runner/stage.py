@@ -170,41 +170,21 @@ class Stage:
                 for p, sd in zip(prompts, seeds)]
 
     def _generate(self, reqs):
-        """Rollouts of ``reqs``: the engine's, or with ``rollout.zero_mismatch`` every token drawn
-        from the trainer's own batch-invariant log-probs (:func:`cascade_jax.rollout.exact.
-        generate_exact` over the compute copy, rows of ``max_prompt_len + max_response_len``;
-        sample ``k`` of a request seeded ``s`` uses ``sample_seed(s, k)``, the engines' rule)."""
-        from cascade_jax.rollout import Rollouts
-        from cascade_jax.rollout.exact import generate_exact
-        from cascade_jax.rollout.types import sample_seed
-
-        r = self.config.rollout
-        if not r.zero_mismatch or r.engine != "jax":  # servers run --zero-mismatch themselves
-            return self.parts.engine.generate(reqs)
-        sp = reqs[0].sampling
-        flat = [list(q.prompt_ids) for q in reqs for _ in range(q.sampling.n)]
-        samples = generate_exact(self.compute_params(), self.parts.model_cfg, flat,
-                                 row_len=r.max_prompt_len + r.max_response_len,
-                                 num_slots=r.num_slots, max_new_tokens=sp.max_new_tokens,
-                                 seeds=[sample_seed(int(q.sampling.seed or 0), k)
-                                        for q in reqs for k in range(q.sampling.n)],
-                                 temperature=sp.temperature,
-                                 stop_token_ids=sp.stop_token_ids,
-                                 return_routed_experts=r.routing_replay,
-                                 weight_version=str(int(self.state.step)))
-        groups, k = [], 0
-        for q in reqs:
-            groups.append(tuple(samples[k:k + q.sampling.n]))
-            k += q.sampling.n
-        return Rollouts(requests=tuple(reqs), groups=tuple(groups))
+        """Rollouts of ``reqs`` from the engine (with ``rollout.zero_mismatch`` the engine is the
+        zero-mismatch :class:`cascade_jax.rollout.exact.ExactEngine` and the trainer uses the
+        same kernel-invariant model, or servers run ``--zero-mismatch`` themselves)."""
+        return self.parts.engine.generate(reqs)
 
     def _routing_mismatch(self, batch: rl.RLBatch) -> dict:
         """Rollout experts (``batch.routed_experts``) vs the trainer's unreplayed forward with the
-        current weights over the response tokens (``rl.routing_mismatch``)."""
+        current weights over the response tokens (``rl.routing_mismatch``); with
+        ``rollout.zero_mismatch`` the trainer's model is the kernel-invariant one."""
         if self._route_fn is None:
             from models import nemotron_h as nh
+            from models.nemotron_h import invariant
             mcfg = self.parts.model_cfg
-            self._route_fn = jax.jit(lambda p, t, pos, seg: nh.forward(
+            model = invariant if self.config.rollout.zero_mismatch else nh
+            self._route_fn = jax.jit(lambda p, t, pos, seg: model.hidden_states(
                 p, t, mcfg, positions=pos, segment_ids=seg, return_routed_experts=True)[1])
         used = self._route_fn(self.compute_params(), batch.tokens, batch.positions, batch.segment_ids)
         return scalars(rl.routing_mismatch(batch.routed_experts, used, batch.loss_mask))

@@ -1,0 +1,439 @@
+"""Batch-, slot- and position-invariant NemotronH kernels: the zero-mismatch mode's forward,
+prefill and cached decode compute every token with the same arithmetic in the same order.
+
+Why: XLA picks a matmul / reduction strategy per operand shape and fuses per program, so the
+same token's numbers differ in the last bits between a ``[T, H] @ [H, N]`` training forward and
+an ``[S, H] @ [H, N]`` decode step (on CPU a row of ``x @ w`` changes with the row count), and
+bf16 roundings move with fusion (``xla_allow_excess_precision`` drops convert pairs). Here:
+
+* every value is an fp32 array; where the default model stores an activation in the params'
+  dtype ``d`` the value is rounded to ``d`` with ``lax.reduce_precision`` (an explicit op XLA
+  keeps in every program, unlike a convert pair), so bf16 semantics do not depend on fusion;
+* every contraction is written out: ``x @ w`` is the elementwise products ``x_k · w_kn`` summed
+  over ``k`` by a fixed pairwise tree (:func:`tree_sum`), so row ``i`` of the result is a
+  function of row ``i`` of ``x`` alone, whatever the row count;
+* attention runs over fixed key blocks of ``KV_BLOCK`` positions aligned at 0, in order, with
+  the online softmax ``m' = max(m, max_b s)``, ``l' = l·e^{m−m'} + Σ_b e^{s−m'}``,
+  ``acc' = acc·e^{m−m'} + Σ_b e^{s−m'} v``; a block wholly in a query's future is an exact
+  no-op (``e^{0} = 1``, ``+0``), so a training row of ``T`` keys and a decode cache of
+  ``max_len`` keys give the same bits;
+* the Mamba SSM is the per-step recurrence ``s_t = s_{t−1}·e^{Δ_t A} + (Δ_t x_t) ⊗ B_t``,
+  ``y_t = Σ_n s_t C_t`` in both (the training forward scans it over ``T``; a padded step has
+  ``Δ = 0`` and leaves ``s`` bit-unchanged); the causal conv is ``Σ_k w_k x_{t−K+1+k}`` in
+  ``k`` order in both;
+* MoE experts are applied per token with gathered expert weights (no sort, no grouped matmul),
+  the ``K`` contributions added in top-k order.
+
+The decode cache is :func:`models.nemotron_h.init_cache`'s (K/V and conv state in ``d``, which
+hold ``d``-rounded values exactly; SSM state fp32). Cost: the written-out contractions run on
+the vector units, not a GEMM; the trainer uses these numbers as values only and takes its
+gradient through the default model (``cascade_jax.rl.logprobs``).
+
+Only the padded layout is supported (one sequence per row from column 0, positions ``arange``):
+what the rollout engine produces and the zero-mismatch trainer consumes.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from .config import ModelConfig
+
+__all__ = ["KV_BLOCK", "tree_sum", "idot", "hidden_states", "prefill", "decode_step",
+           "logits_from_hidden"]
+
+f32 = jnp.float32
+KV_BLOCK = 16  # key positions per attention block (decode caches: max_len a multiple of it)
+
+
+def _round(x, dtype):
+    """``x`` (fp32) rounded to ``dtype``'s precision, kept in fp32."""
+    if jnp.dtype(dtype) == jnp.dtype(jnp.bfloat16):
+        return jax.lax.reduce_precision(x, exponent_bits=8, mantissa_bits=7)
+    if jnp.dtype(dtype) == jnp.dtype(jnp.float16):
+        return jax.lax.reduce_precision(x, exponent_bits=5, mantissa_bits=10)
+    return x
+
+
+def _apart(x):
+    """``x`` computed in its own fusion: XLA CPU contracts a multiply feeding an add into one
+    FMA when both land in the same fusion, which depends on the program; a product passed
+    through an ``optimization_barrier`` is rounded before any add, in every program."""
+    return jax.lax.optimization_barrier(x)
+
+
+def tree_sum(x, axis: int = -1):
+    """``Σ`` over ``axis`` as a fixed pairwise tree of elementwise adds (zero-padded to a power
+    of two): the order is written out, the same in every program and for every shape of the
+    other axes."""
+    axis = axis % x.ndim
+    x = _apart(x)
+    n = x.shape[axis]
+    p2 = 1 << max(n - 1, 0).bit_length()
+    if p2 != n:
+        pad = [(0, 0)] * x.ndim
+        pad[axis] = (0, p2 - n)
+        x = jnp.pad(x, pad)
+    while x.shape[axis] > 1:
+        h = x.shape[axis] // 2
+        x = jax.lax.slice_in_dim(x, 0, h, axis=axis) + jax.lax.slice_in_dim(x, h, 2 * h, axis=axis)
+    return jax.lax.index_in_dim(x, 0, axis=axis, keepdims=False)
+
+
+def idot(x, w):
+    """``x [..., K] @ w [K, N] -> [..., N]`` fp32, summed over ``k`` by :func:`tree_sum`:
+    row-wise, so independent of the other rows and of their number."""
+    return tree_sum(x.astype(f32)[..., :, None] * w.astype(f32), axis=-2)
+
+
+def rms_norm(x, w, eps, dtype):
+    """``w · x · rsqrt(mean(x²) + eps)`` (fp32), rounded to ``dtype``."""
+    ms = tree_sum(x * x) / x.shape[-1]
+    return _round(w.astype(f32) * (x * jax.lax.rsqrt(ms + eps)[..., None]), dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Mamba2
+
+
+def _mamba_in(p, u, dtype):
+    z = _round(idot(u, p["in_z"]), dtype)
+    xbc = _round(jnp.concatenate([idot(u, p["in_x"]), idot(u, p["in_B"]), idot(u, p["in_C"])], -1),
+                 dtype)
+    return z, xbc, _round(idot(u, p["in_dt"]), dtype)
+
+
+def _conv(window, p, dtype):
+    """``window [..., K, C]`` (oldest first) -> ``silu(Σ_k w_k x_k + b)`` rounded, ``[..., C]``."""
+    w = p["conv_w"].astype(f32)
+    acc = _apart(window[..., 0, :] * w[0])
+    for k in range(1, w.shape[0]):
+        acc = acc + _apart(window[..., k, :] * w[k])
+    return _round(jax.nn.silu(_round(acc + p["conv_b"].astype(f32), dtype)), dtype)
+
+
+def _ssm_step(p, xbc, dt_raw, s, cfg: ModelConfig, live=None):
+    """One recurrence step on ``[..., ·]``: ``-> (y [..., Hm, P] fp32, x, s')``."""
+    di, gn = cfg.d_inner, cfg.n_groups * cfg.ssm_state_size
+    lead = xbc.shape[:-1]
+    x = xbc[..., :di].reshape(*lead, cfg.mamba_num_heads, cfg.mamba_head_dim)
+    bm = xbc[..., di:di + gn].reshape(*lead, cfg.n_groups, cfg.ssm_state_size)
+    cm = xbc[..., di + gn:].reshape(*lead, cfg.n_groups, cfg.ssm_state_size)
+    dt = jnp.clip(jax.nn.softplus(dt_raw + p["dt_bias"].astype(f32)), cfg.dt_min_clamp,
+                  cfg.dt_max_clamp)
+    if live is not None:
+        dt = jnp.where(live[..., None], dt, 0.0)
+    A = -jnp.exp(p["A_log"].astype(f32))
+    rep = cfg.mamba_num_heads // cfg.n_groups
+    bh = jnp.repeat(bm, rep, axis=-2)  # [..., Hm, N]
+    ch = jnp.repeat(cm, rep, axis=-2)
+    decay = jnp.exp(_apart(dt * A))[..., None, None]
+    s = _apart(s * decay) + _apart((x * dt[..., None])[..., :, None] * bh[..., None, :])
+    y = tree_sum(s * ch[..., None, :])  # [..., Hm, P]
+    return y, x, s
+
+
+def _mamba_out(p, y, x, z, cfg: ModelConfig, dtype):
+    y = y + _apart(p["D"].astype(f32)[:, None] * x)
+    y = y.reshape(*y.shape[:-2], cfg.d_inner)
+    g = y * jax.nn.silu(z)
+    g = g.reshape(*g.shape[:-1], cfg.n_groups, cfg.d_inner // cfg.n_groups)
+    g = g * jax.lax.rsqrt(tree_sum(g * g) / g.shape[-1] + cfg.layer_norm_epsilon)[..., None]
+    g = _round(p["norm"].astype(f32) * g.reshape(*g.shape[:-2], cfg.d_inner), dtype)
+    return _round(idot(g, p["out_proj"]), dtype)
+
+
+def mamba_row(p, u, valid, cfg: ModelConfig, dtype):
+    """Training / prefill form: ``u [B, T, H]`` -> ``(out [B, T, H], state)``; ``valid [B, T]``
+    (padded steps leave the state unchanged). The recurrence is scanned over ``T``."""
+    B, T, _ = u.shape
+    z, xbc_in, dt_raw = _mamba_in(p, u, dtype)
+    K = cfg.conv_kernel
+    padded = jnp.pad(xbc_in, ((0, 0), (K - 1, 0), (0, 0)))
+    window = jnp.stack([padded[:, k:k + T] for k in range(K)], axis=2)  # [B, T, K, C]
+    xbc = _conv(window, p, dtype)
+
+    def body(s, xs):
+        xb, dr, lv = xs
+        y, x, s = _ssm_step(p, xb, dr, s, cfg, lv)
+        return s, (y, x)
+
+    s0 = jnp.zeros((B, cfg.mamba_num_heads, cfg.mamba_head_dim, cfg.ssm_state_size), f32)
+    tm = lambda a: jnp.moveaxis(a, 1, 0)
+    s, (y, x) = jax.lax.scan(body, s0, (tm(xbc), tm(dt_raw), tm(valid)))
+    out = _mamba_out(p, tm(y), tm(x), z, cfg, dtype)
+    length = jnp.sum(valid, axis=1).astype(jnp.int32)
+    idx = length[:, None] - (K - 1) + jnp.arange(K - 1)[None]
+    conv = jnp.take_along_axis(padded, (idx + K - 1)[..., None], axis=1)  # last K-1 valid inputs
+    return out, {"conv": conv, "ssm": s}
+
+
+def mamba_step(p, u, state, cfg: ModelConfig, dtype):
+    """Decode form: ``u [S, H]``, state ``{"conv": [S, K-1, C], "ssm": [S, Hm, P, N]}``."""
+    z, xbc_new, dt_raw = _mamba_in(p, u, dtype)
+    window = jnp.concatenate([state["conv"].astype(f32), xbc_new[:, None]], axis=1)
+    xbc = _conv(window, p, dtype)
+    y, x, s = _ssm_step(p, xbc, dt_raw, state["ssm"], cfg)
+    return _mamba_out(p, y, x, z, cfg, dtype), {"conv": window[:, 1:], "ssm": s}
+
+
+# --------------------------------------------------------------------------------------------
+# Attention
+
+
+def _qkv(p, u, cfg: ModelConfig, dtype):
+    hd = cfg.head_dim
+    q = _round(idot(u, p["q_proj"]), dtype).reshape(*u.shape[:-1], cfg.num_attention_heads, hd)
+    k = _round(idot(u, p["k_proj"]), dtype).reshape(*u.shape[:-1], cfg.num_key_value_heads, hd)
+    v = _round(idot(u, p["v_proj"]), dtype).reshape(*u.shape[:-1], cfg.num_key_value_heads, hd)
+    return q, k, v
+
+
+def block_attention(q, k, v, q_pos, dtype):
+    """``q [B, Tq, Hq, D]`` at positions ``q_pos [B, Tq]`` over keys ``k, v [B, Tk, Hkv, D]`` at
+    positions ``arange(Tk)`` (``Tk`` a multiple of ``KV_BLOCK``; key ``s`` visible iff
+    ``s <= q_pos``), block by block in order (module doc) -> ``[B, Tq, Hq, D]`` rounded."""
+    B, Tq, Hq, D = q.shape
+    Tk, Hkv = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    nb = Tk // KV_BLOCK
+    qg = q.reshape(B, Tq, 1, Hkv, G, D)
+    kb = jnp.moveaxis(k.reshape(B, nb, KV_BLOCK, Hkv, 1, D), 1, 0)
+    vb = jnp.moveaxis(v.reshape(B, nb, KV_BLOCK, Hkv, 1, D), 1, 0)
+    scale = D ** -0.5
+
+    def body(c, xs):
+        m, l, acc = c
+        kj, vj, j = xs
+        s = _apart(tree_sum(qg * kj[:, None]) * scale)  # [B, Tq, KV_BLOCK, Hkv, G]
+        kpos = j * KV_BLOCK + jnp.arange(KV_BLOCK)
+        vis = kpos[None, None, :] <= q_pos[:, :, None]  # [B, Tq, KV_BLOCK]
+        s = jnp.where(vis[..., None, None], s, -jnp.inf)
+        m_new = jnp.maximum(m, jnp.max(s, axis=2))
+        alpha = jnp.exp(m - m_new)
+        pr = jnp.exp(s - m_new[:, :, None])
+        l = _apart(l * alpha) + tree_sum(pr, axis=2)
+        acc = _apart(acc * alpha[..., None]) + tree_sum(_round(pr, dtype)[..., None] * vj[:, None],
+                                                       axis=2)
+        return (m_new, l, acc), None
+
+    init = (jnp.full((B, Tq, Hkv, G), -jnp.inf, f32), jnp.zeros((B, Tq, Hkv, G), f32),
+            jnp.zeros((B, Tq, Hkv, G, D), f32))
+    (m, l, acc), _ = jax.lax.scan(body, init, (kb, vb, jnp.arange(nb)))
+    return _round(acc / l[..., None], dtype).reshape(B, Tq, Hq, D)
+
+
+def _pad_keys(x, n: int):
+    return jnp.pad(x, ((0, 0), (0, n - x.shape[1]), (0, 0), (0, 0)))
+
+
+def attention_row(p, u, cfg: ModelConfig, dtype):
+    """Training / prefill form: ``u [B, T, H]`` -> ``(out, (k, v))``."""
+    B, T, _ = u.shape
+    q, k, v = _qkv(p, u, cfg, dtype)
+    Tk = -(-T // KV_BLOCK) * KV_BLOCK
+    pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    o = block_attention(q, _pad_keys(k, Tk), _pad_keys(v, Tk), pos, dtype)
+    return _round(idot(o.reshape(B, T, -1), p["o_proj"]), dtype), (k, v)
+
+
+def attention_step(p, u, state, positions, cfg: ModelConfig, dtype):
+    """Decode form: ``u [S, H]``; cache ``{"k","v": [S, max_len, Hkv, D]}``."""
+    q, k, v = _qkv(p, u[:, None], cfg, dtype)
+    b = jnp.arange(u.shape[0])
+    kc = state["k"].at[b, positions].set(k[:, 0].astype(state["k"].dtype))
+    vc = state["v"].at[b, positions].set(v[:, 0].astype(state["v"].dtype))
+    o = block_attention(q, kc.astype(f32), vc.astype(f32), positions[:, None], dtype)
+    return _round(idot(o.reshape(u.shape[0], -1), p["o_proj"]), dtype), {"k": kc, "v": vc}
+
+
+# --------------------------------------------------------------------------------------------
+# MoE and MLP
+
+
+def _relu2(h, dtype):
+    h = jax.nn.relu(h)
+    return _round(h * h, dtype)
+
+
+def mlp(x, up, down, dtype):
+    return _round(idot(_relu2(_round(idot(x, up), dtype), dtype), down), dtype)
+
+
+def route(p, x, cfg: ModelConfig, expert_ids=None):
+    """:func:`models.nemotron_h.model.route` with written-out sums: ``x [..., H]`` ->
+    ``(weights [..., K] fp32, ids [..., K] int32)``."""
+    scores = jax.nn.sigmoid(idot(x, p["gate"]))
+    sel = scores + p["e_score_correction_bias"].astype(f32)
+    E = sel.shape[-1]
+    if cfg.n_group > 1:
+        grouped = sel.reshape(*sel.shape[:-1], cfg.n_group, E // cfg.n_group)
+        top2 = jax.lax.top_k(grouped, 2)[0]
+        group_scores = top2[..., 0] + top2[..., 1]
+        _, keep = jax.lax.top_k(group_scores, cfg.topk_group)
+        keep_mask = jnp.any(keep[..., :, None] == jnp.arange(cfg.n_group), axis=-2)
+        sel = jnp.where(jnp.repeat(keep_mask, E // cfg.n_group, axis=-1), sel, -jnp.inf)
+    _, idx = jax.lax.top_k(sel, cfg.num_experts_per_tok)
+    if expert_ids is not None:
+        given = expert_ids.astype(idx.dtype)
+        free = jnp.any((given < 0) | (given >= cfg.n_routed_experts), axis=-1, keepdims=True)
+        idx = jnp.where(free, idx, given)
+    w = jnp.take_along_axis(scores, idx, axis=-1)
+    if cfg.norm_topk_prob:
+        w = w / (tree_sum(w)[..., None] + 1e-20)
+    return w * cfg.routed_scaling_factor, idx.astype(jnp.int32)
+
+
+def moe(p, x, cfg: ModelConfig, dtype, expert_ids=None):
+    """``x [..., H]`` -> ``(out [..., H], ids [..., K])``: each token's experts applied to it
+    alone (gathered weights), contributions added in top-k order, then the shared expert."""
+    w, idx = route(p, x, cfg, expert_ids)
+    up = p["experts_up"].astype(f32)[idx]  # [..., K, H, F]
+    down = p["experts_down"].astype(f32)[idx]  # [..., K, F, H]
+    h = _relu2(_round(tree_sum(x[..., None, :, None] * up, axis=-2), dtype), dtype)  # [..., K, F]
+    y = _round(tree_sum(h[..., :, None] * down, axis=-2), dtype)  # [..., K, H]
+    acc = _apart(w[..., 0, None] * y[..., 0, :])
+    for j in range(1, cfg.num_experts_per_tok):
+        acc = acc + _apart(w[..., j, None] * y[..., j, :])
+    out = _round(acc, dtype)
+    if cfg.n_shared_experts:
+        out = _round(out + mlp(x, p["shared_up"], p["shared_down"], dtype), dtype)
+    return out, idx
+
+
+# --------------------------------------------------------------------------------------------
+# Model
+
+
+def _run(params, h, cfg: ModelConfig, dtype, mixer):
+    """The layer stack on residual ``h [..., H]`` (fp32, rounded); ``mixer(i, kind, mp, u) ->
+    (out, state or None, expert ids or None)``. Returns ``(h, states, expert ids per MoE)``."""
+    states, used = [], []
+    for i, kind in enumerate(cfg.pattern):
+        lp = params["layers"][i]
+        u = rms_norm(h, lp["norm"], cfg.layer_norm_epsilon, dtype)
+        out, state, ids = mixer(i, kind, lp["mixer"], u)
+        h = _round(h + out, dtype)
+        states.append(state)
+        if ids is not None:
+            used.append(ids)
+    return h, states, used
+
+
+def _stack(used, lead, cfg):
+    if not used:
+        return jnp.zeros((*lead, 0, cfg.num_experts_per_tok), jnp.int32)
+    return jnp.stack(used, axis=-2)
+
+
+def _forward_rows(params, tokens, cfg: ModelConfig, lengths=None, routed_experts=None):
+    """``tokens [B, T]`` -> ``(h_final [B, T, H] fp32 rounded, states, experts [B,T,L_moe,K])``."""
+    dtype = params["embed"].dtype
+    B, T = tokens.shape
+    valid = (jnp.ones((B, T), bool) if lengths is None
+             else jnp.arange(T)[None, :] < lengths[:, None])
+    h = params["embed"][tokens].astype(f32)
+    moe_ix = [i for i, k in enumerate(cfg.pattern) if k == "E"]
+
+    def mixer(i, kind, mp, u):
+        if kind == "M":
+            out, st = mamba_row(mp, u, valid, cfg, dtype)
+            return out, st, None
+        if kind == "*":
+            out, (k, v) = attention_row(mp, u, cfg, dtype)
+            return out, {"k": k, "v": v}, None
+        if kind == "E":
+            given = None if routed_experts is None else routed_experts[..., moe_ix.index(i), :]
+            out, ids = moe(mp, u, cfg, dtype, given)
+            return out, {}, ids
+        return mlp(u, mp["up_proj"], mp["down_proj"], dtype), {}, None
+
+    h, states, used = _run(params, h, cfg, dtype, mixer)
+    h = rms_norm(h, params["norm_f"], cfg.layer_norm_epsilon, dtype)
+    return h, states, _stack(used, (B, T), cfg)
+
+
+def hidden_states(params, tokens, cfg: ModelConfig, *, positions=None, segment_ids=None,
+                  routed_experts=None, return_routed_experts: bool = False):
+    """Final-normed hidden states ``[B, T, H]`` fp32 (values rounded to the params' dtype) of
+    padded-layout rows (``positions``/``segment_ids`` are accepted for the model interface; the
+    rows must start at column 0). Same contract as :func:`models.nemotron_h.hidden_states`."""
+    h, _, experts = _forward_rows(params, tokens, cfg, routed_experts=routed_experts)
+    return (h, experts) if return_routed_experts else h
+
+
+def logits_from_hidden(params, h):
+    """``h @ lm_head`` written out (:func:`idot`) -> fp32 logits."""
+    return idot(h, params["lm_head"])
+
+
+def prefill(params, tokens, cfg: ModelConfig, *, lengths=None, max_len: Optional[int] = None,
+            return_routed_experts: bool = False):
+    """Right-padded prompts ``tokens [B, T]`` (``lengths [B]``) -> ``(h_last [B, H] fp32, cache,
+    [experts [B, T, L_moe, K]])``: the final-normed hidden state at ``lengths − 1`` and an
+    :func:`models.nemotron_h.init_cache`-layout cache with ``max_len`` positions (dtype of the
+    params). Decoding continues with :func:`decode_step` at ``positions = lengths``."""
+    B, T = tokens.shape
+    max_len = T if max_len is None else max_len
+    dtype = params["embed"].dtype
+    lengths = jnp.full((B,), T, jnp.int32) if lengths is None else lengths.astype(jnp.int32)
+    h, states, experts = _forward_rows(params, tokens, cfg, lengths)
+    cache = []
+    for kind, st in zip(cfg.pattern, states):
+        if kind == "*":
+            pad = ((0, 0), (0, max_len - T), (0, 0), (0, 0))
+            cache.append({n: jnp.pad(st[n], pad).astype(dtype) for n in ("k", "v")})
+        elif kind == "M":
+            cache.append({"conv": st["conv"].astype(dtype), "ssm": st["ssm"]})
+        else:
+            cache.append({})
+    last = h[jnp.arange(B), lengths - 1]
+    return (last, cache, experts) if return_routed_experts else (last, cache)
+
+
+def decode_step(params, cache, tokens, positions, cfg: ModelConfig, *,
+                return_routed_experts: bool = False):
+    """``tokens [S]`` at ``positions [S]`` -> ``(h [S, H] fp32 final-normed, cache,
+    [experts [S, L_moe, K]])``: the same per-token arithmetic as :func:`hidden_states`."""
+    dtype = params["embed"].dtype
+    positions = positions.astype(jnp.int32)
+    h = params["embed"][tokens].astype(f32)
+
+    def mixer(i, kind, mp, u):
+        if kind == "M":
+            out, st = mamba_step(mp, u, cache[i], cfg, dtype)
+            return out, {"conv": st["conv"].astype(cache[i]["conv"].dtype), "ssm": st["ssm"]}, None
+        if kind == "*":
+            out, st = attention_step(mp, u, cache[i], positions, cfg, dtype)
+            return out, st, None
+        if kind == "E":
+            out, ids = moe(mp, u, cfg, dtype)
+            return out, {}, ids
+        return mlp(u, mp["up_proj"], mp["down_proj"], dtype), {}, None
+
+    h, states, used = _run(params, h, cfg, dtype, mixer)
+    h = rms_norm(h, params["norm_f"], cfg.layer_norm_epsilon, dtype)
+    if return_routed_experts:
+        return h, states, _stack(used, tokens.shape, cfg)
+    return h, states
+
+
+# --------------------------------------------------------------------------------------------
+# The model-module interface (``model=invariant`` wherever a model module is taken)
+
+from .params import init_params, param_specs  # noqa: E402  same parameters as the default model
+from .model import init_cache, num_moe_layers  # noqa: E402  same cache layout
+
+#: marks a model whose per-token numbers do not depend on batch, slot, row length or program
+#: (``cascade_jax.rl.token_logprobs`` then uses :func:`idot` for the logits as well)
+KERNEL_INVARIANT = True
+
+
+def __getattr__(name):
+    if name == "GRADIENT_MODEL":  # the trainer's gradient (same parameters, batched kernels)
+        from models import nemotron_h
+        return nemotron_h
+    raise AttributeError(name)
