@@ -3,7 +3,8 @@ parses, project imports sit at module top, and no two modules import each other,
 through others, counting the imports inside functions too (they would hide a cycle).
 
 Exceptions are listed here, each with its reason: :data:`INNER_IMPORTS_ALLOWED` (files that may
-import project modules inside functions, and how many such imports each may have at most)."""
+import project modules inside functions, and how many such imports each may have at most) and
+:data:`ALLOWED_CYCLES`."""
 
 from __future__ import annotations
 
@@ -14,49 +15,50 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 #: the project's top-level packages (what counts as a project import)
 PACKAGES = ("cascade_jax", "models", "kernels", "launch", "configs")
 
-#: ``{file: (most project imports inside functions, why)}``: the only files allowed any. The
-#: command-line scripts import the stack after parsing arguments (fast ``--help`` / argument
-#: errors, and ``JAX_PLATFORMS`` / ``XLA_FLAGS`` / device counts set before ``jax`` starts);
-#: ``kernels`` chooses a backend (Pallas GPU / TPU modules load only on their platform).
+#: ``{file: (most project imports inside functions, why)}``: the only files allowed any
+#: (counted per imported module).
 INNER_IMPORTS_ALLOWED = {
-    "launch/accept.py": (27, "script: sections import what they measure after argument parsing"),
-    "launch/run.py": (13, "script: jax / the runner start after argument parsing and env setup"),
-    "launch/bench_runner.py": (11, "script: env (device count) set before jax starts"),
-    "launch/bench_agentic.py": (10, "script: env set before jax starts"),
-    "launch/bench_serve.py": (9, "script: env set before jax starts"),
-    "launch/study.py": (6, "script: jax starts after argument parsing"),
-    "launch/bench_fidelity.py": (5, "script: env set before jax starts"),
-    "launch/eval.py": (5, "script: jax starts after argument parsing"),
+    # command-line scripts: the stack loads after argument parsing and environment setup
+    # (JAX_PLATFORMS / XLA_FLAGS / simulated device counts must be set before jax starts)
+    "launch/accept.py": (34, "script: each section imports what it measures"),
+    "launch/run.py": (13, "script"),
+    "launch/bench_runner.py": (11, "script"),
+    "launch/bench_agentic.py": (10, "script"),
+    "launch/bench_serve.py": (9, "script"),
+    "launch/study.py": (6, "script"),
+    "launch/bench_fidelity.py": (5, "script"),
+    "launch/eval.py": (5, "script"),
     "launch/plan.py": (4, "script: simulated device count set before jax starts"),
     "launch/bench_plan.py": (3, "script: simulated device count set before jax starts"),
-    "launch/tune_kernels.py": (2, "script: env set before jax starts"),
-    "kernels/__init__.py": (5, "backend choice: platform-specific Pallas modules load on use"),
-    "kernels/benchmark.py": (2, "backend choice: platform-specific Pallas modules load on use"),
-    "kernels/pallas_gmm.py": (1, "backend choice: the Mosaic GPU variant loads on GPU only"),
-    "cascade_jax/rollout/server.py": (13, "server process: routes import their stack on first use"),
-    "cascade_jax/sharding/dryrun.py": (11, "dry run: simulated device count set before jax starts"),
-    "cascade_jax/cascade/study.py": (6, "study driver: launches stages in subprocesses"),
-    "cascade_jax/cascade/driver.py": (5, "cascade driver: launches stages in subprocesses"),
-    "cascade_jax/rollout/weight_sync.py": (4, "torch.distributed transport loads only when used"),
-    "cascade_jax/data/bench.py": (3, "benchmark data loads its sources only when asked"),
-    "cascade_jax/data/convert.py": (3, "converters of optional formats load on use"),
-    "cascade_jax/data/sources.py": (3, "optional sources (datasets) load on use"),
-    "cascade_jax/rollout/client.py": (3, "HTTP client: the embedded stack loads only when used"),
-    "cascade_jax/rollout/factory.py": (3, "engine backends load only when chosen"),
-    "cascade_jax/data/tokenizer.py": (2, "transformers tokenizers load on use"),
-    "cascade_jax/rl/logprobs.py": (2, "to be hoisted"),
-    "cascade_jax/rollout/openai_api.py": (2, "server routes import their stack on first use"),
-    "cascade_jax/rollout/scoring.py": (2, "to be hoisted"),
-    "cascade_jax/config.py": (1, "config is the lowest layer; one check loads the model presets"),
-    "cascade_jax/data/sft.py": (1, "to be hoisted"),
-    "cascade_jax/rl/steps.py": (1, "to be hoisted"),
-    "cascade_jax/rollout/bench.py": (1, "to be hoisted"),
-    "cascade_jax/rollout/engine.py": (1, "to be hoisted"),
-    "cascade_jax/rollout/exact.py": (1, "to be hoisted"),
-    "cascade_jax/rollout/sampler.py": (1, "to be hoisted"),
-    "cascade_jax/rollout/teachers.py": (1, "to be hoisted"),
-    "cascade_jax/sharding/plan.py": (1, "kernels' backend choice loads on use"),
+    "launch/tune_kernels.py": (2, "script"),
+    # heavy optional backends: Pallas Triton / Mosaic GPU / cuDNN modules load on their platform
+    "kernels/__init__.py": (5, "backend switch (see ALLOWED_CYCLES)"),
+    "kernels/benchmark.py": (2, "platform-specific kernels"),
+    "kernels/pallas_gmm.py": (1, "asks the backend switch for its variant (see ALLOWED_CYCLES)"),
+    "cascade_jax/rollout/weight_sync.py": (4, "torch.distributed transport (torch optional)"),
+    # not yet moved to the module top (work left; lower these numbers as they are)
+    "cascade_jax/rollout/server.py": (13, "not yet moved"),
+    "cascade_jax/sharding/dryrun.py": (11, "not yet moved; simulated device count"),
+    "cascade_jax/cascade/study.py": (6, "not yet moved"),
+    "cascade_jax/cascade/driver.py": (4, "not yet moved"),
+    "cascade_jax/data/bench.py": (3, "not yet moved"),
+    "cascade_jax/data/convert.py": (3, "not yet moved"),
+    "cascade_jax/data/sources.py": (3, "not yet moved"),
+    "cascade_jax/rollout/client.py": (3, "not yet moved"),
+    "cascade_jax/rollout/factory.py": (3, "not yet moved"),
+    "cascade_jax/data/tokenizer.py": (2, "not yet moved"),
+    "cascade_jax/rollout/openai_api.py": (2, "not yet moved"),
+    "cascade_jax/config.py": (1, "not yet moved; config is the lowest layer"),
+    "cascade_jax/rollout/engine.py": (1, "not yet moved"),
 }
+
+
+#: cycles that stay, each with its reason (compared as sorted module lists)
+ALLOWED_CYCLES = [
+    # kernels' backend switch imports a Pallas grouped matmul on first use (Triton or Mosaic GPU
+    # modules load only on their platform), and the Pallas module asks the switch for its variant
+    ["kernels", "kernels.pallas_gmm", "kernels.pallas_gmm_mgpu"],
+]
 
 
 def _modules() -> dict:
@@ -156,12 +158,6 @@ def _cycles(edges: dict) -> list:
     return out
 
 
-def _is_init_edge(src: str, dst: str) -> bool:
-    """A package ``__init__`` importing its own submodules (re-exports): such an edge closes no
-    real cycle, since the submodule is loaded first and finished before the package uses it."""
-    return dst.startswith(src + ".")
-
-
 def test_every_module_is_found_and_parses():
     modules, graph = _graph()
     assert len(modules) > 100 and "cascade_jax.runner.build" in modules
@@ -169,12 +165,13 @@ def test_every_module_is_found_and_parses():
 
 
 def test_no_import_cycles_counting_imports_inside_functions():
-    """No cycle among project modules; a package's ``__init__`` re-exporting its submodules is
-    not an edge back (a submodule importing its own package's ``__init__`` still is)."""
+    """No cycle among project modules other than :data:`ALLOWED_CYCLES` (a package's
+    ``__init__`` counts as a module: a submodule importing a name from its own package while
+    the package imports it is a cycle)."""
     _, graph = _graph()
-    edges = {src: sorted({m for _, m, _ in imps if m != src and not _is_init_edge(src, m)})
-             for src, imps in graph.items()}
-    assert _cycles(edges) == []
+    edges = {src: sorted({m for _, m, _ in imps if m != src}) for src, imps in graph.items()}
+    found = _cycles(edges)
+    assert [c for c in found if c not in ALLOWED_CYCLES] == [], found
 
 
 def test_project_imports_are_at_module_top():

@@ -26,8 +26,9 @@ from cascade_jax import config as C
 from cascade_jax import domains as D
 from cascade_jax.cascade import plan as P
 from cascade_jax.cascade import registry as R
+from cascade_jax.runner import evaluate as E
 
-__all__ = ["run_cascade", "run_mopd", "evaluate_checkpoint", "enable_compilation_cache",
+__all__ = ["run_cascade", "run_mopd", "enable_compilation_cache",
            "parse_teacher_policy", "command", "BASE"]
 
 #: Registry name of the cascade's starting model (the first stage's start).
@@ -47,19 +48,6 @@ def enable_compilation_cache(path: Union[str, os.PathLike, None] = None) -> str:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     return path
-
-
-def evaluate_checkpoint(config: C.Config, checkpoint: Optional[str], domains: Sequence[str]) -> dict:
-    """avg@k / pass@k per domain of the model at ``checkpoint`` (a Hub dir; ``None`` = the
-    config's preset with its seeded init) on ``domains``' held-out prompts, with ``config``'s
-    eval and rollout settings -- the runner's :func:`cascade_jax.runner.evaluate.evaluate_checkpoint`.
-    Returns ``{"domains": {d: {"avg@k", "pass@k", "n_prompts"}}, "score", "flat", ...}``."""
-    from cascade_jax.runner import evaluate as E
-
-    cfg = C.replace_path(config, "model.checkpoint", checkpoint)
-    cfg = C.replace_path(cfg, "data.domains", list(domains))
-    cfg = C.replace_path(cfg, "data.domain_weights", {})
-    return E.evaluate_checkpoint(cfg)
 
 
 def _avg(res: dict) -> dict:
@@ -106,7 +94,7 @@ def run_cascade(cascade_dir: Union[str, os.PathLike], *, preset: str = "tiny",
     # The starting model's scores (the first stage's "before").
     if BASE not in R.load_registry(reg_path)["checkpoints"]:
         t0 = time.perf_counter()
-        res = evaluate_checkpoint(cfg0, base_checkpoint, eval_domains)
+        res = E.evaluate_checkpoint(cfg0, checkpoint=base_checkpoint, domains=eval_domains)
         R.register_checkpoint(reg_path, BASE, base_checkpoint or f"{preset}-init", _avg(res),
                               eval_s=round(time.perf_counter() - t0, 2))
         log(f"[cascade] base scores: {_fmt(_avg(res))}")
@@ -150,7 +138,7 @@ def run_cascade(cascade_dir: Union[str, os.PathLike], *, preset: str = "tiny",
                                  resumed_from=summary.get("resumed_from", 0))
         st = P.load_state(cdir)["stages"][spec.name]
         t0 = time.perf_counter()
-        res = evaluate_checkpoint(cfg0, str(cdir / st["hub"]), eval_domains)
+        res = E.evaluate_checkpoint(cfg0, checkpoint=str(cdir / st["hub"]), domains=eval_domains)
         eval_s = time.perf_counter() - t0
         (cdir / spec.name / "eval").mkdir(parents=True, exist_ok=True)
         (cdir / spec.name / "eval" / "cascade.json").write_text(json.dumps(res["domains"], indent=2) + "\n")

@@ -283,7 +283,7 @@ def run_study(study_dir, spec: StudySpec, *, cascade_dir, preset: str = "tiny",
 
     from cascade_jax.cascade import plan as P
     from cascade_jax.cascade import registry as R
-    from cascade_jax.cascade.driver import evaluate_checkpoint
+    from cascade_jax.runner.evaluate import evaluate_checkpoint
     from cascade_jax.runner import run_stage
 
     log = log or (lambda m: print(m, file=sys.stderr, flush=True))
@@ -306,7 +306,7 @@ def run_study(study_dir, spec: StudySpec, *, cascade_dir, preset: str = "tiny",
     for ck in sorted({start_ck, *teachers.values()}):
         if ck not in evals:
             doms = domains if ck == start_ck else sorted(d for d, p in teachers.items() if p == ck)
-            res = evaluate_checkpoint(base, ck, doms)
+            res = evaluate_checkpoint(base, checkpoint=ck, domains=doms)
             evals[ck] = {d: next(v for k, v in m.items() if k.startswith("avg@"))
                          for d, m in res["domains"].items()}
             cache.write_text(json.dumps(evals, indent=2) + "\n")

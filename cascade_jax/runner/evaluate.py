@@ -165,12 +165,20 @@ def check_lengths(config, model_cfg, flag: str = "eval.max_response_len") -> Non
                           f"{model_cfg.max_position_embeddings} tokens; at most {max(room, 0)}")
 
 
-def evaluate_checkpoint(config, phase=None) -> dict:
+def evaluate_checkpoint(config, phase=None, *, checkpoint=..., domains=None) -> dict:
     """Evaluate the Hub checkpoint ``config.model.checkpoint`` on ``config.data.domains`` with
     the ``config.eval`` settings (engine: the embedded JAX engine). Returns :func:`evaluate`'s
-    result plus ``checkpoint`` and ``settings``. ``phase(text)`` hears what it is doing (for
-    progress lines)."""
+    result (``{"domains": {d: {"avg@k", "pass@k", "n_prompts"}}, "score", "flat", ...}``) plus
+    ``checkpoint`` and ``settings``. ``phase(text)`` hears what it is doing (for progress
+    lines). ``checkpoint`` (a Hub dir; ``None``: the preset with its seeded init) and
+    ``domains`` evaluate another model / other domains with the same settings (the cascade's
+    registry and the studies score every checkpoint this way)."""
     phase = phase or (lambda _: None)
+    if checkpoint is not ...:
+        config = C.replace_path(config, "model.checkpoint", checkpoint)
+    if domains is not None:
+        config = C.replace_path(config, "data.domains", list(domains))
+        config = C.replace_path(config, "data.domain_weights", {})
     check_lengths(config, B.model_config(config))
     phase("loading the checkpoint")
     model_cfg, params = B.build_model(config)
