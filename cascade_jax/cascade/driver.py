@@ -27,6 +27,9 @@ from cascade_jax import domains as D
 from cascade_jax.cascade import plan as P
 from cascade_jax.cascade import registry as R
 from cascade_jax.runner import evaluate as E
+from cascade_jax.cascade.report import write_report
+from cascade_jax.runner import run_stage
+from cascade_jax.runner.build import resolve_init
 
 __all__ = ["run_cascade", "run_mopd", "enable_compilation_cache",
            "parse_teacher_policy", "command", "BASE"]
@@ -67,8 +70,6 @@ def run_cascade(cascade_dir: Union[str, os.PathLike], *, preset: str = "tiny",
     ``base_checkpoint``: a Hub dir the first stage starts from (default: the preset's init).
     A rerun must use the same preset and overrides (else :class:`ConfigError`).
     """
-    from cascade_jax.runner import run_stage
-
     log = log or (lambda m: print(m, file=sys.stderr, flush=True))
     cdir = pathlib.Path(cascade_dir)
     wanted = list(stages) if stages is not None else list(P.STAGE_NAMES)
@@ -147,8 +148,6 @@ def run_cascade(cascade_dir: Union[str, os.PathLike], *, preset: str = "tiny",
         P.update_stage_state(cdir, spec.name, status="done", eval_s=round(eval_s, 2))
         log(f"[cascade] {spec.name}: done; scores {_fmt(_avg(res))}")
     if report:
-        from cascade_jax.cascade.report import write_report
-
         path = write_report(cdir, title=f"Cascade report ({preset})")
         log(f"[cascade] report: {path}")
     return P.load_state(cdir)
@@ -180,8 +179,6 @@ def run_mopd(run_dir: Union[str, os.PathLike], *, teachers_from: Optional[str] =
     cascade's multi-domain-RL export with teachers from its ``teachers.json``, in ``run_dir``.
     Without: bootstrap -- run the cascade up to and including MOPD with ``run_dir`` as the
     cascade dir (earlier stages first, each resumable). Returns the MOPD run's summary."""
-    from cascade_jax.runner import run_stage
-
     log = log or (lambda m: print(m, file=sys.stderr, flush=True))
     spec = {s.name: s for s in P.CASCADE}["mopd"]
     if teachers_from is None:
@@ -228,8 +225,6 @@ def command(stage: str, *, run_dir: Optional[str] = None, preset: Optional[str] 
         raise C.ConfigError("--teachers-from applies to --stage=mopd only")
     base = None
     if init is not None:
-        from cascade_jax.runner.build import resolve_init
-
         base = resolve_init(init)
     enable_compilation_cache()
     try:

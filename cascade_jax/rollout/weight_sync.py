@@ -48,6 +48,10 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from cascade_jax.rl.logprobs import token_logprobs
+from models import nemotron_h as nh
+
+from .launcher import free_port
 from .types import RolloutError
 
 __all__ = ["Probe", "make_probe", "reference_logprobs", "write_version", "DiskWeightSync",
@@ -103,7 +107,6 @@ def reference_logprobs(params, model_cfg, prompts: Sequence[Sequence[int]],
 
 @functools.partial(jax.jit, static_argnums=(2,))
 def _token_logprobs(params, batch, model_cfg):
-    from cascade_jax.rl.logprobs import token_logprobs
     return token_logprobs(params, batch, model_cfg)[0]
 
 
@@ -207,7 +210,6 @@ def _fsync_dir(path: Path) -> None:
 def write_version(params, model_cfg, root, version: str) -> Path:
     """Write ``params`` as a Hub checkpoint at ``{root}/v{version}`` atomically (temporary sibling,
     fsynced files, rename, fsynced parent); returns the path."""
-    from models import nemotron_h as nh
 
     if not _VERSION_RE.match(version):
         raise RolloutError(f"weight version {version!r}: must match {_VERSION_RE.pattern}")
@@ -344,7 +346,6 @@ def buckets(params, model_cfg, bucket_bytes: int):
     larger tensor gets a bucket of its own): ``(dtype name, [(name, shape, array)])``. Tensors
     are produced one at a time and a bucket is yielded as soon as it is full, so at most one
     open bucket per dtype is on the host."""
-    from models import nemotron_h as nh
 
     open_: dict = {}  # dtype name -> [bytes, items]
     for name, nbytes, produce in nh.hub_tensors(params, model_cfg):
@@ -372,7 +373,6 @@ class NcclWeightSync(_Sync):
                  backend: str = "nccl", group_name: str = "weight_update_group", bucket_bytes: int = 512 << 20,
                  python: Optional[str] = None, **kw):
         super().__init__(client, model_cfg, **kw)
-        from .launcher import free_port
         self.master_address = master_address
         self.master_port = master_port or free_port()
         self.backend = backend
