@@ -78,14 +78,14 @@ def bench_overhead(steps: int) -> dict:
             prompts = prompts_of(next(parts.data))[:cfg.data.batch_prompts]
             seeds = np.arange(len(prompts)) + 1000 * i
             reqs = st._requests(prompts, seeds)
-            ro = parts.engine.generate(reqs)
+            ro = parts.rl.engine.generate(reqs)
             rewards = st._score(prompts, ro).reshape(-1)
             batch = pack_rollouts(ro, rewards, layout="padded",
                                   seq_len=cfg.rollout.max_prompt_len + cfg.rollout.max_response_len)
             batch = batch.replace(policy_version=jnp.full(rewards.shape, i, jnp.int32))
             state, m = parts.train_step(state, batch)
             jax.block_until_ready(m)
-            parts.engine.update_weights(rl.compute_params(state.params, specs, st.dtype), str(i + 1))
+            parts.rl.engine.update_weights(rl.compute_params(state.params, specs, st.dtype), str(i + 1))
             direct.append(time.perf_counter() - t0)
         del key
     r, d = float(np.median(runner_steps)), float(np.median(direct[1:]))

@@ -14,11 +14,21 @@ launch_run           ``run(*args, timeout=600, fault=None)``: ``python launch/ru
                      *args`` on CPU with the session's persistent compilation cache
                      (``runner_support.run_cli``)
 ===================  ==========================================================================
+
+One persistent XLA compilation cache per test session (:data:`JIT_CACHE`), in this process and
+in every child that inherits the environment: tests that build their own ``jax.jit`` of a
+program another test already compiled (the tiny model's forward and gradient at the same
+shapes, engines of the same sizes) load it instead of compiling it again (measured: the tiny
+model's gradient re-jitted 12.3 CPU s -> 1.8 CPU s). A loaded executable is the compiled one
+(same results, same ``memory_analysis`` / ``cost_analysis``).
 """
 
 from __future__ import annotations
 
+import os
 import pathlib
+import shutil
+import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +38,21 @@ from models import nemotron_h as nh
 from tests import runner_support
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+#: the session's persistent compilation cache (removed when the session ends)
+JIT_CACHE = tempfile.mkdtemp(prefix="cascade-jax-test-jit-")
+_CACHE_ENV = {"JAX_COMPILATION_CACHE_DIR": JIT_CACHE,
+              "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+              "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+os.environ.update(_CACHE_ENV)  # children (servers, launchers, multi-device scripts)
+os.environ[runner_support.CACHE_ENV] = JIT_CACHE
+jax.config.update("jax_compilation_cache_dir", JIT_CACHE)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(JIT_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -41,9 +41,15 @@ def write_config(path: pathlib.Path, objective: str, run_dir: pathlib.Path, *, s
     return path
 
 
+#: environment variable naming the session's compilation cache (set by ``tests/conftest.py``)
+CACHE_ENV = "CASCADE_TEST_JIT_CACHE"
+
+
 def cache_dir(tmp_path_factory) -> pathlib.Path:
+    """The session's persistent compilation cache (``tests/conftest.py``'s, else a new one)."""
     if "jax_cache" not in _CACHE:
-        _CACHE["jax_cache"] = tmp_path_factory.mktemp("jax_cache")
+        shared = os.environ.get(CACHE_ENV)
+        _CACHE["jax_cache"] = pathlib.Path(shared) if shared else tmp_path_factory.mktemp("jax_cache")
     return _CACHE["jax_cache"]
 
 

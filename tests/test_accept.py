@@ -12,16 +12,24 @@ import sys
 import pytest
 
 from launch import accept
+from tests.runner_support import cache_dir
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _env() -> dict:
+    """A CPU child that caches every compiled program (``--cache-dir``: the session's cache, so
+    the fault runs below reuse the smoke run's programs)."""
+    return {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT),
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
 
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("accept")
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, str(ROOT / "launch" / "accept.py"), "--smoke", "--out-dir", str(out),
-                           "--budget", "900"], env=env, capture_output=True, text=True, timeout=1200)
+                           "--budget", "900", "--cache-dir", str(cache_dir(tmp_path_factory))],
+                          env=_env(), capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads((out / "accept.json").read_text()), (out / "accept.md").read_text()
 
@@ -100,10 +108,10 @@ def test_bad_arguments_name_the_field(capsys):
         accept.main(["--smoke", "--slice", "MM"])
 
 
-def test_a_crashed_or_failing_section_is_recorded_and_the_run_goes_on(tmp_path):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+def test_a_crashed_or_failing_section_is_recorded_and_the_run_goes_on(tmp_path, tmp_path_factory):
+    env = _env()
     cmd = [sys.executable, str(ROOT / "launch" / "accept.py"), "--smoke", "--only", "platform,speed_ssd",
-           "--budget", "600"]
+           "--budget", "600", "--cache-dir", str(cache_dir(tmp_path_factory))]
     crash = subprocess.run(cmd + ["--out-dir", str(tmp_path / "a")], env={**env, "CASCADE_ACCEPT_FAULT": "crash:platform"},
                            capture_output=True, text=True, timeout=900)
     raised = subprocess.run(cmd + ["--out-dir", str(tmp_path / "b")], env={**env, "CASCADE_ACCEPT_FAULT": "raise:platform"},

@@ -109,7 +109,7 @@ def test_mopd_stage_pulls_each_domain_toward_its_teacher(tiny_sft, tmp_path_fact
     (teacher 0.047), math 0.125 -> 0.086 (teacher 0.070). At lr 1e-3 the KL rose in an earlier
     run (0.18 -> 1.35 for math); at lr 2e-3 one run collapsed to 4-token answers."""
     from cascade_jax import config as C
-    from cascade_jax.cascade.driver import evaluate_checkpoint
+    from cascade_jax.runner.evaluate import evaluate_checkpoint
 
     d = tmp_path_factory.mktemp("mopd")
     teachers = {"structured_output": str(tiny_sft / "hub"),
@@ -129,7 +129,7 @@ def test_mopd_stage_pulls_each_domain_toward_its_teacher(tiny_sft, tmp_path_fact
     report = {}
     for dom in MOPD_DOMAINS:
         kl = [m[f"mopd/reverse_kl/{dom}"] for m in train if f"mopd/reverse_kl/{dom}" in m]
-        teacher = evaluate_checkpoint(cfg, teachers[dom], [dom])["domains"][dom]["avg@4"]
+        teacher = evaluate_checkpoint(cfg, checkpoint=teachers[dom], domains=[dom])["domains"][dom]["avg@4"]
         start, end = ev[0][f"eval/{dom}/avg@4"], ev[MOPD_STEPS][f"eval/{dom}/avg@4"]
         report[dom] = dict(kl_first3=sum(kl[:3]) / 3, kl_last3=sum(kl[-3:]) / 3, start=start,
                            end=end, teacher=teacher)

@@ -26,8 +26,12 @@ from cascade_jax import config as C
 from cascade_jax import domains as D
 from cascade_jax.cascade import plan as P
 from cascade_jax.cascade import registry as R
+from cascade_jax.runner import evaluate as E
+from cascade_jax.cascade.report import write_report
+from cascade_jax.runner import run_stage
+from cascade_jax.runner.build import resolve_init
 
-__all__ = ["run_cascade", "run_mopd", "evaluate_checkpoint", "enable_compilation_cache",
+__all__ = ["run_cascade", "run_mopd", "enable_compilation_cache",
            "parse_teacher_policy", "command", "BASE"]
 
 #: Registry name of the cascade's starting model (the first stage's start).
@@ -49,19 +53,6 @@ def enable_compilation_cache(path: Union[str, os.PathLike, None] = None) -> str:
     return path
 
 
-def evaluate_checkpoint(config: C.Config, checkpoint: Optional[str], domains: Sequence[str]) -> dict:
-    """avg@k / pass@k per domain of the model at ``checkpoint`` (a Hub dir; ``None`` = the
-    config's preset with its seeded init) on ``domains``' held-out prompts, with ``config``'s
-    eval and rollout settings -- the runner's :func:`cascade_jax.runner.evaluate.evaluate_checkpoint`.
-    Returns ``{"domains": {d: {"avg@k", "pass@k", "n_prompts"}}, "score", "flat", ...}``."""
-    from cascade_jax.runner import evaluate as E
-
-    cfg = C.replace_path(config, "model.checkpoint", checkpoint)
-    cfg = C.replace_path(cfg, "data.domains", list(domains))
-    cfg = C.replace_path(cfg, "data.domain_weights", {})
-    return E.evaluate_checkpoint(cfg)
-
-
 def _avg(res: dict) -> dict:
     return {d: next(v for k, v in m.items() if k.startswith("avg@")) for d, m in res["domains"].items()}
 
@@ -79,8 +70,6 @@ def run_cascade(cascade_dir: Union[str, os.PathLike], *, preset: str = "tiny",
     ``base_checkpoint``: a Hub dir the first stage starts from (default: the preset's init).
     A rerun must use the same preset and overrides (else :class:`ConfigError`).
     """
-    from cascade_jax.runner import run_stage
-
     log = log or (lambda m: print(m, file=sys.stderr, flush=True))
     cdir = pathlib.Path(cascade_dir)
     wanted = list(stages) if stages is not None else list(P.STAGE_NAMES)
@@ -106,7 +95,7 @@ def run_cascade(cascade_dir: Union[str, os.PathLike], *, preset: str = "tiny",
     # The starting model's scores (the first stage's "before").
     if BASE not in R.load_registry(reg_path)["checkpoints"]:
         t0 = time.perf_counter()
-        res = evaluate_checkpoint(cfg0, base_checkpoint, eval_domains)
+        res = E.evaluate_checkpoint(cfg0, checkpoint=base_checkpoint, domains=eval_domains)
         R.register_checkpoint(reg_path, BASE, base_checkpoint or f"{preset}-init", _avg(res),
                               eval_s=round(time.perf_counter() - t0, 2))
         log(f"[cascade] base scores: {_fmt(_avg(res))}")
@@ -150,7 +139,7 @@ def run_cascade(cascade_dir: Union[str, os.PathLike], *, preset: str = "tiny",
                                  resumed_from=summary.get("resumed_from", 0))
         st = P.load_state(cdir)["stages"][spec.name]
         t0 = time.perf_counter()
-        res = evaluate_checkpoint(cfg0, str(cdir / st["hub"]), eval_domains)
+        res = E.evaluate_checkpoint(cfg0, checkpoint=str(cdir / st["hub"]), domains=eval_domains)
         eval_s = time.perf_counter() - t0
         (cdir / spec.name / "eval").mkdir(parents=True, exist_ok=True)
         (cdir / spec.name / "eval" / "cascade.json").write_text(json.dumps(res["domains"], indent=2) + "\n")
@@ -159,8 +148,6 @@ def run_cascade(cascade_dir: Union[str, os.PathLike], *, preset: str = "tiny",
         P.update_stage_state(cdir, spec.name, status="done", eval_s=round(eval_s, 2))
         log(f"[cascade] {spec.name}: done; scores {_fmt(_avg(res))}")
     if report:
-        from cascade_jax.cascade.report import write_report
-
         path = write_report(cdir, title=f"Cascade report ({preset})")
         log(f"[cascade] report: {path}")
     return P.load_state(cdir)
@@ -192,8 +179,6 @@ def run_mopd(run_dir: Union[str, os.PathLike], *, teachers_from: Optional[str] =
     cascade's multi-domain-RL export with teachers from its ``teachers.json``, in ``run_dir``.
     Without: bootstrap -- run the cascade up to and including MOPD with ``run_dir`` as the
     cascade dir (earlier stages first, each resumable). Returns the MOPD run's summary."""
-    from cascade_jax.runner import run_stage
-
     log = log or (lambda m: print(m, file=sys.stderr, flush=True))
     spec = {s.name: s for s in P.CASCADE}["mopd"]
     if teachers_from is None:
@@ -240,8 +225,6 @@ def command(stage: str, *, run_dir: Optional[str] = None, preset: Optional[str] 
         raise C.ConfigError("--teachers-from applies to --stage=mopd only")
     base = None
     if init is not None:
-        from cascade_jax.runner.build import resolve_init
-
         base = resolve_init(init)
     enable_compilation_cache()
     try:

@@ -31,6 +31,11 @@ import numpy as np
 from cascade_jax import config as C
 from cascade_jax import domains as D
 from cascade_jax.cascade import ledger as L
+from cascade_jax.cascade import plan as P
+from cascade_jax.cascade import registry as R
+from cascade_jax.cascade.report import read_metrics, write_study_report
+from cascade_jax.runner import run_stage
+from cascade_jax.runner.evaluate import evaluate_checkpoint
 
 __all__ = ["StudyError", "Claim", "StudySpec", "spec_from_dict", "load_spec", "declare",
            "first_reach", "seed_mean", "verdicts", "regressions", "method_config", "run_study"]
@@ -237,8 +242,6 @@ def regressions(curves: Mapping[str, Mapping[str, dict]], domains: Sequence[str]
 def _eval_curve(run_dir, domains, start_scores: Mapping[str, float]) -> dict:
     """``{"steps": [0, ...], "scores": {domain: [...]}}`` from the start scores and the run's
     ``eval/<domain>/avg@k`` rows in ``metrics.jsonl``."""
-    from cascade_jax.cascade.report import read_metrics
-
     steps, scores = [0], {d: [start_scores[d]] for d in domains}
     for row in read_metrics(run_dir):
         vals = {}
@@ -281,11 +284,6 @@ def run_study(study_dir, spec: StudySpec, *, cascade_dir, preset: str = "tiny",
     import os
     import sys
 
-    from cascade_jax.cascade import plan as P
-    from cascade_jax.cascade import registry as R
-    from cascade_jax.cascade.driver import evaluate_checkpoint
-    from cascade_jax.runner import run_stage
-
     log = log or (lambda m: print(m, file=sys.stderr, flush=True))
     study_dir, cdir = pathlib.Path(study_dir), pathlib.Path(cascade_dir)
     declare(study_dir, spec)
@@ -306,7 +304,7 @@ def run_study(study_dir, spec: StudySpec, *, cascade_dir, preset: str = "tiny",
     for ck in sorted({start_ck, *teachers.values()}):
         if ck not in evals:
             doms = domains if ck == start_ck else sorted(d for d, p in teachers.items() if p == ck)
-            res = evaluate_checkpoint(base, ck, doms)
+            res = evaluate_checkpoint(base, checkpoint=ck, domains=doms)
             evals[ck] = {d: next(v for k, v in m.items() if k.startswith("avg@"))
                          for d, m in res["domains"].items()}
             cache.write_text(json.dumps(evals, indent=2) + "\n")
@@ -333,7 +331,5 @@ def run_study(study_dir, spec: StudySpec, *, cascade_dir, preset: str = "tiny",
               "verdicts": verdicts(spec, curves, teacher_scores),
               "regressions": regressions(curves, domains)}
     (study_dir / "study_result.json").write_text(json.dumps(result, indent=2) + "\n")
-    from cascade_jax.cascade.report import write_study_report
-
     write_study_report(study_dir)
     return result

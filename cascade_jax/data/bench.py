@@ -26,6 +26,10 @@ import time
 import numpy as np
 
 from cascade_jax.data import packing
+from cascade_jax import config as C
+from cascade_jax.data.convert import write_jsonl
+from cascade_jax.data.sft import sft_batches
+from cascade_jax.data.tokenizer import tiny_tokenizer
 
 _WORDS = ("the of and to in is that for it as with was on be by this are or from at which an but "
           "not have they we can all one has their if there what so will would about into more "
@@ -70,10 +74,6 @@ def _conversation(r: random.Random, target_words: int) -> dict:
 
 
 def bench_pipeline(n_rows: int, seq_len: int, seconds: float) -> dict:
-    from cascade_jax import config as C
-    from cascade_jax.data import sft_batches, tiny_tokenizer
-    from cascade_jax.data.convert import write_jsonl
-
     r = random.Random(0)
     words = np.minimum(sft_lengths(n_rows, seed=1) // 3, seq_len // 4)  # ~3 tiny tokens per word
     with tempfile.TemporaryDirectory() as d:

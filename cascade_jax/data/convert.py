@@ -20,6 +20,10 @@ import gzip
 import json
 from typing import Iterable, Mapping
 
+from cascade_jax.config import DataSource
+from cascade_jax.data.rows import BadRow
+from cascade_jax.data.sources import open_source
+
 __all__ = ["write_jsonl", "write_parquet", "write_array_record", "write_tfds", "write_rows", "main"]
 
 
@@ -106,10 +110,6 @@ def write_rows(rows: Iterable[Mapping], path: str, fmt: str) -> int:
 
 
 def main(argv=None) -> int:
-    from cascade_jax.config import DataSource
-    from cascade_jax.data.rows import BadRow
-    from cascade_jax.data.sources import open_source
-
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--from", dest="src_fmt", required=True, choices=["jsonl", "parquet", "array_record"])
     ap.add_argument("src")

@@ -37,6 +37,7 @@ from typing import Optional
 import grain
 import numpy as np
 
+from cascade_jax.contract.batch import SFTBatch
 from cascade_jax.data import packing
 from cascade_jax.data.chat import ChatTemplateError, render_chat
 from cascade_jax.data.rows import BadRow, DataError, map_row
@@ -225,8 +226,6 @@ class SFTIterator:
         return self
 
     def __next__(self):
-        from cascade_jax.contract.batch import SFTBatch
-
         rows, n_examples = [], 0
         for _ in range(self.rows):
             row, n = self._row()

@@ -38,6 +38,9 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from cascade_jax.data.rows import BadRow, DataError
+from cascade_jax import domains as D
+from cascade_jax.data.rows import CANONICAL_FIELDS
+from cascade_jax.data.tiny import NEAR_MISS_RATE, tiny_examples
 
 __all__ = ["open_source", "resolve_files", "JsonlSource", "ParquetSource", "ArrayRecordSource",
            "TfdsSource", "TinySource", "TINY_TOOL", "TINY_REASONING"]
@@ -251,19 +254,16 @@ class TinySource:
 
     def __init__(self, domains: Sequence[str], rows_per_domain: int, seed: int,
                  thinking: bool = True, near_miss_rate: Optional[float] = None):
-        from cascade_jax import domains as d
-        from cascade_jax.data.tiny import NEAR_MISS_RATE, tiny_examples
-
         rate = NEAR_MISS_RATE if near_miss_rate is None else near_miss_rate
         self._rows = []
-        for dom in (domains or d.DOMAINS):
-            for j, ex in enumerate(tiny_examples(d.check_domain(dom), n=rows_per_domain, seed=seed,
+        for dom in (domains or D.DOMAINS):
+            for j, ex in enumerate(tiny_examples(D.check_domain(dom), n=rows_per_domain, seed=seed,
                                                     near_miss_rate=rate)):
                 row = {"prompt": ex.prompt, "response": ex.sft_response, "domain": ex.domain,
                        "metadata": ex.metadata}
                 if thinking:
                     row["reasoning"] = TINY_REASONING
-                if ex.domain == d.TOOL_CALL:
+                if ex.domain == D.TOOL_CALL:
                     row["tools"] = [TINY_TOOL]
                 self._rows.append((f"tiny:{dom}:{j}", row))
 
@@ -278,8 +278,6 @@ def open_source(source, *, domains: Sequence[str] = (), tiny_rows_per_domain: in
                 tiny_near_miss_rate: Optional[float] = None, seed: int = 0, thinking: bool = True):
     """A random-access source for one ``DataSource`` config; errors if missing or empty, or if
     its field mapping names an unknown canonical field."""
-    from cascade_jax.data.rows import CANONICAL_FIELDS
-
     bad = sorted(k for k in source.fields if k.split(".")[0] not in CANONICAL_FIELDS
                  or (k.startswith("metadata.") and len(k) == len("metadata.")))
     if bad:

@@ -29,6 +29,9 @@ from typing import Optional, Sequence
 import numpy as np
 import tokenizers
 
+from cascade_jax.data.tiny import tiny_examples
+from cascade_jax.domains import DOMAINS
+
 __all__ = ["Tokenizer", "TokenizerError", "load_tokenizer", "save_tokenizer", "tiny_tokenizer",
            "build_tiny_tokenizer", "tiny_chat_template", "tokenizer_for", "write_tiny_tokenizer",
            "TINY_VOCAB_SIZE", "TINY_SPECIAL_TOKENS",
@@ -211,9 +214,6 @@ def tiny_chat_template() -> str:
 
 
 def _tiny_corpus(n_per_domain: int = 64) -> list[str]:
-    from cascade_jax.domains import DOMAINS
-    from cascade_jax.data.tiny import tiny_examples
-
     texts = []
     for dom in DOMAINS:
         for ex in tiny_examples(dom, n=n_per_domain, seed=0):

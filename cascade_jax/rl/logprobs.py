@@ -56,6 +56,7 @@ from typing import Optional, Sequence
 import jax
 import jax.numpy as jnp
 
+from models import nemotron_h
 from models.nemotron_h.partitioning import use_partitioner
 
 from .batch import sequence_index
@@ -178,7 +179,7 @@ def token_logprobs(params, batch, cfg, *, temperature: float = 1.0,
     experts the forward used (for expert-load statistics; no second forward).
     """
     if model is None:
-        from models import nemotron_h as model
+        model = nemotron_h
     if routed_experts is None:
         routed_experts = getattr(batch, "routed_experts", None)
     experts = None
@@ -364,7 +365,7 @@ def next_token_logprobs(params, tokens: jax.Array, lengths: jax.Array, cfg, *,
     were routed to, ``[S, row_len, L_moe, K]`` (the prefix part is meaningful).
     ``lengths >= 1``."""
     if model is None:
-        from models import nemotron_h as model
+        model = nemotron_h
     S, R = tokens.shape
     lengths = jnp.asarray(lengths, jnp.int32)
     if inv_temperature is None:

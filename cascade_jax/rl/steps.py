@@ -40,6 +40,7 @@ import optax
 from cascade_jax import domains as D
 from cascade_jax.config import StageConfig
 from cascade_jax.contract.sampling import SamplingParams, check_temperature
+from models import nemotron_h
 
 from .advantages import grpo_advantages
 from .expert_load import COUNTS_KEY, expert_counts, load_metrics
@@ -101,7 +102,7 @@ def accumulate_gradients(loss_fn: Callable, params, micro: dict, grad_accum: int
 def _param_specs(model, model_cfg):
     """The parameter specs (roles: trainable / decay / fp32) of ``model`` (default NemotronH)."""
     if model is None:
-        from models import nemotron_h as model
+        model = nemotron_h
     return model.param_specs(model_cfg)
 
 

@@ -30,6 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from models import nemotron_h
+
 from .engine import JaxEngine
 from .mismatch import engine_mismatch
 from .sampler import sample, sample_tokens
@@ -90,8 +92,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--overlap", action="store_true", help="engine with host/device overlap")
     args = ap.parse_args(argv)
-    from models import nemotron_h as model
-
+    model = nemotron_h
     cfg = model.preset(args.preset)
     params = jax.jit(model.init_params, static_argnums=(0, 2))(cfg, jax.random.key(0),
                                                                jnp.dtype(args.dtype))

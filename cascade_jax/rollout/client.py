@@ -31,8 +31,12 @@ from typing import Any, Callable, Optional, Sequence
 
 import httpx
 
+from cascade_jax import domains
+from cascade_jax.contract.sampling import SamplingMismatchError, shared_sampling
+
 from . import sglang_api
 from .types import Request, RolloutError, Rollouts
+from .teachers import score_by_domain
 
 __all__ = ["ServerClient", "ServedTeachers"]
 
@@ -394,7 +398,6 @@ class ServedTeachers:
     def __init__(self, by_domain: dict, **client_kwargs):
         if not by_domain:
             raise ValueError("teachers: at least one domain -> teacher server is required")
-        from cascade_jax import domains
         made: dict = {}
         self.by_domain = {}
         for d, c in by_domain.items():
@@ -411,9 +414,6 @@ class ServedTeachers:
         """Per sample the teacher log-probs at temperature 1: servers' prompt log-probs are
         always at temperature 1 (docs/rollout-protocol.md §3), so rollouts sampled at another
         temperature (the sampling contract's) are refused rather than scored inconsistently."""
-        from cascade_jax.contract.sampling import SamplingMismatchError, shared_sampling
-
-        from .teachers import score_by_domain
         if rollouts.requests:
             tau = shared_sampling([r.sampling for r in rollouts.requests], what="served teachers")
             if tau.logprob_temperature != 1.0:

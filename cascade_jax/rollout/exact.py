@@ -34,6 +34,7 @@ import numpy as np
 
 from cascade_jax.rl.logprobs import (DEFAULT_VOCAB_CHUNK, inverse_temperature,
                                      invariant_next_logprobs, next_token_logprobs)
+from models import nemotron_h
 
 from .engine import JaxEngine
 from .sampler import sample_tokens
@@ -70,7 +71,7 @@ def generate_exact(params, cfg, prompts: Sequence[Sequence[int]], *, row_len: in
     ``len(prompt) + max_new_tokens <= row_len``. ``return_routed_experts``: each sample's
     ``routed_experts [P + R − 1, L_moe, K]`` (the trainer's unreplayed routing of its tokens)."""
     if model is None:
-        from models import nemotron_h as model
+        model = nemotron_h
     for i, p in enumerate(prompts):
         if not p:
             raise ValueError(f"prompts[{i}]: empty prompt")

@@ -16,6 +16,12 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
+from models.nemotron_h.invariant import KV_BLOCK
+
+from . import weight_sync as ws
+from .client import ServerClient
+from .engine import JaxEngine
+from .exact import ExactEngine
 from .types import SamplingParams
 
 __all__ = ["make_engine", "make_weight_sync", "sampling_params"]
@@ -44,13 +50,9 @@ def make_engine(rollout_cfg, *, model_cfg=None, params=None, weight_version: str
     if rollout_cfg.engine == "jax":
         if model_cfg is None or params is None:
             raise ValueError("make_engine: rollout.engine 'jax' needs model_cfg and params")
-        from .engine import JaxEngine
         max_len = rollout_cfg.max_prompt_len + rollout_cfg.max_response_len
         cls = JaxEngine
         if getattr(rollout_cfg, "zero_mismatch", False):  # the engine's zero-mismatch mode
-            from models.nemotron_h.invariant import KV_BLOCK
-
-            from .exact import ExactEngine
             cls, max_len = ExactEngine, -(-max_len // KV_BLOCK) * KV_BLOCK
         return cls(model_cfg, params, num_slots=rollout_cfg.num_slots, max_len=max_len,
                    steps_per_call=rollout_cfg.steps_per_call, seed=rollout_cfg.seed,
@@ -58,7 +60,6 @@ def make_engine(rollout_cfg, *, model_cfg=None, params=None, weight_version: str
                    weight_version=weight_version,
                    return_routed_experts=getattr(rollout_cfg, "routing_replay", False), **kwargs)
     if rollout_cfg.engine in ("jax_server", "sglang"):
-        from .client import ServerClient
         r = rollout_cfg
         urls = ([r.server_url] if r.server_url else []) + [u for u in r.server_urls if u != r.server_url]
         if getattr(r, "routing_replay", False):
@@ -77,7 +78,6 @@ def make_engine(rollout_cfg, *, model_cfg=None, params=None, weight_version: str
 def make_weight_sync(rollout_cfg, client, model_cfg, *, sync_dir: Optional[str] = None, launcher=None):
     """The weight syncer of ``rollout.weight_sync`` for ``client``'s servers
     (:mod:`cascade_jax.rollout.weight_sync`); ``None`` for ``disk`` without a directory."""
-    from . import weight_sync as ws
     r = rollout_cfg
     common = dict(tol=r.sync_tol, timeout_s=r.sync_timeout_s, launcher=launcher)
     if r.weight_sync == "nccl":

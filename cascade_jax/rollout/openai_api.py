@@ -53,10 +53,13 @@ import contextlib
 import json
 import time
 import uuid
-from typing import Any, Optional
+from typing import Optional
 
 from fastapi import Request as HTTPRequest
 from fastapi.responses import JSONResponse, StreamingResponse
+
+from cascade_jax.data.chat import ChatTemplateError, render_text
+from cascade_jax.rewards.tool_call import ToolCallParseError, parse_tool_calls
 
 from .sglang_api import GenerateItem, RequestError, read_json, sse
 from .sglang_api import _int, _num as _finite
@@ -243,7 +246,6 @@ def _tool_calls(text: str, tools: Optional[list]) -> tuple[Optional[str], Option
     """``(content, tool_calls)`` of an assistant text: the text before the first ``<tool_call>``
     and the parsed calls (None when there are none or the markup is malformed: then the whole
     text is content)."""
-    from cascade_jax.rewards.tool_call import ToolCallParseError, parse_tool_calls
     start = text.find("<tool_call>")
     if start < 0:
         return text, None
@@ -424,7 +426,6 @@ def mount(app, srv) -> None:
         return _sse_response(head, call, buffered())
 
     async def chat(body: dict):
-        from cascade_jax.data.chat import ChatTemplateError, render_text
         msgs = body.get("messages")
         if not isinstance(msgs, list) or not msgs:
             raise RequestError("messages", "expected a non-empty list of messages")

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 
 from cascade_jax.contract.sampling import SamplingParams
 from cascade_jax.rl.batch import FINISH_LENGTH, FINISH_STOP, RLBatch
+from models import nemotron_h
 
 __all__ = ["sample_tokens", "support_mask", "sample"]
 
@@ -115,7 +116,7 @@ def _sample(params, prompts, cfg, *, rng, max_new_tokens, prompt_lengths, temper
             top_k, eos_id, group_ids, model):
     """:func:`sample`'s jitted body (its batch without ``sampling``)."""
     if model is None:
-        from models import nemotron_h as model
+        model = nemotron_h
     B, P = prompts.shape
     M = max_new_tokens
     lengths = (jnp.full((B,), P, jnp.int32) if prompt_lengths is None

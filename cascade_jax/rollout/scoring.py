@@ -18,6 +18,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cascade_jax.rl.logprobs import chunked_logprobs
+from models import nemotron_h
+
 __all__ = ["score_logprobs", "pow2_at_least"]
 
 
@@ -29,7 +32,6 @@ def pow2_at_least(n: int) -> int:
 @functools.partial(jax.jit, static_argnames=("model_cfg", "model", "temperature"))
 def _score_rows(params, tokens, segment_ids, model_cfg, model, temperature=1.0):
     """``[B, T-1]`` log-probs of ``tokens[:, 1:]`` given their prefixes at ``temperature``."""
-    from cascade_jax.rl.logprobs import chunked_logprobs
     T = tokens.shape[1]
     pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), tokens.shape)
     h = model.hidden_states(params, tokens, model_cfg, positions=pos, segment_ids=segment_ids)
@@ -47,7 +49,7 @@ def score_logprobs(params, model_cfg, prompts: Sequence[Sequence[int]],
     if not temperature > 0:
         raise ValueError(f"temperature: must be > 0 (a greedy contract scores at 1), got {temperature}")
     if model is None:
-        from models import nemotron_h as model
+        model = nemotron_h
     if len(prompts) != len(responses):
         raise ValueError(f"responses: {len(responses)} responses for {len(prompts)} prompts")
     V = int(model_cfg.vocab_size)

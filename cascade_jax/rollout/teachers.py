@@ -25,6 +25,7 @@ from typing import Callable, Mapping, Optional
 
 from cascade_jax import domains
 from cascade_jax.contract.sampling import shared_sampling
+from models import nemotron_h
 
 from .scoring import score_logprobs
 from .types import Rollouts
@@ -49,7 +50,7 @@ class Teachers:
                          model=None) -> "Teachers":
         """Load each distinct checkpoint directory once (``dtype`` default bfloat16)."""
         if model is None:
-            from models import nemotron_h as model
+            model = nemotron_h
         import jax.numpy as jnp
         dtype = jnp.bfloat16 if dtype is None else dtype
         loaded: dict = {}

@@ -51,6 +51,10 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from cascade_jax.rl.logprobs import token_logprobs
+from models import nemotron_h as nh
+
+from .launcher import free_port
 from .sglang_api import BACKEND
 from .types import RolloutError
 
@@ -107,7 +111,6 @@ def reference_logprobs(params, model_cfg, prompts: Sequence[Sequence[int]],
 
 @functools.partial(jax.jit, static_argnums=(2,))
 def _token_logprobs(params, batch, model_cfg):
-    from cascade_jax.rl.logprobs import token_logprobs
     return token_logprobs(params, batch, model_cfg)[0]
 
 
@@ -212,7 +215,6 @@ def write_version(params, model_cfg, root, version: str, *, layout: str = "hub")
     """Write ``params`` as a checkpoint of ``layout`` (``"hub"`` or ``"params"``,
     ``models.nemotron_h.save_checkpoint``) at ``{root}/v{version}`` atomically (temporary
     sibling, fsynced files, rename, fsynced parent); returns the path."""
-    from models import nemotron_h as nh
 
     if not _VERSION_RE.match(version):
         raise RolloutError(f"weight version {version!r}: must match {_VERSION_RE.pattern}")
@@ -362,7 +364,6 @@ def buckets(params, model_cfg, bucket_bytes: int):
     larger tensor gets a bucket of its own): ``(dtype name, [(name, shape, array)])``. Tensors
     are produced one at a time and a bucket is yielded as soon as it is full, so at most one
     open bucket per dtype is on the host."""
-    from models import nemotron_h as nh
 
     open_: dict = {}  # dtype name -> [bytes, items]
     for name, nbytes, produce in nh.hub_tensors(params, model_cfg):
@@ -390,7 +391,6 @@ class NcclWeightSync(_Sync):
                  backend: str = "nccl", group_name: str = "weight_update_group", bucket_bytes: int = 512 << 20,
                  python: Optional[str] = None, **kw):
         super().__init__(client, model_cfg, **kw)
-        from .launcher import free_port
         self.master_address = master_address
         self.master_port = master_port or free_port()
         self.backend = backend

@@ -34,49 +34,46 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
-from typing import Any, Optional
+from typing import Callable, Optional, Union
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 
 from cascade_jax import config as C
+from cascade_jax import data
+from cascade_jax import domains as D
+from cascade_jax import rl
+from cascade_jax import rollout as R
+from cascade_jax import sharding
+from cascade_jax.contract import RLBatch, SamplingParams, SFTBatch
+from cascade_jax.data import PromptIterator, SFTIterator, Tokenizer
+from cascade_jax.rewards import Scorer, make_scorer
+from cascade_jax.rollout.factory import make_engine, sampling_params
+from cascade_jax.rollout.teachers import Teachers
 from cascade_jax.runner.errors import (CheckpointLoadError, ConfigError, InputFileError,
                                        RolloutUnavailable)
+from cascade_jax.runner.preflight import check_memory, resolve_init
+from models import nemotron_h as nh
 
-__all__ = ["Parts", "build", "resolve_init", "build_model", "model_config", "build_tokenizer", "build_mesh",
+__all__ = ["Parts", "RLParts", "TrainStep", "StageData", "build", "resolve_init", "build_model", "model_config", "build_tokenizer", "build_mesh",
            "start_distributed", "check_batch_fits_mesh", "ShardedStep", "build_sft_data", "build_prompt_data", "build_engine", "build_scorers",
            "build_teachers", "build_sampling", "build_train_step", "train_step_static", "compute_dtype", "validate", "stage_domains"]
+
+
+#: ``step(state, batch) -> (state, metrics)``: ``jax.jit`` of ``rl.make_train_step`` or a
+#: :class:`ShardedStep` (the state donated)
+TrainStep = Callable[[rl.TrainState, Union[SFTBatch, RLBatch]], tuple]
+#: the stage's data: packed SFT batches (``sft``) or prompt batches (``grpo`` / ``mopd``)
+StageData = Union[SFTIterator, PromptIterator]
 
 
 # --------------------------------------------------------------------------------------------
 # Model
 
 
-def resolve_init(path: str, what: str = "--init") -> str:
-    """``--init`` target (or a teacher; ``what`` names it in errors) → a Hub checkpoint
-    directory: a Hub dir (has ``config.json``) as is; a run dir (has ``run_config.json``) → its
-    final export ``<run>/hub``."""
-    p = pathlib.Path(path)
-    if not p.exists():
-        raise InputFileError(f"{what} {path}: no such file or directory")
-    if not p.is_dir():
-        raise InputFileError(f"{what} {path}: not a directory (expected a Hub checkpoint or a run dir)")
-    if (p / "config.json").is_file():
-        return str(p)
-    if (p / "run_config.json").is_file():
-        hub = p / "hub"
-        if (hub / "config.json").is_file():
-            return str(hub)
-        raise CheckpointLoadError(f"{what} {path}: run dir has no final Hub export ({hub}); "
-                                  f"finish the run first")
-    raise InputFileError(f"{what} {path}: neither a Hub checkpoint (config.json) nor a run dir "
-                         f"(run_config.json)")
-
-
-def model_config(config: C.Config):
+def model_config(config: C.Config) -> nh.ModelConfig:
     """The ``ModelConfig`` of ``config.model`` without loading weights (validates it)."""
-    from models import nemotron_h as nh
-
     try:
         if config.model.checkpoint:
             ckpt = pathlib.Path(config.model.checkpoint)
@@ -95,18 +92,15 @@ def model_config(config: C.Config):
                              f"({e})") from None
 
 
-def build_model(config: C.Config, mesh=None):
+def build_model(config: C.Config, mesh: Optional[Mesh] = None) -> tuple[nh.ModelConfig, dict]:
     """``(model_cfg, params)`` from ``config.model``: a Hub checkpoint (loaded in
     ``model.dtype``) or the preset with parameters drawn from ``key(run.seed)``. With a
     ``mesh`` every leaf is created (``sharding.init_params``, the same values) or read
     (``sharding.load_params``, each device its slices) directly in its shards."""
-    from models import nemotron_h as nh
-
     dtype = jnp.dtype(config.model.dtype)
     if config.model.checkpoint:
         try:
             if mesh is not None:
-                from cascade_jax import sharding
                 try:
                     mcfg, params = sharding.load_params(config.model.checkpoint, mesh, dtype=dtype,
                                                         overrides=config.model.overrides or None)
@@ -134,7 +128,6 @@ def build_model(config: C.Config, mesh=None):
     mcfg = model_config(config)
     key = jax.random.key(config.run.seed)
     if mesh is not None:
-        from cascade_jax import sharding
         try:
             return mcfg, sharding.init_params(mcfg, key, mesh, dtype=dtype)
         except sharding.ShardingError as e:
@@ -143,7 +136,7 @@ def build_model(config: C.Config, mesh=None):
     return mcfg, params
 
 
-def compute_dtype(config: C.Config):
+def compute_dtype(config: C.Config) -> jnp.dtype:
     """Dtype of the compute copy in the train step and the engine (``model.dtype``)."""
     return jnp.dtype(config.model.dtype)
 
@@ -152,21 +145,17 @@ def start_distributed() -> bool:
     """Join a multi-process job (``cascade_jax.sharding.initialize_distributed``: SLURM, MPI,
     TPU pod or ``JAX_COORDINATOR_ADDRESS``; a no-op in a single process). Must run before any
     device is touched; idempotent (a cascade builds several stages in one process)."""
-    from cascade_jax import sharding
-
     if jax.distributed.is_initialized():
         return True
     return sharding.initialize_distributed()
 
 
-def build_mesh(config: C.Config):
+def build_mesh(config: C.Config) -> Optional[Mesh]:
     """The device mesh of ``config.mesh`` over all processes' devices (``None`` on a single
     device, where plain ``jit`` is the sharded step). Sizes that do not multiply to the device
     count are a :class:`ConfigError` naming the axis."""
     if jax.device_count() == 1:
         return None
-    from cascade_jax import sharding
-
     try:
         mesh = sharding.make_mesh(config.mesh)
     except sharding.ShardingError as e:
@@ -175,12 +164,10 @@ def build_mesh(config: C.Config):
     return mesh
 
 
-def check_batch_fits_mesh(config: C.Config, mesh) -> None:
+def check_batch_fits_mesh(config: C.Config, mesh: Mesh) -> None:
     """The train batch ``[rows, T]`` splits over the mesh: rows over the batch axes
     (data x fsdp x expert, per micro-batch), ``T`` over the context axis; else a
     :class:`ConfigError` naming the fields (raised before anything is written)."""
-    from cascade_jax import sharding
-
     shape = sharding.mesh_shape(mesh)
     rules = sharding.RULES
     bdev = 1
@@ -211,11 +198,9 @@ def check_batch_fits_mesh(config: C.Config, mesh) -> None:
 # Tokenizer and data
 
 
-def build_tokenizer(config: C.Config):
+def build_tokenizer(config: C.Config) -> Tokenizer:
     """The run's tokenizer (``cascade_jax.data.tokenizer_for``: ``data.tokenizer``, else the
     checkpoint's, else the tiny preset's built-in one)."""
-    from cascade_jax import data
-
     try:
         return data.tokenizer_for(config)
     except (data.TokenizerError, OSError) as e:
@@ -224,8 +209,6 @@ def build_tokenizer(config: C.Config):
 
 def stage_domains(config: C.Config) -> tuple:
     """The stage's domains (``data.domains``), validated; error if empty for an RL stage."""
-    from cascade_jax import domains as D
-
     for d in config.data.domains:
         if d not in D.DOMAINS:
             raise ConfigError(f"data.domains: unknown domain {d!r}; valid: {', '.join(D.DOMAINS)}")
@@ -235,8 +218,6 @@ def stage_domains(config: C.Config) -> tuple:
 
 
 def _data_call(fn, config, tokenizer):
-    from cascade_jax import data
-
     try:
         it = fn(config, tokenizer, process_index=jax.process_index(),
                 process_count=jax.process_count())
@@ -248,20 +229,16 @@ def _data_call(fn, config, tokenizer):
         raise InputFileError(f"data: {e}") from None
 
 
-def build_sft_data(config: C.Config, tokenizer):
+def build_sft_data(config: C.Config, tokenizer: Tokenizer) -> SFTIterator:
     """Iterator of packed ``SFTBatch`` rows (``data.batch_rows`` rows of ``data.seq_len``)
     with ``get_state()`` / ``set_state()`` (``cascade_jax.data.sft_batches``)."""
-    from cascade_jax import data
-
     return _data_call(data.sft_batches, config, tokenizer)
 
 
-def build_prompt_data(config: C.Config, tokenizer):
+def build_prompt_data(config: C.Config, tokenizer: Tokenizer) -> PromptIterator:
     """Iterator of ``PromptBatch`` (``ceil(data.batch_prompts × data.oversample)`` prompts with
     domain and verifier metadata) with ``get_state()`` / ``set_state()``
     (``cascade_jax.data.prompt_batches``)."""
-    from cascade_jax import data
-
     return _data_call(data.prompt_batches, config, tokenizer)
 
 
@@ -269,14 +246,12 @@ def build_prompt_data(config: C.Config, tokenizer):
 # Rollouts, rewards, teachers
 
 
-def build_engine(config: C.Config, model_cfg, params, tokenizer):
+def build_engine(config: C.Config, model_cfg: nh.ModelConfig, params: dict,
+                 tokenizer: Tokenizer) -> R.RolloutEngine:
     """The rollout engine of ``rollout.engine`` (``cascade_jax.rollout.make_engine``): the
     embedded JAX engine, or the client of ``launch/serve.py`` / SGLang servers with its weight
     syncer (disk versions under ``rollout.weight_sync_dir``, default ``<run dir>/weights``).
     An unreachable server is :class:`RolloutUnavailable`."""
-    from cascade_jax import rollout as R
-    from cascade_jax.rollout.factory import make_engine
-
     r = config.rollout
     sync_dir = str(pathlib.Path(config.run.out_dir) / "weights")
     try:
@@ -303,20 +278,15 @@ def build_engine(config: C.Config, model_cfg, params, tokenizer):
     return eng
 
 
-def build_scorers(config: C.Config) -> dict:
+def build_scorers(config: C.Config) -> dict[str, Scorer]:
     """``{domain: scorer}`` (``cascade_jax.rewards.make_scorer``, each with its worker pool)."""
-    from cascade_jax.rewards import make_scorer
-
     return {d: make_scorer(d) for d in stage_domains(config)}
 
 
-def build_teachers(config: C.Config, student_cfg):
+def build_teachers(config: C.Config, student_cfg: nh.ModelConfig) -> Teachers:
     """``cascade_jax.rollout.teachers.Teachers`` from ``stage.teachers`` (domain → Hub
     checkpoint or run dir; a directory shared by several domains is loaded once). Every stage
     domain needs a teacher, and each teacher must share the student's vocabulary."""
-    from cascade_jax.rollout.teachers import Teachers
-    from models import nemotron_h as nh
-
     by_domain, loaded = {}, {}
     missing = [d for d in stage_domains(config) if d not in config.stage.teachers]
     if missing:
@@ -338,13 +308,11 @@ def build_teachers(config: C.Config, student_cfg):
     return Teachers(by_domain)
 
 
-def build_sampling(config: C.Config, tokenizer=None):
+def build_sampling(config: C.Config, tokenizer: Optional[Tokenizer] = None) -> SamplingParams:
     """The run's sampling contract (``cascade_jax.rollout.factory.sampling_params`` of
     ``config.rollout``, stopping at the tokenizer's EOS): what every request is sampled with,
     what each ``RLBatch`` records and what the train step, the teachers and the KL reference
     compute their log-probs at."""
-    from cascade_jax.rollout.factory import sampling_params
-
     stop = () if tokenizer is None else (tokenizer.eos_id,)
     return sampling_params(config.rollout, stop_token_ids=stop)
 
@@ -353,7 +321,7 @@ def build_sampling(config: C.Config, tokenizer=None):
 # Train step
 
 
-def train_step_static(config: C.Config, sampling=None) -> dict:
+def train_step_static(config: C.Config, sampling: Optional[SamplingParams] = None) -> dict:
     """The keyword arguments of ``stage.objective``'s train step (``rl.make_train_step``) for
     this config (``sampling``: the run's :class:`SamplingParams`, else built from the config);
     the dry run (``cascade_jax.sharding.dryrun``) compiles the same step."""
@@ -368,15 +336,14 @@ def train_step_static(config: C.Config, sampling=None) -> dict:
     return static
 
 
-def build_train_step(config: C.Config, model_cfg, mesh=None, sampling=None):
+def build_train_step(config: C.Config, model_cfg: nh.ModelConfig, mesh: Optional[Mesh] = None,
+                     sampling: Optional[SamplingParams] = None) -> TrainStep:
     """``step(state, batch) -> (state, metrics)`` for ``stage.objective`` with the state donated
     (the previous state's buffers are reused). With a ``mesh``: :class:`ShardedStep` (the step
     compiled by ``cascade_jax.sharding.compile_train_step`` with in/out shardings, each batch
     placed on the mesh first); without: plain ``jax.jit``. RL steps compute their log-probs at
     the temperature of the sampling contract ``sampling`` (default :func:`build_sampling`) and
     refuse a batch recorded at another one."""
-    from cascade_jax import rl
-
     obj = config.stage.objective
     static = train_step_static(config, sampling)
     if mesh is not None:
@@ -392,13 +359,11 @@ class ShardedStep:
     ``sharding.shard_train_state``; each batch is placed on the mesh (``shard_batch``; with
     several processes ``global_batch`` from this process's rows)."""
 
-    def __init__(self, objective: str, mesh, model_cfg, static: dict):
+    def __init__(self, objective: str, mesh: Mesh, model_cfg: nh.ModelConfig, static: dict):
         self.objective, self.mesh, self.model_cfg, self.static = objective, mesh, model_cfg, static
         self._compiled: dict = {}
 
     def place_batch(self, batch):
-        from cascade_jax import sharding
-
         try:
             if jax.process_count() > 1:
                 return sharding.global_batch(batch, self.mesh)
@@ -407,8 +372,6 @@ class ShardedStep:
             raise ConfigError(f"mesh: batch does not fit the mesh: {e}") from None
 
     def __call__(self, state, batch):
-        from cascade_jax import sharding
-
         batch = self.place_batch(batch)
         key = (jax.tree.structure(batch),
                tuple((x.shape, str(x.dtype)) for x in jax.tree.leaves(batch)))
@@ -454,25 +417,34 @@ def validate(config: C.Config) -> None:
 
 
 @dataclasses.dataclass
-class Parts:
-    """What :func:`build` returns; fields not needed by the objective are ``None``."""
+class RLParts:
+    """What an RL stage (``grpo`` / ``mopd``) adds: the rollout engine (embedded, or the client
+    of rollout servers with its weight syncer), one scorer per stage domain, and MOPD's
+    per-domain teachers (``None`` for GRPO)."""
 
-    model_cfg: Any
-    params: Any
-    tokenizer: Any
-    mesh: Any
-    train_step: Any
-    sampling: Any = None  # the run's SamplingParams (build_sampling)
-    data: Any = None  # SFT batches or prompt batches
-    engine: Any = None
-    scorers: Optional[dict] = None
-    teachers: Any = None  # cascade_jax.rollout.teachers.Teachers (MOPD)
+    engine: R.RolloutEngine
+    scorers: dict[str, Scorer]
+    teachers: Optional[Teachers] = None
+
+
+@dataclasses.dataclass
+class Parts:
+    """What :func:`build` returns. ``params`` is the initial master copy (the stage moves it
+    into its train state and drops it here); ``mesh`` is ``None`` on one device; ``data`` is
+    ``None`` for objectives without a data stream (``demo``); ``rl`` is set for RL stages."""
+
+    model_cfg: nh.ModelConfig
+    params: Optional[dict]
+    tokenizer: Tokenizer
+    mesh: Optional[Mesh]
+    train_step: TrainStep
+    sampling: SamplingParams
+    data: Optional[StageData] = None
+    rl: Optional[RLParts] = None
 
 
 def build(config: C.Config) -> Parts:
     """Everything ``config``'s stage needs (see the module table), validated first."""
-    from cascade_jax.runner.preflight import check_memory
-
     validate(config)
     start_distributed()
     mesh = build_mesh(config)
@@ -484,18 +456,20 @@ def build(config: C.Config) -> Parts:
                           f"{model_cfg.vocab_size}")
     sampling = build_sampling(config, tokenizer)
     obj = config.stage.objective
-    data = None
+    stream = None
     if obj == "sft":
-        data = build_sft_data(config, tokenizer)
+        stream = build_sft_data(config, tokenizer)
     elif obj in ("grpo", "mopd"):
-        data = build_prompt_data(config, tokenizer)
+        stream = build_prompt_data(config, tokenizer)
     check_memory(config, model_cfg)
     model_cfg, params = build_model(config, mesh)
-    parts = Parts(model_cfg=model_cfg, params=params, tokenizer=tokenizer, data=data, mesh=mesh,
-                  train_step=build_train_step(config, model_cfg, mesh, sampling), sampling=sampling)
+    train_step = build_train_step(config, model_cfg, mesh, sampling)
+    rl_parts = None
     if obj in ("grpo", "mopd"):
-        parts.scorers = build_scorers(config)
-        if obj == "mopd":
-            parts.teachers = build_teachers(config, model_cfg)
-        parts.engine = build_engine(config, model_cfg, params, tokenizer)
-    return parts
+        scorers = build_scorers(config)
+        teachers = build_teachers(config, model_cfg) if obj == "mopd" else None
+        rl_parts = RLParts(engine=build_engine(config, model_cfg, params, tokenizer),
+                           scorers=scorers, teachers=teachers)
+    return Parts(model_cfg=model_cfg, params=params, tokenizer=tokenizer, mesh=mesh,
+                 train_step=train_step, sampling=sampling,
+                 data=stream, rl=rl_parts)

@@ -33,6 +33,7 @@ import jax
 import numpy as np
 
 from cascade_jax.runner.errors import CheckpointLoadError
+from models import nemotron_h as nh
 
 __all__ = ["Checkpointer", "export_hub", "export_model_config", "publish_modes",
            "encode_data_state", "decode_data_state"]
@@ -159,8 +160,6 @@ def export_hub(params, model_cfg, out_dir: pathlib.Path, *, tokenizer_dir=None) 
     """Write ``params`` as a Hub-layout checkpoint (``config.json`` + safetensors) at
     ``out_dir`` with the tokenizer files of ``tokenizer_dir`` (if any) copied beside them, so
     ``load_checkpoint``, ``launch/serve.py``, SGLang and transformers load it."""
-    from models import nemotron_h as nh
-
     out_dir = pathlib.Path(out_dir)
     nh.save_checkpoint(params, model_cfg, str(out_dir))
     if tokenizer_dir is not None:

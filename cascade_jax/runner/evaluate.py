@@ -29,6 +29,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cascade_jax import config as C
+from cascade_jax import data
+from cascade_jax import rl
+from cascade_jax.rollout import JaxEngine, Request, SamplingParams
+from cascade_jax.runner import build as B
+from cascade_jax.runner.errors import ConfigError
+
 __all__ = ["EvalPrompt", "prompts_of", "heldout_prompts", "evaluate_rollouts", "evaluate", "pass_at_k",
            "sft_loss_fn", "format_table", "evaluate_checkpoint", "check_lengths"]
 
@@ -60,9 +67,6 @@ def prompts_of(pb) -> list[EvalPrompt]:
 def heldout_prompts(config, tokenizer, domains: Sequence[str]) -> list[EvalPrompt]:
     """``eval.prompts`` prompts per domain from the data pipeline with ``data.shuffle_seed =
     eval.seed`` (for the tiny domains that seed draws a different, fixed example set)."""
-    from cascade_jax import config as C
-    from cascade_jax import data
-
     out = []
     for dom in domains:
         c = config
@@ -106,8 +110,6 @@ def evaluate(engine, tokenizer, prompts: Sequence[EvalPrompt], scorers: Mapping,
              seed: int = 0) -> dict:
     """Generate ``k`` samples per prompt with ``engine`` and score them (see module doc).
     Returns ``{"domains": {domain: {...}}, "score": mean avg@k over domains, "flat": {...}}``."""
-    from cascade_jax.rollout import Request, SamplingParams
-
     reqs = [Request(prompt_ids=p.ids, domain=p.domain, rid=f"eval-{i}",
                     sampling=SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
                                             top_p=top_p, top_k=top_k, n=k, seed=seed + i,
@@ -126,8 +128,6 @@ def evaluate(engine, tokenizer, prompts: Sequence[EvalPrompt], scorers: Mapping,
 def sft_loss_fn(model_cfg, specs, compute_dtype):
     """Jitted ``(params, batch: SFTBatch) -> (sum of token NLL, token count)`` over the
     ``loss_mask`` tokens that have a prefix in their segment (the SFT objective, no update)."""
-    from cascade_jax import rl
-
     @jax.jit
     def fn(params, batch):
         p = rl.compute_params(params, specs, compute_dtype)
@@ -155,8 +155,6 @@ def check_lengths(config, model_cfg, flag: str = "eval.max_response_len") -> Non
     """Prompt + response tokens of the evaluation fit the model's context
     (``max_position_embeddings``); else a ``ConfigError`` naming ``flag`` -- before any
     memory is sized by them."""
-    from cascade_jax.runner.errors import ConfigError
-
     e = config.eval
     max_new = e.max_response_len or config.rollout.max_response_len
     total = config.rollout.max_prompt_len + max_new
@@ -167,15 +165,20 @@ def check_lengths(config, model_cfg, flag: str = "eval.max_response_len") -> Non
                           f"{model_cfg.max_position_embeddings} tokens; at most {max(room, 0)}")
 
 
-def evaluate_checkpoint(config, phase=None) -> dict:
+def evaluate_checkpoint(config, phase=None, *, checkpoint=..., domains=None) -> dict:
     """Evaluate the Hub checkpoint ``config.model.checkpoint`` on ``config.data.domains`` with
     the ``config.eval`` settings (engine: the embedded JAX engine). Returns :func:`evaluate`'s
-    result plus ``checkpoint`` and ``settings``. ``phase(text)`` hears what it is doing (for
-    progress lines)."""
-    from cascade_jax.rollout import JaxEngine
-    from cascade_jax.runner import build as B
-
+    result (``{"domains": {d: {"avg@k", "pass@k", "n_prompts"}}, "score", "flat", ...}``) plus
+    ``checkpoint`` and ``settings``. ``phase(text)`` hears what it is doing (for progress
+    lines). ``checkpoint`` (a Hub dir; ``None``: the preset with its seeded init) and
+    ``domains`` evaluate another model / other domains with the same settings (the cascade's
+    registry and the studies score every checkpoint this way)."""
     phase = phase or (lambda _: None)
+    if checkpoint is not ...:
+        config = C.replace_path(config, "model.checkpoint", checkpoint)
+    if domains is not None:
+        config = C.replace_path(config, "data.domains", list(domains))
+        config = C.replace_path(config, "data.domain_weights", {})
     check_lengths(config, B.model_config(config))
     phase("loading the checkpoint")
     model_cfg, params = B.build_model(config)

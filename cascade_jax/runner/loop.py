@@ -51,6 +51,7 @@ from cascade_jax.runner import provenance
 from cascade_jax.runner.checkpoint import Checkpointer
 from cascade_jax.data.rows import DataError
 from cascade_jax.runner.errors import InputFileError, Preempted, RunDirError
+from cascade_jax.runner.faults import fault_point
 from cascade_jax.runner.metrics import MetricsWriter, Progress
 from cascade_jax.runner.preempt import StopSignals, hold_point
 from cascade_jax.runner.preflight import check_inputs
@@ -59,14 +60,6 @@ from cascade_jax.runner.stage import Stage
 __all__ = ["run_stage", "check_run_dir", "started", "RUN_ARTIFACTS", "BOOKKEEPING_KEYS",
            "fault_point"]
 
-
-def fault_point(point: str, step: int) -> None:
-    """Fault injection for the resume tests: with ``CASCADE_FAULT=<point>@<step>`` in the
-    environment the process kills itself (SIGKILL, no cleanup) when it reaches ``point``
-    (``train``: after the update; ``save``: right after an async checkpoint save started, its
-    write still in flight; ``sync``: inside the weight sync) at ``step``."""
-    if os.environ.get("CASCADE_FAULT") == f"{point}@{step}":
-        os.kill(os.getpid(), signal.SIGKILL)
 
 #: What a run writes into its run dir (``fresh`` removes exactly these).
 RUN_ARTIFACTS = ("run_config.json", "provenance.json", "metrics.jsonl", "tensorboard",

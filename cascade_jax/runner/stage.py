@@ -5,8 +5,10 @@ drives it; everything here is per step and holds no file I/O except :meth:`Stage
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import pathlib
+import time
 from typing import Callable, Optional
 
 import jax
@@ -14,15 +16,21 @@ import jax.numpy as jnp
 import numpy as np
 
 from cascade_jax import config as C
+from cascade_jax import data
 from cascade_jax import domains as D
 from cascade_jax import rl
+from cascade_jax import sharding
+from cascade_jax.data import save_tokenizer
 from cascade_jax.runner import build as B
 from cascade_jax.runner import evaluate as E
-from cascade_jax.rollout import RolloutError
+from cascade_jax.rollout import Request, RolloutError, Rollouts
 from cascade_jax.rollout.packing import pack_rollouts
 from cascade_jax.runner.checkpoint import export_hub, export_model_config, publish_modes
 from cascade_jax.runner.errors import RolloutUnavailable
+from cascade_jax.runner.faults import fault_point
 from cascade_jax.runner.metrics import scalars
+from models import nemotron_h as nh
+from models.nemotron_h import invariant
 
 __all__ = ["Stage", "weight_step", "MAX_DRAWS"]
 
@@ -40,8 +48,6 @@ class Stage:
 
     def __init__(self, config: C.Config, run_dir: pathlib.Path, parts: B.Parts,
                  log: Callable[[str], None] = print):
-        from models import nemotron_h as nh
-
         self.config, self.run_dir, self.parts, self.log = config, pathlib.Path(run_dir), parts, log
         self.obj = config.stage.objective
         self.dtype = B.compute_dtype(config)
@@ -55,7 +61,6 @@ class Stage:
         self._route_fn = None  # unreplayed forward's experts (routing-replay metrics)
         self.state = rl.TrainState.from_config(parts.params, config.optimizer, self.specs)
         if parts.mesh is not None:  # master params and Adam moments on the params' shardings
-            from cascade_jax import sharding
             self.state = sharding.shard_train_state(self.state, parts.model_cfg, parts.mesh)
         parts.params = None  # the master copy in ``state`` is the one copy we keep
         self.rng = jax.random.key(config.run.seed)
@@ -79,15 +84,12 @@ class Stage:
         return s
 
     def load_checkpoint_state(self, s: dict, data_state) -> None:
-        import dataclasses
-        import time
-
         self.state = dataclasses.replace(self.state, params=s["params"], opt_state=s["opt_state"],
                                          step=jnp.asarray(s["step"], jnp.int32))
         self.rng = jax.random.wrap_key_data(jnp.asarray(s["rng"]))
         if data_state is not None:
             self.parts.data.set_state(data_state)
-        if self.parts.engine is not None and int(self.state.step) > 0:
+        if self.parts.rl is not None and int(self.state.step) > 0:
             # servers may already hold a later version of the killed run: a label outside the
             # integer order (the next sync's integer label is then accepted again)
             self.sync_weights(f"{int(self.state.step)}-resume{int(time.time())}")
@@ -109,18 +111,14 @@ class Stage:
 
     def sync_weights(self, label: Optional[str] = None) -> None:
         """Push the compute copy to the engine, labelled with the step (its weight version)."""
-        from cascade_jax.runner.loop import fault_point
-
         step = int(self.state.step)
         fault_point("sync", step)
         try:
-            self.parts.engine.update_weights(self.compute_params(), label or str(step))
+            self.parts.rl.engine.update_weights(self.compute_params(), label or str(step))
         except RolloutError as e:
             raise RolloutUnavailable(f"weight sync of step {step}: {e}") from None
 
     def export(self, path: pathlib.Path) -> pathlib.Path:
-        from cascade_jax.data import save_tokenizer
-
         out = export_hub(self.compute_params(), export_model_config(self.parts.model_cfg, self.tok),
                          path)
         save_tokenizer(self.tok, out)
@@ -157,10 +155,6 @@ class Stage:
 
     def _requests(self, prompts, seeds, max_new_tokens=None):
         """One request per prompt: the run's sampling contract with the prompt's seed."""
-        import dataclasses
-
-        from cascade_jax.rollout import Request
-
         sp = self.parts.sampling or B.build_sampling(self.config, self.tok)
         if max_new_tokens:
             sp = dataclasses.replace(sp, max_new_tokens=max_new_tokens)
@@ -173,15 +167,13 @@ class Stage:
         """Rollouts of ``reqs`` from the engine (with ``rollout.zero_mismatch`` the engine is the
         zero-mismatch :class:`cascade_jax.rollout.exact.ExactEngine` and the trainer uses the
         same kernel-invariant model, or servers run ``--zero-mismatch`` themselves)."""
-        return self.parts.engine.generate(reqs)
+        return self.parts.rl.engine.generate(reqs)
 
     def _routing_mismatch(self, batch: rl.RLBatch) -> dict:
         """Rollout experts (``batch.routed_experts``) vs the trainer's unreplayed forward with the
         current weights over the response tokens (``rl.routing_mismatch``); with
         ``rollout.zero_mismatch`` the trainer's model is the kernel-invariant one."""
         if self._route_fn is None:
-            from models import nemotron_h as nh
-            from models.nemotron_h import invariant
             mcfg = self.parts.model_cfg
             model = invariant if self.config.rollout.zero_mismatch else nh
             self._route_fn = jax.jit(lambda p, t, pos, seg: model.hidden_states(
@@ -197,9 +189,9 @@ class Stage:
         out = np.zeros((len(prompts), n), np.float32)
         for dom in {p.domain for p in prompts}:
             idx = [i for i, p in enumerate(prompts) if p.domain == dom]
-            scores = self.parts.scorers[dom]([prompts[i].text for i in idx for _ in range(n)],
-                                             [t for i in idx for t in texts[i]],
-                                             [prompts[i].metadata for i in idx for _ in range(n)])
+            scores = self.parts.rl.scorers[dom]([prompts[i].text for i in idx for _ in range(n)],
+                                                [t for i in idx for t in texts[i]],
+                                                [prompts[i].metadata for i in idx for _ in range(n)])
             out[idx] = np.asarray([s.value for s in scores], np.float32).reshape(len(idx), n)
         return out
 
@@ -209,8 +201,6 @@ class Stage:
         reward variance are kept and further batches are drawn (at most ``MAX_DRAWS`` per step)
         until the batch is full; filtered groups fill any remainder (zero advantage, so they
         add no gradient). Without it the first ``batch_prompts`` groups are used."""
-        from cascade_jax.rollout import Rollouts
-
         cfg = self.config
         want = cfg.data.batch_prompts
         kept, spare, drawn, draws, n_var = [], [], 0, 0, 0
@@ -242,7 +232,7 @@ class Stage:
         teacher = None
         if self.obj == "mopd":
             with timer("teacher"):
-                teacher = self.parts.teachers.score(ro)
+                teacher = self.parts.rl.teachers.score(ro)
         batch = pack_rollouts(ro, rewards, teacher_logp=teacher, layout="padded",
                               seq_len=cfg.rollout.max_prompt_len + cfg.rollout.max_response_len,
                               num_experts=self.parts.model_cfg.n_routed_experts)
@@ -328,7 +318,7 @@ class Stage:
         if self._eval_prompts is None:
             self._eval_prompts = E.heldout_prompts(cfg, self.tok, B.stage_domains(cfg))
         e = cfg.eval
-        res = E.evaluate(self.parts.engine, self.tok, self._eval_prompts, self.parts.scorers, k=e.k,
+        res = E.evaluate(self.parts.rl.engine, self.tok, self._eval_prompts, self.parts.rl.scorers, k=e.k,
                          max_new_tokens=e.max_response_len or cfg.rollout.max_response_len,
                          temperature=e.temperature, top_p=e.top_p,
                          top_k=e.top_k, seed=e.seed)
@@ -338,8 +328,6 @@ class Stage:
         """Held-out SFT batches (``ceil(eval.prompts / data.batch_rows)`` of them): the tiny
         sources regenerated with ``data.shuffle_seed = eval.seed`` (different examples). File
         sources have no held-out split here: empty (no SFT eval)."""
-        from cascade_jax import data
-
         cfg = self.config
         if any(s.format != "tiny" for s in cfg.data.sources):
             return []
@@ -352,6 +340,6 @@ class Stage:
         return {"final_step": int(self.state.step)}
 
     def close(self) -> None:
-        close = getattr(self.parts.engine, "close", None)
+        close = None if self.parts.rl is None else getattr(self.parts.rl.engine, "close", None)
         if close is not None:
             close()

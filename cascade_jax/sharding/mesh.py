@@ -18,11 +18,11 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh
 
-from cascade_jax.config import MeshConfig
+from cascade_jax.config import A2A_MODES, MeshConfig
 
 from .rules import MESH_AXES, ShardingError
 
-__all__ = ["make_mesh", "resolve_sizes", "mesh_shape"]
+__all__ = ["make_mesh", "resolve_sizes", "mesh_shape", "resolve_a2a"]
 
 
 def resolve_sizes(mesh_cfg: MeshConfig, num_devices: int) -> dict:
@@ -44,12 +44,25 @@ def resolve_sizes(mesh_cfg: MeshConfig, num_devices: int) -> dict:
     return sizes
 
 
+def resolve_a2a(a2a: str, platform: str) -> str:
+    """The exchange for ``a2a`` in ``A2A_MODES`` on ``platform`` ("cpu" | "gpu" | "tpu", or a
+    device's own "cuda" / "rocm"): ``auto`` = ``ragged`` on gpu/tpu, ``padded`` on cpu;
+    ``ragged`` on cpu is an error naming ``mesh.a2a``."""
+    platform = "gpu" if platform in ("cuda", "rocm") else platform
+    if a2a not in A2A_MODES:
+        raise ValueError(f"mesh.a2a: must be one of {list(A2A_MODES)}, got {a2a!r}")
+    if a2a == "auto":
+        return "ragged" if platform in ("gpu", "tpu") else "padded"
+    if a2a == "ragged" and platform == "cpu":
+        raise ValueError("mesh.a2a='ragged': jax.lax.ragged_all_to_all is not implemented on CPU; "
+                         "use mesh.a2a='padded' (or 'auto') on CPU meshes")
+    return a2a
+
+
 def make_mesh(mesh_cfg: MeshConfig, devices: Optional[Sequence] = None) -> Mesh:
     """A ``jax.sharding.Mesh`` over ``devices`` (default: all devices of all processes).
     ``mesh_cfg.a2a`` is checked against the devices' platform (``ragged`` on CPU is a
     :class:`ShardingError` naming ``mesh.a2a``)."""
-    from .moe import resolve_a2a  # moe imports this module
-
     devices = list(jax.devices() if devices is None else devices)
     sizes = resolve_sizes(mesh_cfg, len(devices))
     try:

@@ -54,7 +54,7 @@ and its own tokens (the batch / sequence rules). Inside ``shard_map``, per devic
    router weights in fp32 (``moe_dispatch.unpermute``), exactly as the unsharded layer.
 
 ``a2a="auto"`` (the config's ``mesh.a2a``) picks ``ragged`` when the mesh's devices are GPUs or TPUs and ``padded`` on CPU
-(:func:`resolve_a2a`). Routing (and the shared expert) stay outside, in the global program.
+(:func:`.mesh.resolve_a2a`). Routing (and the shared expert) stay outside, in the global program.
 
 Verification status: the token-local and the padded paths are checked numerically on
 simulated CPU devices (tests/test_sharding_moe.py). The ragged path cannot compile on CPU; its offsets/sizes
@@ -77,7 +77,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 from cascade_jax.config import A2A_MODES
 from kernels import moe_dispatch
 
-from .mesh import mesh_shape
+from .mesh import mesh_shape, resolve_a2a
 from .rules import RULES, Rules
 
 __all__ = ["make_moe_dispatch", "token_local_moe", "expert_parallel_moe", "make_expert_parallel",
@@ -90,21 +90,6 @@ def _active(axes, shape):
 
 def _spec_axes(axes):
     return None if not axes else axes[0] if len(axes) == 1 else axes
-
-
-def resolve_a2a(a2a: str, platform: str) -> str:
-    """The exchange for ``a2a`` in ``A2A_MODES`` on ``platform`` ("cpu" | "gpu" | "tpu", or a
-    device's own "cuda" / "rocm"): ``auto`` = ``ragged`` on gpu/tpu, ``padded`` on cpu;
-    ``ragged`` on cpu is an error naming ``mesh.a2a``."""
-    platform = "gpu" if platform in ("cuda", "rocm") else platform
-    if a2a not in A2A_MODES:
-        raise ValueError(f"mesh.a2a: must be one of {list(A2A_MODES)}, got {a2a!r}")
-    if a2a == "auto":
-        return "ragged" if platform in ("gpu", "tpu") else "padded"
-    if a2a == "ragged" and platform == "cpu":
-        raise ValueError("mesh.a2a='ragged': jax.lax.ragged_all_to_all is not implemented on CPU; "
-                         "use mesh.a2a='padded' (or 'auto') on CPU meshes")
-    return a2a
 
 
 # --------------------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ from jax.sharding import NamedSharding
 
 from cascade_jax.config import OptimizerConfig, StageConfig
 from cascade_jax.rl.batch import RLBatch, SFTBatch
+import kernels
 
 from .mesh import mesh_shape
 from .moe import make_moe_dispatch, token_local_moe
@@ -70,8 +71,6 @@ def reference_attention_keys(model_cfg, seq_len: int) -> int:
     and TPU below ``kernels.XLA_BLOCKWISE_MIN_KEYS`` keys), or 0 when the model has no attention
     layer, another attention implementation runs on this platform, or the XLA attention runs
     blockwise at this length (:mod:`kernels.xla_flash_attention`, no ``[T, S]`` scores)."""
-    import kernels
-
     if "*" not in model_cfg.pattern:
         return 0
     if kernels.resolve_impl("attention", model_cfg.attention_impl) != "xla":

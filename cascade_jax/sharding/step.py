@@ -54,7 +54,7 @@ def compile_train_step(objective: str, *, mesh: Mesh, state, batch, model_cfg, r
     result). ``static``: the keyword arguments of the objective's step (``stage``,
     ``grad_accum``, ``opt_cfg``, ``compute_dtype``, ...). ``a2a``: the expert-parallel token
     exchange, ``auto`` | ``ragged`` | ``padded`` (the config's ``mesh.a2a``;
-    :func:`.moe.resolve_a2a`)."""
+    :func:`.mesh.resolve_a2a`)."""
     step = make_train_step(objective, jit=False, model_cfg=model_cfg, **static)
     partitioner = activation_partitioner(mesh, rules)
     ep = make_moe_dispatch(mesh, rules, a2a=a2a)
