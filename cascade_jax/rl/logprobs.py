@@ -57,6 +57,7 @@ import jax
 import jax.numpy as jnp
 
 from models import nemotron_h
+from models.nemotron_h import invariant
 from models.nemotron_h.partitioning import use_partitioner
 
 from .batch import sequence_index
@@ -310,7 +311,7 @@ def invariant_next_logprobs(params, hidden, inv_temperature, *,
     ``logp[s, y]`` equals the trainer's :func:`token_logprobs` (``model`` the invariant model)
     of ``y`` after the same prefix, bit for bit."""
     if model is None:
-        from models.nemotron_h import invariant as model
+        model = invariant
     S = hidden.shape[0]
     w_chunks, starts, C = _vocab_chunks(params["lm_head"], vocab_chunk)
     V = params["lm_head"].shape[1]

@@ -35,6 +35,7 @@ import numpy as np
 from cascade_jax.rl.logprobs import (DEFAULT_VOCAB_CHUNK, inverse_temperature,
                                      invariant_next_logprobs, next_token_logprobs)
 from models import nemotron_h
+from models.nemotron_h import invariant
 
 from .engine import JaxEngine
 from .sampler import sample_tokens
@@ -154,7 +155,6 @@ class ExactEngine(JaxEngine):
     def __init__(self, model_cfg, params, *, vocab_chunk: int = DEFAULT_VOCAB_CHUNK, **kw):
         if "model" in kw:
             raise ValueError("model: the zero-mismatch engine always runs models.nemotron_h.invariant")
-        from models.nemotron_h import invariant
         max_len = int(kw.get("max_len", 2048))
         if max_len % invariant.KV_BLOCK:
             raise ValueError(f"max_len: must be a multiple of {invariant.KV_BLOCK} (the invariant "

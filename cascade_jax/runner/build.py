@@ -55,6 +55,7 @@ from cascade_jax.runner.errors import (CheckpointLoadError, ConfigError, InputFi
                                        RolloutUnavailable)
 from cascade_jax.runner.preflight import check_memory, resolve_init
 from models import nemotron_h as nh
+from models.nemotron_h import invariant
 
 __all__ = ["Parts", "RLParts", "TrainStep", "StageData", "build", "resolve_init", "build_model", "model_config", "build_tokenizer", "build_mesh",
            "start_distributed", "check_batch_fits_mesh", "ShardedStep", "build_sft_data", "build_prompt_data", "build_engine", "build_scorers",
@@ -331,7 +332,6 @@ def train_step_static(config: C.Config, sampling: Optional[SamplingParams] = Non
         static.update(stage=config.stage, sampling=sampling or build_sampling(config))
         r = config.rollout
         if r.zero_mismatch:  # the kernel-invariant model's log-probs (rollout.exact.ExactEngine)
-            from models.nemotron_h import invariant
             static.update(model=invariant)
     return static
 

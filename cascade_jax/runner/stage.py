@@ -29,6 +29,7 @@ from cascade_jax.runner.checkpoint import export_hub, export_model_config, publi
 from cascade_jax.runner.errors import RolloutUnavailable
 from cascade_jax.runner.faults import fault_point
 from cascade_jax.runner.metrics import scalars
+from cascade_jax.sharding.step import compile_reference_logprobs, reference_logprobs
 from models import nemotron_h as nh
 from models.nemotron_h import invariant
 
@@ -257,8 +258,6 @@ class Stage:
         (``sharding.step.reference_logprobs``) and, with a mesh, compiled for it
         (``sharding.step.compile_reference_logprobs``: the reference weights on the params'
         shardings, the batch placed as the train step places it)."""
-        from cascade_jax.sharding.step import compile_reference_logprobs, reference_logprobs
-
         tau = 1.0 if batch.sampling is None else batch.sampling.logprob_temperature
         view = rl.SFTBatch(tokens=batch.tokens, positions=batch.positions,
                            segment_ids=batch.segment_ids, loss_mask=batch.loss_mask)

@@ -69,20 +69,29 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
 
+import kernels
 from cascade_jax import config as C
+from cascade_jax.rl.batch import SFTBatch
+from cascade_jax.rl.logprobs import chunked_logprobs
+from cascade_jax.rl.optim import compute_params
+from cascade_jax.rollout.engine import JaxEngine, default_prompt_buckets
+from cascade_jax.rollout.scoring import pow2_at_least
+from cascade_jax.rollout.teachers import Teachers
+from cascade_jax.runner import build as B
+from cascade_jax.runner.errors import ConfigError
 from models import nemotron_h as nh
 from models.nemotron_h.partitioning import use_partitioner
 
+from . import rollout as layout
 from .context import make_context_parallel
 from .mesh import make_mesh, mesh_shape, resolve_sizes
 from .moe import make_moe_dispatch
-from . import rollout as layout
-from .plan import FAST_COMPILE, PlanError, jaxpr_flops, plan
+from .plan import FAST_COMPILE, PlanError, abstract_train_state, jaxpr_flops, plan
 from .rules import RULES, ShardingError, logical_to_spec
-from .state import param_shardings, replicated, validate_model_mesh
-from .step import activation_partitioner
+from .state import batch_shardings, param_shardings, replicated, validate_model_mesh
+from .step import activation_partitioner, compile_reference_logprobs
 
 __all__ = ["Chip", "CHIPS", "DryRunError", "resolve_target", "dry_run", "retarget", "format_report",
            "attention_score_bytes"]
@@ -164,7 +173,6 @@ def resolve_target(config: C.Config, *, devices: Optional[int] = None,
 def attention_score_bytes(model_cfg, rows_dev: int, heads_dev: int, t_dev: int, keys: int) -> int:
     """One layer's fp32 scores + probabilities ``2 x 4 x rows x Hq x T x S`` bytes per device,
     or 0 when the XLA attention runs blockwise at ``keys`` (no ``[T, S]`` scores)."""
-    import kernels
 
     if "*" not in model_cfg.pattern or kernels.xla_attention_form(keys) != "full":
         return 0
@@ -185,7 +193,6 @@ def _shard_bytes(tree) -> int:
 
 def abstract_params(model_cfg, mesh, dtype=jnp.bfloat16, rules=RULES):
     """The compute copy (``dtype`` except the fp32 leaves) as sharded ``ShapeDtypeStruct``s."""
-    from cascade_jax.rl.optim import compute_params
 
     master = nh.abstract_params(model_cfg)
     specs = nh.param_specs(model_cfg)
@@ -268,8 +275,6 @@ def dry_run(config: C.Config, *, devices: Optional[int] = None,
     ``launch/run.py --dry-run`` sets ``JAX_NUM_CPU_DEVICES`` before jax starts). ``programs``:
     a subset of the program names to compile (default: all the stage runs). Returns the report
     dict; ``report["fits"]`` is False when a program leaves less than ``target.headroom``."""
-    from cascade_jax.runner import build as B
-    from cascade_jax.runner.errors import ConfigError
 
     t_start = time.perf_counter()
     log = log or (lambda msg: None)
@@ -333,8 +338,6 @@ def dry_run(config: C.Config, *, devices: Optional[int] = None,
     if obj == "mopd" and "teacher_score" in want:
         import inspect
 
-        from cascade_jax.rollout.scoring import pow2_at_least
-        from cascade_jax.rollout.teachers import Teachers
 
         t_rows = inspect.signature(Teachers.__init__).parameters["batch_size"].default
         out.append(_score_program("teacher_score", config, mcfg, mesh, target, t_rows,
@@ -406,9 +409,7 @@ def _score_program(name, config, mcfg, mesh, target, rows, T, dtype, resident_co
     """A teacher-forced scoring forward (``rollout.scoring._score_rows``: hidden states and the
     chunked log-softmax) of ``rows x T`` tokens on the train mesh under bf16 weights, with the
     train state and ``resident_copies`` other bf16 copies resident beside it."""
-    from cascade_jax.rl.logprobs import chunked_logprobs
 
-    from .plan import abstract_train_state
 
     shape = mesh_shape(mesh)
     cp = shape.get("context", 1)
@@ -446,11 +447,7 @@ def _reference_program(config, mcfg, mesh, target, rows, T, dtype, bf16_bytes, l
     :func:`.step.compile_reference_logprobs`, the whole ``rows x T`` batch in
     ``optimizer.grad_accum`` micro-batches on the train mesh, bf16 reference weights), with
     the train state resident beside it."""
-    from cascade_jax.rl.batch import SFTBatch
 
-    from .plan import abstract_train_state
-    from .state import batch_shardings
-    from .step import compile_reference_logprobs
 
     accum = config.optimizer.grad_accum
     params = abstract_params(mcfg, mesh, dtype)
@@ -487,9 +484,7 @@ def _reference_program(config, mcfg, mesh, target, rows, T, dtype, bf16_bytes, l
 
 def _sync_program(config, mcfg, mesh, rmesh, target, dtype, train_resident, log):
     """The once-per-version cast (fp32 master -> compute copy) on the train mesh."""
-    from cascade_jax.rl.optim import compute_params
 
-    from .plan import abstract_train_state
     st = abstract_train_state(mcfg, config.optimizer, mesh)
     specs = nh.param_specs(mcfg)
     out_sh = param_shardings(mcfg, mesh)
@@ -517,7 +512,6 @@ def _sync_program(config, mcfg, mesh, rmesh, target, dtype, train_resident, log)
 
 def _engine_programs(config, mcfg, rmesh, target, dtype, want, log):
     """The engine's admission (prefill) and decode programs on the rollout mesh."""
-    from cascade_jax.rollout.engine import JaxEngine, default_prompt_buckets
 
     r = config.rollout
     S, max_len = r.num_slots, r.max_prompt_len + r.max_response_len

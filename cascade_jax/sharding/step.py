@@ -13,7 +13,7 @@ expert-parallel with an ``expert`` axis, token-local on data / fsdp / context), 
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +28,7 @@ from .mesh import mesh_shape
 from .context import make_context_parallel
 from .moe import make_moe_dispatch
 from .rules import RULES, Rules, logical_to_spec
-from .state import batch_shardings, replicated, state_shardings
+from .state import batch_shardings, param_shardings, replicated, state_shardings
 
 __all__ = ["activation_partitioner", "compile_train_step", "reference_logprobs", "compile_reference_logprobs"]
 
@@ -103,8 +103,6 @@ def compile_reference_logprobs(*, mesh: Mesh, params, batch, model_cfg, temperat
     partitioner, MoE dispatch and context parallelism; the reference weights on the params'
     shardings, the batch and the ``[B, T]`` output on the batch's). ``params`` / ``batch``:
     arrays or ``ShapeDtypeStruct`` pytrees (shapes only)."""
-    from .state import param_shardings
-
     partitioner = activation_partitioner(mesh, rules)
     ep = make_moe_dispatch(mesh, rules, a2a=a2a)
     cp = make_context_parallel(mesh, rules)

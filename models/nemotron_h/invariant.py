@@ -40,6 +40,8 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+import models.nemotron_h as _default_model
+
 from .config import ModelConfig
 
 __all__ = ["KV_BLOCK", "tree_sum", "idot", "hidden_states", "prefill", "decode_step",
@@ -431,9 +433,5 @@ from .model import init_cache, num_moe_layers  # noqa: E402  same cache layout
 #: (``cascade_jax.rl.token_logprobs`` then uses :func:`idot` for the logits as well)
 KERNEL_INVARIANT = True
 
-
-def __getattr__(name):
-    if name == "GRADIENT_MODEL":  # the trainer's gradient (same parameters, batched kernels)
-        from models import nemotron_h
-        return nemotron_h
-    raise AttributeError(name)
+#: the trainer's gradient model (same parameters, batched kernels)
+GRADIENT_MODEL = _default_model
