@@ -47,6 +47,7 @@ import jax
 
 from cascade_jax import config as C
 from cascade_jax.runner import build as B
+from cascade_jax.runner import lag as L
 from cascade_jax.runner import provenance
 from cascade_jax.runner.checkpoint import Checkpointer
 from cascade_jax.data.rows import DataError
@@ -71,7 +72,7 @@ def fault_point(point: str, step: int) -> None:
 #: What a run writes into its run dir (``fresh`` removes exactly these).
 RUN_ARTIFACTS = ("run_config.json", "provenance.json", "metrics.jsonl", "tensorboard",
                  "checkpoints", "checkpoints.corrupt", "hub", "exports", "eval", "summary.json",
-                 "profile", "weights", "error.log")
+                 "profile", "weights", "error.log", L.PENDING_DIR)
 
 
 #: Config keys that do not change what a run computes: a run dir resumes under other values.
@@ -286,6 +287,9 @@ def _run_stage(config: C.Config, run_dir: pathlib.Path, *, fresh: bool, argv, lo
         start, state, data_state, meta = restored
         stage.load_checkpoint_state(state, data_state)
         log(f"resumed {run_dir} at step {start}")
+    lag = L.make(stage, run_dir, config.stage.steps, writer=writer)  # rollout.max_policy_lag 1
+    if lag is not None and restored is not None:
+        lag.restore(start)
     metrics_w = MetricsWriter(run_dir, enabled=writer)
     metrics_w.truncate_after(start)
     steps = config.stage.steps
@@ -310,7 +314,7 @@ def _run_stage(config: C.Config, run_dir: pathlib.Path, *, fresh: bool, argv, lo
                 if profiling:
                     jax.profiler.start_trace(str(run_dir / "profile"))
                 try:
-                    m = stage.step(step, timer)
+                    m = (lag or stage).step(step, timer)
                 except StopIteration:  # a finite data source (data.num_epochs) ran out
                     log(f"data exhausted after step {step}; stopping")
                     steps = step
@@ -334,6 +338,8 @@ def _run_stage(config: C.Config, run_dir: pathlib.Path, *, fresh: bool, argv, lo
                                            time.monotonic() - last_save >= ck_every_s)
                 if final or halt or time_due or (ck_every and done % ck_every == 0):
                     score = last_eval["score"] if last_eval and last_eval["step"] == done else None
+                    if lag is not None:  # the next step's batch belongs to this checkpoint
+                        lag.save(done, ckpt.steps())
                     m["time/checkpoint_blocked_s"] = ckpt.save(
                         done, stage.checkpoint_state(), stage.data_state(),
                         {"eval": last_eval["domains"] if score is not None else None,
@@ -384,4 +390,6 @@ def _run_stage(config: C.Config, run_dir: pathlib.Path, *, fresh: bool, argv, lo
     finally:
         metrics_w.close()
         ckpt.close()
+        if lag is not None:
+            lag.close()
         stage.close()
