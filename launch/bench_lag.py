@@ -13,6 +13,10 @@ hide the smaller of the two), and ``ratio`` = lag-1 median step / lag-0 median s
 <= 0.65 when rollout and training take similar time; the ideal is
 ``(max(r, t) + sync) / (r + t + sync)``, reported as ``ideal_ratio``). ``--hidden`` /
 ``--layers`` size the model so that training and rollouts take comparable time.
+
+Measured (``--steps 6``, defaults otherwise; 2 shared, busy CPU cores, server and trainer on
+them; 7 min 49 s wall): lag 0 median step 6.33 s (rollout + reward 3.32 s, train 2.35 s, sync
+0.49 s), lag 1 3.79 s (the rollouts ahead 3.30 s, waited for 0.18 s); ratio 0.60 (ideal 0.62).
 """
 
 from __future__ import annotations

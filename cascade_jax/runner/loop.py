@@ -13,6 +13,10 @@ One step (strictly on-policy for RL: one optimiser update per rollout batch)::
     then:  state, metrics = train_step(state, batch)  → engine.update_weights(new params)
            → periodic eval (avg@k / pass@k per domain, ``evaluate.py``) → metrics → checkpoint
 
+``rollout.max_policy_lag: 1`` (served engines) draws the rollouts of step t+1 while step t
+trains (:mod:`cascade_jax.runner.lag`; the pending batch is kept with each checkpoint in
+``pending/``).
+
 Run dir: ``run_config.json`` (resolved config), ``provenance.json``, ``metrics.jsonl``,
 ``tensorboard/``, ``checkpoints/`` (orbax), ``hub/`` (final Hub export with tokenizer),
 ``exports/step_<n>/`` (periodic exports), ``eval/step_<n>.json``, ``summary.json``.
