@@ -154,6 +154,15 @@ class OptimizerConfig:
             raise ConfigError(f"optimizer.lr: must be > 0, got {self.lr}")
         if self.grad_accum < 1:
             raise ConfigError(f"optimizer.grad_accum: must be >= 1, got {self.grad_accum}")
+        for name in ("b1", "b2"):  # the paper's b2 0.95 vs NeMo-RL's 0.999: configs/SOURCES.md
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"optimizer.{name}: must be in [0, 1), got {getattr(self, name)}")
+        if not self.eps > 0:
+            raise ConfigError(f"optimizer.eps: must be > 0, got {self.eps}")
+        if not self.weight_decay >= 0:
+            raise ConfigError(f"optimizer.weight_decay: must be >= 0 (0 = off), got {self.weight_decay}")
+        if not self.grad_clip >= 0:
+            raise ConfigError(f"optimizer.grad_clip: must be >= 0 (0 = no clipping), got {self.grad_clip}")
 
 
 def _check_sampling(section: str, temperature: float, top_p: float, top_k: int):
@@ -237,8 +246,19 @@ class RolloutConfig:
     nccl_bucket_mb: int = 512
     routing_replay: bool = False
     zero_mismatch: bool = False
+    #: 0 = strictly on-policy (the paper): step t trains on rollouts of the weights after step
+    #: t-1; 1 = one step off-policy (NeMo-RL's ``max_trajectory_age_steps: 1``): the rollouts of
+    #: step t+1 are drawn while step t trains, from the weights after step t-1
+    max_policy_lag: int = 0
 
     def __post_init__(self):
+        if self.max_policy_lag not in (0, 1):
+            raise ConfigError(f"rollout.max_policy_lag: must be 0 (strictly on-policy) or 1 (one step "
+                              f"off-policy), got {self.max_policy_lag}")
+        if self.max_policy_lag and self.engine == "jax":
+            raise ConfigError("rollout.max_policy_lag: 1 needs a served engine (rollout.engine 'jax_server' or "
+                              "'sglang'): the in-process engine shares the trainer's devices and weight buffers, "
+                              "got engine 'jax'")
         if self.n_samples < 1:
             raise ConfigError(f"rollout.n_samples: must be >= 1, got {self.n_samples}")
         for name in ("num_slots", "steps_per_call", "max_prompt_len", "max_response_len"):

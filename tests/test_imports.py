@@ -27,6 +27,7 @@ INNER_IMPORTS_ALLOWED = {
     "launch/bench_serve.py": (13, "script"),
     "launch/study.py": (6, "script"),
     "launch/bench_fidelity.py": (8, "script"),
+    "launch/bench_lag.py": (3, "script"),
     "launch/eval.py": (5, "script"),
     "launch/plan.py": (4, "script: simulated device count set before jax starts"),
     "launch/bench_plan.py": (3, "script: simulated device count set before jax starts"),

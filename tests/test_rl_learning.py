@@ -5,10 +5,11 @@ fraction of response tokens equal to ``x`` (a uniform policy over V = 16 scores 
 Rollouts come from the bf16 compute copy through ``prefill``/``decode_step`` (the sampler), as
 an inference engine would; training uses the default bf16 compute with fp32 master weights.
 
-* GRPO raises the mean reward of a random tiny model from < 0.15 to > 0.6 in 30 steps.
+* GRPO raises the mean reward of a random tiny model from < 0.15 to > 0.6 in 30 steps (and by
+  at least two standard errors of the gain, :func:`se_diff`).
 * MOPD: a teacher SFT-trained on packed rows reaches reward > 0.95; a student from another
   random init trained with MOPD against it cuts the sampled-token reverse KL by > 4x and gets
-  within 0.15 of the teacher's reward in 30 steps.
+  within 0.15 of the teacher's reward in 30 steps (a gain of at least two standard errors).
 Evaluations use 128 fresh samples at temperature 1 with a fixed key.
 """
 
@@ -40,24 +41,38 @@ def rollout(params, key, group):
     return batch.replace(rewards=(resp == x[:, None]).mean(1).astype(jnp.float32))
 
 
+def eval_rewards(master) -> np.ndarray:
+    """``[ROWS]`` per-sample rewards of 128 fresh samples (fixed key)."""
+    return np.asarray(rollout(rl.compute_params(master, SPECS), EVAL_KEY, 4).rewards, np.float64)
+
+
 def eval_reward(master):
-    return float(rollout(rl.compute_params(master, SPECS), EVAL_KEY, 4).rewards.mean())
+    return float(eval_rewards(master).mean())
+
+
+def se_diff(a: np.ndarray, b: np.ndarray) -> float:
+    """Standard error of ``mean(b) − mean(a)`` for two samples treated as independent:
+    ``sqrt(var(a)/n_a + var(b)/n_b)`` (unbiased variances)."""
+    return float(np.sqrt(a.var(ddof=1) / len(a) + b.var(ddof=1) / len(b)))
 
 
 def test_grpo_raises_reward():
     params = nh.init_params(CFG, jax.random.key(0), dtype=jnp.float32)
     state = rl.TrainState.from_config(params, OptimizerConfig(lr=1e-2, grad_clip=1.0), SPECS)
     step = rl.make_train_step("grpo", model_cfg=CFG, stage=StageConfig(objective="grpo"))
-    before = eval_reward(state.params)
+    r0 = eval_rewards(state.params)
+    before = r0.mean()
     key = jax.random.key(1)
     for _ in range(30):
         key, k = jax.random.split(key)
         state, m = step(state, rollout(rl.compute_params(state.params, SPECS), k, 8))
         assert np.isfinite(float(m["loss"])) and np.isfinite(float(m["grad_norm"]))
-    after = eval_reward(state.params)
-    print(f"GRPO eval reward {before:.3f} -> {after:.3f}")
+    r1 = eval_rewards(state.params)
+    after, se = r1.mean(), se_diff(r0, r1)
+    print(f"GRPO eval reward {before:.3f} -> {after:.3f} (standard error of the gain {se:.3f})")
     assert before < 0.15
     assert after > 0.6 and after - before > 0.45
+    assert after - before >= 2 * se  # the margin: at least two standard errors of the gain
 
 
 def _packed_sft_batch(key, rows=32):
@@ -92,17 +107,20 @@ def test_mopd_student_approaches_teacher():
         nh.init_params(CFG, jax.random.key(20), dtype=jnp.float32),
         OptimizerConfig(lr=1e-2, warmup_init_lr=1e-3, warmup_steps=5), SPECS)
     step = rl.make_train_step("mopd", model_cfg=CFG, stage=StageConfig(objective="mopd"))
-    before = eval_reward(state.params)
+    r0 = eval_rewards(state.params)
+    before = r0.mean()
     kls = []
     for _ in range(30):
         key, k = jax.random.split(key)
         batch = rollout(rl.compute_params(state.params, SPECS), k, 4)
         state, m = step(state, batch.replace(teacher_logp=teacher_lp(tparams, batch)))
         kls.append(float(m["reverse_kl"]))
-    after = eval_reward(state.params)
+    r1 = eval_rewards(state.params)
+    after, se = r1.mean(), se_diff(r0, r1)
     kl0, kl1 = np.mean(kls[:3]), np.mean(kls[-3:])
     print(f"MOPD reverse KL {kl0:.3f} -> {kl1:.3f}; reward {before:.3f} -> {after:.3f} "
           f"(teacher {teacher_reward:.3f})")
     assert kl1 < kl0 / 4
     assert before < 0.15
     assert after > teacher_reward - 0.15
+    assert after - before >= 2 * se  # the margin: at least two standard errors of the gain

@@ -13,6 +13,10 @@ One step (strictly on-policy for RL: one optimiser update per rollout batch)::
     then:  state, metrics = train_step(state, batch)  → engine.update_weights(new params)
            → periodic eval (avg@k / pass@k per domain, ``evaluate.py``) → metrics → checkpoint
 
+``rollout.max_policy_lag: 1`` (served engines) draws the rollouts of step t+1 while step t
+trains (:mod:`cascade_jax.runner.lag`; the pending batch is kept with each checkpoint in
+``pending/``).
+
 Run dir: ``run_config.json`` (resolved config), ``provenance.json``, ``metrics.jsonl``,
 ``tensorboard/``, ``checkpoints/`` (orbax), ``hub/`` (final Hub export with tokenizer),
 ``exports/step_<n>/`` (periodic exports), ``eval/step_<n>.json``, ``summary.json``.
@@ -35,10 +39,8 @@ Only process 0 writes files (orbax coordinates its own multi-process writes).
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import shutil
-import signal
 import sys
 import time
 from typing import Callable, Optional, Sequence
@@ -47,12 +49,13 @@ import jax
 
 from cascade_jax import config as C
 from cascade_jax.runner import build as B
+from cascade_jax.runner import lag as L
 from cascade_jax.runner import provenance
 from cascade_jax.runner.checkpoint import Checkpointer
 from cascade_jax.data.rows import DataError
 from cascade_jax.runner.errors import InputFileError, Preempted, RunDirError
 from cascade_jax.runner.faults import fault_point
-from cascade_jax.runner.metrics import MetricsWriter, Progress
+from cascade_jax.runner.metrics import MetricsWriter, PhaseTimer, Progress
 from cascade_jax.runner.preempt import StopSignals, hold_point
 from cascade_jax.runner.preflight import check_inputs
 from cascade_jax.runner.stage import Stage
@@ -64,7 +67,7 @@ __all__ = ["run_stage", "check_run_dir", "started", "RUN_ARTIFACTS", "BOOKKEEPIN
 #: What a run writes into its run dir (``fresh`` removes exactly these).
 RUN_ARTIFACTS = ("run_config.json", "provenance.json", "metrics.jsonl", "tensorboard",
                  "checkpoints", "checkpoints.corrupt", "hub", "exports", "eval", "summary.json",
-                 "profile", "weights", "error.log")
+                 "profile", "weights", "error.log", L.PENDING_DIR)
 
 
 #: Config keys that do not change what a run computes: a run dir resumes under other values.
@@ -166,25 +169,6 @@ def _write_json(path: pathlib.Path, obj) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-class _Timer:
-    """Wall time per phase of a step (``time/<phase>_s`` metrics)."""
-
-    def __init__(self):
-        self.t = {}
-
-    def __call__(self, name: str):
-        timer = self
-
-        class _Ctx:
-            def __enter__(self):
-                self.t0 = time.perf_counter()
-
-            def __exit__(self, *exc):
-                timer.t[name] = timer.t.get(name, 0.0) + time.perf_counter() - self.t0
-
-        return _Ctx()
-
-
 _PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v5p": 459e12,
                "TPU v5 lite": 197e12, "TPU v4": 275e12, "TPU v6 lite": 918e12}
 
@@ -279,6 +263,9 @@ def _run_stage(config: C.Config, run_dir: pathlib.Path, *, fresh: bool, argv, lo
         start, state, data_state, meta = restored
         stage.load_checkpoint_state(state, data_state)
         log(f"resumed {run_dir} at step {start}")
+    lag = L.make(stage, run_dir, config.stage.steps, writer=writer)  # rollout.max_policy_lag 1
+    if lag is not None and restored is not None:
+        lag.restore(start)
     metrics_w = MetricsWriter(run_dir, enabled=writer)
     metrics_w.truncate_after(start)
     steps = config.stage.steps
@@ -297,13 +284,13 @@ def _run_stage(config: C.Config, run_dir: pathlib.Path, *, fresh: bool, argv, lo
             bar.begin_steps(start)
             last_save = time.monotonic()
             for step in range(start, steps):
-                timer = _Timer()
+                timer = PhaseTimer()
                 t0 = time.perf_counter()
                 profiling = step + 1 in config.run.profile_steps  # numbered as in metrics.jsonl
                 if profiling:
                     jax.profiler.start_trace(str(run_dir / "profile"))
                 try:
-                    m = stage.step(step, timer)
+                    m = (lag or stage).step(step, timer)
                 except StopIteration:  # a finite data source (data.num_epochs) ran out
                     log(f"data exhausted after step {step}; stopping")
                     steps = step
@@ -327,6 +314,8 @@ def _run_stage(config: C.Config, run_dir: pathlib.Path, *, fresh: bool, argv, lo
                                            time.monotonic() - last_save >= ck_every_s)
                 if final or halt or time_due or (ck_every and done % ck_every == 0):
                     score = last_eval["score"] if last_eval and last_eval["step"] == done else None
+                    if lag is not None:  # the next step's batch belongs to this checkpoint
+                        lag.save(done, ckpt.steps())
                     m["time/checkpoint_blocked_s"] = ckpt.save(
                         done, stage.checkpoint_state(), stage.data_state(),
                         {"eval": last_eval["domains"] if score is not None else None,
@@ -377,4 +366,6 @@ def _run_stage(config: C.Config, run_dir: pathlib.Path, *, fresh: bool, argv, lo
     finally:
         metrics_w.close()
         ckpt.close()
+        if lag is not None:
+            lag.close()
         stage.close()

@@ -11,9 +11,10 @@ from __future__ import annotations
 import json
 import math
 import pathlib
+import time
 from typing import Mapping, Optional
 
-__all__ = ["MetricsWriter", "Progress", "scalars"]
+__all__ = ["MetricsWriter", "PhaseTimer", "Progress", "scalars"]
 
 
 def scalars(metrics: Mapping) -> dict:
@@ -188,3 +189,22 @@ class Progress:
         self._stop.set()
         if self._bar is not None:
             self._bar.close()
+
+
+class PhaseTimer:
+    """Wall time per phase of a step (``time/<phase>_s`` metrics)."""
+
+    def __init__(self):
+        self.t = {}
+
+    def __call__(self, name: str):
+        timer = self
+
+        class _Ctx:
+            def __enter__(self):
+                self.t0 = time.perf_counter()
+
+            def __exit__(self, *exc):
+                timer.t[name] = timer.t.get(name, 0.0) + time.perf_counter() - self.t0
+
+        return _Ctx()

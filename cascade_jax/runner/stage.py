@@ -139,6 +139,17 @@ class Stage:
             return m
         with timer("rollout_reward"):
             batch, info = self._rollout_batch(step, key, timer)
+        return self.train_on(batch, info, timer)
+
+    def train_on(self, batch: rl.RLBatch, info: dict, timer, *, sync: bool = True) -> dict:
+        """One RL update on ``batch`` (its rollout ``info`` joins the metrics), then (``sync``)
+        the new weights to the engine. Logs ``weight_version/trainer`` (the step whose weights
+        are trained, before the update) and ``weight_version/rollout_min`` / ``_max`` (those
+        that generated the batch); ``policy_lag_*`` come from the train step."""
+        versions = np.asarray(batch.policy_version)
+        info = {**info, "weight_version/trainer": float(int(self.state.step)),
+                "weight_version/rollout_min": float(versions.min()),
+                "weight_version/rollout_max": float(versions.max())}
         if self.obj == "mopd":
             info.update(self._reverse_kl(batch))
         if self.ref_params is not None:
@@ -150,17 +161,18 @@ class Stage:
         with timer("train"):
             self.state, m = self.parts.train_step(self.state, batch)
             m = scalars(jax.block_until_ready(m))
-        with timer("sync"):
-            self.sync_weights()
+        if sync:
+            with timer("sync"):
+                self.sync_weights()
         return {**m, **info}
 
-    def _requests(self, prompts, seeds, max_new_tokens=None):
+    def _requests(self, prompts, seeds, max_new_tokens=None, version: Optional[int] = None):
         """One request per prompt: the run's sampling contract with the prompt's seed."""
         sp = self.parts.sampling or B.build_sampling(self.config, self.tok)
         if max_new_tokens:
             sp = dataclasses.replace(sp, max_new_tokens=max_new_tokens)
         return [Request(prompt_ids=tuple(p.ids), domain=p.domain, metadata=p.metadata,
-                        rid=f"s{int(self.state.step)}-{int(sd)}",
+                        rid=f"s{int(self.state.step) if version is None else version}-{int(sd)}",
                         sampling=dataclasses.replace(sp, seed=int(sd)))
                 for p, sd in zip(prompts, seeds)]
 
@@ -196,12 +208,14 @@ class Stage:
             out[idx] = np.asarray([s.value for s in scores], np.float32).reshape(len(idx), n)
         return out
 
-    def _rollout_batch(self, step: int, key, timer):
+    def _rollout_batch(self, step: int, key, timer, version: Optional[int] = None):
         """Rollouts for ``data.batch_prompts`` groups. Each draw is one ``PromptBatch`` of
         ``ceil(batch_prompts × oversample)`` prompts; with dynamic filtering only groups with
         reward variance are kept and further batches are drawn (at most ``MAX_DRAWS`` per step)
         until the batch is full; filtered groups fill any remainder (zero advantage, so they
-        add no gradient). Without it the first ``batch_prompts`` groups are used."""
+        add no gradient). Without it the first ``batch_prompts`` groups are used. ``version``:
+        the engine's weight version (default: the train state's step); pass it when the
+        rollouts run beside a train step (``rollout.max_policy_lag``), which must not be read."""
         cfg = self.config
         want = cfg.data.batch_prompts
         kept, spare, drawn, draws, n_var = [], [], 0, 0, 0
@@ -211,7 +225,7 @@ class Stage:
             seeds = np.asarray(jax.random.randint(jax.random.fold_in(key, draws),
                                                   (len(prompts),), 0, 2 ** 31 - 1))
             draws += 1
-            reqs = self._requests(prompts, seeds)
+            reqs = self._requests(prompts, seeds, version=version)
             with timer("rollout"):
                 try:
                     ro = self._generate(reqs)
