@@ -40,8 +40,18 @@ import jax
 import jax.numpy as jnp
 
 from cascade_jax import config as C
+from cascade_jax import data
+from cascade_jax import domains as D
+from cascade_jax import rl
+from cascade_jax import rollout as R
+from cascade_jax import sharding
+from cascade_jax.rewards import make_scorer
+from cascade_jax.rollout.factory import make_engine, sampling_params
+from cascade_jax.rollout.teachers import Teachers
 from cascade_jax.runner.errors import (CheckpointLoadError, ConfigError, InputFileError,
                                        RolloutUnavailable)
+from cascade_jax.runner.preflight import check_memory, resolve_init
+from models import nemotron_h as nh
 
 __all__ = ["Parts", "build", "resolve_init", "build_model", "model_config", "build_tokenizer", "build_mesh",
            "start_distributed", "check_batch_fits_mesh", "ShardedStep", "build_sft_data", "build_prompt_data", "build_engine", "build_scorers",
@@ -52,30 +62,8 @@ __all__ = ["Parts", "build", "resolve_init", "build_model", "model_config", "bui
 # Model
 
 
-def resolve_init(path: str, what: str = "--init") -> str:
-    """``--init`` target (or a teacher; ``what`` names it in errors) → a Hub checkpoint
-    directory: a Hub dir (has ``config.json``) as is; a run dir (has ``run_config.json``) → its
-    final export ``<run>/hub``."""
-    p = pathlib.Path(path)
-    if not p.exists():
-        raise InputFileError(f"{what} {path}: no such file or directory")
-    if not p.is_dir():
-        raise InputFileError(f"{what} {path}: not a directory (expected a Hub checkpoint or a run dir)")
-    if (p / "config.json").is_file():
-        return str(p)
-    if (p / "run_config.json").is_file():
-        hub = p / "hub"
-        if (hub / "config.json").is_file():
-            return str(hub)
-        raise CheckpointLoadError(f"{what} {path}: run dir has no final Hub export ({hub}); "
-                                  f"finish the run first")
-    raise InputFileError(f"{what} {path}: neither a Hub checkpoint (config.json) nor a run dir "
-                         f"(run_config.json)")
-
-
 def model_config(config: C.Config):
     """The ``ModelConfig`` of ``config.model`` without loading weights (validates it)."""
-    from models import nemotron_h as nh
 
     try:
         if config.model.checkpoint:
@@ -100,13 +88,11 @@ def build_model(config: C.Config, mesh=None):
     ``model.dtype``) or the preset with parameters drawn from ``key(run.seed)``. With a
     ``mesh`` every leaf is created (``sharding.init_params``, the same values) or read
     (``sharding.load_params``, each device its slices) directly in its shards."""
-    from models import nemotron_h as nh
 
     dtype = jnp.dtype(config.model.dtype)
     if config.model.checkpoint:
         try:
             if mesh is not None:
-                from cascade_jax import sharding
                 try:
                     mcfg, params = sharding.load_params(config.model.checkpoint, mesh, dtype=dtype,
                                                         overrides=config.model.overrides or None)
@@ -134,7 +120,6 @@ def build_model(config: C.Config, mesh=None):
     mcfg = model_config(config)
     key = jax.random.key(config.run.seed)
     if mesh is not None:
-        from cascade_jax import sharding
         try:
             return mcfg, sharding.init_params(mcfg, key, mesh, dtype=dtype)
         except sharding.ShardingError as e:
@@ -152,7 +137,6 @@ def start_distributed() -> bool:
     """Join a multi-process job (``cascade_jax.sharding.initialize_distributed``: SLURM, MPI,
     TPU pod or ``JAX_COORDINATOR_ADDRESS``; a no-op in a single process). Must run before any
     device is touched; idempotent (a cascade builds several stages in one process)."""
-    from cascade_jax import sharding
 
     if jax.distributed.is_initialized():
         return True
@@ -165,7 +149,6 @@ def build_mesh(config: C.Config):
     count are a :class:`ConfigError` naming the axis."""
     if jax.device_count() == 1:
         return None
-    from cascade_jax import sharding
 
     try:
         mesh = sharding.make_mesh(config.mesh)
@@ -179,7 +162,6 @@ def check_batch_fits_mesh(config: C.Config, mesh) -> None:
     """The train batch ``[rows, T]`` splits over the mesh: rows over the batch axes
     (data x fsdp x expert, per micro-batch), ``T`` over the context axis; else a
     :class:`ConfigError` naming the fields (raised before anything is written)."""
-    from cascade_jax import sharding
 
     shape = sharding.mesh_shape(mesh)
     rules = sharding.RULES
@@ -214,7 +196,6 @@ def check_batch_fits_mesh(config: C.Config, mesh) -> None:
 def build_tokenizer(config: C.Config):
     """The run's tokenizer (``cascade_jax.data.tokenizer_for``: ``data.tokenizer``, else the
     checkpoint's, else the tiny preset's built-in one)."""
-    from cascade_jax import data
 
     try:
         return data.tokenizer_for(config)
@@ -224,7 +205,6 @@ def build_tokenizer(config: C.Config):
 
 def stage_domains(config: C.Config) -> tuple:
     """The stage's domains (``data.domains``), validated; error if empty for an RL stage."""
-    from cascade_jax import domains as D
 
     for d in config.data.domains:
         if d not in D.DOMAINS:
@@ -235,7 +215,6 @@ def stage_domains(config: C.Config) -> tuple:
 
 
 def _data_call(fn, config, tokenizer):
-    from cascade_jax import data
 
     try:
         it = fn(config, tokenizer, process_index=jax.process_index(),
@@ -251,7 +230,6 @@ def _data_call(fn, config, tokenizer):
 def build_sft_data(config: C.Config, tokenizer):
     """Iterator of packed ``SFTBatch`` rows (``data.batch_rows`` rows of ``data.seq_len``)
     with ``get_state()`` / ``set_state()`` (``cascade_jax.data.sft_batches``)."""
-    from cascade_jax import data
 
     return _data_call(data.sft_batches, config, tokenizer)
 
@@ -260,7 +238,6 @@ def build_prompt_data(config: C.Config, tokenizer):
     """Iterator of ``PromptBatch`` (``ceil(data.batch_prompts × data.oversample)`` prompts with
     domain and verifier metadata) with ``get_state()`` / ``set_state()``
     (``cascade_jax.data.prompt_batches``)."""
-    from cascade_jax import data
 
     return _data_call(data.prompt_batches, config, tokenizer)
 
@@ -274,8 +251,6 @@ def build_engine(config: C.Config, model_cfg, params, tokenizer):
     embedded JAX engine, or the client of ``launch/serve.py`` / SGLang servers with its weight
     syncer (disk versions under ``rollout.weight_sync_dir``, default ``<run dir>/weights``).
     An unreachable server is :class:`RolloutUnavailable`."""
-    from cascade_jax import rollout as R
-    from cascade_jax.rollout.factory import make_engine
 
     r = config.rollout
     sync_dir = str(pathlib.Path(config.run.out_dir) / "weights")
@@ -305,7 +280,6 @@ def build_engine(config: C.Config, model_cfg, params, tokenizer):
 
 def build_scorers(config: C.Config) -> dict:
     """``{domain: scorer}`` (``cascade_jax.rewards.make_scorer``, each with its worker pool)."""
-    from cascade_jax.rewards import make_scorer
 
     return {d: make_scorer(d) for d in stage_domains(config)}
 
@@ -314,8 +288,6 @@ def build_teachers(config: C.Config, student_cfg):
     """``cascade_jax.rollout.teachers.Teachers`` from ``stage.teachers`` (domain → Hub
     checkpoint or run dir; a directory shared by several domains is loaded once). Every stage
     domain needs a teacher, and each teacher must share the student's vocabulary."""
-    from cascade_jax.rollout.teachers import Teachers
-    from models import nemotron_h as nh
 
     by_domain, loaded = {}, {}
     missing = [d for d in stage_domains(config) if d not in config.stage.teachers]
@@ -343,7 +315,6 @@ def build_sampling(config: C.Config, tokenizer=None):
     ``config.rollout``, stopping at the tokenizer's EOS): what every request is sampled with,
     what each ``RLBatch`` records and what the train step, the teachers and the KL reference
     compute their log-probs at."""
-    from cascade_jax.rollout.factory import sampling_params
 
     stop = () if tokenizer is None else (tokenizer.eos_id,)
     return sampling_params(config.rollout, stop_token_ids=stop)
@@ -374,7 +345,6 @@ def build_train_step(config: C.Config, model_cfg, mesh=None, sampling=None):
     placed on the mesh first); without: plain ``jax.jit``. RL steps compute their log-probs at
     the temperature of the sampling contract ``sampling`` (default :func:`build_sampling`) and
     refuse a batch recorded at another one."""
-    from cascade_jax import rl
 
     obj = config.stage.objective
     static = train_step_static(config, sampling)
@@ -396,7 +366,6 @@ class ShardedStep:
         self._compiled: dict = {}
 
     def place_batch(self, batch):
-        from cascade_jax import sharding
 
         try:
             if jax.process_count() > 1:
@@ -406,7 +375,6 @@ class ShardedStep:
             raise ConfigError(f"mesh: batch does not fit the mesh: {e}") from None
 
     def __call__(self, state, batch):
-        from cascade_jax import sharding
 
         batch = self.place_batch(batch)
         key = (jax.tree.structure(batch),
@@ -470,7 +438,6 @@ class Parts:
 
 def build(config: C.Config) -> Parts:
     """Everything ``config``'s stage needs (see the module table), validated first."""
-    from cascade_jax.runner.preflight import check_memory
 
     validate(config)
     start_distributed()

@@ -9,25 +9,46 @@ cross-field checks) in ``launch/run.py`` and :func:`cascade_jax.runner.run_stage
 
 from __future__ import annotations
 
+import glob
 import os
 import pathlib
 
 import jax
 
 from cascade_jax import config as C
-from cascade_jax.runner.errors import ConfigError, InputFileError
+from cascade_jax.runner.errors import CheckpointLoadError, ConfigError, InputFileError
+from models import nemotron_h as nh
 
-__all__ = ["check_inputs", "check_memory", "TRAIN_STATE_BYTES_PER_PARAM", "available_bytes"]
+__all__ = ["resolve_init", "check_inputs", "check_memory", "TRAIN_STATE_BYTES_PER_PARAM", "available_bytes"]
 
 #: bytes per parameter of the train state at the least: fp32 master weights + Adam's two fp32
 #: moments (gradients, the compute copy and activations come on top)
 TRAIN_STATE_BYTES_PER_PARAM = 12
 
 
+def resolve_init(path: str, what: str = "--init") -> str:
+    """``--init`` target (or a teacher; ``what`` names it in errors) → a Hub checkpoint
+    directory: a Hub dir (has ``config.json``) as is; a run dir (has ``run_config.json``) → its
+    final export ``<run>/hub``."""
+    p = pathlib.Path(path)
+    if not p.exists():
+        raise InputFileError(f"{what} {path}: no such file or directory")
+    if not p.is_dir():
+        raise InputFileError(f"{what} {path}: not a directory (expected a Hub checkpoint or a run dir)")
+    if (p / "config.json").is_file():
+        return str(p)
+    if (p / "run_config.json").is_file():
+        hub = p / "hub"
+        if (hub / "config.json").is_file():
+            return str(hub)
+        raise CheckpointLoadError(f"{what} {path}: run dir has no final Hub export ({hub}); "
+                                  f"finish the run first")
+    raise InputFileError(f"{what} {path}: neither a Hub checkpoint (config.json) nor a run dir "
+                         f"(run_config.json)")
+
+
 def _exists(path: str) -> bool:
     if any(c in path for c in "*?["):
-        import glob
-
         return bool(glob.glob(path, recursive=True))
     return os.path.exists(path)
 
@@ -52,8 +73,6 @@ def check_inputs(config: C.Config) -> None:
         raise InputFileError(f"stage {config.stage.name} cannot start: no such file or directory -- "
                              + "; ".join(parts))
     if config.stage.objective == "mopd":  # present, but each must be a checkpoint or a run dir
-        from cascade_jax.runner.build import resolve_init
-
         for dom, path in sorted(config.stage.teachers.items()):
             resolve_init(path, f"stage.teachers.{dom}")
 
@@ -88,8 +107,6 @@ def check_memory(config: C.Config, model_cfg) -> None:
     """The train state (:data:`TRAIN_STATE_BYTES_PER_PARAM` per parameter) plus MOPD teachers
     (one copy each in ``model.dtype``) must fit the memory of the job's devices; else a
     :class:`ConfigError` with both numbers, before weights are made or anything compiles."""
-    from models import nemotron_h as nh
-
     total, _ = nh.param_counts(model_cfg)
     need = total * TRAIN_STATE_BYTES_PER_PARAM
     what = f"{total / 1e9:.2f}B parameters x {TRAIN_STATE_BYTES_PER_PARAM} bytes (train state)"
