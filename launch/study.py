@@ -104,5 +104,8 @@ if __name__ == "__main__":
     if code in (130, 75, 7):  # threads of XLA / orbax / the scorers may still run: no teardown
         sys.stdout.flush()
         sys.stderr.flush()
+        from cascade_jax.sharding.distributed import leave_distributed
+
+        leave_distributed()
         os._exit(code)
     sys.exit(code)

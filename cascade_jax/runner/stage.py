@@ -118,11 +118,20 @@ class Stage:
         except RolloutError as e:
             raise RolloutUnavailable(f"weight sync of step {step}: {e}") from None
 
-    def export(self, path: pathlib.Path) -> pathlib.Path:
+    def export(self, path: pathlib.Path, write: bool = True) -> pathlib.Path:
+        """The Hub export of the current weights at ``path``. Several processes: every one
+        must call it (the weights are gathered from all of them), the one with ``write``
+        writes."""
         from cascade_jax.data import save_tokenizer
 
-        out = export_hub(self.compute_params(), export_model_config(self.parts.model_cfg, self.tok),
-                         path)
+        params = self.compute_params()
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            params = multihost_utils.process_allgather(params, tiled=True)
+        if not write:
+            return path
+        out = export_hub(params, export_model_config(self.parts.model_cfg, self.tok), path)
         save_tokenizer(self.tok, out)
         publish_modes(out)
         return out
