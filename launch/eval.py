@@ -143,7 +143,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return E.ConfigError.exit_code
     except KeyboardInterrupt as e:
-        print(f"interrupted ({e or 'SIGINT'}): nothing was written", file=sys.stderr)
+        print(f"interrupted ({str(e) or 'SIGINT'}): nothing was written", file=sys.stderr)
         return E.INTERRUPTED_EXIT
     finally:
         if bar is not None:

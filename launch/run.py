@@ -350,7 +350,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return E.ConfigError.exit_code
     except KeyboardInterrupt as e:
-        print(f"interrupted ({e or 'SIGINT'}): nothing was left half-written; rerun the same "
+        print(f"interrupted ({str(e) or 'SIGINT'}): nothing was left half-written; rerun the same "
               f"command to continue", file=sys.stderr)
         return E.INTERRUPTED_EXIT
     except Exception as e:  # noqa: BLE001 - a bug, not bad input: one line + the traceback on disk

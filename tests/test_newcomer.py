@@ -459,3 +459,61 @@ def test_30b_stage_is_refused_for_memory_before_any_compile(tmp_path, tmp_path_f
     assert int(m.group(2).replace(",", "")) == round(have)
     assert not run.exists()
     assert list(cache.iterdir()) == []  # nothing was compiled, let alone the 30B step
+
+
+# --------------------------------------------------------------------------------------------
+# Defaults and messages the issue named, checked in process
+
+
+def test_checkpoints_are_on_by_default_in_every_stage():
+    """Periodic checkpoints by steps and by wall time without any setting (1000 steps, 30 min),
+    and every packaged stage keeps both on."""
+    import configs
+    from cascade_jax import config as C
+
+    assert (C.Config().run.checkpoint_every, C.Config().run.checkpoint_every_s) == (1000, 1800.0)
+    for name in configs.stage_names():
+        run = C.load(str(configs.stage_path(name))).run
+        assert run.checkpoint_every > 0 and 0 < run.checkpoint_every_s <= 1800, name
+
+
+def test_exports_stop_at_the_chat_end_token_and_are_world_readable(tmp_path, tiny_cfg, tiny_params):
+    import json as _json
+
+    from cascade_jax import data
+    from cascade_jax.runner.checkpoint import export_hub, export_model_config, publish_modes
+
+    tok = data.tiny_tokenizer()
+    end = tok.special_tokens["eos_token"]
+    assert end == "<|im_end|>" and end in tok.chat_template and tok.eos_id == 4
+    cfg = tiny_cfg()
+    assert cfg.eos_token_id == 2  # the preset's </s>, which the chat template never emits
+    out = export_hub(tiny_params(cfg), export_model_config(cfg, tok), tmp_path / "hub")
+    publish_modes(out)
+    assert _json.loads((out / "config.json").read_text())["eos_token_id"] == 4
+    mask = os.umask(0)
+    os.umask(mask)
+    for p in out.rglob("*"):
+        if p.is_file():
+            assert p.stat().st_mode & 0o777 == 0o644 & ~mask, p
+
+
+def test_rl_temperature_zero_names_the_field_without_a_refused_switch():
+    from cascade_jax import config as C
+    from cascade_jax.runner import build as B
+    from cascade_jax.runner.errors import ConfigError
+
+    cfg = C.load(str(ROOT / "configs" / "tiny" / "multi_domain_rl.json"))
+    cfg = C.replace_path(cfg, "rollout.temperature", 0.0)
+    with pytest.raises(ConfigError, match=r"rollout.temperature: RL needs sampling") as e:
+        B.validate(cfg)
+    assert "greedy" not in str(e.value).replace("0 is greedy decoding", "")
+
+
+def test_study_docstring_shows_only_flags_that_exist():
+    from launch import study
+
+    doc_flags = set(re.findall(r"(--[a-z][a-z-]+)", study.__doc__))
+    src = (ROOT / "launch" / "study.py").read_text()
+    real = set(re.findall(r'add_argument\("(--[a-z-]+)"', src))
+    assert doc_flags and doc_flags <= real, doc_flags - real

@@ -23,7 +23,7 @@ import sys
 import threading
 import time
 
-from tests.runner_support import cache_dir, write_config
+from tests.runner_support import write_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 6
@@ -39,16 +39,16 @@ def _free_port() -> int:
 class _Job:
     """Both processes of one ``run.py`` command; stderr lines collected as they come."""
 
-    def __init__(self, tmp_path_factory, config: pathlib.Path, fault=None):
+    def __init__(self, config: pathlib.Path, fault=None):
         port = _free_port()
         self.lines = [[], []]
         self.procs = []
         for pid in range(2):
+            # no persistent compilation cache: JAX writes it from process 0 only, so process
+            # 0 would load its programs while process 1 compiles, and the CPU collectives'
+            # transport (gloo) gives up on a peer more than 30 s late
             env = {"JAX_PLATFORMS": "cpu", "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
                    "PYTHONPATH": str(ROOT),
-                   "JAX_COMPILATION_CACHE_DIR": str(cache_dir(tmp_path_factory)),
-                   "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-                   "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
                    "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2",
                    "JAX_PROCESS_ID": str(pid)}
             if fault:
@@ -102,17 +102,17 @@ def _losses(run_dir: pathlib.Path) -> list:
     return [(r["step"], r["loss"]) for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())]
 
 
-def test_sigterm_to_one_process_stops_every_process_at_the_same_step(tmp_path, tmp_path_factory):
+def test_sigterm_to_one_process_stops_every_process_at_the_same_step(tmp_path):
     def cfg(name):
         return write_config(tmp_path / f"{name}.json", "sft", tmp_path / name, steps=STEPS,
                             run={"checkpoint_every": 100},
                             data={"batch_rows": 2, "seq_len": 128, "domains": ["math"]},
                             optimizer={"lr": 3e-3, "warmup_steps": 1})
 
-    ref = _Job(tmp_path_factory, cfg("ref"))
+    ref = _Job(cfg("ref"))
     assert ref.finish(600) == [0, 0], (ref.text(0), ref.text(1))
 
-    job = _Job(tmp_path_factory, cfg("killed"), fault=f"hold@{HOLD}")
+    job = _Job(cfg("killed"), fault=f"hold@{HOLD}")
     try:
         job.wait_for(1, f"holding after step {HOLD}", 600)
         job.procs[1][0].send_signal(signal.SIGTERM)
@@ -131,7 +131,7 @@ def test_sigterm_to_one_process_stops_every_process_at_the_same_step(tmp_path, t
     assert sorted(int(x.name) for x in ck.iterdir() if x.name.isdigit()) == [s]
     assert not (tmp_path / "killed" / "hub").exists()
 
-    again = _Job(tmp_path_factory, cfg("killed"))
+    again = _Job(cfg("killed"))
     assert again.finish(600) == [0, 0], (again.text(0), again.text(1))
     assert any(f"at step {s}" in l and "resumed" in l for l in again.lines[0]), again.text(0)
     assert _hub_digest(tmp_path / "killed") == _hub_digest(tmp_path / "ref")

@@ -21,7 +21,7 @@ from typing import Optional
 
 import jax
 
-__all__ = ["initialize_distributed", "leave_distributed", "is_primary", "cluster_detected"]
+__all__ = ["initialize_distributed", "leave_distributed", "sync_processes", "is_primary", "cluster_detected"]
 
 def cluster_detected(env=None) -> bool:
     """Whether ``env`` (default ``os.environ``) is a multi-process launch JAX can auto-configure."""
@@ -78,3 +78,14 @@ def leave_distributed(timeout_s: float = 60.0) -> None:
     t = threading.Thread(target=jax.distributed.shutdown, daemon=True, name="leave-distributed")
     t.start()
     t.join(timeout_s)
+
+
+def sync_processes(name: str, timeout_s: float = 3600.0) -> None:
+    """Wait until every process of the job arrived here (a barrier of JAX's coordination
+    service, no device collective); nothing in a single process. ``name`` must be the same on
+    every process and new for each barrier."""
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed
+
+    distributed.global_state.client.wait_at_barrier(name, int(timeout_s * 1000))
