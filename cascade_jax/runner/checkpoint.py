@@ -15,7 +15,8 @@ cleaned up at the next start).
 
 Multi-process jobs: every process calls save and restore (orbax coordinates the writes);
 leaves held by one process alone (the RNG key, counters) are written as arrays replicated on
-every device and read back into their own placement.
+every device and read back into their own placement; ``data`` holds every process's iterator
+state (``{"per_process": [...]}``, each reads its own shard of the data).
 
 Retention: the last ``keep_last`` checkpoints plus the ``keep_best`` with the highest mean eval
 score (checkpoints without eval scores count only as "last").
@@ -88,6 +89,22 @@ def _to_global(x):
     return jax.make_array_from_callback(value.shape, _replicated(), lambda idx: value[idx])
 
 
+def _gather_json(obj) -> list:
+    """``obj`` (JSON-able) of every process, in process order (a collective: every process
+    calls it)."""
+    import json
+
+    from jax.experimental import multihost_utils
+
+    raw = np.frombuffer(json.dumps(obj).encode(), np.uint8)
+    sizes = np.asarray(multihost_utils.process_allgather(np.asarray([raw.size], np.int64)))
+    sizes = sizes.reshape(-1)
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[:raw.size] = raw
+    every = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(sizes), -1)
+    return [json.loads(bytes(row[:n]).decode()) for row, n in zip(every, sizes)]
+
+
 def _eval_metric(metrics) -> float:
     return float(metrics["eval_score"])
 
@@ -121,10 +138,13 @@ class Checkpointer:
         a = self._ocp.args
         t0 = time.perf_counter()
         state = jax.tree.map(_to_global, state)
+        data = encode_data_state(data_state)
+        if jax.process_count() > 1:  # each process reads its own shard of the data
+            data = {"per_process": _gather_json(data)}
         self.manager.save(
             step,
             args=a.Composite(state=a.StandardSave(state),
-                             data=a.JsonSave(encode_data_state(data_state)),
+                             data=a.JsonSave(data),
                              meta=a.JsonSave({**meta, "step": int(step)})),
             metrics=None if eval_score is None else {"eval_score": float(eval_score)},
             force=True)
@@ -167,7 +187,14 @@ class Checkpointer:
                     f"checkpoint {self.directory / str(step)}: "
                     f"{jax.tree_util.keystr(path[0])} has shape {tuple(got.shape)}, the "
                     f"configured model needs {tuple(want.shape)}")
-        return state, decode_data_state(out["data"]), out["meta"]
+        data = out["data"]
+        if isinstance(data, dict) and set(data) == {"per_process"}:
+            if len(data["per_process"]) != jax.process_count():
+                raise CheckpointLoadError(
+                    f"checkpoint {self.directory / str(step)}: written by "
+                    f"{len(data['per_process'])} processes, this job has {jax.process_count()}")
+            data = data["per_process"][jax.process_index()]
+        return state, decode_data_state(data), out["meta"]
 
     def restore_latest(self, target_state: dict, log=print):
         """Newest loadable checkpoint as ``(step, state, data_state, meta)``, or ``None`` when
