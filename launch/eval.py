@@ -119,6 +119,28 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
+def _hold_hook(count):
+    """``count`` -- and, as a test hook with ``CASCADE_FAULT=hold@eval``, a wait of at most
+    300 s after the first finished sample, announced on stderr, so a test can interrupt the
+    generation there."""
+    import time
+
+    hold = os.environ.get("CASCADE_FAULT") == "hold@eval"
+
+    def progress(done: int, total: int) -> None:
+        nonlocal hold
+        count(done, total)
+        if hold and done > 0:
+            hold = False
+            print(f"[eval] holding in the generation ({done}/{total} samples)", file=sys.stderr,
+                  flush=True)
+            t0 = time.monotonic()
+            while time.monotonic() - t0 < 300:
+                time.sleep(0.05)
+
+    return progress
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if threading.current_thread() is threading.main_thread():
@@ -133,7 +155,7 @@ def main(argv=None) -> int:
 
         check_lengths(cfg, model_config(cfg), flag="--max-new-tokens")
         bar = Progress(0, desc="eval", enabled=False, unit="sample")
-        res = evaluate_checkpoint(cfg, phase=bar.set_phase, progress=bar.count)
+        res = evaluate_checkpoint(cfg, phase=bar.set_phase, progress=_hold_hook(bar.count))
         bar.close()
         print(bar.line(), file=sys.stderr)  # the last count, whatever the beat
     except E.RunError as e:

@@ -5,14 +5,18 @@
   increasing, at least 3 distinct counts) and returns exactly what ``engine.generate`` gives;
 * as a command without a terminal (``CASCADE_PROGRESS_S=0.05`` for the default 30 s):
   ``[eval] <phase> (...)`` lines while loading and compiling, and the count with its rate and
-  ETA, ending at ``sample 8/8 (100%)``."""
+  ETA, ending at ``sample 8/8 (100%)``;
+* Ctrl-C in the middle of the generation: exit 130, one line, no ``terminate called``; the
+  same command then runs to the end."""
 
 import json
 import os
 import pathlib
 import re
+import signal
 import subprocess
 import sys
+import time
 
 import jax
 
@@ -80,3 +84,39 @@ def test_eval_command_prints_sample_progress_with_rate_and_eta(tmp_path, tmp_pat
     last = counted[-1]
     assert last.startswith("[eval] sample 8/8 (100%), ") and "ETA 0s" in last, last
     assert re.search(r", [\d.]+ (samples/s|s/sample), ", last), last
+
+
+def test_ctrl_c_in_the_evaluation_exits_130_and_the_command_reruns(tmp_path, tmp_path_factory,
+                                                                   tiny_cfg, tiny_params):
+    hub = _tiny_hub(tmp_path / "hub", tiny_cfg, tiny_params)
+    env = {"JAX_PLATFORMS": "cpu", "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+           "PYTHONPATH": str(ROOT),
+           "JAX_COMPILATION_CACHE_DIR": str(cache_dir(tmp_path_factory)),
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+           "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+    cmd = [sys.executable, str(ROOT / "launch" / "eval.py"), f"--checkpoint={hub}",
+           "--domains", "math", "--prompts=4", "--k=2", "--max-new-tokens=8"]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=dict(env, CASCADE_FAULT="hold@eval"))
+    try:
+        seen = []
+        t0 = time.monotonic()
+        for line in p.stderr:  # read until the generation holds
+            seen.append(line)
+            if line.startswith("[eval] holding in the generation"):
+                break
+            assert time.monotonic() - t0 < 300, "".join(seen)[-3000:]
+        assert seen and seen[-1].startswith("[eval] holding"), "".join(seen)[-3000:]
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == 130, (p.returncode, err[-3000:])
+    others = [l for l in err.splitlines() if l.strip() and not l.startswith("[eval] ")]
+    assert others == ["interrupted (SIGINT): nothing was written"], err[-3000:]
+    assert out == ""
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads(again.stdout.strip().splitlines()[-1])["domains"]["math"]["n_prompts"] == 4
