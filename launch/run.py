@@ -289,9 +289,14 @@ def _exit(code: int) -> "NoReturn":
     """Exit now with ``code`` once the output is flushed. After an interrupt, threads of XLA,
     orbax or the scorers may still run; the interpreter's normal teardown would destroy them
     while running (``terminate called without an active exception``, exit 134), so the process
-    ends without it. Everything that must be on disk is written or abandoned by then."""
+    ends without it. Everything that must be on disk is written or abandoned by then. A
+    multi-process job leaves ``jax.distributed`` first (all processes stop together after a
+    preemption; process 0 hosts the coordination service, whose loss would abort the others)."""
     sys.stdout.flush()
     sys.stderr.flush()
+    from cascade_jax.sharding.distributed import leave_distributed
+
+    leave_distributed()
     os._exit(code)
 
 
@@ -345,7 +350,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return E.ConfigError.exit_code
     except KeyboardInterrupt as e:
-        print(f"interrupted ({e or 'SIGINT'}): nothing was left half-written; rerun the same "
+        print(f"interrupted ({str(e) or 'SIGINT'}): nothing was left half-written; rerun the same "
               f"command to continue", file=sys.stderr)
         return E.INTERRUPTED_EXIT
     except Exception as e:  # noqa: BLE001 - a bug, not bad input: one line + the traceback on disk

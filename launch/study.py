@@ -82,7 +82,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt as e:
-        print(f"interrupted ({e or 'SIGINT'}); rerun the same command to continue", file=sys.stderr)
+        print(f"interrupted ({str(e) or 'SIGINT'}); rerun the same command to continue", file=sys.stderr)
         return E.INTERRUPTED_EXIT
     except OSError as e:
         if isinstance(e, FileNotFoundError) and e.filename == args.config:
@@ -104,5 +104,8 @@ if __name__ == "__main__":
     if code in (130, 75, 7):  # threads of XLA / orbax / the scorers may still run: no teardown
         sys.stdout.flush()
         sys.stderr.flush()
+        from cascade_jax.sharding.distributed import leave_distributed
+
+        leave_distributed()
         os._exit(code)
     sys.exit(code)

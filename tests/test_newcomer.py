@@ -338,3 +338,182 @@ def test_progress_lines_without_a_terminal_name_step_rate_and_eta():
     n = len(lines)
     time.sleep(0.2)
     assert len(lines) == n  # closed: no more lines
+
+
+# --------------------------------------------------------------------------------------------
+# Ctrl-C in a cascade's registry evaluation and in launch/study.py: exit 130, one line; the
+# rerun passes that point (SIGTERM at its next stage's first step then stops it with exit 75)
+
+
+class _Watched:
+    """A command in a subprocess whose stderr lines are collected as they come."""
+
+    def __init__(self, cmd, env, cwd=None):
+        import threading
+
+        self.lines: list = []
+        self.p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                  text=True, env=env, cwd=cwd)
+        self._t = threading.Thread(target=self._read, daemon=True)
+        self._t.start()
+
+    def _read(self):
+        for line in self.p.stderr:
+            self.lines.append(line.rstrip("\n"))
+
+    def wait_for(self, text: str, timeout: float = 600) -> None:
+        t0 = time.monotonic()
+        while not any(text in l for l in self.lines):
+            assert self.p.poll() is None and time.monotonic() - t0 < timeout, \
+                (text, "\n".join(self.lines)[-3000:])
+            time.sleep(0.05)
+
+    def signal_and_wait(self, sig, timeout: float = 300) -> int:
+        try:
+            self.p.send_signal(sig)
+            code = self.p.wait(timeout=timeout)
+            self._t.join(10)
+            return code
+        finally:
+            if self.p.poll() is None:
+                self.p.kill()
+                self.p.wait()
+
+    def others(self) -> list:
+        """stderr lines that are not progress or log lines (``[name] ...``)."""
+        return [l for l in self.lines if l.strip() and not PROGRESS.match(l)]
+
+
+#: the tiny cascade, cheap: 2 steps a stage, 2 eval prompts x 1 sample per domain
+CHEAP_CASCADE = ("stage.steps=2", "eval.prompts=2", "eval.k=1")
+
+
+def _interrupt_registry_eval_then_resume(cmd, env, cwd, cascade_dir: pathlib.Path):
+    first = _Watched(cmd, dict(env, CASCADE_FAULT="hold@eval:base"), cwd)
+    first.wait_for("[cascade] base: holding in the evaluation")
+    code = first.signal_and_wait(signal.SIGINT)
+    assert code == 130, (code, "\n".join(first.lines)[-3000:])
+    assert len(first.others()) == 1 and first.others()[0].startswith("interrupted (SIGINT)"), \
+        first.others()
+    assert "rerun the same command" in first.others()[0]
+    assert "base" not in json.loads((cascade_dir / "teachers.json").read_text())["checkpoints"] \
+        if (cascade_dir / "teachers.json").exists() else True
+
+    again = _Watched(cmd, dict(env, CASCADE_FAULT="hold@1"), cwd)
+    again.wait_for("holding after step 1")
+    code = again.signal_and_wait(signal.SIGTERM)
+    assert code == 75, (code, "\n".join(again.lines)[-3000:])
+    assert any("[cascade] base: evaluating" in l for l in again.lines)
+    reg = json.loads((cascade_dir / "teachers.json").read_text())
+    assert "base" in reg["checkpoints"]
+    state = json.loads((cascade_dir / "cascade_state.json").read_text())
+    assert state["stages"]["sft"]["status"] == "running"
+    assert (cascade_dir / "sft" / "checkpoints" / "1").is_dir()
+    for w in (first, again):
+        text = "\n".join(w.lines)
+        assert "terminate called" not in text and "Traceback" not in text, text[-3000:]
+
+
+def test_ctrl_c_in_the_cascade_registry_evaluation_exits_130_and_reruns(tmp_path, tmp_path_factory):
+    cdir = tmp_path / "cascade"
+    cmd = _cmd("run.py", "--stage=cascade", f"--run-dir={cdir}", "--no-progress",
+               *[f"--set={s}" for s in CHEAP_CASCADE])
+    env = _env(tmp_path_factory, CASCADE_JAX_CACHE=str(cache_dir(tmp_path_factory)))
+    _interrupt_registry_eval_then_resume(cmd, env, None, cdir)
+
+
+def test_ctrl_c_in_study_exits_130_and_reruns(tmp_path, tmp_path_factory):
+    cmd = _cmd("study.py", f"--study-dir={tmp_path / 'study'}", "--no-progress",
+               *[f"--cascade-set={s}" for s in CHEAP_CASCADE])
+    env = _env(tmp_path_factory, CASCADE_JAX_CACHE=str(cache_dir(tmp_path_factory)))
+    _interrupt_registry_eval_then_resume(cmd, env, tmp_path, tmp_path / "runs" / "cascade")
+
+
+# --------------------------------------------------------------------------------------------
+# Memory: a 30B stage on this machine is refused before anything compiles
+
+
+def test_30b_stage_is_refused_for_memory_before_any_compile(tmp_path, tmp_path_factory):
+    from cascade_jax import data
+    from cascade_jax.runner.preflight import TRAIN_STATE_BYTES_PER_PARAM
+    from models import nemotron_h as nh
+
+    tok = tmp_path / "tok"
+    data.save_tokenizer(data.tiny_tokenizer(), tok)
+    src = _jsonl(tmp_path / "d.jsonl", [GOOD] * 4)
+    cache = tmp_path / "xla_cache"
+    cache.mkdir()
+    run = tmp_path / "run"
+    r = _run(tmp_path_factory, "run.py", "--stage=sft", f"--run-dir={run}", "--no-progress",
+             '--set=data.sources=[{"path": "%s", "format": "jsonl"}]' % src,
+             f"--set=data.tokenizer={tok}", "--set=data.seq_len=256", "--set=data.batch_rows=2",
+             timeout=300, JAX_COMPILATION_CACHE_DIR=str(cache))
+    line = _one_error(r, 2, "devices: stage sft needs at least", "have", "GiB")
+    total, _ = nh.param_counts(nh.preset("nano-30b-a3b"))
+    need = total * TRAIN_STATE_BYTES_PER_PARAM / 2 ** 30
+    have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
+    assert need > have  # the premise: this machine cannot hold it
+    m = re.search(r"needs at least ([\d,]+) GiB .* have ([\d,]+) GiB", line)
+    assert m, line
+    assert int(m.group(1).replace(",", "")) == round(need)
+    assert int(m.group(2).replace(",", "")) == round(have)
+    assert not run.exists()
+    assert list(cache.iterdir()) == []  # nothing was compiled, let alone the 30B step
+
+
+# --------------------------------------------------------------------------------------------
+# Defaults and messages the issue named, checked in process
+
+
+def test_checkpoints_are_on_by_default_in_every_stage():
+    """Periodic checkpoints by steps and by wall time without any setting (1000 steps, 30 min),
+    and every packaged stage keeps both on."""
+    import configs
+    from cascade_jax import config as C
+
+    assert (C.Config().run.checkpoint_every, C.Config().run.checkpoint_every_s) == (1000, 1800.0)
+    for name in configs.stage_names():
+        run = C.load(str(configs.stage_path(name))).run
+        assert run.checkpoint_every > 0 and 0 < run.checkpoint_every_s <= 1800, name
+
+
+def test_exports_stop_at_the_chat_end_token_and_are_world_readable(tmp_path, tiny_cfg, tiny_params):
+    import json as _json
+
+    from cascade_jax import data
+    from cascade_jax.runner.checkpoint import export_hub, export_model_config, publish_modes
+
+    tok = data.tiny_tokenizer()
+    end = tok.special_tokens["eos_token"]
+    assert end == "<|im_end|>" and end in tok.chat_template and tok.eos_id == 4
+    cfg = tiny_cfg()
+    assert cfg.eos_token_id == 2  # the preset's </s>, which the chat template never emits
+    out = export_hub(tiny_params(cfg), export_model_config(cfg, tok), tmp_path / "hub")
+    publish_modes(out)
+    assert _json.loads((out / "config.json").read_text())["eos_token_id"] == 4
+    mask = os.umask(0)
+    os.umask(mask)
+    for p in out.rglob("*"):
+        if p.is_file():
+            assert p.stat().st_mode & 0o777 == 0o644 & ~mask, p
+
+
+def test_rl_temperature_zero_names_the_field_without_a_refused_switch():
+    from cascade_jax import config as C
+    from cascade_jax.runner import build as B
+    from cascade_jax.runner.errors import ConfigError
+
+    cfg = C.load(str(ROOT / "configs" / "tiny" / "multi_domain_rl.json"))
+    cfg = C.replace_path(cfg, "rollout.temperature", 0.0)
+    with pytest.raises(ConfigError, match=r"rollout.temperature: RL needs sampling") as e:
+        B.validate(cfg)
+    assert "greedy" not in str(e.value).replace("0 is greedy decoding", "")
+
+
+def test_study_docstring_shows_only_flags_that_exist():
+    from launch import study
+
+    doc_flags = set(re.findall(r"(--[a-z][a-z-]+)", study.__doc__))
+    src = (ROOT / "launch" / "study.py").read_text()
+    real = set(re.findall(r'add_argument\("(--[a-z-]+)"', src))
+    assert doc_flags and doc_flags <= real, doc_flags - real

@@ -53,6 +53,27 @@ def enable_compilation_cache(path: Union[str, os.PathLike, None] = None) -> str:
     return path
 
 
+def _registry_eval(name: str, config: C.Config, checkpoint: Optional[str],
+                   domains: Sequence[str], log) -> dict:
+    """:func:`cascade_jax.runner.evaluate.evaluate_checkpoint` for the registry row ``name``, announced first (Ctrl-C in
+    it exits 130 with nothing registered; the rerun evaluates again). Test hook: with
+    ``CASCADE_FAULT=hold@eval:<name>`` it waits after its first finished sample (at most
+    300 s) so a test can interrupt it there."""
+    log(f"[cascade] {name}: evaluating on {len(domains)} domain(s) for the teacher registry")
+    hold = os.environ.get("CASCADE_FAULT") == f"hold@eval:{name}"
+
+    def progress(done: int, total: int) -> None:
+        nonlocal hold
+        if hold and done > 0:
+            hold = False
+            log(f"[cascade] {name}: holding in the evaluation ({done}/{total} samples)")
+            t0 = time.monotonic()
+            while time.monotonic() - t0 < 300:
+                time.sleep(0.05)
+
+    return E.evaluate_checkpoint(config, checkpoint=checkpoint, domains=domains, progress=progress)
+
+
 def _avg(res: dict) -> dict:
     return {d: next(v for k, v in m.items() if k.startswith("avg@")) for d, m in res["domains"].items()}
 
@@ -95,7 +116,7 @@ def run_cascade(cascade_dir: Union[str, os.PathLike], *, preset: str = "tiny",
     # The starting model's scores (the first stage's "before").
     if BASE not in R.load_registry(reg_path)["checkpoints"]:
         t0 = time.perf_counter()
-        res = E.evaluate_checkpoint(cfg0, checkpoint=base_checkpoint, domains=eval_domains)
+        res = _registry_eval(BASE, cfg0, base_checkpoint, eval_domains, log)
         R.register_checkpoint(reg_path, BASE, base_checkpoint or f"{preset}-init", _avg(res),
                               eval_s=round(time.perf_counter() - t0, 2))
         log(f"[cascade] base scores: {_fmt(_avg(res))}")
@@ -139,7 +160,7 @@ def run_cascade(cascade_dir: Union[str, os.PathLike], *, preset: str = "tiny",
                                  resumed_from=summary.get("resumed_from", 0))
         st = P.load_state(cdir)["stages"][spec.name]
         t0 = time.perf_counter()
-        res = E.evaluate_checkpoint(cfg0, checkpoint=str(cdir / st["hub"]), domains=eval_domains)
+        res = _registry_eval(spec.name, cfg0, str(cdir / st["hub"]), eval_domains, log)
         eval_s = time.perf_counter() - t0
         (cdir / spec.name / "eval").mkdir(parents=True, exist_ok=True)
         (cdir / spec.name / "eval" / "cascade.json").write_text(json.dumps(res["domains"], indent=2) + "\n")

@@ -380,6 +380,9 @@ class ShardedStep:
             fn = sharding.compile_train_step(self.objective, mesh=self.mesh, state=state,
                                              batch=batch, model_cfg=self.model_cfg, **self.static)
             self._compiled[key] = fn
+            # processes compile at their own pace (one may hit the compilation cache): meet
+            # before the first collective, whose CPU transport (gloo) gives up after 30 s
+            sharding.sync_processes(f"train step {len(self._compiled)} compiled")
         return fn(state, batch)
 
 

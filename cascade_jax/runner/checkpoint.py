@@ -13,6 +13,11 @@ seconds). Orbax writes into a temporary directory and renames it when complete, 
 killed mid-save leaves the previous checkpoints intact and the partial one is ignored (and
 cleaned up at the next start).
 
+Multi-process jobs: every process calls save and restore (orbax coordinates the writes);
+leaves held by one process alone (the RNG key, counters) are written as arrays replicated on
+every device and read back into their own placement; ``data`` holds every process's iterator
+state (``{"per_process": [...]}``, each reads its own shard of the data).
+
 Retention: the last ``keep_last`` checkpoints plus the ``keep_best`` with the highest mean eval
 score (checkpoints without eval scores count only as "last").
 
@@ -63,6 +68,44 @@ def decode_data_state(state: Any) -> Any:
     return state
 
 
+def _host_local(x) -> bool:
+    """A leaf orbax cannot write in a multi-process job: a ``jax.Array`` held by this process
+    alone (the RNG key, a step counter; the parameters are global arrays on the mesh)."""
+    return isinstance(x, jax.Array) and jax.process_count() > 1 and x.is_fully_addressable
+
+
+def _replicated():
+    """A sharding replicating a value on every device of every process."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    return NamedSharding(Mesh(np.asarray(jax.devices()), ("all",)), PartitionSpec())
+
+
+def _to_global(x):
+    """A host-local leaf as a global array replicated on every device (every process holds the
+    same value: the state is the same on all of them); other leaves as they are."""
+    if not _host_local(x):
+        return x
+    value = np.asarray(x)
+    return jax.make_array_from_callback(value.shape, _replicated(), lambda idx: value[idx])
+
+
+def _gather_json(obj) -> list:
+    """``obj`` (JSON-able) of every process, in process order (a collective: every process
+    calls it)."""
+    import json
+
+    from jax.experimental import multihost_utils
+
+    raw = np.frombuffer(json.dumps(obj).encode(), np.uint8)
+    sizes = np.asarray(multihost_utils.process_allgather(np.asarray([raw.size], np.int64)))
+    sizes = sizes.reshape(-1)
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[:raw.size] = raw
+    every = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(sizes), -1)
+    return [json.loads(bytes(row[:n]).decode()) for row, n in zip(every, sizes)]
+
+
 def _eval_metric(metrics) -> float:
     return float(metrics["eval_score"])
 
@@ -95,10 +138,14 @@ class Checkpointer:
         """Start saving; returns the seconds the caller was blocked."""
         a = self._ocp.args
         t0 = time.perf_counter()
+        state = jax.tree.map(_to_global, state)
+        data = encode_data_state(data_state)
+        if jax.process_count() > 1:  # each process reads its own shard of the data
+            data = {"per_process": _gather_json(data)}
         self.manager.save(
             step,
             args=a.Composite(state=a.StandardSave(state),
-                             data=a.JsonSave(encode_data_state(data_state)),
+                             data=a.JsonSave(data),
                              meta=a.JsonSave({**meta, "step": int(step)})),
             metrics=None if eval_score is None else {"eval_score": float(eval_score)},
             force=True)
@@ -124,10 +171,16 @@ class Checkpointer:
         shapes, dtypes and shardings. A shape mismatch raises :class:`CheckpointLoadError`."""
         a = self._ocp.args
         abstract = jax.tree.map(self._ocp.utils.to_shape_dtype_struct, target_state)
-        out = self.manager.restore(step, args=a.Composite(state=a.StandardRestore(abstract),
+        read_as = jax.tree.map(  # host-local leaves were written as replicated global arrays
+            lambda x, t: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=_replicated())
+            if _host_local(t) else x, abstract, target_state)
+        out = self.manager.restore(step, args=a.Composite(state=a.StandardRestore(read_as),
                                                           data=a.JsonRestore(),
                                                           meta=a.JsonRestore()))
-        state = out["state"]
+        state = jax.tree.map(
+            lambda got, t: jax.device_put(np.asarray(got.addressable_data(0)), t.sharding)
+            if _host_local(t) and tuple(got.shape) == tuple(t.shape) else got,
+            out["state"], target_state)
         for path, want, got in zip(jax.tree_util.tree_flatten_with_path(abstract)[0],
                                    jax.tree.leaves(abstract), jax.tree.leaves(state)):
             if tuple(want.shape) != tuple(got.shape):
@@ -135,7 +188,14 @@ class Checkpointer:
                     f"checkpoint {self.directory / str(step)}: "
                     f"{jax.tree_util.keystr(path[0])} has shape {tuple(got.shape)}, the "
                     f"configured model needs {tuple(want.shape)}")
-        return state, decode_data_state(out["data"]), out["meta"]
+        data = out["data"]
+        if isinstance(data, dict) and set(data) == {"per_process"}:
+            if len(data["per_process"]) != jax.process_count():
+                raise CheckpointLoadError(
+                    f"checkpoint {self.directory / str(step)}: written by "
+                    f"{len(data['per_process'])} processes, this job has {jax.process_count()}")
+            data = data["per_process"][jax.process_index()]
+        return state, decode_data_state(data), out["meta"]
 
     def restore_latest(self, target_state: dict, log=print):
         """Newest loadable checkpoint as ``(step, state, data_state, meta)``, or ``None`` when

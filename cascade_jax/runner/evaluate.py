@@ -32,7 +32,7 @@ import numpy as np
 from cascade_jax import config as C
 from cascade_jax import data
 from cascade_jax import rl
-from cascade_jax.rollout import JaxEngine, Request, SamplingParams
+from cascade_jax.rollout import JaxEngine, Request, Rollouts, SamplingParams
 from cascade_jax.runner import build as B
 from cascade_jax.runner.errors import ConfigError
 
@@ -105,17 +105,39 @@ def evaluate_rollouts(prompts: Sequence[EvalPrompt], responses: Sequence[Sequenc
     return out
 
 
+def _generate_counting(engine, reqs, progress) -> Rollouts:
+    """``engine.generate(reqs)`` for an engine this thread drives (a ``JaxEngine`` not
+    ``start()``-ed), calling ``progress(done, total)`` in samples whenever samples finish."""
+    from cascade_jax.rollout import Rollouts
+
+    handles = [engine.submit(r) for r in reqs]
+    total = sum(r.sampling.n for r in reqs)
+    done = -1
+    while True:
+        now = sum(s is not None for h in handles for s in h.samples)
+        if now != done:
+            done = now
+            progress(done, total)
+        if all(h.done() for h in handles):
+            break
+        engine.step()
+    return Rollouts(requests=tuple(reqs), groups=tuple(h.result() for h in handles))
+
+
 def evaluate(engine, tokenizer, prompts: Sequence[EvalPrompt], scorers: Mapping, *, k: int,
              max_new_tokens: int, temperature: float, top_p: float = 1.0, top_k: int = -1,
-             seed: int = 0) -> dict:
+             seed: int = 0, progress=None) -> dict:
     """Generate ``k`` samples per prompt with ``engine`` and score them (see module doc).
-    Returns ``{"domains": {domain: {...}}, "score": mean avg@k over domains, "flat": {...}}``."""
+    Returns ``{"domains": {domain: {...}}, "score": mean avg@k over domains, "flat": {...}}``.
+    ``progress(done, total)`` (samples) hears every finished sample; it needs an engine the
+    caller's thread drives (``submit`` / ``step``, not ``start()``-ed) and the same results."""
     reqs = [Request(prompt_ids=p.ids, domain=p.domain, rid=f"eval-{i}",
                     sampling=SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
                                             top_p=top_p, top_k=top_k, n=k, seed=seed + i,
                                             stop_token_ids=(tokenizer.eos_id,)))
             for i, p in enumerate(prompts)]
-    ro = engine.generate(reqs)
+    ro = (_generate_counting(engine, reqs, progress) if progress is not None
+          else engine.generate(reqs))
     texts = [[tokenizer.decode(s.response_ids, skip_special_tokens=True) for s in g]
              for g in ro.groups]
     doms = evaluate_rollouts(prompts, texts, scorers, k)
@@ -165,14 +187,15 @@ def check_lengths(config, model_cfg, flag: str = "eval.max_response_len") -> Non
                           f"{model_cfg.max_position_embeddings} tokens; at most {max(room, 0)}")
 
 
-def evaluate_checkpoint(config, phase=None, *, checkpoint=..., domains=None) -> dict:
+def evaluate_checkpoint(config, phase=None, *, checkpoint=..., domains=None, progress=None) -> dict:
     """Evaluate the Hub checkpoint ``config.model.checkpoint`` on ``config.data.domains`` with
     the ``config.eval`` settings (engine: the embedded JAX engine). Returns :func:`evaluate`'s
     result (``{"domains": {d: {"avg@k", "pass@k", "n_prompts"}}, "score", "flat", ...}``) plus
-    ``checkpoint`` and ``settings``. ``phase(text)`` hears what it is doing (for progress
-    lines). ``checkpoint`` (a Hub dir; ``None``: the preset with its seeded init) and
-    ``domains`` evaluate another model / other domains with the same settings (the cascade's
-    registry and the studies score every checkpoint this way)."""
+    ``checkpoint`` and ``settings``. ``phase(text)`` hears what it is doing and
+    ``progress(done, total)`` how many samples are generated (for progress lines).
+    ``checkpoint`` (a Hub dir; ``None``: the preset with its seeded init) and ``domains``
+    evaluate another model / other domains with the same settings (the cascade's registry and
+    the studies score every checkpoint this way)."""
     phase = phase or (lambda _: None)
     if checkpoint is not ...:
         config = C.replace_path(config, "model.checkpoint", checkpoint)
@@ -193,7 +216,7 @@ def evaluate_checkpoint(config, phase=None, *, checkpoint=..., domains=None) -> 
                        max_len=config.rollout.max_prompt_len + max_new)
     res = evaluate(engine, tok, prompts, B.build_scorers(config), k=e.k, max_new_tokens=max_new,
                    temperature=e.temperature, top_p=e.top_p, top_k=e.top_k,
-                   seed=e.seed)
+                   seed=e.seed, progress=progress)
     settings = {"k": e.k, "prompts": e.prompts, "temperature": e.temperature,
                 "top_p": e.top_p, "top_k": e.top_k, "max_new_tokens": max_new, "seed": e.seed,
                 "thinking": config.rollout.thinking}

@@ -218,6 +218,7 @@ def run_stage(config: C.Config, run_dir=None, *, fresh: bool = False,
     obj = config.stage.objective
     if obj not in ("sft", "grpo", "mopd"):
         raise B.ConfigError(f"stage.objective {obj!r}: run_stage runs sft, grpo and mopd")
+    B.start_distributed()  # before anything asks JAX about processes or devices
     bar = Progress(config.stage.steps, desc=config.stage.name,
                    enabled=progress and jax.process_index() == 0,
                    lines=jax.process_index() == 0, log=log)
@@ -335,9 +336,9 @@ def _run_stage(config: C.Config, run_dir: pathlib.Path, *, fresh: bool, argv, lo
                 if done % config.run.log_every == 0 or final or halt:
                     metrics_w.write(done, m)
                 bar.update(m)
-                if writer and config.run.export_every and done % config.run.export_every == 0 \
-                        and not final and not halt:
-                    stage.export(run_dir / "exports" / f"step_{done}")
+                if config.run.export_every and done % config.run.export_every == 0 \
+                        and not final and not halt:  # every process gathers, process 0 writes
+                    stage.export(run_dir / "exports" / f"step_{done}", write=writer)
                 if halt and not final:
                     bar.set_phase("writing the checkpoint before exiting")
                     ckpt.wait()
@@ -355,11 +356,11 @@ def _run_stage(config: C.Config, run_dir: pathlib.Path, *, fresh: bool, argv, lo
         stats = getattr(parts.data, "stats", None)
         if stats:
             summary["data"] = {k: v for k, v in stats.items() if isinstance(v, (int, float))}
+        if steps > start or not (run_dir / "hub" / "config.json").exists():
+            summary["hub"] = str(stage.export(run_dir / "hub", write=writer))
+        else:
+            summary["hub"] = str(run_dir / "hub")
         if writer:
-            if steps > start or not (run_dir / "hub" / "config.json").exists():
-                summary["hub"] = str(stage.export(run_dir / "hub"))
-            else:
-                summary["hub"] = str(run_dir / "hub")
             summary.update(stage.summary())
             _write_json(run_dir / "summary.json", summary)
         return summary

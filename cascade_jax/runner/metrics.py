@@ -106,7 +106,8 @@ class Progress:
     ``lines=False`` turns those lines off too (``log`` receives them)."""
 
     def __init__(self, total: int, initial: int = 0, *, desc: str = "", enabled: bool = True,
-                 lines: bool = True, log=None, every_s: Optional[float] = None):
+                 lines: bool = True, log=None, every_s: Optional[float] = None,
+                 unit: str = "step"):
         import os
         import sys
         import threading
@@ -115,6 +116,7 @@ class Progress:
         self._bar = None
         self.total, self.n, self.start_n, self.desc = total, initial, initial, desc
         self.phase = "starting"
+        self.unit = unit
         self._post: dict = {}
         self._t0 = time.monotonic()
         self._t_steps = None  # when the first step of this process began
@@ -142,11 +144,12 @@ class Progress:
             return f"{head}{self.phase} ({_duration(now - self._t0)} so far)"
         done = self.n - self.start_n
         pct = f" ({100.0 * self.n / self.total:.0f}%)" if self.total else ""
-        text = f"{head}step {self.n}/{self.total}{pct}"
+        u = self.unit
+        text = f"{head}{u} {self.n}/{self.total}{pct}"
         el = now - self._t_steps
         if done > 0 and el > 0:
             rate = done / el
-            text += (f", {rate:.3g} steps/s" if rate >= 1 else f", {1.0 / rate:.3g} s/step")
+            text += (f", {rate:.3g} {u}s/s" if rate >= 1 else f", {1.0 / rate:.3g} s/{u}")
             text += f", ETA {_duration((self.total - self.n) / rate)}"
         for k, v in self._post.items():
             text += f", {k} {v}"
@@ -171,6 +174,14 @@ class Progress:
 
     def set_phase(self, phase: str) -> None:
         self.phase = phase
+
+    def count(self, done: int, total: int) -> None:
+        """Work counted in units rather than stepped (``launch/eval.py``: samples): ``done``
+        of ``total``; the first call starts the clock of the rate and ETA."""
+        if self._t_steps is None:
+            self.total = total
+            self.begin_steps(0)
+        self.n = done
 
     def update(self, m: Mapping[str, float]) -> None:
         post = {}

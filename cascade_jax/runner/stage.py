@@ -13,6 +13,7 @@ from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
 import numpy as np
 
 from cascade_jax import config as C
@@ -119,9 +120,16 @@ class Stage:
         except RolloutError as e:
             raise RolloutUnavailable(f"weight sync of step {step}: {e}") from None
 
-    def export(self, path: pathlib.Path) -> pathlib.Path:
-        out = export_hub(self.compute_params(), export_model_config(self.parts.model_cfg, self.tok),
-                         path)
+    def export(self, path: pathlib.Path, write: bool = True) -> pathlib.Path:
+        """The Hub export of the current weights at ``path``. Several processes: every one
+        must call it (the weights are gathered from all of them), the one with ``write``
+        writes."""
+        params = self.compute_params()
+        if jax.process_count() > 1:
+            params = multihost_utils.process_allgather(params, tiled=True)
+        if not write:
+            return path
+        out = export_hub(params, export_model_config(self.parts.model_cfg, self.tok), path)
         save_tokenizer(self.tok, out)
         publish_modes(out)
         return out

@@ -26,7 +26,7 @@ the attention and SSD kernels context-parallel (:mod:`.context`). Before renting
 per device and FLOPs.
 """
 
-from .distributed import initialize_distributed, is_primary
+from .distributed import initialize_distributed, is_primary, leave_distributed, sync_processes
 from .mesh import make_mesh, mesh_shape, resolve_sizes
 from .rules import BATCH_AXES, MESH_AXES, RULES, Rules, ShardingError, logical_to_spec
 from .state import (batch_shardings, global_batch, init_params, init_train_state, load_params,
@@ -37,7 +37,7 @@ from .moe import expert_parallel_moe, make_expert_parallel, make_moe_dispatch, t
 from .step import activation_partitioner, compile_train_step
 
 __all__ = [
-    "initialize_distributed", "is_primary", "make_mesh", "mesh_shape", "resolve_sizes",
+    "initialize_distributed", "is_primary", "leave_distributed", "sync_processes", "make_mesh", "mesh_shape", "resolve_sizes",
     "BATCH_AXES", "MESH_AXES", "RULES", "Rules", "ShardingError", "logical_to_spec",
     "batch_shardings", "global_batch", "init_params", "init_train_state", "load_params",
     "opt_state_shardings", "param_shardings", "replicated", "shard_batch", "shard_train_state",

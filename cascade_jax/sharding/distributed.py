@@ -21,7 +21,7 @@ from typing import Optional
 
 import jax
 
-__all__ = ["initialize_distributed", "is_primary", "cluster_detected"]
+__all__ = ["initialize_distributed", "leave_distributed", "sync_processes", "is_primary", "cluster_detected"]
 
 def cluster_detected(env=None) -> bool:
     """Whether ``env`` (default ``os.environ``) is a multi-process launch JAX can auto-configure."""
@@ -63,3 +63,29 @@ def initialize_distributed(coordinator_address: Optional[str] = None,
 def is_primary() -> bool:
     """Process 0: the only one writing logs and checkpoint metadata."""
     return jax.process_index() == 0
+
+
+def leave_distributed(timeout_s: float = 60.0) -> None:
+    """``jax.distributed.shutdown()`` if this process joined a job (else nothing), for a process
+    about to end with ``os._exit`` (which skips JAX's own exit hook): every process leaves
+    through the shutdown barrier, so the coordination service on process 0 outlives the
+    others' last call. Bounded by ``timeout_s`` (a peer that already died is not waited for)."""
+    import sys
+    import threading
+
+    if "jax" not in sys.modules or not jax.distributed.is_initialized():
+        return
+    t = threading.Thread(target=jax.distributed.shutdown, daemon=True, name="leave-distributed")
+    t.start()
+    t.join(timeout_s)
+
+
+def sync_processes(name: str, timeout_s: float = 3600.0) -> None:
+    """Wait until every process of the job arrived here (a barrier of JAX's coordination
+    service, no device collective); nothing in a single process. ``name`` must be the same on
+    every process and new for each barrier."""
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed
+
+    distributed.global_state.client.wait_at_barrier(name, int(timeout_s * 1000))
