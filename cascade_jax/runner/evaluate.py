@@ -108,8 +108,6 @@ def evaluate_rollouts(prompts: Sequence[EvalPrompt], responses: Sequence[Sequenc
 def _generate_counting(engine, reqs, progress) -> Rollouts:
     """``engine.generate(reqs)`` for an engine this thread drives (a ``JaxEngine`` not
     ``start()``-ed), calling ``progress(done, total)`` in samples whenever samples finish."""
-    from cascade_jax.rollout import Rollouts
-
     handles = [engine.submit(r) for r in reqs]
     total = sum(r.sampling.n for r in reqs)
     done = -1
