@@ -21,7 +21,7 @@ INNER_IMPORTS_ALLOWED = {
     # command-line scripts: the stack loads after argument parsing and environment setup
     # (JAX_PLATFORMS / XLA_FLAGS / simulated device counts must be set before jax starts)
     "launch/accept.py": (34, "script: each section imports what it measures"),
-    "launch/run.py": (13, "script"),
+    "launch/run.py": (14, "script"),
     "launch/bench_runner.py": (11, "script"),
     "launch/bench_agentic.py": (10, "script"),
     "launch/bench_serve.py": (13, "script"),
