@@ -85,3 +85,18 @@ def sft_run(tmp_path_factory) -> pathlib.Path:
 
 def metrics(run_dir: pathlib.Path) -> list[dict]:
     return [json.loads(l) for l in (pathlib.Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def checkpoint_state(run_dir: pathlib.Path, step: int) -> tuple:
+    """``({path: array}, data state)`` of the orbax checkpoint at ``step`` of ``run_dir`` (params,
+    optimizer state, step, rng; and the data iterators' state)."""
+    import jax
+    import numpy as np
+    import orbax.checkpoint as ocp
+
+    with ocp.CheckpointManager(pathlib.Path(run_dir).absolute() / "checkpoints",
+                               item_names=("state", "data", "meta")) as m:
+        out = m.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
+                                                      data=ocp.args.JsonRestore()))
+    leaves = jax.tree_util.tree_flatten_with_path(out["state"])[0]
+    return {jax.tree_util.keystr(p): np.asarray(v) for p, v in leaves}, out["data"]

@@ -23,7 +23,7 @@ import pytest
 pytestmark = pytest.mark.slow  # 3 runs of launch/run.py beside 2 servers: ~10 min on 2 busy cores
 
 from cascade_jax.rollout.launcher import Launcher, serve_command
-from tests.runner_support import ROOT, cache_dir, metrics, run_cli, write_config
+from tests.runner_support import ROOT, cache_dir, checkpoint_state, metrics, run_cli, write_config
 
 STEPS = 3
 ENGINE = {"num_slots": 8, "steps_per_call": 8, "prefill_sizes": [1]}
@@ -34,17 +34,6 @@ def _env(tmp_path_factory, **extra) -> dict:
     return dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache_dir(tmp_path_factory)),
                 JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
                 **extra)
-
-
-def _state(run_dir, step: int):
-    import orbax.checkpoint as ocp
-
-    with ocp.CheckpointManager(run_dir.absolute() / "checkpoints",
-                               item_names=("state", "data", "meta")) as m:
-        out = m.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
-                                                      data=ocp.args.JsonRestore()))
-    leaves = jax.tree_util.tree_flatten_with_path(out["state"])[0]
-    return {jax.tree_util.keystr(p): np.asarray(v) for p, v in leaves}, out["data"]
 
 
 @pytest.fixture(scope="module")
@@ -119,8 +108,8 @@ def test_lag1_sigterm_resume_is_bit_exact(runs):
     assert "stopped by SIGTERM after step 2/3" in err, err[-3000:]
     assert pending == ["1.pkl", "2.pkl"]  # checkpoint s holds the batch of step s + 1
     assert "resumed" in again and "at step 2" in again, again[-3000:]
-    a, ad = _state(d / "ref", STEPS)
-    b, bd = _state(d / "killed", STEPS)
+    a, ad = checkpoint_state(d / "ref", STEPS)
+    b, bd = checkpoint_state(d / "killed", STEPS)
     assert a.keys() == b.keys()
     for k in a:
         np.testing.assert_array_equal(b[k], a[k], err_msg=k)
@@ -130,5 +119,5 @@ def test_lag1_sigterm_resume_is_bit_exact(runs):
     assert [m["step"] for m in got] == list(range(1, STEPS + 1))
     assert [m["loss"] for m in got] == [m["loss"] for m in ref]
     assert [m["weight_version/rollout_max"] for m in got] == [m["weight_version/rollout_max"] for m in ref]
-    mid, _ = _state(d / "killed", 2)
+    mid, _ = checkpoint_state(d / "killed", 2)
     assert any(not np.array_equal(mid[k], a[k]) for k in a if k.startswith("['params']"))

@@ -4,30 +4,16 @@ rerun each time with the same command, ends with parameters and optimizer state 
 bit to an uninterrupted run's; nothing in the run dir is left corrupted or duplicated."""
 
 import json
-import pathlib
 import random
 
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from tests.runner_support import metrics, run_cli, sft_run, write_config
+from tests.runner_support import checkpoint_state, metrics, run_cli, sft_run, write_config
 
 STEPS = 4
 SEED = 0  # seeds the kill points
-
-
-def _state(run_dir: pathlib.Path, step: int) -> dict:
-    """Every array of the orbax checkpoint at ``step`` (params, opt state, step, rng)."""
-    import jax
-    import orbax.checkpoint as ocp
-
-    with ocp.CheckpointManager(run_dir.absolute() / "checkpoints",
-                               item_names=("state", "data", "meta")) as m:
-        out = m.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
-                                                      data=ocp.args.JsonRestore()))
-    leaves = jax.tree_util.tree_flatten_with_path(out["state"])[0]
-    return {jax.tree_util.keystr(p): np.asarray(v) for p, v in leaves}, out["data"]
 
 
 @pytest.fixture(scope="module")
@@ -68,8 +54,8 @@ def test_resumed_run_equals_uninterrupted(runs):
     final = log[-1]
     assert f"checkpoint {newest} does not load" in final.stderr, final.stderr[-2000:]
     assert "resumed" in final.stderr
-    ref_state, ref_data = _state(d / "ref", STEPS)
-    got_state, got_data = _state(d / "killed", STEPS)
+    ref_state, ref_data = checkpoint_state(d / "ref", STEPS)
+    got_state, got_data = checkpoint_state(d / "killed", STEPS)
     assert ref_state.keys() == got_state.keys()
     for k in ref_state:
         np.testing.assert_array_equal(got_state[k], ref_state[k], err_msg=k)
