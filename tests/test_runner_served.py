@@ -19,11 +19,13 @@ import json
 import os
 import time
 
+import jax
 import numpy as np
 import pytest
 
 from cascade_jax.rollout import ServerClient
 from cascade_jax.rollout.launcher import Launcher, serve_command
+from models import nemotron_h as nh
 from tests.runner_support import cache_dir, metrics, run_cli, sft_run, write_config
 
 STEPS = 3
@@ -42,10 +44,11 @@ def _server_env(tmp_path_factory) -> dict:
                 JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
 
 
-def _params(hub) -> dict:
-    from safetensors.numpy import load_file
-
-    return load_file(str(hub / "model.safetensors"))
+def _params(ckpt) -> dict:
+    """``{path: array}`` of a checkpoint directory in either layout (a Hub export, or a
+    params-layout version the disk sync pushed to a cascade-jax server)."""
+    _, params = nh.load_checkpoint(ckpt)
+    return {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_flatten_with_path(params)[0]}
 
 
 def test_served_mopd_equals_embedded(tmp_path_factory):
