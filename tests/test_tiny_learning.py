@@ -78,6 +78,8 @@ def tiny_sft(tmp_path_factory):
     return d / "sft"
 
 
+@pytest.mark.slow  # CI's learning claim with a 2-SE margin is tests/test_rl_learning.py; this stage-level
+# check's margin (0.02) is within one SE of its eval (issue 24: a stronger fixture is still to come)
 def test_grpo_stage_raises_its_domain_score(tiny_sft, tmp_path):
     """A GRPO stage (20 steps, 16 prompts x 8 samples, lr 1e-3) on structured_output through
     ``run_stage`` from :func:`tiny_sft`; the stage's own eval (avg@4 over 32 held-out prompts,
@@ -95,6 +97,7 @@ def test_grpo_stage_raises_its_domain_score(tiny_sft, tmp_path):
     assert ev[20] - ev[0] >= 0.02, ev
 
 
+@pytest.mark.slow  # 80 s on 2 cores; CI's MOPD learning claim (relative KL) is tests/test_rl_learning.py
 def test_mopd_stage_pulls_each_domain_toward_its_teacher(tiny_sft, tmp_path_factory, launch_run):
     """``launch/run.py`` MOPD with two teacher checkpoints: the student is :func:`tiny_sft` at
     step 20, structured_output's teacher the step-60 export and math's the step-40 one. Over
