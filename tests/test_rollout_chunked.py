@@ -11,9 +11,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from models.nemotron_h import init_cache, prefill, prefill_continue
+from cascade_jax.rollout import Request, SamplingParams
+from cascade_jax.rollout.engine import JaxEngine
+from models import nemotron_h as nh
+from models.nemotron_h import init_cache
 
 TOL = 1e-5
+prefill = jax.jit(nh.prefill, static_argnames=("cfg", "max_len", "last_only"))
+prefill_continue = jax.jit(nh.prefill_continue, static_argnames=("cfg", "last_only"))
 
 
 @pytest.fixture(scope="module")
@@ -35,9 +40,10 @@ def _assert_cache_equal(got, want, lengths, err):
                 np.testing.assert_allclose(a, b, atol=TOL, rtol=0, err_msg=f"{err}: layer {i} {name}")
 
 
-# conv kernel 4 (window 3) and SSD chunk 16 in the tiny preset: splits at 1 and 2 leave the conv
-# window partly from the zero start, 18 and 9+7 land inside an SSD chunk and a conv window
-@pytest.mark.parametrize("splits", [(1,), (2,), (9, 16), (18,), (5, 6, 7, 8)])
+# conv kernel 4 (window 3) and SSD chunk 16 in the tiny preset: a split at 2 leaves the conv window
+# partly from the zero start; 9 / 16 / 18 land inside an SSD chunk, and the 7- and 8-token chunks
+# carry a full window
+@pytest.mark.parametrize("splits", [(2,), (9, 16), (18,)])
 def test_prefill_continue_equals_one_prefill(tiny, splits):
     cfg, params = tiny
     T, S = 26, 32
@@ -69,9 +75,62 @@ def test_prefill_continue_ragged_rows(tiny):
     tail = [r[f:] for r, f in zip(rows, first)]
     last, cache = prefill_continue(params, cache, pad(tail, 13), jnp.array(first), cfg,
                                    lengths=jnp.array([len(x) for x in tail]), last_only=True)
-    for i, r in enumerate(rows):
-        want_logits, want_cache = prefill(params, r[None], cfg, max_len=S, last_only=True)
+    lengths = [len(r) for r in rows]
+    want_logits, want_cache = prefill(params, pad(rows, 30), cfg, lengths=jnp.array(lengths),
+                                      max_len=S, last_only=True)  # one ragged prefill
+    for i in range(3):
         got = last[i] if len(tail[i]) else head_last[i]  # nothing added: the head's logits stand
-        np.testing.assert_allclose(got, want_logits[0], atol=TOL, rtol=0, err_msg=f"row {i}")
-        mine = [{k: v[i:i + 1] for k, v in layer.items()} for layer in cache]
-        _assert_cache_equal(mine, want_cache, (len(r),), f"row {i}")
+        np.testing.assert_allclose(got, want_logits[i], atol=TOL, rtol=0, err_msg=f"row {i}")
+    _assert_cache_equal(cache, want_cache, lengths, "ragged rows")
+
+
+# --------------------------------------------------------------------------------------------
+# engine: chunked admission
+
+
+ECFG = nh.preset("tiny", vocab_size=64)  # Mamba, attention and MoE layers
+PROMPTS = [(5, 6), (23, 5), (40, 4), (17, 7), (9, 3)]  # (prompt length, max_new) around chunk 8
+
+
+def _prompt(n, offset):
+    return tuple(int(x) for x in (np.arange(n) * 5 + 2 + offset) % ECFG.vocab_size)
+
+
+def _requests(greedy: bool):
+    sp = lambda m, i: (SamplingParams(max_new_tokens=m, temperature=0.0) if greedy else
+                       SamplingParams(max_new_tokens=m, seed=i, top_p=0.9, top_k=20))
+    return [Request(prompt_ids=_prompt(n, i), sampling=sp(m, i)) for i, (n, m) in enumerate(PROMPTS)]
+
+
+@pytest.fixture(scope="module")
+def engines():
+    params = nh.init_params(ECFG, jax.random.key(3), dtype=jnp.float32)
+    kw = dict(num_slots=2, max_len=48, prefill_sizes=(2,), steps_per_call=3,
+              return_routed_experts=True)
+    return (JaxEngine(ECFG, params, prompt_buckets=(8, 16, 48), **kw),
+            JaxEngine(ECFG, params, prompt_buckets=(8,), prefill_chunk=8, **kw))
+
+
+@pytest.mark.parametrize("greedy", [True, False])
+def test_chunked_admission_equals_unchunked(engines, greedy):
+    """Prompts of 5..40 tokens with chunks of 8 (one chunk, several, a partial last one, slot
+    refills): the same tokens, log-probs within 1e-6 (fp32) and routed experts as prefilling
+    each prompt in one call; prompts longer than the largest bucket (8) are accepted."""
+    whole, chunked = engines
+    want = whole.generate(_requests(greedy)).samples()
+    got = chunked.generate(_requests(greedy)).samples()
+    for w, g in zip(want, got):
+        np.testing.assert_array_equal(g.response_ids, w.response_ids)
+        np.testing.assert_allclose(g.logprobs, w.logprobs, atol=1e-6, rtol=0)
+        assert g.finish_reason == w.finish_reason
+        np.testing.assert_array_equal(np.sort(g.routed_experts, -1), np.sort(w.routed_experts, -1))
+
+
+def test_prefill_chunk_bad_values_name_the_field(engines):
+    whole, _ = engines
+    with pytest.raises(ValueError, match="prefill_chunk"):
+        JaxEngine(ECFG, whole.params, num_slots=2, max_len=48, prompt_buckets=(8,), prefill_chunk=16)
+    with pytest.raises(ValueError, match="prefill_chunk"):
+        JaxEngine(ECFG, whole.params, num_slots=2, max_len=48, prefill_chunk=0)
+    with pytest.raises(ValueError, match="prompt_ids"):  # unchunked: the bucket still bounds it
+        whole.submit(Request(prompt_ids=_prompt(49, 0), sampling=SamplingParams(max_new_tokens=1)))

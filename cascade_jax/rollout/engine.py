@@ -224,6 +224,13 @@ class JaxEngine:
                      slots' split (default prefill sizes: its powers-of-two multiples)
     rules            the rules table (default :data:`cascade_jax.sharding.RULES`)
     a2a              the expert-parallel token exchange (``mesh.a2a``: auto | ragged | padded)
+    prefill_chunk    None (default: a prompt is prefilled in one call), or the most prompt tokens
+                     per row per prefill call: a longer prompt is admitted in chunks, the first
+                     by the admission program and each next one by the continuation program
+                     (``model.prefill_continue`` from the slot's cache at its position), so
+                     prefill temporaries are bounded by the chunk, not the prompt; prompts may
+                     then exceed the largest prompt bucket (up to ``max_len``). Same tokens and
+                     log-probs as unchunked (tests/test_rollout_chunked.py)
     """
 
     def __init__(self, model_cfg, params, *, num_slots: int = 8, max_len: int = 2048,
@@ -231,7 +238,8 @@ class JaxEngine:
                  prefill_sizes: Optional[Sequence[int]] = None, steps_per_call: int = 16,
                  weight_version: str = "0", seed: int = 0, overlap: bool = False,
                  max_stop_tokens: int = 8, refill_batch: Optional[int] = None, model=None,
-                 return_routed_experts: bool = False, mesh=None, rules=None, a2a: str = "auto"):
+                 return_routed_experts: bool = False, mesh=None, rules=None, a2a: str = "auto",
+                 prefill_chunk: Optional[int] = None):
         if model is None:
             from models import nemotron_h as model
         if num_slots < 1:
@@ -261,6 +269,15 @@ class JaxEngine:
                                                    [1 << i for i in range(num_slots.bit_length())]))))
         if sizes[0] < 1 or sizes[-1] > num_slots:
             raise ValueError(f"prefill_sizes: must lie in [1, num_slots={num_slots}], got {sizes}")
+        if prefill_chunk is not None:
+            if not 1 <= int(prefill_chunk) <= buckets[-1]:
+                raise ValueError(f"prefill_chunk: must lie in [1, largest prompt bucket "
+                                 f"{buckets[-1]}], got {prefill_chunk}")
+            if type(self)._admit_impl is not JaxEngine._admit_impl:
+                raise ValueError(f"prefill_chunk: not supported by {type(self).__name__} (its "
+                                 "admission replaces the prefill); leave it unset")
+            prefill_chunk = int(prefill_chunk)
+        self.prefill_chunk = prefill_chunk
         self.model_cfg = model_cfg
         self.model = model
         self.num_slots = S = int(num_slots)
@@ -319,6 +336,7 @@ class JaxEngine:
         self._inflight = None  # (tokens, logp, active) of the last decode call, unread
 
         self._admit_fn, self._decode_fn = self._programs()
+        self._extend_fn = None  # the continuation program, built on first use
 
     # ------------------------------------------------------------------------------------------
     # placement on the mesh
@@ -371,6 +389,24 @@ class JaxEngine:
                          out_shardings=state[1:] + (rep,) * 3, donate_argnums=(1, 2, 3))
         return admit, decode
 
+    def _extend_program(self):
+        """The jitted continuation program (:meth:`_extend_impl`), with the admission program's
+        shardings on a mesh (rows split like the slots; cache, logits, slot state donated)."""
+        if self.mesh is None:
+            return jax.jit(self._extend_impl, donate_argnums=(1, 2, 3))
+        partitioner = activation_partitioner(self.mesh, self.rules)
+        dispatch = make_moe_dispatch(self.mesh, self.rules, a2a=self._a2a)
+
+        def traced(*args):
+            with use_partitioner(partitioner, dispatch):
+                return self._extend_impl(*args)
+
+        rows = layout.rows_sharding(self.prefill_sizes[0], self.mesh, self.rules)
+        c_sh = layout.cache_shardings(self._cache, self.mesh, self.rules)
+        state = (self._param_sh, c_sh, replicated(self.mesh), self._slots_sh)
+        return jax.jit(traced, in_shardings=state + (rows,) * 2, out_shardings=state[1:],
+                       donate_argnums=(1, 2, 3))
+
     # ------------------------------------------------------------------------------------------
     # jitted programs
 
@@ -407,6 +443,32 @@ class JaxEngine:
         slots_state = {k: v.at[slots].set(values[k].astype(v.dtype), mode="drop")
                        for k, v in slots_state.items()}
         return out, logits, slots_state
+
+    def _extend_impl(self, params, cache, logits, slots_state, tokens, ints):
+        """Continue slot ``ints[r, 2]``'s prefill with the chunk ``tokens [nb, Cb]`` (``ints[r, 1]``
+        valid) at positions ``ints[r, 0] + [0, Cb)`` (``model.prefill_continue`` on the slot's
+        cache rows); an out-of-range slot drops the row. Writes the rows' cache, next-token
+        logits, position (start + length) and, with ``return_routed_experts``, the chunk's
+        experts (-1 at padding)."""
+        starts, lengths, slots = ints[:, 0], ints[:, 1], ints[:, 2]
+        rows = jnp.minimum(slots, self.num_slots - 1)
+        mine = [{name: buf[rows] for name, buf in layer.items()} for layer in cache]
+        pre = self.model.prefill_continue(params, mine, tokens, starts, self.model_cfg,
+                                          lengths=lengths, last_only=True,
+                                          return_routed_experts=self.return_routed_experts)
+        last, new = pre[:2]
+        out = [{name: buf.at[slots].set(fresh[name].astype(buf.dtype), mode="drop")
+                for name, buf in layer.items()} for layer, fresh in zip(cache, new)]
+        logits = logits.at[slots].set(last.astype(jnp.float32), mode="drop")
+        st = dict(slots_state)
+        st["pos"] = st["pos"].at[slots].set(starts + lengths, mode="drop")
+        if self.return_routed_experts:
+            cb = tokens.shape[1]
+            valid = jnp.arange(cb)[None, :] < lengths[:, None]
+            rx = jnp.where(valid[..., None, None], pre[2], -1)
+            cols = starts[:, None] + jnp.arange(cb, dtype=jnp.int32)[None]
+            st["rx"] = st["rx"].at[slots[:, None], cols].set(rx, mode="drop")
+        return out, logits, st
 
     def _decode_logits(self, params, cache, tokens, positions, st=None):
         """Next-token logits ``[S, V]`` after feeding ``tokens [S]`` at ``positions [S]``, and the
@@ -472,7 +534,7 @@ class JaxEngine:
         bad = [t for t in prompt if not 0 <= t < self.vocab_size]
         if bad:
             raise ValueError(f"prompt_ids: token id {bad[0]} outside [0, {self.vocab_size})")
-        if len(prompt) > self.prompt_buckets[-1]:
+        if self.prefill_chunk is None and len(prompt) > self.prompt_buckets[-1]:
             raise ValueError(f"prompt_ids: length {len(prompt)} exceeds the largest prompt "
                              f"bucket {self.prompt_buckets[-1]}")
         if len(prompt) + sp.max_new_tokens > self.max_len:
@@ -651,9 +713,12 @@ class JaxEngine:
             self._retire_handle(h)
 
     def _admit(self, params, slots: list):
+        """Prefill the queued jobs just placed in ``slots``: grouped by prompt bucket and row
+        count; with ``prefill_chunk`` the first chunk of each prompt, then :meth:`_extend`."""
+        chunk = self.prefill_chunk or self.max_len
         by_bucket = collections.defaultdict(list)
         for s in slots:
-            n = len(self._jobs[s].handle.request.prompt_ids)
+            n = min(len(self._jobs[s].handle.request.prompt_ids), chunk)
             by_bucket[next(b for b in self.prompt_buckets if b >= n)].append(s)
         for Pb, group in sorted(by_bucket.items()):
             while group:
@@ -667,7 +732,7 @@ class JaxEngine:
                 stops = np.full((nb, self.max_stop_tokens), -1, np.int32)
                 for r, s in enumerate(part):
                     job = self._jobs[s]
-                    p, sp = job.handle.request.prompt_ids, job.sp
+                    p, sp = job.handle.request.prompt_ids[:chunk], job.sp
                     tokens[r, :len(p)] = p
                     seed = np.asarray([job.seed >> 32, job.seed & 0xFFFFFFFF], np.uint32).view(np.int32)
                     ints[r] = (len(p), s, sp.top_k, sp.max_new_tokens, seed[0], seed[1])
@@ -675,6 +740,36 @@ class JaxEngine:
                     stops[r, :len(sp.stop_token_ids)] = sp.stop_token_ids
                 self._cache, self._logits, self._slots = self._admit_fn(
                     params, self._cache, self._logits, self._slots, tokens, ints, floats, stops)
+        if self.prefill_chunk is not None:
+            self._extend(params, {s: (chunk, self._jobs[s].handle.request.prompt_ids) for s in slots
+                                  if len(self._jobs[s].handle.request.prompt_ids) > chunk})
+
+    def _extend(self, params, rest: dict):
+        """Prefill the rest of each prompt in chunks of at most ``prefill_chunk`` tokens:
+        ``rest`` maps slot -> (tokens already prefilled, prompt); one continuation call per
+        (chunk round, row group), the chunk padded to a prompt bucket."""
+        if self._extend_fn is None:
+            self._extend_fn = self._extend_program()
+        chunk = self.prefill_chunk
+        while rest:
+            group = sorted(rest)
+            size = max(min(chunk, len(rest[s][1]) - rest[s][0]) for s in group)
+            Cb = next(b for b in self.prompt_buckets if b >= size)
+            while group:
+                nb = next((z for z in self.prefill_sizes if z >= len(group)), self.prefill_sizes[-1])
+                part, group = group[:nb], group[nb:]
+                tokens = np.zeros((nb, Cb), np.int32)
+                ints = np.zeros((nb, 3), np.int32)
+                ints[:, 2] = self.num_slots  # out of range: dropped
+                for r, s in enumerate(part):
+                    start, p = rest[s]
+                    piece = p[start:start + chunk]
+                    tokens[r, :len(piece)] = piece
+                    ints[r] = (start, len(piece), s)
+                    rest[s] = (start + len(piece), p)
+                self._cache, self._logits, self._slots = self._extend_fn(
+                    params, self._cache, self._logits, self._slots, tokens, ints)
+            rest = {s: v for s, v in rest.items() if v[0] < len(v[1])}
 
     def _free_slot(self, s: int):
         """Host side only: the device row keeps decoding (greedily once past its budget, its
