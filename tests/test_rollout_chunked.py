@@ -11,10 +11,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import cascade_jax.config as C
 from cascade_jax.rollout import Request, SamplingParams
 from cascade_jax.rollout.engine import JaxEngine
+from cascade_jax.rollout.exact import ExactEngine
 from models import nemotron_h as nh
 from models.nemotron_h import init_cache
+from tests.multidevice import run_on_cpu_devices
 
 TOL = 1e-5
 prefill = jax.jit(nh.prefill, static_argnames=("cfg", "max_len", "last_only"))
@@ -134,3 +137,46 @@ def test_prefill_chunk_bad_values_name_the_field(engines):
         JaxEngine(ECFG, whole.params, num_slots=2, max_len=48, prefill_chunk=0)
     with pytest.raises(ValueError, match="prompt_ids"):  # unchunked: the bucket still bounds it
         whole.submit(Request(prompt_ids=_prompt(49, 0), sampling=SamplingParams(max_new_tokens=1)))
+    with pytest.raises(ValueError, match="prefill_chunk: not supported by ExactEngine"):
+        ExactEngine(ECFG, whole.params, num_slots=2, max_len=64, prefill_chunk=8)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(C.ConfigError, match="rollout.prefill_chunk"):
+            C.from_dict(C.Config, {"rollout": {"prefill_chunk": bad}})
+
+
+# --------------------------------------------------------------------------------------------
+# on a mesh (8 simulated CPU devices in a child process, as tests/test_rollout_mesh.py)
+
+
+@pytest.mark.slow
+def test_chunked_admission_on_a_mesh_equals_unsharded_unchunked():
+    """``tensor:2,expert:4`` with ``prefill_chunk`` 8: the same tokens and routed experts as the
+    unsharded one-call prefill, log-probs within 1e-6 (tensor-parallel sums add in another
+    order), the cache kept on its shardings through the donated continuation program."""
+    r = run_on_cpu_devices(__file__, timeout=1200)
+    assert r["tokens_equal"] and r["experts_equal"] and r["cache_kept"], r
+    assert r["logp_diff"] <= 1e-6 and r["n_tokens"] > 20, r
+
+
+def _mesh_child():
+    import json
+
+    params = nh.init_params(ECFG, jax.random.key(3), dtype=jnp.float32)
+    kw = dict(num_slots=8, max_len=48, prefill_sizes=(8,), steps_per_call=3, return_routed_experts=True)
+    whole = JaxEngine(ECFG, params, prompt_buckets=(8, 16, 48), **kw)
+    meshed = JaxEngine(ECFG, params, prompt_buckets=(8,), prefill_chunk=8, mesh="tensor:2,expert:4", **kw)
+    k_sh = meshed._cache[2]["k"].sharding
+    out = []
+    for eng in (whole, meshed):
+        out.append(eng.generate(_requests(False) + _requests(True)).samples())
+    a, b = out
+    print(json.dumps({
+        "tokens_equal": all(np.array_equal(x.response_ids, y.response_ids) for x, y in zip(a, b)),
+        "experts_equal": all(np.array_equal(x.routed_experts, y.routed_experts) for x, y in zip(a, b)),
+        "logp_diff": max(float(np.max(np.abs(x.logprobs - y.logprobs))) for x, y in zip(a, b)),
+        "n_tokens": sum(len(x.response_ids) for x in a),
+        "cache_kept": meshed._cache[2]["k"].sharding == k_sh}))
+
+
+if __name__ == "__main__":
+    _mesh_child()
