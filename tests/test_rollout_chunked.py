@@ -132,16 +132,62 @@ def test_chunked_admission_equals_unchunked(engines, greedy):
 def test_prefill_chunk_bad_values_name_the_field(engines):
     whole, _ = engines
     with pytest.raises(ValueError, match="prefill_chunk"):
-        JaxEngine(ECFG, whole.params, num_slots=2, max_len=48, prompt_buckets=(8,), prefill_chunk=16)
+        JaxEngine(ECFG, whole.params(), num_slots=2, max_len=48, prompt_buckets=(8,), prefill_chunk=16)
     with pytest.raises(ValueError, match="prefill_chunk"):
-        JaxEngine(ECFG, whole.params, num_slots=2, max_len=48, prefill_chunk=0)
+        JaxEngine(ECFG, whole.params(), num_slots=2, max_len=48, prefill_chunk=0)
     with pytest.raises(ValueError, match="prompt_ids"):  # unchunked: the bucket still bounds it
         whole.submit(Request(prompt_ids=_prompt(49, 0), sampling=SamplingParams(max_new_tokens=1)))
     with pytest.raises(ValueError, match="prefill_chunk: not supported by ExactEngine"):
-        ExactEngine(ECFG, whole.params, num_slots=2, max_len=64, prefill_chunk=8)
+        ExactEngine(ECFG, whole.params(), num_slots=2, max_len=64, prefill_chunk=8)
     for bad in (-1, 1.5, True):
         with pytest.raises(C.ConfigError, match="rollout.prefill_chunk"):
             C.from_dict(C.Config, {"rollout": {"prefill_chunk": bad}})
+
+
+# --------------------------------------------------------------------------------------------
+# multi-turn: a kept slot continues with only the appended tokens
+
+
+def _run_turns(eng, sessions: bool, n_turns=3, n_eps=3):
+    """``n_eps`` episodes of ``n_turns`` turns: each next prompt = the last prompt + its response
+    + 11 or 5 new tokens; all episodes' turn ``t`` submitted together, then stepped to the end."""
+    rows = [list(_prompt(6, 10 * e)) for e in range(n_eps)]
+    out = []
+    for t in range(n_turns):
+        hs = [eng.submit(Request(prompt_ids=tuple(rows[e]), sampling=SamplingParams(
+                  max_new_tokens=4, seed=100 * e + t, top_k=20, temperature=0.0 if e == 1 else 1.0)),
+                  session=e if sessions else None) for e in range(n_eps)]
+        while not all(h.done() for h in hs):
+            eng.step()
+        for e, h in enumerate(hs):
+            smp = h.result(timeout=60)[0]
+            out.append(smp)
+            rows[e] = rows[e] + smp.response_ids.tolist() + list(_prompt(11 if t == 0 else 5, e + t))
+    return out
+
+
+@pytest.mark.parametrize("n_eps,n_continued", [(2, 4), (3, 1)])
+def test_kept_sessions_equal_reprefill(engines, n_eps, n_continued):
+    """3-turn episodes on two slots, chunks of 8 (an 11-token continuation takes two): every
+    turn's tokens, log-probs (fp32, 1e-6) and routed experts equal re-prefilling the whole
+    conversation each turn. Two episodes: every later turn (4) continues its kept cache; three:
+    kept caches are also given up for queued turns (those are prefilled whole; 1 continues)."""
+    whole, _ = engines
+    eng = JaxEngine(ECFG, whole.params(), num_slots=2, max_len=48, prefill_sizes=(2,), steps_per_call=3,
+                    return_routed_experts=True, prompt_buckets=(8,), prefill_chunk=8,
+                    keep_sessions=True)
+    continued = []
+    orig = eng._extend
+    eng._extend = lambda params, rest, fresh: (continued.extend(fresh), orig(params, rest, fresh))[1]
+    got = _run_turns(eng, True, n_eps=n_eps)
+    want = _run_turns(whole, False, n_eps=n_eps)
+    for i, (g, w) in enumerate(zip(got, want)):
+        np.testing.assert_array_equal(g.response_ids, w.response_ids, err_msg=f"turn row {i}")
+        np.testing.assert_allclose(g.logprobs, w.logprobs, atol=1e-6, rtol=0, err_msg=f"turn row {i}")
+        np.testing.assert_array_equal(np.sort(g.routed_experts, -1), np.sort(w.routed_experts, -1))
+    assert len(continued) == n_continued, continued
+    with pytest.raises(ValueError, match="session"):
+        whole.submit(Request(prompt_ids=(1, 2), sampling=SamplingParams(max_new_tokens=1)), session=0)
 
 
 # --------------------------------------------------------------------------------------------

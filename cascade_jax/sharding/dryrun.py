@@ -518,6 +518,7 @@ def _engine_programs(config, mcfg, rmesh, target, dtype, want, log):
     eng = JaxEngine.__new__(JaxEngine)  # the programs only: no weights, no cache allocated
     eng.model, eng.model_cfg, eng.num_slots, eng.max_len = nh, mcfg, S, max_len
     eng.steps_per_call, eng.return_routed_experts, eng.max_stop_tokens = r.steps_per_call, r.routing_replay, 8
+    eng.keep_sessions = False
     rshape = mesh_shape(rmesh)
     ndev = math.prod(rshape.values())
     params = abstract_params(mcfg, rmesh, dtype)
@@ -551,7 +552,8 @@ def _engine_programs(config, mcfg, rmesh, target, dtype, want, log):
         Cb = min(b for b in default_prompt_buckets(max_len) if b >= min(chunk, r.max_prompt_len))
         rows_sh = layout.rows_sharding(nb, rmesh, what="rollout.prefill_sizes rows")
         rsd = lambda shp, dt: jax.ShapeDtypeStruct(shp, dt, sharding=rows_sh)
-        args = (params, cache, logits, slots, rsd((nb, Cb), jnp.int32), rsd((nb, 3), jnp.int32))
+        args = (params, cache, logits, slots, rsd((nb, Cb), jnp.int32), rsd((nb, 8), jnp.int32),
+                rsd((nb, 2), jnp.float32), rsd((nb, 8), jnp.int32))
         log(f"compiling rollout_prefill ({nb} x {Cb}-token chunks continuing the slots) ...")
         fl = lambda: jaxpr_flops(jax.make_jaxpr(lambda p, c, t: nh.prefill_continue(
             p, c, t, t[:, 0], mcfg, last_only=True))(
