@@ -15,9 +15,15 @@ import cascade_jax.config as C
 from cascade_jax.rollout import Request, SamplingParams
 from cascade_jax.rollout.engine import JaxEngine
 from cascade_jax.rollout.exact import ExactEngine
+from cascade_jax.agentic.driver import run_episodes
+from cascade_jax.agentic.render import ChatRenderer
+from cascade_jax.data.tokenizer import tiny_tokenizer
 from models import nemotron_h as nh
 from models.nemotron_h import init_cache
 from tests.multidevice import run_on_cpu_devices
+from tests.test_agentic_engine import LIMITS as AGENT_LIMITS
+from tests.test_agentic_engine import TASKS as AGENT_TASKS
+from tests.test_agentic_engine import CountingEnv
 
 TOL = 1e-5
 prefill = jax.jit(nh.prefill, static_argnames=("cfg", "max_len", "last_only"))
@@ -188,6 +194,31 @@ def test_kept_sessions_equal_reprefill(engines, n_eps, n_continued):
     assert len(continued) == n_continued, continued
     with pytest.raises(ValueError, match="session"):
         whole.submit(Request(prompt_ids=(1, 2), sampling=SamplingParams(max_new_tokens=1)), session=0)
+
+
+def test_episode_driver_keep_cache_equals_reprefill():
+    """``run_episodes(keep_cache=True)`` on an engine with ``keep_sessions``: the same episode rows
+    and log-probs (fp32, 1e-6) as re-prefilling every turn, with later turns continued."""
+    cfg = nh.preset("tiny")  # the tiny tokenizer's vocabulary
+    params = nh.init_params(cfg, jax.random.key(4), dtype=jnp.float32)
+    renderer = ChatRenderer(tiny_tokenizer())
+    kw = dict(num_slots=4, max_len=128, prompt_buckets=(32, 128), prefill_sizes=(4,), steps_per_call=4)
+    eps = []
+    continued = []
+    for keep in (False, True):
+        eng = JaxEngine(cfg, params, keep_sessions=keep, **kw)
+        if keep:
+            orig = eng._extend
+            eng._extend = lambda params, rest, fresh: (continued.extend(fresh), orig(params, rest, fresh))[1]
+        try:
+            eps.append(run_episodes(eng, AGENT_TASKS, CountingEnv, renderer, limits=AGENT_LIMITS, seed=5,
+                                    tool_workers=2, timeout_s=600, keep_cache=keep))
+        finally:
+            eng.stop()
+    for a, b in zip(*eps):
+        np.testing.assert_array_equal(a.tokens, b.tokens)
+        np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-6, rtol=0)
+    assert sum(len(e.turns) - 1 for e in eps[1]) >= len(continued) >= 1, continued
 
 
 # --------------------------------------------------------------------------------------------
