@@ -192,6 +192,7 @@ def test_kept_sessions_equal_reprefill(engines, n_eps, n_continued):
         np.testing.assert_allclose(g.logprobs, w.logprobs, atol=1e-6, rtol=0, err_msg=f"turn row {i}")
         np.testing.assert_array_equal(np.sort(g.routed_experts, -1), np.sort(w.routed_experts, -1))
     assert len(continued) == n_continued, continued
+    assert eng._held and eng.flush_cache() and not eng._held  # idle: the kept caches dropped
     with pytest.raises(ValueError, match="session"):
         whole.submit(Request(prompt_ids=(1, 2), sampling=SamplingParams(max_new_tokens=1)), session=0)
 

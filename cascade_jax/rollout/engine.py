@@ -53,6 +53,12 @@ positions ``< bucket``, and decoding writes position ``p`` before attending to i
 ``> p`` are causally masked). The sampling log-prob of each token follows SGLang's default
 (:mod:`cascade_jax.rollout.sampler`).
 
+Long prompts and multi-turn rows (``prefill_chunk``, ``keep_sessions``): admission can also
+continue a slot's cache instead of starting it empty (``model.prefill_continue``: the chunk's
+K/V written at its positions and attending the cached ones, the Mamba conv window and SSM state
+carried), so a prompt is prefilled in bounded chunks and a session's next turn prefills only
+its appended tokens; both equal one prefill of the whole row (tests/test_rollout_chunked.py).
+
 The per-step next-token computation lives in one place, :meth:`JaxEngine._decode_logits`, so an
 alternative (e.g. a decode that replays the trainer's numerics) can be swapped in there.
 
@@ -652,10 +658,15 @@ class JaxEngine:
             self._cond.notify_all()
 
     def flush_cache(self) -> bool:
-        """The engine keeps no cross-request (prefix) cache, so there is nothing stale to drop;
-        like SGLang's ``/flush_cache`` it reports False while anything is queued or running."""
+        """Drops the slot caches kept for sessions (``keep_sessions``; the engine keeps no other
+        cross-request cache) when idle; like SGLang's ``/flush_cache`` it reports False (and
+        drops nothing) while anything is queued or running."""
         with self._cond:
-            return self.num_running() == 0 and not self._queue
+            idle = self.num_running() == 0 and not self._queue
+            if idle:
+                self._held.clear()
+                self._held_slot.clear()
+            return idle
 
     def used_tokens(self) -> int:
         """Cache positions held by running samples (prompt + tokens decoded so far)."""
