@@ -185,7 +185,10 @@ def test_kept_sessions_equal_reprefill(engines, n_eps, n_continued):
     continued = []
     orig = eng._extend
     eng._extend = lambda params, rest, fresh: (continued.extend(fresh), orig(params, rest, fresh))[1]
+    eng.warmup()  # compiles the continuation program too
+    compiled = eng._extend_fn._cache_size()
     got = _run_turns(eng, True, n_eps=n_eps)
+    assert eng._extend_fn._cache_size() == compiled  # no compile while the turns ran
     want = _run_turns(whole, False, n_eps=n_eps)
     for i, (g, w) in enumerate(zip(got, want)):
         np.testing.assert_array_equal(g.response_ids, w.response_ids, err_msg=f"turn row {i}")

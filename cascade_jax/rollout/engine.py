@@ -1147,7 +1147,7 @@ class JaxEngine:
 
     def warmup(self) -> None:
         """Compile the decode program and every (prefill size, prompt bucket) admission program
-        on dummy data (the slots' state is reset afterwards; call while idle)."""
+        (and continuation program, with ``prefill_chunk`` or ``keep_sessions``) on dummy data (the slots' state is reset afterwards; call while idle)."""
         with self._step_lock, self._cond:
             if self.num_running() or self._queue:
                 raise RolloutError("warmup: the engine is busy")
@@ -1160,6 +1160,17 @@ class JaxEngine:
                         params, self._cache, self._logits, self._slots,
                         np.zeros((nb, Pb), np.int32), ints, np.zeros((nb, 2), np.float32),
                         np.full((nb, self.max_stop_tokens), -1, np.int32))
+            if self.prefill_chunk is not None or self.keep_sessions:  # the continuation programs
+                if self._extend_fn is None:
+                    self._extend_fn = self._extend_program()
+                for Cb in self.prompt_buckets:
+                    for nb in self.prefill_sizes:
+                        ints = np.zeros((nb, 8), np.int32)
+                        ints[:, 2] = self.num_slots  # every row dropped
+                        self._cache, self._logits, self._slots = self._extend_fn(
+                            params, self._cache, self._logits, self._slots,
+                            np.zeros((nb, Cb), np.int32), ints, np.zeros((nb, 2), np.float32),
+                            np.full((nb, self.max_stop_tokens), -1, np.int32))
             self._cache, self._logits, self._slots, toks, _, _ = self._decode_fn(
                 params, self._cache, self._logits, self._slots, np.int32(0))
             jax.block_until_ready(toks)
