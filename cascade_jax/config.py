@@ -195,7 +195,9 @@ class RolloutConfig:
     of two up to ``num_slots``; a prompt's prefill rounds differently with the number of rows
     prefilled with it (measured on CPU), so a single size makes it independent of what arrives
     with it: with ``[1]`` here and ``--prefill-sizes 1`` on ``launch/serve.py`` the two draw
-    bit-identical samples for the same seeds); ``jax_server`` = JAX rollout servers
+    bit-identical samples for the same seeds; ``prefill_chunk`` > 0: prompts prefilled in chunks
+    of at most that many tokens per row, each continuing the slot's cache, 0 = one call);
+    ``jax_server`` = JAX rollout servers
     (``launch/serve.py``); ``sglang`` = SGLang servers. ``cascade_jax.rollout.make_engine``
     builds the backend.
 
@@ -229,6 +231,7 @@ class RolloutConfig:
     steps_per_call: int = 16
     seed: int = 0
     prefill_sizes: tuple = ()
+    prefill_chunk: int = 0  # 0 = a prompt is prefilled in one call
     server_urls: tuple = ()
     router_url: Optional[str] = None
     api_key: Optional[str] = None
@@ -270,6 +273,10 @@ class RolloutConfig:
             if not (isinstance(z, int) and not isinstance(z, bool) and 1 <= z <= self.num_slots):
                 raise ConfigError(f"rollout.prefill_sizes[{i}]: must be an integer in [1, rollout.num_slots="
                                   f"{self.num_slots}], got {z!r}")
+        if not (isinstance(self.prefill_chunk, int) and not isinstance(self.prefill_chunk, bool)
+                and self.prefill_chunk >= 0):
+            raise ConfigError(f"rollout.prefill_chunk: must be an integer >= 0 (0 = off), "
+                              f"got {self.prefill_chunk!r}")
         _check_sampling("rollout", self.temperature, self.top_p, self.top_k)
         if self.engine in ("sglang", "jax_server") and not (self.server_url or self.server_urls):
             raise ConfigError(f"rollout.server_url: required (or rollout.server_urls) when rollout.engine is "

@@ -40,6 +40,8 @@ def main(argv=None):
     ap.add_argument("--max-turns", type=int, default=4)
     ap.add_argument("--max-len", type=int, default=1024)
     ap.add_argument("--continue-on-length", action="store_true")
+    ap.add_argument("--keep-cache", action="store_true",
+                    help="keep each episode's slot cache between turns (prefill only new tokens)")
     ap.add_argument("--checkpoint", default=None, help="Hub export dir (weights + tokenizer)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
@@ -75,7 +77,8 @@ def main(argv=None):
                            max_new_tokens=args.max_new_tokens,
                            end_on_length=not args.continue_on_length)
     eng = JaxEngine(cfg, params, num_slots=args.slots, max_len=args.max_len,
-                    prompt_buckets=(args.max_len // 2, args.max_len), steps_per_call=8)
+                    prompt_buckets=(args.max_len // 2, args.max_len), steps_per_call=8,
+                    keep_sessions=args.keep_cache)
     t0 = time.perf_counter()
     eng.warmup()
     compile_s = time.perf_counter() - t0
@@ -86,7 +89,8 @@ def main(argv=None):
         for i, batch in enumerate(batches):
             st = DriverStats()
             eps += run_episodes(eng, batch, make_env, renderer, limits=limits, seed=args.seed + i,
-                                tool_workers=workers, domain=domain, timeout_s=1800, stats=st)
+                                tool_workers=workers, domain=domain, timeout_s=1800, stats=st,
+                                keep_cache=args.keep_cache)
             for k in ("wall_s", "gen_busy_s", "tool_busy_s", "overlap_s", "episodes", "turns",
                       "sampled_tokens"):
                 setattr(total, k, getattr(total, k) + getattr(st, k))
@@ -103,7 +107,7 @@ def main(argv=None):
     multi = DriverStats()
     episodes = run_episodes(eng, tasks, make_env, renderer, limits=limits, seed=args.seed,
                             tool_workers=args.tool_workers, domain=domain, timeout_s=1800,
-                            stats=multi)
+                            stats=multi, keep_cache=args.keep_cache)
     reqs = []
     for i, e in enumerate(episodes):
         if e.loss_mask.sum() == 0:
@@ -121,6 +125,7 @@ def main(argv=None):
     print(json.dumps({
         "env": args.env, "episodes": args.episodes, "slots": args.slots,
         "tool_workers": args.tool_workers, "max_new_tokens": args.max_new_tokens,
+        "keep_cache": args.keep_cache,
         "model": args.checkpoint or "random tiny", "compile_s": compile_s,
         "concurrent": concurrent, "sequential": sequential,
         "speedup_vs_sequential": concurrent["episodes_per_s"] / sequential["episodes_per_s"],

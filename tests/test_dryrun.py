@@ -296,8 +296,7 @@ def test_30b_mopd_weight_sync_on_64_devices():
 
 
 SHORT = {  # measured (docs/sharding.md §5): strict, so a fix turns them into failures to update
-    "long_context_rl": "rollout_prefill of 4 x 32768 tokens: 483 GiB per device planned (padded "
-                       "expert exchange on CPU)",
+    # (long_context_rl's 483 GiB prefill of 4 x 32768 tokens: now 2,048-token chunks, 43 GiB)
 }
 
 

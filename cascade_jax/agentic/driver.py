@@ -5,9 +5,9 @@ against a continuous-batching engine with the low-level API of
 :class:`~cascade_jax.rollout.engine.JaxEngine` (``start`` / ``submit(request, on_done)``):
 
 * every turn of every episode is one ``Request`` whose ``prompt_ids`` is the episode's whole row
-  so far (the conversation is **re-prefilled each turn**; keeping a slot's cache between turns
-  and prefilling only the new observation tokens needs an engine change — a slot that survives
-  its request — and is the next step), ``n = 1``, stop token = the renderer's, ``max_new_tokens``
+  so far (re-prefilled each turn; with ``keep_cache=True`` and an engine built with
+  ``keep_sessions=True`` each turn is submitted under the episode's session, so the engine keeps
+  the slot's cache between turns and prefills only the new observation tokens), ``n = 1``, stop token = the renderer's, ``max_new_tokens``
   = the episode's remaining budget, ``seed = sample_seed(episode seed, turn)`` (so an episode's
   samples do not depend on the other episodes or on timing);
 * a finished turn's callback (engine thread) only queues an event; the driver thread hands the
@@ -140,8 +140,8 @@ def run_episodes(engine, tasks: Sequence[Mapping[str, Any]], make_env: Callable[
                  renderer: ChatRenderer, *, limits: EpisodeLimits = EpisodeLimits(),
                  temperature: float = 1.0, top_p: float = 1.0, top_k: int = -1, seed: int = 0,
                  tool_workers: int = 4, domain: Optional[str] = None,
-                 timeout_s: Optional[float] = None, stats: Optional[DriverStats] = None
-                 ) -> list[Episode]:
+                 timeout_s: Optional[float] = None, stats: Optional[DriverStats] = None,
+                 keep_cache: bool = False) -> list[Episode]:
     """Run one episode per task concurrently on ``engine`` (module doc). Episode ``i`` is seeded
     ``sample_seed(seed, i)``. ``engine.start()`` is called (idempotent) and left running.
     ``stats``: filled with the timing. Raises :class:`RolloutError` when the engine fails or
@@ -178,7 +178,8 @@ def run_episodes(engine, tasks: Sequence[Mapping[str, Any]], make_env: Callable[
                             seed=sample_seed(seeds[i], len(runs[i].turns)))
         submitted[i] = time.monotonic()
         engine.submit(Request(prompt_ids=tuple(prompt), sampling=sp, rid=f"ep{i}-t{len(runs[i].turns)}-{id(runs)}"),
-                      on_done=lambda h, i=i: events.put(("gen", i, h)))
+                      on_done=lambda h, i=i: events.put(("gen", i, h)),
+                      **({"session": (id(runs), i)} if keep_cache else {}))
         return True
 
     engine.start()

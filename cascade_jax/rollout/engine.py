@@ -53,6 +53,12 @@ positions ``< bucket``, and decoding writes position ``p`` before attending to i
 ``> p`` are causally masked). The sampling log-prob of each token follows SGLang's default
 (:mod:`cascade_jax.rollout.sampler`).
 
+Long prompts and multi-turn rows (``prefill_chunk``, ``keep_sessions``): admission can also
+continue a slot's cache instead of starting it empty (``model.prefill_continue``: the chunk's
+K/V written at its positions and attending the cached ones, the Mamba conv window and SSM state
+carried), so a prompt is prefilled in bounded chunks and a session's next turn prefills only
+its appended tokens; both equal one prefill of the whole row (tests/test_rollout_chunked.py).
+
 The per-step next-token computation lives in one place, :meth:`JaxEngine._decode_logits`, so an
 alternative (e.g. a decode that replays the trainer's numerics) can be swapped in there.
 
@@ -178,6 +184,8 @@ class _Job:
     index: int  # sample index within the request
     seed: int  # the sample's own seed, sample_seed(request seed, index)
     version: str = ""
+    session: object = None  # keep the slot's cache under this key when the job finishes
+    start: int = 0  # prompt tokens already in the slot's cache (a continued session)
     tokens: list = dataclasses.field(default_factory=list)
     logps: list = dataclasses.field(default_factory=list)
 
@@ -224,6 +232,22 @@ class JaxEngine:
                      slots' split (default prefill sizes: its powers-of-two multiples)
     rules            the rules table (default :data:`cascade_jax.sharding.RULES`)
     a2a              the expert-parallel token exchange (``mesh.a2a``: auto | ragged | padded)
+    prefill_chunk    None (default: a prompt is prefilled in one call), or the most prompt tokens
+                     per row per prefill call: a longer prompt is admitted in chunks, the first
+                     by the admission program and each next one by the continuation program
+                     (``model.prefill_continue`` from the slot's cache at its position), so
+                     prefill temporaries are bounded by the chunk, not the prompt; prompts may
+                     then exceed the largest prompt bucket (up to ``max_len``). Same tokens and
+                     log-probs as unchunked (tests/test_rollout_chunked.py)
+    keep_sessions    multi-turn continuation: a one-sample request submitted with
+                     ``session=key`` keeps its slot's cache when it finishes (stop / length);
+                     the next request with that key whose prompt extends the kept row
+                     (prompt + response) prefills only the appended tokens from the slot's
+                     position. Finished rows then stop advancing their Mamba state and position
+                     in the decode loop (frozen at the row's end). A kept slot is given up
+                     (oldest first) when a queued job finds no free slot, or on a prompt that
+                     does not extend it / another weight version (the request is then
+                     prefilled whole)
     """
 
     def __init__(self, model_cfg, params, *, num_slots: int = 8, max_len: int = 2048,
@@ -231,7 +255,8 @@ class JaxEngine:
                  prefill_sizes: Optional[Sequence[int]] = None, steps_per_call: int = 16,
                  weight_version: str = "0", seed: int = 0, overlap: bool = False,
                  max_stop_tokens: int = 8, refill_batch: Optional[int] = None, model=None,
-                 return_routed_experts: bool = False, mesh=None, rules=None, a2a: str = "auto"):
+                 return_routed_experts: bool = False, mesh=None, rules=None, a2a: str = "auto",
+                 prefill_chunk: Optional[int] = None, keep_sessions: bool = False):
         if model is None:
             from models import nemotron_h as model
         if num_slots < 1:
@@ -261,6 +286,20 @@ class JaxEngine:
                                                    [1 << i for i in range(num_slots.bit_length())]))))
         if sizes[0] < 1 or sizes[-1] > num_slots:
             raise ValueError(f"prefill_sizes: must lie in [1, num_slots={num_slots}], got {sizes}")
+        if prefill_chunk is not None:
+            if not 1 <= int(prefill_chunk) <= buckets[-1]:
+                raise ValueError(f"prefill_chunk: must lie in [1, largest prompt bucket "
+                                 f"{buckets[-1]}], got {prefill_chunk}")
+            if type(self)._admit_impl is not JaxEngine._admit_impl:
+                raise ValueError(f"prefill_chunk: not supported by {type(self).__name__} (its "
+                                 "admission replaces the prefill); leave it unset")
+            prefill_chunk = int(prefill_chunk)
+        self.prefill_chunk = prefill_chunk
+        self.keep_sessions = bool(keep_sessions)
+        if self.keep_sessions and type(self)._admit_impl is not JaxEngine._admit_impl:
+            raise ValueError(f"keep_sessions: not supported by {type(self).__name__}; leave it unset")
+        self._held: dict = {}  # session -> (slot, the row's tokens, weight version), oldest first
+        self._held_slot: dict = {}  # slot -> session
         self.model_cfg = model_cfg
         self.model = model
         self.num_slots = S = int(num_slots)
@@ -319,6 +358,7 @@ class JaxEngine:
         self._inflight = None  # (tokens, logp, active) of the last decode call, unread
 
         self._admit_fn, self._decode_fn = self._programs()
+        self._extend_fn = None  # the continuation program, built on first use
 
     # ------------------------------------------------------------------------------------------
     # placement on the mesh
@@ -371,6 +411,24 @@ class JaxEngine:
                          out_shardings=state[1:] + (rep,) * 3, donate_argnums=(1, 2, 3))
         return admit, decode
 
+    def _extend_program(self):
+        """The jitted continuation program (:meth:`_extend_impl`), with the admission program's
+        shardings on a mesh (rows split like the slots; cache, logits, slot state donated)."""
+        if self.mesh is None:
+            return jax.jit(self._extend_impl, donate_argnums=(1, 2, 3))
+        partitioner = activation_partitioner(self.mesh, self.rules)
+        dispatch = make_moe_dispatch(self.mesh, self.rules, a2a=self._a2a)
+
+        def traced(*args):
+            with use_partitioner(partitioner, dispatch):
+                return self._extend_impl(*args)
+
+        rows = layout.rows_sharding(self.prefill_sizes[0], self.mesh, self.rules)
+        c_sh = layout.cache_shardings(self._cache, self.mesh, self.rules)
+        state = (self._param_sh, c_sh, replicated(self.mesh), self._slots_sh)
+        return jax.jit(traced, in_shardings=state + (rows,) * 4, out_shardings=state[1:],
+                       donate_argnums=(1, 2, 3))
+
     # ------------------------------------------------------------------------------------------
     # jitted programs
 
@@ -408,6 +466,41 @@ class JaxEngine:
                        for k, v in slots_state.items()}
         return out, logits, slots_state
 
+    def _extend_impl(self, params, cache, logits, slots_state, tokens, ints, floats, stops):
+        """Continue slot ``ints[r, 2]``'s prefill with the chunk ``tokens [nb, Cb]`` (``ints[r, 1]``
+        valid) at positions ``ints[r, 0] + [0, Cb)`` (``model.prefill_continue`` on the slot's
+        cache rows); an out-of-range slot drops the row. Writes the rows' cache, next-token
+        logits, position (start + length) and, with ``return_routed_experts``, the chunk's
+        experts (-1 at padding). Rows with ``ints[r, 7] = 1`` (a continued session's first
+        chunk) also get a new sample's settings as in :meth:`_admit_impl`: top_k, budget, seed
+        halves ``ints[r, 3:7]``, temperature / top_p ``floats [nb, 2]``, ``stops``."""
+        starts, lengths, slots = ints[:, 0], ints[:, 1], ints[:, 2]
+        rows = jnp.minimum(slots, self.num_slots - 1)
+        mine = [{name: buf[rows] for name, buf in layer.items()} for layer in cache]
+        pre = self.model.prefill_continue(params, mine, tokens, starts, self.model_cfg,
+                                          lengths=lengths, last_only=True,
+                                          return_routed_experts=self.return_routed_experts)
+        last, new = pre[:2]
+        out = [{name: buf.at[slots].set(fresh[name].astype(buf.dtype), mode="drop")
+                for name, buf in layer.items()} for layer, fresh in zip(cache, new)]
+        logits = logits.at[slots].set(last.astype(jnp.float32), mode="drop")
+        st = dict(slots_state)
+        st["pos"] = st["pos"].at[slots].set(starts + lengths, mode="drop")
+        fresh = jnp.where(ints[:, 7] == 1, slots, self.num_slots)  # others: dropped
+        values = {"step": jnp.zeros_like(lengths), "done": jnp.zeros(lengths.shape, bool),
+                  "seed": jax.lax.bitcast_convert_type(ints[:, 5:7], jnp.uint32),
+                  "temp": floats[:, 0], "top_p": floats[:, 1], "top_k": ints[:, 3],
+                  "budget": ints[:, 4], "stops": stops}
+        for k, v in values.items():
+            st[k] = st[k].at[fresh].set(v.astype(st[k].dtype), mode="drop")
+        if self.return_routed_experts:
+            cb = tokens.shape[1]
+            valid = jnp.arange(cb)[None, :] < lengths[:, None]
+            rx = jnp.where(valid[..., None, None], pre[2], -1)
+            cols = starts[:, None] + jnp.arange(cb, dtype=jnp.int32)[None]
+            st["rx"] = st["rx"].at[slots[:, None], cols].set(rx, mode="drop")
+        return out, logits, st
+
     def _decode_logits(self, params, cache, tokens, positions, st=None):
         """Next-token logits ``[S, V]`` after feeding ``tokens [S]`` at ``positions [S]``, and the
         new cache (and the experts used, ``[S, L_moe, K]``, with ``return_routed_experts``). The
@@ -441,14 +534,20 @@ class JaxEngine:
             keys = jax.vmap(jax.random.fold_in)(base, step)
             tok, lp = self._sample(z, keys, live, st)
             out = self._decode_logits(params, cache, tok, jnp.minimum(pos, last), st)
-            z, cache = out[:2]
+            z, new_cache = out[:2]
+            if self.keep_sessions:  # finished rows keep their Mamba state (position-free)
+                new_cache = [{k: (jnp.where(live.reshape((-1,) + (1,) * (v.ndim - 1)), v, layer[k])
+                                  if k in ("conv", "ssm") else v) for k, v in new.items()}
+                             for layer, new in zip(cache, new_cache)]
+            cache = new_cache
             if rx is not None:  # the experts of the token fed at ``pos`` (row s, column pos)
                 rx = rx.at[jnp.arange(S), jnp.minimum(pos, last)].set(out[2])
             hit = jnp.any(tok[:, None] == st["stops"], axis=1)
             ended = live & (hit | (step + 1 >= st["budget"]))
             toks = jax.lax.dynamic_update_index_in_dim(toks, tok, i, 0)
             lps = jax.lax.dynamic_update_index_in_dim(lps, lp, i, 0)
-            return (i + 1, n_ended + ended.sum(dtype=jnp.int32), cache, z, pos + 1, step + 1,
+            pos = jnp.where(live, pos + 1, pos) if self.keep_sessions else pos + 1
+            return (i + 1, n_ended + ended.sum(dtype=jnp.int32), cache, z, pos, step + 1,
                     done | ended, toks, lps, rx)
 
         init = (jnp.int32(0), jnp.int32(0), cache, logits, st["pos"], st["step"], st["done"],
@@ -462,17 +561,22 @@ class JaxEngine:
     # ------------------------------------------------------------------------------------------
     # low-level API (thread-safe)
 
-    def submit(self, request: Request, on_done: Optional[Callable] = None) -> RequestHandle:
+    def submit(self, request: Request, on_done: Optional[Callable] = None, *,
+               session=None) -> RequestHandle:
         """Queue ``request`` (``n`` samples). Validates it first: ``ValueError`` naming the bad
-        field. ``on_done(handle)`` runs on the thread that finished it (keep it short)."""
+        field. ``on_done(handle)`` runs on the thread that finished it (keep it short).
+        ``session`` (hashable, with ``keep_sessions``): keep / continue that session's slot
+        cache (class doc)."""
         sp = request.sampling
+        if session is not None and not (self.keep_sessions and sp.n == 1):
+            raise ValueError("session: needs an engine with keep_sessions=True and a request with n = 1")
         prompt = [int(t) for t in request.prompt_ids]
         if not prompt:
             raise ValueError("prompt_ids: empty prompt")
         bad = [t for t in prompt if not 0 <= t < self.vocab_size]
         if bad:
             raise ValueError(f"prompt_ids: token id {bad[0]} outside [0, {self.vocab_size})")
-        if len(prompt) > self.prompt_buckets[-1]:
+        if self.prefill_chunk is None and len(prompt) > self.prompt_buckets[-1]:
             raise ValueError(f"prompt_ids: length {len(prompt)} exceeds the largest prompt "
                              f"bucket {self.prompt_buckets[-1]}")
         if len(prompt) + sp.max_new_tokens > self.max_len:
@@ -501,7 +605,7 @@ class JaxEngine:
             else:
                 done_now = False
                 for i in range(sp.n):
-                    self._queue.append(_Job(handle, i, sample_seed(seed, i)))
+                    self._queue.append(_Job(handle, i, sample_seed(seed, i), session=session))
             self._cond.notify_all()
         if done_now:
             self._retire_handle(handle)
@@ -554,10 +658,15 @@ class JaxEngine:
             self._cond.notify_all()
 
     def flush_cache(self) -> bool:
-        """The engine keeps no cross-request (prefix) cache, so there is nothing stale to drop;
-        like SGLang's ``/flush_cache`` it reports False while anything is queued or running."""
+        """Drops the slot caches kept for sessions (``keep_sessions``; the engine keeps no other
+        cross-request cache) when idle; like SGLang's ``/flush_cache`` it reports False (and
+        drops nothing) while anything is queued or running."""
         with self._cond:
-            return self.num_running() == 0 and not self._queue
+            idle = self.num_running() == 0 and not self._queue
+            if idle:
+                self._held.clear()
+                self._held_slot.clear()
+            return idle
 
     def used_tokens(self) -> int:
         """Cache positions held by running samples (prompt + tokens decoded so far)."""
@@ -589,10 +698,18 @@ class JaxEngine:
             paused = self._paused
             admit = []
             if self._admitting and not paused:
-                free = [s for s in range(self.num_slots) if self._jobs[s] is None]
-                while free and self._queue:
-                    s = free.pop(0)
-                    job = self._queue.popleft()
+                free = [s for s in range(self.num_slots)
+                        if self._jobs[s] is None and s not in self._held_slot]
+                while self._queue:
+                    job = self._queue[0]
+                    s = self._resume_slot(job, free)
+                    if s is None:
+                        if not free and self._held:  # give up the oldest kept cache
+                            free.append(self._drop_held(next(iter(self._held))))
+                        if not free:
+                            break
+                        s = free.pop(0)
+                    self._queue.popleft()
                     job.version = self._version
                     self._jobs[s] = job
                     admit.append(s)
@@ -615,6 +732,27 @@ class JaxEngine:
             self._retire(*previous)
         with self._cond:
             return self.num_running()
+
+    def _drop_held(self, session) -> int:
+        """Forget the cache kept under ``session``; returns its (now free) slot."""
+        s = self._held.pop(session)[0]
+        del self._held_slot[s]
+        return s
+
+    def _resume_slot(self, job: _Job, free: list):
+        """The slot kept under ``job.session`` when the job's prompt extends its row (same
+        weight version): sets ``job.start``; otherwise None (a kept slot that does not fit is
+        freed into ``free``)."""
+        if job.session is None or job.session not in self._held:
+            return None
+        s, row, version = self._held[job.session]
+        self._drop_held(job.session)
+        prompt = job.handle.request.prompt_ids
+        if version == self._version and len(row) < len(prompt) and list(prompt[:len(row)]) == row:
+            job.start = len(row)
+            return s
+        free.append(s)
+        return None
 
     def _retire(self, toks, lps, n, active):
         """Read one decode call's ``tokens, logp [K, S]`` (first ``n`` rows valid) and finish
@@ -640,6 +778,12 @@ class JaxEngine:
                     reason = "length"
                 if reason is not None:
                     self._free_slot(s)
+                    if job.session is not None and self.keep_sessions:
+                        if job.session in self._held:  # a newer row replaces an older one
+                            self._drop_held(job.session)
+                        row = [int(t) for t in job.handle.request.prompt_ids] + job.tokens
+                        self._held[job.session] = (s, row, job.version)
+                        self._held_slot[s] = job.session
                     rx = None
                     if self.return_routed_experts:  # rows of the P + R - 1 fed tokens
                         n_fed = len(job.handle.request.prompt_ids) + len(job.tokens) - 1
@@ -651,9 +795,14 @@ class JaxEngine:
             self._retire_handle(h)
 
     def _admit(self, params, slots: list):
+        """Prefill the queued jobs just placed in ``slots``: grouped by prompt bucket and row
+        count; with ``prefill_chunk`` the first chunk of each prompt, then :meth:`_extend`."""
+        chunk = self.prefill_chunk or self.max_len
+        resumed = [s for s in slots if self._jobs[s].start]
+        slots = [s for s in slots if not self._jobs[s].start]
         by_bucket = collections.defaultdict(list)
         for s in slots:
-            n = len(self._jobs[s].handle.request.prompt_ids)
+            n = min(len(self._jobs[s].handle.request.prompt_ids), chunk)
             by_bucket[next(b for b in self.prompt_buckets if b >= n)].append(s)
         for Pb, group in sorted(by_bucket.items()):
             while group:
@@ -667,7 +816,7 @@ class JaxEngine:
                 stops = np.full((nb, self.max_stop_tokens), -1, np.int32)
                 for r, s in enumerate(part):
                     job = self._jobs[s]
-                    p, sp = job.handle.request.prompt_ids, job.sp
+                    p, sp = job.handle.request.prompt_ids[:chunk], job.sp
                     tokens[r, :len(p)] = p
                     seed = np.asarray([job.seed >> 32, job.seed & 0xFFFFFFFF], np.uint32).view(np.int32)
                     ints[r] = (len(p), s, sp.top_k, sp.max_new_tokens, seed[0], seed[1])
@@ -675,6 +824,51 @@ class JaxEngine:
                     stops[r, :len(sp.stop_token_ids)] = sp.stop_token_ids
                 self._cache, self._logits, self._slots = self._admit_fn(
                     params, self._cache, self._logits, self._slots, tokens, ints, floats, stops)
+        rest = {s: (chunk, self._jobs[s].handle.request.prompt_ids) for s in slots
+                if len(self._jobs[s].handle.request.prompt_ids) > chunk}
+        rest.update({s: (self._jobs[s].start, self._jobs[s].handle.request.prompt_ids) for s in resumed})
+        if rest:
+            self._extend(params, rest, fresh=set(resumed))
+
+    def _extend(self, params, rest: dict, fresh: set):
+        """Prefill the rest of each prompt in chunks of at most ``prefill_chunk`` tokens (the
+        whole rest without it): ``rest`` maps slot -> (tokens already in the cache, prompt);
+        one continuation call per (chunk round, row group), the chunk padded to a prompt
+        bucket; slots in ``fresh`` (continued sessions) get their sample's settings with
+        their first chunk."""
+        if self._extend_fn is None:
+            self._extend_fn = self._extend_program()
+        chunk = self.prefill_chunk or self.max_len
+        fresh = set(fresh)
+        while rest:
+            group = sorted(rest)
+            size = max(min(chunk, len(rest[s][1]) - rest[s][0]) for s in group)
+            Cb = next(b for b in self.prompt_buckets if b >= size)
+            while group:
+                nb = next((z for z in self.prefill_sizes if z >= len(group)), self.prefill_sizes[-1])
+                part, group = group[:nb], group[nb:]
+                tokens = np.zeros((nb, Cb), np.int32)
+                ints = np.zeros((nb, 8), np.int32)
+                ints[:, 2] = self.num_slots  # out of range: dropped
+                floats = np.zeros((nb, 2), np.float32)
+                stops = np.full((nb, self.max_stop_tokens), -1, np.int32)
+                for r, s in enumerate(part):
+                    start, p = rest[s]
+                    piece = p[start:start + chunk]
+                    tokens[r, :len(piece)] = piece
+                    ints[r, :3] = (start, len(piece), s)
+                    rest[s] = (start + len(piece), p)
+                    if s in fresh:
+                        fresh.discard(s)
+                        job = self._jobs[s]
+                        sp = job.sp
+                        seed = np.asarray([job.seed >> 32, job.seed & 0xFFFFFFFF], np.uint32).view(np.int32)
+                        ints[r, 3:] = (sp.top_k, sp.max_new_tokens, seed[0], seed[1], 1)
+                        floats[r] = (sp.temperature, sp.top_p)
+                        stops[r, :len(sp.stop_token_ids)] = sp.stop_token_ids
+                self._cache, self._logits, self._slots = self._extend_fn(
+                    params, self._cache, self._logits, self._slots, tokens, ints, floats, stops)
+            rest = {s: v for s, v in rest.items() if v[0] < len(v[1])}
 
     def _free_slot(self, s: int):
         """Host side only: the device row keeps decoding (greedily once past its budget, its
@@ -906,6 +1100,8 @@ class JaxEngine:
                     [self._slots["rx"]] if "rx" in self._slots else [])
                 freed["kv_cache"] = _delete(bufs)
                 self._cache = self._logits = None
+                self._held.clear()
+                self._held_slot.clear()
                 self._slots.pop("rx", None)
                 self._released.add("kv_cache")
         return freed
@@ -951,7 +1147,7 @@ class JaxEngine:
 
     def warmup(self) -> None:
         """Compile the decode program and every (prefill size, prompt bucket) admission program
-        on dummy data (the slots' state is reset afterwards; call while idle)."""
+        (and continuation program, with ``prefill_chunk`` or ``keep_sessions``) on dummy data (the slots' state is reset afterwards; call while idle)."""
         with self._step_lock, self._cond:
             if self.num_running() or self._queue:
                 raise RolloutError("warmup: the engine is busy")
@@ -964,6 +1160,17 @@ class JaxEngine:
                         params, self._cache, self._logits, self._slots,
                         np.zeros((nb, Pb), np.int32), ints, np.zeros((nb, 2), np.float32),
                         np.full((nb, self.max_stop_tokens), -1, np.int32))
+            if self.prefill_chunk is not None or self.keep_sessions:  # the continuation programs
+                if self._extend_fn is None:
+                    self._extend_fn = self._extend_program()
+                for Cb in self.prompt_buckets:
+                    for nb in self.prefill_sizes:
+                        ints = np.zeros((nb, 8), np.int32)
+                        ints[:, 2] = self.num_slots  # every row dropped
+                        self._cache, self._logits, self._slots = self._extend_fn(
+                            params, self._cache, self._logits, self._slots,
+                            np.zeros((nb, Cb), np.int32), ints, np.zeros((nb, 2), np.float32),
+                            np.full((nb, self.max_stop_tokens), -1, np.int32))
             self._cache, self._logits, self._slots, toks, _, _ = self._decode_fn(
                 params, self._cache, self._logits, self._slots, np.int32(0))
             jax.block_until_ready(toks)

@@ -57,6 +57,7 @@ def make_engine(rollout_cfg, *, model_cfg=None, params=None, weight_version: str
         return cls(model_cfg, params, num_slots=rollout_cfg.num_slots, max_len=max_len,
                    steps_per_call=rollout_cfg.steps_per_call, seed=rollout_cfg.seed,
                    prefill_sizes=tuple(getattr(rollout_cfg, "prefill_sizes", ())) or None,
+                   prefill_chunk=getattr(rollout_cfg, "prefill_chunk", 0) or None,
                    weight_version=weight_version,
                    return_routed_experts=getattr(rollout_cfg, "routing_replay", False), **kwargs)
     if rollout_cfg.engine in ("jax_server", "sglang"):

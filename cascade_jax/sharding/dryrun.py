@@ -518,6 +518,7 @@ def _engine_programs(config, mcfg, rmesh, target, dtype, want, log):
     eng = JaxEngine.__new__(JaxEngine)  # the programs only: no weights, no cache allocated
     eng.model, eng.model_cfg, eng.num_slots, eng.max_len = nh, mcfg, S, max_len
     eng.steps_per_call, eng.return_routed_experts, eng.max_stop_tokens = r.steps_per_call, r.routing_replay, 8
+    eng.keep_sessions = False
     rshape = mesh_shape(rmesh)
     ndev = math.prod(rshape.values())
     params = abstract_params(mcfg, rmesh, dtype)
@@ -544,7 +545,32 @@ def _engine_programs(config, mcfg, rmesh, target, dtype, want, log):
     admit_fn, decode_fn = eng._programs()
     out = []
     mesh_d = {k: v for k, v in rshape.items() if v > 1}
-    if "rollout_prefill" in want:
+    chunk = getattr(r, "prefill_chunk", 0)
+    eng.prefill_chunk = chunk or None
+    if "rollout_prefill" in want and chunk:  # chunked: the continuation program bounds it
+        nb = max(r.prefill_sizes) if r.prefill_sizes else S
+        Cb = min(b for b in default_prompt_buckets(max_len) if b >= min(chunk, r.max_prompt_len))
+        rows_sh = layout.rows_sharding(nb, rmesh, what="rollout.prefill_sizes rows")
+        rsd = lambda shp, dt: jax.ShapeDtypeStruct(shp, dt, sharding=rows_sh)
+        args = (params, cache, logits, slots, rsd((nb, Cb), jnp.int32), rsd((nb, 8), jnp.int32),
+                rsd((nb, 2), jnp.float32), rsd((nb, 8), jnp.int32))
+        log(f"compiling rollout_prefill ({nb} x {Cb}-token chunks continuing the slots) ...")
+        fl = lambda: jaxpr_flops(jax.make_jaxpr(lambda p, c, t: nh.prefill_continue(
+            p, c, t, t[:, 0], mcfg, last_only=True))(
+                params, jax.tree.map(lambda x: jax.ShapeDtypeStruct((nb,) + x.shape[1:], x.dtype),
+                                     cache), args[4]))
+        m, flops, secs = _compile(eng._extend_program(), args, mesh=rmesh, donate=(1, 2, 3),
+                                  flops_fn=fl)
+        prog = {"program": "rollout_prefill", "mesh": mesh_d, "devices": ndev,
+                "shape": f"{nb} x {Cb}-token chunks (prefill_chunk {chunk}) into {S} slots x {max_len}",
+                "params_bytes": p_bytes, "optimizer_bytes": 0, "cache_bytes": c_bytes,
+                "seconds": secs, "flops": flops, **m}
+        bdev = math.prod(rshape.get(a, 1) for a in RULES.activations["batch"])
+        corr = attention_score_bytes(mcfg, max(1, nb // bdev),
+                                     mcfg.num_attention_heads // rshape.get("tensor", 1), Cb, max_len)
+        out.append(_finish(prog, target, devices=ndev, tokens=nb * Cb,
+                           useful_per_token=_model_flops_per_token(mcfg, max_len, False), correction=corr))
+    elif "rollout_prefill" in want:
         nb = max(r.prefill_sizes) if r.prefill_sizes else S
         Pb = min(b for b in default_prompt_buckets(max_len) if b >= r.max_prompt_len)
         # the admitted rows split over the mesh's batch axes, as the cache's slots are

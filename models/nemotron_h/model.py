@@ -29,8 +29,8 @@ from .config import ModelConfig, remat_for_kind
 from .layer_scan import run_layers
 from .partitioning import constrain, context_parallel, expert_parallel
 
-__all__ = ["forward", "hidden_states", "logits_from_hidden", "prefill", "decode_step",
-           "init_cache", "rms_norm", "num_moe_layers"]
+__all__ = ["forward", "hidden_states", "logits_from_hidden", "prefill", "prefill_continue",
+           "decode_step", "init_cache", "rms_norm", "num_moe_layers"]
 
 f32 = jnp.float32
 
@@ -468,6 +468,89 @@ def prefill(params, tokens, cfg: ModelConfig, *, lengths=None, max_len: Optional
     if return_routed_experts:
         return logits_from_hidden(params, h), cache, _stack_experts(used, (b, t), cfg)
     return logits_from_hidden(params, h), cache
+
+
+def mamba_continue(p, u, state, valid, cfg: ModelConfig):
+    """Mamba2 mixer over a chunk that continues ``state`` (the decode state after the tokens
+    before it). u [B,T,H], valid [B,T] (a prefix per row) -> (out [B,T,H], new state).
+
+    The conv reads the cached window first: ``xbc' = [conv (K-1 rows); xbc_in]`` and
+    ``out_t = Σ_k w[k]·xbc'[t+k] + b``; the scan starts from ``h_0 = state["ssm"]``
+    (``kernels.ssd(initial_state=...)``); padded positions have ``dt = 0`` so the state is
+    untouched by them. The new conv window is the last ``K-1`` rows of ``xbc'`` up to the last
+    valid token. With a zero state this equals :func:`mamba_mixer` exactly (zero padding)."""
+    dtype = u.dtype
+    n = cfg.conv_kernel - 1
+    z, xbc_in, dt_raw = _mamba_in(p, u)
+    full = jnp.concatenate([state["conv"].astype(xbc_in.dtype), xbc_in], axis=1)  # [B,n+T,C]
+    conv = causal_conv(full, p["conv_w"], p["conv_b"], None)[:, n:]
+    xbc = jax.nn.silu(conv)
+    x, bm, cm = _split_xbc(xbc, cfg)
+    dt = jnp.where(valid[..., None], _dt(p, dt_raw, cfg), 0.0)
+    A = -jnp.exp(p["A_log"].astype(f32))
+    y, ssm = kernels.ssd(x, dt, A, bm, cm, chunk_size=cfg.chunk_size,
+                         initial_state=state["ssm"].astype(f32), impl=cfg.ssd_impl)
+    out = _mamba_out(p, y, x, z, cfg, dtype)
+    full_valid = jnp.concatenate([jnp.ones((u.shape[0], n), bool), valid], axis=1)
+    return out, {"conv": _last_inputs(full, full_valid, n), "ssm": ssm}
+
+
+def attention_continue(p, u, state, starts, valid, cfg: ModelConfig):
+    """Attention over a chunk at positions ``starts[b] + [0, T)`` that continues the cached K/V
+    ``state {"k","v": [B,S,Hkv,D]}`` (positions ``< starts`` filled). The chunk's K/V are written
+    at their positions (positions ``>= S`` dropped), then query ``t`` attends every key at a
+    position ``<= starts + t`` (cached keys and the chunk causally); keys past the row's valid
+    end are masked. u [B,T,H] -> (out [B,T,H], new state)."""
+    b, t = u.shape[:2]
+    q, k, v = _qkv(p, u, cfg)
+    pos = starts[:, None] + jnp.arange(t, dtype=jnp.int32)[None]  # [B,T]
+    bidx = jnp.arange(b)[:, None]
+    kc = state["k"].at[bidx, pos].set(k.astype(state["k"].dtype), mode="drop")
+    vc = state["v"].at[bidx, pos].set(v.astype(state["v"].dtype), mode="drop")
+    s = kc.shape[1]
+    kv_pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+    end = starts + jnp.sum(valid, axis=1, dtype=jnp.int32)
+    o = kernels.attention(q, kc.astype(q.dtype), vc.astype(q.dtype), q_positions=pos,
+                          kv_positions=kv_pos, kv_valid=kv_pos < end[:, None],
+                          impl=cfg.attention_impl)
+    return o.reshape(b, t, -1) @ p["o_proj"], {"k": kc, "v": vc}
+
+
+def prefill_continue(params, cache, tokens, starts, cfg: ModelConfig, *, lengths=None,
+                     last_only: bool = False, return_routed_experts: bool = False):
+    """Prefill a chunk that continues each row's cache (chunked prefill, multi-turn).
+
+    ``cache``: per-row decode state after the first ``starts [B]`` tokens of each row (as left
+    by :func:`prefill` / earlier calls / :func:`decode_step`; K/V ``[B,S,Hkv,D]``); ``tokens
+    [B,T]`` right-padded, valid lengths ``lengths [B]`` (default T), occupying positions
+    ``starts + [0, lengths)``. Returns ``(logits [B,T,V], cache)`` (``[B,V]`` at ``lengths - 1``
+    with ``last_only``; plus the experts ``[B,T,L_moe,K]`` with ``return_routed_experts``) such
+    that prefilling a sequence in chunks equals one :func:`prefill` of the whole (the split
+    changes only summation order: the SSD scan's chunk boundaries)."""
+    b, t = tokens.shape
+    starts = starts.astype(jnp.int32)
+    lengths = jnp.full((b,), t, jnp.int32) if lengths is None else lengths.astype(jnp.int32)
+    valid = jnp.arange(t)[None, :] < lengths[:, None]
+    h = params["embed"][tokens]
+    new_cache, used = [], []
+    for i, kind in enumerate(cfg.pattern):
+        def mixer(mp, u, kind=kind, state=cache[i]):
+            if kind == "M":
+                return mamba_continue(mp, u, state, valid, cfg)
+            if kind == "*":
+                return attention_continue(mp, u, state, starts, valid, cfg)
+            out, ids = _channel_mixer(kind, mp, u, cfg)
+            return out, {} if ids is None else {"_experts": ids}
+        h, state = _block(params["layers"][i], h, cfg, mixer)
+        if "_experts" in state:
+            used.append(state.pop("_experts"))
+        new_cache.append(state)
+    if last_only:
+        h = h[jnp.arange(b), jnp.maximum(lengths - 1, 0)]
+    h = rms_norm(h, params["norm_f"], cfg.layer_norm_epsilon)
+    if return_routed_experts:
+        return logits_from_hidden(params, h), new_cache, _stack_experts(used, (b, t), cfg)
+    return logits_from_hidden(params, h), new_cache
 
 
 def decode_step(params, cache, tokens, positions, cfg: ModelConfig, *,
