@@ -120,3 +120,25 @@ def test_ctrl_c_in_the_evaluation_exits_130_and_the_command_reruns(tmp_path, tmp
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads(again.stdout.strip().splitlines()[-1])["domains"]["math"]["n_prompts"] == 4
+
+
+def test_progress_announces_each_phase_before_the_first_unit_and_never_prints_exponents():
+    """Without a terminal a phase shorter than the beat still gets its line (announced when it
+    starts, before the first counted unit; later phase changes wait for the beat), and a rate
+    of thousands per second is printed in digits (the eval lines' format)."""
+    from cascade_jax.runner.metrics import Progress, _rate
+
+    assert [_rate(x) for x in (2500.0, 1234.5, 12.345, 0.5)] == ["2500", "1234", "12.3", "0.5"]
+    lines = []
+    bar = Progress(0, desc="eval", enabled=False, log=lines.append, every_s=60.0, unit="sample")
+    bar.set_phase("loading the checkpoint")
+    bar.set_phase("generating 4 prompts x 2 samples")
+    bar.count(0, 8)
+    bar.set_phase("scoring")  # after the first unit: the beat reports it, no extra line
+    bar.count(8, 8)
+    bar._t_steps = time.monotonic() - 8 / 5000.0  # as if 8 samples took 1.6 ms
+    last = bar.line()
+    bar.close()
+    assert lines == ["[eval] loading the checkpoint (0s so far)",
+                     "[eval] generating 4 prompts x 2 samples (0s so far)"], lines
+    assert re.match(r"\[eval\] sample 8/8 \(100%\), \d+ samples/s, ETA 0s; scoring$", last), last

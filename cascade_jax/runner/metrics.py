@@ -91,6 +91,11 @@ def _duration(s: float) -> str:
     return f"{h}h{m:02d}m{sec:02d}s" if h else (f"{m}m{sec:02d}s" if m else f"{sec}s")
 
 
+def _rate(x: float) -> str:
+    """Three significant digits, never in exponent form (``1234.5`` -> ``1234``)."""
+    return f"{x:.3g}" if x < 1000 else f"{x:.0f}"
+
+
 #: seconds between progress lines without a terminal (``CASCADE_PROGRESS_S`` overrides)
 PROGRESS_EVERY_S = 30.0
 
@@ -149,7 +154,7 @@ class Progress:
         el = now - self._t_steps
         if done > 0 and el > 0:
             rate = done / el
-            text += (f", {rate:.3g} {u}s/s" if rate >= 1 else f", {1.0 / rate:.3g} s/{u}")
+            text += (f", {_rate(rate)} {u}s/s" if rate >= 1 else f", {_rate(1.0 / rate)} s/{u}")
             text += f", ETA {_duration((self.total - self.n) / rate)}"
         for k, v in self._post.items():
             text += f", {k} {v}"
@@ -173,7 +178,12 @@ class Progress:
             self._bar.refresh()
 
     def set_phase(self, phase: str) -> None:
+        """The current phase; without a terminal, each new phase before the first step is also
+        announced at once (a fast phase would otherwise fall between two beats)."""
+        announce = self._thread is not None and self._t_steps is None and phase != self.phase
         self.phase = phase
+        if announce:
+            self._log(self.line())
 
     def count(self, done: int, total: int) -> None:
         """Work counted in units rather than stepped (``launch/eval.py``: samples): ``done``
