@@ -547,49 +547,36 @@ def _engine_programs(config, mcfg, rmesh, target, dtype, want, log):
     mesh_d = {k: v for k, v in rshape.items() if v > 1}
     chunk = getattr(r, "prefill_chunk", 0)
     eng.prefill_chunk = chunk or None
-    if "rollout_prefill" in want and chunk:  # chunked: the continuation program bounds it
+    if "rollout_prefill" in want:
         nb = max(r.prefill_sizes) if r.prefill_sizes else S
-        Cb = min(b for b in default_prompt_buckets(max_len) if b >= min(chunk, r.max_prompt_len))
+        # the admitted rows split over the mesh's batch axes, as the cache's slots are
         rows_sh = layout.rows_sharding(nb, rmesh, what="rollout.prefill_sizes rows")
         rsd = lambda shp, dt: jax.ShapeDtypeStruct(shp, dt, sharding=rows_sh)
-        args = (params, cache, logits, slots, rsd((nb, Cb), jnp.int32), rsd((nb, 8), jnp.int32),
+        if chunk:  # chunked: the continuation program bounds it; keys span the whole row
+            Tb = min(b for b in default_prompt_buckets(max_len) if b >= min(chunk, r.max_prompt_len))
+            program, meta_cols, kv_len = eng._extend_program(), 8, max_len
+            shape = f"{nb} x {Tb}-token chunks (prefill_chunk {chunk}) into {S} slots x {max_len}"
+            row_cache = jax.tree.map(lambda x: jax.ShapeDtypeStruct((nb,) + x.shape[1:], x.dtype), cache)
+            fl = lambda: jaxpr_flops(jax.make_jaxpr(lambda p, c, t: nh.prefill_continue(
+                p, c, t, t[:, 0], mcfg, last_only=True))(params, row_cache, args[4]))
+        else:  # one call per prompt bucket
+            Tb = min(b for b in default_prompt_buckets(max_len) if b >= r.max_prompt_len)
+            program, meta_cols, kv_len = admit_fn, 6, Tb
+            shape = f"{nb} x {Tb} into {S} slots x {max_len}"
+            fl = lambda: jaxpr_flops(jax.make_jaxpr(lambda p, t: nh.prefill(
+                p, t, mcfg, max_len=Tb, last_only=True))(params, args[4]))
+        args = (params, cache, logits, slots, rsd((nb, Tb), jnp.int32), rsd((nb, meta_cols), jnp.int32),
                 rsd((nb, 2), jnp.float32), rsd((nb, 8), jnp.int32))
-        log(f"compiling rollout_prefill ({nb} x {Cb}-token chunks continuing the slots) ...")
-        fl = lambda: jaxpr_flops(jax.make_jaxpr(lambda p, c, t: nh.prefill_continue(
-            p, c, t, t[:, 0], mcfg, last_only=True))(
-                params, jax.tree.map(lambda x: jax.ShapeDtypeStruct((nb,) + x.shape[1:], x.dtype),
-                                     cache), args[4]))
-        m, flops, secs = _compile(eng._extend_program(), args, mesh=rmesh, donate=(1, 2, 3),
-                                  flops_fn=fl)
-        prog = {"program": "rollout_prefill", "mesh": mesh_d, "devices": ndev,
-                "shape": f"{nb} x {Cb}-token chunks (prefill_chunk {chunk}) into {S} slots x {max_len}",
+        log(f"compiling rollout_prefill ({shape}) ...")
+        m, flops, secs = _compile(program, args, mesh=rmesh, donate=(1, 2, 3), flops_fn=fl)
+        prog = {"program": "rollout_prefill", "mesh": mesh_d, "devices": ndev, "shape": shape,
                 "params_bytes": p_bytes, "optimizer_bytes": 0, "cache_bytes": c_bytes,
                 "seconds": secs, "flops": flops, **m}
         bdev = math.prod(rshape.get(a, 1) for a in RULES.activations["batch"])
         corr = attention_score_bytes(mcfg, max(1, nb // bdev),
-                                     mcfg.num_attention_heads // rshape.get("tensor", 1), Cb, max_len)
-        out.append(_finish(prog, target, devices=ndev, tokens=nb * Cb,
-                           useful_per_token=_model_flops_per_token(mcfg, max_len, False), correction=corr))
-    elif "rollout_prefill" in want:
-        nb = max(r.prefill_sizes) if r.prefill_sizes else S
-        Pb = min(b for b in default_prompt_buckets(max_len) if b >= r.max_prompt_len)
-        # the admitted rows split over the mesh's batch axes, as the cache's slots are
-        rows_sh = layout.rows_sharding(nb, rmesh, what="rollout.prefill_sizes rows")
-        rsd = lambda shp, dt: jax.ShapeDtypeStruct(shp, dt, sharding=rows_sh)
-        args = (params, cache, logits, slots, rsd((nb, Pb), jnp.int32), rsd((nb, 6), jnp.int32),
-                rsd((nb, 2), jnp.float32), rsd((nb, 8), jnp.int32))
-        log(f"compiling rollout_prefill ({nb} x {Pb}) ...")
-        fl = lambda: jaxpr_flops(jax.make_jaxpr(lambda p, t: nh.prefill(
-            p, t, mcfg, max_len=Pb, last_only=True))(params, args[4]))
-        m, flops, secs = _compile(admit_fn, args, mesh=rmesh, donate=(1, 2, 3), flops_fn=fl)
-        prog = {"program": "rollout_prefill", "mesh": mesh_d, "devices": ndev,
-                "shape": f"{nb} x {Pb} into {S} slots x {max_len}", "params_bytes": p_bytes,
-                "optimizer_bytes": 0, "cache_bytes": c_bytes, "seconds": secs, "flops": flops, **m}
-        bdev = math.prod(rshape.get(a, 1) for a in RULES.activations["batch"])
-        corr = attention_score_bytes(mcfg, max(1, nb // bdev),
-                                     mcfg.num_attention_heads // rshape.get("tensor", 1), Pb, Pb)
-        out.append(_finish(prog, target, devices=ndev, tokens=nb * Pb,
-                           useful_per_token=_model_flops_per_token(mcfg, Pb, False), correction=corr))
+                                     mcfg.num_attention_heads // rshape.get("tensor", 1), Tb, kv_len)
+        out.append(_finish(prog, target, devices=ndev, tokens=nb * Tb,
+                           useful_per_token=_model_flops_per_token(mcfg, kv_len, False), correction=corr))
     if "rollout_decode" in want:
         log(f"compiling rollout_decode ({S} slots x {r.steps_per_call} tokens) ...")
         tokv = sds((S,), jnp.int32)
