@@ -431,6 +431,32 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.bfloat16) -
     return cache
 
 
+def _cached_stack(params, h, cfg: ModelConfig, sequence_mixer, *, lead: tuple, last=None,
+                  return_routed_experts: bool = False):
+    """The layer stack of the cached programs (:func:`prefill`, :func:`prefill_continue`,
+    :func:`decode_step`) over embedded tokens ``h [*lead, H]``: each Mamba (``"M"``) and
+    attention (``"*"``) layer runs ``sequence_mixer(kind, i, mp, u) -> (out, layer cache)``, the
+    channel mixers are shared. ``last [B]``: keep only those positions' hidden states (rows of
+    ``h [B,T,H]``) before the head. Returns ``(logits, cache)`` plus the experts used
+    ``[*lead, L_moe, K]`` with ``return_routed_experts``."""
+    cache, used = [], []
+    for i, kind in enumerate(cfg.pattern):
+        def mixer(mp, u, kind=kind, i=i):
+            if kind in ("M", "*"):
+                return sequence_mixer(kind, i, mp, u)
+            out, ids = _channel_mixer(kind, mp, u, cfg)
+            return out, {} if ids is None else {"_experts": ids}
+        h, state = _block(params["layers"][i], h, cfg, mixer)
+        if "_experts" in state:
+            used.append(state.pop("_experts"))
+        cache.append(state)
+    if last is not None:
+        h = h[jnp.arange(h.shape[0]), last]
+    h = rms_norm(h, params["norm_f"], cfg.layer_norm_epsilon)
+    out = (logits_from_hidden(params, h), cache)
+    return out + (_stack_experts(used, lead, cfg),) if return_routed_experts else out
+
+
 def prefill(params, tokens, cfg: ModelConfig, *, lengths=None, max_len: Optional[int] = None,
             last_only: bool = False, return_routed_experts: bool = False):
     """Run right-padded prompts ``tokens [B,T]`` (valid lengths ``lengths [B]``, default T) and
@@ -445,29 +471,19 @@ def prefill(params, tokens, cfg: ModelConfig, *, lengths=None, max_len: Optional
     if max_len < t:
         raise ValueError(f"prefill: max_len ({max_len}) < prompt length ({t})")
     valid = None if lengths is None else jnp.arange(t)[None, :] < lengths[:, None]
-    h = params["embed"][tokens]
-    cache, used = [], []
-    for i, kind in enumerate(cfg.pattern):
-        def mixer(mp, u, kind=kind):
-            if kind == "M":
-                return mamba_mixer(mp, u, cfg, valid=valid, return_state=True)
-            if kind == "*":
-                out, (k, v) = attention_mixer(mp, u, cfg)
-                pad = ((0, 0), (0, max_len - t), (0, 0), (0, 0))
-                return out, {"k": jnp.pad(k, pad), "v": jnp.pad(v, pad)}
-            out, ids = _channel_mixer(kind, mp, u, cfg)
-            return out, {} if ids is None else {"_experts": ids}
-        h, state = _block(params["layers"][i], h, cfg, mixer)
-        if "_experts" in state:
-            used.append(state.pop("_experts"))
-        cache.append(state)
+
+    def sequence_mixer(kind, i, mp, u):
+        if kind == "M":
+            return mamba_mixer(mp, u, cfg, valid=valid, return_state=True)
+        out, (k, v) = attention_mixer(mp, u, cfg)
+        pad = ((0, 0), (0, max_len - t), (0, 0), (0, 0))
+        return out, {"k": jnp.pad(k, pad), "v": jnp.pad(v, pad)}
+
+    last = None
     if last_only:
-        last = jnp.full((b,), t, jnp.int32) if lengths is None else lengths.astype(jnp.int32)
-        h = h[jnp.arange(b), last - 1]
-    h = rms_norm(h, params["norm_f"], cfg.layer_norm_epsilon)
-    if return_routed_experts:
-        return logits_from_hidden(params, h), cache, _stack_experts(used, (b, t), cfg)
-    return logits_from_hidden(params, h), cache
+        last = (jnp.full((b,), t, jnp.int32) if lengths is None else lengths.astype(jnp.int32)) - 1
+    return _cached_stack(params, params["embed"][tokens], cfg, sequence_mixer, lead=(b, t), last=last,
+                         return_routed_experts=return_routed_experts)
 
 
 def mamba_continue(p, u, state, valid, cfg: ModelConfig):
@@ -531,26 +547,15 @@ def prefill_continue(params, cache, tokens, starts, cfg: ModelConfig, *, lengths
     starts = starts.astype(jnp.int32)
     lengths = jnp.full((b,), t, jnp.int32) if lengths is None else lengths.astype(jnp.int32)
     valid = jnp.arange(t)[None, :] < lengths[:, None]
-    h = params["embed"][tokens]
-    new_cache, used = [], []
-    for i, kind in enumerate(cfg.pattern):
-        def mixer(mp, u, kind=kind, state=cache[i]):
-            if kind == "M":
-                return mamba_continue(mp, u, state, valid, cfg)
-            if kind == "*":
-                return attention_continue(mp, u, state, starts, valid, cfg)
-            out, ids = _channel_mixer(kind, mp, u, cfg)
-            return out, {} if ids is None else {"_experts": ids}
-        h, state = _block(params["layers"][i], h, cfg, mixer)
-        if "_experts" in state:
-            used.append(state.pop("_experts"))
-        new_cache.append(state)
-    if last_only:
-        h = h[jnp.arange(b), jnp.maximum(lengths - 1, 0)]
-    h = rms_norm(h, params["norm_f"], cfg.layer_norm_epsilon)
-    if return_routed_experts:
-        return logits_from_hidden(params, h), new_cache, _stack_experts(used, (b, t), cfg)
-    return logits_from_hidden(params, h), new_cache
+
+    def sequence_mixer(kind, i, mp, u):
+        if kind == "M":
+            return mamba_continue(mp, u, cache[i], valid, cfg)
+        return attention_continue(mp, u, cache[i], starts, valid, cfg)
+
+    return _cached_stack(params, params["embed"][tokens], cfg, sequence_mixer, lead=(b, t),
+                         last=jnp.maximum(lengths - 1, 0) if last_only else None,
+                         return_routed_experts=return_routed_experts)
 
 
 def decode_step(params, cache, tokens, positions, cfg: ModelConfig, *,
@@ -558,21 +563,11 @@ def decode_step(params, cache, tokens, positions, cfg: ModelConfig, *,
     """One token per row: ``tokens [B]`` at ``positions [B]`` -> ``(logits [B,V], cache)``
     (and the experts used, ``[B, L_moe, K]`` int32, when ``return_routed_experts``)."""
     positions = positions.astype(jnp.int32)
-    h = params["embed"][tokens]
-    new_cache, used = [], []
-    for i, kind in enumerate(cfg.pattern):
-        def mixer(mp, u, kind=kind, state=cache[i]):
-            if kind == "M":
-                return mamba_step(mp, u, state, cfg)
-            if kind == "*":
-                return attention_step(mp, u, state, positions, cfg)
-            out, ids = _channel_mixer(kind, mp, u, cfg)
-            return out, {} if ids is None else {"_experts": ids}
-        h, state = _block(params["layers"][i], h, cfg, mixer)
-        if "_experts" in state:
-            used.append(state.pop("_experts"))
-        new_cache.append(state)
-    h = rms_norm(h, params["norm_f"], cfg.layer_norm_epsilon)
-    if return_routed_experts:
-        return logits_from_hidden(params, h), new_cache, _stack_experts(used, tokens.shape, cfg)
-    return logits_from_hidden(params, h), new_cache
+
+    def sequence_mixer(kind, i, mp, u):
+        if kind == "M":
+            return mamba_step(mp, u, cache[i], cfg)
+        return attention_step(mp, u, cache[i], positions, cfg)
+
+    return _cached_stack(params, params["embed"][tokens], cfg, sequence_mixer, lead=tokens.shape,
+                         return_routed_experts=return_routed_experts)
