@@ -88,6 +88,33 @@ class MeshConfig:
         if self.a2a not in A2A_MODES:
             raise ConfigError(f"mesh.a2a: must be one of {list(A2A_MODES)}, got {self.a2a!r}")
 
+    @classmethod
+    def from_text(cls, text: str, *, field: str = "--mesh") -> "MeshConfig":
+        """The command-line form: ``"tensor:4,expert:2"`` -> ``MeshConfig(tensor=4, expert=2)``,
+        every unnamed axis 1 (no -1). Raises :class:`ConfigError` naming ``field`` and the bad
+        entry. Pure Python: launch scripts parse the mesh before jax starts."""
+        axes = [f.name for f in dataclasses.fields(cls) if f.name != "a2a"]
+        sizes = {}
+        for part in (p.strip() for p in text.split(",")):
+            if not part:
+                continue
+            name, sep, val = part.partition(":")
+            name = name.strip()
+            if not sep or name not in axes:
+                raise ConfigError(f"{field}: bad entry {part!r}; expected axis:size with axis in "
+                                  f"{', '.join(axes)}")
+            if name in sizes:
+                raise ConfigError(f"{field}: axis {name!r} given twice")
+            try:
+                sizes[name] = int(val)
+            except ValueError:
+                raise ConfigError(f"{field}: size of {name!r} must be an integer, got {val!r}") from None
+            if sizes[name] < 1:
+                raise ConfigError(f"{field}: size of {name!r} must be >= 1, got {sizes[name]}")
+        if not sizes:
+            raise ConfigError(f"{field}: empty mesh {text!r}; expected e.g. 'tensor:4,expert:2'")
+        return cls(**{a: sizes.get(a, 1) for a in axes})
+
 
 #: platforms of ``target.platform`` and the chips of ``target.chip`` (peak figures in
 #: cascade_jax/sharding/dryrun.py)

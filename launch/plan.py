@@ -17,6 +17,7 @@ memory is an estimate of the GPU/TPU figure (same partitioning, different fusion
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -27,23 +28,17 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 if (ROOT / "cascade_jax").is_dir() and str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-AXES = ("data", "fsdp", "expert", "context", "tensor")
+from cascade_jax.config import ConfigError, MeshConfig  # noqa: E402  jax-free
 
 
 def parse_mesh(text: str) -> dict:
-    """``"fsdp:8,expert:8"`` -> ``{"fsdp": 8, "expert": 8, other axes: 1}``."""
-    sizes = {a: 1 for a in AXES}
-    for part in filter(None, text.split(",")):
-        name, sep, val = part.partition(":")
-        if not sep or name not in AXES:
-            raise SystemExit(f"error: --mesh: bad entry {part!r}; expected axis:size with axis in {', '.join(AXES)}")
-        try:
-            sizes[name] = int(val)
-        except ValueError:
-            raise SystemExit(f"error: --mesh: size of {name!r} must be an int, got {val!r}") from None
-        if sizes[name] < 1:
-            raise SystemExit(f"error: --mesh: size of {name!r} must be >= 1, got {sizes[name]}")
-    return sizes
+    """``"fsdp:8,expert:8"`` -> ``{"fsdp": 8, "expert": 8, other axes: 1}`` (parsed without jax:
+    the simulated device count is set before jax starts)."""
+    try:
+        mesh_cfg = MeshConfig.from_text(text, field="--mesh")
+    except ConfigError as e:
+        raise SystemExit(f"error: {e}") from None
+    return {f.name: getattr(mesh_cfg, f.name) for f in dataclasses.fields(mesh_cfg) if f.name != "a2a"}
 
 
 def _positive(kind):
@@ -114,7 +109,6 @@ def main(argv=None) -> dict:
     import jax
 
     from cascade_jax import sharding
-    from cascade_jax.config import MeshConfig
     from cascade_jax.sharding.plan import PlanError, plan
 
     model_cfg = model_config(args)

@@ -112,17 +112,20 @@ def test_mesh_engine_placement_and_update_keep_shardings(child):
 
 
 def test_parse_mesh_names_the_bad_entry():
-    from cascade_jax.config import MeshConfig
+    from cascade_jax.config import ConfigError, MeshConfig
     from cascade_jax.sharding import ShardingError
-    from cascade_jax.sharding.rollout import engine_mesh, parse_mesh
+    from cascade_jax.sharding.rollout import engine_mesh
 
-    assert parse_mesh(" tensor:4, expert:2 ") == MeshConfig(tensor=4, expert=2, fsdp=1)
+    assert MeshConfig.from_text(" tensor:4, expert:2 ") == MeshConfig(tensor=4, expert=2, fsdp=1)
     for text, msg in (("tensor:4,tensor:2", "--mesh: axis 'tensor' given twice"),
                       ("tensor:x", "--mesh: size of 'tensor' must be an integer, got 'x'"),
                       ("expert:0", "--mesh: size of 'expert' must be >= 1, got 0"),
                       ("tensor=2", "--mesh: bad entry 'tensor=2'"), (",", "--mesh: empty mesh ','")):
-        with pytest.raises(ShardingError) as e:
-            parse_mesh(text)
+        with pytest.raises(ConfigError) as e:
+            MeshConfig.from_text(text)
+        assert str(e.value).startswith(msg), (text, str(e.value))
+        with pytest.raises(ShardingError) as e:  # the engine's mesh from text says the same
+            engine_mesh(text, field="--mesh")
         assert str(e.value).startswith(msg), (text, str(e.value))
     with pytest.raises(ShardingError) as e:  # this process has fewer devices than the mesh asks for
         engine_mesh(f"tensor:{jax.device_count() + 1}")

@@ -95,7 +95,7 @@ import numpy as np
 from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
-from cascade_jax.sharding.rollout import engine_mesh, parse_mesh
+from cascade_jax.sharding.rollout import engine_mesh
 from cascade_jax.sharding.rules import ShardingError
 from cascade_jax.sharding.state import param_shardings
 
@@ -1011,7 +1011,7 @@ def _serve(args) -> None:
     mesh = sharding = None
     if args.mesh is not None:
         try:
-            mesh = engine_mesh(parse_mesh(args.mesh, field="--mesh"), field="--mesh")
+            mesh = engine_mesh(args.mesh, field="--mesh")
         except ShardingError as e:
             raise _Exit(2, str(e)) from None
     if not Path(args.checkpoint).exists():

@@ -16,7 +16,8 @@ next-token logits ``[S, V]`` are replicated.
 
 An engine mesh lives on the devices of one node: ``context`` (a split sequence) is refused,
 every other axis of :data:`~cascade_jax.sharding.rules.MESH_AXES` is allowed.
-:func:`parse_mesh` reads the command-line form ``"tensor:4,expert:2"``.
+The command-line form ``"tensor:4,expert:2"`` is read by
+:meth:`~cascade_jax.config.MeshConfig.from_text`.
 """
 
 from __future__ import annotations
@@ -27,13 +28,13 @@ from typing import Optional, Sequence
 import jax
 from jax.sharding import Mesh, NamedSharding
 
-from cascade_jax.config import MeshConfig
+from cascade_jax.config import ConfigError, MeshConfig
 
 from .mesh import make_mesh, mesh_shape
 from .rules import MESH_AXES, RULES, Rules, ShardingError, logical_to_spec
 from .state import replicated
 
-__all__ = ["CACHE_AXES", "parse_mesh", "engine_mesh", "batch_split", "cache_shardings",
+__all__ = ["CACHE_AXES", "engine_mesh", "batch_split", "cache_shardings",
            "slot_shardings", "rows_sharding"]
 
 #: logical names of each decode-cache entry (and of the recorded experts ``rx``)
@@ -44,33 +45,9 @@ CACHE_AXES = {"k": ("cache_batch", "cache_seq", "kv_heads", "head_dim"),
               "rx": ("cache_batch", "cache_seq", None, None)}
 
 
-def parse_mesh(text: str, *, field: str = "--mesh") -> MeshConfig:
-    """``"tensor:4,expert:2"`` -> ``MeshConfig(tensor=4, expert=2)`` (other axes 1). Raises
-    :class:`ShardingError` naming ``field`` and the bad entry."""
-    sizes = {}
-    for part in (p.strip() for p in text.split(",")):
-        if not part:
-            continue
-        name, sep, val = part.partition(":")
-        name = name.strip()
-        if not sep or name not in MESH_AXES:
-            raise ShardingError(f"{field}: bad entry {part!r}; expected axis:size with axis in "
-                                f"{', '.join(MESH_AXES)}")
-        if name in sizes:
-            raise ShardingError(f"{field}: axis {name!r} given twice")
-        try:
-            sizes[name] = int(val)
-        except ValueError:
-            raise ShardingError(f"{field}: size of {name!r} must be an integer, got {val!r}") from None
-        if sizes[name] < 1:
-            raise ShardingError(f"{field}: size of {name!r} must be >= 1, got {sizes[name]}")
-    if not sizes:
-        raise ShardingError(f"{field}: empty mesh {text!r}; expected e.g. 'tensor:4,expert:2'")
-    return MeshConfig(**{a: sizes.get(a, 1) for a in MESH_AXES})
-
-
 def engine_mesh(mesh_cfg, devices: Optional[Sequence] = None, *, field: str = "mesh") -> Mesh:
-    """The engine's mesh from a :class:`MeshConfig` (or its ``"axis:size,..."`` text) over the
+    """The engine's mesh from a :class:`MeshConfig` (or its ``"axis:size,..."`` text,
+    :meth:`MeshConfig.from_text`) over the
     first ``prod(sizes)`` of ``devices`` (default: this process's local devices; a ``Mesh`` is
     only checked). Raises
     :class:`ShardingError` naming ``field`` when it asks for more devices than there are or for
@@ -81,7 +58,10 @@ def engine_mesh(mesh_cfg, devices: Optional[Sequence] = None, *, field: str = "m
                                 f"(context={mesh_shape(mesh_cfg)['context']}); use tensor / expert / data axes")
         return mesh_cfg
     if isinstance(mesh_cfg, str):
-        mesh_cfg = parse_mesh(mesh_cfg, field=field)
+        try:
+            mesh_cfg = MeshConfig.from_text(mesh_cfg, field=field)
+        except ConfigError as e:
+            raise ShardingError(str(e)) from None
     sizes = {a: getattr(mesh_cfg, a) for a in MESH_AXES}
     bad = [a for a, s in sizes.items() if s < 1]
     if bad:
