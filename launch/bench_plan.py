@@ -106,7 +106,9 @@ def table_mode(argv, meshes: str) -> dict:
                f"--mesh={m.replace('+', ',')}", f"--seq-len={args.seq_len}",
                f"--objective={args.objective}", f"--a2a={args.a2a}", "--json"]
         if args.remat:
-            cmd.append(f"--remat={args.remat}")
+            remat = (args.remat if isinstance(args.remat, str)
+                     else ",".join(f"{k}:{v}" for k, v in args.remat.items()))
+            cmd.append(f"--remat={remat}")
         if args.batch:
             cmd.append(f"--batch={args.batch}")
         cmd += [f"--override={o}" for o in args.override]

@@ -55,6 +55,17 @@ def _positive(kind):
     return parse
 
 
+def _remat(text: str):
+    """argparse type for ``--remat``: one policy name, or ``kind:policy,...`` -> a mapping
+    (validated by the model config, whose error names the bad kind or policy)."""
+    if ":" not in text:
+        return text
+    pairs = [p.partition(":") for p in text.split(",") if p.strip()]
+    if any(not sep for _, sep, _ in pairs):
+        raise argparse.ArgumentTypeError(f"expected a policy or kind:policy,..., got {text!r}")
+    return {k.strip(): v.strip() for k, _, v in pairs}
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="nano-30b-a3b", help="model preset (tiny, nano-30b-a3b)")
@@ -64,7 +75,9 @@ def parse_args(argv=None):
                     help="sequences per step (default: one per data x fsdp x expert device)")
     ap.add_argument("--objective", default="grpo", choices=("grpo", "mopd", "sft"))
     ap.add_argument("--grad-accum", type=_positive(int), default=1)
-    ap.add_argument("--remat", default=None, choices=("none", "full", "dots"))
+    ap.add_argument("--remat", default=None, type=_remat,
+                    help="none | full | dots, or per layer kind: e.g. moe:dots,attention:full "
+                         "(the model's remat mapping; unnamed kinds: none)")
     ap.add_argument("--no-scan", action="store_true", help="unrolled layer loop (compile-time baseline)")
     ap.add_argument("--full-compile", action="store_true",
                     help="optimise the generated machine code too (slower; same memory figures)")

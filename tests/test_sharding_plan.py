@@ -68,6 +68,20 @@ def test_jaxpr_flops_counts_shard_map_on_every_device():
     assert jaxpr_flops(jax.make_jaxpr(f)(x)) == 2 * (2 * 32 * 16 * 16)
 
 
+def test_plan_remat_flag_takes_a_policy_or_one_per_layer_kind():
+    """``--remat`` = the model's remat: a policy name, or ``kind:policy,...`` (stored as sorted
+    pairs); a bad kind or policy is named in one ``error:`` line."""
+    from launch.plan import model_config, parse_args
+
+    cfg = lambda r: model_config(parse_args(["--mesh=fsdp:1", "--preset=tiny", f"--remat={r}"]))
+    assert cfg("dots").remat == "dots"
+    assert cfg("moe:dots, attention:full").remat == (("attention", "full"), ("moe", "dots"))
+    with pytest.raises(SystemExit, match=r"^error: remat: unknown layer kind\(s\) \['mooe'\]"):
+        cfg("mooe:dots")
+    with pytest.raises(SystemExit, match=r"^error: remat.moe: must be one of"):
+        cfg("moe:bogus")
+
+
 def test_tiny_plan_bytes():
     from models import nemotron_h as nh
 
