@@ -122,11 +122,18 @@ class Stage:
 
     def export(self, path: pathlib.Path, write: bool = True) -> pathlib.Path:
         """The Hub export of the current weights at ``path``. Several processes: every one
-        must call it (the weights are gathered from all of them), the one with ``write``
-        writes."""
+        must call it (the weights are gathered from all of them, one tensor at a time), the one
+        with ``write`` keeps the gathered tensors and writes; the others hold at most one
+        gathered tensor at a time (at 30B: the largest expert stack, not the 60 GB model)."""
         params = self.compute_params()
         if jax.process_count() > 1:
-            params = multihost_utils.process_allgather(params, tiled=True)
+            leaves, treedef = jax.tree.flatten(params)
+            kept = []
+            for leaf in leaves:
+                full = multihost_utils.process_allgather(leaf, tiled=True)
+                kept.append(full if write else None)
+                del full
+            params = jax.tree.unflatten(treedef, kept)
         if not write:
             return path
         out = export_hub(params, export_model_config(self.parts.model_cfg, self.tok), path)
