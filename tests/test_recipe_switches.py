@@ -12,7 +12,10 @@ import numpy as np
 import pytest
 
 import cascade_jax.rl as rl
+import configs
 from cascade_jax.config import ConfigError, OptimizerConfig, RolloutConfig
+from cascade_jax.config import load as load_config
+from cascade_jax.runner.build import model_config
 
 Spec = collections.namedtuple("Spec", "decay trainable fp32")
 SPECS = {"w": Spec(True, True, True), "b": Spec(False, True, True)}
@@ -110,3 +113,13 @@ def test_max_policy_lag_errors():
     with pytest.raises(ConfigError, match="rollout.max_policy_lag: 1 needs a served engine"):
         RolloutConfig(engine="jax", max_policy_lag=1)
     assert RolloutConfig(engine="jax_server", server_url="http://h:1", max_policy_lag=1).max_policy_lag == 1
+
+
+@pytest.mark.parametrize("stage", ["sft", "if_rl", "multi_domain_rl", "mopd", "rlhf", "rlhf_teacher",
+                                   "long_context_rl", "code_rl", "swe_rl"])
+def test_30b_rl_stages_freeze_the_router_and_sft_trains_it(stage):
+    """configs/SOURCES.md: every RL stage freezes the MoE router (NeMo-RL's Nano-3 GRPO recipe and
+    its MOPD replication do); SFT trains it. Read from the composed model config the runner
+    builds, so an override that loses the flag on the way fails here."""
+    run_config = load_config(str(configs.stage_path(stage)))
+    assert model_config(run_config).freeze_router is (stage != "sft")
