@@ -35,6 +35,7 @@ from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from cascade_jax import domains as D
@@ -303,11 +304,13 @@ def domain_metrics(metrics: dict, domains) -> dict:
     domain name in ``domains`` (e.g. the stage's teachers; unknown names are skipped), in
     sorted order, ``mopd/tokens/<d>`` and ``mopd/loss_share/<d>``; the vectors
     ``mopd/domain_tokens`` / ``mopd/domain_loss_share`` are dropped. Other metrics pass
-    through unchanged (so does a dict without the vectors)."""
+    through unchanged (so does a dict without the vectors). Host side: the named values are
+    numpy scalars."""
     if "mopd/domain_tokens" not in metrics:
         return dict(metrics)
     out = dict(metrics)
-    tokens, share = out.pop("mopd/domain_tokens"), out.pop("mopd/domain_loss_share")
+    # on the host (a replicated array of several processes converts; indexing it would dispatch)
+    tokens, share = (np.asarray(out.pop(k)) for k in ("mopd/domain_tokens", "mopd/domain_loss_share"))
     for name in sorted(set(domains) & set(D.DOMAIN_IDS)):
         out[f"mopd/tokens/{name}"] = tokens[D.DOMAIN_IDS[name]]
         out[f"mopd/loss_share/{name}"] = share[D.DOMAIN_IDS[name]]
