@@ -263,7 +263,7 @@ def sec_train(ctx, budget):
     import jax
     import jax.numpy as jnp
     from cascade_jax import sharding
-    from cascade_jax.config import MeshConfig, OptimizerConfig, StageConfig
+    from cascade_jax.config import MeshConfig, OptimizerConfig
     from cascade_jax.sharding.plan import jaxpr_flops
     from models import nemotron_h as nh
 
@@ -275,7 +275,7 @@ def sec_train(ctx, budget):
     state = sharding.init_train_state(cfg, OptimizerConfig(), jax.random.key(0), mesh)
     batch = _rl_batch(cfg, c["batch"], c["seq"])
     step = sharding.compile_train_step("grpo", mesh=mesh, state=state, batch=batch, model_cfg=cfg,
-                                       stage=StageConfig(objective="grpo"), compute_dtype=jnp.bfloat16)
+                                       compute_dtype=jnp.bfloat16)  # default GRPOSettings
     t0 = time.perf_counter()
     traced = step.trace(state, batch)
     traced_flops = jaxpr_flops(traced.jaxpr)

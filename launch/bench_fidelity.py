@@ -94,7 +94,7 @@ def main(argv=None):
     specs = nh.param_specs(cfg)
     master0 = nh.init_params(cfg, jax.random.key(0), jnp.float32)
     opt = C.OptimizerConfig(lr=1e-3)
-    stage = C.StageConfig(objective="grpo", is_correction="none")
+    settings = rl.GRPOSettings(is_correction="none")
     P, N = args.prompt_len, args.prompts * args.group
 
     def one_length(M):
@@ -123,9 +123,9 @@ def main(argv=None):
         fwd_rx_inv = jax.jit(lambda p, t: invariant.hidden_states(p, t, cfg, return_routed_experts=True)[1])
         used_rx = jax.jit(lambda p, t, r: nh.forward(p, t, cfg, routed_experts=r, return_routed_experts=True)[1])
         steps = {
-            "default": rl.make_train_step("grpo", model_cfg=cfg, stage=stage, opt_cfg=opt, vocab_chunk=chunk),
-            "routing_replay": rl.make_train_step("grpo", model_cfg=cfg, stage=stage, opt_cfg=opt, vocab_chunk=chunk),
-            "zero_mismatch": rl.make_train_step("grpo", model_cfg=cfg, stage=stage, opt_cfg=opt, vocab_chunk=chunk,
+            "default": rl.make_train_step("grpo", model_cfg=cfg, settings=settings, opt_cfg=opt, vocab_chunk=chunk),
+            "routing_replay": rl.make_train_step("grpo", model_cfg=cfg, settings=settings, opt_cfg=opt, vocab_chunk=chunk),
+            "zero_mismatch": rl.make_train_step("grpo", model_cfg=cfg, settings=settings, opt_cfg=opt, vocab_chunk=chunk,
                                                 model=invariant),
         }
         max_len = -(-T // invariant.KV_BLOCK) * invariant.KV_BLOCK

@@ -124,7 +124,8 @@ print("REINFORCE −w·Â/n matches:", bool(jnp.allclose(g, -w * adv[:, None] / 
 state = rl.TrainState.from_config(params, OptimizerConfig(lr=1e-3, warmup_steps=10,
                                                           warmup_init_lr=1e-4),
                                   nh.param_specs(cfg))  # roles: decay / trainable / fp32
-grpo_step = rl.make_train_step("grpo", model_cfg=cfg, stage=stage, grad_accum=2)
+grpo_step = rl.make_train_step("grpo", model_cfg=cfg, settings=rl.loss_settings(stage),
+                               grad_accum=2)
 new_state, metrics = grpo_step(state, batch)
 print({k: round(float(v), 5) for k, v in sorted(metrics.items())})
 delta = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), new_state.params, state.params)
@@ -156,7 +157,7 @@ print("mopd_loss", float(loss), {k: round(float(v), 4) for k, v in mopd_metrics.
 
 # %%
 state = rl.TrainState.from_config(params, rl.mopd_optimizer_config(), nh.param_specs(cfg))
-mopd_step = rl.make_train_step("mopd", model_cfg=cfg, stage=StageConfig(objective="mopd"))
+mopd_step = rl.make_train_step("mopd", model_cfg=cfg, settings=rl.MOPDSettings())
 for i in range(3):
     state, metrics = mopd_step(state, batch)
     print(i, {k: round(float(metrics[k]), 8) for k in ("loss", "reverse_kl", "grad_norm", "lr",

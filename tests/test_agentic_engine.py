@@ -26,7 +26,7 @@ from cascade_jax.agentic.driver import (BlockingEngine, DriverStats, pack_episod
 from cascade_jax.agentic.env import Reset, Step
 from cascade_jax.agentic.episode import Episode, EpisodeLimits
 from cascade_jax.agentic.render import ChatRenderer
-from cascade_jax.config import OptimizerConfig, StageConfig
+from cascade_jax.config import OptimizerConfig
 from cascade_jax.data.tokenizer import tiny_tokenizer
 from cascade_jax.domains import domain_id
 from cascade_jax.rl.batch import FINISH_LENGTH, FINISH_STOP
@@ -168,7 +168,7 @@ def test_episode_rows_feed_the_grpo_step(setup):
     np.testing.assert_array_equal(np.asarray(batch.loss_mask)[0, :len(eps[0].tokens)], eps[0].loss_mask)
     assert np.asarray(batch.loss_mask)[0, len(eps[0].tokens):].sum() == 0
     state = rl.TrainState.from_config(params, OptimizerConfig(lr=1e-3), nh.param_specs(CFG))
-    step = rl.make_train_step("grpo", model_cfg=CFG, stage=StageConfig(objective="grpo"))
+    step = rl.make_train_step("grpo", model_cfg=CFG, settings=rl.GRPOSettings())
     # rewards that differ within each group, so the advantages (and the gradient) are non-zero
     batch = batch.replace(rewards=jnp.asarray([1.0, 0.0, 0.0, 1.0], jnp.float32))
     _, metrics = step(state, batch)

@@ -192,16 +192,26 @@ def test_params_layout_roundtrip_bitwise(tmp_path, params32, params16, dtype, ma
     d = tmp_path / "out"
     save_checkpoint(p, CFG, d, max_shard_bytes=max_shard_bytes, layout="params")
     shards = sorted(f for f in os.listdir(d) if f.endswith(".safetensors"))
-    assert (len(shards) == 1) == (max_shard_bytes == 5e9)
-    if len(shards) > 1:
-        assert set(json.loads((d / "model.safetensors.index.json").read_text())["weight_map"].values()) == set(shards)
+    flat = {jax.tree_util.keystr(kp, simple=True, separator="."): np.asarray(x)
+            for kp, x in jax.tree_util.tree_flatten_with_path(p)[0]}
+    # expected shards, derived here: leaves in pytree order, a new shard when the next leaf
+    # would take a non-empty one past max_shard_bytes (5e9: one file; 20,000 B: several)
+    want: list = [[]]
+    for k, x in flat.items():
+        if want[-1] and sum(flat[j].nbytes for j in want[-1]) + x.nbytes > max_shard_bytes:
+            want.append([])
+        want[-1].append(k)
+    assert len(shards) == len(want) and (len(want) > 1) == (max_shard_bytes < sum(x.nbytes for x in flat.values()))
+    if len(want) > 1:
+        names = [f"model-{i + 1:05d}-of-{len(want):05d}.safetensors" for i in range(len(want))]
+        assert shards == names
+        assert json.loads((d / "model.safetensors.index.json").read_text())["weight_map"] == {
+            k: names[i] for i, ks in enumerate(want) for k in ks}
     stored = {}
     for f in shards:
         with safe_open(d / f, "numpy") as sf:
             assert sf.metadata() == {"format": "np", "layout": PARAMS_LAYOUT}
             stored.update({k: sf.get_tensor(k) for k in sf.keys()})
-    flat = {jax.tree_util.keystr(kp, simple=True, separator="."): np.asarray(x)
-            for kp, x in jax.tree_util.tree_flatten_with_path(p)[0]}
     assert sorted(stored) == sorted(flat) and "layers.0.mixer.in_z" in stored
     for k, x in flat.items():
         assert stored[k].dtype == x.dtype and stored[k].shape == x.shape, k

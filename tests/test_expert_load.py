@@ -18,7 +18,6 @@ import optax
 import pytest
 
 import cascade_jax.rl as rl
-from cascade_jax.config import StageConfig
 from cascade_jax.rl.expert_load import expert_counts, load_metrics
 from models import nemotron_h as nh
 
@@ -110,7 +109,7 @@ def test_train_steps_report_expert_load():
         fn = {"grpo": rl.grpo_train_step, "sft": rl.sft_train_step}[objective]
         kw = dict(model_cfg=CFG, compute_dtype=jnp.float32, grad_accum=accum)
         if objective == "grpo":
-            kw["stage"] = StageConfig(objective="grpo")
+            kw["settings"] = rl.GRPOSettings()
         b = batch if objective == "grpo" else rl.SFTBatch(batch.tokens, batch.positions, batch.segment_ids,
                                                           batch.loss_mask)
         _, m = jax.jit(functools.partial(fn, **kw))(state, b)

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from cascade_jax import rl
-from cascade_jax.config import OptimizerConfig, StageConfig
+from cascade_jax.config import OptimizerConfig
 from cascade_jax.rollout.exact import ExactEngine
 from cascade_jax.rollout.types import Request, SamplingParams
 from models import nemotron_h as nh
@@ -72,7 +72,7 @@ def _train_step_metrics(cfg, master, batch, dtype, temperature):
     opt = OptimizerConfig(lr=1e-3)
     state = rl.TrainState.from_config(master, opt, nh.param_specs(cfg))
     step = rl.make_train_step("grpo", model_cfg=cfg, opt_cfg=opt, grad_accum=2,
-                              stage=StageConfig(objective="grpo", is_correction="none"),
+                              settings=rl.GRPOSettings(is_correction="none"),
                               compute_dtype=dtype, vocab_chunk=CHUNK, model=invariant,
                               sampling=SamplingParams(temperature=temperature))
     _, m = step(state, batch)

@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 
 from cascade_jax import rl
-from cascade_jax.config import OptimizerConfig, StageConfig
+from cascade_jax.config import OptimizerConfig
 from models import nemotron_h as nh
 
 CHUNK = 128  # vocab chunk (the tiny vocabulary of 512 = 4 chunks)
@@ -62,7 +62,7 @@ def _case(R: int, dtype, rows: int = 2, prefixes=(3, 2)):
 
 
 def _statics(R, dtype, grad_accum):
-    return dict(stage=StageConfig(objective="grpo", is_correction="none"), grad_accum=grad_accum,
+    return dict(settings=rl.GRPOSettings(is_correction="none"), grad_accum=grad_accum,
                 compute_dtype=dtype, vocab_chunk=CHUNK, row_len=R)
 
 

@@ -21,7 +21,7 @@ import numpy as np
 
 import cascade_jax.rl as rl
 from cascade_jax.rollout import sample
-from cascade_jax.config import OptimizerConfig, StageConfig
+from cascade_jax.config import OptimizerConfig
 from models import nemotron_h as nh
 
 CFG = nh.preset("tiny", vocab_size=16, hidden_size=32, pattern="*-", intermediate_size=48)
@@ -59,7 +59,7 @@ def se_diff(a: np.ndarray, b: np.ndarray) -> float:
 def test_grpo_raises_reward():
     params = nh.init_params(CFG, jax.random.key(0), dtype=jnp.float32)
     state = rl.TrainState.from_config(params, OptimizerConfig(lr=1e-2, grad_clip=1.0), SPECS)
-    step = rl.make_train_step("grpo", model_cfg=CFG, stage=StageConfig(objective="grpo"))
+    step = rl.make_train_step("grpo", model_cfg=CFG, settings=rl.GRPOSettings())
     r0 = eval_rewards(state.params)
     before = r0.mean()
     key = jax.random.key(1)
@@ -106,7 +106,7 @@ def test_mopd_student_approaches_teacher():
     state = rl.TrainState.from_config(
         nh.init_params(CFG, jax.random.key(20), dtype=jnp.float32),
         OptimizerConfig(lr=1e-2, warmup_init_lr=1e-3, warmup_steps=5), SPECS)
-    step = rl.make_train_step("mopd", model_cfg=CFG, stage=StageConfig(objective="mopd"))
+    step = rl.make_train_step("mopd", model_cfg=CFG, settings=rl.MOPDSettings())
     r0 = eval_rewards(state.params)
     before = r0.mean()
     kls = []

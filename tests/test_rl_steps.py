@@ -15,7 +15,9 @@ import pytest
 
 import cascade_jax.rl as rl
 from cascade_jax.rollout import sample
+from cascade_jax import config as C
 from cascade_jax.config import OptimizerConfig, StageConfig
+from cascade_jax.runner import build as RB
 from models import nemotron_h as nh
 
 # Attention + MLP keeps CPU compiles short (the model's own tests cover every layer kind); no
@@ -74,8 +76,9 @@ def jitted_step(objective, grad_accum):
     fn = {"grpo": rl.grpo_train_step, "mopd": rl.mopd_train_step, "sft": rl.sft_train_step}[objective]
     kw = dict(model_cfg=CFG, compute_dtype=F32, grad_accum=grad_accum)
     if objective != "sft":
-        kw["stage"] = StageConfig(objective=objective, kl_coef=0.03, is_correction="icepop",
-                                  overlong_filtering=True, dynamic_filtering=True)
+        kw["settings"] = rl.loss_settings(StageConfig(
+            objective=objective, kl_coef=0.03, is_correction="icepop", overlong_filtering=True,
+            dynamic_filtering=True))
     return jax.jit(functools.partial(fn, **kw))
 
 
@@ -249,14 +252,18 @@ def test_finite_differences_mopd():
 def test_mopd_step_loss_norm_and_domain_metrics(norm):
     """``stage.loss_norm`` reaches the loss (the step's gradient is ``mopd_loss``'s with the
     batch's counts, also over micro-batches), and each teacher domain gets its token count and
-    loss share (the shares of the two domains sum to 1)."""
+    loss share (``rl.domain_metrics``; the shares of the two domains sum to 1)."""
     params, batch = make_batch(CFG, seed=8)
     dom = np.array([4, 3, 4, 4, 3, 4, 3, 4], np.int32)  # math, structured_output
     batch = batch.replace(domain_ids=jnp.asarray(dom), finish_reason=jnp.zeros((8,), jnp.int32))
     stage = StageConfig(objective="mopd", loss_norm=norm, teachers={"math": "a", "structured_output": "b"})
-    kw = dict(model_cfg=CFG, compute_dtype=F32, stage=stage)
+    kw = dict(model_cfg=CFG, compute_dtype=F32, settings=rl.loss_settings(stage))
     g1, m1 = grads_of(jax.jit(functools.partial(rl.mopd_train_step, **kw)), params, batch)
     g2, m2 = grads_of(jax.jit(functools.partial(rl.mopd_train_step, grad_accum=2, **kw)), params, batch)
+    m1, m2 = (rl.domain_metrics(m, stage.teachers) for m in (m1, m2))
+    assert {k for k in m1 if k.startswith("mopd/")} == {
+        "mopd/tokens/math", "mopd/tokens/structured_output", "mopd/loss_share/math",
+        "mopd/loss_share/structured_output"}
     assert_tree_close(g2, g1, 1e-5)
     lp_of = lambda p: rl.token_logprobs(p, batch, CFG)[0]
     mask = batch.loss_mask * rl.segment_start_mask(batch.segment_ids)
@@ -291,13 +298,14 @@ def test_train_step_deterministic_and_jit_matches_eager():
     state = rl.TrainState.from_config(params, OptimizerConfig(lr=1e-3, warmup_steps=3,
                                                               warmup_init_lr=1e-4),
                                       nh.param_specs(CFG))
-    step = rl.make_train_step("grpo", model_cfg=CFG, stage=stage, grad_accum=2)
+    step = rl.make_train_step("grpo", model_cfg=CFG, settings=rl.loss_settings(stage), grad_accum=2)
     batch = batch.replace(policy_version=jnp.zeros((8,), jnp.int32))
     s1, m1 = step(state, batch)
     s2, m2 = step(state, batch)
     for a, b in zip(jax.tree.leaves((s1, m1)), jax.tree.leaves((s2, m2))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    eager = rl.make_train_step("grpo", jit=False, model_cfg=CFG, stage=stage, grad_accum=2)
+    eager = rl.make_train_step("grpo", jit=False, model_cfg=CFG, settings=rl.loss_settings(stage),
+                               grad_accum=2)
     s3, m3 = eager(state, batch)
     # bf16 compute: jit may fuse differently from eager; updates are lr-sized (1e-4 at step 0)
     assert_tree_close(s3.params, s1.params, 1e-6)
@@ -310,6 +318,62 @@ def test_train_step_deterministic_and_jit_matches_eager():
     assert expected <= set(m1), expected - set(m1)
 
 
+# ---------------------------------------------------------------------------------------------
+# Loss settings: the steps' one static loss argument
+
+
+def test_loss_settings_from_stage():
+    """Every loss field of the stage reaches its settings, the bookkeeping (name, steps,
+    teachers) none; bad values are refused naming the field."""
+    g = rl.loss_settings(StageConfig(objective="grpo", kl_coef=0.03, is_correction="icepop",
+                                     is_low=0.4, is_high=1.5, leave_one_out=True,
+                                     overlong_filtering=True, dynamic_filtering=True))
+    assert g == rl.GRPOSettings(kl_coef=0.03, clip_low=0.2, clip_high=0.2, is_correction="icepop",
+                                is_low=0.4, is_high=1.5, leave_one_out=True,
+                                overlong_filtering=True, dynamic_filtering=True)
+    m = rl.loss_settings(StageConfig(objective="mopd", is_low=0.3, is_high=3.0, loss_norm="domain",
+                                     leave_one_out=True, teachers={"math": "a"}))
+    assert m == rl.MOPDSettings(is_low=0.3, is_high=3.0, loss_norm="domain", grpo_coef=0.0,
+                                leave_one_out=True)
+    assert rl.loss_settings(StageConfig(objective="sft")) is None
+    for cls in (rl.GRPOSettings, rl.MOPDSettings):
+        assert not {"name", "steps", "teachers", "objective"} & {f.name for f in dataclasses.fields(cls)}
+    with pytest.raises(ValueError, match="GRPOSettings.is_correction"):
+        rl.GRPOSettings(is_correction="clip")
+    with pytest.raises(ValueError, match="MOPDSettings.is_low/is_high"):
+        rl.MOPDSettings(is_low=2.0, is_high=1.0)
+    with pytest.raises(ValueError, match="MOPDSettings.loss_norm"):
+        rl.MOPDSettings(loss_norm="row")
+    with pytest.raises(ValueError, match="GRPOSettings.clip_high"):
+        rl.GRPOSettings(clip_high=-0.1)
+
+
+def test_bookkeeping_does_not_recompile_the_step():
+    """Stages that differ only in name / steps / teachers give equal loss settings and equal
+    runner step arguments: one compiled step (jit cache size 1), bitwise equal results; a loss
+    field (``kl_coef``) does recompile and changes the result."""
+    params, batch = make_batch(CFG, seed=11)
+    state = sgd_state(params)
+    grpo = jax.jit(rl.grpo_train_step, static_argnames=("model_cfg", "settings", "compute_dtype"))
+    base = dict(objective="grpo", is_correction="icepop", dynamic_filtering=True)
+    a = StageConfig(name="a", steps=3, **base)
+    b = StageConfig(name="b", steps=40, teachers={"math": "ckpt"}, **base)
+    outs = [grpo(state, batch, model_cfg=CFG, settings=rl.loss_settings(st), compute_dtype=F32)
+            for st in (a, b)]
+    assert grpo._cache_size() == 1
+    for x, y in zip(jax.tree.leaves(outs[0]), jax.tree.leaves(outs[1])):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    kl = grpo(state, batch, model_cfg=CFG, compute_dtype=F32,
+              settings=rl.loss_settings(dataclasses.replace(a, kl_coef=0.5)))
+    assert grpo._cache_size() == 2 and float(kl[1]["loss"]) != float(outs[0][1]["loss"])
+    # the runner's step arguments (and so the sharded step and the dry run) likewise
+    for obj in ("grpo", "mopd"):
+        cfgs = [C.Config(stage=StageConfig(objective=obj, name=n, steps=k, teachers=t))
+                for n, k, t in (("x", 1, {"math": "p"}), ("y", 9, {"math": "q", "code": "r"}))]
+        s1, s2 = (RB.train_step_static(c) for c in cfgs)
+        assert "stage" not in s1 and s1 == s2 and hash(s1["settings"]) == hash(s2["settings"]), obj
+
+
 def test_mopd_step_with_routed_teachers_and_grpo_mixing():
     params, batch = make_batch(CFG, seed=7)
     teacher_b = init(CFG, jax.random.key(9))
@@ -320,7 +384,7 @@ def test_mopd_step_with_routed_teachers_and_grpo_mixing():
     np.testing.assert_array_equal(tlp[0::2], lpa[0::2])
     np.testing.assert_array_equal(tlp[1::2], lpb[1::2])
     state = rl.TrainState.from_config(params, rl.mopd_optimizer_config(), nh.param_specs(CFG))
-    step = rl.make_train_step("mopd", model_cfg=CFG, grpo_coef=0.1)
+    step = rl.make_train_step("mopd", model_cfg=CFG, settings=rl.MOPDSettings(grpo_coef=0.1))
     new, m = step(state, batch.replace(teacher_logp=tlp))
     assert np.isfinite(float(m["loss"])) and float(m["grad_norm"]) > 0
     np.testing.assert_allclose(m["lr"], 2e-7, rtol=1e-6)

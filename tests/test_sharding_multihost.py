@@ -55,7 +55,7 @@ def _setup():
     import numpy as np
 
     import cascade_jax.rl as rl
-    from cascade_jax.config import OptimizerConfig, StageConfig
+    from cascade_jax.config import OptimizerConfig
     from models import nemotron_h as nh
 
     cfg = nh.preset("tiny", pattern="ME*-", vocab_size=128, n_group=1, topk_group=1)
@@ -70,7 +70,7 @@ def _setup():
         rewards=rng.integers(0, 2, B).astype(np.float32), group_ids=(np.arange(B) // 4).astype(np.int32),
         finish_reason=np.zeros((B,), np.int32), domain_ids=np.zeros((B,), np.int32))
     opt = OptimizerConfig(lr=1e-3)
-    static = dict(model_cfg=cfg, stage=StageConfig(objective="grpo"), compute_dtype=jnp.float32)
+    static = dict(model_cfg=cfg, settings=rl.GRPOSettings(), compute_dtype=jnp.float32)
     return cfg, batch, opt, static
 
 

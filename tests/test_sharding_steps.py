@@ -96,7 +96,7 @@ def main(args):
 
     import cascade_jax.rl as rl
     from cascade_jax import sharding
-    from cascade_jax.config import MeshConfig, OptimizerConfig, StageConfig
+    from cascade_jax.config import MeshConfig, OptimizerConfig
     from models import nemotron_h as nh
     from cascade_jax.sharding.moe import make_moe_dispatch
     from models.nemotron_h.partitioning import use_partitioner
@@ -122,8 +122,8 @@ def main(args):
         domain_ids=jnp.zeros((B,), jnp.int32),
         teacher_logp=jnp.asarray(-rng.uniform(1, 6, (B, T)) * mask, jnp.float32))
     sft_batch = rl.SFTBatch(rl_batch.tokens, rl_batch.positions, rl_batch.segment_ids, rl_batch.loss_mask)
-    statics = {"grpo": dict(stage=StageConfig(objective="grpo"), grad_accum=2),
-               "mopd": dict(stage=StageConfig(objective="mopd")),
+    statics = {"grpo": dict(settings=rl.GRPOSettings(), grad_accum=2),
+               "mopd": dict(settings=rl.MOPDSettings()),
                "sft": dict(grad_accum=2)}
     batches = {"grpo": rl_batch, "mopd": rl_batch, "sft": sft_batch}
 

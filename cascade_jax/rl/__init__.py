@@ -10,7 +10,8 @@ A GRPO loop (see ``launch/walkthrough_rl.py`` for every intermediate)::
 
     specs = nh.param_specs(model_cfg)   # parameter roles: trainable / decay / fp32
     state = rl.TrainState.from_config(params, opt_cfg, specs)
-    step = rl.make_train_step("grpo", model_cfg=model_cfg, stage=stage_cfg, opt_cfg=opt_cfg)
+    step = rl.make_train_step("grpo", model_cfg=model_cfg, settings=rl.loss_settings(stage_cfg),
+                              opt_cfg=opt_cfg)
     for it in range(stage_cfg.steps):   # sample: cascade_jax.rollout.sample
         batch, responses = sample(rl.compute_params(state.params, specs), prompts, model_cfg,
                                   rng=key, max_new_tokens=M, group_ids=ids)
@@ -29,8 +30,9 @@ from .mismatch import logprob_mismatch, routing_mismatch
 from .losses import grpo_loss, k3_kl, mopd_loss, segment_start_mask, sft_loss
 from .optim import (TrainState, compute_params, decay_mask, lr_schedule, make_optimizer,
                     mopd_optimizer_config, param_labels, sft_optimizer_config, trainable_mask)
-from .steps import (accumulate_gradients, grpo_train_step, make_train_step, mopd_train_step,
-                    sft_train_step)
+from .settings import GRPOSettings, LossSettings, MOPDSettings, loss_settings
+from .steps import (accumulate_gradients, domain_metrics, grpo_train_step, make_train_step,
+                    mopd_train_step, sft_train_step)
 
 __all__ = [
     "group_advantages", "group_stats", "grpo_advantages",
@@ -43,6 +45,7 @@ __all__ = [
     "grpo_loss", "k3_kl", "mopd_loss", "segment_start_mask", "sft_loss",
     "TrainState", "compute_params", "decay_mask", "lr_schedule", "make_optimizer",
     "mopd_optimizer_config", "param_labels", "sft_optimizer_config", "trainable_mask",
-    "accumulate_gradients", "grpo_train_step", "make_train_step", "mopd_train_step",
+    "GRPOSettings", "LossSettings", "MOPDSettings", "loss_settings",
+    "accumulate_gradients", "domain_metrics", "grpo_train_step", "make_train_step", "mopd_train_step",
     "sft_train_step",
 ]

@@ -35,10 +35,10 @@ from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from cascade_jax import domains as D
-from cascade_jax.config import StageConfig
 from cascade_jax.contract.sampling import SamplingParams, check_temperature
 from models import nemotron_h
 
@@ -50,9 +50,10 @@ from .logprobs import DEFAULT_VOCAB_CHUNK, token_logprobs
 from .mismatch import logprob_mismatch
 from .losses import grpo_loss, mopd_loss, segment_start_mask, sft_loss
 from .optim import TrainState, compute_params, trainable_mask
+from .settings import GRPOSettings, MOPDSettings
 
 __all__ = ["grpo_train_step", "mopd_train_step", "sft_train_step", "make_train_step",
-           "accumulate_gradients"]
+           "accumulate_gradients", "domain_metrics"]
 
 _SUM_KEYS = ("loss", "pg_loss", "num_tokens", COUNTS_KEY, "domain_tokens", "domain_grad_weight")
 
@@ -178,18 +179,20 @@ def _length_metrics(batch: RLBatch) -> dict:
 
 
 def grpo_train_step(state: TrainState, batch: RLBatch, *, model_cfg,
-                    stage: StageConfig = StageConfig(objective="grpo"), grad_accum: int = 1,
+                    settings: GRPOSettings = GRPOSettings(), grad_accum: int = 1,
                     compute_dtype=jnp.bfloat16, sampling: Optional[SamplingParams] = None,
-                    vocab_chunk: int = DEFAULT_VOCAB_CHUNK, clip_low: float = 0.2,
-                    clip_high: float = 0.2, model=None, row_len: Optional[int] = None):
-    """One strictly on-policy GRPO update (docs/algorithms.md §5).
+                    vocab_chunk: int = DEFAULT_VOCAB_CHUNK, model=None,
+                    row_len: Optional[int] = None):
+    """One strictly on-policy GRPO update (docs/algorithms.md §5); ``settings``
+    (:class:`~cascade_jax.rl.settings.GRPOSettings`, from the stage by
+    :func:`~cascade_jax.rl.settings.loss_settings`) holds every loss switch it reads.
 
-    1. ``Â, keep = grpo_advantages(rewards, group_ids, finish_reason)`` with the stage's
+    1. ``Â, keep = grpo_advantages(rewards, group_ids, finish_reason)`` with the settings'
        leave-one-out / overlong / dynamic-filtering switches;
     2. ``mask = loss_mask · keep[seq]``, ``num_tokens = Σ mask`` over the whole batch;
     3. ``L = grpo_loss(lp, None, Â[seq], mask, rollout_logp, ref_logp, num_tokens,
-       kl_coef=stage.kl_coef, is_correction=stage.is_correction, tis_cap=stage.is_high,
-       is_low/is_high=stage.is_low/is_high)``, summed over micro-batches;
+       kl_coef, clip_low, clip_high, is_correction, tis_cap=is_high, is_low, is_high)``,
+       summed over micro-batches;
     4. AdamW update. Returns ``(state, metrics)``, with the rollout-fidelity metrics of
        :func:`~cascade_jax.rl.mismatch.logprob_mismatch` (``mismatch_*``).
 
@@ -198,28 +201,29 @@ def grpo_train_step(state: TrainState, batch: RLBatch, *, model_cfg,
     per row (zero-mismatch mode; equal to the rollout engine's row length).
     ``sampling``: the run's sampling contract; ``lp`` at its temperature (module doc).
     """
+    s = settings
     temperature = _temperature(batch, sampling, "grpo_train_step")
     adv, keep, adv_metrics = grpo_advantages(
-        batch.rewards, batch.group_ids, batch.finish_reason, leave_one_out=stage.leave_one_out,
-        overlong_filtering=stage.overlong_filtering, dynamic_filtering=stage.dynamic_filtering)
+        batch.rewards, batch.group_ids, batch.finish_reason, leave_one_out=s.leave_one_out,
+        overlong_filtering=s.overlong_filtering, dynamic_filtering=s.dynamic_filtering)
     seq = sequence_index(batch)
     mask = batch.loss_mask.astype(jnp.float32) * keep[seq] * segment_start_mask(batch.segment_ids)
     num_tokens = mask.sum()
     micro = _micro(batch, mask, adv=adv[seq], rollout_logp=batch.rollout_logp)
-    use_kl = bool(stage.kl_coef)
+    use_kl = bool(s.kl_coef)
     if use_kl and batch.ref_logp is None:
-        raise ValueError(f"grpo_train_step: stage.kl_coef={stage.kl_coef} needs batch.ref_logp")
+        raise ValueError(f"grpo_train_step: settings.kl_coef={s.kl_coef} needs batch.ref_logp")
     if use_kl:
         micro["ref_logp"] = batch.ref_logp
 
     def objective(lp, mb):
         loss, m = grpo_loss(lp, None, mb["adv"], mb["mask"], rollout_logp=mb["rollout_logp"],
                             ref_logp=mb.get("ref_logp"), num_tokens=num_tokens,
-                            kl_coef=stage.kl_coef if use_kl else 0.0, clip_low=clip_low,
-                            clip_high=clip_high, is_correction=stage.is_correction,
-                            tis_cap=stage.is_high, is_low=stage.is_low, is_high=stage.is_high)
+                            kl_coef=s.kl_coef if use_kl else 0.0, clip_low=s.clip_low,
+                            clip_high=s.clip_high, is_correction=s.is_correction,
+                            tis_cap=s.is_high, is_low=s.is_low, is_high=s.is_high)
         return loss, {**m, **logprob_mismatch(lp, mb["rollout_logp"], mb["mask"],
-                                              low=stage.is_low, high=stage.is_high)}
+                                              low=s.is_low, high=s.is_high)}
 
     loss_fn = _policy_loss(objective, model_cfg=model_cfg, compute_dtype=compute_dtype,
                            temperature=temperature, vocab_chunk=vocab_chunk, model=model,
@@ -230,27 +234,28 @@ def grpo_train_step(state: TrainState, batch: RLBatch, *, model_cfg,
 
 
 def mopd_train_step(state: TrainState, batch: RLBatch, *, model_cfg,
-                    stage: StageConfig = StageConfig(objective="mopd"), grad_accum: int = 1,
+                    settings: MOPDSettings = MOPDSettings(), grad_accum: int = 1,
                     compute_dtype=jnp.bfloat16, sampling: Optional[SamplingParams] = None,
-                    vocab_chunk: int = DEFAULT_VOCAB_CHUNK, normalization: Optional[str] = None,
-                    grpo_coef: float = 0.0, model=None, row_len: Optional[int] = None):
+                    vocab_chunk: int = DEFAULT_VOCAB_CHUNK, model=None,
+                    row_len: Optional[int] = None):
     """One MOPD update (docs/algorithms.md §6): ``batch.teacher_logp`` holds each sequence's
     domain teacher's log-probs (:func:`routed_logprobs`), ``batch.rollout_logp`` the
     inference engine's. ``L = mopd_loss(lp, teacher_logp, rollout_logp, loss_mask,
-    is_low=stage.is_low, is_high=stage.is_high)`` normalised by ``normalization`` (default
-    ``stage.loss_norm``: per sequence, per token or per domain, with the whole batch's
-    sequence / token / per-domain token counts). ``grpo_coef > 0`` mixes in ``grpo_coef · Â``
-    from the rewards. ``sampling``: the run's sampling contract; ``lp`` (and the teachers'
-    log-probs) at its temperature (module doc).
+    is_low, is_high)`` normalised by ``settings.loss_norm`` (per sequence, per token or per
+    domain, with the whole batch's sequence / token / per-domain token counts);
+    ``settings.grpo_coef > 0`` mixes in ``grpo_coef · Â`` from the rewards
+    (:class:`~cascade_jax.rl.settings.MOPDSettings`). ``sampling``: the run's sampling
+    contract; ``lp`` (and the teachers' log-probs) at its temperature (module doc).
 
-    Per domain ``d`` of ``stage.teachers`` the metrics add ``mopd/tokens/<d>`` (valid response
-    tokens of the batch) and ``mopd/loss_share/<d>`` (the domain's share of the gradient weight
-    ``Σ mask · c_t · w_t · |a_t|``, :func:`~cascade_jax.rl.losses.mopd_loss`; the shares sum
-    to 1 over the batch's domains)."""
+    Per domain ``d`` (the ``len(domains.DOMAINS)`` domain ids) the metrics add two vectors:
+    ``mopd/domain_tokens`` (valid response tokens of the batch) and ``mopd/domain_loss_share``
+    (the domain's share of the gradient weight ``Σ mask · c_t · w_t · |a_t|``,
+    :func:`~cascade_jax.rl.losses.mopd_loss`; the shares sum to 1 over the batch's domains);
+    :func:`domain_metrics` names them per domain."""
     if batch.teacher_logp is None:
         raise ValueError("mopd_train_step: batch.teacher_logp is required")
+    s = settings
     temperature = _temperature(batch, sampling, "mopd_train_step")
-    normalization = stage.loss_norm if normalization is None else normalization
     n_seq = num_sequences(batch)
     seq = sequence_index(batch)
     alive = (batch.finish_reason != FINISH_ABORT).astype(jnp.float32)
@@ -267,16 +272,16 @@ def mopd_train_step(state: TrainState, batch: RLBatch, *, model_cfg,
     if packed:
         micro["seq"] = seq
     extra = {}
-    if grpo_coef:
+    if s.grpo_coef:
         adv, _, extra = grpo_advantages(batch.rewards, batch.group_ids, batch.finish_reason,
-                                        leave_one_out=stage.leave_one_out)
+                                        leave_one_out=s.leave_one_out)
         micro["adv"] = adv[seq]
 
     def objective(lp, mb):
         return mopd_loss(lp, mb["teacher_logp"], mb["rollout_logp"], mb["mask"],
-                         is_low=stage.is_low, is_high=stage.is_high,
-                         advantages=mb.get("adv"), advantage_coef=grpo_coef,
-                         normalization=normalization, seq_index=mb.get("seq"),
+                         is_low=s.is_low, is_high=s.is_high,
+                         advantages=mb.get("adv"), advantage_coef=s.grpo_coef,
+                         normalization=s.loss_norm, seq_index=mb.get("seq"),
                          num_segments=n_seq if packed else None,
                          num_sequences=n_valid_seq, num_tokens=num_tokens,
                          domain_index=mb["dom"], num_domains=n_dom, domain_tokens=domain_tokens)
@@ -286,14 +291,30 @@ def mopd_train_step(state: TrainState, batch: RLBatch, *, model_cfg,
                            row_len=row_len)
     grads, metrics = accumulate_gradients(loss_fn, state.params, micro, grad_accum)
     tokens, gw = metrics.pop("domain_tokens"), metrics.pop("domain_grad_weight")
-    share = gw / jnp.maximum(gw.sum(), 1e-30)
-    for name in sorted(set(stage.teachers) & set(D.DOMAIN_IDS)):
-        metrics[f"mopd/tokens/{name}"] = tokens[D.DOMAIN_IDS[name]]
-        metrics[f"mopd/loss_share/{name}"] = share[D.DOMAIN_IDS[name]]
+    metrics["mopd/domain_tokens"] = tokens
+    metrics["mopd/domain_loss_share"] = gw / jnp.maximum(gw.sum(), 1e-30)
     metrics = {**metrics, **extra, **_length_metrics(batch),
                "reward_mean": batch.rewards.astype(jnp.float32).mean(),
                "num_sequences": n_valid_seq.astype(jnp.float32)}
     return _apply(state, grads, metrics, _param_specs(model, model_cfg), batch)
+
+
+def domain_metrics(metrics: dict, domains) -> dict:
+    """``metrics`` of :func:`mopd_train_step` with its per-domain vectors named: for each
+    domain name in ``domains`` (e.g. the stage's teachers; unknown names are skipped), in
+    sorted order, ``mopd/tokens/<d>`` and ``mopd/loss_share/<d>``; the vectors
+    ``mopd/domain_tokens`` / ``mopd/domain_loss_share`` are dropped. Other metrics pass
+    through unchanged (so does a dict without the vectors). Host side: the named values are
+    numpy scalars."""
+    if "mopd/domain_tokens" not in metrics:
+        return dict(metrics)
+    out = dict(metrics)
+    # on the host (a replicated array of several processes converts; indexing it would dispatch)
+    tokens, share = (np.asarray(out.pop(k)) for k in ("mopd/domain_tokens", "mopd/domain_loss_share"))
+    for name in sorted(set(domains) & set(D.DOMAIN_IDS)):
+        out[f"mopd/tokens/{name}"] = tokens[D.DOMAIN_IDS[name]]
+        out[f"mopd/loss_share/{name}"] = share[D.DOMAIN_IDS[name]]
+    return out
 
 
 def sft_train_step(state: TrainState, batch: SFTBatch, *, model_cfg, grad_accum: int = 1,

@@ -325,11 +325,14 @@ def build_sampling(config: C.Config, tokenizer: Optional[Tokenizer] = None) -> S
 def train_step_static(config: C.Config, sampling: Optional[SamplingParams] = None) -> dict:
     """The keyword arguments of ``stage.objective``'s train step (``rl.make_train_step``) for
     this config (``sampling``: the run's :class:`SamplingParams`, else built from the config);
-    the dry run (``cascade_jax.sharding.dryrun``) compiles the same step."""
+    the dry run (``cascade_jax.sharding.dryrun``) compiles the same step. RL steps get the
+    stage's loss settings (``rl.loss_settings``), not the stage: its bookkeeping (name, steps,
+    teachers) does not reach the compiled step."""
     obj = config.stage.objective
     static = dict(compute_dtype=compute_dtype(config), opt_cfg=config.optimizer)
     if obj in ("grpo", "mopd"):
-        static.update(stage=config.stage, sampling=sampling or build_sampling(config))
+        static.update(settings=rl.loss_settings(config.stage),
+                      sampling=sampling or build_sampling(config))
         r = config.rollout
         if r.zero_mismatch:  # the kernel-invariant model's log-probs (rollout.exact.ExactEngine)
             static.update(model=invariant)

@@ -175,7 +175,8 @@ class Stage:
                 info.update(self._routing_mismatch(batch))
         with timer("train"):
             self.state, m = self.parts.train_step(self.state, batch)
-            m = scalars(jax.block_until_ready(m))
+            # MOPD: the per-domain vectors named for the stage's teachers
+            m = scalars(rl.domain_metrics(jax.block_until_ready(m), self.config.stage.teachers))
         if sync:
             with timer("sync"):
                 self.sync_weights()

@@ -12,8 +12,8 @@ Entry point for a stage runner (``cfg`` is the run ``Config``)::
     #                                      nh.param_specs(model_cfg)), model_cfg, mesh)
     batch = sharding.global_batch(local_rows, mesh)   # per-host rows -> one global batch
     step = sharding.compile_train_step("grpo", mesh=mesh, state=state, batch=batch,
-                                       model_cfg=model_cfg, stage=cfg.stage, opt_cfg=cfg.optimizer,
-                                       a2a=cfg.mesh.a2a)
+                                       model_cfg=model_cfg, settings=rl.loss_settings(cfg.stage),
+                                       opt_cfg=cfg.optimizer, a2a=cfg.mesh.a2a)
     state, metrics = step(state, batch)               # `state` is donated: use the returned one
     if sharding.is_primary(): log(metrics)
 

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 
-from cascade_jax.config import OptimizerConfig, StageConfig
+from cascade_jax.config import OptimizerConfig
 from cascade_jax.rl.batch import RLBatch, SFTBatch
 import kernels
 
@@ -185,13 +185,11 @@ def plan(model_cfg, mesh, *, objective: str = "grpo", seq_len: int = 8192,
             f"{4 * model_cfg.num_attention_heads * seq_len * seq_len / 2**40:.1f} TiB per row. "
             f"Plan with seq_len < {XLA_CPU_MAX_KEYS}")
     state = abstract_train_state(model_cfg, opt_cfg, mesh, rules)
-    kl = getattr((static or {}).get("stage"), "kl_coef", 0.0) > 0
+    kl = getattr((static or {}).get("settings"), "kl_coef", 0.0) > 0
     b = abstract_batch(objective, batch, seq_len, ref_logp=objective != "sft" and kl)
     b = _with_shardings(b, batch_shardings(b, mesh, rules))
     static_kw = static
-    static = dict(compute_dtype=compute_dtype, grad_accum=grad_accum)
-    if objective != "sft":
-        static["stage"] = StageConfig(objective=objective)
+    static = dict(compute_dtype=compute_dtype, grad_accum=grad_accum)  # default loss settings
     given = dict(static_kw or {})
     if given:
         static.pop("grad_accum")  # the run's opt_cfg carries it

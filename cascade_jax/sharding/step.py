@@ -51,7 +51,7 @@ def compile_train_step(objective: str, *, mesh: Mesh, state, batch, model_cfg, r
 
     ``state`` / ``batch``: concrete arrays or ``jax.ShapeDtypeStruct`` pytrees (only shapes
     and structure are read; for ahead-of-time planning call ``.lower(state, batch)`` on the
-    result). ``static``: the keyword arguments of the objective's step (``stage``,
+    result). ``static``: the keyword arguments of the objective's step (``settings``,
     ``grad_accum``, ``opt_cfg``, ``compute_dtype``, ...). ``a2a``: the expert-parallel token
     exchange, ``auto`` | ``ragged`` | ``padded`` (the config's ``mesh.a2a``;
     :func:`.mesh.resolve_a2a`)."""
