@@ -21,7 +21,7 @@ from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh
 
 from kernels.pallas_attention import attention_context_parallel
 from kernels.pallas_ssd import ssd_context_parallel

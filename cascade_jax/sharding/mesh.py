@@ -9,7 +9,6 @@ a slice, via ``jax.experimental.mesh_utils.create_hybrid_device_mesh``.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Optional, Sequence
 

@@ -31,8 +31,6 @@ from typing import Optional
 import jax
 import jax.extend
 import jax.numpy as jnp
-import numpy as np
-from jax.sharding import NamedSharding
 
 from cascade_jax.config import OptimizerConfig
 from cascade_jax.rl.batch import RLBatch, SFTBatch
