@@ -99,7 +99,8 @@ from .sampler import sample_tokens
 from .scoring import score_logprobs
 from .types import Request, RolloutError, Rollouts, Sample, sample_seed
 
-__all__ = ["JaxEngine", "RequestHandle", "check_version_order", "default_prompt_buckets"]
+__all__ = ["JaxEngine", "RequestHandle", "check_version_order", "default_prompt_buckets",
+           "scatter_admitted"]
 
 _SEED_MAX = 2 ** 64
 
@@ -138,6 +139,34 @@ def _delete(arrays) -> int:
 def _seed_key(seed_hi, seed_lo):
     """Threefry key of the 64-bit seed ``hi · 2^32 + lo`` (uint32 halves)."""
     return jax.random.wrap_key_data(jnp.stack([seed_hi, seed_lo]).astype(jnp.uint32))
+
+
+def scatter_admitted(cache, logits, slots_state, fresh, next_logits, values, slots, rx=None):
+    """Write admitted rows into their slots -> ``(cache, logits, slot state)``: row ``r`` of a
+    prefill of ``Pb`` positions goes to slot ``slots[r]`` (an out-of-range slot drops the row).
+    ``fresh`` is the prefill's cache (per layer: ``k``/``v`` ``[nb, Pb, ...]`` written at
+    positions ``[0, Pb)``, Mamba ``conv``/``ssm`` states replaced whole), ``next_logits
+    [nb, V]`` the rows' next-token distribution (stored as float32), ``values`` the new slot
+    state (one ``[nb, ...]`` entry per key of ``slots_state`` other than ``rx``), ``rx [nb, Pb,
+    L_moe, K]`` the prefill's routed experts (recorded when the state has ``rx``; positions
+    ``>= Pb`` reset to -1). The one admission scatter of every engine mode."""
+    out = []
+    for layer, new in zip(cache, fresh):
+        upd = {}
+        for name, buf in layer.items():
+            val = new[name].astype(buf.dtype)
+            upd[name] = (buf.at[slots, :val.shape[1]].set(val, mode="drop") if name in ("k", "v")
+                         else buf.at[slots].set(val, mode="drop"))
+        out.append(upd)
+    logits = logits.at[slots].set(next_logits.astype(jnp.float32), mode="drop")
+    values = dict(values)
+    if "rx" in slots_state:
+        max_len = slots_state["rx"].shape[1]
+        values["rx"] = jnp.concatenate(
+            [rx, jnp.full((rx.shape[0], max_len - rx.shape[1]) + rx.shape[2:], -1, jnp.int32)], 1)
+    slots_state = {k: v.at[slots].set(values[k].astype(v.dtype), mode="drop")
+                   for k, v in slots_state.items()}
+    return out, logits, slots_state
 
 
 class RequestHandle:
@@ -441,30 +470,20 @@ class JaxEngine:
         lengths, slots = ints[:, 0], ints[:, 1]
         pre = self.model.prefill(params, tokens, self.model_cfg, lengths=lengths, max_len=Pb,
                                  last_only=True, return_routed_experts=self.return_routed_experts)
-        last, new = pre[:2]
-        out = []
-        for layer, fresh in zip(cache, new):
-            upd = {}
-            for name, buf in layer.items():
-                val = fresh[name].astype(buf.dtype)
-                if name in ("k", "v"):
-                    upd[name] = buf.at[slots, :Pb].set(val, mode="drop")
-                else:
-                    upd[name] = buf.at[slots].set(val, mode="drop")
-            out.append(upd)
-        logits = logits.at[slots].set(last.astype(jnp.float32), mode="drop")
-        seed = jax.lax.bitcast_convert_type(ints[:, 4:6], jnp.uint32)
-        values = {"pos": lengths, "step": jnp.zeros_like(lengths), "seed": seed,
-                  "temp": floats[:, 0], "top_p": floats[:, 1],
-                  "top_k": ints[:, 2], "budget": ints[:, 3], "stops": stops,
-                  "done": jnp.zeros(lengths.shape, bool)}
-        if self.return_routed_experts:
-            rx = pre[2]  # [nb, Pb, L_moe, K]
-            values["rx"] = jnp.concatenate(
-                [rx, jnp.full((rx.shape[0], self.max_len - Pb) + rx.shape[2:], -1, jnp.int32)], 1)
-        slots_state = {k: v.at[slots].set(values[k].astype(v.dtype), mode="drop")
-                       for k, v in slots_state.items()}
-        return out, logits, slots_state
+        return scatter_admitted(cache, logits, slots_state, pre[1], pre[0],
+                                self._admitted_state(ints, floats, stops), slots,
+                                pre[2] if self.return_routed_experts else None)
+
+    @staticmethod
+    def _admitted_state(ints, floats, stops) -> dict:
+        """The slot state of admitted rows (``ints`` / ``floats`` / ``stops`` as in
+        :meth:`_admit_impl`): position = prompt length, no tokens decoded, the sample's seed,
+        sampling settings, budget and stop ids, not done."""
+        lengths = ints[:, 0]
+        return {"pos": lengths, "step": jnp.zeros_like(lengths),
+                "seed": jax.lax.bitcast_convert_type(ints[:, 4:6], jnp.uint32),
+                "temp": floats[:, 0], "top_p": floats[:, 1], "top_k": ints[:, 2],
+                "budget": ints[:, 3], "stops": stops, "done": jnp.zeros(lengths.shape, bool)}
 
     def _extend_impl(self, params, cache, logits, slots_state, tokens, ints, floats, stops):
         """Continue slot ``ints[r, 2]``'s prefill with the chunk ``tokens [nb, Cb]`` (``ints[r, 1]``

@@ -37,7 +37,7 @@ from cascade_jax.rl.logprobs import (DEFAULT_VOCAB_CHUNK, inverse_temperature,
 from models import nemotron_h
 from models.nemotron_h import invariant
 
-from .engine import JaxEngine
+from .engine import JaxEngine, scatter_admitted
 from .sampler import sample_tokens
 from .types import Sample, sample_seed
 
@@ -175,31 +175,14 @@ class ExactEngine(JaxEngine):
         lengths, slots = ints[:, 0], ints[:, 1]
         pre = self.model.prefill(params, tokens, self.model_cfg, lengths=lengths, max_len=Pb,
                                  return_routed_experts=self.return_routed_experts)
-        last, new = pre[:2]
-        out = []
-        for layer, fresh in zip(cache, new):
-            upd = {}
-            for name, buf in layer.items():
-                val = fresh[name].astype(buf.dtype)
-                upd[name] = (buf.at[slots, :Pb].set(val, mode="drop") if name in ("k", "v")
-                             else buf.at[slots].set(val, mode="drop"))
-            out.append(upd)
         temp, inv_t = floats[:, 0], floats[:, 2]  # inv_t: the trainer's 1/τ (see _admit)
-        logp = invariant_next_logprobs(params, last, inv_t, vocab_chunk=self.vocab_chunk,
+        logp = invariant_next_logprobs(params, pre[0], inv_t, vocab_chunk=self.vocab_chunk,
                                        model=self.model)
-        logits = logits.at[slots].set(logp, mode="drop")
-        seed = jax.lax.bitcast_convert_type(ints[:, 4:6], jnp.uint32)
-        values = {"pos": lengths, "step": jnp.zeros_like(lengths), "seed": seed,
-                  "temp": jnp.where(temp > 0, 1.0, 0.0), "top_p": jnp.ones_like(temp),
-                  "top_k": jnp.full_like(lengths, -1), "budget": ints[:, 3], "stops": stops,
-                  "done": jnp.zeros(lengths.shape, bool), "inv_t": inv_t}
-        if self.return_routed_experts:
-            rx = pre[2]
-            values["rx"] = jnp.concatenate(
-                [rx, jnp.full((rx.shape[0], self.max_len - Pb) + rx.shape[2:], -1, jnp.int32)], 1)
-        slots_state = {k: v.at[slots].set(values[k].astype(v.dtype), mode="drop")
-                       for k, v in slots_state.items()}
-        return out, logits, slots_state
+        # logp holds log softmax(z / τ): drawn at unit temperature (0 = greedy), untruncated
+        values = {**self._admitted_state(ints, floats, stops), "temp": jnp.where(temp > 0, 1.0, 0.0),
+                  "top_p": jnp.ones_like(temp), "top_k": jnp.full_like(lengths, -1), "inv_t": inv_t}
+        return scatter_admitted(cache, logits, slots_state, pre[1], logp, values, slots,
+                                pre[2] if self.return_routed_experts else None)
 
     def _admit(self, params, slots: list):
         # the trainer's 1/τ (rounded from double precision on the host) rides in a third float
