@@ -528,6 +528,12 @@ class JaxEngine:
         return self.model.decode_step(params, cache, tokens, positions, self.model_cfg,
                                       return_routed_experts=self.return_routed_experts)
 
+    def _record_experts(self, rx, experts, positions, going):
+        """The recorded experts ``rx [S, max_len, L_moe, K]`` after a decode step: those of the
+        token fed at ``positions [S]`` (``experts [S, L_moe, K]``) written at that position.
+        ``going [S]``: the rows that continue after this step (for modes that record more)."""
+        return rx.at[jnp.arange(rx.shape[0]), positions].set(experts)
+
     def _sample(self, z, keys, live, st):
         """``(ids [S], logp [S])`` drawn from the slots' next-token logits ``z [S, V]`` with their
         settings (idle rows greedily). The one place the engine samples."""
@@ -554,15 +560,15 @@ class JaxEngine:
             tok, lp = self._sample(z, keys, live, st)
             out = self._decode_logits(params, cache, tok, jnp.minimum(pos, last), st)
             z, new_cache = out[:2]
+            hit = jnp.any(tok[:, None] == st["stops"], axis=1)
+            ended = live & (hit | (step + 1 >= st["budget"]))
             if self.keep_sessions:  # finished rows keep their Mamba state (position-free)
                 new_cache = [{k: (jnp.where(live.reshape((-1,) + (1,) * (v.ndim - 1)), v, layer[k])
                                   if k in ("conv", "ssm") else v) for k, v in new.items()}
                              for layer, new in zip(cache, new_cache)]
             cache = new_cache
-            if rx is not None:  # the experts of the token fed at ``pos`` (row s, column pos)
-                rx = rx.at[jnp.arange(S), jnp.minimum(pos, last)].set(out[2])
-            hit = jnp.any(tok[:, None] == st["stops"], axis=1)
-            ended = live & (hit | (step + 1 >= st["budget"]))
+            if rx is not None:
+                rx = self._record_experts(rx, out[2], jnp.minimum(pos, last), live & ~ended)
             toks = jax.lax.dynamic_update_index_in_dim(toks, tok, i, 0)
             lps = jax.lax.dynamic_update_index_in_dim(lps, lp, i, 0)
             pos = jnp.where(live, pos + 1, pos) if self.keep_sessions else pos + 1
