@@ -1199,3 +1199,34 @@ class JaxEngine:
             self._cache, self._logits, self._slots, toks, _, _ = self._decode_fn(
                 params, self._cache, self._logits, self._slots, np.int32(0))
             jax.block_until_ready(toks)
+
+    def bare_decode(self, steps: int, prompt_len: int = 1) -> Callable[[], None]:
+        """The engine's device work without its host work, for benchmarks: a callable that sets
+        every slot decoding (position ``prompt_len``, τ = 1, untruncated, sample seed = slot,
+        over whatever the cache holds) and runs the decode program ``ceil(steps /
+        steps_per_call)`` times (no early exit, no admission, no reads back, no retirement),
+        waits for the device and leaves the slots free. Call while idle."""
+        S = self.num_slots
+        if not 1 <= prompt_len < self.max_len:
+            raise ValueError(f"prompt_len: must lie in [1, max_len={self.max_len}), got {prompt_len}")
+        start = {"pos": np.full(S, prompt_len, np.int32), "step": np.zeros(S, np.int32),
+                 "seed": np.stack([np.zeros(S), np.arange(S)], 1).astype(np.uint32),
+                 "temp": np.ones(S, np.float32), "top_p": np.ones(S, np.float32),
+                 "top_k": np.full(S, -1, np.int32), "budget": np.full(S, steps, np.int32),
+                 "done": np.zeros(S, bool)}
+        calls = -(-int(steps) // self.steps_per_call)
+        place = lambda k, v: self._place(jnp.asarray(v), self._slots_sh and self._slots_sh[k])
+
+        def run():
+            with self._step_lock:
+                if self.num_running() or self._queue:
+                    raise RolloutError("bare_decode: the engine is busy")
+                params = self._params
+                self._slots = {**self._slots, **{k: place(k, v) for k, v in start.items()}}
+                for _ in range(calls):
+                    self._cache, self._logits, self._slots, toks, _, _ = self._decode_fn(
+                        params, self._cache, self._logits, self._slots, np.int32(0))
+                jax.block_until_ready(toks)
+                self._slots = {**self._slots, "done": place("done", np.ones(S, bool))}
+
+        return run
