@@ -18,7 +18,7 @@ A GRPO loop (see ``launch/walkthrough_rl.py`` for every intermediate)::
         state, metrics = step(state, batch)
 """
 
-from .advantages import group_advantages, group_stats, grpo_advantages
+from .advantages import flat_groups, group_advantages, group_stats, grpo_advantages
 from .batch import (FINISH_ABORT, FINISH_LENGTH, FINISH_STOP, RLBatch, SFTBatch, num_sequences,
                     pack_routed_experts, response_lengths, sequence_index)
 from .is_correction import is_weights, masked_mean, masked_quantile
@@ -33,7 +33,7 @@ from .steps import (accumulate_gradients, grpo_train_step, make_train_step, mopd
                     sft_train_step)
 
 __all__ = [
-    "group_advantages", "group_stats", "grpo_advantages",
+    "flat_groups", "group_advantages", "group_stats", "grpo_advantages",
     "FINISH_ABORT", "FINISH_LENGTH", "FINISH_STOP", "RLBatch", "SFTBatch", "num_sequences",
     "response_lengths", "sequence_index",
     "is_weights", "masked_mean", "masked_quantile",
