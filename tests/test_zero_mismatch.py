@@ -104,7 +104,7 @@ def _row_reference(params, cfg, prompts, seeds, *, max_new_tokens, temperature, 
     return out
 
 
-@pytest.mark.parametrize("temperature", [1.0, 0.7, 0.0])
+@pytest.mark.parametrize("temperature", [0.7, 0.0])  # τ = 1: the bitwise test above
 def test_generate_exact_equals_the_row_reference(temperature):
     """``generate_exact`` (2 refilled slots, 5 prompts of mixed lengths) gives the written-out
     row reference's tokens, log-probs, finish reasons and routed experts exactly."""
