@@ -16,8 +16,8 @@ Sections (in run order; each records ``status`` ok / error / skipped, its error,
   and recompute included), peak device memory beside the planner's CPU estimate of the same
   step (``launch/plan.py --json``, run as a CPU subprocess in parallel) and their ratio.
 * ``engine`` — :class:`cascade_jax.rollout.engine.JaxEngine` on that slice: prefill tokens/s
-  (vs the bare jitted ``prefill``) and decode tokens/s at 1, 16 and 64 slots (vs the bare jitted
-  decode loop of ``cascade_jax/rollout/bench.py``).
+  (vs the bare jitted ``prefill``) and decode tokens/s at 1, 16 and 64 slots (vs the engine's
+  decode program alone, ``JaxEngine.bare_decode``).
 * ``mismatch`` — sampling log-probs vs the train step's log-probs in bf16: the zero-mismatch
   sampler (``generate_exact``, trainer at ``row_len``) bit for bit, beside the default engine.
 * ``correctness`` — every Pallas kernel at production shapes in bf16, forward and backward (a
@@ -340,7 +340,6 @@ def sec_engine(ctx, budget):
     import jax
     import jax.numpy as jnp
     import numpy as np
-    from cascade_jax.rollout.bench import bare_decode
     from cascade_jax.rollout.engine import JaxEngine
     from cascade_jax.rollout.types import Request, SamplingParams
     from models import nemotron_h as nh
@@ -368,7 +367,7 @@ def sec_engine(ctx, budget):
             pre = jax.jit(lambda p, t: nh.prefill(p, t, cfg, max_len=max_len, last_only=True)[0])
             toks = jnp.asarray(np.asarray(prompts, np.int32))
             t_pre = _median_time(lambda: pre(params, toks), c["repeats"])
-            bare = bare_decode(nh, cfg, params, S, P, N, max_len)
+            bare = eng.bare_decode(N, P)
             bare()
             t_bare = min(_wall(bare) for _ in range(c["repeats"]))
             dec = S * (N - 1) / max(tn - t1, 1e-9)

@@ -140,7 +140,10 @@ print("max |Δ lm_head| =", delta["lm_head"], " step", int(new_state.step))
 # %%
 teacher_a = nh.init_params(cfg, jax.random.key(1), dtype=jnp.float32)
 teacher_b = nh.init_params(cfg, jax.random.key(2), dtype=jnp.float32)
-teacher_logp = rl.routed_logprobs([teacher_a, teacher_b], jnp.asarray([0, 1]), batch, cfg)
+# (a run scores its rollouts with rollout.teachers.Teachers: the same log-probs, routed by domain)
+seq_domain = batch.domain_ids[rl.sequence_index(batch)]  # [B, T] the domain of each token's row
+teacher_logp = jnp.where(seq_domain == 0, rl.token_logprobs(teacher_a, batch, cfg)[0],
+                         rl.token_logprobs(teacher_b, batch, cfg)[0])
 batch = batch.replace(teacher_logp=teacher_logp)
 m = batch.loss_mask
 a_t = (teacher_logp - logp) * m

@@ -102,7 +102,7 @@ def test_mopd_student_approaches_teacher():
 
     # student: another init, MOPD with a warm-up (the recipe's shape: lr/10 -> lr)
     tparams = rl.compute_params(teacher.params, SPECS)
-    teacher_lp = jax.jit(lambda p, b: rl.routed_logprobs([p], jnp.zeros(1, jnp.int32), b, CFG))
+    teacher_lp = jax.jit(lambda p, b: rl.token_logprobs(p, b, CFG)[0])  # one teacher, every domain
     state = rl.TrainState.from_config(
         nh.init_params(CFG, jax.random.key(20), dtype=jnp.float32),
         OptimizerConfig(lr=1e-2, warmup_init_lr=1e-3, warmup_steps=5), SPECS)

@@ -173,6 +173,19 @@ def test_grpo_advantages_overlong_and_dynamic_filtering():
     np.testing.assert_allclose(m["frac_truncated"], 1 / 7, rtol=RTOL)
 
 
+def test_flat_groups_is_the_dynamic_filter():
+    """One rule for the runner's prompt draw and the step's keep mask: no reward variance among
+    a group's valid members (or at most one of them)."""
+    r = np.array([1.0, 1.0, 0.0, 1.0, 2.0, 2.0, 0.5, 0.2, 0.3], np.float32)
+    np.testing.assert_array_equal(rl.flat_groups(r, 3), [0, 0, 0, 0, 0, 0, 0, 0, 0])
+    np.testing.assert_array_equal(rl.flat_groups(r[:6], 2), [1, 1, 0, 0, 1, 1])
+    valid = np.array([1, 1, 0, 1, 1, 1, 1, 0, 0], bool)  # group 0 then flat, group 2 a singleton
+    np.testing.assert_array_equal(rl.flat_groups(r, 3, valid), [1, 1, 1, 0, 0, 0, 1, 1, 1])
+    fr = np.array([0, 0, 0, 0, 0, 0, 0, 2, 2])
+    _, keep, _ = rl.grpo_advantages(r, np.arange(9) // 3, fr, dynamic_filtering=True)
+    np.testing.assert_array_equal(keep, ~np.asarray(rl.flat_groups(r, 3, fr != 2)) & (fr != 2))
+
+
 # ---------------------------------------------------------------------------------------------
 # IS correction
 

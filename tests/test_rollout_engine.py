@@ -296,3 +296,22 @@ def test_routed_experts_follow_sglang_layout_and_match_the_forward(engine):
         want = np.sort(np.asarray(fwd(jnp.asarray(seq)))[0, :P + R - 1], -1)
         np.testing.assert_array_equal(np.sort(s.routed_experts, -1), want)
     assert engine.generate(reqs[:1]).samples()[0].routed_experts is None  # off by default
+
+
+def test_bare_decode_is_the_decode_program_alone(engine):
+    """The benchmark's baseline runs the engine's own decode program ``ceil(steps / K)`` times
+    with no early exit, and leaves the engine as it was (same seeded sample before and after)."""
+    req = [Request(prompt_ids=prompt(5), sampling=SamplingParams(max_new_tokens=6, temperature=1.0, seed=7))]
+    before = engine.generate(req).samples()[0]
+    calls, orig = [], engine._decode_fn
+    engine._decode_fn = lambda *a: calls.append(int(a[-1])) or orig(*a)
+    try:
+        bare = engine.bare_decode(7, prompt_len=5)
+        bare()
+        bare()
+    finally:
+        engine._decode_fn = orig
+    assert calls == [0] * 6  # 3 calls of K = 3 steps per run, refill 0: never an early exit
+    after = engine.generate(req).samples()[0]
+    assert after.response_ids.tolist() == before.response_ids.tolist()
+    assert np.array_equal(after.logprobs, before.logprobs) and engine.num_running() == 0

@@ -10,6 +10,7 @@ import pytest
 
 from cascade_jax import rl
 from cascade_jax.rollout.exact import generate_exact
+from cascade_jax.rollout.types import sample_seed
 from models import nemotron_h as nh
 
 R, CHUNK = 24, 128  # row length (engine and trainer); vocab chunk (512 = 4 chunks)
@@ -69,6 +70,58 @@ def test_sampling_logprobs_equal_trainer_bitwise(dtype):
     trainer_rx = row_fwd(params, batch.tokens, batch.segment_ids)
     rm = rl.routing_mismatch(jnp.asarray(packed), trainer_rx, batch.segment_ids)
     assert float(rm["routing_token_diff_frac"]) == 0.0
+
+
+def _row_reference(params, cfg, prompts, seeds, *, max_new_tokens, temperature, stops):
+    """The row form written out, one prompt at a time: token ``t`` of prompt ``i`` is drawn from
+    ``next_token_logprobs`` of its row alone (``[1, R]``) by Gumbel-max at unit temperature with
+    the key ``fold_in(key(s_i), t)`` (argmax at τ = 0), its log-prob that distribution's entry;
+    routed experts those of the forward the last token was drawn from. -> ``[(tokens, logps,
+    reason, experts)]``."""
+    nxt = jax.jit(lambda p, row, n, inv: rl.next_token_logprobs(
+        p, row, n, cfg, inv_temperature=inv, vocab_chunk=CHUNK, return_routed_experts=True))
+    inv = rl.inverse_temperature([temperature])
+    out = []
+    for prompt, s in zip(prompts, seeds):
+        key = jax.random.wrap_key_data(jnp.asarray([(s >> 32) & 0xFFFFFFFF, s & 0xFFFFFFFF], jnp.uint32))
+        row, toks, lps, reason = list(prompt), [], [], None
+        while reason is None:
+            buf = np.zeros((1, R), np.int32)
+            buf[0, :len(row)] = row
+            logp, rx = nxt(params, buf, np.asarray([len(row)], np.int32), inv)
+            logp = np.asarray(logp[0])
+            if temperature > 0:
+                g = np.asarray(jax.random.gumbel(jax.random.fold_in(key, len(toks)), logp.shape, jnp.float32))
+                y = int(np.argmax(logp + g))
+            else:
+                y = int(np.argmax(logp))
+            toks.append(y)
+            lps.append(logp[y])
+            reason = "stop" if y in stops else ("length" if len(toks) == max_new_tokens else None)
+            experts = np.asarray(rx[0, :len(row)])
+            row.append(y)
+        out.append((toks, np.asarray(lps, np.float32), reason, experts))
+    return out
+
+
+@pytest.mark.parametrize("temperature", [0.7, 0.0])  # τ = 1: the bitwise test above
+def test_generate_exact_equals_the_row_reference(temperature):
+    """``generate_exact`` (2 refilled slots, 5 prompts of mixed lengths) gives the written-out
+    row reference's tokens, log-probs, finish reasons and routed experts exactly."""
+    cfg = nh.preset("tiny")
+    params = nh.init_params(cfg, jax.random.key(1), jnp.float32)
+    seeds = [sample_seed(3, i) for i in range(len(PROMPTS))]
+    samples = generate_exact(params, cfg, PROMPTS, row_len=R, num_slots=2, max_new_tokens=8,
+                             seed=3, stop_token_ids=STOPS, return_routed_experts=True,
+                             vocab_chunk=CHUNK, temperature=temperature)
+    ref = _row_reference(params, cfg, PROMPTS, seeds, max_new_tokens=8, temperature=temperature,
+                         stops=set(STOPS))
+    for s, (toks, lps, reason, experts) in zip(samples, ref):
+        assert s.response_ids.tolist() == toks and s.finish_reason == reason
+        assert np.array_equal(s.logprobs, lps)
+        assert np.array_equal(s.routed_experts, experts)
+    if temperature > 0:
+        assert len({len(t) for t, *_ in ref}) > 1  # mixed lengths: slots refilled
 
 
 def test_logprob_mismatch_hand_computed():

@@ -2,7 +2,7 @@
 
 Pure array functions (no model needed): :func:`group_advantages`, :func:`grpo_advantages`,
 :func:`grpo_loss`, :func:`mopd_loss`, :func:`sft_loss`, :func:`is_weights`,
-:func:`chunked_logprobs`. Model-level: :func:`token_logprobs`, :func:`routed_logprobs`,
+:func:`chunked_logprobs`. Model-level: :func:`token_logprobs`,
 :class:`TrainState`, :func:`make_optimizer`, the train steps. Generation (the sampler, the
 rollout engine) lives in :mod:`cascade_jax.rollout`.
 
@@ -19,13 +19,13 @@ A GRPO loop (see ``launch/walkthrough_rl.py`` for every intermediate)::
         state, metrics = step(state, batch)
 """
 
-from .advantages import group_advantages, group_stats, grpo_advantages
+from .advantages import flat_groups, group_advantages, group_stats, grpo_advantages
 from .batch import (FINISH_ABORT, FINISH_LENGTH, FINISH_STOP, RLBatch, SFTBatch, num_sequences,
                     pack_routed_experts, response_lengths, sequence_index)
 from .is_correction import is_weights, masked_mean, masked_quantile
 from .expert_load import expert_counts, load_metrics
 from .logprobs import (DEFAULT_VOCAB_CHUNK, chunked_logprobs, inverse_temperature,
-                       next_token_logprobs, routed_logprobs, token_logprobs)
+                       next_token_logprobs, token_logprobs)
 from .mismatch import logprob_mismatch, routing_mismatch
 from .losses import grpo_loss, k3_kl, mopd_loss, segment_start_mask, sft_loss
 from .optim import (TrainState, compute_params, decay_mask, lr_schedule, make_optimizer,
@@ -35,11 +35,11 @@ from .steps import (accumulate_gradients, domain_metrics, grpo_train_step, make_
                     mopd_train_step, sft_train_step)
 
 __all__ = [
-    "group_advantages", "group_stats", "grpo_advantages",
+    "flat_groups", "group_advantages", "group_stats", "grpo_advantages",
     "FINISH_ABORT", "FINISH_LENGTH", "FINISH_STOP", "RLBatch", "SFTBatch", "num_sequences",
     "response_lengths", "sequence_index",
     "is_weights", "masked_mean", "masked_quantile",
-    "DEFAULT_VOCAB_CHUNK", "chunked_logprobs", "routed_logprobs", "token_logprobs",
+    "DEFAULT_VOCAB_CHUNK", "chunked_logprobs", "token_logprobs",
     "next_token_logprobs", "inverse_temperature", "logprob_mismatch", "routing_mismatch",
     "pack_routed_experts", "expert_counts", "load_metrics",
     "grpo_loss", "k3_kl", "mopd_loss", "segment_start_mask", "sft_loss",

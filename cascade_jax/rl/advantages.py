@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from .batch import FINISH_ABORT, FINISH_LENGTH
 from .is_correction import masked_mean
 
-__all__ = ["group_advantages", "group_stats", "grpo_advantages"]
+__all__ = ["flat_groups", "group_advantages", "group_stats", "grpo_advantages"]
 
 
 def _group_ids(groups, n: int) -> jax.Array:
@@ -59,6 +59,15 @@ def group_stats(rewards: jax.Array, groups: Union[int, jax.Array],
     lo = jnp.where(same, r[None, :], jnp.inf).min(1)
     all_equal = (hi <= lo) | (count <= 1)
     return dict(mean=mean, std=jnp.sqrt(var), count=count, sum=total, all_equal=all_equal)
+
+
+def flat_groups(rewards: jax.Array, groups: Union[int, jax.Array],
+                valid: Optional[jax.Array] = None) -> jax.Array:
+    """``[N]`` bool: the response's group has no reward variance (every valid member has the
+    same reward, or it has at most one; :func:`group_stats`'s ``all_equal``). The dynamic
+    filter's one rule: the train step drops these responses from the loss
+    (:func:`grpo_advantages`) and the runner draws more prompts in place of such groups."""
+    return group_stats(rewards, groups, valid)["all_equal"]
 
 
 def group_advantages(rewards: jax.Array, groups: Union[int, jax.Array], *,
@@ -116,7 +125,7 @@ def grpo_advantages(rewards: jax.Array, group_ids: jax.Array, finish_reason: jax
     keep = valid
     if overlong_filtering:
         keep = keep & ~truncated
-    if dynamic_filtering:
+    if dynamic_filtering:  # flat_groups(r, group_ids, valid)
         keep = keep & ~stats["all_equal"]
     keep = keep.astype(jnp.float32)
     n_valid = jnp.maximum(valid.sum(), 1)

@@ -51,7 +51,7 @@ rows (equal up to rounding), so the step costs the default step plus one invaria
 from __future__ import annotations
 
 import functools
-from typing import Optional, Sequence
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -60,10 +60,9 @@ from models import nemotron_h
 from models.nemotron_h import invariant
 from models.nemotron_h.partitioning import use_partitioner
 
-from .batch import sequence_index
 from .losses import segment_start_mask
 
-__all__ = ["chunked_logprobs", "token_logprobs", "routed_logprobs", "next_token_logprobs",
+__all__ = ["chunked_logprobs", "token_logprobs", "next_token_logprobs",
            "invariant_next_logprobs",
            "inverse_temperature",
            "DEFAULT_VOCAB_CHUNK"]
@@ -406,26 +405,3 @@ def inverse_temperature(temperature) -> "np.ndarray":
 
     t = np.asarray(temperature, np.float64)
     return np.where(t > 0, 1.0 / np.where(t > 0, t, 1.0), 1.0).astype(np.float32)
-
-
-def routed_logprobs(teacher_params: Sequence, teacher_of_domain, batch, cfg, *,
-                    temperature: float = 1.0, vocab_chunk: int = DEFAULT_VOCAB_CHUNK,
-                    model=None) -> jax.Array:
-    """MOPD teacher log-probs ``[B, T]``: each sequence scored by the teacher of its domain,
-    ``teacher_of_domain[batch.domain_ids[n]]`` (an int array indexing ``teacher_params``).
-    All teachers share the student's tokenizer and ``cfg`` here (a list of configs can be
-    added when teachers differ in architecture).
-
-    A sequence with no domain (``domain_ids`` -1) or whose domain has no teacher
-    (``teacher_of_domain`` -1) gets NaN log-probs, never another domain's teacher (plain
-    indexing would wrap -1 to the last entry)."""
-    table = jnp.asarray(teacher_of_domain, jnp.int32)
-    dom = jnp.asarray(batch.domain_ids, jnp.int32)
-    route = jnp.where(dom >= 0, table[jnp.maximum(dom, 0)], -1)  # [N]
-    tok_route = route[sequence_index(batch)]  # [B, T]
-    out = jnp.full(batch.tokens.shape, jnp.nan, jnp.float32)
-    for k, p in enumerate(teacher_params):
-        lp, _ = token_logprobs(p, batch, cfg, temperature=temperature, vocab_chunk=vocab_chunk,
-                               model=model)
-        out = jnp.where(tok_route == k, lp, out)
-    return sg(out)

@@ -239,7 +239,7 @@ def mopd_train_step(state: TrainState, batch: RLBatch, *, model_cfg,
                     vocab_chunk: int = DEFAULT_VOCAB_CHUNK, model=None,
                     row_len: Optional[int] = None):
     """One MOPD update (docs/algorithms.md §6): ``batch.teacher_logp`` holds each sequence's
-    domain teacher's log-probs (:func:`routed_logprobs`), ``batch.rollout_logp`` the
+    domain teacher's log-probs (``rollout.teachers.Teachers.score``), ``batch.rollout_logp`` the
     inference engine's. ``L = mopd_loss(lp, teacher_logp, rollout_logp, loss_mask,
     is_low, is_high)`` normalised by ``settings.loss_norm`` (per sequence, per token or per
     domain, with the whole batch's sequence / token / per-domain token counts);

@@ -2,9 +2,10 @@
 run.
 
 * ``steady``: every slot always busy (``4 · num_slots`` equal requests, prompt 16, response
-  ``--steady-len`` tokens). Engine tokens/s against the *bare jitted decode step* at the same
-  batch size: a ``lax.scan`` of sampling + ``decode_step`` over ``num_slots`` rows with no host
-  work, no prefill and no refill (the limit). Goal: ratio >= 0.8.
+  ``--steady-len`` tokens). Engine tokens/s against the engine's own decode program alone at
+  the same batch size (:meth:`~cascade_jax.rollout.engine.JaxEngine.bare_decode`: sampling +
+  ``decode_step`` over ``num_slots`` rows with no host work, no prefill and no refill; the
+  limit). Goal: ratio >= 0.8.
 * ``mixed``: ``8 · num_slots`` requests whose response lengths are spread 10:1, log-uniform
   between ``L/10`` and ``L`` (many short, few long, as RL response lengths are), against the
   old fixed-batch sampler (:func:`cascade_jax.rollout.sampler.sample`): batches of
@@ -34,7 +35,7 @@ from models import nemotron_h
 
 from .engine import JaxEngine
 from .mismatch import engine_mismatch
-from .sampler import sample, sample_tokens
+from .sampler import sample
 from .types import Request, SamplingParams
 
 
@@ -52,31 +53,6 @@ def _measure(fns: dict, repeats: int) -> dict:
             w, c = time.perf_counter() - w, time.process_time() - c
             best[k] = (min(best[k][0], w), min(best[k][1], c))
     return best
-
-
-def bare_decode(model, cfg, params, S: int, prompt_len: int, steps: int, max_len: int):
-    """A callable running a jitted scan of ``steps`` (sample + decode_step) over ``S`` rows with
-    a cache of ``max_len`` positions: the engine's device work without any host work."""
-    _, cache = model.prefill(params, jnp.ones((S, prompt_len), jnp.int32), cfg,
-                             max_len=max_len, last_only=True)
-
-    @jax.jit
-    def run(params, cache, z):  # weights as an argument, as in the engine (not constants)
-        keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(0), i))(jnp.arange(S))
-
-        def body(carry, t):
-            cache, z, pos = carry
-            tok, lp = sample_tokens(z, jax.vmap(jax.random.fold_in, (0, None))(keys, t),
-                                    jnp.ones(S), jnp.ones(S), jnp.full((S,), -1))
-            z, cache = model.decode_step(params, cache, tok, pos, cfg)
-            return (cache, z, pos + 1), tok
-
-        (_, z, _), toks = jax.lax.scan(body, (cache, z, jnp.full((S,), prompt_len, jnp.int32)),
-                                       jnp.arange(steps))
-        return toks
-
-    z0 = jnp.zeros((S, cfg.vocab_size), jnp.float32)
-    return lambda: jax.block_until_ready(run(params, cache, z0))
 
 
 def main(argv=None) -> dict:
@@ -127,7 +103,7 @@ def main(argv=None) -> dict:
 
     # the bare loop decodes as many tokens per row as a steady request
     t = _measure({"steady": lambda: eng.generate(steady),
-                  "bare": bare_decode(model, cfg, params, S, P, args.steady_len, max_len),
+                  "bare": eng.bare_decode(args.steady_len, P),
                   "mixed": lambda: eng.generate(mixed), "fixed": fixed}, args.repeats)
     steady_tokens = n_req * args.steady_len
     bare_tokens = S * args.steady_len

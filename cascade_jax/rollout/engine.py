@@ -99,7 +99,8 @@ from .sampler import sample_tokens
 from .scoring import score_logprobs
 from .types import Request, RolloutError, Rollouts, Sample, sample_seed
 
-__all__ = ["JaxEngine", "RequestHandle", "check_version_order", "default_prompt_buckets"]
+__all__ = ["JaxEngine", "RequestHandle", "check_version_order", "default_prompt_buckets",
+           "scatter_admitted"]
 
 _SEED_MAX = 2 ** 64
 
@@ -138,6 +139,34 @@ def _delete(arrays) -> int:
 def _seed_key(seed_hi, seed_lo):
     """Threefry key of the 64-bit seed ``hi · 2^32 + lo`` (uint32 halves)."""
     return jax.random.wrap_key_data(jnp.stack([seed_hi, seed_lo]).astype(jnp.uint32))
+
+
+def scatter_admitted(cache, logits, slots_state, fresh, next_logits, values, slots, rx=None):
+    """Write admitted rows into their slots -> ``(cache, logits, slot state)``: row ``r`` of a
+    prefill of ``Pb`` positions goes to slot ``slots[r]`` (an out-of-range slot drops the row).
+    ``fresh`` is the prefill's cache (per layer: ``k``/``v`` ``[nb, Pb, ...]`` written at
+    positions ``[0, Pb)``, Mamba ``conv``/``ssm`` states replaced whole), ``next_logits
+    [nb, V]`` the rows' next-token distribution (stored as float32), ``values`` the new slot
+    state (one ``[nb, ...]`` entry per key of ``slots_state`` other than ``rx``), ``rx [nb, Pb,
+    L_moe, K]`` the prefill's routed experts (recorded when the state has ``rx``; positions
+    ``>= Pb`` reset to -1). The one admission scatter of every engine mode."""
+    out = []
+    for layer, new in zip(cache, fresh):
+        upd = {}
+        for name, buf in layer.items():
+            val = new[name].astype(buf.dtype)
+            upd[name] = (buf.at[slots, :val.shape[1]].set(val, mode="drop") if name in ("k", "v")
+                         else buf.at[slots].set(val, mode="drop"))
+        out.append(upd)
+    logits = logits.at[slots].set(next_logits.astype(jnp.float32), mode="drop")
+    values = dict(values)
+    if "rx" in slots_state:
+        max_len = slots_state["rx"].shape[1]
+        values["rx"] = jnp.concatenate(
+            [rx, jnp.full((rx.shape[0], max_len - rx.shape[1]) + rx.shape[2:], -1, jnp.int32)], 1)
+    slots_state = {k: v.at[slots].set(values[k].astype(v.dtype), mode="drop")
+                   for k, v in slots_state.items()}
+    return out, logits, slots_state
 
 
 class RequestHandle:
@@ -441,30 +470,20 @@ class JaxEngine:
         lengths, slots = ints[:, 0], ints[:, 1]
         pre = self.model.prefill(params, tokens, self.model_cfg, lengths=lengths, max_len=Pb,
                                  last_only=True, return_routed_experts=self.return_routed_experts)
-        last, new = pre[:2]
-        out = []
-        for layer, fresh in zip(cache, new):
-            upd = {}
-            for name, buf in layer.items():
-                val = fresh[name].astype(buf.dtype)
-                if name in ("k", "v"):
-                    upd[name] = buf.at[slots, :Pb].set(val, mode="drop")
-                else:
-                    upd[name] = buf.at[slots].set(val, mode="drop")
-            out.append(upd)
-        logits = logits.at[slots].set(last.astype(jnp.float32), mode="drop")
-        seed = jax.lax.bitcast_convert_type(ints[:, 4:6], jnp.uint32)
-        values = {"pos": lengths, "step": jnp.zeros_like(lengths), "seed": seed,
-                  "temp": floats[:, 0], "top_p": floats[:, 1],
-                  "top_k": ints[:, 2], "budget": ints[:, 3], "stops": stops,
-                  "done": jnp.zeros(lengths.shape, bool)}
-        if self.return_routed_experts:
-            rx = pre[2]  # [nb, Pb, L_moe, K]
-            values["rx"] = jnp.concatenate(
-                [rx, jnp.full((rx.shape[0], self.max_len - Pb) + rx.shape[2:], -1, jnp.int32)], 1)
-        slots_state = {k: v.at[slots].set(values[k].astype(v.dtype), mode="drop")
-                       for k, v in slots_state.items()}
-        return out, logits, slots_state
+        return scatter_admitted(cache, logits, slots_state, pre[1], pre[0],
+                                self._admitted_state(ints, floats, stops), slots,
+                                pre[2] if self.return_routed_experts else None)
+
+    @staticmethod
+    def _admitted_state(ints, floats, stops) -> dict:
+        """The slot state of admitted rows (``ints`` / ``floats`` / ``stops`` as in
+        :meth:`_admit_impl`): position = prompt length, no tokens decoded, the sample's seed,
+        sampling settings, budget and stop ids, not done."""
+        lengths = ints[:, 0]
+        return {"pos": lengths, "step": jnp.zeros_like(lengths),
+                "seed": jax.lax.bitcast_convert_type(ints[:, 4:6], jnp.uint32),
+                "temp": floats[:, 0], "top_p": floats[:, 1], "top_k": ints[:, 2],
+                "budget": ints[:, 3], "stops": stops, "done": jnp.zeros(lengths.shape, bool)}
 
     def _extend_impl(self, params, cache, logits, slots_state, tokens, ints, floats, stops):
         """Continue slot ``ints[r, 2]``'s prefill with the chunk ``tokens [nb, Cb]`` (``ints[r, 1]``
@@ -509,6 +528,12 @@ class JaxEngine:
         return self.model.decode_step(params, cache, tokens, positions, self.model_cfg,
                                       return_routed_experts=self.return_routed_experts)
 
+    def _record_experts(self, rx, experts, positions, going):
+        """The recorded experts ``rx [S, max_len, L_moe, K]`` after a decode step: those of the
+        token fed at ``positions [S]`` (``experts [S, L_moe, K]``) written at that position.
+        ``going [S]``: the rows that continue after this step (for modes that record more)."""
+        return rx.at[jnp.arange(rx.shape[0]), positions].set(experts)
+
     def _sample(self, z, keys, live, st):
         """``(ids [S], logp [S])`` drawn from the slots' next-token logits ``z [S, V]`` with their
         settings (idle rows greedily). The one place the engine samples."""
@@ -535,15 +560,15 @@ class JaxEngine:
             tok, lp = self._sample(z, keys, live, st)
             out = self._decode_logits(params, cache, tok, jnp.minimum(pos, last), st)
             z, new_cache = out[:2]
+            hit = jnp.any(tok[:, None] == st["stops"], axis=1)
+            ended = live & (hit | (step + 1 >= st["budget"]))
             if self.keep_sessions:  # finished rows keep their Mamba state (position-free)
                 new_cache = [{k: (jnp.where(live.reshape((-1,) + (1,) * (v.ndim - 1)), v, layer[k])
                                   if k in ("conv", "ssm") else v) for k, v in new.items()}
                              for layer, new in zip(cache, new_cache)]
             cache = new_cache
-            if rx is not None:  # the experts of the token fed at ``pos`` (row s, column pos)
-                rx = rx.at[jnp.arange(S), jnp.minimum(pos, last)].set(out[2])
-            hit = jnp.any(tok[:, None] == st["stops"], axis=1)
-            ended = live & (hit | (step + 1 >= st["budget"]))
+            if rx is not None:
+                rx = self._record_experts(rx, out[2], jnp.minimum(pos, last), live & ~ended)
             toks = jax.lax.dynamic_update_index_in_dim(toks, tok, i, 0)
             lps = jax.lax.dynamic_update_index_in_dim(lps, lp, i, 0)
             pos = jnp.where(live, pos + 1, pos) if self.keep_sessions else pos + 1
@@ -1174,3 +1199,34 @@ class JaxEngine:
             self._cache, self._logits, self._slots, toks, _, _ = self._decode_fn(
                 params, self._cache, self._logits, self._slots, np.int32(0))
             jax.block_until_ready(toks)
+
+    def bare_decode(self, steps: int, prompt_len: int = 1) -> Callable[[], None]:
+        """The engine's device work without its host work, for benchmarks: a callable that sets
+        every slot decoding (position ``prompt_len``, τ = 1, untruncated, sample seed = slot,
+        over whatever the cache holds) and runs the decode program ``ceil(steps /
+        steps_per_call)`` times (no early exit, no admission, no reads back, no retirement),
+        waits for the device and leaves the slots free. Call while idle."""
+        S = self.num_slots
+        if not 1 <= prompt_len < self.max_len:
+            raise ValueError(f"prompt_len: must lie in [1, max_len={self.max_len}), got {prompt_len}")
+        start = {"pos": np.full(S, prompt_len, np.int32), "step": np.zeros(S, np.int32),
+                 "seed": np.stack([np.zeros(S), np.arange(S)], 1).astype(np.uint32),
+                 "temp": np.ones(S, np.float32), "top_p": np.ones(S, np.float32),
+                 "top_k": np.full(S, -1, np.int32), "budget": np.full(S, steps, np.int32),
+                 "done": np.zeros(S, bool)}
+        calls = -(-int(steps) // self.steps_per_call)
+        place = lambda k, v: self._place(jnp.asarray(v), self._slots_sh and self._slots_sh[k])
+
+        def run():
+            with self._step_lock:
+                if self.num_running() or self._queue:
+                    raise RolloutError("bare_decode: the engine is busy")
+                params = self._params
+                self._slots = {**self._slots, **{k: place(k, v) for k, v in start.items()}}
+                for _ in range(calls):
+                    self._cache, self._logits, self._slots, toks, _, _ = self._decode_fn(
+                        params, self._cache, self._logits, self._slots, np.int32(0))
+                jax.block_until_ready(toks)
+                self._slots = {**self._slots, "done": place("done", np.ones(S, bool))}
+
+        return run

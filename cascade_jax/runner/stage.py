@@ -249,8 +249,8 @@ class Stage:
                     raise RolloutUnavailable(f"rollouts of step {step + 1}: {e}") from None
             with timer("reward"):
                 rewards = self._score(prompts, ro)
-            for item in zip(prompts, reqs, ro.groups, rewards):
-                flat = bool(np.all(item[3] == item[3][0]))
+            flat_of = np.asarray(rl.flat_groups(rewards.reshape(-1), rewards.shape[1]))[::rewards.shape[1]]
+            for item, flat in zip(zip(prompts, reqs, ro.groups, rewards), flat_of.tolist()):
                 n_var += not flat
                 (spare if flat and cfg.stage.dynamic_filtering else kept).append(item)
         groups = (kept + spare)[:want]
