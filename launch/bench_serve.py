@@ -150,9 +150,10 @@ def _server_update_log(log: Path) -> dict:
     """The server's own split of its last disk update (its ``update_weights_from_disk`` log line):
     read and swap seconds, host slabs reused / allocated so far."""
     lines = [ln for ln in log.read_text(errors="replace").splitlines() if "update_weights_from_disk " in ln]
-    m = re.search(r"read ([\d.]+) s, swap ([\d.]+) s \(host slabs reused (\d+), allocated (\d+)\)", lines[-1])
+    m = re.search(r"read ([\d.]+) s, swap ([\d.]+) s \(host slabs reused (\d+), allocated (\d+); "
+                  r"gc generation (\d) ([\d.]+) s\)", lines[-1])
     return {"server_read_s": float(m[1]), "server_swap_s": float(m[2]), "slabs_reused": int(m[3]),
-            "slabs_allocated": int(m[4])}
+            "slabs_allocated": int(m[4]), "server_gc_generation": int(m[5]), "server_gc_s": float(m[6])}
 
 
 def _sync_config(gb: float):

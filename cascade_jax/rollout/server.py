@@ -48,7 +48,9 @@ Behaviour:
   ``/generate`` requests wait until ``/continue_generation``.
 * A weight update (disk or distributed) waits until no request is in flight (new ones wait),
   loads and validates the new weights before swapping; a missing, corrupt or mismatched
-  checkpoint is refused with 400 and the previous version keeps serving. ``weight_version`` is
+  checkpoint is refused with 400 and the previous version keeps serving. A disk update reads
+  into reused host memory (``--update-buffers``, :class:`~models.nemotron_h.checkpoint.HostBuffers`:
+  the slab of the version before last, never one still referenced). ``weight_version`` is
   optional (absent: the label stays, as SGLang does); a given one may repeat the current label
   but decimal labels never go backwards. ``/flush_cache`` answers 400 while requests run or wait.
 * Distributed updates: ``/init_weights_update_group`` (``master_port`` an int or a decimal
@@ -521,8 +523,9 @@ class RolloutServer:
                 return _update_reply(False, f"Failed to update weights: {e}", num_paused_requests=n_aborted)
             del params
             hb = self.host_buffers
-            log.info("update_weights_from_disk %s: read %.3f s, swap %.3f s (host slabs reused %d, allocated %d)",
-                     path, t1 - t0, time.perf_counter() - t1, hb.reused if hb else 0, hb.allocated if hb else 0)
+            log.info("update_weights_from_disk %s: read %.3f s, swap %.3f s (host slabs reused %d, allocated %d; "
+                     "gc generation %d %.3f s)", path, t1 - t0, time.perf_counter() - t1,
+                     *((hb.reused, hb.allocated, *hb.last_gc) if hb else (0, 0, 0, 0.0)))
             self.checkpoint = path
             self._hub_cache = None
         return _update_reply(True, "Succeeded to update model weights.", num_paused_requests=n_aborted)

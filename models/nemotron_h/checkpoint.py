@@ -33,8 +33,8 @@ tensor per param leaf, named by its pytree path (``embed``, ``layers.3.mixer.in_
 the layout and dtype we hold, with ``"layout": "cascade-jax-params"`` in the safetensors
 metadata. Nothing is transposed, fused or split either way: a save writes each host buffer as
 it is (no copy on CPU) and an unsharded load reads each tensor's bytes straight into an aligned
-host buffer that JAX adopts without a copy on CPU, so a sync costs about a sequential write +
-read of the bytes. ``load_checkpoint`` recognises it from the metadata. Any safetensors reader
+host buffer that JAX adopts without a copy on CPU (with a :class:`HostBuffers` pool: a buffer
+an earlier load already faulted in), so a sync costs about a sequential write + read of the bytes. ``load_checkpoint`` recognises it from the metadata. Any safetensors reader
 reads these files, but only this module maps them to the model: Hub exports (SGLang, vLLM,
 transformers) always use the default ``layout="hub"``.
 """
@@ -51,6 +51,7 @@ import os
 import shutil
 import sys
 import threading
+import time
 import uuid
 import warnings
 from pathlib import Path
@@ -429,6 +430,7 @@ class HostBuffers:
         self._lock = threading.Lock()
         self.reused = 0  # loads that got an already-touched slab
         self.allocated = 0  # slabs allocated
+        self.last_gc = (0, 0.0)  # (oldest generation collected, seconds) by the last slab request
 
     def _free(self, i: int) -> bool:
         return sys.getrefcount(self._pool[i]) == 2  # the pool's list + the argument
@@ -440,8 +442,10 @@ class HostBuffers:
             # a dropped jax.Array lets go of its host buffer through a young reference cycle: a
             # generation-0 collection finds it (cheap); a full one only before allocating
             found = None
+            t0 = time.perf_counter()
             for generation in (0, 2):
                 gc.collect(generation)
+                self.last_gc = (generation, time.perf_counter() - t0)
                 found = next((i for i in range(len(self._pool))
                               if self._free(i) and self._pool[i].size >= nbytes + _ALIGN), None)
                 if found is not None:
