@@ -12,8 +12,9 @@
         (atomic versioned export + ``/update_weights_from_disk`` + verification), in the params
         layout (``--layout auto`` with our server; ``hub`` for the SGLang-readable layout).
         Baseline: this machine's sequential write (fsync) + read of the same bytes (the pushed
-        weights' own) in the same directory, measured after each sync; ``ratio`` = baseline seconds / (export +
-        server load seconds), medians over ``--repeats``; goal >= 0.7.
+        weights' own) in the same directory, measured after each sync; ``ratio`` = baseline
+        seconds / (export + server load seconds), medians over ``--repeats``; goal >= 0.7. Each
+        run also has the server's own read / swap seconds and host-slab reuse (its log).
 
     python launch/bench_serve.py startup [--serve-flags ...]
         The tiny server's launch -> ``ready`` line -> first ``/generate`` reply, with an empty
@@ -148,7 +149,7 @@ def _sequential_write_read(path: Path, arrays, buf: np.ndarray) -> tuple[float, 
 
 def _server_update_log(log: Path) -> dict:
     """The server's own split of its last disk update (its ``update_weights_from_disk`` log line):
-    read and swap seconds, host slabs reused / allocated so far."""
+    read and swap seconds, host slabs reused / allocated so far, the collection before the read."""
     lines = [ln for ln in log.read_text(errors="replace").splitlines() if "update_weights_from_disk " in ln]
     m = re.search(r"read ([\d.]+) s, swap ([\d.]+) s \(host slabs reused (\d+), allocated (\d+); "
                   r"gc generation (\d) ([\d.]+) s\)", lines[-1])
