@@ -34,7 +34,8 @@ the layout and dtype we hold, with ``"layout": "cascade-jax-params"`` in the saf
 metadata. Nothing is transposed, fused or split either way: a save writes each host buffer as
 it is (no copy on CPU) and an unsharded load reads each tensor's bytes straight into an aligned
 host buffer that JAX adopts without a copy on CPU (with a :class:`HostBuffers` pool: a buffer
-an earlier load already faulted in), so a sync costs about a sequential write + read of the bytes. ``load_checkpoint`` recognises it from the metadata. Any safetensors reader
+an earlier load already faulted in), so a sync costs about a sequential write + read of the
+bytes. ``load_checkpoint`` recognises it from the metadata. Any safetensors reader
 reads these files, but only this module maps them to the model: Hub exports (SGLang, vLLM,
 transformers) always use the default ``layout="hub"``.
 """
@@ -67,8 +68,8 @@ from safetensors.numpy import save_file
 from .config import ModelConfig, ModelConfigError, _HF_ALIASES, _JAX_ONLY
 from .params import param_specs
 
-__all__ = ["CheckpointError", "HostBuffers", "load_checkpoint", "save_checkpoint", "hub_tensors", "params_from_hub_tensors",
-           "TOKENIZER_FILE_PATTERNS", "PARAMS_LAYOUT", "LAYOUTS"]
+__all__ = ["CheckpointError", "HostBuffers", "load_checkpoint", "save_checkpoint", "hub_tensors",
+           "params_from_hub_tensors", "TOKENIZER_FILE_PATTERNS", "PARAMS_LAYOUT", "LAYOUTS"]
 
 
 class CheckpointError(ValueError):
@@ -428,7 +429,7 @@ class HostBuffers:
         self.slabs = slabs
         self._pool: list = []  # raw uint8 slabs; nothing else may hold a slab that is free
         self._lock = threading.Lock()
-        self.reused = 0  # loads that got an already-touched slab
+        self.reused = 0  # slab requests answered with an already-touched slab
         self.allocated = 0  # slabs allocated
         self.last_gc = (0, 0.0)  # (oldest generation collected, seconds) by the last slab request
 
@@ -492,7 +493,8 @@ class HostBuffers:
 def _slab_bytes(shapes_dtypes) -> int:
     """Slab bytes for whole tensors ``[(shape, dtype)]`` carved one after another (each start
     ``_ALIGN``-aligned)."""
-    return sum(-(-int(np.prod(s, dtype=np.int64)) * np.dtype(d).itemsize // _ALIGN) * _ALIGN for s, d in shapes_dtypes)
+    sizes = (int(np.prod(s, dtype=np.int64)) * np.dtype(d).itemsize for s, d in shapes_dtypes)
+    return sum(n + (-n) % _ALIGN for n in sizes)
 
 
 def _read_whole(st: _Stored, dtype, alloc=None) -> np.ndarray:
