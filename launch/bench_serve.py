@@ -7,13 +7,14 @@
         engine settings in process (``JaxEngine.generate`` on the same workload, no HTTP), measured
         after the server stopped; ``ratio_vs_in_process`` = served tokens/s / in-process tokens/s.
 
-    python launch/bench_serve.py disk-sync [--gb 0.5 --repeats 3 --layout auto]
+    python launch/bench_serve.py disk-sync [--gb 0.5 --repeats 5 --layout auto]
         A NemotronH config of ``--gb`` GB in bf16 behind one server; ``DiskWeightSync.update``
         (atomic versioned export + ``/update_weights_from_disk`` + verification), in the params
         layout (``--layout auto`` with our server; ``hub`` for the SGLang-readable layout).
-        Baseline: this machine's sequential write (fsync) + read of the same number of bytes in
-        the same directory, measured after each sync; ``ratio`` = baseline seconds / (export +
-        server load seconds), medians over ``--repeats``; goal >= 0.7.
+        Baseline: this machine's sequential write (fsync) + read of the same bytes (the pushed
+        weights' own) in the same directory, measured after each sync; ``ratio`` = baseline
+        seconds / (export + server load seconds), medians over ``--repeats``; goal >= 0.7. Each
+        run also has the server's own read / swap seconds and host-slab reuse (its log).
 
     python launch/bench_serve.py startup [--serve-flags ...]
         The tiny server's launch -> ``ready`` line -> first ``/generate`` reply, with an empty
@@ -27,6 +28,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -126,23 +128,33 @@ def bench_load(args) -> dict:
             "ratio_vs_in_process": served["tokens_per_s"] / base_tps}
 
 
-def _sequential_write_read(path: Path, nbytes: int, chunk: int = 64 << 20) -> tuple[float, float]:
-    buf = np.random.default_rng(0).integers(0, 255, chunk, dtype=np.uint8)
+def _sequential_write_read(path: Path, arrays, buf: np.ndarray) -> tuple[float, float]:
+    """dd-like seconds to write the bytes of ``arrays`` (the pushed weights' own bytes, one after
+    another, unbuffered, then fsync) to ``path`` and to read them back in ``buf``-sized chunks."""
     t0 = time.perf_counter()
-    with open(path, "wb") as f:
-        left = nbytes
-        while left > 0:
-            f.write(buf[:min(chunk, left)].data)
-            left -= chunk
-        f.flush()
+    with open(path, "wb", buffering=0) as f:
+        for a in arrays:
+            view = memoryview(np.ascontiguousarray(a).reshape(-1).view(np.uint8))
+            while view:
+                view = view[f.write(view):]
         os.fsync(f.fileno())
     t1 = time.perf_counter()
-    with open(path, "rb") as f:
+    with open(path, "rb", buffering=0) as f:
         while f.readinto(memoryview(buf)):
             pass
     t2 = time.perf_counter()
     path.unlink()
     return t1 - t0, t2 - t1
+
+
+def _server_update_log(log: Path) -> dict:
+    """The server's own split of its last disk update (its ``update_weights_from_disk`` log line):
+    read and swap seconds, host slabs reused / allocated so far, the collection before the read."""
+    lines = [ln for ln in log.read_text(errors="replace").splitlines() if "update_weights_from_disk " in ln]
+    m = re.search(r"read ([\d.]+) s, swap ([\d.]+) s \(host slabs reused (\d+), allocated (\d+); "
+                  r"gc generation (\d) ([\d.]+) s\)", lines[-1])
+    return {"server_read_s": float(m[1]), "server_swap_s": float(m[2]), "slabs_reused": int(m[3]),
+            "slabs_allocated": int(m[4]), "server_gc_generation": int(m[5]), "server_gc_s": float(m[6])}
 
 
 def _sync_config(gb: float):
@@ -180,10 +192,11 @@ def bench_disk_sync(args) -> dict:
     root = Path(args.dir or tempfile.mkdtemp(prefix="bench-sync-", dir="."))
     root.mkdir(parents=True, exist_ok=True)
     runs = []
+    chunk = np.zeros(64 << 20, np.uint8)  # the baseline's read buffer (touched, reused like dd's)
     try:
         ck0 = write_version(params, cfg, root / "initial", "0")
         launcher = Launcher(serve_command(extra=["--num-slots", "1", "--max-len", "32", "--prompt-buckets", "16",
-                                                 "--prefill-sizes", "1"]),
+                                                 "--prefill-sizes", "1", "--log-level", "info"]),
                             n=1, checkpoint=str(ck0), weight_version="0", log_dir=str(root), health_timeout_s=900,
                             restart=False)
         launcher.start()
@@ -194,10 +207,11 @@ def bench_disk_sync(args) -> dict:
             for k in range(1, args.repeats + 1):
                 new = jax.block_until_ready(jax.tree.map(lambda x: (x * (1 + 0.01 * k)).astype(x.dtype), params))
                 sync.update(new, str(k))
-                del new
                 t = sync.timings
-                w, r = _sequential_write_read(root / "baseline.bin", nbytes)
-                runs.append({"export_s": t["write_s"], "server_load_s": t["load_s"], "baseline_write_s": w,
+                w, r = _sequential_write_read(root / "baseline.bin", [np.asarray(x) for x in jax.tree.leaves(new)],
+                                              chunk)
+                server = _server_update_log(launcher.log_path(launcher.ports[0]))
+                runs.append({"export_s": t["write_s"], "server_load_s": t["load_s"], **server, "baseline_write_s": w,
                              "baseline_read_s": r, "ratio": (w + r) / (t["write_s"] + t["load_s"]),
                              "update_total_s_incl_pause_flush_verify": t["total_s"]})
         finally:
@@ -302,7 +316,7 @@ def main(argv=None) -> None:
     a.add_argument("--seed", type=int, default=0)
     b = sub.add_parser("disk-sync")
     b.add_argument("--gb", type=float, default=0.5)
-    b.add_argument("--repeats", type=int, default=3)
+    b.add_argument("--repeats", type=int, default=5)
     b.add_argument("--layout", choices=["auto", "hub", "params"], default="auto",
                    help="auto: the params layout with launch/serve.py servers (what a trainer uses)")
     b.add_argument("--dir", default=None, help="where to write (default: a temporary directory here)")

@@ -7,13 +7,8 @@ server's own ``/generate`` with the same ids and seed, and the trainer's log-pro
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import tempfile
 
 import httpx
-import jax
 import numpy as np
 import openai
 import pytest
@@ -21,9 +16,9 @@ import pytest
 from cascade_jax.data.chat import render_text
 from cascade_jax.data.tokenizer import write_tiny_tokenizer
 from cascade_jax.rewards.tool_call import format_tool_call
-from cascade_jax.rollout.launcher import free_port, wait_healthy
 from cascade_jax.rollout.weight_sync import reference_logprobs, write_version
 from models import nemotron_h as nh
+from tests.serve_support import served, tiny_fp32
 
 TOL = 1e-4
 KEY = "sk-test"
@@ -41,27 +36,12 @@ TOOLS = [{"type": "function", "function": {
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("openai")
     cfg = nh.preset("tiny")
-    params = jax.tree.map(lambda x: x.astype(np.float32), nh.init_params(cfg, jax.random.key(5)))
+    params = tiny_fp32(5)
     ck = write_version(params, cfg, root, "0")
     tok = write_tiny_tokenizer(ck)
-    port = free_port()
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               JAX_COMPILATION_CACHE_DIR=os.path.join(tempfile.gettempdir(), "cascade-jax-serve-test-cache"))
-    log = root / "server.log"
-    proc = subprocess.Popen([sys.executable, "launch/serve.py", "--checkpoint", str(ck), "--port", str(port),
-                             "--weight-version", "0", *FLAGS], stdout=open(log, "wb"), stderr=subprocess.STDOUT,
-                            env=env, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(url, timeout_s=300, proc=proc, log=log)
-        client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, timeout=300, max_retries=0)
-        yield type("S", (), dict(url=url, cfg=cfg, params=params, tok=tok, client=client))
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    with served(ck, FLAGS, log=root / "server.log") as s:
+        client = openai.OpenAI(base_url=s.url + "/v1", api_key=KEY, timeout=300, max_retries=0)
+        yield type("S", (), dict(url=s.url, cfg=cfg, params=params, tok=tok, client=client))
 
 
 def _generate(server, ids, **sp):

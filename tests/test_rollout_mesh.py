@@ -40,10 +40,10 @@ import pytest
 from cascade_jax.rollout import Request, SamplingParams
 from cascade_jax.rollout.client import ServerClient
 from cascade_jax.rollout.engine import JaxEngine
-from cascade_jax.rollout.launcher import free_port, wait_healthy
 from cascade_jax.rollout.weight_sync import write_version
 from models import nemotron_h as nh
 from tests.multidevice import REPO, child_env, run_on_cpu_devices
+from tests.serve_support import served
 
 LOGP_TOL = 1e-6
 MESH = "tensor:2,expert:4"
@@ -143,12 +143,6 @@ def test_mesh_errors_name_the_field(child):
         assert e[name]["type"] == "ShardingError" and text in e[name]["message"], (name, e[name])
 
 
-def _serve(ckpt, mesh, port, log):
-    cmd = [sys.executable, "-m", "launch.serve", "--checkpoint", str(ckpt), "--port", str(port),
-           "--mesh", mesh, "--compilation-cache-dir", "", *SERVE_FLAGS]
-    return subprocess.Popen(cmd, cwd=REPO, env=child_env(8), stdout=log, stderr=subprocess.STDOUT)
-
-
 def test_serve_bad_mesh_is_one_error_line_naming_the_flag(tmp_path):
     ck = write_version(params(0), nh.preset("tiny"), tmp_path, "0")
     for bad, text in (("tensor:4", "--mesh tensor:4: mesh axis 'tensor' (size 4) does not divide "
@@ -172,28 +166,17 @@ def test_serve_with_mesh_answers_generate(tmp_path):
     eng.update_weights(p1, "1")
     ref1 = eng.generate(reqs)
 
-    port, log_path = free_port(), tmp_path / "serve.log"
-    with open(log_path, "wb") as log:
-        proc = _serve(ck0, MESH, port, log)
-    url = f"http://127.0.0.1:{port}"
-    client = None
-    try:
-        wait_healthy(url, timeout_s=600, proc=proc, log=log_path)
-        client = ServerClient([url], timeout_s=600)
-        got0 = client.generate(reqs)
-        r = httpx.post(url + "/update_weights_from_disk", json={"model_path": str(ck1), "weight_version": "1"},
-                       timeout=600)
-        assert r.status_code == 200 and r.json()["success"], r.text
-        got1 = client.generate(reqs)
-    finally:
-        if client is not None:
-            client.close()
-        proc.terminate()
+    flags = ["--mesh", MESH, "--compilation-cache-dir", "", *SERVE_FLAGS]
+    with served(ck0, flags, log=tmp_path / "serve.log", env=child_env(8), timeout_s=600) as server:
+        client = ServerClient([server.url], timeout_s=600)
         try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+            got0 = client.generate(reqs)
+            r = httpx.post(server.url + "/update_weights_from_disk",
+                           json={"model_path": str(ck1), "weight_version": "1"}, timeout=600)
+            assert r.status_code == 200 and r.json()["success"], r.text
+            got1 = client.generate(reqs)
+        finally:
+            client.close()
     for ref, got in ((ref0, got0), (ref1, got1)):
         sr, sg = ref.samples(), got.samples()
         assert [s.response_ids.tolist() for s in sr] == [s.response_ids.tolist() for s in sg]

@@ -13,15 +13,12 @@ restarted one read); tests run in file order and the weight version advances thr
 
 from __future__ import annotations
 
-import os
 import subprocess
-import tempfile
 import threading
 import time
 import types
 
 import httpx
-import jax
 import numpy as np
 import pytest
 from safetensors import safe_open
@@ -31,6 +28,7 @@ from cascade_jax.rollout.client import ServedTeachers, ServerClient
 from cascade_jax.rollout.launcher import Launcher, free_port, router_command, serve_command, wait_healthy
 from cascade_jax.rollout.weight_sync import DiskWeightSync, NcclWeightSync, reference_logprobs, write_version
 from models import nemotron_h as nh
+from tests.serve_support import serve_env, tiny_fp32
 
 KEY = "test-key"
 TOL = 1e-4
@@ -39,24 +37,16 @@ SERVER_FLAGS = ["--num-slots", "4", "--max-len", "32", "--prompt-buckets", "16",
 PROMPTS = [(3, 17, 42, 7), (101, 5), (9, 9, 9, 200, 311, 12), (64,)]
 
 
-def _params(seed: int):
-    cfg = nh.preset("tiny")
-    return jax.tree.map(lambda x: x.astype(np.float32), nh.init_params(cfg, jax.random.key(seed)))
-
-
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
     cfg = nh.preset("tiny")
-    params = {0: _params(0)}
+    params = {0: tiny_fp32(0)}
     ck0 = write_version(params[0], cfg, root / "initial", "0")
-    # JAX's persistent cache is content-addressed (safe to share between runs); the first server
-    # fills it, the second and the restarted one read it
-    cache = os.path.join(tempfile.gettempdir(), "cascade-jax-serve-test-cache")
-    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=cache,
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    # the shared persistent compilation cache: the first server fills it, the second and the
+    # restarted one read it
     launcher = Launcher(serve_command(extra=SERVER_FLAGS), n=2, checkpoint=str(ck0), weight_version="0",
-                        api_key=KEY, env=env, log_dir=str(root / "logs"), health_timeout_s=300)
+                        api_key=KEY, env=serve_env(), log_dir=str(root / "logs"), health_timeout_s=300)
     router = client = None
     try:
         launcher.start(sequential=True)
@@ -233,7 +223,7 @@ def test_bad_requests_are_4xx_naming_the_field_and_the_server_survives(stack):
 
 def test_nccl_sync_over_gloo(stack):
     before = stack.client.generate(_requests(temperature=0.0, n=1))
-    stack.params[1] = _params(1)
+    stack.params[1] = tiny_fp32(1)
     sync = NcclWeightSync(stack.client, stack.cfg, backend="gloo", tol=TOL, timeout_s=180,
                           bucket_bytes=256 << 10)
     try:
@@ -254,7 +244,7 @@ def test_disk_sync_versions_keep_k_and_no_stale_state(stack):
     seeded = _requests(seed0=900)
     old = stack.client.generate(seeded)
     for k in (2, 3, 4):
-        stack.params[k] = _params(k)
+        stack.params[k] = tiny_fp32(k)
         sync.update(stack.params[k], str(k))
         assert stack.client.versions() == {u: str(k) for u in stack.launcher.urls}
         new = stack.client.generate(seeded)  # same prompts and seeds as before the update
@@ -275,7 +265,7 @@ def test_disk_sync_versions_keep_k_and_no_stale_state(stack):
 def test_corrupt_or_missing_update_is_refused_and_old_weights_keep_serving(stack):
     url = stack.launcher.urls[0]
     bad = stack.root / "bad"
-    write_version(_params(7), stack.cfg, bad, "7")
+    write_version(tiny_fp32(7), stack.cfg, bad, "7")
     f = bad / "v7" / "model.safetensors"
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])  # truncated
     for path in (bad / "v7", stack.root / "missing"):

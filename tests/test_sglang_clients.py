@@ -17,7 +17,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 
@@ -28,9 +27,10 @@ import numpy as np
 import pytest
 
 from cascade_jax.data.tokenizer import write_tiny_tokenizer
-from cascade_jax.rollout.launcher import free_port, wait_healthy
+from cascade_jax.rollout.launcher import free_port
 from cascade_jax.rollout.weight_sync import TorchPeer, buckets, reference_logprobs, write_version
 from models import nemotron_h as nh
+from tests.serve_support import served, tiny_fp32
 
 TOL = 1e-4
 FLAGS = ["--num-slots", "2", "--max-len", "288", "--prompt-buckets", "32,256", "--prefill-sizes", "2",
@@ -50,35 +50,15 @@ AGGREGATE = ("total_running_reqs", "total_waiting_reqs", "total_reqs", "total_us
              "avg_token_usage", "avg_throughput", "avg_utilization")
 
 
-def _params(seed: int):
-    cfg = nh.preset("tiny")
-    return jax.tree.map(lambda x: x.astype(np.float32), nh.init_params(cfg, jax.random.key(seed)))
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("sglang-clients")
     cfg = nh.preset("tiny")
-    params = {0: _params(0)}
+    params = {0: tiny_fp32(0)}
     ck = write_version(params[0], cfg, root, "0")
     write_tiny_tokenizer(ck)
-    port = free_port()
-    cache = os.path.join(tempfile.gettempdir(), "cascade-jax-serve-test-cache")
-    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=cache)
-    log = root / "server.log"
-    proc = subprocess.Popen([sys.executable, "launch/serve.py", "--checkpoint", str(ck), "--port", str(port),
-                             "--weight-version", "0", *FLAGS], stdout=open(log, "wb"), stderr=subprocess.STDOUT,
-                            env=env, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(url, timeout_s=300, proc=proc, log=log)
-        yield type("S", (), dict(url=url, cfg=cfg, params=params, root=root, log=log, proc=proc, ckpt=ck))
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    with served(ck, FLAGS, log=root / "server.log") as s:
+        yield type("S", (), dict(url=s.url, cfg=cfg, params=params, root=root, log=s.log, proc=s.proc, ckpt=ck))
 
 
 def _padded(seq, n=32):
@@ -300,7 +280,7 @@ def test_areal_style_request_and_versionless_disk_update(server):
     assert r.status_code == 200, r.text
     bad = httpx.post(server.url + "/generate", json={**body, "image_data": ["https://x/cat.png"]})
     assert bad.status_code == 400 and "image_data" in bad.json()["error"]["message"]
-    server.params[1] = _params(1)
+    server.params[1] = tiny_fp32(1)
     path = write_version(server.params[1], server.cfg, server.root / "versions", "1")
     before = httpx.get(server.url + "/get_weight_version").json()["weight_version"]  # earlier tests' label
     r = httpx.post(server.url + "/update_weights_from_disk", json={"model_path": str(path),
@@ -322,7 +302,7 @@ def test_multi_bucket_distributed_update_loads_each_bucket_as_it_arrives(server)
     already serves the new label and partly new weights; after the last one exactly the new
     weights (the trainer's log-probs within TOL)."""
     cfg = server.cfg
-    server.params[2] = new = _params(2)
+    server.params[2] = new = tiny_fp32(2)
     parts = list(buckets(new, cfg, 64 << 10))
     assert len(parts) >= 3
     port = free_port()

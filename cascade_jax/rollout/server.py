@@ -48,7 +48,9 @@ Behaviour:
   ``/generate`` requests wait until ``/continue_generation``.
 * A weight update (disk or distributed) waits until no request is in flight (new ones wait),
   loads and validates the new weights before swapping; a missing, corrupt or mismatched
-  checkpoint is refused with 400 and the previous version keeps serving. ``weight_version`` is
+  checkpoint is refused with 400 and the previous version keeps serving. A disk update reads
+  into reused host memory (``--update-buffers``, :class:`~models.nemotron_h.checkpoint.HostBuffers`:
+  the slab of the version before last, never one still referenced). ``weight_version`` is
   optional (absent: the label stays, as SGLang does); a given one may repeat the current label
   but decimal labels never go backwards. ``/flush_cache`` answers 400 while requests run or wait.
 * Distributed updates: ``/init_weights_update_group`` (``master_port`` an int or a decimal
@@ -98,6 +100,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from cascade_jax.sharding.rollout import engine_mesh
 from cascade_jax.sharding.rules import ShardingError
 from cascade_jax.sharding.state import param_shardings
+from models.nemotron_h.checkpoint import HostBuffers
 
 from . import openai_api, sglang_api
 from .exact import ExactEngine
@@ -187,8 +190,10 @@ class RolloutServer:
 
     def __init__(self, engine, model_cfg, *, checkpoint: str, dtype=None, api_key: Optional[str] = None,
                  tokenizer=None, server_args: Optional[dict] = None, update_timeout_s: float = 600.0,
-                 zero_mismatch: bool = False, served_model_name: Optional[str] = None):
+                 zero_mismatch: bool = False, served_model_name: Optional[str] = None,
+                 host_buffers: Optional[HostBuffers] = None):
         self.engine = engine
+        self.host_buffers = host_buffers  # reused host memory for disk updates (double-buffering)
         self.zero_mismatch = bool(zero_mismatch)
         # the zero-mismatch engine serves with continuous batching like any engine; a default
         # engine with zero_mismatch falls back to rollout.exact.generate_exact per item
@@ -496,9 +501,11 @@ class RolloutServer:
         async with self.update_lock:
             version = self._check_version(body)
             path = body["model_path"]
+            t0 = time.perf_counter()
+            shardings = self._param_shardings()
             try:
-                cfg, params = await asyncio.to_thread(nh.load_checkpoint, path, dtype=self.dtype,
-                                                      sharding=self._param_shardings())
+                cfg, params = await asyncio.to_thread(nh.load_checkpoint, path, dtype=self.dtype, sharding=shardings,
+                                                      host_buffers=self.host_buffers if shardings is None else None)
             except (nh.CheckpointError, OSError, ValueError) as e:
                 return _update_reply(False, f"Failed to update weights from {path}: {e}. The previous weights "
                                      f"(version {self.engine.weight_version()!r}) keep serving.",
@@ -509,10 +516,16 @@ class RolloutServer:
                                      f"served model in {diff}; the previous weights keep serving.",
                                      num_paused_requests=0)
             n_aborted = self.engine.abort_all() if body.get("abort_all_requests") else 0
+            t1 = time.perf_counter()
             try:
                 await self._swap(params, version, "update_weights_from_disk")
             except RolloutError as e:
                 return _update_reply(False, f"Failed to update weights: {e}", num_paused_requests=n_aborted)
+            del params
+            hb = self.host_buffers
+            log.info("update_weights_from_disk %s: read %.3f s, swap %.3f s (host slabs reused %d, allocated %d; "
+                     "gc generation %d %.3f s)", path, t1 - t0, time.perf_counter() - t1,
+                     *((hb.reused, hb.allocated, *hb.last_gc) if hb else (0, 0, 0, 0.0)))
             self.checkpoint = path
             self._hub_cache = None
         return _update_reply(True, "Succeeded to update model weights.", num_paused_requests=n_aborted)
@@ -962,6 +975,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="persistent XLA compilation cache (default: $JAX_COMPILATION_CACHE_DIR, else "
                          "~/.cache/cascade-jax/xla; '' disables it)")
     ap.add_argument("--update-timeout-s", type=float, default=600.0)
+    ap.add_argument("--update-buffers", type=int, default=None,
+                    help="host memory slabs that disk weight updates read into and reuse (double-buffering: a "
+                         "new version goes into the slab of the version before last, already touched; one spare "
+                         "is touched in the background after start-up); default 2 on the CPU backend without "
+                         "--mesh (where the weights live in host memory), else 0 (fresh buffers each update)")
     ap.add_argument("--log-level", default="warning")
     return ap
 
@@ -1023,8 +1041,14 @@ def _serve(args) -> None:
             raise _Exit(2, f"--mesh {args.mesh}: {e}") from None
         except (OSError, ValueError) as e:
             raise _Exit(5, f"--checkpoint {args.checkpoint}: config.json: {e}") from None
+    n_slabs = args.update_buffers if args.update_buffers is not None else (
+        2 if mesh is None and jax.default_backend() == "cpu" else 0)
+    if n_slabs < 0 or (n_slabs and mesh is not None):
+        raise _Exit(2, f"--update-buffers {n_slabs}: must be >= 0, and 0 with --mesh (sharded loads read slices)")
+    host_buffers = HostBuffers(n_slabs) if n_slabs else None
     try:
-        model_cfg, params = nh.load_checkpoint(args.checkpoint, dtype=dtype, sharding=sharding)
+        model_cfg, params = nh.load_checkpoint(args.checkpoint, dtype=dtype, sharding=sharding,
+                                               host_buffers=host_buffers)
     except (nh.CheckpointError, OSError, ValueError) as e:
         raise _Exit(5, f"--checkpoint {args.checkpoint}: {e}") from None
     tokenizer = None
@@ -1045,11 +1069,13 @@ def _serve(args) -> None:
         raise _Exit(2, f"--mesh {args.mesh}: {e}") from None
     except ValueError as e:
         raise _Exit(2, str(e)) from None
+    del params  # the engine holds them (the start-up slab of host_buffers is free once they are replaced)
     engine.start()
     server_args = {k: v for k, v in vars(args).items() if k != "api_key"}
     srv = RolloutServer(engine, model_cfg, checkpoint=args.checkpoint, dtype=dtype, api_key=args.api_key,
                         tokenizer=tokenizer, server_args=server_args, update_timeout_s=args.update_timeout_s,
-                        zero_mismatch=args.zero_mismatch, served_model_name=args.served_model_name)
+                        zero_mismatch=args.zero_mismatch, served_model_name=args.served_model_name,
+                        host_buffers=host_buffers)
     t_compile = time.perf_counter()
     if args.warmup:  # compile every generation and scoring shape before serving
         engine.warmup()
@@ -1066,6 +1092,8 @@ def _serve(args) -> None:
             print(f"ready: serving http://{args.host}:{args.port} (weights {engine.weight_version()!r}; "
                   f"started in {time.perf_counter() - t_start:.1f} s, {t_compile:.1f} s compiling before serving, "
                   f"{what}; compilation cache {cache_dir or 'off'})", flush=True)
+            if host_buffers is not None and host_buffers.slabs > 1:  # the next update's slab, touched now
+                host_buffers.reserve(engine.params())
     threading.Thread(target=announce, daemon=True).start()
     try:
         server.run()
@@ -1082,6 +1110,7 @@ def main(argv=None) -> int:
     import sys
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper())
+    logging.getLogger("cascade_jax").setLevel(args.log_level.upper())  # also when a library configured logging first
     try:
         _serve(args)
     except _Exit as e:

@@ -33,8 +33,9 @@ tensor per param leaf, named by its pytree path (``embed``, ``layers.3.mixer.in_
 the layout and dtype we hold, with ``"layout": "cascade-jax-params"`` in the safetensors
 metadata. Nothing is transposed, fused or split either way: a save writes each host buffer as
 it is (no copy on CPU) and an unsharded load reads each tensor's bytes straight into an aligned
-host buffer that JAX adopts without a copy on CPU, so a sync costs about a sequential write +
-read of the bytes. ``load_checkpoint`` recognises it from the metadata. Any safetensors reader
+host buffer that JAX adopts without a copy on CPU (with a :class:`HostBuffers` pool: a buffer
+an earlier load already faulted in), so a sync costs about a sequential write + read of the
+bytes. ``load_checkpoint`` recognises it from the metadata. Any safetensors reader
 reads these files, but only this module maps them to the model: Hub exports (SGLang, vLLM,
 transformers) always use the default ``layout="hub"``.
 """
@@ -45,9 +46,13 @@ import contextlib
 import dataclasses
 import fnmatch
 import functools
+import gc
 import json
 import os
 import shutil
+import sys
+import threading
+import time
 import uuid
 import warnings
 from pathlib import Path
@@ -63,8 +68,8 @@ from safetensors.numpy import save_file
 from .config import ModelConfig, ModelConfigError, _HF_ALIASES, _JAX_ONLY
 from .params import param_specs
 
-__all__ = ["CheckpointError", "load_checkpoint", "save_checkpoint", "hub_tensors", "params_from_hub_tensors",
-           "TOKENIZER_FILE_PATTERNS", "PARAMS_LAYOUT", "LAYOUTS"]
+__all__ = ["CheckpointError", "HostBuffers", "load_checkpoint", "save_checkpoint", "hub_tensors",
+           "params_from_hub_tensors", "TOKENIZER_FILE_PATTERNS", "PARAMS_LAYOUT", "LAYOUTS"]
 
 
 class CheckpointError(ValueError):
@@ -364,9 +369,10 @@ def _validate(cfg: ModelConfig, path: Path, stored: dict[str, _Stored], plans) -
         raise CheckpointError(f"{head}{len(problems)} problems:\n  - " + "\n  - ".join(problems[:20]) + more)
 
 
-def _read(stored: dict[str, _Stored], plan: _Plan, index: tuple, dtype) -> np.ndarray:
+def _read(stored: dict[str, _Stored], plan: _Plan, index: tuple, dtype, alloc=None) -> np.ndarray:
     """Block ``index`` of the leaf in our layout, as a new C-contiguous ``dtype`` array, reading
-    only the Hub bytes behind it (``get_slice(name)[hub_index]``)."""
+    only the Hub bytes behind it (``get_slice(name)[hub_index]``). ``alloc(shape, dtype)``: where
+    a whole tensor read as stored goes (default a fresh aligned buffer)."""
     index = _full_index(plan.shape, index)
     shape = tuple(len(range(s.start, s.stop, s.step)) for s in index)
     if not plan.sources:
@@ -374,7 +380,7 @@ def _read(stored: dict[str, _Stored], plan: _Plan, index: tuple, dtype) -> np.nd
     st = stored[plan.sources[0].name]
     if (shape == plan.shape and st.offset is not None and len(plan.sources) == 1 and not plan.row0
             and plan.perm == tuple(range(len(shape)))):
-        return _read_whole(st, dtype)  # the whole tensor as stored: its bytes straight from the file
+        return _read_whole(st, dtype, alloc)  # the whole tensor as stored: its bytes straight from the file
 
     def block(src, index):  # what ``index`` covers of one source, as a view in our layout
         return stored[src.name].data[_hub_index(plan, index)].transpose(_axes(plan))
@@ -404,10 +410,98 @@ def _aligned_empty(shape: tuple, dtype) -> np.ndarray:
     return raw[start:start + n].view(dtype).reshape(shape)
 
 
-def _read_whole(st: _Stored, dtype) -> np.ndarray:
+class HostBuffers:
+    """Host memory reused across loads (the server's disk weight updates): up to ``slabs``
+    aligned slabs, each holding every whole tensor of one load back to back.
+
+    A tensor read into fresh host memory pays a page fault per page (on a VM as much as the read
+    itself, or more); read into a slab that an earlier load already touched it costs the copy
+    from the page cache. :meth:`take` hands out a *free* slab, one nothing references any more
+    (a ``jax.Array`` adopted from it by ``device_put(..., may_alias=True)`` keeps it referenced
+    until the array and every computation on it are gone), else a new one. An engine serving
+    version N from slab A thus reads version N+1 into slab B while A keeps serving, and N+2 back
+    into A once N is dropped (double-buffering); a slab still held elsewhere (e.g. the old
+    params kept by a caller) is never written. Thread-safe."""
+
+    def __init__(self, slabs: int = 2):
+        if slabs < 1:
+            raise ValueError(f"slabs: must be >= 1, got {slabs}")
+        self.slabs = slabs
+        self._pool: list = []  # raw uint8 slabs; nothing else may hold a slab that is free
+        self._lock = threading.Lock()
+        self.reused = 0  # slab requests answered with an already-touched slab
+        self.allocated = 0  # slabs allocated
+        self.last_gc = (0, 0.0)  # (oldest generation collected, seconds) by the last slab request
+
+    def _free(self, i: int) -> bool:
+        return sys.getrefcount(self._pool[i]) == 2  # the pool's list + the argument
+
+    def _slab(self, nbytes: int, touch: bool) -> np.ndarray:
+        """A free slab of at least ``nbytes`` (+ alignment), else a new one (``touch``: every
+        page faulted in now); it goes (back) to the end of the pool."""
+        with self._lock:
+            # a dropped jax.Array lets go of its host buffer through a young reference cycle: a
+            # generation-0 collection finds it (cheap); a full one only before allocating
+            found = None
+            t0 = time.perf_counter()
+            for generation in (0, 2):
+                gc.collect(generation)
+                self.last_gc = (generation, time.perf_counter() - t0)
+                found = next((i for i in range(len(self._pool))
+                              if self._free(i) and self._pool[i].size >= nbytes + _ALIGN), None)
+                if found is not None:
+                    break
+            if found is not None:
+                self.reused += 1
+                raw = self._pool.pop(found)
+            else:
+                if len(self._pool) >= self.slabs:  # forget one (a busy one: its holders free it)
+                    busy = [i for i in range(len(self._pool)) if not self._free(i)]
+                    self._pool.pop(busy[0] if busy else 0)
+                raw = np.empty(nbytes + _ALIGN, np.uint8)
+                if touch:
+                    raw[::4096] = 0
+                self.allocated += 1
+            self._pool.append(raw)
+            return raw
+
+    def reserve(self, like) -> None:
+        """Allocate and touch a slab for a load of arrays shaped like the leaves of ``like`` now
+        (e.g. in the background after start-up), so that the first load into this pool also
+        reads into touched memory."""
+        self._slab(_slab_bytes((x.shape, x.dtype) for x in jax.tree.leaves(like)), touch=True)
+
+    def take(self, nbytes: int) -> Callable[[tuple, Any], np.ndarray]:
+        """An ``alloc(shape, dtype)`` carving aligned arrays out of one slab of at least
+        ``nbytes`` (plus alignment; past its end fresh buffers): the slab returns to the pool
+        and is reused once no array carved from it is referenced any more."""
+        raw = self._slab(nbytes, touch=False)
+        pos = (-raw.ctypes.data) % _ALIGN
+
+        def alloc(shape: tuple, dtype) -> np.ndarray:
+            nonlocal pos
+            dtype = np.dtype(dtype)
+            n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+            if pos + n > raw.size:
+                return _aligned_empty(shape, dtype)
+            out = raw[pos:pos + n].view(dtype).reshape(shape)
+            pos += n + (-n) % _ALIGN
+            return out
+        return alloc
+
+
+def _slab_bytes(shapes_dtypes) -> int:
+    """Slab bytes for whole tensors ``[(shape, dtype)]`` carved one after another (each start
+    ``_ALIGN``-aligned)."""
+    sizes = (int(np.prod(s, dtype=np.int64)) * np.dtype(d).itemsize for s, d in shapes_dtypes)
+    return sum(n + (-n) % _ALIGN for n in sizes)
+
+
+def _read_whole(st: _Stored, dtype, alloc=None) -> np.ndarray:
     """The whole stored tensor ``st`` as a ``dtype`` array: its bytes read (``readinto``, no
-    mmap, no intermediate copy) into an aligned buffer, cast only when ``dtype`` differs."""
-    buf = _aligned_empty(st.shape, _DTYPES[st.dtype])
+    mmap, no intermediate copy) into an aligned buffer (``alloc(shape, dtype)``, default a fresh
+    one), cast only when ``dtype`` differs."""
+    buf = (alloc or _aligned_empty)(st.shape, _DTYPES[st.dtype])
     view = memoryview(buf.reshape(-1).view(np.uint8))
     with open(st.file, "rb", buffering=0) as f:
         f.seek(st.offset)
@@ -420,9 +514,9 @@ def _read_whole(st: _Stored, dtype) -> np.ndarray:
     return buf if buf.dtype == dtype else buf.astype(dtype)
 
 
-def _materialize(stored, plan: _Plan, dtype, sharding) -> jax.Array:
+def _materialize(stored, plan: _Plan, dtype, sharding, alloc=None) -> jax.Array:
     if sharding is None:
-        return jax.device_put(_read(stored, plan, (), dtype), may_alias=True)
+        return jax.device_put(_read(stored, plan, (), dtype, alloc), may_alias=True)
     cache: dict = {}  # replicated blocks are read once
 
     def cb(index):
@@ -449,7 +543,8 @@ def _load_config(path: Path) -> ModelConfig:
     return dataclasses.replace(cfg, hf_source=str(path))
 
 
-def load_checkpoint(path, *, dtype=None, sharding=None) -> tuple[ModelConfig, dict]:
+def load_checkpoint(path, *, dtype=None, sharding=None,
+                    host_buffers: Optional[HostBuffers] = None) -> tuple[ModelConfig, dict]:
     """Loads a NemotronH checkpoint directory, Hub layout or params layout (module doc; told
     apart by the safetensors metadata).
 
@@ -460,6 +555,9 @@ def load_checkpoint(path, *, dtype=None, sharding=None) -> tuple[ModelConfig, di
       sharding: ``None`` (default device), one ``jax.sharding.Sharding`` for every leaf, or a
         pytree of shardings (``None`` leaves = default device) with the structure of the params.
         Each device reads only its own slice of each tensor.
+      host_buffers: a :class:`HostBuffers` pool; without a ``sharding`` every tensor read as
+        stored goes into one of its slabs (already touched memory when one is free) instead of
+        fresh host memory; on CPU the params then live in that slab until dropped.
 
     Returns:
       ``(cfg, params)``; ``cfg.hf_source`` is set to ``path`` so that :func:`save_checkpoint`
@@ -478,15 +576,16 @@ def load_checkpoint(path, *, dtype=None, sharding=None) -> tuple[ModelConfig, di
     with contextlib.ExitStack() as stack:
         stored, layout = _list_tensors(path, stack)
         try:
-            return cfg, _build_params(cfg, path, stored, target, sharding, layout)
+            return cfg, _build_params(cfg, path, stored, target, sharding, layout, host_buffers)
         except (OSError, SafetensorError) as e:
             raise CheckpointError(f"{path}: read failed ({e})") from None
 
 
 def _build_params(cfg: ModelConfig, where, stored: dict[str, _Stored], target, sharding,
-                  layout: str = "hub") -> dict:
+                  layout: str = "hub", host_buffers: Optional[HostBuffers] = None) -> dict:
     """Validate ``stored`` (by canonical name, or by leaf name in the params layout) against
-    ``cfg`` and materialise the param pytree."""
+    ``cfg`` and materialise the param pytree (unsharded whole tensors into a slab of
+    ``host_buffers`` when given)."""
     plans = _params_plans(cfg) if layout == "params" else _plans(cfg, set(stored))
     _validate(cfg, where, stored, plans)
     leaves, treedef = jax.tree.flatten(plans, is_leaf=_is_plan)
@@ -498,11 +597,14 @@ def _build_params(cfg: ModelConfig, where, stored: dict[str, _Stored], target, s
         except (ValueError, TypeError) as e:
             raise ValueError(f"load_checkpoint: `sharding` must be None, a Sharding, or a pytree with "
                              f"the structure of the params ({e})") from None
-    out = []
-    for plan, shd in zip(leaves, shardings):
+    dts = []
+    for plan in leaves:
         stored_dt = _DTYPES[stored[plan.sources[0].name if plan.sources else plan.like].dtype]
-        dt = np.dtype(np.float32) if plan.fp32 else (target if target is not None else stored_dt)
-        out.append(_materialize(stored, plan, dt, shd))
+        dts.append(np.dtype(np.float32) if plan.fp32 else (target if target is not None else stored_dt))
+    alloc = None
+    if host_buffers is not None and all(shd is None for shd in shardings):
+        alloc = host_buffers.take(_slab_bytes((plan.shape, dt) for plan, dt in zip(leaves, dts)))
+    out = [_materialize(stored, plan, dt, shd, alloc) for plan, dt, shd in zip(leaves, dts, shardings)]
     return jax.tree.unflatten(treedef, out)
 
 
