@@ -12,7 +12,7 @@ reuse a handful of compiled programs.
 from __future__ import annotations
 
 import functools
-from typing import Optional, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp

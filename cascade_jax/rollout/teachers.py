@@ -21,7 +21,7 @@ scored as they are). A sample whose request has no domain, or a domain without a
 from __future__ import annotations
 
 import os
-from typing import Callable, Mapping, Optional
+from typing import Callable, Mapping
 
 from cascade_jax import domains
 from cascade_jax.contract.sampling import shared_sampling
