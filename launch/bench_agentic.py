@@ -15,9 +15,12 @@ to more than 1 when the two overlap), turns, sampled tokens, mean reward, and th
 sequential throughput ratio, and the engine's throughput on the multi-turn rows (sampled tokens
 per second of generation busy time) against the same number of tokens generated as single-turn
 rows (each episode's first prompt, its sampled-token count as ``max_new_tokens``, one
-``generate`` call) — the price of re-prefilling the conversation every turn. The model is random unless ``--checkpoint`` names a Hub export
-(with its tokenizer): a random model rarely calls a tool, so its episodes are mostly one turn
-(``--continue-on-length`` lets a cut turn continue into the environment).
+``generate`` call) — the price of re-prefilling the conversation every turn (``--keep-cache``:
+only the new tokens are prefilled). The model is random unless ``--checkpoint`` names a Hub
+export (with its tokenizer): a random model rarely calls a tool, so its episodes are mostly one
+turn (``--continue-on-length`` lets a cut turn continue into the environment); a model SFT'd on
+``lookup_sft_rows(declare_tools=False)`` calls the tool and answers (two turns per episode):
+``--env lookup --no-tool-spec --checkpoint <its hub/>`` (docs/agentic.md §8).
 
     JAX_PLATFORMS=cpu .venv/bin/python launch/bench_agentic.py --episodes 8
 """
@@ -48,6 +51,8 @@ def main(argv=None):
     ap.add_argument("--keep-cache", action="store_true",
                     help="keep each episode's slot cache between turns (prefill only new tokens)")
     ap.add_argument("--checkpoint", default=None, help="Hub export dir (weights + tokenizer)")
+    ap.add_argument("--no-tool-spec", action="store_true",
+                    help="lookup: prompts without the tool spec (a model SFT'd on lookup_sft_rows)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
 
@@ -77,7 +82,8 @@ def main(argv=None):
     if args.env == "swe":
         tasks, make_env, domain = swe_tasks(args.episodes, seed=args.seed), SWEEnv, "swe"
     else:
-        tasks, make_env, domain = lookup_tasks(args.episodes, seed=args.seed), LookupEnv, "tool_call"
+        tasks = lookup_tasks(args.episodes, seed=args.seed, declare_tools=not args.no_tool_spec)
+        make_env, domain = LookupEnv, "tool_call"
     if args.max_len is None:
         args.max_len = DEFAULT_MAX_LEN[args.env]
     longest = max(first_prompt_len(make_env, t, renderer) for t in tasks)
