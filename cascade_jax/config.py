@@ -502,8 +502,9 @@ class AgenticConfig:
     e.g. ``{"n_keys": 4}``). Per episode at most ``max_turns`` assistant turns of
     ``max_new_tokens`` each (0 = ``rollout.max_response_len``) and ``rollout.max_prompt_len +
     rollout.max_response_len`` tokens in the row; ``end_on_length``: a cut turn ends the
-    episode; ``tool_workers`` threads run environment steps; ``keep_cache``: the embedded
-    engine keeps each episode's cache between turns (prefills only the new tokens)."""
+    episode; ``tool_workers`` threads run environment steps; ``keep_cache``: the engine (embedded,
+    or JAX rollout servers with ``--keep-sessions``) keeps each episode's cache between turns
+    and prefills only the new tokens."""
 
     env: Literal["", "lookup", "swe"] = ""
     max_turns: int = 4
@@ -547,9 +548,10 @@ class Config:
                 raise ConfigError(f"data.domains: agentic.env {self.agentic.env!r} scores its episodes "
                                   f"under domain {dom!r}; set data.domains to [{dom!r}], got "
                                   f"{list(self.data.domains)}")
-            if self.agentic.keep_cache and self.rollout.engine != "jax":
-                raise ConfigError(f"agentic.keep_cache: needs the embedded engine (rollout.engine "
-                                  f"'jax'), got {self.rollout.engine!r}")
+            if self.agentic.keep_cache and self.rollout.engine == "sglang":
+                raise ConfigError("agentic.keep_cache: needs the embedded engine or JAX rollout servers "
+                                  "started with --keep-sessions (rollout.engine 'jax' / 'jax_server'), "
+                                  "got 'sglang'")
         # The built-in tiny domains are toy prompts for the tiny preset; a paper-scale model must
         # not fall back to them silently when a config leaves ``data.sources`` out.
         if self.model.preset != "tiny" and any(s.format == "tiny" for s in self.data.sources):

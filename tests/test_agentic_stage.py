@@ -172,7 +172,8 @@ def test_agentic_config_checks(tmp_path):
                      "agentic": {"env": "lookup"}})
     with pytest.raises(C.ConfigError, match=r"agentic.max_turns: must be >= 1"):
         C.from_dict(C.Config, {"agentic": {"max_turns": 0}})
-    with pytest.raises(C.ConfigError, match=r"agentic.keep_cache: needs the embedded engine"):
+    with pytest.raises(C.ConfigError, match=r"agentic.keep_cache: needs the embedded engine or JAX "
+                                            r"rollout servers"):
         C.from_dict(C.Config, {"data": {"domains": ["tool_call"]}, "stage": {"objective": "grpo"},
                      "rollout": {"engine": "sglang", "server_url": "http://x:1"},
                      "agentic": {"env": "lookup", "keep_cache": True}})

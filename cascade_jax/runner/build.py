@@ -257,7 +257,7 @@ def build_engine(config: C.Config, model_cfg: nh.ModelConfig, params: dict,
     sync_dir = str(pathlib.Path(config.run.out_dir) / "weights")
     try:
         eng = make_engine(r, model_cfg=model_cfg, params=params, sync_dir=sync_dir,
-                          **({"keep_sessions": True} if config.agentic.keep_cache else {}))
+                          **({"keep_sessions": True} if config.agentic.keep_cache and r.engine == "jax" else {}))
     except ValueError as e:
         raise ConfigError(f"rollout: {e}") from None
     if r.engine != "jax":
