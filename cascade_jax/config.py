@@ -28,7 +28,7 @@ from typing import Any, Literal, Optional, Sequence
 
 __all__ = [
     "ConfigError", "ModelSection", "MeshConfig", "A2A_MODES", "OptimizerConfig", "RolloutConfig",
-    "DataSource", "DataConfig", "StageConfig", "RunConfig", "EvalConfig", "Config", "from_dict", "to_dict", "to_json",
+    "DataSource", "DataConfig", "StageConfig", "RunConfig", "EvalConfig", "AgenticConfig", "AGENTIC_DOMAINS", "Config", "from_dict", "to_dict", "to_json",
     "load", "load_dict", "merge", "apply_overrides", "replace_path", "migrate_dict",
 ]
 
@@ -516,6 +516,42 @@ class EvalConfig:
         _check_sampling("eval", self.temperature, self.top_p, self.top_k)
 
 
+#: agentic environment -> the domain its episodes are scored and logged under
+AGENTIC_DOMAINS = {"lookup": "tool_call", "swe": "swe"}
+
+
+@dataclasses.dataclass(frozen=True)
+class AgenticConfig:
+    """Multi-turn rollouts (``cascade_jax.agentic``, docs/agentic.md §8): with ``env`` set a GRPO
+    stage draws its rollouts as episodes of that environment (``lookup``: the tiny tool domain,
+    ``swe``: the OpenHands-style SWE loop), ``data.batch_prompts`` tasks × ``rollout.n_samples``
+    episodes per step, tasks generated from the step's key (``task_args`` go to the generator,
+    e.g. ``{"n_keys": 4}``). Per episode at most ``max_turns`` assistant turns of
+    ``max_new_tokens`` each (0 = ``rollout.max_response_len``) and ``rollout.max_prompt_len +
+    rollout.max_response_len`` tokens in the row; ``end_on_length``: a cut turn ends the
+    episode; ``tool_workers`` threads run environment steps; ``keep_cache``: the engine (embedded,
+    or JAX rollout servers with ``--keep-sessions``) keeps each episode's cache between turns
+    and prefills only the new tokens."""
+
+    env: Literal["", "lookup", "swe"] = ""
+    max_turns: int = 4
+    max_new_tokens: int = 0
+    end_on_length: bool = True
+    tool_workers: int = 4
+    keep_cache: bool = False
+    task_args: dict = dataclasses.field(default_factory=dict)
+
+    __hash__ = _hash_by_value
+
+    def __post_init__(self):
+        for name in ("max_turns", "tool_workers"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"agentic.{name}: must be >= 1, got {getattr(self, name)}")
+        if self.max_new_tokens < 0:
+            raise ConfigError(f"agentic.max_new_tokens: must be >= 0 (0 = rollout.max_response_len), "
+                              f"got {self.max_new_tokens}")
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
     model: ModelSection = ModelSection()
@@ -527,8 +563,22 @@ class Config:
     run: RunConfig = RunConfig()
     eval: EvalConfig = EvalConfig()
     target: TargetConfig = TargetConfig()
+    agentic: AgenticConfig = AgenticConfig()
 
     def __post_init__(self):
+        if self.agentic.env:
+            dom = AGENTIC_DOMAINS[self.agentic.env]
+            if self.stage.objective != "grpo":
+                raise ConfigError(f"agentic.env: episodes train with GRPO (stage.objective 'grpo'), "
+                                  f"got objective {self.stage.objective!r}")
+            if tuple(self.data.domains) != (dom,):
+                raise ConfigError(f"data.domains: agentic.env {self.agentic.env!r} scores its episodes "
+                                  f"under domain {dom!r}; set data.domains to [{dom!r}], got "
+                                  f"{list(self.data.domains)}")
+            if self.agentic.keep_cache and self.rollout.engine == "sglang":
+                raise ConfigError("agentic.keep_cache: needs the embedded engine or JAX rollout servers "
+                                  "started with --keep-sessions (rollout.engine 'jax' / 'jax_server'), "
+                                  "got 'sglang'")
         # The built-in tiny domains are toy prompts for the tiny preset; a paper-scale model must
         # not fall back to them silently when a config leaves ``data.sources`` out.
         if self.model.preset != "tiny" and any(s.format == "tiny" for s in self.data.sources):
@@ -559,6 +609,7 @@ def migrate_dict(d: dict) -> dict:
     today's layout: the removed ``rollout.greedy`` / ``eval.greedy`` are dropped (lossless: with
     ``greedy`` true the old validation already required ``temperature`` 0). A new dict."""
     out = copy.deepcopy(d)
+    out.setdefault("agentic", to_dict(AgenticConfig()))  # written before the section existed
     for section in ("rollout", "eval"):
         sec = out.get(section)
         if isinstance(sec, dict) and "greedy" in sec:

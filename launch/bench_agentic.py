@@ -15,9 +15,12 @@ to more than 1 when the two overlap), turns, sampled tokens, mean reward, and th
 sequential throughput ratio, and the engine's throughput on the multi-turn rows (sampled tokens
 per second of generation busy time) against the same number of tokens generated as single-turn
 rows (each episode's first prompt, its sampled-token count as ``max_new_tokens``, one
-``generate`` call) — the price of re-prefilling the conversation every turn. The model is random unless ``--checkpoint`` names a Hub export
-(with its tokenizer): a random model rarely calls a tool, so its episodes are mostly one turn
-(``--continue-on-length`` lets a cut turn continue into the environment).
+``generate`` call) — the price of re-prefilling the conversation every turn (``--keep-cache``:
+only the new tokens are prefilled). The model is random unless ``--checkpoint`` names a Hub
+export (with its tokenizer): a random model rarely calls a tool, so its episodes are mostly one
+turn (``--continue-on-length`` lets a cut turn continue into the environment); a model SFT'd on
+``lookup_sft_rows(declare_tools=False)`` calls the tool and answers (two turns per episode):
+``--env lookup --no-tool-spec --checkpoint <its hub/>`` (docs/agentic.md §8).
 
     JAX_PLATFORMS=cpu .venv/bin/python launch/bench_agentic.py --episodes 8
 """
@@ -27,6 +30,10 @@ from __future__ import annotations
 import argparse
 import json
 import time
+
+#: default engine context (= the episode row limit) per environment: the SWE prompt (task, tool
+#: specs) alone is ~1,260 tiny-tokenizer tokens
+DEFAULT_MAX_LEN = {"swe": 2048, "lookup": 1024}
 
 
 def main(argv=None):
@@ -38,11 +45,14 @@ def main(argv=None):
     ap.add_argument("--tool-workers", type=int, default=4)
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--max-turns", type=int, default=4)
-    ap.add_argument("--max-len", type=int, default=1024)
+    ap.add_argument("--max-len", type=int, default=None,
+                    help=f"engine context = row limit (default: {DEFAULT_MAX_LEN})")
     ap.add_argument("--continue-on-length", action="store_true")
     ap.add_argument("--keep-cache", action="store_true",
                     help="keep each episode's slot cache between turns (prefill only new tokens)")
     ap.add_argument("--checkpoint", default=None, help="Hub export dir (weights + tokenizer)")
+    ap.add_argument("--no-tool-spec", action="store_true",
+                    help="lookup: prompts without the tool spec (a model SFT'd on lookup_sft_rows)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
 
@@ -72,7 +82,15 @@ def main(argv=None):
     if args.env == "swe":
         tasks, make_env, domain = swe_tasks(args.episodes, seed=args.seed), SWEEnv, "swe"
     else:
-        tasks, make_env, domain = lookup_tasks(args.episodes, seed=args.seed), LookupEnv, "tool_call"
+        tasks = lookup_tasks(args.episodes, seed=args.seed, declare_tools=not args.no_tool_spec)
+        make_env, domain = LookupEnv, "tool_call"
+    if args.max_len is None:
+        args.max_len = DEFAULT_MAX_LEN[args.env]
+    longest = max(first_prompt_len(make_env, t, renderer) for t in tasks)
+    if longest + args.max_new_tokens > args.max_len:
+        raise SystemExit(f"--max-len: {args.max_len} tokens leave no room for a first turn "
+                         f"(longest first prompt {longest} + --max-new-tokens "
+                         f"{args.max_new_tokens}); raise --max-len")
     limits = EpisodeLimits(max_turns=args.max_turns, max_tokens=args.max_len,
                            max_new_tokens=args.max_new_tokens,
                            end_on_length=not args.continue_on_length)
@@ -108,6 +126,9 @@ def main(argv=None):
     episodes = run_episodes(eng, tasks, make_env, renderer, limits=limits, seed=args.seed,
                             tool_workers=args.tool_workers, domain=domain, timeout_s=1800,
                             stats=multi, keep_cache=args.keep_cache)
+    if not any(e.loss_mask.sum() for e in episodes):
+        raise SystemExit("no episode sampled a token (ended by: "
+                         f"{sorted({e.ended_by for e in episodes})}); nothing to compare")
     reqs = []
     for i, e in enumerate(episodes):
         if e.loss_mask.sum() == 0:
@@ -122,7 +143,7 @@ def main(argv=None):
     single_tokens = sum(len(s.response_ids) for s in single.samples())
     multi_tps = multi.sampled_tokens / max(multi.gen_busy_s, 1e-9)
     single_tps = single_tokens / max(single_s, 1e-9)
-    print(json.dumps({
+    out = {
         "env": args.env, "episodes": args.episodes, "slots": args.slots,
         "tool_workers": args.tool_workers, "max_new_tokens": args.max_new_tokens,
         "keep_cache": args.keep_cache,
@@ -132,8 +153,21 @@ def main(argv=None):
         "multi_turn_tokens_per_s": multi_tps, "single_turn_tokens_per_s": single_tps,
         "multi_vs_single_turn_throughput": multi_tps / single_tps,
         "device": str(jax.devices()[0]),
-    }, indent=1))
+    }
+    print(json.dumps(out, indent=1))
     eng.stop()
+    return out
+
+
+def first_prompt_len(make_env, task, renderer) -> int:
+    """Tokens of ``task``'s first prompt (system, user, tool specs) as the episode renders it."""
+    env = make_env()
+    try:
+        reset = env.reset(task)
+        return len(renderer.prompt_ids(list(reset.messages),
+                                       None if reset.tools is None else list(reset.tools)))
+    finally:
+        env.close()
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@
   teacher-forced forward of the whole row (atol 1e-5);
 * seeded: the rows do not depend on the number of tool workers (timing);
 * the same episodes through the HTTP protocol (the JAX rollout server and ServerClient) are
-  token-identical;
+  token-identical; with kept sessions (``session_params.id``) too, and the server continues
+  later turns from the kept caches;
 * the rows pack into an RLBatch (fields checked on synthetic episodes) the GRPO step takes
   (slow: finite loss, non-zero gradient).
 """
@@ -14,6 +15,7 @@
 import threading
 import time
 
+import httpx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -35,6 +37,7 @@ from cascade_jax.rollout.engine import JaxEngine
 from cascade_jax.rollout.launcher import free_port
 from cascade_jax.rollout.scoring import score_logprobs
 from cascade_jax.rollout.server import RolloutServer
+from cascade_jax.rollout.types import SamplingParams
 from models import nemotron_h as nh
 
 CFG = nh.preset("tiny", pattern="ME*")
@@ -291,3 +294,82 @@ def test_served_engine_gives_the_same_episodes(setup):
         np.testing.assert_array_equal(a.tokens, b.tokens)
         np.testing.assert_array_equal(a.loss_mask, b.loss_mask)
         np.testing.assert_allclose(a.logprobs, b.logprobs, atol=2e-5)
+
+
+def test_served_sessions_prefill_only_the_new_tokens():
+    """Kept sessions through the HTTP protocol: a JAX rollout server whose engine keeps sessions,
+    ``run_episodes(keep_cache=True)`` through ``BlockingEngine(ServerClient)`` (each turn's body
+    carries ``session_params.id``): the same rows and log-probs (fp32, 2e-5) as the embedded
+    driver with kept sessions, and the server continued later turns from the kept caches
+    (prefilling only the appended tokens) instead of re-prefilling them."""
+    params = nh.init_params(CFG, jax.random.key(0), dtype=jnp.float32)
+    eng = JaxEngine(CFG, params, num_slots=4, max_len=128, prompt_buckets=(32, 128),
+                    prefill_sizes=(4,), steps_per_call=4, keep_sessions=True)
+    renderer = ChatRenderer(tiny_tokenizer())
+    want = run_episodes(eng, TASKS, CountingEnv, renderer, limits=LIMITS, seed=5, tool_workers=2,
+                        timeout_s=600, keep_cache=True)
+    assert eng._held and eng.flush_cache() and not eng._held  # idle: the kept caches dropped
+    continued = []
+    orig = eng._extend
+    eng._extend = lambda p, rest, fresh: (continued.extend(fresh), orig(p, rest, fresh))[1]
+    port = free_port()
+    srv = uvicorn.Server(uvicorn.Config(RolloutServer(eng, CFG, checkpoint="in-process").app,
+                                        host="127.0.0.1", port=port, log_level="error"))
+    th = threading.Thread(target=srv.run, daemon=True)
+    th.start()
+    client = None
+    try:
+        client = ServerClient([f"http://127.0.0.1:{port}"], max_concurrency=4, timeout_s=120,
+                              backoff_s=0.1, max_retries=0)
+        deadline = time.monotonic() + 60
+        while not client.health():
+            assert time.monotonic() < deadline, "server did not come up"
+            time.sleep(0.1)
+        served = BlockingEngine(client, max_inflight=4)
+        got = run_episodes(served, TASKS, CountingEnv, renderer, limits=LIMITS, seed=5,
+                           tool_workers=2, timeout_s=300, keep_cache=True)
+        served.close()
+        # a session field the server does not implement is a 400 naming it
+        body = {"input_ids": [1, 2, 3], "sampling_params": {"max_new_tokens": 1},
+                "session_params": {"id": "x", "offset": 2}}
+        r = httpx.post(f"http://127.0.0.1:{port}/generate", json=body, timeout=60)
+        assert r.status_code == 400 and "session_params.offset" in r.text, r.text
+    finally:
+        if client is not None:
+            client.close()
+        srv.should_exit = True
+        th.join(30)
+        eng.stop()
+    for a, b in zip(want, got):
+        np.testing.assert_array_equal(a.tokens, b.tokens)
+        np.testing.assert_array_equal(a.loss_mask, b.loss_mask)
+        np.testing.assert_allclose(a.logprobs, b.logprobs, atol=2e-5)
+    # every episode has 3 turns: turns 2 and 3 continue the kept cache
+    assert sum(len(e.turns) - 1 for e in got) >= len(continued) >= len(TASKS), continued
+
+
+def test_session_params_parsing():
+    """``session_params``: ``{"id": str}`` continues a session; SGLang's other fields must be
+    unset; batched bodies and ``n > 1`` are refused; each error names the field."""
+    from cascade_jax.rollout import sglang_api as api
+
+    def parse(**body):
+        return api.parse_generate({"input_ids": [1, 2], **body}, vocab_size=512,
+                                  context_length=64, new_rid=lambda: "r")[0]
+
+    assert parse(session_params={"id": "ep3"})[0].session == "ep3"
+    assert parse(session_params={"id": "ep3", "rid": None, "replace": False})[0].session == "ep3"
+    assert parse()[0].session is None
+    for bad, field in (({"id": ""}, r"session_params\.id"), ({"id": 3}, r"session_params\.id"),
+                       ({"id": "a", "offset": 1}, r"session_params\.offset"),
+                       ({"id": "a", "bogus": 1}, r"session_params\.bogus"), ("a", r"session_params")):
+        with pytest.raises(api.RequestError, match=field):
+            parse(session_params=bad)
+    with pytest.raises(api.RequestError, match=r"session_params.*needs n = 1"):
+        parse(session_params={"id": "a"}, sampling_params={"n": 2})
+    with pytest.raises(api.RequestError, match=r"session_params.*batched"):
+        api.parse_generate({"input_ids": [[1, 2], [3]], "session_params": {"id": "a"}},
+                           vocab_size=512, context_length=64, new_rid=lambda: "r")
+    body = api.encode_generate([1, 2], SamplingParams(max_new_tokens=2), rid="r", session="ep3")
+    assert body["session_params"] == {"id": "ep3"}
+    assert "session_params" not in api.encode_generate([1, 2], SamplingParams(max_new_tokens=2), rid="r")

@@ -8,6 +8,7 @@
 * :mod:`.swe_tasks`   seeded SWE-bench-format tasks over generated Python repositories
 * :mod:`.lookup`      the tiny multi-turn tool domain (look a code up, answer with it)
 * :mod:`.driver`      many episodes on the JaxEngine, tools on a thread pool; RLBatch packing
+* :mod:`.stage`       an agentic GRPO stage's rollouts (config section ``agentic``) and evaluation
 """
 
 from .driver import DriverStats, pack_episodes, run_episodes

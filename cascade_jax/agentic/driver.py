@@ -84,8 +84,11 @@ class BlockingEngine:
     def start(self) -> None:
         pass
 
-    def submit(self, request: Request, on_done: Callable) -> _Handle:
-        fut = self._pool.submit(lambda: self.engine.generate([request]).groups[0])
+    def submit(self, request: Request, on_done: Callable, session=None) -> _Handle:
+        """``session``: sent as the request's ``session_params.id`` (``str(session)``), so a JAX
+        server with ``--keep-sessions`` prefills only the turn's new tokens."""
+        kw = {} if session is None else {"sessions": [str(session)]}
+        fut = self._pool.submit(lambda: self.engine.generate([request], **kw).groups[0])
         handle = _Handle(fut)
         fut.add_done_callback(lambda _: on_done(handle))
         return handle

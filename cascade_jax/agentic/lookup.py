@@ -6,7 +6,8 @@ asks for its code, so the only way to the answer is to call ``lookup(key=...)``,
 result and answer with it. Task row::
 
     {"prompt": "What is the code of key k07? Use the lookup tool, then answer with the code only.",
-     "metadata": {"table": {"k07": "Q3ZK8A", ...}, "key": "k07", "answer": "Q3ZK8A"}}
+     "metadata": {"table": {"k07": "Q3ZK8A", ...}, "key": "k07", "answer": "Q3ZK8A"},
+     "declare_tools": True}     # False: the prompt has no tool spec (short rows, SFT'd models)
 
 Episode (:class:`LookupEnv`): tool ``lookup(key)`` returns ``code of k07: Q3ZK8A`` (or an error
 observation for an unknown key); a turn without a tool call is the final answer, scored by
@@ -30,7 +31,8 @@ from cascade_jax.rewards.tool_call import format_tool_call
 from .env import Reset, Tool, ToolEnvironment, tool_spec
 from .render import AssistantTurn
 
-__all__ = ["LookupEnv", "lookup_tasks", "score_lookup", "lookup_solution", "LOOKUP_TOOL"]
+__all__ = ["LookupEnv", "lookup_tasks", "score_lookup", "lookup_solution", "lookup_sft_rows",
+           "LOOKUP_TOOL"]
 
 _ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
 
@@ -38,20 +40,26 @@ LOOKUP_TOOL = tool_spec("lookup", "Return the code stored under a key.",
                         {"key": ("string", "the key, e.g. k07")}, required=["key"])
 
 
-def lookup_tasks(n: int, seed: int = 0, n_keys: int = 4) -> list[dict]:
-    """``n`` task rows (module doc), deterministic in ``seed``."""
-    if n < 0 or n_keys < 1:
-        raise ValueError(f"n / n_keys: need n >= 0 and n_keys >= 1, got {n}, {n_keys}")
+def lookup_tasks(n: int, seed: int = 0, n_keys: int = 4, declare_tools: bool = True,
+                 code_len: int = 6) -> list[dict]:
+    """``n`` task rows (module doc), deterministic in ``seed``; codes of ``code_len``
+    characters. ``declare_tools=False`` marks
+    the tasks to start without the tool spec in the prompt (the template's ~290-token tool
+    block): a model SFT'd on the canonical solution knows the tool (the tiny stage's short rows)."""
+    if n < 0 or n_keys < 1 or code_len < 1:
+        raise ValueError(f"n / n_keys / code_len: need n >= 0, n_keys >= 1 and code_len >= 1, "
+                         f"got {n}, {n_keys}, {code_len}")
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(n):
         keys = [f"k{int(i):02d}" for i in rng.choice(100, size=n_keys, replace=False)]
-        table = {k: "".join(_ALPHABET[int(j)] for j in rng.integers(0, len(_ALPHABET), 6))
+        table = {k: "".join(_ALPHABET[int(j)] for j in rng.integers(0, len(_ALPHABET), code_len))
                  for k in keys}
         key = keys[int(rng.integers(0, n_keys))]
         out.append({"prompt": f"What is the code of key {key}? Use the lookup tool, then answer "
                               f"with the code only.",
-                    "metadata": {"table": table, "key": key, "answer": table[key]}})
+                    "metadata": {"table": table, "key": key, "answer": table[key]},
+                    "declare_tools": bool(declare_tools)})
     return out
 
 
@@ -59,6 +67,29 @@ def lookup_solution(task: Mapping[str, Any]) -> list[str]:
     """The two assistant texts of the canonical solution (non-thinking mode)."""
     meta = task["metadata"]
     return [format_tool_call("lookup", {"key": meta["key"]}), meta["answer"]]
+
+
+def _observation(key: str, code: str) -> str:
+    return f"code of {key}: {code}"
+
+
+def lookup_sft_rows(n: int, seed: int = 0, n_keys: int = 4, declare_tools: bool = True,
+                    code_len: int = 6) -> list[dict]:
+    """``n`` SFT rows ``{"messages"[, "tools"]}`` (the ``jsonl`` source layout): the canonical
+    two-turn solution of :func:`lookup_tasks` ``(n, seed, n_keys, declare_tools, code_len)`` as the
+    episode renders it (user prompt, assistant tool call, tool result, assistant answer)."""
+    rows = []
+    for task in lookup_tasks(n, seed=seed, n_keys=n_keys, declare_tools=declare_tools,
+                             code_len=code_len):
+        meta = task["metadata"]
+        call = {"type": "function", "function": {"name": "lookup", "arguments": {"key": meta["key"]}}}
+        rows.append({"messages": [
+            {"role": "user", "content": task["prompt"]},
+            {"role": "assistant", "content": "", "tool_calls": [call]},
+            {"role": "tool", "content": _observation(meta["key"], meta["answer"])},
+            {"role": "assistant", "content": meta["answer"]}],
+            **({"tools": [LOOKUP_TOOL]} if declare_tools else {})})
+    return rows
 
 
 def score_lookup(prompt: str, response: str, meta: Mapping[str, Any]) -> Score:
@@ -93,7 +124,7 @@ class LookupEnv(ToolEnvironment):
         self.task, self.called = task, False
         msgs = ([{"role": "system", "content": self.system}] if self.system else []) + \
             [{"role": "user", "content": str(task["prompt"])}]
-        return Reset(tuple(msgs), (LOOKUP_TOOL,))
+        return Reset(tuple(msgs), (LOOKUP_TOOL,) if task.get("declare_tools", True) else None)
 
     def _lookup(self, key: str) -> str:
         self.called = True
@@ -101,7 +132,7 @@ class LookupEnv(ToolEnvironment):
         key = key.strip()
         if key not in table:
             return f"error: no key {key!r}"
-        return f"code of {key}: {table[key]}"
+        return _observation(key, table[key])
 
     def score_answer(self, turn: Optional[AssistantTurn]) -> tuple[float, str]:
         if turn is None:

@@ -142,8 +142,12 @@ class ServerClient:
     # ---------------------------------------------------------------------------------------
     # RolloutEngine
 
-    def generate(self, requests: Sequence[Request]) -> Rollouts:
-        """Sample ``r.sampling.n`` responses per request (one HTTP body per sample)."""
+    def generate(self, requests: Sequence[Request], *, sessions: Optional[Sequence] = None) -> Rollouts:
+        """Sample ``r.sampling.n`` responses per request (one HTTP body per sample).
+        ``sessions``: per request a session id (or None), sent as ``session_params.id``
+        (JAX servers with ``--keep-sessions``; the request must have ``n = 1``)."""
+        if sessions is not None and len(sessions) != len(requests):
+            raise ValueError(f"sessions: {len(sessions)} for {len(requests)} requests")
         call = f"c{next(self._ids)}-{uuid.uuid4().hex[:6]}"
         jobs = []
         for i, r in enumerate(requests):
@@ -151,7 +155,8 @@ class ServerClient:
             for k in range(r.sampling.n):
                 def body(attempt, r=r, k=k, base=base):
                     return sglang_api.encode_generate(r.prompt_ids, r.sampling, rid=f"{base}-{k}-a{attempt}", k=k,
-                                                      return_routed_experts=self.routed_layout is not None)
+                                                      return_routed_experts=self.routed_layout is not None,
+                                                      session=None if sessions is None else sessions[i])
                 jobs.append(_Job((i, k), body, lambda reply, r=r: sglang_api.decode_sample(
                     reply, r.prompt_ids, self.routed_layout)))
         results = self._run(self._execute(jobs))

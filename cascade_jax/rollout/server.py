@@ -26,6 +26,10 @@ Behaviour:
   ``stream: true`` answers SSE chunks, cumulative, as the engine retires tokens.
   ``image_data`` / ``video_data`` / ``audio_data`` are accepted empty and refused otherwise;
   ``sampling_params.custom_params`` is accepted (no custom logit processor runs).
+* ``--keep-sessions``: ``session_params: {"id": ...}`` on an unbatched ``n = 1`` body keeps the
+  finished sample's cache under that id; the session's next prompt, when it extends the kept
+  row, prefills only the appended tokens (multi-turn episodes, ``cascade_jax.agentic``). SGLang's
+  other session fields must be unset (no ``/open_session``); without the flag a session is 400.
 * ``--zero-mismatch``: the engine is :class:`cascade_jax.rollout.exact.ExactEngine` (continuous
   batching, cached decode by the kernel-invariant model), so a trainer using
   ``model=models.nemotron_h.invariant`` recomputes the returned log-probs bit for bit, whatever
@@ -273,7 +277,8 @@ class RolloutServer:
             handle = _ExactRun(self.engine, item, loop, on_done)
         else:
             handle = self.engine.submit(Request(prompt_ids=item.prompt_ids, sampling=item.sampling,
-                                                rid=item.rid), on_done=on_done)
+                                                rid=item.rid), on_done=on_done,
+                                        **({"session": item.session} if item.session is not None else {}))
         input_lps = None
         try:
             if item.logprob_start_len >= 0:
@@ -333,6 +338,8 @@ class RolloutServer:
         return out_top, in_top
 
     def _check_items(self, items, body, batched):
+        if items[0].session is not None and (self._exact_items or not getattr(self.engine, "keep_sessions", False)):
+            raise RequestError("session_params", "this server was started without --keep-sessions")
         if items[0].return_routed_experts and not getattr(self.engine, "return_routed_experts", False):
             raise RequestError("return_routed_experts", "this server was started without "
                                                         "--enable-return-routed-experts")
@@ -962,6 +969,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--enable-return-routed-experts", action="store_true",
                     help="record the experts of every token and MoE layer, so /generate can return them "
                          "(return_routed_experts)")
+    ap.add_argument("--keep-sessions", action="store_true",
+                    help="keep a finished sample's cache under its /generate session_params.id; the "
+                         "session's next prompt prefills only the tokens after its kept row (multi-turn)")
     ap.add_argument("--zero-mismatch", action="store_true",
                     help="the zero-mismatch engine (rollout.exact.ExactEngine): sampling log-probs equal "
                          "those of a trainer using models.nemotron_h.invariant bit for bit; --max-len a "
@@ -1064,7 +1074,8 @@ def _serve(args) -> None:
                            prompt_buckets=_ints(args.prompt_buckets, "--prompt-buckets"),
                            prefill_sizes=_ints(args.prefill_sizes, "--prefill-sizes"),
                            steps_per_call=args.steps_per_call, weight_version=args.weight_version, seed=args.seed,
-                           return_routed_experts=args.enable_return_routed_experts, mesh=mesh, a2a=args.a2a)
+                           return_routed_experts=args.enable_return_routed_experts, mesh=mesh, a2a=args.a2a,
+                           **({"keep_sessions": True} if args.keep_sessions else {}))
     except ShardingError as e:
         raise _Exit(2, f"--mesh {args.mesh}: {e}") from None
     except ValueError as e:

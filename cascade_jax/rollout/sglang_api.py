@@ -105,7 +105,7 @@ _SAMPLING_DEFAULT_ONLY = {
 _SAMPLING_BOOL = ("ignore_eos", "skip_special_tokens", "spaces_between_special_tokens", "no_stop_trim")
 _TOP_DEFAULT_ONLY = {
     "input_embeds": None, "token_ids_logprob": None,
-    "return_hidden_states": False, "modalities": None, "session_params": None, "lora_path": None,
+    "return_hidden_states": False, "modalities": None, "lora_path": None,
     "lora_id": None, "custom_logit_processor": None, "bootstrap_host": None, "bootstrap_port": None,
     "bootstrap_room": None, "data_parallel_rank": None,
     "return_entropy": False, "return_sampling_mask": False,
@@ -127,6 +127,33 @@ class RequestError(ValueError):
 # Server side: validation
 
 
+def _session(params: Any, batched: bool) -> Optional[str]:
+    """``session_params`` (SGLang's ``SessionParams``: ``id``, ``rid``, ``offset``, ``replace``,
+    ``drop_previous_output``) -> the session id, or None. The JAX server keeps a finished
+    sample's cache under ``id`` and continues it when the next prompt of the session extends the
+    kept row (prefilling only the new tokens; otherwise the prompt is prefilled whole): no
+    ``/open_session`` is needed, and only ``id`` may be set (the others must be null / false)."""
+    if params is None:
+        return None
+    if not isinstance(params, dict):
+        raise RequestError("session_params", f"expected an object with an id, got {params!r}")
+    for k, v in params.items():
+        if k == "id":
+            continue
+        if k not in ("rid", "offset", "replace", "drop_previous_output"):
+            raise RequestError(f"session_params.{k}", "unknown field; valid: id, rid, offset, replace, "
+                                                      "drop_previous_output")
+        if v not in (None, False):
+            raise RequestError(f"session_params.{k}", "not supported by the JAX rollout server (a "
+                                                      "session continues when the prompt extends its row)")
+    sid = params.get("id")
+    if not isinstance(sid, str) or not sid:
+        raise RequestError("session_params.id", f"expected a non-empty string, got {sid!r}")
+    if batched:
+        raise RequestError("session_params", "a session continues one prompt: not in a batched body")
+    return sid
+
+
 @dataclasses.dataclass(frozen=True)
 class GenerateItem:
     """One prompt of a ``/generate`` body, validated."""
@@ -139,6 +166,7 @@ class GenerateItem:
     return_routed_experts: bool = False
     top_logprobs_num: int = 0
     return_text_in_logprobs: bool = False
+    session: Optional[str] = None  # session_params.id: continue / keep this session's cache
 
 
 def _is_int(x) -> bool:
@@ -324,6 +352,7 @@ def parse_generate(body: Any, *, vocab_size: int, context_length: int,
         routed = False
     if not isinstance(routed, bool):
         raise RequestError("return_routed_experts", f"expected a bool, got {routed!r}")
+    session = _session(body.get("session_params"), batched)
     items, ns = [], set()
     for i, (prompt, sp, rid, ret, start, top) in enumerate(zip(prompts, sps, rids, rets, starts, tops)):
         sfx = f"[{i}]" if batched else ""
@@ -351,9 +380,11 @@ def parse_generate(body: Any, *, vocab_size: int, context_length: int,
             raise RequestError(f"top_logprobs_num{sfx}", f"must be in [0, {min(MAX_TOP_LOGPROBS, vocab_size)}], "
                                                          f"got {top}")
         items.append(GenerateItem(prompt, sampling, rid or new_rid(), ret, start if ret else -1, routed,
-                                  top if ret else 0, bool(body.get("return_text_in_logprobs"))))
+                                  top if ret else 0, bool(body.get("return_text_in_logprobs")), session))
     if len(ns) > 1:
         raise RequestError("sampling_params.n", "all items of a batch must share the same n")
+    if session is not None and items[0].sampling.n != 1:
+        raise RequestError("session_params", "a session continues one sample: needs n = 1")
     return items, batched or items[0].sampling.n > 1
 
 
@@ -477,9 +508,11 @@ def derive_seed(seed: Optional[int], k: int) -> Optional[int]:
 
 
 def encode_generate(prompt_ids: Sequence[int], sp: SamplingParams, *, rid: str, k: int = 0,
-                    return_routed_experts: bool = False) -> dict:
+                    return_routed_experts: bool = False, session: Optional[str] = None) -> dict:
     """The ``/generate`` body of sample ``k`` of a request (``n = 1``; only 0.5.23 fields);
-    ``return_routed_experts`` asks for the experts of every token (routing replay)."""
+    ``return_routed_experts`` asks for the experts of every token (routing replay);
+    ``session`` sends ``session_params: {"id": session}`` (a JAX server with
+    ``--keep-sessions`` then prefills only the tokens after the session's kept row)."""
     params = {"max_new_tokens": int(sp.max_new_tokens), "temperature": float(sp.temperature),
               "top_p": float(sp.top_p), "top_k": int(sp.top_k), "n": 1,
               "stop_token_ids": [int(t) for t in sp.stop_token_ids],
@@ -492,6 +525,8 @@ def encode_generate(prompt_ids: Sequence[int], sp: SamplingParams, *, rid: str, 
             "sampling_params": params}
     if return_routed_experts:
         body["return_routed_experts"] = True
+    if session is not None:
+        body["session_params"] = {"id": str(session)}
     return body
 
 

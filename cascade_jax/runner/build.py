@@ -256,7 +256,8 @@ def build_engine(config: C.Config, model_cfg: nh.ModelConfig, params: dict,
     r = config.rollout
     sync_dir = str(pathlib.Path(config.run.out_dir) / "weights")
     try:
-        eng = make_engine(r, model_cfg=model_cfg, params=params, sync_dir=sync_dir)
+        eng = make_engine(r, model_cfg=model_cfg, params=params, sync_dir=sync_dir,
+                          **({"keep_sessions": True} if config.agentic.keep_cache and r.engine == "jax" else {}))
     except ValueError as e:
         raise ConfigError(f"rollout: {e}") from None
     if r.engine != "jax":
@@ -465,7 +466,7 @@ def build(config: C.Config) -> Parts:
     stream = None
     if obj == "sft":
         stream = build_sft_data(config, tokenizer)
-    elif obj in ("grpo", "mopd"):
+    elif obj in ("grpo", "mopd") and not config.agentic.env:  # agentic: tasks from the environment
         stream = build_prompt_data(config, tokenizer)
     check_memory(config, model_cfg)
     model_cfg, params = build_model(config, mesh)

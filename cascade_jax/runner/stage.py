@@ -21,6 +21,8 @@ from cascade_jax import data
 from cascade_jax import domains as D
 from cascade_jax import rl
 from cascade_jax import sharding
+from cascade_jax.agentic.render import ChatRenderer
+from cascade_jax.agentic.stage import agentic_batch, evaluate_episodes
 from cascade_jax.data import save_tokenizer
 from cascade_jax.runner import build as B
 from cascade_jax.runner import evaluate as E
@@ -89,7 +91,7 @@ class Stage:
         self.state = dataclasses.replace(self.state, params=s["params"], opt_state=s["opt_state"],
                                          step=jnp.asarray(s["step"], jnp.int32))
         self.rng = jax.random.wrap_key_data(jnp.asarray(s["rng"]))
-        if data_state is not None:
+        if data_state is not None and self.parts.data is not None:
             self.parts.data.set_state(data_state)
         if self.parts.rl is not None and int(self.state.step) > 0:
             # servers may already hold a later version of the killed run: a label outside the
@@ -97,7 +99,9 @@ class Stage:
             self.sync_weights(f"{int(self.state.step)}-resume{int(time.time())}")
 
     def data_state(self):
-        return self.parts.data.get_state()
+        """The data iterator's state; ``{}`` without one (an agentic stage's tasks come from its
+        key)."""
+        return {} if self.parts.data is None else self.parts.data.get_state()
 
     # ---- weights ------------------------------------------------------------------------------
 
@@ -233,6 +237,8 @@ class Stage:
         the engine's weight version (default: the train state's step); pass it when the
         rollouts run beside a train step (``rollout.max_policy_lag``), which must not be read."""
         cfg = self.config
+        if cfg.agentic.env:
+            return self._episode_batch(step, key, timer)
         want = cfg.data.batch_prompts
         kept, spare, drawn, draws, n_var = [], [], 0, 0, 0
         while len(kept) < want and draws < (MAX_DRAWS if cfg.stage.dynamic_filtering else 1):
@@ -279,6 +285,22 @@ class Stage:
             sel = [i for i, p in enumerate(prompts) if p.domain == dom]
             info[f"reward/{dom}"] = float(per[sel].mean())
         return batch, info
+
+    def _episode_batch(self, step: int, key, timer):
+        """An agentic stage's rollouts (``agentic.env``): episodes of its environment, tasks and
+        seeds from ``key`` (``cascade_jax.agentic.stage.agentic_batch``)."""
+        seed = int(jax.random.randint(key, (), 0, 2 ** 31 - 1))
+        with timer("rollout"):
+            try:
+                return agentic_batch(self.config, self.parts.rl.engine, self._renderer(),
+                                     self.parts.sampling or B.build_sampling(self.config, self.tok),
+                                     seed=seed, num_experts=self.parts.model_cfg.n_routed_experts,
+                                     version_of=weight_step)
+            except RolloutError as e:
+                raise RolloutUnavailable(f"rollouts of step {step + 1}: {e}") from None
+
+    def _renderer(self) -> ChatRenderer:
+        return ChatRenderer(self.tok, thinking=self.config.rollout.thinking)
 
     def _ref_logp(self, batch: rl.RLBatch) -> rl.RLBatch:
         """``ref_logp [B, T]``: log-probs ``log softmax(z / τ)[y]`` of the batch under the
@@ -344,6 +366,10 @@ class Stage:
             loss = tot / max(cnt, 1.0)
             return {"step": step, "domains": {"heldout": {"loss": loss}}, "score": -loss,
                     "flat": {"heldout/loss": loss}}
+        if cfg.agentic.env:
+            res = evaluate_episodes(cfg, self.parts.rl.engine, self._renderer(),
+                                    self.parts.sampling or B.build_sampling(cfg, self.tok))
+            return {"step": step, **{k: v for k, v in res.items() if k != "rewards"}}
         if self._eval_prompts is None:
             self._eval_prompts = E.heldout_prompts(cfg, self.tok, B.stage_domains(cfg))
         e = cfg.eval
