@@ -44,11 +44,12 @@ import models.nemotron_h as _default_model
 
 from .config import ModelConfig
 
-__all__ = ["KV_BLOCK", "tree_sum", "idot", "hidden_states", "prefill", "decode_step",
+__all__ = ["KV_BLOCK", "ROW_TILE", "tree_sum", "tile_map", "idot", "hidden_states", "prefill", "decode_step",
            "logits_from_hidden"]
 
 f32 = jnp.float32
 KV_BLOCK = 16  # key positions per attention block (decode caches: max_len a multiple of it)
+ROW_TILE = 16  # rows per GEMM tile (tile_map): every projection runs at [ROW_TILE, K] @ [K, N]
 
 
 def _round(x, dtype):
@@ -85,10 +86,31 @@ def tree_sum(x, axis: int = -1):
     return jax.lax.index_in_dim(x, 0, axis=axis, keepdims=False)
 
 
+def tile_map(fn, x, tile: int = ROW_TILE):
+    """``fn`` applied to the rows of ``x [..., d]`` in tiles of ``tile`` rows: the rows are
+    flattened, zero-padded to a multiple of ``tile`` and reshaped to ``[n_tiles, tile, d]``, and
+    ``fn : [tile, d] -> [tile, f]`` runs once per tile (``lax.map``, a loop, never vmapped), so
+    every row goes through the same fixed-shape computation whatever the row count (a decode
+    step's ``S`` rows or a training batch's ``B·T``) -> ``[..., f]``."""
+    lead, d = x.shape[:-1], x.shape[-1]
+    rows = x.reshape(-1, d)
+    n = rows.shape[0]
+    nt = -(-n // tile)
+    rows = jnp.pad(rows, ((0, nt * tile - n), (0, 0))).reshape(nt, tile, d)
+    out = jax.lax.map(fn, rows)
+    return out.reshape(nt * tile, -1)[:n].reshape(*lead, -1)
+
+
+def _gemm(a, b):
+    return jax.lax.dot(a, b, precision=jax.lax.Precision.HIGHEST, preferred_element_type=f32)
+
+
 def idot(x, w):
-    """``x [..., K] @ w [K, N] -> [..., N]`` fp32, summed over ``k`` by :func:`tree_sum`:
-    row-wise, so independent of the other rows and of their number."""
-    return tree_sum(x.astype(f32)[..., :, None] * w.astype(f32), axis=-2)
+    """``x [..., K] @ w [K, N] -> [..., N]`` fp32 by fixed-shape GEMM tiles
+    (:func:`tile_map`: one ``[ROW_TILE, K] @ [K, N]`` GEMM per tile): a row's result depends on
+    that row and ``w`` only, not on the number of rows nor on its place in its tile."""
+    w = w.astype(f32)
+    return tile_map(lambda t: _gemm(t, w), x.astype(f32))
 
 
 def rms_norm(x, w, eps, dtype):
@@ -290,13 +312,24 @@ def route(p, x, cfg: ModelConfig, expert_ids=None):
 
 
 def moe(p, x, cfg: ModelConfig, dtype, expert_ids=None):
-    """``x [..., H]`` -> ``(out [..., H], ids [..., K])``: each token's experts applied to it
-    alone (gathered weights), contributions added in top-k order, then the shared expert."""
+    """``x [..., H]`` -> ``(out [..., H], ids [..., K])``: every expert applied to every token
+    by fixed-shape GEMM tiles (up ``[ROW_TILE, H] @ [H, E·F]``, down ``E`` batched
+    ``[ROW_TILE, F] @ [F, H]``; dense, so ``E/K`` times the routed FLOPs), each token's ``K``
+    outputs picked and added in top-k order, then the shared expert. No sort, no grouped
+    matmul whose shape would follow the routing."""
     w, idx = route(p, x, cfg, expert_ids)
-    up = p["experts_up"].astype(f32)[idx]  # [..., K, H, F]
-    down = p["experts_down"].astype(f32)[idx]  # [..., K, F, H]
-    h = _relu2(_round(tree_sum(x[..., None, :, None] * up, axis=-2), dtype), dtype)  # [..., K, F]
-    y = _round(tree_sum(h[..., :, None] * down, axis=-2), dtype)  # [..., K, H]
+    E, H, F = p["experts_up"].shape
+    up = jnp.moveaxis(p["experts_up"].astype(f32), 0, 1).reshape(H, E * F)
+    down = p["experts_down"].astype(f32)  # [E, F, H]
+
+    def tile(t):  # [ROW_TILE, H] -> [ROW_TILE, E·H]
+        h = _relu2(_round(_gemm(t, up), dtype), dtype).reshape(t.shape[0], E, F)
+        y = jax.lax.dot_general(jnp.moveaxis(h, 1, 0), down, (((2,), (1,)), ((0,), (0,))),
+                                precision=jax.lax.Precision.HIGHEST, preferred_element_type=f32)
+        return _round(jnp.moveaxis(y, 0, 1), dtype).reshape(t.shape[0], E * H)
+
+    y_all = tile_map(tile, x).reshape(*x.shape[:-1], E, H)
+    y = jnp.take_along_axis(y_all, idx[..., None], axis=-2)  # [..., K, H]
     acc = _apart(w[..., 0, None] * y[..., 0, :])
     for j in range(1, cfg.num_experts_per_tok):
         acc = acc + _apart(w[..., j, None] * y[..., j, :])
