@@ -216,38 +216,62 @@ def _qkv(p, u, cfg: ModelConfig, dtype):
     return q, k, v
 
 
+def _bgemm(a, b, contract_b: int):
+    """Batched fixed-shape GEMM on the last two axes: ``a [..., R, X] · b [..., ·, ·]``
+    contracting ``a``'s last axis with ``b``'s axis ``contract_b`` (−1 or −2); the batch axes
+    are all the leading ones (their number varies, each matrix's shape does not)."""
+    nb = a.ndim - 2
+    batch = tuple(range(nb))
+    return _apart(jax.lax.dot_general(a, b, (((a.ndim - 1,), (b.ndim + contract_b,)), (batch, batch)),
+                                      precision=jax.lax.Precision.HIGHEST,
+                                      preferred_element_type=f32))
+
+
 def block_attention(q, k, v, q_pos, dtype):
     """``q [B, Tq, Hq, D]`` at positions ``q_pos [B, Tq]`` over keys ``k, v [B, Tk, Hkv, D]`` at
     positions ``arange(Tk)`` (``Tk`` a multiple of ``KV_BLOCK``; key ``s`` visible iff
-    ``s <= q_pos``), block by block in order (module doc) -> ``[B, Tq, Hq, D]`` rounded."""
+    ``s <= q_pos``), block by block in order (module doc) -> ``[B, Tq, Hq, D]`` rounded.
+
+    By fixed-shape GEMM tiles: per (row, KV head) the ``Tq·G`` query rows (``G = Hq/Hkv``,
+    query-major) are padded to tiles of ``ROW_TILE`` rows, and every tile meets every key block
+    in the same two GEMMs, ``S = Q_tile [ROW_TILE, D] · K_jᵀ [D, KV_BLOCK]`` and
+    ``P_tile [ROW_TILE, KV_BLOCK] · V_j [KV_BLOCK, D]`` (a batch of such matrices; the batch size
+    varies with ``B`` and ``Tq``, the matrix shape never does)."""
     B, Tq, Hq, D = q.shape
     Tk, Hkv = k.shape[1], k.shape[2]
     G = Hq // Hkv
     nb = Tk // KV_BLOCK
-    qg = q.reshape(B, Tq, 1, Hkv, G, D)
-    kb = jnp.moveaxis(k.reshape(B, nb, KV_BLOCK, Hkv, 1, D), 1, 0)
-    vb = jnp.moveaxis(v.reshape(B, nb, KV_BLOCK, Hkv, 1, D), 1, 0)
+    R = ROW_TILE
+    M = Tq * G
+    nt = -(-M // R)
+    qr = jnp.moveaxis(q.reshape(B, Tq, Hkv, G, D), 2, 1).reshape(B, Hkv, M, D)
+    qr = jnp.pad(qr, ((0, 0), (0, 0), (0, nt * R - M), (0, 0))).reshape(B, Hkv, nt, R, D)
+    pos = jnp.pad(jnp.repeat(q_pos, G, axis=1), ((0, 0), (0, nt * R - M)))  # padded rows: key 0
+    pos = pos.reshape(B, 1, nt, R, 1)
+    kb = jnp.moveaxis(k.reshape(B, nb, KV_BLOCK, Hkv, D), 3, 2)  # [B, nb, Hkv, KV_BLOCK, D]
+    vb = jnp.moveaxis(v.reshape(B, nb, KV_BLOCK, Hkv, D), 3, 2)
+    kb, vb = jnp.moveaxis(kb, 1, 0), jnp.moveaxis(vb, 1, 0)  # [nb, B, Hkv, KV_BLOCK, D]
     scale = D ** -0.5
 
     def body(c, xs):
         m, l, acc = c
         kj, vj, j = xs
-        s = _apart(tree_sum(qg * kj[:, None]) * scale)  # [B, Tq, KV_BLOCK, Hkv, G]
+        tiles = lambda x: jnp.broadcast_to(x[:, :, None], (B, Hkv, nt, KV_BLOCK, D))
+        s = _apart(_bgemm(qr, tiles(kj), -1) * scale)  # [B, Hkv, nt, R, KV_BLOCK]
         kpos = j * KV_BLOCK + jnp.arange(KV_BLOCK)
-        vis = kpos[None, None, :] <= q_pos[:, :, None]  # [B, Tq, KV_BLOCK]
-        s = jnp.where(vis[..., None, None], s, -jnp.inf)
-        m_new = jnp.maximum(m, jnp.max(s, axis=2))
+        s = jnp.where(kpos <= pos, s, -jnp.inf)
+        m_new = jnp.maximum(m, jnp.max(s, axis=-1))
         alpha = jnp.exp(m - m_new)
-        pr = jnp.exp(s - m_new[:, :, None])
-        l = _apart(l * alpha) + tree_sum(pr, axis=2)
-        acc = _apart(acc * alpha[..., None]) + tree_sum(_round(pr, dtype)[..., None] * vj[:, None],
-                                                       axis=2)
+        pr = jnp.exp(s - m_new[..., None])
+        l = _apart(l * alpha) + tree_sum(pr)
+        acc = _apart(acc * alpha[..., None]) + _bgemm(_round(pr, dtype), tiles(vj), -2)
         return (m_new, l, acc), None
 
-    init = (jnp.full((B, Tq, Hkv, G), -jnp.inf, f32), jnp.zeros((B, Tq, Hkv, G), f32),
-            jnp.zeros((B, Tq, Hkv, G, D), f32))
+    init = (jnp.full((B, Hkv, nt, R), -jnp.inf, f32), jnp.zeros((B, Hkv, nt, R), f32),
+            jnp.zeros((B, Hkv, nt, R, D), f32))
     (m, l, acc), _ = jax.lax.scan(body, init, (kb, vb, jnp.arange(nb)))
-    return _round(acc / l[..., None], dtype).reshape(B, Tq, Hq, D)
+    o = _round(acc / l[..., None], dtype).reshape(B, Hkv, nt * R, D)[:, :, :M]
+    return jnp.moveaxis(o.reshape(B, Hkv, Tq, G, D), 1, 2).reshape(B, Tq, Hq, D)
 
 
 def _pad_keys(x, n: int):
