@@ -9,25 +9,41 @@ bf16 roundings move with fusion (``xla_allow_excess_precision`` drops convert pa
 * every value is an fp32 array; where the default model stores an activation in the params'
   dtype ``d`` the value is rounded to ``d`` with ``lax.reduce_precision`` (an explicit op XLA
   keeps in every program, unlike a convert pair), so bf16 semantics do not depend on fusion;
-* every contraction is written out: ``x @ w`` is the elementwise products ``x_k · w_kn`` summed
-  over ``k`` by a fixed pairwise tree (:func:`tree_sum`), so row ``i`` of the result is a
-  function of row ``i`` of ``x`` alone, whatever the row count;
+* every contraction is a GEMM of one fixed shape (:func:`tile_map`): the rows of ``x`` are
+  padded to tiles of ``ROW_TILE`` and each tile is one ``[ROW_TILE, K] @ [K, N]`` GEMM, run in
+  a loop over the tiles, so a decode step (``S`` rows, one tile) and a training forward
+  (``B·T`` rows, many tiles) put every row through the same kernel call. The rule, measured on
+  XLA CPU: a row of ``x @ w`` changes in the last bits with the number of rows (the GEMM
+  kernel and its blocking are chosen per shape), but at a FIXED shape a row's result depends on
+  that row and ``w`` only, not on the other rows nor on its place in the tile (checked on 13
+  ``K×N`` shapes from 17×33 to 64×1040, fp32 and bf16 values, 1 to 300 rows at two offsets,
+  under ``jit`` and inside ``value_and_grad``). The loop matters: ``vmap`` of a tiled product
+  becomes one batched dot whose rows do differ (64×1024, 17×33), so :func:`tile_map` is never
+  vmapped. Batched GEMMs of a fixed matrix shape whose batch size varies (attention, the MoE
+  down projection) behave the same way;
 * attention runs over fixed key blocks of ``KV_BLOCK`` positions aligned at 0, in order, with
   the online softmax ``m' = max(m, max_b s)``, ``l' = l·e^{m−m'} + Σ_b e^{s−m'}``,
-  ``acc' = acc·e^{m−m'} + Σ_b e^{s−m'} v``; a block wholly in a query's future is an exact
-  no-op (``e^{0} = 1``, ``+0``), so a training row of ``T`` keys and a decode cache of
-  ``max_len`` keys give the same bits;
+  ``acc' = acc·e^{m−m'} + Σ_b e^{s−m'} v``; per (row, KV head) the query rows are padded to
+  tiles of ``ROW_TILE`` and each tile meets each key block in two GEMMs of fixed shape
+  (``[ROW_TILE, D]·[D, KV_BLOCK]`` and ``[ROW_TILE, KV_BLOCK]·[KV_BLOCK, D]``); a block wholly in
+  a query's future is an exact no-op (``e^{0} = 1``, ``+0``), so a training row of ``T`` keys
+  and a decode cache of ``max_len`` keys give the same bits;
 * the Mamba SSM is the per-step recurrence ``s_t = s_{t−1}·e^{Δ_t A} + (Δ_t x_t) ⊗ B_t``,
   ``y_t = Σ_n s_t C_t`` in both (the training forward scans it over ``T``; a padded step has
   ``Δ = 0`` and leaves ``s`` bit-unchanged); the causal conv is ``Σ_k w_k x_{t−K+1+k}`` in
   ``k`` order in both;
-* MoE experts are applied per token with gathered expert weights (no sort, no grouped matmul),
-  the ``K`` contributions added in top-k order.
+* MoE: every expert runs on every token by fixed-shape tiles (dense: ``E/K`` times the routed
+  FLOPs, but GEMMs; no sort, no grouped matmul whose shape follows the routing), each token's
+  ``K`` outputs picked and added in top-k order;
+* the reductions that are not contractions (norms, the SSM's ``Σ_n``, softmax sums) are a fixed
+  pairwise tree of elementwise adds (:func:`tree_sum`).
 
 The decode cache is :func:`models.nemotron_h.init_cache`'s (K/V and conv state in ``d``, which
-hold ``d``-rounded values exactly; SSM state fp32). Cost: the written-out contractions run on
-the vector units, not a GEMM; the trainer uses these numbers as values only and takes its
-gradient through the default model (``cascade_jax.rl.logprobs``).
+hold ``d``-rounded values exactly; SSM state fp32). Cost: decode pads its ``S`` rows to a tile
+(``ROW_TILE`` rows per GEMM, and ``ROW_TILE / G`` queries per attention tile); the training
+forward computes every key block for every query (future blocks are no-ops, ``O(T²)`` like the
+default), the SSM as a per-step scan and all experts densely; the trainer uses these numbers as
+values only and takes its gradient through the default model (``cascade_jax.rl.logprobs``).
 
 Only the padded layout is supported (one sequence per row from column 0, positions ``arange``):
 what the rollout engine produces and the zero-mismatch trainer consumes.
@@ -425,7 +441,7 @@ def hidden_states(params, tokens, cfg: ModelConfig, *, positions=None, segment_i
 
 
 def logits_from_hidden(params, h):
-    """``h @ lm_head`` written out (:func:`idot`) -> fp32 logits."""
+    """``h @ lm_head`` by fixed-shape GEMM tiles (:func:`idot`) -> fp32 logits."""
     return idot(h, params["lm_head"])
 
 
