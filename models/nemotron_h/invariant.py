@@ -60,8 +60,8 @@ import models.nemotron_h as _default_model
 
 from .config import ModelConfig
 
-__all__ = ["KV_BLOCK", "ROW_TILE", "tree_sum", "tile_map", "idot", "hidden_states", "prefill", "decode_step",
-           "logits_from_hidden"]
+__all__ = ["KV_BLOCK", "ROW_TILE", "tree_sum", "tile_map", "idot", "hidden_states", "prefill",
+           "decode_step", "logits_from_hidden"]
 
 f32 = jnp.float32
 KV_BLOCK = 16  # key positions per attention block (decode caches: max_len a multiple of it)
