@@ -23,8 +23,9 @@ Both engines get the same requests (``--prompts`` prompts x ``--group`` samples,
 ``--stop-every``-th token id a stop token: mixed response lengths). Prints one JSON object: per
 response length and mode the train-step mismatch metrics of every step, the routing mismatch
 (rollout experts vs an unreplayed trainer forward, and vs the experts the trainer used), and the
-wall-clock of generation and of the train step (after compilation, median of ``--repeats``)
-with their ratios to the default mode of the same length, measured in the same run. Both
+wall-clock of generation and of the train step of the last step (after compilation, median of
+``--repeats`` rounds that run the three modes in turn, so load on a shared machine hits them
+alike) with their ratios to the default mode of the same length, measured in the same run. Both
 engines' cost is linear in the response length; 2048 is for a GPU (``--response-lens``).
 
     JAX_PLATFORMS=cpu .venv/bin/python launch/bench_fidelity.py --response-lens 16,256
@@ -42,29 +43,21 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def _timed(fn, *a, repeats: int = 1, **kw):
-    """``(fn(*a, **kw), median seconds over repeats)`` after one warm-up (compile) call."""
-    out = fn(*a, **kw)
-    jax.block_until_ready(out)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn(*a, **kw)
-        jax.block_until_ready(out)
-        times.append(time.perf_counter() - t0)
-    return out, float(np.median(times))
+def _seconds(fn):
+    """Wall-clock seconds of ``fn()`` (its outputs ready)."""
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    return time.perf_counter() - t0
 
 
-def _timed_engine(eng, reqs, repeats: int = 1):
-    """``(rollouts, median seconds)`` of ``eng.generate(reqs)`` after one warm-up (compile) call
-    with the same requests."""
-    out = eng.generate(reqs)
-    times = []
+def _interleaved(fns: dict, repeats: int) -> dict:
+    """``{name: median seconds}`` of the compiled ``fns``, timed in ``repeats`` rounds that each
+    run every function once in turn (a shared machine's load hits every mode alike)."""
+    times = {k: [] for k in fns}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = eng.generate(reqs)
-        times.append(time.perf_counter() - t0)
-    return out, float(np.median(times))
+        for k, fn in fns.items():
+            times[k].append(_seconds(fn))
+    return {k: float(np.median(v)) for k, v in times.items()}
 
 
 def main(argv=None):
@@ -75,7 +68,8 @@ def main(argv=None):
     ap.add_argument("--prompt-len", type=int, default=8)
     ap.add_argument("--response-lens", default="16,256,2048",
                     help="comma-separated response lengths (max_new_tokens), one report each")
-    ap.add_argument("--repeats", type=int, default=1, help="timed repeats after the warm-up call")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="timing rounds after the warm-up call (each runs every mode once, in turn)")
     ap.add_argument("--router-noise", type=float, default=0.3)
     ap.add_argument("--stop-every", type=int, default=64,
                     help="every k-th token id is a stop token (mixed response lengths; 0: none)")
@@ -152,9 +146,10 @@ def main(argv=None):
 
         report = {"model": "tiny", "rows": N, "row_len": T, "new_tokens": M, "stop_every": args.stop_every,
                   "modes": {}}
+        timed = {}
         for mode, step in steps.items():
             state = rl.TrainState.from_config(master0, opt, specs)
-            per_step, gen_s, train_s = [], [], []
+            per_step = []
             for it in range(args.steps):
                 params = rl.compute_params(state.params, specs, jnp.bfloat16)
                 if mode == "zero_mismatch":  # the trainer's own weights, the invariant engine
@@ -162,7 +157,7 @@ def main(argv=None):
                 else:  # the default engine, with the perturbed router
                     roll_params = perturb(params, 7 + it)
                     eng = JaxEngine(cfg, roll_params, **engine_kw)
-                ro, dt = _timed_engine(eng, requests(it), repeats=args.repeats)
+                ro = eng.generate(requests(it))  # compiles; timed below
                 samples, tok, mask, lp, fin = rows(ro)
                 seg = (np.arange(T)[None] < (mask.sum(1, keepdims=True) + P)).astype(np.int32)
                 batch = rl.RLBatch(tokens=jnp.asarray(tok), positions=jnp.broadcast_to(jnp.arange(T), (N, T)),
@@ -177,7 +172,6 @@ def main(argv=None):
                     rollout_rx = np.asarray(fwd_rx(roll_params, batch.tokens)).copy()
                     rollout_rx[:, -1] = -1
                     rollout_rx[np.asarray(seg) == 0] = -1
-                gen_s.append(dt)
                 # the trainer's own unreplayed routing (the invariant model in zero-mismatch mode)
                 trainer_rx = np.asarray((fwd_rx_inv if mode == "zero_mismatch" else fwd_rx)(params, batch.tokens))
                 routing = rl.routing_mismatch(jnp.asarray(rollout_rx), jnp.asarray(trainer_rx), batch.loss_mask)
@@ -188,13 +182,17 @@ def main(argv=None):
                     used = jnp.asarray(trainer_rx)
                 used_diff = rl.routing_mismatch(jnp.asarray(rollout_rx), used, batch.loss_mask)
                 routing["routing_used_token_diff_frac"] = used_diff["routing_token_diff_frac"]
-                (new_state, metrics), ts = _timed(step, state, batch, repeats=args.repeats)
-                train_s.append(ts)
+                timed[mode] = (lambda e=eng, r=requests(it): e.generate(r),
+                               lambda s=step, st=state, b=batch: s(st, b))  # the last step's
+                new_state, metrics = step(state, batch)
                 state = new_state
                 per_step.append({k: float(metrics[k]) for k in sorted(metrics) if k.startswith(("mismatch_", "is_abs"))}
                                 | {k: float(v) for k, v in routing.items()} | {"loss": float(metrics["loss"])})
-            report["modes"][mode] = {"steps": per_step, "generate_s": float(np.median(gen_s)),
-                                     "train_step_s": float(np.median(train_s))}
+            report["modes"][mode] = {"steps": per_step}
+        gen = _interleaved({m: g for m, (g, _) in timed.items()}, args.repeats)
+        train = _interleaved({m: t for m, (_, t) in timed.items()}, args.repeats)
+        for mode, r in report["modes"].items():
+            r["generate_s"], r["train_step_s"] = gen[mode], train[mode]
         base = report["modes"]["default"]
         for mode, r in report["modes"].items():
             r["generate_ratio_to_default"] = r["generate_s"] / base["generate_s"]

@@ -1,11 +1,14 @@
 """Zero-mismatch rollouts: the log-prob each token was sampled with equals the trainer's
 recomputed log-prob bit for bit (``np.array_equal``), in fp32 and bf16, for mixed-length
 sequences from several prompts decoded over refilled slots, with the trainer at other batch
-sizes. Also the mismatch / routing metrics on hand-computed cases and the routed-expert packer."""
+sizes. Also the mismatch / routing metrics on hand-computed cases, the routed-expert packer, and
+the rule the kernel-invariant model's GEMMs rest on (fixed-shape tiles: a row's result does not
+depend on the row count nor on its place in the tile)."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from models.nemotron_h.invariant import ROW_TILE, idot
 import pytest
 
 from cascade_jax import rl
@@ -157,3 +160,27 @@ def test_pack_routed_experts_layout_and_errors():
         rl.pack_routed_experts([a], 2, num_experts=8)
     with pytest.raises(ValueError, match=r"routed_experts\[0\]: expert id outside"):
         rl.pack_routed_experts([a + 8], 5, num_experts=8)
+
+
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
+def test_tiled_gemm_rows_do_not_depend_on_row_count_or_place(bf16):
+    """``invariant.idot`` (one ``[ROW_TILE, K] @ [K, N]`` GEMM per tile of rows): every row of a
+    product over 1 to 40 rows at offsets 0 and 5 (so at every place in a tile) equals, bit for
+    bit, that row computed alone (one real row in a tile of padding), under ``jit`` and inside
+    ``value_and_grad``; and the product is ``x @ w`` (float64 numpy, |Δ| <= 1e-5 · ‖x_i‖‖w‖)."""
+    rng = np.random.default_rng(0)
+    rnd = (lambda a: jax.lax.reduce_precision(a, 8, 7)) if bf16 else (lambda a: a)
+    for K, N in [(64, 96), (17, 33), (64, 512)]:
+        x = rnd(jnp.asarray(rng.standard_normal((40, K)), jnp.float32))
+        w = rnd(jnp.asarray(rng.standard_normal((K, N)), jnp.float32))
+        f = jax.jit(idot)
+        alone = np.concatenate([np.asarray(f(x[i:i + 1], w)) for i in range(40)])
+        ref = np.asarray(x, np.float64) @ np.asarray(w, np.float64)
+        bound = 1e-5 * np.linalg.norm(np.asarray(x), axis=1, keepdims=True) * np.linalg.norm(np.asarray(w))
+        assert (np.abs(alone - ref) <= bound).all(), (K, N)
+        for n, off in [(3, 5), (ROW_TILE + 1, 0), (ROW_TILE + 1, 5), (35, 5), (40, 0)]:
+            assert np.array_equal(np.asarray(f(x[off:off + n], w)), alone[off:off + n]), (K, N, n, off)
+        grad_y = jax.jit(jax.value_and_grad(lambda a, b: (jnp.sin(idot(a, b)).sum(), idot(a, b)),
+                                            argnums=(0, 1), has_aux=True))
+        (_, y), _ = grad_y(x[:30].reshape(2, 15, K), w)
+        assert np.array_equal(np.asarray(y).reshape(30, N), alone[:30]), (K, N)

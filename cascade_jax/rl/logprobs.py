@@ -39,9 +39,9 @@ hooks (``use_partitioner(None)``), the sampler's single-device program, also in 
 
 Kernel-invariant mode (``model=models.nemotron_h.invariant``, the trainer side of
 :class:`cascade_jax.rollout.exact.ExactEngine`): the model's kernels themselves compute each
-token independently of the batch, the row length and the program (written-out contractions,
-fixed key blocks, the per-step Mamba recurrence, per-token experts, explicit bf16 rounding;
-:mod:`models.nemotron_h.invariant`), and the logits product is the same written-out one
+token independently of the batch, the row length and the program (fixed-shape GEMM tiles,
+fixed key blocks, the per-step Mamba recurrence, dense tiled experts, explicit bf16 rounding;
+:mod:`models.nemotron_h.invariant`), and the logits product is the same tiled GEMM
 (``head_dot``), so no per-row map and no ``row_len`` are needed: any batch of padded rows gives
 the cached-decode engine's numbers. :func:`_invariant_rows` returns them as the value of a
 forward-only computation and takes its gradient from the default model's log-probs of the same
@@ -131,7 +131,7 @@ def _chunk_step(carry, xs, hidden, targets, inv_t, C: int, V: int, fixed_order: 
     temperature-scaled logits, −inf past ``V``). The one definition the trainer's
     :func:`chunked_logprobs` and the sampler's :func:`next_token_logprobs` share;
     ``fixed_order`` sums with :func:`_tree_sum` (batch-invariant mode); ``head_dot(h, W_c)``
-    replaces the logits matmul (the invariant model's written-out product, kernel-invariant
+    replaces the logits matmul (the invariant model's tiled GEMM, kernel-invariant
     mode; the scaled logits are then kept apart from the adds that follow, so no program
     contracts them into an FMA)."""
     total = _tree_sum if fixed_order else (lambda a: a.sum(-1))
@@ -257,7 +257,7 @@ _exact_rows.defvjp(_exact_rows_fwd, _exact_rows_bwd)
 def _invariant_logprobs(params, rows, static):
     """``(lp, ent, experts or None)`` of padded-layout ``rows`` under the kernel-invariant model
     (``static[1]``, e.g. :mod:`models.nemotron_h.invariant`): its forward and the chunked
-    log-softmax with the written-out logits product and fixed-order sums, so every token's
+    log-softmax with the tiled logits GEMM and fixed-order sums, so every token's
     numbers depend on its own prefix only (any batch, any row length, any program)."""
     cfg, model, temperature, vocab_chunk, return_routed_experts = static
     tokens, _, _, rx = rows
@@ -306,7 +306,7 @@ def invariant_next_logprobs(params, hidden, inv_temperature, *,
     """The sampler side of the kernel-invariant mode: ``hidden [S, H]`` (the invariant model's
     final-normed state after each slot's last token), ``inv_temperature [S]`` -> ``logp [S, V]``
     ``= z − logsumexp(z)``, ``z = (h · lm_head) / τ``, by the chunk loop of
-    :func:`chunked_logprobs` with the same written-out product, chunks and order, so
+    :func:`chunked_logprobs` with the same tiled product, chunks and order, so
     ``logp[s, y]`` equals the trainer's :func:`token_logprobs` (``model`` the invariant model)
     of ``y`` after the same prefix, bit for bit."""
     if model is None:

@@ -9,25 +9,41 @@ bf16 roundings move with fusion (``xla_allow_excess_precision`` drops convert pa
 * every value is an fp32 array; where the default model stores an activation in the params'
   dtype ``d`` the value is rounded to ``d`` with ``lax.reduce_precision`` (an explicit op XLA
   keeps in every program, unlike a convert pair), so bf16 semantics do not depend on fusion;
-* every contraction is written out: ``x @ w`` is the elementwise products ``x_k · w_kn`` summed
-  over ``k`` by a fixed pairwise tree (:func:`tree_sum`), so row ``i`` of the result is a
-  function of row ``i`` of ``x`` alone, whatever the row count;
+* every contraction is a GEMM of one fixed shape (:func:`tile_map`): the rows of ``x`` are
+  padded to tiles of ``ROW_TILE`` and each tile is one ``[ROW_TILE, K] @ [K, N]`` GEMM, run in
+  a loop over the tiles, so a decode step (``S`` rows, one tile) and a training forward
+  (``B·T`` rows, many tiles) put every row through the same kernel call. The rule, measured on
+  XLA CPU: a row of ``x @ w`` changes in the last bits with the number of rows (the GEMM
+  kernel and its blocking are chosen per shape), but at a FIXED shape a row's result depends on
+  that row and ``w`` only, not on the other rows nor on its place in the tile (checked on 13
+  ``K×N`` shapes from 17×33 to 64×1040, fp32 and bf16 values, 1 to 300 rows at two offsets,
+  under ``jit`` and inside ``value_and_grad``). The loop matters: ``vmap`` of a tiled product
+  becomes one batched dot whose rows do differ (64×1024, 17×33), so :func:`tile_map` is never
+  vmapped. Batched GEMMs of a fixed matrix shape whose batch size varies (attention, the MoE
+  down projection) behave the same way;
 * attention runs over fixed key blocks of ``KV_BLOCK`` positions aligned at 0, in order, with
   the online softmax ``m' = max(m, max_b s)``, ``l' = l·e^{m−m'} + Σ_b e^{s−m'}``,
-  ``acc' = acc·e^{m−m'} + Σ_b e^{s−m'} v``; a block wholly in a query's future is an exact
-  no-op (``e^{0} = 1``, ``+0``), so a training row of ``T`` keys and a decode cache of
-  ``max_len`` keys give the same bits;
+  ``acc' = acc·e^{m−m'} + Σ_b e^{s−m'} v``; per (row, KV head) the query rows are padded to
+  tiles of ``ROW_TILE`` and each tile meets each key block in two GEMMs of fixed shape
+  (``[ROW_TILE, D]·[D, KV_BLOCK]`` and ``[ROW_TILE, KV_BLOCK]·[KV_BLOCK, D]``); a block wholly in
+  a query's future is an exact no-op (``e^{0} = 1``, ``+0``), so a training row of ``T`` keys
+  and a decode cache of ``max_len`` keys give the same bits;
 * the Mamba SSM is the per-step recurrence ``s_t = s_{t−1}·e^{Δ_t A} + (Δ_t x_t) ⊗ B_t``,
   ``y_t = Σ_n s_t C_t`` in both (the training forward scans it over ``T``; a padded step has
   ``Δ = 0`` and leaves ``s`` bit-unchanged); the causal conv is ``Σ_k w_k x_{t−K+1+k}`` in
   ``k`` order in both;
-* MoE experts are applied per token with gathered expert weights (no sort, no grouped matmul),
-  the ``K`` contributions added in top-k order.
+* MoE: every expert runs on every token by fixed-shape tiles (dense: ``E/K`` times the routed
+  FLOPs, but GEMMs; no sort, no grouped matmul whose shape follows the routing), each token's
+  ``K`` outputs picked and added in top-k order;
+* the reductions that are not contractions (norms, the SSM's ``Σ_n``, softmax sums) are a fixed
+  pairwise tree of elementwise adds (:func:`tree_sum`).
 
 The decode cache is :func:`models.nemotron_h.init_cache`'s (K/V and conv state in ``d``, which
-hold ``d``-rounded values exactly; SSM state fp32). Cost: the written-out contractions run on
-the vector units, not a GEMM; the trainer uses these numbers as values only and takes its
-gradient through the default model (``cascade_jax.rl.logprobs``).
+hold ``d``-rounded values exactly; SSM state fp32). Cost: decode pads its ``S`` rows to a tile
+(``ROW_TILE`` rows per GEMM, and ``ROW_TILE / G`` queries per attention tile); the training
+forward computes every key block for every query (future blocks are no-ops, ``O(T²)`` like the
+default), the SSM as a per-step scan and all experts densely; the trainer uses these numbers as
+values only and takes its gradient through the default model (``cascade_jax.rl.logprobs``).
 
 Only the padded layout is supported (one sequence per row from column 0, positions ``arange``):
 what the rollout engine produces and the zero-mismatch trainer consumes.
@@ -44,11 +60,12 @@ import models.nemotron_h as _default_model
 
 from .config import ModelConfig
 
-__all__ = ["KV_BLOCK", "tree_sum", "idot", "hidden_states", "prefill", "decode_step",
-           "logits_from_hidden"]
+__all__ = ["KV_BLOCK", "ROW_TILE", "tree_sum", "tile_map", "idot", "hidden_states", "prefill",
+           "decode_step", "logits_from_hidden"]
 
 f32 = jnp.float32
 KV_BLOCK = 16  # key positions per attention block (decode caches: max_len a multiple of it)
+ROW_TILE = 16  # rows per GEMM tile (tile_map): every projection runs at [ROW_TILE, K] @ [K, N]
 
 
 def _round(x, dtype):
@@ -85,10 +102,31 @@ def tree_sum(x, axis: int = -1):
     return jax.lax.index_in_dim(x, 0, axis=axis, keepdims=False)
 
 
+def tile_map(fn, x, tile: int = ROW_TILE):
+    """``fn`` applied to the rows of ``x [..., d]`` in tiles of ``tile`` rows: the rows are
+    flattened, zero-padded to a multiple of ``tile`` and reshaped to ``[n_tiles, tile, d]``, and
+    ``fn : [tile, d] -> [tile, f]`` runs once per tile (``lax.map``, a loop, never vmapped), so
+    every row goes through the same fixed-shape computation whatever the row count (a decode
+    step's ``S`` rows or a training batch's ``B·T``) -> ``[..., f]``."""
+    lead, d = x.shape[:-1], x.shape[-1]
+    rows = x.reshape(-1, d)
+    n = rows.shape[0]
+    nt = -(-n // tile)
+    rows = jnp.pad(rows, ((0, nt * tile - n), (0, 0))).reshape(nt, tile, d)
+    out = jax.lax.map(fn, rows)
+    return out.reshape(nt * tile, -1)[:n].reshape(*lead, -1)
+
+
+def _gemm(a, b):
+    return jax.lax.dot(a, b, precision=jax.lax.Precision.HIGHEST, preferred_element_type=f32)
+
+
 def idot(x, w):
-    """``x [..., K] @ w [K, N] -> [..., N]`` fp32, summed over ``k`` by :func:`tree_sum`:
-    row-wise, so independent of the other rows and of their number."""
-    return tree_sum(x.astype(f32)[..., :, None] * w.astype(f32), axis=-2)
+    """``x [..., K] @ w [K, N] -> [..., N]`` fp32 by fixed-shape GEMM tiles
+    (:func:`tile_map`: one ``[ROW_TILE, K] @ [K, N]`` GEMM per tile): a row's result depends on
+    that row and ``w`` only, not on the number of rows nor on its place in its tile."""
+    w = w.astype(f32)
+    return tile_map(lambda t: _gemm(t, w), x.astype(f32))
 
 
 def rms_norm(x, w, eps, dtype):
@@ -194,38 +232,62 @@ def _qkv(p, u, cfg: ModelConfig, dtype):
     return q, k, v
 
 
+def _bgemm(a, b, contract_b: int):
+    """Batched fixed-shape GEMM on the last two axes: ``a [..., R, X] · b [..., ·, ·]``
+    contracting ``a``'s last axis with ``b``'s axis ``contract_b`` (−1 or −2); the batch axes
+    are all the leading ones (their number varies, each matrix's shape does not)."""
+    nb = a.ndim - 2
+    batch = tuple(range(nb))
+    return _apart(jax.lax.dot_general(a, b, (((a.ndim - 1,), (b.ndim + contract_b,)), (batch, batch)),
+                                      precision=jax.lax.Precision.HIGHEST,
+                                      preferred_element_type=f32))
+
+
 def block_attention(q, k, v, q_pos, dtype):
     """``q [B, Tq, Hq, D]`` at positions ``q_pos [B, Tq]`` over keys ``k, v [B, Tk, Hkv, D]`` at
     positions ``arange(Tk)`` (``Tk`` a multiple of ``KV_BLOCK``; key ``s`` visible iff
-    ``s <= q_pos``), block by block in order (module doc) -> ``[B, Tq, Hq, D]`` rounded."""
+    ``s <= q_pos``), block by block in order (module doc) -> ``[B, Tq, Hq, D]`` rounded.
+
+    By fixed-shape GEMM tiles: per (row, KV head) the ``Tq·G`` query rows (``G = Hq/Hkv``,
+    query-major) are padded to tiles of ``ROW_TILE`` rows, and every tile meets every key block
+    in the same two GEMMs, ``S = Q_tile [ROW_TILE, D] · K_jᵀ [D, KV_BLOCK]`` and
+    ``P_tile [ROW_TILE, KV_BLOCK] · V_j [KV_BLOCK, D]`` (a batch of such matrices; the batch size
+    varies with ``B`` and ``Tq``, the matrix shape never does)."""
     B, Tq, Hq, D = q.shape
     Tk, Hkv = k.shape[1], k.shape[2]
     G = Hq // Hkv
     nb = Tk // KV_BLOCK
-    qg = q.reshape(B, Tq, 1, Hkv, G, D)
-    kb = jnp.moveaxis(k.reshape(B, nb, KV_BLOCK, Hkv, 1, D), 1, 0)
-    vb = jnp.moveaxis(v.reshape(B, nb, KV_BLOCK, Hkv, 1, D), 1, 0)
+    R = ROW_TILE
+    M = Tq * G
+    nt = -(-M // R)
+    qr = jnp.moveaxis(q.reshape(B, Tq, Hkv, G, D), 2, 1).reshape(B, Hkv, M, D)
+    qr = jnp.pad(qr, ((0, 0), (0, 0), (0, nt * R - M), (0, 0))).reshape(B, Hkv, nt, R, D)
+    pos = jnp.pad(jnp.repeat(q_pos, G, axis=1), ((0, 0), (0, nt * R - M)))  # padded rows: key 0
+    pos = pos.reshape(B, 1, nt, R, 1)
+    kb = jnp.moveaxis(k.reshape(B, nb, KV_BLOCK, Hkv, D), 3, 2)  # [B, nb, Hkv, KV_BLOCK, D]
+    vb = jnp.moveaxis(v.reshape(B, nb, KV_BLOCK, Hkv, D), 3, 2)
+    kb, vb = jnp.moveaxis(kb, 1, 0), jnp.moveaxis(vb, 1, 0)  # [nb, B, Hkv, KV_BLOCK, D]
     scale = D ** -0.5
 
     def body(c, xs):
         m, l, acc = c
         kj, vj, j = xs
-        s = _apart(tree_sum(qg * kj[:, None]) * scale)  # [B, Tq, KV_BLOCK, Hkv, G]
+        tiles = lambda x: jnp.broadcast_to(x[:, :, None], (B, Hkv, nt, KV_BLOCK, D))
+        s = _apart(_bgemm(qr, tiles(kj), -1) * scale)  # [B, Hkv, nt, R, KV_BLOCK]
         kpos = j * KV_BLOCK + jnp.arange(KV_BLOCK)
-        vis = kpos[None, None, :] <= q_pos[:, :, None]  # [B, Tq, KV_BLOCK]
-        s = jnp.where(vis[..., None, None], s, -jnp.inf)
-        m_new = jnp.maximum(m, jnp.max(s, axis=2))
+        s = jnp.where(kpos <= pos, s, -jnp.inf)
+        m_new = jnp.maximum(m, jnp.max(s, axis=-1))
         alpha = jnp.exp(m - m_new)
-        pr = jnp.exp(s - m_new[:, :, None])
-        l = _apart(l * alpha) + tree_sum(pr, axis=2)
-        acc = _apart(acc * alpha[..., None]) + tree_sum(_round(pr, dtype)[..., None] * vj[:, None],
-                                                       axis=2)
+        pr = jnp.exp(s - m_new[..., None])
+        l = _apart(l * alpha) + tree_sum(pr)
+        acc = _apart(acc * alpha[..., None]) + _bgemm(_round(pr, dtype), tiles(vj), -2)
         return (m_new, l, acc), None
 
-    init = (jnp.full((B, Tq, Hkv, G), -jnp.inf, f32), jnp.zeros((B, Tq, Hkv, G), f32),
-            jnp.zeros((B, Tq, Hkv, G, D), f32))
+    init = (jnp.full((B, Hkv, nt, R), -jnp.inf, f32), jnp.zeros((B, Hkv, nt, R), f32),
+            jnp.zeros((B, Hkv, nt, R, D), f32))
     (m, l, acc), _ = jax.lax.scan(body, init, (kb, vb, jnp.arange(nb)))
-    return _round(acc / l[..., None], dtype).reshape(B, Tq, Hq, D)
+    o = _round(acc / l[..., None], dtype).reshape(B, Hkv, nt * R, D)[:, :, :M]
+    return jnp.moveaxis(o.reshape(B, Hkv, Tq, G, D), 1, 2).reshape(B, Tq, Hq, D)
 
 
 def _pad_keys(x, n: int):
@@ -290,13 +352,24 @@ def route(p, x, cfg: ModelConfig, expert_ids=None):
 
 
 def moe(p, x, cfg: ModelConfig, dtype, expert_ids=None):
-    """``x [..., H]`` -> ``(out [..., H], ids [..., K])``: each token's experts applied to it
-    alone (gathered weights), contributions added in top-k order, then the shared expert."""
+    """``x [..., H]`` -> ``(out [..., H], ids [..., K])``: every expert applied to every token
+    by fixed-shape GEMM tiles (up ``[ROW_TILE, H] @ [H, E·F]``, down ``E`` batched
+    ``[ROW_TILE, F] @ [F, H]``; dense, so ``E/K`` times the routed FLOPs), each token's ``K``
+    outputs picked and added in top-k order, then the shared expert. No sort, no grouped
+    matmul whose shape would follow the routing."""
     w, idx = route(p, x, cfg, expert_ids)
-    up = p["experts_up"].astype(f32)[idx]  # [..., K, H, F]
-    down = p["experts_down"].astype(f32)[idx]  # [..., K, F, H]
-    h = _relu2(_round(tree_sum(x[..., None, :, None] * up, axis=-2), dtype), dtype)  # [..., K, F]
-    y = _round(tree_sum(h[..., :, None] * down, axis=-2), dtype)  # [..., K, H]
+    E, H, F = p["experts_up"].shape
+    up = jnp.moveaxis(p["experts_up"].astype(f32), 0, 1).reshape(H, E * F)
+    down = p["experts_down"].astype(f32)  # [E, F, H]
+
+    def tile(t):  # [ROW_TILE, H] -> [ROW_TILE, E·H]
+        h = _relu2(_round(_gemm(t, up), dtype), dtype).reshape(t.shape[0], E, F)
+        y = jax.lax.dot_general(jnp.moveaxis(h, 1, 0), down, (((2,), (1,)), ((0,), (0,))),
+                                precision=jax.lax.Precision.HIGHEST, preferred_element_type=f32)
+        return _round(jnp.moveaxis(y, 0, 1), dtype).reshape(t.shape[0], E * H)
+
+    y_all = tile_map(tile, x).reshape(*x.shape[:-1], E, H)
+    y = jnp.take_along_axis(y_all, idx[..., None], axis=-2)  # [..., K, H]
     acc = _apart(w[..., 0, None] * y[..., 0, :])
     for j in range(1, cfg.num_experts_per_tok):
         acc = acc + _apart(w[..., j, None] * y[..., j, :])
@@ -368,7 +441,7 @@ def hidden_states(params, tokens, cfg: ModelConfig, *, positions=None, segment_i
 
 
 def logits_from_hidden(params, h):
-    """``h @ lm_head`` written out (:func:`idot`) -> fp32 logits."""
+    """``h @ lm_head`` by fixed-shape GEMM tiles (:func:`idot`) -> fp32 logits."""
     return idot(h, params["lm_head"])
 
 
