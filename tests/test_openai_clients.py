@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import tempfile
 
@@ -24,6 +23,7 @@ from cascade_jax.rewards.tool_call import format_tool_call
 from cascade_jax.rollout.launcher import free_port, wait_healthy
 from cascade_jax.rollout.weight_sync import reference_logprobs, write_version
 from models import nemotron_h as nh
+from tests.runner_support import Child
 
 TOL = 1e-4
 KEY = "sk-test"
@@ -48,20 +48,15 @@ def server(tmp_path_factory):
     env = dict(os.environ, JAX_PLATFORMS="cpu",
                JAX_COMPILATION_CACHE_DIR=os.path.join(tempfile.gettempdir(), "cascade-jax-serve-test-cache"))
     log = root / "server.log"
-    proc = subprocess.Popen([sys.executable, "launch/serve.py", "--checkpoint", str(ck), "--port", str(port),
-                             "--weight-version", "0", *FLAGS], stdout=open(log, "wb"), stderr=subprocess.STDOUT,
-                            env=env, start_new_session=True)
+    proc = Child([sys.executable, "launch/serve.py", "--checkpoint", str(ck), "--port", str(port),
+                  "--weight-version", "0", *FLAGS], env, log=log)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_healthy(url, timeout_s=300, proc=proc, log=log)
+        wait_healthy(url, timeout_s=300, proc=proc.p, log=log)
         client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, timeout=300, max_retries=0)
         yield type("S", (), dict(url=url, cfg=cfg, params=params, tok=tok, client=client))
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        proc.stop(grace=30)
 
 
 def _generate(server, ids, **sp):

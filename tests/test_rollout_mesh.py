@@ -44,6 +44,7 @@ from cascade_jax.rollout.launcher import free_port, wait_healthy
 from cascade_jax.rollout.weight_sync import write_version
 from models import nemotron_h as nh
 from tests.multidevice import REPO, child_env, run_on_cpu_devices
+from tests.runner_support import Child
 
 LOGP_TOL = 1e-6
 MESH = "tensor:2,expert:4"
@@ -140,10 +141,10 @@ def test_mesh_errors_name_the_field(child):
         assert e[name]["type"] == "ShardingError" and text in e[name]["message"], (name, e[name])
 
 
-def _serve(ckpt, mesh, port, log):
+def _serve(ckpt, mesh, port, log) -> Child:
     cmd = [sys.executable, "-m", "launch.serve", "--checkpoint", str(ckpt), "--port", str(port),
            "--mesh", mesh, "--compilation-cache-dir", "", *SERVE_FLAGS]
-    return subprocess.Popen(cmd, cwd=REPO, env=child_env(8), stdout=log, stderr=subprocess.STDOUT)
+    return Child(cmd, child_env(8), cwd=REPO, log=log)
 
 
 def test_serve_bad_mesh_is_one_error_line_naming_the_flag(tmp_path):
@@ -170,12 +171,11 @@ def test_serve_with_mesh_answers_generate(tmp_path):
     ref1 = eng.generate(reqs)
 
     port, log_path = free_port(), tmp_path / "serve.log"
-    with open(log_path, "wb") as log:
-        proc = _serve(ck0, MESH, port, log)
+    proc = _serve(ck0, MESH, port, log_path)
     url = f"http://127.0.0.1:{port}"
     client = None
     try:
-        wait_healthy(url, timeout_s=600, proc=proc, log=log_path)
+        wait_healthy(url, timeout_s=600, proc=proc.p, log=log_path)
         client = ServerClient([url], timeout_s=600)
         got0 = client.generate(reqs)
         r = httpx.post(url + "/update_weights_from_disk", json={"model_path": str(ck1), "weight_version": "1"},
@@ -185,12 +185,7 @@ def test_serve_with_mesh_answers_generate(tmp_path):
     finally:
         if client is not None:
             client.close()
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        proc.stop(grace=30)
     for ref, got in ((ref0, got0), (ref1, got1)):
         sr, sg = ref.samples(), got.samples()
         assert [s.response_ids.tolist() for s in sr] == [s.response_ids.tolist() for s in sg]

@@ -31,6 +31,7 @@ from cascade_jax.data.tokenizer import write_tiny_tokenizer
 from cascade_jax.rollout.launcher import free_port, wait_healthy
 from cascade_jax.rollout.weight_sync import TorchPeer, buckets, reference_logprobs, write_version
 from models import nemotron_h as nh
+from tests.runner_support import Child
 
 TOL = 1e-4
 FLAGS = ["--num-slots", "2", "--max-len", "288", "--prompt-buckets", "32,256", "--prefill-sizes", "2",
@@ -66,19 +67,14 @@ def server(tmp_path_factory):
     cache = os.path.join(tempfile.gettempdir(), "cascade-jax-serve-test-cache")
     env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=cache)
     log = root / "server.log"
-    proc = subprocess.Popen([sys.executable, "launch/serve.py", "--checkpoint", str(ck), "--port", str(port),
-                             "--weight-version", "0", *FLAGS], stdout=open(log, "wb"), stderr=subprocess.STDOUT,
-                            env=env, start_new_session=True)
+    proc = Child([sys.executable, "launch/serve.py", "--checkpoint", str(ck), "--port", str(port),
+                  "--weight-version", "0", *FLAGS], env, log=log)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_healthy(url, timeout_s=300, proc=proc, log=log)
-        yield type("S", (), dict(url=url, cfg=cfg, params=params, root=root, log=log, proc=proc, ckpt=ck))
+        wait_healthy(url, timeout_s=300, proc=proc.p, log=log)
+        yield type("S", (), dict(url=url, cfg=cfg, params=params, root=root, log=log, proc=proc.p, ckpt=ck))
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        proc.stop(grace=30)
 
 
 def _padded(seq, n=32):
