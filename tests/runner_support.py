@@ -171,9 +171,8 @@ class Child:
     SIGINT at its default (:func:`_as_from_a_terminal`), and its output drained as it comes so a
     full pipe can never block it: with ``log`` stdout and stderr go to that file, else a thread
     per stream collects the lines (:attr:`out`, :attr:`lines` for stderr). ``env=None``: this
-    process's environment. Use as a context
-    manager or call :meth:`stop` in a ``finally``: SIGTERM to the group, ``grace`` seconds, then
-    SIGKILL -- also when the test failed."""
+    process's environment. Use as a context manager or call :meth:`stop` in a ``finally``:
+    SIGTERM to the group, ``grace`` seconds, then SIGKILL -- also when the test failed."""
 
     def __init__(self, cmd: Sequence, env: Optional[dict], *, cwd=None,
                  log: Optional[pathlib.Path] = None):
