@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import subprocess
 import sys
 import tempfile
 import types
@@ -19,6 +18,7 @@ import numpy as np
 
 from cascade_jax.rollout.launcher import free_port, wait_healthy
 from models import nemotron_h as nh
+from tests.runner_support import Child
 
 REPO = str(Path(__file__).resolve().parents[1])
 #: the persistent compilation cache of every test server
@@ -42,21 +42,14 @@ def served(checkpoint, flags: Sequence[str] = (), *, log: Path, env: Optional[di
            weight_version: str = "0", timeout_s: float = 300, api_key: Optional[str] = None):
     """``launch/serve.py --checkpoint checkpoint *flags`` on a free port (output to ``log``,
     environment :func:`serve_env` of ``env``), yielded once ``/health`` answers as a namespace
-    ``url, port, proc, log``; terminated (killed after 30 s) on exit."""
+    ``url, port, proc, log``. It runs as a :class:`~tests.runner_support.Child` (its own process
+    group, SIGINT at its default); the group is terminated (killed after 30 s) on exit."""
     port = free_port()
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "launch.serve", "--checkpoint", str(checkpoint),
-                                 "--port", str(port), "--weight-version", weight_version, *flags],
-                                cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=serve_env(env),
-                                start_new_session=True)
+    proc = Child([sys.executable, "-m", "launch.serve", "--checkpoint", str(checkpoint), "--port", str(port),
+                  "--weight-version", weight_version, *flags], serve_env(env), cwd=REPO, log=log)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_healthy(url, timeout_s=timeout_s, proc=proc, log=log, api_key=api_key)
-        yield types.SimpleNamespace(url=url, port=port, proc=proc, log=log)
+        wait_healthy(url, timeout_s=timeout_s, proc=proc.p, log=log, api_key=api_key)
+        yield types.SimpleNamespace(url=url, port=port, proc=proc.p, log=log)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        proc.stop(grace=30)

@@ -9,11 +9,12 @@ import json
 import os
 import pathlib
 import signal
-import subprocess
 import sys
 import time
 
 import pytest
+
+from tests.runner_support import Child
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHORT = ["--set=stage.steps=2", "--set=eval.prompts=1", "--set=eval.k=1",
@@ -38,24 +39,17 @@ def _state(cdir):
 def _run(args, env, log, *, kill_when=None, timeout=900):
     """Run ``launch/run.py args``; with ``kill_when``, SIGKILL its process group as soon as the
     predicate holds. Returns the exit code ("killed" when killed)."""
-    with open(log, "ab") as out:
-        p = subprocess.Popen([sys.executable, str(ROOT / "launch/run.py"), *args], cwd=ROOT, env=env,
-                             stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            t0 = time.monotonic()
-            while p.poll() is None:
-                if kill_when is not None and kill_when():
-                    os.killpg(p.pid, signal.SIGKILL)
-                    p.wait()
-                    return "killed"
-                if time.monotonic() - t0 > timeout:
-                    raise TimeoutError(f"launch/run.py {' '.join(args)} ran over {timeout} s")
-                time.sleep(0.1)
-            return p.returncode
-        finally:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
+    with Child([sys.executable, str(ROOT / "launch/run.py"), *args], env, cwd=ROOT, log=log) as c:
+        t0 = time.monotonic()
+        while c.p.poll() is None:
+            if kill_when is not None and kill_when():
+                os.killpg(c.pid, signal.SIGKILL)
+                c.p.wait()
+                return "killed"
+            if time.monotonic() - t0 > timeout:
+                raise TimeoutError(f"launch/run.py {' '.join(args)} ran over {timeout} s")
+            time.sleep(0.1)
+        return c.p.returncode
 
 
 def test_tiny_cascade_end_to_end_with_kills(tmp_path):

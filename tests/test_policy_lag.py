@@ -10,11 +10,7 @@ init towards another random init (a gradient at every step), 3 steps:
   to an uninterrupted lag-1 run's, and every step's loss equal.
 """
 
-import os
 import signal
-import subprocess
-import sys
-import time
 
 import jax
 import numpy as np
@@ -23,17 +19,12 @@ import pytest
 pytestmark = pytest.mark.slow  # 3 runs of launch/run.py beside 2 servers: ~10 min on 2 busy cores
 
 from cascade_jax.rollout.launcher import Launcher, serve_command
-from tests.runner_support import ROOT, cache_dir, checkpoint_state, metrics, run_cli, write_config
+from tests.runner_support import (Child, assert_same_state, checkpoint_state, cli_env, launch_cmd,
+                                  metrics, run_cli, write_config)
 
 STEPS = 3
 ENGINE = {"num_slots": 8, "steps_per_call": 8, "prefill_sizes": [1]}
 ROLL = {"n_samples": 2, "max_prompt_len": 64, "max_response_len": 12, "thinking": True, **ENGINE}
-
-
-def _env(tmp_path_factory, **extra) -> dict:
-    return dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(cache_dir(tmp_path_factory)),
-                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-                **extra)
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +43,7 @@ def runs(tmp_path_factory):
              "--prefill-sizes", "1", "--max-len", str(ROLL["max_prompt_len"] + ROLL["max_response_len"]),
              "--no-warmup"]
     launcher = Launcher(serve_command(extra=extra), n=2, checkpoint=str(hub), weight_version="0",
-                        env=_env(tmp_path_factory), log_dir=str(d), health_timeout_s=600)
+                        env=cli_env(tmp_path_factory), log_dir=str(d), health_timeout_s=600)
     launcher.start()
     try:
         def config(name, url):
@@ -68,18 +59,13 @@ def runs(tmp_path_factory):
 
         ref = run_cli(tmp_path_factory, f"--config={config('ref', launcher.urls[0])}")
         assert ref.returncode == 0, ref.stderr[-3000:]
-        args = [sys.executable, str(ROOT / "launch" / "run.py"), "--no-progress",
-                f"--config={config('killed', launcher.urls[1])}"]
-        p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             env=_env(tmp_path_factory, CASCADE_FAULT="hold@2"))
         ck = d / "killed" / "checkpoints"
-        t0 = time.monotonic()
-        while not (ck / "1").is_dir() and p.poll() is None and time.monotonic() - t0 < 300:
-            time.sleep(0.05)
-        assert p.poll() is None, p.communicate()[1][-3000:]
-        p.send_signal(signal.SIGTERM)
-        _, err = p.communicate(timeout=180)
-        assert p.returncode == 75, (p.returncode, err[-3000:])
+        with Child(launch_cmd("run.py", "--no-progress", f"--config={config('killed', launcher.urls[1])}"),
+                   cli_env(tmp_path_factory, CASCADE_FAULT="hold@2")) as p:
+            p.wait_for(lambda: (ck / "1").is_dir(), timeout=300)
+            code = p.signal_and_wait(signal.SIGTERM, timeout=180)
+        err = "\n".join(p.lines)
+        assert code == 75, (code, err[-3000:])
         pending = sorted(x.name for x in (d / "killed" / "pending").iterdir())
         again = run_cli(tmp_path_factory, f"--config={d / 'killed.json'}")
         assert again.returncode == 0, again.stderr[-3000:]
@@ -108,12 +94,7 @@ def test_lag1_sigterm_resume_is_bit_exact(runs):
     assert "stopped by SIGTERM after step 2/3" in err, err[-3000:]
     assert pending == ["1.pkl", "2.pkl"]  # checkpoint s holds the batch of step s + 1
     assert "resumed" in again and "at step 2" in again, again[-3000:]
-    a, ad = checkpoint_state(d / "ref", STEPS)
-    b, bd = checkpoint_state(d / "killed", STEPS)
-    assert a.keys() == b.keys()
-    for k in a:
-        np.testing.assert_array_equal(b[k], a[k], err_msg=k)
-    assert ad == bd
+    a = assert_same_state(d / "ref", d / "killed", STEPS)
     ref = [m for m in metrics(d / "ref") if "loss" in m]
     got = [m for m in metrics(d / "killed") if "loss" in m]
     assert [m["step"] for m in got] == list(range(1, STEPS + 1))

@@ -13,80 +13,52 @@ before the last step whatever the machine's speed."""
 
 import hashlib
 import json
-import os
 import pathlib
 import re
 import signal
-import socket
-import subprocess
-import sys
-import threading
-import time
 
-from tests.runner_support import write_config
+from cascade_jax.rollout.launcher import free_port
+from tests.runner_support import Child, cli_env, launch_cmd, write_config
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 6
 HOLD = 2
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class _Job:
-    """Both processes of one ``run.py`` command; stderr lines collected as they come."""
+    """Both processes of one ``run.py`` command (:class:`~tests.runner_support.Child` each);
+    :meth:`finish` waits for both and stops whatever is left, also on failure."""
 
     def __init__(self, config: pathlib.Path, fault=None):
-        port = _free_port()
-        self.lines = [[], []]
+        port = free_port()
         self.procs = []
-        for pid in range(2):
-            # no persistent compilation cache: JAX writes it from process 0 only, so process
-            # 0 would load its programs while process 1 compiles, and the CPU collectives'
-            # transport (gloo) gives up on a peer more than 30 s late
-            env = {"JAX_PLATFORMS": "cpu", "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-                   "PYTHONPATH": str(ROOT),
-                   "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2",
-                   "JAX_PROCESS_ID": str(pid)}
-            if fault:
-                env["CASCADE_FAULT"] = fault
-            p = subprocess.Popen([sys.executable, str(ROOT / "launch" / "run.py"),
-                                  f"--config={config}", "--no-progress"],
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                 env=env)
-            t = threading.Thread(target=self._read, args=(p, self.lines[pid]), daemon=True)
-            t.start()
-            self.procs.append((p, t))
+        try:
+            for pid in range(2):
+                # no persistent compilation cache: JAX writes it from process 0 only, so process
+                # 0 would load its programs while process 1 compiles, and the CPU collectives'
+                # transport (gloo) gives up on a peer more than 30 s late
+                env = cli_env(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
+                              JAX_PROCESS_ID=str(pid), **({"CASCADE_FAULT": fault} if fault else {}))
+                self.procs.append(Child(launch_cmd("run.py", f"--config={config}", "--no-progress"), env))
+        except BaseException:
+            self.kill()
+            raise
 
-    @staticmethod
-    def _read(p, out):
-        for line in p.stderr:
-            out.append(line.rstrip("\n"))
+    @property
+    def lines(self) -> list:
+        return [p.lines for p in self.procs]
 
     def wait_for(self, pid: int, text: str, timeout: float) -> None:
-        t0 = time.monotonic()
-        while not any(text in l for l in self.lines[pid]):
-            assert time.monotonic() - t0 < timeout, (text, self.text(pid))
-            assert self.procs[pid][0].poll() is None, self.text(pid)
-            time.sleep(0.05)
+        self.procs[pid].wait_for(text, timeout)
 
     def finish(self, timeout: float) -> list[int]:
         try:
-            codes = [p.wait(timeout=timeout) for p, _ in self.procs]
-            for _, t in self.procs:
-                t.join(5)
-            return codes
+            return [p.wait(timeout) for p in self.procs]
         finally:
             self.kill()
 
     def kill(self):
-        for p, _ in self.procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+        for p in self.procs:
+            p.stop()
 
     def text(self, pid: int) -> str:
         return "\n".join(l for l in self.lines[pid] if not l.startswith(("I1", "W1", "[Gloo]")))[-3000:]
@@ -115,7 +87,7 @@ def test_sigterm_to_one_process_stops_every_process_at_the_same_step(tmp_path):
     job = _Job(cfg("killed"), fault=f"hold@{HOLD}")
     try:
         job.wait_for(1, f"holding after step {HOLD}", 600)
-        job.procs[1][0].send_signal(signal.SIGTERM)
+        job.procs[1].p.send_signal(signal.SIGTERM)
         codes = job.finish(300)
     finally:
         job.kill()

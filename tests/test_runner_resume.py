@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from tests.runner_support import checkpoint_state, metrics, run_cli, sft_run, write_config
+from tests.runner_support import assert_same_state, metrics, run_cli, sft_run, write_config
 
 STEPS = 4
 SEED = 0  # seeds the kill points
@@ -54,12 +54,7 @@ def test_resumed_run_equals_uninterrupted(runs):
     final = log[-1]
     assert f"checkpoint {newest} does not load" in final.stderr, final.stderr[-2000:]
     assert "resumed" in final.stderr
-    ref_state, ref_data = checkpoint_state(d / "ref", STEPS)
-    got_state, got_data = checkpoint_state(d / "killed", STEPS)
-    assert ref_state.keys() == got_state.keys()
-    for k in ref_state:
-        np.testing.assert_array_equal(got_state[k], ref_state[k], err_msg=k)
-    assert ref_data == got_data
+    assert_same_state(d / "ref", d / "killed", STEPS)
     a, b = load_file(d / "ref" / "hub" / "model.safetensors"), load_file(d / "killed" / "hub" / "model.safetensors")
     for k in a:
         assert np.array_equal(a[k], b[k]), k

@@ -13,7 +13,6 @@ restarted one read); tests run in file order and the weight version advances thr
 
 from __future__ import annotations
 
-import subprocess
 import threading
 import time
 import types
@@ -28,6 +27,7 @@ from cascade_jax.rollout.client import ServedTeachers, ServerClient
 from cascade_jax.rollout.launcher import Launcher, free_port, router_command, serve_command, wait_healthy
 from cascade_jax.rollout.weight_sync import DiskWeightSync, NcclWeightSync, reference_logprobs, write_version
 from models import nemotron_h as nh
+from tests.runner_support import Child
 from tests.serve_support import serve_env, tiny_fp32
 
 KEY = "test-key"
@@ -51,11 +51,10 @@ def stack(tmp_path_factory):
     try:
         launcher.start(sequential=True)
         rport = free_port()
-        router = subprocess.Popen(router_command(launcher.urls, port=rport, prometheus_port=free_port(), api_key=KEY),
-                                  stdout=open(root / "logs" / "router.log", "wb"), stderr=subprocess.STDOUT,
-                                  start_new_session=True)
+        router = Child(router_command(launcher.urls, port=rport, prometheus_port=free_port(), api_key=KEY),
+                       None, log=root / "logs" / "router.log")
         router_url = f"http://127.0.0.1:{rport}"
-        wait_healthy(router_url, timeout_s=60, api_key=KEY, proc=router, log=root / "logs" / "router.log")
+        wait_healthy(router_url, timeout_s=60, api_key=KEY, proc=router.p, log=root / "logs" / "router.log")
         client = ServerClient(launcher.urls, api_key=KEY, max_concurrency=4, timeout_s=120, backoff_s=0.1)
         yield types.SimpleNamespace(cfg=cfg, params=params, launcher=launcher, client=client, root=root,
                                     router_url=router_url, current=["0"])
@@ -63,11 +62,7 @@ def stack(tmp_path_factory):
         if client is not None:
             client.close()
         if router is not None:
-            router.terminate()
-            try:
-                router.wait(10)
-            except subprocess.TimeoutExpired:
-                router.kill()
+            router.stop()
         launcher.stop()
 
 

@@ -7,42 +7,34 @@ killed in teardown even on failure."""
 
 import json
 import os
-import socket
-import subprocess
 import sys
 
 import pytest
 
+from cascade_jax.rollout.launcher import free_port
 from tests.multidevice import child_env, run_on_cpu_devices
+from tests.runner_support import Child
 
 PARAM_TOL = 1e-5
 LOSS_TOL = 1e-5
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_processes_match_single_device():
-    port = _free_port()
-    procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), "worker", str(i), str(port)],
-                              env=child_env(4), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for i in range(2)]
-    try:
-        outs = [p.communicate(timeout=900) for p in procs]
+    port = free_port()
+    procs = []
+    try:  # both drained as they write (one blocked on a full pipe would stall the other's collectives)
+        for i in range(2):
+            procs.append(Child([sys.executable, os.path.abspath(__file__), "worker", str(i), str(port)],
+                               child_env(4)))
+        codes = [p.wait(900) for p in procs]
     finally:
         for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    for p, (out, err) in zip(procs, outs):
-        assert p.returncode == 0, err[-4000:]
+            p.stop()
+    for p, code in zip(procs, codes):
+        assert code == 0, p.text(4000)
     r = run_on_cpu_devices(__file__, "reference", devices=1)
-    w0 = json.loads(outs[0][0].strip().splitlines()[-1])
-    w1 = json.loads(outs[1][0].strip().splitlines()[-1])
+    w0, w1 = (json.loads([l for l in p.out if l.strip()][-1]) for p in procs)
     assert w0["process_count"] == 2 and w0["devices"] == 8 and w0["local_devices"] == 4
     assert w0["primary"] and not w1["primary"]
     for w in (w0, w1):  # both processes hold the same (all-gathered) result

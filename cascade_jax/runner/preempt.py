@@ -42,8 +42,9 @@ _NAMES = {signal.SIGINT: "SIGINT", signal.SIGTERM: "SIGTERM"}
 
 class StopSignals:
     """Context manager: while active, SIGTERM / SIGINT set :attr:`signal_name` instead of
-    killing the process (see the module doc); the previous handlers come back on exit. Outside
-    the main thread (where Python cannot install handlers) it only polls JAX's sync point."""
+    killing the process (see the module doc); the previous handlers come back on exit. An
+    ignored SIGINT stays ignored. Outside the main thread (where Python cannot install
+    handlers) it only polls JAX's sync point."""
 
     def __init__(self, log: Callable[[str], None] = print):
         self.log = log
@@ -67,7 +68,9 @@ class StopSignals:
         import jax
 
         if threading.current_thread() is threading.main_thread():
-            sigs = [signal.SIGINT]
+            # a process started with SIGINT ignored (a background job of a script) keeps ignoring
+            # it, as Python's own Ctrl-C handling does: the same outside the steps and in them
+            sigs = [signal.SIGINT] if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN else []
             if jax.process_count() == 1 or not jax_preemption_service():
                 sigs.append(signal.SIGTERM)
             for s in sigs:
