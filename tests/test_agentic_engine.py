@@ -12,6 +12,7 @@
   (slow: finite loss, non-zero gradient).
 """
 
+import contextlib
 import threading
 import time
 
@@ -263,11 +264,11 @@ def test_pack_episodes_fields():
         pack_episodes([_episode(4, [(0, 2)], 0.0)])
 
 
-def test_served_engine_gives_the_same_episodes(setup):
-    """The same episodes through the HTTP protocol: the JAX rollout server (in this process,
-    around the same engine) and the ServerClient, via BlockingEngine; one body per turn with
-    ``input_ids``, seeded as in process, so the rows are token-identical."""
-    params, eng, renderer, eps, _ = setup
+@contextlib.contextmanager
+def _served_in_process(eng, **client_kw):
+    """The JAX rollout server around ``eng`` in this process (uvicorn on a thread, a free port),
+    yielded as ``(port, ServerClient)`` once healthy; the client closed and the server stopped on
+    exit."""
     port = free_port()
     srv = uvicorn.Server(uvicorn.Config(RolloutServer(eng, CFG, checkpoint="in-process").app,
                                         host="127.0.0.1", port=port, log_level="error"))
@@ -276,20 +277,29 @@ def test_served_engine_gives_the_same_episodes(setup):
     client = None
     try:
         client = ServerClient([f"http://127.0.0.1:{port}"], max_concurrency=4, timeout_s=120,
-                              backoff_s=0.1)
+                              backoff_s=0.1, **client_kw)
         deadline = time.monotonic() + 60
         while not client.health():
             assert time.monotonic() < deadline, "server did not come up"
             time.sleep(0.1)
-        served = BlockingEngine(client, max_inflight=4)
-        got = run_episodes(served, TASKS, CountingEnv, renderer, limits=LIMITS, seed=5,
-                           tool_workers=2, timeout_s=300)
-        served.close()
+        yield port, client
     finally:
         if client is not None:
             client.close()
         srv.should_exit = True
         th.join(30)
+
+
+def test_served_engine_gives_the_same_episodes(setup):
+    """The same episodes through the HTTP protocol: the JAX rollout server (in this process,
+    around the same engine) and the ServerClient, via BlockingEngine; one body per turn with
+    ``input_ids``, seeded as in process, so the rows are token-identical."""
+    params, eng, renderer, eps, _ = setup
+    with _served_in_process(eng) as (_, client):
+        served = BlockingEngine(client, max_inflight=4)
+        got = run_episodes(served, TASKS, CountingEnv, renderer, limits=LIMITS, seed=5,
+                           tool_workers=2, timeout_s=300)
+        served.close()
     for a, b in zip(eps, got):
         np.testing.assert_array_equal(a.tokens, b.tokens)
         np.testing.assert_array_equal(a.loss_mask, b.loss_mask)
@@ -312,33 +322,18 @@ def test_served_sessions_prefill_only_the_new_tokens():
     continued = []
     orig = eng._extend
     eng._extend = lambda p, rest, fresh: (continued.extend(fresh), orig(p, rest, fresh))[1]
-    port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(RolloutServer(eng, CFG, checkpoint="in-process").app,
-                                        host="127.0.0.1", port=port, log_level="error"))
-    th = threading.Thread(target=srv.run, daemon=True)
-    th.start()
-    client = None
     try:
-        client = ServerClient([f"http://127.0.0.1:{port}"], max_concurrency=4, timeout_s=120,
-                              backoff_s=0.1, max_retries=0)
-        deadline = time.monotonic() + 60
-        while not client.health():
-            assert time.monotonic() < deadline, "server did not come up"
-            time.sleep(0.1)
-        served = BlockingEngine(client, max_inflight=4)
-        got = run_episodes(served, TASKS, CountingEnv, renderer, limits=LIMITS, seed=5,
-                           tool_workers=2, timeout_s=300, keep_cache=True)
-        served.close()
-        # a session field the server does not implement is a 400 naming it
-        body = {"input_ids": [1, 2, 3], "sampling_params": {"max_new_tokens": 1},
-                "session_params": {"id": "x", "offset": 2}}
-        r = httpx.post(f"http://127.0.0.1:{port}/generate", json=body, timeout=60)
-        assert r.status_code == 400 and "session_params.offset" in r.text, r.text
+        with _served_in_process(eng, max_retries=0) as (port, client):
+            served = BlockingEngine(client, max_inflight=4)
+            got = run_episodes(served, TASKS, CountingEnv, renderer, limits=LIMITS, seed=5,
+                               tool_workers=2, timeout_s=300, keep_cache=True)
+            served.close()
+            # a session field the server does not implement is a 400 naming it
+            body = {"input_ids": [1, 2, 3], "sampling_params": {"max_new_tokens": 1},
+                    "session_params": {"id": "x", "offset": 2}}
+            r = httpx.post(f"http://127.0.0.1:{port}/generate", json=body, timeout=60)
+            assert r.status_code == 400 and "session_params.offset" in r.text, r.text
     finally:
-        if client is not None:
-            client.close()
-        srv.should_exit = True
-        th.join(30)
         eng.stop()
     for a, b in zip(want, got):
         np.testing.assert_array_equal(a.tokens, b.tokens)
