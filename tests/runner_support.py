@@ -115,6 +115,18 @@ def sft_run(tmp_path_factory) -> pathlib.Path:
     return _CACHE["sft"]
 
 
+def mask_spans(mask) -> list[tuple[int, int]]:
+    """``(start, end)`` of each run of ones in ``mask`` (a loss mask: one span per model turn)."""
+    out, start = [], None
+    for i, m in enumerate(list(mask) + [0.0]):
+        if m and start is None:
+            start = i
+        elif not m and start is not None:
+            out.append((start, i))
+            start = None
+    return out
+
+
 def metrics(run_dir: pathlib.Path) -> list[dict]:
     return [json.loads(l) for l in (pathlib.Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 

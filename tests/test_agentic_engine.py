@@ -38,6 +38,7 @@ from cascade_jax.rollout.engine import JaxEngine
 from cascade_jax.rollout.launcher import free_port
 from cascade_jax.rollout.scoring import score_logprobs
 from cascade_jax.rollout.server import RolloutServer
+from tests import runner_support
 from cascade_jax.rollout.types import SamplingParams
 from models import nemotron_h as nh
 
@@ -99,7 +100,7 @@ def test_episode_rows_masks_and_logprobs(setup):
         expect = list(renderer.prompt_ids(msgs))
         expect_mask = [0.0] * len(expect)
         obs_msgs = [m for m in e.messages if m["role"] == "tool"]
-        for k, (turn, (s, t)) in enumerate(zip(e.turns, renderer_spans(mask))):
+        for k, (turn, (s, t)) in enumerate(zip(e.turns, runner_support.mask_spans(mask))):
             sampled = list(tok[s:t])
             assert renderer.tokenizer.decode(sampled).startswith(turn.text)
             expect += sampled
@@ -205,18 +206,6 @@ def test_routed_experts_carry_over_to_episode_rows():
         np.testing.assert_array_equal(np.sort(rx[:last], -1), want)
         assert (rx[last:] == -1).all()
         np.testing.assert_array_equal(np.asarray(batch.routed_experts)[n, :L - 1], rx)
-
-
-def renderer_spans(mask):
-    """``(start, end)`` of each run of ones in ``mask``."""
-    spans, start = [], None
-    for i, m in enumerate(list(mask) + [0.0]):
-        if m and start is None:
-            start = i
-        elif not m and start is not None:
-            spans.append((start, i))
-            start = None
-    return spans
 
 
 def test_union_length():

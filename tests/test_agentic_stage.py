@@ -30,6 +30,7 @@ from cascade_jax.rollout.scoring import score_logprobs
 from cascade_jax.runner import build as B
 from cascade_jax.runner.metrics import PhaseTimer
 from cascade_jax.runner.stage import Stage
+from tests import runner_support
 from tests.runner_support import ROOT
 
 G, N, TURNS = 2, 2, 3
@@ -77,18 +78,6 @@ def _config(tmp_path, **agentic):
         "run": {"out_dir": str(tmp_path / "run")}})
 
 
-def spans(mask):
-    """``(start, end)`` of each run of ones in ``mask``."""
-    out, start = [], None
-    for i, m in enumerate(list(mask) + [0.0]):
-        if m and start is None:
-            start = i
-        elif not m and start is not None:
-            out.append((start, i))
-            start = None
-    return out
-
-
 def test_stage_draws_episode_rows_and_trains_on_them(tmp_path, monkeypatch):
     monkeypatch.setitem(agentic_stage.ENVIRONMENTS, "lookup", (TickEnv, tick_tasks))
     cfg = _config(tmp_path)
@@ -118,7 +107,7 @@ def test_stage_draws_episode_rows_and_trains_on_them(tmp_path, monkeypatch):
         msgs = [{"role": "user", "content": tasks[r // N]["prompt"]}]
         expect = list(renderer.prompt_ids(msgs))
         texts = []
-        turn_spans = spans(m)
+        turn_spans = runner_support.mask_spans(m)
         assert len(turn_spans) == TURNS
         for k, (s, t) in enumerate(turn_spans):
             sampled = [int(x) for x in row[s:t]]

@@ -13,6 +13,7 @@ A restarted server comes back on the same port, so clients keep their URLs.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -27,6 +28,15 @@ from .types import RolloutError
 
 __all__ = ["free_port", "sglang_command", "serve_command", "router_command", "wait_healthy",
            "Launcher"]
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    """Send ``sig`` to the process group ``proc`` leads (started with ``start_new_session``);
+    a group that is already gone is not an error."""
+    try:
+        os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def free_port() -> int:
@@ -190,6 +200,7 @@ class Launcher:
                         self.procs[p] = None
                         continue
                     self.restarts += 1
+                    _signal_group(proc, signal.SIGKILL)  # the dead server's orphaned workers
                     self.procs[p] = new = self._spawn(p)
                 try:
                     wait_healthy(f"http://{self.host}:{p}", timeout_s=self.health_timeout_s, api_key=self.api_key,
@@ -203,19 +214,21 @@ class Launcher:
         os.kill(proc.pid, sig)
 
     def stop(self) -> None:
-        """Terminate every server (SIGTERM, then SIGKILL after 10 s) and the monitor."""
+        """Terminate every server's whole process group (SIGTERM, then SIGKILL after 10 s) and the
+        monitor. Each server leads its own session, so the workers it started (SGLang's
+        scheduler and detokenizer processes, a tokenizer pool) go with it."""
         self._stop.set()  # the monitor spawns nothing after this (checked under the lock)
         with self._lock:
             procs = [p for p in self.procs.values() if p is not None]
             for proc in procs:
-                if proc.poll() is None:
-                    proc.terminate()
+                _signal_group(proc, signal.SIGTERM)
         for proc in procs:
             try:
                 proc.wait(10)
             except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
+                pass
+            _signal_group(proc, signal.SIGKILL)  # stragglers of the group, or a hung leader
+            proc.wait(10)
         if self._monitor is not None:
             self._monitor.join(timeout=30)
 
