@@ -15,8 +15,10 @@ launch_run           ``run(*args, timeout=600, fault=None)``: ``python launch/ru
                      (``runner_support.run_cli``)
 ===================  ==========================================================================
 
-One persistent XLA compilation cache per test session (:data:`JIT_CACHE`), in this process and
-in every child that inherits the environment: tests that build their own ``jax.jit`` of a
+One session directory (:data:`SESSION_DIR`) per test run, shared by the ``pytest -n N``
+(xdist) workers: it holds one persistent XLA compilation cache (:data:`JIT_CACHE`), used in every
+worker and in every child that inherits the environment, and the session's SFT'd tiny checkpoint
+(``runner_support.sft_run``, built once under a file lock). With the cache, tests that build their own ``jax.jit`` of a
 program another test already compiled (the tiny model's forward and gradient at the same
 shapes, engines of the same sizes) load it instead of compiling it again (measured: the tiny
 model's gradient re-jitted 12.3 CPU s -> 1.8 CPU s). A loaded executable is the compiled one
@@ -39,8 +41,16 @@ from tests import runner_support
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
+#: an xdist worker's name ("gw0", ...); None in a plain pytest or in xdist's controller
+WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if WORKER and os.environ.get(runner_support.SESSION_ENV):
+    SESSION_DIR = os.environ[runner_support.SESSION_ENV]  # the controller's, shared by every worker
+else:
+    SESSION_DIR = tempfile.mkdtemp(prefix="cascade-jax-test-")
+    os.environ[runner_support.SESSION_ENV] = SESSION_DIR  # inherited by xdist workers
 #: the session's persistent compilation cache (removed when the session ends)
-JIT_CACHE = tempfile.mkdtemp(prefix="cascade-jax-test-jit-")
+JIT_CACHE = os.path.join(SESSION_DIR, "jit")
+os.makedirs(JIT_CACHE, exist_ok=True)
 _CACHE_ENV = {"JAX_COMPILATION_CACHE_DIR": JIT_CACHE,
               "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
               "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
@@ -52,7 +62,8 @@ jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 def pytest_unconfigure(config):
-    shutil.rmtree(JIT_CACHE, ignore_errors=True)
+    if not WORKER:  # the controller ends after its workers
+        shutil.rmtree(SESSION_DIR, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -16,9 +16,11 @@ command it starts, so a test's Ctrl-C is the one a user at a terminal sends."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -61,6 +63,8 @@ def write_config(path: pathlib.Path, objective: str, run_dir: pathlib.Path, *, s
 
 #: environment variable naming the session's compilation cache (set by ``tests/conftest.py``)
 CACHE_ENV = "CASCADE_TEST_JIT_CACHE"
+#: environment variable naming the test run's directory, shared by its xdist workers
+SESSION_ENV = "CASCADE_TEST_SESSION_DIR"
 
 
 def cache_dir(tmp_path_factory) -> pathlib.Path:
@@ -99,19 +103,29 @@ def run_cli(tmp_path_factory, *args, fault=None, timeout=600) -> subprocess.Comp
 
 
 def sft_run(tmp_path_factory) -> pathlib.Path:
-    """A tiny model SFT'd for 60 steps on structured_output + math (run once per session)."""
+    """A tiny model SFT'd for 60 steps on structured_output + math, built once per test run: in
+    the run's shared directory (``SESSION_ENV``) under a file lock, so ``pytest -n N`` workers
+    build it once between them."""
     reuse = os.environ.get("CASCADE_TEST_SFT_RUN")  # a finished run of this fixture (dev speed-up)
     if reuse and "sft" not in _CACHE:
         _CACHE["sft"] = pathlib.Path(reuse)
-    if "sft" not in _CACHE:
-        d = tmp_path_factory.mktemp("sft")
-        cfg = write_config(d / "sft.json", "sft", d / "run", steps=60,
-                           domains=("structured_output", "math"),
-                           optimizer={"lr": 3e-3, "warmup_steps": 5, "b2": 0.98},
-                           run={"export_every": 20})  # exports/step_20, step_40; hub = 60
-        r = run_cli(tmp_path_factory, f"--config={cfg}")
-        assert r.returncode == 0, r.stderr[-3000:]
-        _CACHE["sft"] = d / "run"
+    if "sft" in _CACHE:
+        return _CACHE["sft"]
+    shared = os.environ.get(SESSION_ENV)
+    d = pathlib.Path(shared) / "sft" if shared else tmp_path_factory.mktemp("sft")
+    d.mkdir(parents=True, exist_ok=True)
+    with open(d.parent / "sft.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not (d / "DONE").exists():
+            shutil.rmtree(d / "run", ignore_errors=True)  # a worker that failed half-way
+            cfg = write_config(d / "sft.json", "sft", d / "run", steps=60,
+                               domains=("structured_output", "math"),
+                               optimizer={"lr": 3e-3, "warmup_steps": 5, "b2": 0.98},
+                               run={"export_every": 20})  # exports/step_20, step_40; hub = 60
+            r = run_cli(tmp_path_factory, f"--config={cfg}")
+            assert r.returncode == 0, r.stderr[-3000:]
+            (d / "DONE").touch()
+    _CACHE["sft"] = d / "run"
     return _CACHE["sft"]
 
 
