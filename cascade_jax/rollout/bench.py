@@ -1,7 +1,7 @@
 """Rollout engine benchmark: prints one JSON object with ratios to baselines measured in the same
 run. The engine is the only decode loop; both baselines are its own decode program alone
 (:meth:`~cascade_jax.rollout.engine.JaxEngine.bare_decode`: sampling + ``decode_step`` over
-``num_slots`` rows with no host work, no prefill and no refill), timed once per run.
+``num_slots`` rows with no host work, no prefill and no refill; one timed region serves both).
 
 * ``steady``: every slot always busy (``4 · num_slots`` equal requests, prompt 16, response
   ``--steady-len`` tokens). Engine tokens/s against the bare decode at the same batch size
@@ -10,8 +10,8 @@ run. The engine is the only decode loop; both baselines are its own decode progr
   between ``L/10`` and ``L`` (many short, few long, as RL response lengths are), against a
   fixed batch: batches of ``num_slots`` prompts, each decoding to the longest length ``L`` of
   the workload (a fixed batch cannot retire rows early), timed at the bare decode's speed
-  (``batches · L`` decode steps at the bare decode's time per step; no prefill, no host work,
-  so the fixed batch gets its best case). Useful tokens (the requested lengths) per second.
+  (``batches · L`` decode steps at the bare decode's time per step, whose cost does not depend
+  on the position; no prefill, no host work, so the fixed batch gets its best case). Useful tokens (the requested lengths) per second.
   Goal: ratio >= 2. ``ideal_ratio`` = fixed-batch decode steps / (useful tokens / slots), the
   ratio a refill with zero overhead would reach on this workload.
 * ``mismatch``: engine sampling log-probs vs the trainer's ``token_logprobs`` (max / mean
