@@ -8,4 +8,5 @@ from .types import (FINISH_REASONS, Request, RolloutEngine, RolloutError, Rollou
                     SamplingParams)
 
 __all__ = ["FINISH_REASONS", "Request", "RolloutEngine", "RolloutError", "Rollouts", "Sample",
-           "SamplingParams", "JaxEngine", "RequestHandle", "ServerClient", "sample_tokens", "support_mask"]
+           "SamplingParams", "JaxEngine", "RequestHandle", "ServerClient", "sample_tokens",
+           "support_mask"]

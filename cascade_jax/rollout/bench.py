@@ -11,9 +11,10 @@ run. The engine is the only decode loop; both baselines are its own decode progr
   fixed batch: batches of ``num_slots`` prompts, each decoding to the longest length ``L`` of
   the workload (a fixed batch cannot retire rows early), timed at the bare decode's speed
   (``batches · L`` decode steps at the bare decode's time per step, whose cost does not depend
-  on the position; no prefill, no host work, so the fixed batch gets its best case). Useful tokens (the requested lengths) per second.
-  Goal: ratio >= 2. ``ideal_ratio`` = fixed-batch decode steps / (useful tokens / slots), the
-  ratio a refill with zero overhead would reach on this workload.
+  on the position; no prefill, no host work, so the fixed batch gets its best case). Useful
+  tokens (the requested lengths) per second. Goal: ratio >= 2. ``ideal_ratio`` = fixed-batch
+  decode steps / (useful tokens / slots), the ratio a refill with zero overhead would reach on
+  this workload.
 * ``mismatch``: engine sampling log-probs vs the trainer's ``token_logprobs`` (max / mean
   |Δ log p|) on the mixed workload's first requests, in the benchmark's dtype.
 
