@@ -149,11 +149,14 @@ def resolve_config(args) -> C.Config:
 
 def run_demo(cfg: C.Config, out_dir: pathlib.Path) -> dict:
     """Build the model (tiny preset or a Hub checkpoint), export it as a Hub checkpoint, reload
-    it, sample with prefill + decode and report tokens/s."""
+    it, generate with the rollout engine of ``cfg.rollout`` (prefill + continuous-batching
+    decode; ``data.batch_prompts`` random prompts of varied lengths, ``rollout.n_samples`` each,
+    no stop token) and report tokens/s of the second, compiled, call."""
     import jax
     import jax.numpy as jnp
+    import numpy as np
     from models import nemotron_h as nh
-    from cascade_jax.rollout.sampler import sample
+    from cascade_jax.rollout import Request, factory
     from cascade_jax.runner.build import build_model
 
     mcfg, params = build_model(cfg)
@@ -165,28 +168,26 @@ def run_demo(cfg: C.Config, out_dir: pathlib.Path) -> dict:
     print(f"exported and reloaded Hub-layout checkpoint: {ckpt}")
 
     r = cfg.rollout
-    n_prompts = cfg.data.batch_prompts
-    rng = jax.random.key(cfg.run.seed)
-    prompts = jax.random.randint(rng, (n_prompts, r.max_prompt_len), 3, mcfg.vocab_size)
-    prompts = jnp.repeat(prompts, r.n_samples, axis=0)
-    lengths = jnp.repeat(jnp.arange(n_prompts) % r.max_prompt_len // 2 + r.max_prompt_len // 2 + 1,
-                         r.n_samples)
-    kw = dict(rng=jax.random.key(cfg.run.seed + 1), max_new_tokens=r.max_response_len,
-              prompt_lengths=lengths, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k)
+    rng = np.random.default_rng(cfg.run.seed)
+    lengths = np.arange(cfg.data.batch_prompts) % r.max_prompt_len // 2 + r.max_prompt_len // 2 + 1
+    requests = [Request(prompt_ids=tuple(rng.integers(3, mcfg.vocab_size, int(n)).tolist()),
+                        sampling=factory.sampling_params(r, seed=cfg.run.seed + 1 + i))
+                for i, n in enumerate(lengths)]
+    engine = factory.make_engine(r, model_cfg=mcfg, params=params)
     t0 = time.perf_counter()
-    batch, responses = jax.block_until_ready(sample(params, prompts, mcfg, **kw))
+    engine.generate(requests)
     compile_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    batch, responses = jax.block_until_ready(sample(params, prompts, mcfg, **kw))
+    samples = engine.generate(requests).samples()
     gen_s = time.perf_counter() - t0
-    n_tok = int(responses.size)
-    for i in range(min(3, responses.shape[0])):
-        print(f"  response {i}: {responses[i, :12].tolist()} ...")
+    n_tok = sum(len(s.response_ids) for s in samples)
+    for s in samples[:3]:
+        print(f"  response: {s.response_ids[:12].tolist()} ...")
     return {
-        "stage": cfg.stage.name, "sequences": int(responses.shape[0]), "new_tokens": n_tok,
+        "stage": cfg.stage.name, "sequences": len(samples), "new_tokens": n_tok,
         "first_call_s": round(compile_s, 3), "generate_s": round(gen_s, 4),
         "decode_tokens_per_s": round(n_tok / gen_s, 1),
-        "mean_rollout_logp": float(jnp.sum(batch.rollout_logp) / jnp.sum(batch.loss_mask)),
+        "mean_rollout_logp": float(np.concatenate([s.logprobs for s in samples]).mean()),
         "backend": jax.default_backend(),
     }
 

@@ -2,8 +2,9 @@
 
 Prompt ``[BOS, x]`` with ``x`` one of K = 8 symbols; the response is L = 3 tokens; reward =
 fraction of response tokens equal to ``x`` (a uniform policy over V = 16 scores 1/16).
-Rollouts come from the bf16 compute copy through ``prefill``/``decode_step`` (the sampler), as
-an inference engine would; training uses the default bf16 compute with fp32 master weights.
+Rollouts come from the bf16 compute copy through the rollout engine (one ``JaxEngine`` of
+``ROWS`` slots, its weights updated before every rollout, rows packed by ``pack_rollouts``), as
+in a run; training uses the default bf16 compute with fp32 master weights.
 
 * GRPO raises the mean reward of a random tiny model from < 0.15 to > 0.6 in 30 steps (and by
   at least two standard errors of the gain, :func:`se_diff`).
@@ -14,14 +15,16 @@ Evaluations use 128 fresh samples at temperature 1 with a fixed key.
 """
 
 import functools
+import itertools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import cascade_jax.rl as rl
-from cascade_jax.rollout import sample
 from cascade_jax.config import OptimizerConfig
+from cascade_jax.rollout import JaxEngine, Request, SamplingParams
+from cascade_jax.rollout.packing import pack_rollouts
 from models import nemotron_h as nh
 
 CFG = nh.preset("tiny", vocab_size=16, hidden_size=32, pattern="*-", intermediate_size=48)
@@ -30,15 +33,33 @@ K, L, ROWS = 8, 3, 128
 EVAL_KEY = jax.random.key(99)
 
 
-@functools.partial(jax.jit, static_argnames="group")
+@functools.cache
+def engine() -> JaxEngine:
+    """One engine for every rollout of the module: ``ROWS`` slots, prompts of 2 tokens, the
+    whole response in one decode call (bf16 weights, as ``compute_params`` gives them)."""
+    params = rl.compute_params(nh.init_params(CFG, jax.random.key(0), dtype=jnp.float32), SPECS)
+    return JaxEngine(CFG, params, num_slots=ROWS, max_len=2 + L, prompt_buckets=(2,),
+                     prefill_sizes=(ROWS,), steps_per_call=L)
+
+
+VERSIONS = itertools.count(1)
+
+
 def rollout(params, key, group):
-    """``ROWS // group`` prompts × ``group`` samples, scored."""
+    """``ROWS // group`` prompts × ``group`` samples at τ = 1 under ``params``, scored."""
     k1, k2 = jax.random.split(key)
-    x = jnp.repeat(jax.random.randint(k1, (ROWS // group,), 3, 3 + K), group)
-    prompts = jnp.stack([jnp.ones_like(x), x], 1).astype(jnp.int32)
-    batch, resp = sample(params, prompts, CFG, rng=k2, max_new_tokens=L,
-                         group_ids=jnp.arange(ROWS) // group)
-    return batch.replace(rewards=(resp == x[:, None]).mean(1).astype(jnp.float32))
+    x = np.asarray(jax.random.randint(k1, (ROWS // group,), 3, 3 + K))
+    seeds = np.asarray(jax.random.randint(k2, (ROWS // group,), 0, 2 ** 31 - 1))
+    eng = engine()
+    eng.update_weights(params, str(next(VERSIONS)))
+    ro = eng.generate([Request(prompt_ids=(1, int(xi)), sampling=SamplingParams(
+        max_new_tokens=L, temperature=1.0, n=group, seed=int(s))) for xi, s in zip(x, seeds)])
+    resp = np.stack([smp.response_ids for smp in ro.samples()])  # [ROWS, L]
+    rewards = (resp == np.repeat(x, group)[:, None]).mean(1)
+    batch = pack_rollouts(ro, rewards, seq_len=2 + L)
+    # an answer is L tokens: a response that reached them is complete, not truncated (GRPO
+    # would set a truncated one's reward to 0)
+    return batch.replace(finish_reason=jnp.full((ROWS,), rl.FINISH_STOP, jnp.int32))
 
 
 def eval_rewards(master) -> np.ndarray:

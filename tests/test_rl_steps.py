@@ -1,5 +1,6 @@
 """Train steps on a tiny NemotronH: optimiser rules, gradients (REINFORCE identity, micro-batch
-accumulation, finite differences), determinism, jit vs eager, sampler consistency.
+accumulation, finite differences), determinism, jit vs eager, the engine's rows against the
+trainer.
 
 Tolerances: fp32 compute throughout; gradient identities at rtol 1e-5 of the largest entry;
 finite differences (central, ε = 1e-2 along a unit direction) at 2e-3 relative."""
@@ -14,9 +15,10 @@ import optax
 import pytest
 
 import cascade_jax.rl as rl
-from cascade_jax.rollout import sample
 from cascade_jax import config as C
 from cascade_jax.config import OptimizerConfig, StageConfig
+from cascade_jax.rollout import JaxEngine, Request, SamplingParams
+from cascade_jax.rollout.packing import pack_rollouts
 from cascade_jax.runner import build as RB
 from models import nemotron_h as nh
 
@@ -289,7 +291,7 @@ def test_finite_differences_sft():
 
 
 # ---------------------------------------------------------------------------------------------
-# Determinism, jit, sampler
+# Determinism, jit, the engine's rows
 
 
 def test_train_step_deterministic_and_jit_matches_eager():
@@ -389,25 +391,62 @@ def test_mopd_step_with_routed_teachers_and_grpo_mixing():
     assert "reverse_kl" in m and "adv_mean" in m
 
 
-def test_sampler_logprobs_match_trainer():
+@jax.jit
+def forward(params, tokens, segment_ids):
+    """``[B, T, V]`` logits of the full forward (the independent reference of the engine's rows)."""
+    return nh.forward(params, tokens, CFG, segment_ids=segment_ids)
+
+
+def engine_batch(engine, prompts, sampling: SamplingParams, seeds):
+    """``prompts`` through ``engine`` (one request each, seeded ``seeds``), packed in the padded
+    layout (16 columns) with zero rewards: the rows a GRPO step gets."""
+    ro = engine.generate([Request(prompt_ids=p, sampling=dataclasses.replace(sampling, seed=s))
+                          for p, s in zip(prompts, seeds)])
+    return pack_rollouts(ro, np.zeros(len(prompts)), seq_len=16)
+
+
+def test_engine_batch_logprobs_match_trainer():
+    """The one generator (the engine) packed into an RLBatch: sampling log-probs at τ = 0.8 equal
+    the trainer's recomputation (fp32, 2e-5), prompts kept in front of their responses, no
+    teacher log-probs (MOPD refuses the batch), the contract recorded; top-k / top-p draws stay
+    in the support; greedy ignores the seed and reports the mode's log-prob under the unscaled
+    logits."""
     params = init(CFG, jax.random.key(1))
-    prompts = jax.random.randint(jax.random.key(2), (4, 5), 3, CFG.vocab_size)
-    lengths = jnp.asarray([5, 3, 4, 2])
-    batch, resp = sample(params, prompts, CFG, rng=jax.random.key(3), max_new_tokens=6,
-                         prompt_lengths=lengths, temperature=0.8, eos_id=2)
+    eng = JaxEngine(CFG, params, num_slots=4, max_len=11, prompt_buckets=(5,), prefill_sizes=(4,),
+                    steps_per_call=6)
+    rng = np.random.default_rng(2)
+    lengths = [5, 3, 4, 2]
+    prompts = [tuple(rng.integers(3, CFG.vocab_size, n).tolist()) for n in lengths]
+    sp = SamplingParams(max_new_tokens=6, temperature=0.8, stop_token_ids=(2,))
+    batch = engine_batch(eng, prompts, sp, seeds=range(4))
+    assert batch.sampling == sp and batch.teacher_logp is None
     lp, _ = logprobs(params, batch, CFG, temperature=0.8)
     m = batch.loss_mask
     np.testing.assert_allclose(np.asarray(lp * m), np.asarray(batch.rollout_logp), atol=2e-5)
     np.testing.assert_array_equal(np.asarray(m.sum(1)) > 0, True)
-    for b in range(4):  # prompt kept, response right after it
-        np.testing.assert_array_equal(batch.tokens[b, :int(lengths[b])], prompts[b, :int(lengths[b])])
-    g, _ = sample(params, prompts, CFG, rng=jax.random.key(4), max_new_tokens=6,
-                  prompt_lengths=lengths, temperature=0.0, eos_id=2)
-    g2, _ = sample(params, prompts, CFG, rng=jax.random.key(5), max_new_tokens=6,
-                   prompt_lengths=lengths, temperature=0.0, eos_id=2)
-    np.testing.assert_array_equal(g.tokens, g2.tokens)  # greedy ignores the key
+    for b, p in enumerate(prompts):  # prompt kept, response right after it
+        np.testing.assert_array_equal(batch.tokens[b, :len(p)], p)
+        assert float(m[b, len(p) - 1]) == 0 and float(m[b, len(p)]) == 1
+    with pytest.raises(ValueError, match="teacher_logp"):
+        rl.mopd_train_step(None, batch, model_cfg=CFG)  # refused before the state is read
+    # top-k / top-p: every drawn token lies in SGLang's support (numpy, fp64: fewer than k
+    # tokens ranked before it, and their mass under softmax(z / τ) at most top_p)
+    t = engine_batch(eng, prompts, dataclasses.replace(sp, top_p=0.6, top_k=3), seeds=range(12, 16))
+    z = np.asarray(forward(params, t.tokens, t.segment_ids), np.float64) / 0.8
+    cols = np.argwhere(np.asarray(t.loss_mask) > 0)
+    for b, c in cols:
+        p = np.exp(z[b, c - 1] - z[b, c - 1].max())
+        p /= p.sum()
+        ahead = p > p[int(t.tokens[b, c])]
+        assert ahead.sum() < 3 and p[ahead].sum() <= 0.6 + 1e-6, (b, c)
+    assert len(cols) >= 8
+    greedy = dataclasses.replace(sp, temperature=0.0)
+    g = engine_batch(eng, prompts, greedy, seeds=range(4, 8))
+    g2 = engine_batch(eng, prompts, greedy, seeds=range(8, 12))
+    np.testing.assert_array_equal(g.tokens, g2.tokens)  # greedy ignores the seed
+    assert g.sampling.greedy and g.sampling.logprob_temperature == 1.0
     # greedy (τ = 0) picks the mode: its log-prob is the max of the unscaled log-softmax
-    full = jax.nn.log_softmax(nh.forward(params, g.tokens, CFG, segment_ids=g.segment_ids), -1)
+    full = jax.nn.log_softmax(forward(params, g.tokens, g.segment_ids), -1)
     best = full.max(-1)[:, :-1]
     np.testing.assert_allclose(np.asarray(g.rollout_logp[:, 1:]),
                                np.asarray(best * g.loss_mask[:, 1:]), atol=2e-5)

@@ -1,7 +1,8 @@
 """The token sampler against a numpy reference: top-p / top-k support (SGLang's rule, ties by
 rank), SGLang log-prob semantics (log-softmax of the temperature-scaled logits, not renormalised),
-greedy at τ = 0, the empirical distribution, batch independence; and the fixed-batch sampler's
-missing teacher log-probs (``None``, refused by the MOPD step).
+greedy at τ = 0, the empirical distribution, batch independence. (The engine draws every token
+with this rule: tests/test_rollout_engine.py; its packed rows against the trainer:
+tests/test_rl_steps.py.)
 
 Tolerances: log-probs at 1e-6 absolute (fp32 log-softmax of the same logits); empirical
 frequencies of 40 000 draws within 5 standard errors + 1e-3 of the renormalised support
@@ -10,10 +11,8 @@ probabilities."""
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
-import cascade_jax.rl as rl
-from cascade_jax.rollout import sample, sample_tokens, support_mask
+from cascade_jax.rollout import sample_tokens, support_mask
 
 
 def np_log_softmax(z):
@@ -107,14 +106,3 @@ def test_row_independent_of_batch_companions():
         mixed = fn(z, kk, jnp.ones(2), jnp.asarray([1.0, 0.5]), jnp.asarray([-1, 3]))
         assert int(alone[0][0]) == int(mixed[0][0])
         assert float(alone[1][0]) == float(mixed[1][0])
-
-
-def test_fixed_batch_sampler_has_no_teacher_logp_and_mopd_refuses_it(tiny_cfg, tiny_params):
-    cfg = tiny_cfg(vocab_size=32, hidden_size=32, pattern="*-", intermediate_size=48)
-    params = tiny_params(cfg)
-    prompts = jax.random.randint(jax.random.key(1), (2, 3), 3, cfg.vocab_size)
-    batch, _ = sample(params, prompts, cfg, rng=jax.random.key(2), max_new_tokens=3, top_p=0.9,
-                      top_k=8)
-    assert batch.teacher_logp is None
-    with pytest.raises(ValueError, match="teacher_logp"):
-        rl.mopd_train_step(None, batch, model_cfg=cfg)  # refused before the state is read

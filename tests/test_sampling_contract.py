@@ -2,12 +2,13 @@
 ``τ ≠ 1`` against hand-computed values (``log softmax(z / τ)``, exact to 1e-6 on a bigram toy
 model whose logits are written out); the train step computes its log-probs at the contract's
 temperature (fp32: rollout log-probs recomputed at τ give a mismatch below 1e-5) and refuses a
-batch recorded at another one; the packer and the fixed-batch sampler record the contract; the
-runner's requests are the contract with a seed (field for field what it built before); the
-removed ``greedy`` switch is an error saying what to write, and a run dir written with it still
-resumes."""
+batch recorded at another one; the packer records the contract (the engine's rows against the
+trainer: tests/test_rl_steps.py); the runner's requests are the contract with a seed (field for
+field what it built before); the removed ``greedy`` switch is an error saying what to write, and
+a run dir written with it still resumes."""
 
 import collections
+import dataclasses
 import json
 import math
 import types
@@ -21,7 +22,7 @@ import pytest
 import cascade_jax.rl as rl
 from cascade_jax import config as C
 from cascade_jax.contract import SamplingMismatchError, SamplingParams
-from cascade_jax.rollout import Request, Rollouts, Sample, sample
+from cascade_jax.rollout import Request, Rollouts, Sample
 from cascade_jax.rollout.client import ServedTeachers
 from cascade_jax.rollout.packing import pack_rollouts
 from cascade_jax.rollout.teachers import Teachers
@@ -167,17 +168,19 @@ def test_train_steps_refuse_a_batch_sampled_at_another_temperature(tiny_params):
             rl.make_train_step(obj, model_cfg=CFG, sampling=one)(None, batch)
 
 
-def test_packer_and_sampler_record_the_contract(tiny_params):
+def test_packer_records_the_contract():
+    """The packer (every generator's rows become an RLBatch through it) records the requests'
+    contract without the seed and refuses requests at two temperatures; a greedy contract's
+    log-probs are at τ = 1."""
     a, b = toy_rollouts(0.5), toy_rollouts(0.7)
     mixed = Rollouts(requests=a.requests + b.requests, groups=a.groups + b.groups)
     with pytest.raises(SamplingMismatchError, match="pack_rollouts"):
         pack_rollouts(mixed, [0.0, 0.0])
-    params = tiny_params(CFG)
-    prompts = jax.random.randint(jax.random.key(1), (2, 3), 3, CFG.vocab_size)
-    batch, _ = sample(params, prompts, CFG, rng=jax.random.key(2), max_new_tokens=3,
-                      temperature=0.0, top_p=0.9, eos_id=2)
-    assert batch.sampling == SamplingParams(max_new_tokens=3, temperature=0.0, top_p=0.9,
-                                            stop_token_ids=(2,))
+    greedy = SamplingParams(max_new_tokens=3, temperature=0.0, top_p=0.9, stop_token_ids=(2,))
+    ro = toy_rollouts(0.0)
+    req = dataclasses.replace(ro.requests[0], sampling=dataclasses.replace(greedy, seed=5))
+    batch = pack_rollouts(Rollouts(requests=(req,), groups=ro.groups), [0.0])
+    assert batch.sampling == greedy
     assert batch.sampling.greedy and batch.sampling.logprob_temperature == 1.0
 
 

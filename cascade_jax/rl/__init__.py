@@ -3,8 +3,8 @@
 Pure array functions (no model needed): :func:`group_advantages`, :func:`grpo_advantages`,
 :func:`grpo_loss`, :func:`mopd_loss`, :func:`sft_loss`, :func:`is_weights`,
 :func:`chunked_logprobs`. Model-level: :func:`token_logprobs`,
-:class:`TrainState`, :func:`make_optimizer`, the train steps. Generation (the sampler, the
-rollout engine) lives in :mod:`cascade_jax.rollout`.
+:class:`TrainState`, :func:`make_optimizer`, the train steps. Generation (the token sampler, the
+rollout engine, the packer) lives in :mod:`cascade_jax.rollout`.
 
 A GRPO loop (see ``launch/walkthrough_rl.py`` for every intermediate)::
 
@@ -12,11 +12,12 @@ A GRPO loop (see ``launch/walkthrough_rl.py`` for every intermediate)::
     state = rl.TrainState.from_config(params, opt_cfg, specs)
     step = rl.make_train_step("grpo", model_cfg=model_cfg, settings=rl.loss_settings(stage_cfg),
                               opt_cfg=opt_cfg)
-    for it in range(stage_cfg.steps):   # sample: cascade_jax.rollout.sample
-        batch, responses = sample(rl.compute_params(state.params, specs), prompts, model_cfg,
-                                  rng=key, max_new_tokens=M, group_ids=ids)
-        batch = batch.replace(rewards=verify(responses))
+    engine = JaxEngine(model_cfg, rl.compute_params(state.params, specs))  # cascade_jax.rollout
+    for it in range(stage_cfg.steps):
+        rollouts = engine.generate(requests)   # Request(prompt_ids, SamplingParams(n=G, seed=...))
+        batch = pack_rollouts(rollouts, verify(rollouts))   # rewards [N] -> RLBatch
         state, metrics = step(state, batch)
+        engine.update_weights(rl.compute_params(state.params, specs), str(it + 1))
 """
 
 from .advantages import flat_groups, group_advantages, group_stats, grpo_advantages

@@ -3,9 +3,10 @@ teacher scoring. The protocol every backend implements is in :mod:`cascade_jax.r
 
 from .client import ServerClient
 from .engine import JaxEngine, RequestHandle
-from .sampler import sample, sample_tokens, support_mask
+from .sampler import sample_tokens, support_mask
 from .types import (FINISH_REASONS, Request, RolloutEngine, RolloutError, Rollouts, Sample,
                     SamplingParams)
 
 __all__ = ["FINISH_REASONS", "Request", "RolloutEngine", "RolloutError", "Rollouts", "Sample",
-           "SamplingParams", "JaxEngine", "RequestHandle", "ServerClient", "sample", "sample_tokens", "support_mask"]
+           "SamplingParams", "JaxEngine", "RequestHandle", "ServerClient", "sample_tokens",
+           "support_mask"]

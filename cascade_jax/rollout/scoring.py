@@ -1,12 +1,13 @@
 """Teacher-forced scoring: ``log π(response[t] | prompt, response[:t])`` at temperature ``τ``
 (default 1): ``log softmax(z_t / τ)[response[t]]`` of the next-token logits ``z_t``.
 
-Each pair ``(prompt, response)`` becomes the sequence ``prompt ++ response``; the full forward's
-final hidden states go through the trainer's chunked log-softmax
-(:func:`cascade_jax.rl.logprobs.chunked_logprobs`), so a score equals what the update steps
-compute for the same tokens. Pairs are sorted by length and run in chunks of ``batch_size``,
-each padded to a power-of-two row count and a power-of-two length (>= 16), so repeated calls
-reuse a handful of compiled programs.
+Each pair ``(prompt, response)`` becomes the row ``prompt ++ response`` (padded layout: the row
+starts at column 0, positions ``0..T-1``, segment id 1 on its tokens) and is scored by the
+trainer's own function, :func:`cascade_jax.rl.logprobs.token_logprobs` (full forward, chunked
+log-softmax; the kernel-invariant model's path for ``models.nemotron_h.invariant``), so a score
+is by construction what the update steps compute for the same tokens. Pairs are sorted by
+length and run in chunks of ``batch_size``, each padded to a power-of-two row count and a
+power-of-two length (>= 16), so repeated calls reuse a handful of compiled programs.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cascade_jax.rl.logprobs import chunked_logprobs
+from cascade_jax.contract import SFTBatch
+from cascade_jax.rl.logprobs import token_logprobs
 from models import nemotron_h
 
 __all__ = ["score_logprobs", "pow2_at_least"]
@@ -31,12 +33,13 @@ def pow2_at_least(n: int) -> int:
 
 @functools.partial(jax.jit, static_argnames=("model_cfg", "model", "temperature"))
 def _score_rows(params, tokens, segment_ids, model_cfg, model, temperature=1.0):
-    """``[B, T-1]`` log-probs of ``tokens[:, 1:]`` given their prefixes at ``temperature``."""
-    T = tokens.shape[1]
-    pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), tokens.shape)
-    h = model.hidden_states(params, tokens, model_cfg, positions=pos, segment_ids=segment_ids)
-    lp, _ = chunked_logprobs(h[:, :-1], params["lm_head"], tokens[:, 1:], temperature=temperature)
-    return lp
+    """``[B, T]`` log-probs of ``tokens [B, T]`` given their prefixes at ``temperature``,
+    aligned with the tokens (:func:`~cascade_jax.rl.logprobs.token_logprobs`; column 0 and
+    padding are 0)."""
+    pos = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+    rows = SFTBatch(tokens=tokens, positions=pos, segment_ids=segment_ids,
+                    loss_mask=jnp.zeros(tokens.shape, jnp.float32))
+    return token_logprobs(params, rows, model_cfg, temperature=temperature, model=model)[0]
 
 
 def score_logprobs(params, model_cfg, prompts: Sequence[Sequence[int]],
@@ -73,8 +76,8 @@ def score_logprobs(params, model_cfg, prompts: Sequence[Sequence[int]],
             tokens[r, :len(seq)] = seq
             seg[r, :len(seq)] = 1
         lp = np.asarray(_score_rows(params, tokens, seg, model_cfg, model,
-                                    temperature=float(temperature)))  # [nb, T-1]
+                                    temperature=float(temperature)))  # [nb, T]
         for r, i in enumerate(idx):
             P, R = len(pairs[i][0]), len(pairs[i][1])
-            out[i] = lp[r, P - 1:P - 1 + R].astype(np.float32)
+            out[i] = lp[r, P:P + R].astype(np.float32)
     return out
