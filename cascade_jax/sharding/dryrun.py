@@ -74,7 +74,7 @@ from jax.sharding import NamedSharding
 import kernels
 from cascade_jax import config as C
 from cascade_jax.rl.batch import SFTBatch
-from cascade_jax.rl.logprobs import chunked_logprobs
+from cascade_jax.rl.logprobs import token_logprobs
 from cascade_jax.rl.optim import compute_params
 from cascade_jax.rollout.engine import JaxEngine, default_prompt_buckets
 from cascade_jax.rollout.scoring import pow2_at_least
@@ -406,8 +406,8 @@ def _rollout_mesh(config, mcfg):
 
 def _score_program(name, config, mcfg, mesh, target, rows, T, dtype, resident_copies,
                    bf16_bytes, log, note):
-    """A teacher-forced scoring forward (``rollout.scoring._score_rows``: hidden states and the
-    chunked log-softmax) of ``rows x T`` tokens on the train mesh under bf16 weights, with the
+    """A teacher-forced scoring forward (what ``rollout.scoring`` runs: the trainer's
+    :func:`~cascade_jax.rl.logprobs.token_logprobs`) of ``rows x T`` tokens on the train mesh under bf16 weights, with the
     train state and ``resident_copies`` other bf16 copies resident beside it."""
 
 
@@ -423,9 +423,9 @@ def _score_program(name, config, mcfg, mesh, target, rows, T, dtype, resident_co
 
     def score(p, tokens, seg):
         pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), tokens.shape)
-        h = nh.hidden_states(p, tokens, mcfg, positions=pos, segment_ids=seg)
-        lp, _ = chunked_logprobs(h[:, :-1], p["lm_head"], tokens[:, 1:])
-        return lp
+        rows = SFTBatch(tokens=tokens, positions=pos, segment_ids=seg,
+                        loss_mask=jnp.zeros(tokens.shape, jnp.float32))
+        return token_logprobs(p, rows, mcfg)[0]
 
     log(f"compiling {name} ({rows} x {T}) ...")
     m, flops, secs = _compile(score, (params, tok, tok), mesh=mesh, a2a=config.mesh.a2a)
