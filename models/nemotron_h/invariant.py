@@ -243,10 +243,18 @@ def _bgemm(a, b, contract_b: int):
                                       preferred_element_type=f32))
 
 
-def block_attention(q, k, v, q_pos, dtype):
+def block_attention(q, k, v, q_pos, dtype, *, upto_last: bool = False):
     """``q [B, Tq, Hq, D]`` at positions ``q_pos [B, Tq]`` over keys ``k, v [B, Tk, Hkv, D]`` at
     positions ``arange(Tk)`` (``Tk`` a multiple of ``KV_BLOCK``; key ``s`` visible iff
-    ``s <= q_pos``), block by block in order (module doc) -> ``[B, Tq, Hq, D]`` rounded.
+    ``s <= q_pos``; ``k, v`` are read in float32), block by block in order (module doc) ->
+    ``[B, Tq, Hq, D]`` rounded.
+
+    ``upto_last`` (decode): visit only the blocks ``j <= max(q_pos) // KV_BLOCK`` (a loop of
+    dynamic length) instead of all ``Tk / KV_BLOCK``, so a decode step costs O(position), not
+    O(max_len). The blocks it skips lie wholly after every query, and such a block leaves the
+    running ``(m, l, acc)`` bit for bit as they were (every score is ``-inf``: ``m`` unchanged,
+    ``alpha = 1``, ``p = 0``), so the result is the same bits either way; the training form, at
+    ``Tk = T`` rounded up, visits exactly the blocks up to its last query too.
 
     By fixed-shape GEMM tiles: per (row, KV head) the ``Tq·G`` query rows (``G = Hq/Hkv``,
     query-major) are padded to tiles of ``ROW_TILE`` rows, and every tile meets every key block
@@ -272,6 +280,7 @@ def block_attention(q, k, v, q_pos, dtype):
     def body(c, xs):
         m, l, acc = c
         kj, vj, j = xs
+        kj, vj = kj.astype(f32), vj.astype(f32)
         tiles = lambda x: jnp.broadcast_to(x[:, :, None], (B, Hkv, nt, KV_BLOCK, D))
         s = _apart(_bgemm(qr, tiles(kj), -1) * scale)  # [B, Hkv, nt, R, KV_BLOCK]
         kpos = j * KV_BLOCK + jnp.arange(KV_BLOCK)
@@ -285,7 +294,11 @@ def block_attention(q, k, v, q_pos, dtype):
 
     init = (jnp.full((B, Hkv, nt, R), -jnp.inf, f32), jnp.zeros((B, Hkv, nt, R), f32),
             jnp.zeros((B, Hkv, nt, R, D), f32))
-    (m, l, acc), _ = jax.lax.scan(body, init, (kb, vb, jnp.arange(nb)))
+    if upto_last:
+        n_visit = jnp.minimum(jnp.max(q_pos) // KV_BLOCK + 1, nb)
+        m, l, acc = jax.lax.fori_loop(0, n_visit, lambda j, c: body(c, (kb[j], vb[j], j))[0], init)
+    else:
+        (m, l, acc), _ = jax.lax.scan(body, init, (kb, vb, jnp.arange(nb)))
     o = _round(acc / l[..., None], dtype).reshape(B, Hkv, nt * R, D)[:, :, :M]
     return jnp.moveaxis(o.reshape(B, Hkv, Tq, G, D), 1, 2).reshape(B, Tq, Hq, D)
 
@@ -310,7 +323,7 @@ def attention_step(p, u, state, positions, cfg: ModelConfig, dtype):
     b = jnp.arange(u.shape[0])
     kc = state["k"].at[b, positions].set(k[:, 0].astype(state["k"].dtype))
     vc = state["v"].at[b, positions].set(v[:, 0].astype(state["v"].dtype))
-    o = block_attention(q, kc.astype(f32), vc.astype(f32), positions[:, None], dtype)
+    o = block_attention(q, kc, vc, positions[:, None], dtype, upto_last=True)
     return _round(idot(o.reshape(u.shape[0], -1), p["o_proj"]), dtype), {"k": kc, "v": vc}
 
 
