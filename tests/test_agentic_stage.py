@@ -189,3 +189,32 @@ def test_lookup_sft_rows_are_the_canonical_episode():
                                 add_generation_prompt=False)
         np.testing.assert_array_equal(ids[:len(ep.tokens)], ep.tokens)
         json.dumps(row)  # the jsonl source layout
+
+
+def test_lookup_task_args_and_format_rows():
+    """``alphabet`` / ``code_len`` / ``key_space`` / ``n_keys`` shape the tasks; ``copy`` is the
+    share of SFT rows answering the tool's code (the others a uniform draw: right with chance
+    1 / |alphabet|); bad arguments are one-line errors naming them."""
+    args = {"alphabet": "ABCD", "code_len": 1, "key_space": 4, "n_keys": 2}
+    tasks = lookup_tasks(400, seed=2, **args)
+    for t in tasks:
+        table = t["metadata"]["table"]
+        assert len(table) == 2 and set(table) <= {"k00", "k01", "k02", "k03"}
+        assert all(len(v) == 1 and v in "ABCD" for v in table.values())
+        assert t["metadata"]["answer"] == table[t["metadata"]["key"]] and t["metadata"]["key"] in t["prompt"]
+    assert {t["metadata"]["answer"] for t in tasks} == set("ABCD")
+    n = 2000
+    for copy in (0.0, 0.5, 1.0):
+        rows = lookup_sft_rows(n, seed=5, copy=copy, **args)
+        codes = [t["metadata"]["answer"] for t in lookup_tasks(n, seed=5, **args)]
+        assert all(r["messages"][2]["content"].endswith(": " + c) for r, c in zip(rows, codes))
+        right = np.mean([r["messages"][3]["content"] == c for r, c in zip(rows, codes)])
+        want = copy + (1 - copy) / 4
+        # binomial standard error of the share; 4 standard errors (0 when copy = 1)
+        assert abs(right - want) <= 4 * np.sqrt(want * (1 - want) / n), (copy, right)
+    with pytest.raises(ValueError, match=r"copy: .* got 1.5"):
+        lookup_sft_rows(2, copy=1.5)
+    with pytest.raises(ValueError, match=r"key_space"):
+        lookup_tasks(2, n_keys=5, key_space=4)
+    with pytest.raises(ValueError, match=r"alphabet"):
+        lookup_tasks(2, alphabet="")
