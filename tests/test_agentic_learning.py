@@ -10,8 +10,9 @@ answer is the code and the tool was called).
 
 Claim: the held-out score (``eval.prompts`` 32 tasks × ``eval.k`` 4 episodes, seed
 ``eval.seed``, temperature 1) after GRPO exceeds the score before it by at least two standard
-errors of the gain, ``sqrt(var(r0)/n + var(r1)/n)`` (unbiased variances). Slow: about 10 min on
-2 shared cores.
+errors of the gain, ``sqrt(var(r0)/n + var(r1)/n)`` (unbiased variances). Measured: 0.617 ->
+0.883, standard error of the gain 0.052 (5.1 of them). Slow: 8.5 min on 2 cores shared with other
+jobs (load average 7-9).
 """
 
 import dataclasses

@@ -85,7 +85,8 @@ def test_errors_are_observations(tok):
              format_tool_call("lookup", {"name": "k00"}),  # wrong argument
              format_tool_call("lookup", {"key": "nope"}),  # unknown key
              # a stray </parameter> (a sampled corruption that once crashed the template)
-             "<tool_call>\n<function=lookup>\n<=key>>\nk02\n</parameter>\n</function>\n</tool_call>",
+             "<tool_call>\n<function=lookup>\n<=key>>\nk02\n</parameter>\n</function>\n"
+             "</tool_call>",
              call, code]
     r, _, ep = _run(tok, texts, task=task)
     obs = [m["content"] for m in ep.messages if m["role"] == "tool"]

@@ -1,9 +1,10 @@
 """The tiny multi-turn tool domain: look a code up with a tool, then answer with it.
 
-Task (seeded, :func:`lookup_tasks`): a table of ``n_keys`` keys (``k`` + 2 digits) mapped to
-random codes (6 characters from ``A-Z0-9``), hidden from the model; the prompt names one key and
-asks for its code, so the only way to the answer is to call ``lookup(key=...)``, read the tool
-result and answer with it. Task row::
+Task (seeded, :func:`lookup_tasks`): a table of ``n_keys`` keys (``k`` + 2 digits, of the first
+``key_space`` names) mapped to random codes (``code_len`` characters of ``alphabet``; default 6
+of ``A-Z0-9``; the tiny stage's: 1 of ``ABCD``), hidden from the model; the prompt names one key
+and asks for its code, so the only way to the answer is to call ``lookup(key=...)``, read the
+tool result and answer with it. Task row::
 
     {"prompt": "What is the code of key k07? Use the lookup tool, then answer with the code only.",
      "metadata": {"table": {"k07": "Q3ZK8A", ...}, "key": "k07", "answer": "Q3ZK8A"},
@@ -85,14 +86,16 @@ def lookup_sft_rows(n: int, seed: int = 0, *, copy: float = 1.0, **task_args) ->
     format (call the tool, then answer) from a demonstrator that answers right with chance
     ``copy + (1 - copy) · len(alphabet) ** -code_len``: the room GRPO has to improve on it."""
     if not 0.0 <= copy <= 1.0:
-        raise ValueError(f"copy: the share of rows answering the code must be in [0, 1], got {copy}")
+        raise ValueError(f"copy: the share of rows answering the code must be in [0, 1], "
+                         f"got {copy}")
     tasks = lookup_tasks(n, seed=seed, **task_args)
     alphabet = task_args.get("alphabet", ALPHABET)
     guess = np.random.default_rng([seed, 1])
     rows = []
     for task in tasks:
         meta = task["metadata"]
-        draw = "".join(alphabet[int(j)] for j in guess.integers(0, len(alphabet), len(meta["answer"])))
+        draw = "".join(alphabet[int(j)]
+                       for j in guess.integers(0, len(alphabet), len(meta["answer"])))
         answer = meta["answer"] if guess.random() < copy else draw
         call = {"type": "function", "function": {"name": "lookup", "arguments": {"key": meta["key"]}}}
         rows.append({"messages": [
