@@ -253,6 +253,20 @@ def test_pack_episodes_fields():
         pack_episodes([_episode(4, [(0, 2)], 0.0)])
 
 
+def test_pack_episodes_zero_token_episode():
+    """An episode that ended at its start (no tokens) packs as an all-padding row."""
+    empty = _episode(0, [], 0.0, "error", rx=np.zeros((0, 2, 2), np.int32))
+    rx = np.random.default_rng(0).integers(0, 8, (5, 2, 2)).astype(np.int32)
+    b = pack_episodes([_episode(6, [(2, 6)], 1.0, rx=rx), empty], num_experts=8)
+    assert b.tokens.shape == (2, 8)
+    for f in ("tokens", "positions", "segment_ids", "loss_mask", "rollout_logp"):
+        assert not np.asarray(getattr(b, f))[1].any(), f
+    assert (np.asarray(b.routed_experts)[1] == -1).all()
+    np.testing.assert_array_equal(np.asarray(b.rewards), [1.0, 0.0])
+    np.testing.assert_array_equal(np.asarray(b.finish_reason), [FINISH_STOP, FINISH_LENGTH])
+    assert pack_episodes([empty], num_experts=8).tokens.shape == (1, 8)
+
+
 @contextlib.contextmanager
 def _served_in_process(eng, **client_kw):
     """The JAX rollout server around ``eng`` in this process (uvicorn on a thread, a free port),

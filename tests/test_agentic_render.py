@@ -84,14 +84,18 @@ def test_errors_are_observations(tok):
              format_tool_call("search", {"q": "x"}),  # unknown tool
              format_tool_call("lookup", {"name": "k00"}),  # wrong argument
              format_tool_call("lookup", {"key": "nope"}),  # unknown key
+             # a stray </parameter> (a sampled corruption that once crashed the template)
+             "<tool_call>\n<function=lookup>\n<=key>>\nk02\n</parameter>\n</function>\n"
+             "</tool_call>",
              call, code]
     r, _, ep = _run(tok, texts, task=task)
     obs = [m["content"] for m in ep.messages if m["role"] == "tool"]
     assert obs[0].startswith("error: malformed tool call")
+    assert obs[4].startswith("error: malformed tool call: </parameter> without an open <parameter>")
     assert obs[1].startswith("error: unknown tool 'search'")
     assert "unknown argument(s) ['name']" in obs[2] and "missing argument(s) ['key']" in obs[2]
     assert obs[3] == "error: no key 'nope'"
-    assert ep.reward == 1.0 and len(ep.turns) == 6
+    assert ep.reward == 1.0 and len(ep.turns) == 7
     np.testing.assert_array_equal(ep.tokens, tok.encode(r.conversation_text(ep.messages, [LOOKUP_TOOL])))
 
 

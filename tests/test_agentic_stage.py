@@ -7,8 +7,10 @@
   (atol 1e-5); group ids are the task index; the step's GRPO update on it is finite and moves
   the weights; the held-out evaluation reports the mean and its standard error;
 * config: ``agentic.env`` needs a GRPO stage and the environment's domain; ``configs/tiny/
-  agentic_tool.json`` loads;
-* the lookup SFT rows are the episode's canonical rendering.
+  agentic_tool.json`` and ``configs/tiny/swe_agent.json`` load (the SWE prompts fit its rows);
+  the SWE one builds and runs one step (``slow``);
+* the lookup SFT rows are the episode's canonical rendering; the lookup task arguments shape the
+  tasks and ``copy`` is the share of SFT rows answering the code.
 """
 
 import dataclasses
@@ -24,6 +26,7 @@ from cascade_jax.agentic.env import Reset, Step
 from cascade_jax.agentic.episode import ScriptedPolicy, run_episode
 from cascade_jax.agentic.lookup import LOOKUP_TOOL, LookupEnv, lookup_sft_rows, lookup_solution, lookup_tasks
 from cascade_jax.agentic.render import ChatRenderer
+from cascade_jax.agentic.swe import SWEEnv
 from cascade_jax.data.chat import render_chat
 from cascade_jax.data.tokenizer import tiny_tokenizer
 from cascade_jax.rollout.scoring import score_logprobs
@@ -168,6 +171,15 @@ def test_agentic_config_checks(tmp_path):
                      "agentic": {"env": "lookup", "keep_cache": True}})
     cfg = C.load(ROOT / "configs" / "tiny" / "agentic_tool.json")
     assert cfg.agentic.env == "lookup" and cfg.data.domains == ("tool_call",)
+    assert {len(t["metadata"]["answer"]) for t in agentic_stage.step_tasks(cfg, 8, 0)} == {1}
+    swe = C.load(ROOT / "configs" / "tiny" / "swe_agent.json")
+    assert swe.agentic.env == "swe" and swe.data.domains == ("swe",)
+    r = ChatRenderer(tiny_tokenizer())
+    for t in agentic_stage.step_tasks(swe, 4, 0):  # the prompt (system, tools, issue) fits
+        env = SWEEnv()
+        reset = env.reset(t)
+        env.close()
+        assert len(r.prompt_ids(list(reset.messages), reset.tools)) < swe.rollout.max_prompt_len
     with pytest.raises(ValueError, match=r"agentic.task_args: .*n_kays"):
         agentic_stage.step_tasks(dataclasses.replace(
             cfg, agentic=dataclasses.replace(cfg.agentic, task_args={"n_kays": 3})), 2, 0)
@@ -189,3 +201,62 @@ def test_lookup_sft_rows_are_the_canonical_episode():
                                 add_generation_prompt=False)
         np.testing.assert_array_equal(ids[:len(ep.tokens)], ep.tokens)
         json.dumps(row)  # the jsonl source layout
+
+
+def test_lookup_task_args_and_format_rows():
+    """``alphabet`` / ``code_len`` / ``key_space`` / ``n_keys`` shape the tasks; ``copy`` is the
+    share of SFT rows answering the tool's code (the others a uniform draw: right with chance
+    1 / |alphabet|); bad arguments are one-line errors naming them."""
+    args = {"alphabet": "ABCD", "code_len": 1, "key_space": 4, "n_keys": 2}
+    tasks = lookup_tasks(400, seed=2, **args)
+    for t in tasks:
+        table = t["metadata"]["table"]
+        assert len(table) == 2 and set(table) <= {"k00", "k01", "k02", "k03"}
+        assert all(len(v) == 1 and v in "ABCD" for v in table.values())
+        meta = t["metadata"]
+        assert meta["answer"] == table[meta["key"]] and meta["key"] in t["prompt"]
+    assert {t["metadata"]["answer"] for t in tasks} == set("ABCD")
+    n = 2000
+    for copy in (0.0, 0.5, 1.0):
+        rows = lookup_sft_rows(n, seed=5, copy=copy, **args)
+        codes = [t["metadata"]["answer"] for t in lookup_tasks(n, seed=5, **args)]
+        assert all(r["messages"][2]["content"].endswith(": " + c) for r, c in zip(rows, codes))
+        right = np.mean([r["messages"][3]["content"] == c for r, c in zip(rows, codes)])
+        want = copy + (1 - copy) / 4
+        # binomial standard error of the share; 4 standard errors (0 when copy = 1)
+        assert abs(right - want) <= 4 * np.sqrt(want * (1 - want) / n), (copy, right)
+    with pytest.raises(ValueError, match=r"copy: .* got 1.5"):
+        lookup_sft_rows(2, copy=1.5)
+    with pytest.raises(ValueError, match=r"key_space"):
+        lookup_tasks(2, n_keys=5, key_space=4)
+    with pytest.raises(ValueError, match=r"alphabet"):
+        lookup_tasks(2, alphabet="")
+
+
+@pytest.mark.slow
+def test_swe_agent_config_runs_a_step(tmp_path):
+    """``configs/tiny/swe_agent.json`` (the agentic SWE stage over the generated tiny SWE tasks)
+    builds and runs one GRPO step through the Stage, its batch and group sizes cut to 1 task ×
+    2 episodes of at most 2 turns of 8 tokens (the config's row length kept); the episodes'
+    rewards are the sandboxed test runs' (0 or 1). Slow (about 1 min on 2 shared cores: the
+    1,664-token rows compile); the config's loading is in ``test_agentic_config_checks``."""
+    cfg = C.load(ROOT / "configs" / "tiny" / "swe_agent.json")
+    assert cfg.agentic.env == "swe" and cfg.data.domains == ("swe",)
+    T = cfg.rollout.max_prompt_len + cfg.rollout.max_response_len
+    cfg = dataclasses.replace(
+        cfg, data=dataclasses.replace(cfg.data, batch_prompts=1),
+        rollout=dataclasses.replace(cfg.rollout, n_samples=2, num_slots=2),
+        agentic=dataclasses.replace(cfg.agentic, max_turns=2, max_new_tokens=8),
+        run=dataclasses.replace(cfg.run, out_dir=str(tmp_path / "run")))
+    stage = Stage(cfg, tmp_path / "run", B.build(cfg), log=lambda s: None)
+    try:
+        batch, info = stage._rollout_batch(0, jax.random.key(0), PhaseTimer())
+        assert batch.tokens.shape == (2, T)
+        assert set(np.asarray(batch.rewards).tolist()) <= {0.0, 1.0}
+        assert info["reward/swe"] == float(np.asarray(batch.rewards).mean())
+        assert 1 <= info["agentic/turns_per_episode"] <= 2
+        m = stage.train_on(batch, info, PhaseTimer(), sync=False)
+        assert np.isfinite(m["loss"])
+        assert m["num_tokens"] == float(np.asarray(batch.loss_mask).sum())
+    finally:
+        stage.close()

@@ -242,12 +242,13 @@ def pack_episodes(episodes: Sequence[Episode], *, group_ids: Optional[Sequence[i
     ``Episode.domain`` (``-1`` for none); ``policy_version`` when every turn's weight version is
     the same decimal integer; ``routed_experts`` when every episode carries them
     (``num_experts`` required). ``T`` = ``seq_len`` or the longest row rounded up to
-    ``pad_multiple``."""
+    ``pad_multiple``. An episode without tokens (ended at its start, e.g. by an error in the
+    environment's reset) is an all-padding row with its reward (no loss tokens)."""
     N = len(episodes)
     if N == 0:
         raise ValueError("episodes: nothing to pack")
     lens = [len(e.tokens) for e in episodes]
-    T = seq_len if seq_len is not None else -(-max(lens) // pad_multiple) * pad_multiple
+    T = seq_len if seq_len is not None else -(-max(max(lens), 1) // pad_multiple) * pad_multiple
     if max(lens) > T:
         raise ValueError(f"seq_len: {T} is shorter than the longest episode ({max(lens)} tokens)")
     tokens = np.zeros((N, T), np.int32)
@@ -257,7 +258,7 @@ def pack_episodes(episodes: Sequence[Episode], *, group_ids: Optional[Sequence[i
     logp = np.zeros((N, T), np.float32)
     for n, e in enumerate(episodes):
         L = len(e.tokens)
-        if e.loss_mask[0] != 0:
+        if L and e.loss_mask[0] != 0:
             raise ValueError(f"episodes[{n}]: the first token cannot carry loss")
         tokens[n, :L], positions[n, :L], segments[n, :L] = e.tokens, np.arange(L), 1
         mask[n, :L], logp[n, :L] = e.loss_mask, e.logprobs * e.loss_mask
@@ -275,7 +276,7 @@ def pack_episodes(episodes: Sequence[Episode], *, group_ids: Optional[Sequence[i
         known = []  # drop the trailing -1 rows (context after the last turn): packed as -1
         for e in episodes:
             r = np.asarray(e.routed_experts)
-            free = (r.reshape(r.shape[0], -1) < 0).all(axis=1)
+            free = (r < 0).all(axis=tuple(range(1, r.ndim)))
             n = r.shape[0] - int(np.argmin(free[::-1])) if not free.all() else 0
             known.append(r[:n])
         rx = pack_routed_experts(known, T, num_experts=num_experts)

@@ -1,9 +1,10 @@
 """The tiny multi-turn tool domain: look a code up with a tool, then answer with it.
 
-Task (seeded, :func:`lookup_tasks`): a table of ``n_keys`` keys (``k`` + 2 digits) mapped to
-random codes (6 characters from ``A-Z0-9``), hidden from the model; the prompt names one key and
-asks for its code, so the only way to the answer is to call ``lookup(key=...)``, read the tool
-result and answer with it. Task row::
+Task (seeded, :func:`lookup_tasks`): a table of ``n_keys`` keys (``k`` + 2 digits, of the first
+``key_space`` names) mapped to random codes (``code_len`` characters of ``alphabet``; default 6
+of ``A-Z0-9``; the tiny stage's: 1 of ``ABCD``), hidden from the model; the prompt names one key
+and asks for its code, so the only way to the answer is to call ``lookup(key=...)``, read the
+tool result and answer with it. Task row::
 
     {"prompt": "What is the code of key k07? Use the lookup tool, then answer with the code only.",
      "metadata": {"table": {"k07": "Q3ZK8A", ...}, "key": "k07", "answer": "Q3ZK8A"},
@@ -32,28 +33,31 @@ from .env import Reset, Tool, ToolEnvironment, tool_spec
 from .render import AssistantTurn
 
 __all__ = ["LookupEnv", "lookup_tasks", "score_lookup", "lookup_solution", "lookup_sft_rows",
-           "LOOKUP_TOOL"]
+           "LOOKUP_TOOL", "ALPHABET"]
 
-_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+#: the default code alphabet
+ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
 
 LOOKUP_TOOL = tool_spec("lookup", "Return the code stored under a key.",
                         {"key": ("string", "the key, e.g. k07")}, required=["key"])
 
 
 def lookup_tasks(n: int, seed: int = 0, n_keys: int = 4, declare_tools: bool = True,
-                 code_len: int = 6) -> list[dict]:
-    """``n`` task rows (module doc), deterministic in ``seed``; codes of ``code_len``
-    characters. ``declare_tools=False`` marks
-    the tasks to start without the tool spec in the prompt (the template's ~290-token tool
-    block): a model SFT'd on the canonical solution knows the tool (the tiny stage's short rows)."""
-    if n < 0 or n_keys < 1 or code_len < 1:
-        raise ValueError(f"n / n_keys / code_len: need n >= 0, n_keys >= 1 and code_len >= 1, "
-                         f"got {n}, {n_keys}, {code_len}")
+                 code_len: int = 6, alphabet: str = ALPHABET, key_space: int = 100) -> list[dict]:
+    """``n`` task rows (module doc), deterministic in ``seed``: ``n_keys`` distinct keys drawn
+    from the ``key_space`` names ``k00 … k{key_space-1:02d}``, codes of ``code_len`` characters
+    of ``alphabet``. ``declare_tools=False`` marks the tasks to start without the tool spec in
+    the prompt (the template's ~290-token tool block): a model SFT'd on the canonical solution
+    knows the tool (the tiny stage's short rows)."""
+    if n < 0 or n_keys < 1 or code_len < 1 or not alphabet or not n_keys <= key_space <= 100:
+        raise ValueError(f"n / n_keys / code_len / alphabet / key_space: need n >= 0, n_keys >= 1, "
+                         f"code_len >= 1, a non-empty alphabet and n_keys <= key_space <= 100, got "
+                         f"{n}, {n_keys}, {code_len}, {alphabet!r}, {key_space}")
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(n):
-        keys = [f"k{int(i):02d}" for i in rng.choice(100, size=n_keys, replace=False)]
-        table = {k: "".join(_ALPHABET[int(j)] for j in rng.integers(0, len(_ALPHABET), code_len))
+        keys = [f"k{int(i):02d}" for i in rng.choice(key_space, size=n_keys, replace=False)]
+        table = {k: "".join(alphabet[int(j)] for j in rng.integers(0, len(alphabet), code_len))
                  for k in keys}
         key = keys[int(rng.integers(0, n_keys))]
         out.append({"prompt": f"What is the code of key {key}? Use the lookup tool, then answer "
@@ -73,22 +77,33 @@ def _observation(key: str, code: str) -> str:
     return f"code of {key}: {code}"
 
 
-def lookup_sft_rows(n: int, seed: int = 0, n_keys: int = 4, declare_tools: bool = True,
-                    code_len: int = 6) -> list[dict]:
+def lookup_sft_rows(n: int, seed: int = 0, *, copy: float = 1.0, **task_args) -> list[dict]:
     """``n`` SFT rows ``{"messages"[, "tools"]}`` (the ``jsonl`` source layout): the canonical
-    two-turn solution of :func:`lookup_tasks` ``(n, seed, n_keys, declare_tools, code_len)`` as the
-    episode renders it (user prompt, assistant tool call, tool result, assistant answer)."""
+    two-turn solution of :func:`lookup_tasks` ``(n, seed, **task_args)`` as the episode renders
+    it (user prompt, assistant tool call, tool result, assistant answer). ``copy``: the share of
+    rows whose final answer is the tool's code; the others answer an independent uniform draw
+    from the alphabet (seeded by ``seed``). A model SFT'd on rows with ``copy < 1`` learns the
+    format (call the tool, then answer) from a demonstrator that answers right with chance
+    ``copy + (1 - copy) · len(alphabet) ** -code_len``: the room GRPO has to improve on it."""
+    if not 0.0 <= copy <= 1.0:
+        raise ValueError(f"copy: the share of rows answering the code must be in [0, 1], "
+                         f"got {copy}")
+    tasks = lookup_tasks(n, seed=seed, **task_args)
+    alphabet = task_args.get("alphabet", ALPHABET)
+    guess = np.random.default_rng([seed, 1])
     rows = []
-    for task in lookup_tasks(n, seed=seed, n_keys=n_keys, declare_tools=declare_tools,
-                             code_len=code_len):
+    for task in tasks:
         meta = task["metadata"]
+        draw = "".join(alphabet[int(j)]
+                       for j in guess.integers(0, len(alphabet), len(meta["answer"])))
+        answer = meta["answer"] if guess.random() < copy else draw
         call = {"type": "function", "function": {"name": "lookup", "arguments": {"key": meta["key"]}}}
         rows.append({"messages": [
             {"role": "user", "content": task["prompt"]},
             {"role": "assistant", "content": "", "tool_calls": [call]},
             {"role": "tool", "content": _observation(meta["key"], meta["answer"])},
-            {"role": "assistant", "content": meta["answer"]}],
-            **({"tools": [LOOKUP_TOOL]} if declare_tools else {})})
+            {"role": "assistant", "content": answer}],
+            **({"tools": [LOOKUP_TOOL]} if task["declare_tools"] else {})})
     return rows
 
 

@@ -94,6 +94,8 @@ def parse_tool_calls(text: str) -> list[ToolCall]:
             if param in args:
                 raise ToolCallParseError(f"duplicate parameter {param!r} {where}")
         elif tag == "parameter":
+            if state != "parameter":
+                raise ToolCallParseError(f"</parameter> without an open <parameter> {where}")
             args[param] = _strip_value(text[value_start:m.start()])
             state = "function"
         elif tag == "function":
