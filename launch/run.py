@@ -164,7 +164,7 @@ def run_demo(cfg: C.Config, out_dir: pathlib.Path) -> dict:
     mcfg, params = nh.load_checkpoint(str(ckpt), dtype=jnp.dtype(cfg.model.dtype))
     print(f"exported and reloaded Hub-layout checkpoint: {ckpt}")
 
-    r = cfg.rollout
+    r = cfg.rollout.sampling
     n_prompts = cfg.data.batch_prompts
     rng = jax.random.key(cfg.run.seed)
     prompts = jax.random.randint(rng, (n_prompts, r.max_prompt_len), 3, mcfg.vocab_size)
