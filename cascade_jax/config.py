@@ -825,6 +825,13 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
     raise ConfigError(f"{path}: unsupported field type {tp!r}")
 
 
+def _names(e: ConfigError, path: str) -> bool:
+    """Whether the message of ``e`` already starts with a dotted path that contains ``path`` (a
+    section's own check names its full path, ``rollout.sampling.top_p: ...``)."""
+    head = str(e).split(":", 1)[0].split(" ", 1)[0]
+    return f".{path}" in f".{head}"
+
+
 def from_dict(cls, d: dict, *, _path: str = ""):
     """Build dataclass ``cls`` from a (nested) dict; unknown keys and ill-typed values raise
     :class:`ConfigError` naming the dotted path and listing the valid keys."""
@@ -844,7 +851,7 @@ def from_dict(cls, d: dict, *, _path: str = ""):
     try:
         return cls(**kwargs)
     except ConfigError as e:
-        if _path and not str(e).startswith(_path):
+        if _path and not _names(e, _path):
             raise ConfigError(f"{_path}: {e}") from None
         raise
 
@@ -946,7 +953,7 @@ def replace_path(cfg, path: str, value: Any, *, _prefix: str = ""):
     try:
         return type(cfg)(**d)
     except ConfigError as e:
-        if _prefix and not str(e).startswith(_prefix[:-1]):
+        if _prefix and not _names(e, _prefix[:-1]):
             raise ConfigError(f"{_prefix[:-1]}: {e}") from None
         raise
 
