@@ -68,8 +68,8 @@ def _config(tmp_path, **agentic):
     return C.from_dict(C.Config, {
         "model": {"preset": "tiny", "dtype": "float32", "overrides": {"pattern": "ME*"}},
         "optimizer": {"lr": 1e-3, "grad_clip": 1.0},
-        "rollout": {"n_samples": N, "max_prompt_len": 64, "max_response_len": 64,
-                    "thinking": False, "num_slots": 4, "steps_per_call": 4, "prefill_sizes": [4]},
+        "rollout": {"sampling": {"n_samples": N, "max_prompt_len": 64, "max_response_len": 64, "thinking": False},
+                    "batching": {"num_slots": 4, "steps_per_call": 4, "prefill_sizes": [4]}},
         "data": {"domains": ["tool_call"], "batch_prompts": G, "tiny_rows_per_domain": 16},
         "agentic": {"env": "lookup", "max_turns": TURNS, "max_new_tokens": 8,
                     "end_on_length": False, "tool_workers": 2, **agentic},
@@ -164,7 +164,7 @@ def test_agentic_config_checks(tmp_path):
     with pytest.raises(C.ConfigError, match=r"agentic.keep_cache: needs the embedded engine or JAX "
                                             r"rollout servers"):
         C.from_dict(C.Config, {"data": {"domains": ["tool_call"]}, "stage": {"objective": "grpo"},
-                     "rollout": {"engine": "sglang", "server_url": "http://x:1"},
+                     "rollout": {"engine": "sglang", "servers": {"url": "http://x:1"}},
                      "agentic": {"env": "lookup", "keep_cache": True}})
     cfg = C.load(ROOT / "configs" / "tiny" / "agentic_tool.json")
     assert cfg.agentic.env == "lookup" and cfg.data.domains == ("tool_call",)
