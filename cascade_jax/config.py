@@ -37,7 +37,7 @@ __all__ = [
     "ConfigError", "ModelSection", "MeshConfig", "A2A_MODES", "OptimizerConfig", "RolloutConfig",
     "DataSource", "DataConfig", "StageConfig", "RunConfig", "EvalConfig", "AgenticConfig", "AGENTIC_DOMAINS", "Config", "from_dict", "to_dict", "to_json",
     "load", "load_dict", "merge", "apply_overrides", "replace_path", "migrate_dict",
-    "migrate_rollout", "moved_keys", "ROLLOUT_MOVED", "SamplingSection", "BatchingSection", "ServersSection",
+    "migrate_rollout", "migrate_override", "moved_keys", "ROLLOUT_MOVED", "SamplingSection", "BatchingSection", "ServersSection",
     "SyncSection", "FidelitySection",
 ]
 
@@ -720,14 +720,19 @@ def _check_removed(cls, key: str, value: Any, path: str = "") -> None:
         raise ConfigError(removed[key](path or section, value))
 
 
+def _drop_greedy(section: dict) -> None:
+    """Drop a stored section's removed ``greedy`` (lossless: with ``greedy`` true the old
+    validation already required ``temperature`` 0, read before any key moves)."""
+    if "greedy" in section and not (section["greedy"] and section.get("temperature", 1.0) != 0):
+        del section["greedy"]  # else: not a config this code ever wrote, left for validation to refuse
+
+
 def migrate_rollout(rollout: dict) -> tuple[dict, list]:
     """A stored ``rollout`` section in today's layout: each flat key of :data:`ROLLOUT_MOVED`
-    moved into its section, and the removed ``greedy`` dropped (lossless: with ``greedy`` true the
-    old validation already required ``temperature`` 0). Returns the new dict and the
+    moved into its section, and the removed ``greedy`` dropped. Returns the new dict and the
     ``(old key, new key)`` pairs moved (dotted, under ``rollout``)."""
     out, moved = copy.deepcopy(rollout), []
-    if "greedy" in out and not (out["greedy"] and out.get("temperature", 1.0) != 0):
-        del out["greedy"]  # else: not a config this code ever wrote, left for validation to refuse
+    _drop_greedy(out)
     for old, new in ROLLOUT_MOVED.items():
         if old not in out:
             continue
@@ -749,10 +754,20 @@ def migrate_dict(d: dict) -> dict:
     out.setdefault("agentic", to_dict(AgenticConfig()))  # written before the section existed
     if isinstance(out.get("rollout"), dict):
         out["rollout"] = migrate_rollout(out["rollout"])[0]
-    sec = out.get("eval")
-    if isinstance(sec, dict) and "greedy" in sec and not (sec["greedy"] and sec.get("temperature", 1.0) != 0):
-        del sec["greedy"]
+    if isinstance(out.get("eval"), dict):
+        _drop_greedy(out["eval"])
     return out
+
+
+def migrate_override(item: str) -> str:
+    """A ``KEY=VALUE`` override with a moved key (:data:`ROLLOUT_MOVED`) written at its new key;
+    others unchanged. For stored records that never change once run (a study's declared
+    ``overrides``, fingerprinted in ``launch/studies/ledger.json``)."""
+    key, sep, value = item.partition("=")
+    section, _, leaf = key.strip().partition(".")
+    if section == "rollout" and leaf in ROLLOUT_MOVED:
+        return f"rollout.{ROLLOUT_MOVED[leaf]}{sep}{value}"
+    return item
 
 
 def moved_keys(d: dict) -> list:

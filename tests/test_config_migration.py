@@ -146,6 +146,17 @@ def test_migrate_dict_moves_every_old_key():
         C.migrate_dict(both)
 
 
+def test_migrate_override_for_stored_declarations():
+    """A study's declared overrides never change once run (the ledger fingerprints them); they are
+    applied at the new keys."""
+    assert C.migrate_override("rollout.n_samples=8") == "rollout.sampling.n_samples=8"
+    assert C.migrate_override("rollout.weight_sync=nccl") == "rollout.sync.method=nccl"
+    for same in ("rollout.engine=jax", "rollout.sampling.top_p=0.9", "optimizer.lr=1e-3", "rollout.x=1"):
+        assert C.migrate_override(same) == same
+    cfg = C.apply_overrides(C.Config(), [C.migrate_override("rollout.n_samples=8")])
+    assert cfg.rollout.sampling.n_samples == 8
+
+
 def _old_run_dir(tmp_path):
     tmp_path.mkdir(exist_ok=True)
     (tmp_path / "run_config.json").write_text(json.dumps(_old_config_dict(), indent=2))
