@@ -37,8 +37,8 @@ __all__ = [
     "ConfigError", "ModelSection", "MeshConfig", "A2A_MODES", "OptimizerConfig", "RolloutConfig",
     "DataSource", "DataConfig", "StageConfig", "RunConfig", "EvalConfig", "AgenticConfig", "AGENTIC_DOMAINS", "Config", "from_dict", "to_dict", "to_json",
     "load", "load_dict", "merge", "apply_overrides", "replace_path", "migrate_dict",
-    "migrate_rollout", "migrate_override", "moved_keys", "ROLLOUT_MOVED", "SamplingSection", "BatchingSection", "ServersSection",
-    "SyncSection", "FidelitySection",
+    "migrate_rollout", "migrate_override", "moved_keys", "ROLLOUT_MOVED", "SamplingSection",
+    "BatchingSection", "ServersSection", "SyncSection", "FidelitySection",
 ]
 
 
