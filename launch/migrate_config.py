@@ -13,6 +13,8 @@ A JSON file with a ``rollout`` section gets its flat keys moved into their secti
 paths. A run dir's ``run_config.json`` is migrated the same way (a run also migrates it itself when
 it resumes, saying so in its log). Python code that reads a section through a local name
 (``r = cfg.rollout; r.temperature``) and dict literals are not recognised: they are for a person.
+Study declarations (``launch/studies/``) are fingerprinted in the ledger and never change: leave
+them; their overrides are applied at the new keys (:func:`cascade_jax.config.migrate_override`).
 """
 
 from __future__ import annotations
