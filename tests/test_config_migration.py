@@ -178,6 +178,8 @@ def test_run_dir_in_the_old_layout_resumes_with_a_logged_line(tmp_path):
     (run_dir / "run_config.json").write_text(json.dumps(broken))
     with pytest.raises(RunDirError, match=r"rollout\.temperature: cannot move to rollout\.sampling\.temperature"):
         check_run_dir(_new_config(), run_dir)
+    (run_dir / "checkpoints" / "1").rmdir()  # a run that never checkpointed is started over
+    assert check_run_dir(_new_config(), run_dir) is False
 
 
 def test_migrate_config_rewrites_run_dirs_config_files_and_text(tmp_path, capsys):

@@ -146,6 +146,8 @@ def check_run_dir(config: C.Config, run_dir: pathlib.Path, *, fresh: bool = Fals
     try:
         moved, now = C.moved_keys(old), C.migrate_dict(old)
     except C.ConfigError as e:
+        if not started(run_dir):
+            return False
         raise RunDirError(f"run dir {run_dir}: run_config.json: {e}; fix it by hand or pass --fresh") from None
     keys = [k for k in _diff(now, C.to_dict(config)) if k not in BOOKKEEPING_KEYS]
     if keys:
