@@ -31,8 +31,8 @@ from tests.runner_support import cache_dir, metrics, run_cli, sft_run, write_con
 STEPS = 3
 #: the engine settings both runs share (the server gets the same as flags)
 ENGINE = {"num_slots": 16, "steps_per_call": 8, "prefill_sizes": [1]}
-ROLL = {"sampling": {"n_samples": 2, "max_prompt_len": 64, "max_response_len": 16, "thinking": True},
-        "batching": ENGINE}
+SAMPLING = {"n_samples": 2, "max_prompt_len": 64, "max_response_len": 16, "thinking": True}
+ROLL = {"sampling": SAMPLING, "batching": ENGINE}
 
 
 def _untimed(row: dict) -> set:
@@ -77,7 +77,7 @@ def test_served_mopd_equals_embedded(tmp_path_factory):
     wall = {"embedded_run_s": time.perf_counter() - t0}
 
     extra = ["--num-slots", str(ENGINE["num_slots"]), "--steps-per-call", str(ENGINE["steps_per_call"]),
-             "--prefill-sizes", "1", "--max-len", str(ROLL["max_prompt_len"] + ROLL["max_response_len"]),
+             "--prefill-sizes", "1", "--max-len", str(SAMPLING["max_prompt_len"] + SAMPLING["max_response_len"]),
              "--no-warmup"]
     launcher = Launcher(serve_command(extra=extra), n=1, checkpoint=str(student), weight_version="0",
                         env=_server_env(tmp_path_factory), log_dir=str(d), health_timeout_s=600)
