@@ -14,6 +14,13 @@ the tiny stages each extend ``configs/tiny/base.json``), dicts (``from_dict``) a
 (``apply_overrides(cfg, ["optimizer.lr=2e-6", "stage.steps=52"])``), and written back with
 ``to_json``. Values in overrides are parsed as JSON when possible (``1e-3``, ``true``,
 ``[1, 2]``, ``null``) and fall back to the raw string.
+
+Sections are split by who reads them: ``rollout`` holds ``engine`` (the backend switch) and the
+sections ``sampling`` (the sampling contract), ``batching`` (the embedded engine), ``servers`` (the
+client), ``sync`` (the weight syncer) and ``fidelity``. A key that moved is an error naming its new
+path (``rollout.temperature moved to rollout.sampling.temperature``); :data:`ROLLOUT_MOVED` is the
+one table of moves, and :func:`migrate_dict` (run dirs, on resume) and ``launch/migrate_config.py``
+(files) apply it.
 """
 
 from __future__ import annotations
@@ -30,6 +37,8 @@ __all__ = [
     "ConfigError", "ModelSection", "MeshConfig", "A2A_MODES", "OptimizerConfig", "RolloutConfig",
     "DataSource", "DataConfig", "StageConfig", "RunConfig", "EvalConfig", "AgenticConfig", "AGENTIC_DOMAINS", "Config", "from_dict", "to_dict", "to_json",
     "load", "load_dict", "merge", "apply_overrides", "replace_path", "migrate_dict",
+    "migrate_rollout", "migrate_override", "moved_keys", "ROLLOUT_MOVED", "SamplingSection",
+    "BatchingSection", "ServersSection", "SyncSection", "FidelitySection",
 ]
 
 
@@ -204,49 +213,37 @@ def _check_sampling(section: str, temperature: float, top_p: float, top_k: int):
         raise ConfigError(f"{section}.top_k: must be -1 (off) or >= 1, got {top_k}")
 
 
-def _removed_greedy(section: str, value: Any) -> str:
-    """The migration message for the removed ``<section>.greedy`` switch."""
+def _json_at(path: str, value: Any) -> str:
+    """``a.b.c`` and ``v`` as the JSON a config file writes: ``"a": {"b": {"c": v}}``."""
+    *outer, leaf = path.split(".")
+    text = f"{json.dumps(leaf)}: {json.dumps(value)}"
+    for name in reversed(outer[1:]):
+        text = f"{json.dumps(name)}: {{{text}}}"
+    return f"{json.dumps(outer[0])}: {{{text}}}" if outer else text
+
+
+def _removed_greedy(section: str, value: Any, temperature: str = "") -> str:
+    """The migration message for the removed ``<section>.greedy`` switch (``temperature``: the
+    dotted path of the section's temperature, default ``<section>.temperature``)."""
+    t = temperature or f"{section}.temperature"
     if value is True:
         return (f"{section}.greedy: removed; temperature 0 means greedy: write "
-                f"\"{section}\": {{\"temperature\": 0}} (--set {section}.temperature=0) and drop "
-                f"{section}.greedy")
-    return (f"{section}.greedy: removed; {section}.temperature alone sets the sampling (0 = greedy): "
+                f"{_json_at(t, 0)} (--set {t}=0) and drop {section}.greedy")
+    return (f"{section}.greedy: removed; {t} alone sets the sampling (0 = greedy): "
             f"drop {section}.greedy")
 
 
 @dataclasses.dataclass(frozen=True)
-class RolloutConfig:
-    """How responses are generated: ``jax`` = the embedded engine in this process
-    (``num_slots`` sequences decoded together, ``steps_per_call`` tokens per jitted call,
-    ``seed`` for requests without one, ``prefill_sizes`` its admission row counts: empty = powers
-    of two up to ``num_slots``; a prompt's prefill rounds differently with the number of rows
-    prefilled with it (measured on CPU), so a single size makes it independent of what arrives
-    with it: with ``[1]`` here and ``--prefill-sizes 1`` on ``launch/serve.py`` the two draw
-    bit-identical samples for the same seeds; ``prefill_chunk`` > 0: prompts prefilled in chunks
-    of at most that many tokens per row, each continuing the slot's cache, 0 = one call);
-    ``jax_server`` = JAX rollout servers
-    (``launch/serve.py``); ``sglang`` = SGLang servers. ``cascade_jax.rollout.make_engine``
-    builds the backend.
+class SamplingSection:
+    """``rollout.sampling``: what every request is sampled with and how long prompts and
+    responses may be: the sampling contract (:func:`cascade_jax.rollout.factory.sampling_params`
+    builds :class:`~cascade_jax.contract.sampling.SamplingParams` from this section alone), read
+    by the engine, the data (``max_prompt_len``, ``thinking``), the train step and the dry run.
 
-    Servers (``jax_server`` / ``sglang``): ``server_url`` and/or ``server_urls`` list them (every
-    weight update goes to each directly); ``router_url`` (an ``sglang-router``) then carries
-    ``/generate``; ``api_key`` is sent as ``Authorization: Bearer``; at most ``max_concurrency``
-    requests in flight per server, each with ``request_timeout_s`` and up to ``max_retries``
-    retries. ``weight_sync``: ``disk`` (versioned Hub checkpoints under ``weight_sync_dir``, the
-    last ``keep_versions`` kept) or ``nccl`` (torch.distributed broadcast of
-    ``nccl_bucket_mb`` buckets over ``nccl_backend``; ``gloo`` on CPU); each sync times out after
-    ``sync_timeout_s`` and is verified to ``sync_tol`` (max |Δ log p| on a probe set).
+    ``n_samples`` responses per prompt; ``temperature`` τ (0 = greedy, argmax decoding);
+    ``top_p`` in (0, 1]; ``top_k`` -1 (off) or >= 1; ``thinking``: prompts rendered with the
+    chat template's thinking mode; ``seed``: the engine's seed for requests without one."""
 
-    Rollout fidelity: ``routing_replay`` asks the engine for the experts of every token and MoE
-    layer and replays them in the trainer's forward (R3; servers must run with
-    ``--enable-return-routed-experts``); ``zero_mismatch`` samples every token
-    from the trainer's own batch-invariant log-probs (``cascade_jax.rl.next_token_logprobs``),
-    so the trainer recomputes the sampling log-probs bit for bit (IS ratios exactly 1): in
-    process, or by ``launch/serve.py --zero-mismatch --max-len max_prompt_len + max_response_len``
-    servers (checked at start)."""
-
-    engine: Literal["jax", "jax_server", "sglang"] = "jax"
-    server_url: Optional[str] = None
     n_samples: int = 16
     max_prompt_len: int = 1024
     max_response_len: int = 49152
@@ -254,28 +251,146 @@ class RolloutConfig:
     top_p: float = 1.0
     top_k: int = -1  # -1 = off
     thinking: bool = True
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("n_samples", "max_prompt_len", "max_response_len"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"rollout.sampling.{name}: must be >= 1, got {getattr(self, name)}")
+        if self.seed < 0:
+            raise ConfigError(f"rollout.sampling.seed: must be >= 0, got {self.seed}")
+        _check_sampling("rollout.sampling", self.temperature, self.top_p, self.top_k)
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchingSection:
+    """``rollout.batching``: the embedded engine's batching (``rollout.engine`` ``jax``; read by
+    :func:`~cascade_jax.rollout.factory.make_engine` and the dry run). ``num_slots`` sequences
+    decoded together, ``steps_per_call`` tokens per jitted call; ``prefill_sizes`` the admission
+    row counts (empty = powers of two up to ``num_slots``): a prompt's prefill rounds differently
+    with the number of rows prefilled with it (measured on CPU), so a single size makes it
+    independent of what arrives with it: with ``[1]`` here and ``--prefill-sizes 1`` on
+    ``launch/serve.py`` the two draw bit-identical samples for the same seeds;
+    ``prefill_chunk`` > 0: prompts prefilled in chunks of at most that many tokens per row, each
+    continuing the slot's cache (0 = one call)."""
+
     num_slots: int = 64
     steps_per_call: int = 16
-    seed: int = 0
     prefill_sizes: tuple = ()
     prefill_chunk: int = 0  # 0 = a prompt is prefilled in one call
-    server_urls: tuple = ()
+
+    def __post_init__(self):
+        for name in ("num_slots", "steps_per_call"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"rollout.batching.{name}: must be >= 1, got {getattr(self, name)}")
+        for i, z in enumerate(self.prefill_sizes):
+            if not (isinstance(z, int) and not isinstance(z, bool) and 1 <= z <= self.num_slots):
+                raise ConfigError(f"rollout.batching.prefill_sizes[{i}]: must be an integer in [1, "
+                                  f"rollout.batching.num_slots={self.num_slots}], got {z!r}")
+        if not (isinstance(self.prefill_chunk, int) and not isinstance(self.prefill_chunk, bool)
+                and self.prefill_chunk >= 0):
+            raise ConfigError(f"rollout.batching.prefill_chunk: must be an integer >= 0 (0 = off), "
+                              f"got {self.prefill_chunk!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ServersSection:
+    """``rollout.servers``: the transport to rollout servers (``rollout.engine`` ``jax_server`` /
+    ``sglang``; read by the client, :class:`~cascade_jax.rollout.client.ServerClient`).
+    ``url`` and/or ``urls`` list them (every weight update goes to each directly); ``router_url``
+    (an ``sglang-router``) then carries ``/generate``; ``api_key`` is sent as ``Authorization:
+    Bearer``; at most ``max_concurrency`` requests in flight per server, each with
+    ``request_timeout_s`` and up to ``max_retries`` retries."""
+
+    url: Optional[str] = None
+    urls: tuple = ()
     router_url: Optional[str] = None
     api_key: Optional[str] = None
     max_concurrency: int = 32
     request_timeout_s: float = 600.0
     max_retries: int = 5
-    weight_sync: Literal["disk", "nccl"] = "disk"
-    weight_sync_dir: Optional[str] = None  # default: <run.out_dir>/weights
+
+    def __post_init__(self):
+        urls = [("url", self.url), ("router_url", self.router_url)]
+        urls += [(f"urls[{i}]", u) for i, u in enumerate(self.urls)]
+        for name, url in urls:
+            if url is not None and not (isinstance(url, str) and url.startswith(("http://", "https://"))):
+                raise ConfigError(f"rollout.servers.{name}: expected an http(s):// URL, got {url!r}")
+        if self.max_concurrency < 1:
+            raise ConfigError(f"rollout.servers.max_concurrency: must be >= 1, got {self.max_concurrency}")
+        if self.max_retries < 0:
+            raise ConfigError(f"rollout.servers.max_retries: must be >= 0, got {self.max_retries}")
+        if not self.request_timeout_s > 0:
+            raise ConfigError(f"rollout.servers.request_timeout_s: must be > 0, got {self.request_timeout_s}")
+
+    def all_urls(self) -> list:
+        """``url`` first, then the other ``urls`` (each once)."""
+        return ([self.url] if self.url else []) + [u for u in self.urls if u != self.url]
+
+
+@dataclasses.dataclass(frozen=True)
+class SyncSection:
+    """``rollout.sync``: how new weights reach rollout servers (read by the weight syncer,
+    :func:`~cascade_jax.rollout.factory.make_weight_sync`). ``method``: ``disk`` (versioned Hub
+    checkpoints under ``dir``, default ``<run.out_dir>/weights``, the last ``keep_versions``
+    kept) or ``nccl`` (torch.distributed broadcast of ``nccl_bucket_mb`` buckets over
+    ``nccl_backend``; ``gloo`` on CPU); each sync times out after ``timeout_s`` and is verified
+    to ``tol`` (max |Δ log p| on a probe set)."""
+
+    method: Literal["disk", "nccl"] = "disk"
+    dir: Optional[str] = None  # default: <run.out_dir>/weights
     keep_versions: int = 2
-    sync_timeout_s: float = 600.0
-    sync_tol: float = 1e-3
+    timeout_s: float = 600.0
+    tol: float = 1e-3
     nccl_backend: Literal["nccl", "gloo"] = "nccl"
     nccl_master_address: str = "127.0.0.1"
     nccl_master_port: int = 0  # 0 = a free port
     nccl_bucket_mb: int = 512
+
+    def __post_init__(self):
+        for name in ("keep_versions", "nccl_bucket_mb"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"rollout.sync.{name}: must be >= 1, got {getattr(self, name)}")
+        for name in ("timeout_s", "tol"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"rollout.sync.{name}: must be > 0, got {getattr(self, name)}")
+        if not 0 <= self.nccl_master_port < 65536:
+            raise ConfigError(f"rollout.sync.nccl_master_port: must be in [0, 65536), "
+                              f"got {self.nccl_master_port}")
+
+
+@dataclasses.dataclass(frozen=True)
+class FidelitySection:
+    """``rollout.fidelity``: how exactly the trainer recomputes what the engine sampled (read by
+    the engine factory, the runner and the dry run). ``routing_replay`` asks the engine for the
+    experts of every token and MoE layer and replays them in the trainer's forward (R3; servers
+    must run with ``--enable-return-routed-experts``); ``zero_mismatch`` samples every token from
+    the trainer's own batch-invariant log-probs (``cascade_jax.rl.next_token_logprobs``), so the
+    trainer recomputes the sampling log-probs bit for bit (IS ratios exactly 1): in process, or
+    by ``launch/serve.py --zero-mismatch --max-len max_prompt_len + max_response_len`` servers
+    (checked at start)."""
+
     routing_replay: bool = False
     zero_mismatch: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutConfig:
+    """How responses are generated, in sections by reader: ``engine`` picks the backend
+    (:func:`cascade_jax.rollout.make_engine`): ``jax`` = the embedded engine in this process
+    (``batching``), ``jax_server`` = JAX rollout servers (``launch/serve.py``), ``sglang`` =
+    SGLang servers (both through ``servers`` and ``sync``); ``sampling`` is the sampling
+    contract every backend draws with, ``fidelity`` the rollout/trainer agreement, and
+    ``max_policy_lag`` how far rollouts may trail the trainer (the runner). The flat keys of
+    older configs (``rollout.temperature``) are errors naming their new place
+    (:data:`ROLLOUT_MOVED`); :func:`migrate_dict` moves them."""
+
+    engine: Literal["jax", "jax_server", "sglang"] = "jax"
+    sampling: SamplingSection = SamplingSection()
+    batching: BatchingSection = BatchingSection()
+    servers: ServersSection = ServersSection()
+    sync: SyncSection = SyncSection()
+    fidelity: FidelitySection = FidelitySection()
     #: 0 = strictly on-policy (the paper): step t trains on rollouts of the weights after step
     #: t-1; 1 = one step off-policy (NeMo-RL's ``max_trajectory_age_steps: 1``): the rollouts of
     #: step t+1 are drawn while step t trains, from the weights after step t-1
@@ -289,46 +404,37 @@ class RolloutConfig:
             raise ConfigError("rollout.max_policy_lag: 1 needs a served engine (rollout.engine 'jax_server' or "
                               "'sglang'): the in-process engine shares the trainer's devices and weight buffers, "
                               "got engine 'jax'")
-        if self.n_samples < 1:
-            raise ConfigError(f"rollout.n_samples: must be >= 1, got {self.n_samples}")
-        for name in ("num_slots", "steps_per_call", "max_prompt_len", "max_response_len"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"rollout.{name}: must be >= 1, got {getattr(self, name)}")
-        if self.seed < 0:
-            raise ConfigError(f"rollout.seed: must be >= 0, got {self.seed}")
-        for i, z in enumerate(self.prefill_sizes):
-            if not (isinstance(z, int) and not isinstance(z, bool) and 1 <= z <= self.num_slots):
-                raise ConfigError(f"rollout.prefill_sizes[{i}]: must be an integer in [1, rollout.num_slots="
-                                  f"{self.num_slots}], got {z!r}")
-        if not (isinstance(self.prefill_chunk, int) and not isinstance(self.prefill_chunk, bool)
-                and self.prefill_chunk >= 0):
-            raise ConfigError(f"rollout.prefill_chunk: must be an integer >= 0 (0 = off), "
-                              f"got {self.prefill_chunk!r}")
-        _check_sampling("rollout", self.temperature, self.top_p, self.top_k)
-        if self.engine in ("sglang", "jax_server") and not (self.server_url or self.server_urls):
-            raise ConfigError(f"rollout.server_url: required (or rollout.server_urls) when rollout.engine is "
+        if self.engine in ("sglang", "jax_server") and not self.servers.all_urls():
+            raise ConfigError(f"rollout.servers.url: required (or rollout.servers.urls) when rollout.engine is "
                               f"'{self.engine}'")
-        urls = [("server_url", self.server_url), ("router_url", self.router_url)]
-        urls += [(f"server_urls[{i}]", u) for i, u in enumerate(self.server_urls)]
-        for name, url in urls:
-            if url is not None and not (isinstance(url, str) and url.startswith(("http://", "https://"))):
-                raise ConfigError(f"rollout.{name}: expected an http(s):// URL, got {url!r}")
-        for name in ("max_concurrency", "max_retries", "keep_versions", "nccl_bucket_mb"):
-            if getattr(self, name) < (0 if name == "max_retries" else 1):
-                raise ConfigError(f"rollout.{name}: must be >= {0 if name == 'max_retries' else 1}, "
-                                  f"got {getattr(self, name)}")
-        for name in ("request_timeout_s", "sync_timeout_s", "sync_tol"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"rollout.{name}: must be > 0, got {getattr(self, name)}")
-        if not 0 <= self.nccl_master_port < 65536:
-            raise ConfigError(f"rollout.nccl_master_port: must be in [0, 65536), got {self.nccl_master_port}")
-        if self.zero_mismatch and self.engine == "sglang":
-            raise ConfigError("rollout.zero_mismatch: needs rollout.engine 'jax' or 'jax_server' (a "
+        s = self.sampling
+        if self.fidelity.zero_mismatch and self.engine == "sglang":
+            raise ConfigError("rollout.fidelity.zero_mismatch: needs rollout.engine 'jax' or 'jax_server' (a "
                               "launch/serve.py --zero-mismatch server); SGLang's kernels are not the trainer's, "
                               "got engine 'sglang'")
-        if self.zero_mismatch and (self.top_p < 1.0 or self.top_k != -1):
-            raise ConfigError(f"rollout.zero_mismatch: samples from the full distribution; needs "
-                              f"rollout.top_p 1 and rollout.top_k -1, got top_p {self.top_p}, top_k {self.top_k}")
+        if self.fidelity.zero_mismatch and (s.top_p < 1.0 or s.top_k != -1):
+            raise ConfigError(f"rollout.fidelity.zero_mismatch: samples from the full distribution; needs "
+                              f"rollout.sampling.top_p 1 and rollout.sampling.top_k -1, got top_p {s.top_p}, "
+                              f"top_k {s.top_k}")
+
+
+#: Where each flat key of the rollout section (before it was split by reader) lives now, under
+#: ``rollout``: the one table behind the moved-key errors, :func:`migrate_dict` (run dirs) and
+#: ``launch/migrate_config.py`` (config files, docs, tests)
+ROLLOUT_MOVED = {
+    **{k: f"sampling.{k}" for k in ("n_samples", "max_prompt_len", "max_response_len", "temperature",
+                                    "top_p", "top_k", "thinking", "seed")},
+    **{k: f"batching.{k}" for k in ("num_slots", "steps_per_call", "prefill_sizes", "prefill_chunk")},
+    "server_url": "servers.url", "server_urls": "servers.urls",
+    **{k: f"servers.{k}" for k in ("router_url", "api_key", "max_concurrency", "request_timeout_s",
+                                   "max_retries")},
+    "weight_sync": "sync.method", "weight_sync_dir": "sync.dir", "sync_timeout_s": "sync.timeout_s",
+    "sync_tol": "sync.tol",
+    **{k: f"sync.{k}" for k in ("keep_versions", "nccl_backend", "nccl_master_address",
+                                "nccl_master_port", "nccl_bucket_mb")},
+    **{k: f"fidelity.{k}" for k in ("routing_replay", "zero_mismatch")},
+}
+
 
 
 @dataclasses.dataclass(frozen=True)
@@ -524,11 +630,11 @@ AGENTIC_DOMAINS = {"lookup": "tool_call", "swe": "swe"}
 class AgenticConfig:
     """Multi-turn rollouts (``cascade_jax.agentic``, docs/agentic.md §8): with ``env`` set a GRPO
     stage draws its rollouts as episodes of that environment (``lookup``: the tiny tool domain,
-    ``swe``: the OpenHands-style SWE loop), ``data.batch_prompts`` tasks × ``rollout.n_samples``
+    ``swe``: the OpenHands-style SWE loop), ``data.batch_prompts`` tasks × ``rollout.sampling.n_samples``
     episodes per step, tasks generated from the step's key (``task_args`` go to the generator,
     e.g. ``{"n_keys": 4}``). Per episode at most ``max_turns`` assistant turns of
-    ``max_new_tokens`` each (0 = ``rollout.max_response_len``) and ``rollout.max_prompt_len +
-    rollout.max_response_len`` tokens in the row; ``end_on_length``: a cut turn ends the
+    ``max_new_tokens`` each (0 = ``rollout.sampling.max_response_len``) and ``rollout.sampling.max_prompt_len +
+    rollout.sampling.max_response_len`` tokens in the row; ``end_on_length``: a cut turn ends the
     episode; ``tool_workers`` threads run environment steps; ``keep_cache``: the engine (embedded,
     or JAX rollout servers with ``--keep-sessions``) keeps each episode's cache between turns
     and prefills only the new tokens."""
@@ -548,7 +654,7 @@ class AgenticConfig:
             if getattr(self, name) < 1:
                 raise ConfigError(f"agentic.{name}: must be >= 1, got {getattr(self, name)}")
         if self.max_new_tokens < 0:
-            raise ConfigError(f"agentic.max_new_tokens: must be >= 0 (0 = rollout.max_response_len), "
+            raise ConfigError(f"agentic.max_new_tokens: must be >= 0 (0 = rollout.sampling.max_response_len), "
                               f"got {self.max_new_tokens}")
 
 
@@ -592,10 +698,20 @@ class Config:
                               f"lists the released datasets)")
 
 
-#: keys that were fields once: ``{section class: (section name, {key: message(section, value)})}``;
+def _moved(old: str, new: str) -> str:
+    return (f"{old} moved to {new} (the rollout section is split by reader; "
+            f"python launch/migrate_config.py FILE... rewrites config files and run dirs)")
+
+
+#: keys that were fields once: ``{section class: (section name, {key: message(path, value)})}``;
 #: a config that still sets one gets an error saying what to write instead
-_REMOVED_KEYS = {RolloutConfig: ("rollout", {"greedy": _removed_greedy}),
-                 EvalConfig: ("eval", {"greedy": _removed_greedy})}
+_REMOVED_KEYS = {
+    RolloutConfig: ("rollout", {
+        "greedy": lambda path, v: _removed_greedy(path, v, f"{path}.sampling.temperature"),
+        **{k: (lambda path, v, k=k, new=new: _moved(f"{path}.{k}", f"{path}.{new}"))
+           for k, new in ROLLOUT_MOVED.items()}}),
+    EvalConfig: ("eval", {"greedy": _removed_greedy}),
+}
 
 
 def _check_removed(cls, key: str, value: Any, path: str = "") -> None:
@@ -604,19 +720,60 @@ def _check_removed(cls, key: str, value: Any, path: str = "") -> None:
         raise ConfigError(removed[key](path or section, value))
 
 
+def _drop_greedy(section: dict) -> None:
+    """Drop a stored section's removed ``greedy`` (lossless: with ``greedy`` true the old
+    validation already required ``temperature`` 0, read before any key moves)."""
+    if "greedy" in section and not (section["greedy"] and section.get("temperature", 1.0) != 0):
+        del section["greedy"]  # else: not a config this code ever wrote, left for validation to refuse
+
+
+def migrate_rollout(rollout: dict) -> tuple[dict, list]:
+    """A stored ``rollout`` section in today's layout: each flat key of :data:`ROLLOUT_MOVED`
+    moved into its section, and the removed ``greedy`` dropped. Returns the new dict and the
+    ``(old key, new key)`` pairs moved (dotted, under ``rollout``)."""
+    out, moved = copy.deepcopy(rollout), []
+    _drop_greedy(out)
+    for old, new in ROLLOUT_MOVED.items():
+        if old not in out:
+            continue
+        section, leaf = new.split(".")
+        node = out.setdefault(section, {})
+        if not isinstance(node, dict) or leaf in node:
+            raise ConfigError(f"rollout.{old}: cannot move to rollout.{new}, which is set as well")
+        node[leaf] = out.pop(old)
+        moved.append((f"rollout.{old}", f"rollout.{new}"))
+    return out, moved
+
+
 def migrate_dict(d: dict) -> dict:
-    """A stored config dict (a run dir's ``run_config.json``) written by an older version, in
-    today's layout: the removed ``rollout.greedy`` / ``eval.greedy`` are dropped (lossless: with
-    ``greedy`` true the old validation already required ``temperature`` 0). A new dict."""
+    """A stored config dict (a run dir's ``run_config.json``, a config file) written by an older
+    version, in today's layout: the flat rollout keys moved into their sections
+    (:func:`migrate_rollout`, :data:`ROLLOUT_MOVED`), the removed ``rollout.greedy`` /
+    ``eval.greedy`` dropped and a missing ``agentic`` section added. A new dict."""
     out = copy.deepcopy(d)
     out.setdefault("agentic", to_dict(AgenticConfig()))  # written before the section existed
-    for section in ("rollout", "eval"):
-        sec = out.get(section)
-        if isinstance(sec, dict) and "greedy" in sec:
-            if sec["greedy"] and sec.get("temperature", 1.0) != 0:
-                continue  # not a config this code ever wrote: left for the comparison to refuse
-            del sec["greedy"]
+    if isinstance(out.get("rollout"), dict):
+        out["rollout"] = migrate_rollout(out["rollout"])[0]
+    if isinstance(out.get("eval"), dict):
+        _drop_greedy(out["eval"])
     return out
+
+
+def migrate_override(item: str) -> str:
+    """A ``KEY=VALUE`` override with a moved key (:data:`ROLLOUT_MOVED`) written at its new key;
+    others unchanged. For stored records that never change once run (a study's declared
+    ``overrides``, fingerprinted in ``launch/studies/ledger.json``)."""
+    key, sep, value = item.partition("=")
+    section, _, leaf = key.strip().partition(".")
+    if section == "rollout" and leaf in ROLLOUT_MOVED:
+        return f"rollout.{ROLLOUT_MOVED[leaf]}{sep}{value}"
+    return item
+
+
+def moved_keys(d: dict) -> list:
+    """The ``(old key, new key)`` pairs :func:`migrate_dict` moves in config dict ``d``."""
+    r = d.get("rollout")
+    return migrate_rollout(r)[1] if isinstance(r, dict) else []
 
 
 # --------------------------------------------------------------------------------------------
@@ -683,6 +840,13 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
     raise ConfigError(f"{path}: unsupported field type {tp!r}")
 
 
+def _names(e: ConfigError, path: str) -> bool:
+    """Whether the message of ``e`` already starts with a dotted path that contains ``path`` (a
+    section's own check names its full path, ``rollout.sampling.top_p: ...``)."""
+    head = str(e).split(":", 1)[0].split(" ", 1)[0]
+    return f".{path}" in f".{head}"
+
+
 def from_dict(cls, d: dict, *, _path: str = ""):
     """Build dataclass ``cls`` from a (nested) dict; unknown keys and ill-typed values raise
     :class:`ConfigError` naming the dotted path and listing the valid keys."""
@@ -702,7 +866,7 @@ def from_dict(cls, d: dict, *, _path: str = ""):
     try:
         return cls(**kwargs)
     except ConfigError as e:
-        if _path and not str(e).startswith(_path):
+        if _path and not _names(e, _path):
             raise ConfigError(f"{_path}: {e}") from None
         raise
 
@@ -804,7 +968,9 @@ def replace_path(cfg, path: str, value: Any, *, _prefix: str = ""):
     try:
         return type(cfg)(**d)
     except ConfigError as e:
-        raise ConfigError(f"{_prefix[:-1] + ': ' if _prefix else ''}{e}") from None
+        if _prefix and not _names(e, _prefix[:-1]):
+            raise ConfigError(f"{_prefix[:-1]}: {e}") from None
+        raise
 
 
 def apply_overrides(cfg, overrides: Sequence[str]):
@@ -812,7 +978,7 @@ def apply_overrides(cfg, overrides: Sequence[str]):
 
     All overrides are merged first and the result validated once, so fields that are checked
     together (``model.preset`` with ``data.sources``, ``rollout.engine`` with
-    ``rollout.server_urls``) can be changed in any order."""
+    ``rollout.servers.urls``) can be changed in any order."""
     d = copy.deepcopy(to_dict(cfg))  # to_dict shares mapping fields with ``cfg``
     for item in overrides:
         if "=" not in item:

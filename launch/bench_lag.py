@@ -39,9 +39,10 @@ def _config(path: pathlib.Path, run_dir: pathlib.Path, hub: pathlib.Path, url: s
     cfg = {
         "model": {"preset": "tiny", "dtype": "float32", "checkpoint": str(hub)},
         "optimizer": {"lr": 1e-3, "grad_clip": 1.0},
-        "rollout": {"engine": "jax_server", "server_url": url, "weight_sync": "disk",
-                    "n_samples": a.n_samples, "max_prompt_len": 64, "max_response_len": a.response_len,
-                    "thinking": True, "num_slots": a.slots, "steps_per_call": 8, "max_policy_lag": lag},
+        "rollout": {"engine": "jax_server", "servers": {"url": url}, "sync": {"method": "disk"},
+                    "sampling": {"n_samples": a.n_samples, "max_prompt_len": 64,
+                                 "max_response_len": a.response_len, "thinking": True},
+                    "batching": {"num_slots": a.slots, "steps_per_call": 8}, "max_policy_lag": lag},
         "data": {"domains": ["structured_output", "math"], "batch_prompts": a.batch_prompts,
                  "tiny_rows_per_domain": 256},
         "stage": {"name": f"bench_lag{lag}", "objective": "grpo", "steps": a.steps},

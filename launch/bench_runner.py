@@ -38,8 +38,8 @@ def tiny_grpo_config(run_dir: str, steps: int) -> C.Config:
     return C.from_dict(C.Config, {
         "model": {"preset": "tiny", "dtype": "float32"},
         "optimizer": {"lr": 1e-3},
-        "rollout": {"n_samples": 4, "max_prompt_len": 64, "max_response_len": 24, "thinking": True,
-                    "num_slots": 32},
+        "rollout": {"sampling": {"n_samples": 4, "max_prompt_len": 64, "max_response_len": 24, "thinking": True},
+                    "batching": {"num_slots": 32}},
         "data": {"domains": ["math"], "batch_prompts": 8, "tiny_rows_per_domain": 256},
         "stage": {"name": "bench", "objective": "grpo", "steps": steps},
         "eval": {"every": -1},
@@ -81,7 +81,7 @@ def bench_overhead(steps: int) -> dict:
             ro = parts.rl.engine.generate(reqs)
             rewards = st._score(prompts, ro).reshape(-1)
             batch = pack_rollouts(ro, rewards, layout="padded",
-                                  seq_len=cfg.rollout.max_prompt_len + cfg.rollout.max_response_len)
+                                  seq_len=cfg.rollout.sampling.max_prompt_len + cfg.rollout.sampling.max_response_len)
             batch = batch.replace(policy_version=jnp.full(rewards.shape, i, jnp.int32))
             state, m = parts.train_step(state, batch)
             jax.block_until_ready(m)

@@ -74,11 +74,11 @@ def resolve(args) -> tuple[C.Config, pathlib.Path | None]:
             raise E.InputFileError(f"--config {args.config}: cannot read ({e})") from None
     elif run_dir is not None:
         try:
-            cfg = C.from_dict(C.Config, json.loads((run_dir / "run_config.json").read_text()))
+            cfg = C.from_dict(C.Config, C.migrate_dict(json.loads((run_dir / "run_config.json").read_text())))
         except (OSError, json.JSONDecodeError) as e:
             raise E.InputFileError(f"{run_dir}/run_config.json: cannot read ({e})") from None
     else:
-        cfg = C.Config(rollout=C.RolloutConfig(max_prompt_len=128, max_response_len=48),
+        cfg = C.Config(rollout=C.RolloutConfig(sampling=C.SamplingSection(max_prompt_len=128, max_response_len=48)),
                        data=C.DataConfig(domains=tuple(D.DOMAINS)))
     sets = [("model.checkpoint", hub), ("model.preset", cfg.model.preset)]
     if args.domains:
@@ -93,7 +93,7 @@ def resolve(args) -> tuple[C.Config, pathlib.Path | None]:
     if args.greedy:
         sets += [("eval.temperature", 0.0)]
     if args.thinking:
-        sets.append(("rollout.thinking", args.thinking == "on"))
+        sets.append(("rollout.sampling.thinking", args.thinking == "on"))
     # one validation pass over the final values (a single field may be invalid on its own)
     d = C.to_dict(cfg)
     for key, v in sets:

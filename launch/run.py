@@ -150,7 +150,7 @@ def resolve_config(args) -> C.Config:
 def run_demo(cfg: C.Config, out_dir: pathlib.Path) -> dict:
     """Build the model (tiny preset or a Hub checkpoint), export it as a Hub checkpoint, reload
     it, generate with the rollout engine of ``cfg.rollout`` (prefill + continuous-batching
-    decode; ``data.batch_prompts`` random prompts of varied lengths, ``rollout.n_samples`` each,
+    decode; ``data.batch_prompts`` random prompts of varied lengths, ``rollout.sampling.n_samples`` each,
     no stop token) and report tokens/s of the second, compiled, call."""
     import jax
     import jax.numpy as jnp
@@ -167,13 +167,13 @@ def run_demo(cfg: C.Config, out_dir: pathlib.Path) -> dict:
     mcfg, params = nh.load_checkpoint(str(ckpt), dtype=jnp.dtype(cfg.model.dtype))
     print(f"exported and reloaded Hub-layout checkpoint: {ckpt}")
 
-    r = cfg.rollout
+    r = cfg.rollout.sampling
     rng = np.random.default_rng(cfg.run.seed)
     lengths = np.arange(cfg.data.batch_prompts) % r.max_prompt_len // 2 + r.max_prompt_len // 2 + 1
     requests = [Request(prompt_ids=tuple(rng.integers(3, mcfg.vocab_size, int(n)).tolist()),
                         sampling=factory.sampling_params(r, seed=cfg.run.seed + 1 + i))
                 for i, n in enumerate(lengths)]
-    engine = factory.make_engine(r, model_cfg=mcfg, params=params)
+    engine = factory.make_engine(cfg.rollout, model_cfg=mcfg, params=params)
     t0 = time.perf_counter()
     engine.generate(requests)
     compile_s = time.perf_counter() - t0

@@ -16,6 +16,7 @@ command it starts, so a test's Ctrl-C is the one a user at a terminal sends."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import fcntl
 import json
 import os
@@ -30,11 +31,13 @@ from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 
+from cascade_jax.config import merge
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 _CACHE: dict = {}
 
 #: shapes shared by the runner tests (one compile per program across the session)
-ROLLOUT = {"n_samples": 4, "max_prompt_len": 64, "max_response_len": 24, "thinking": True}
+ROLLOUT = {"sampling": {"n_samples": 4, "max_prompt_len": 64, "max_response_len": 24, "thinking": True}}
 
 
 def tiny_stage_model() -> dict:
@@ -44,20 +47,19 @@ def tiny_stage_model() -> dict:
 
 def write_config(path: pathlib.Path, objective: str, run_dir: pathlib.Path, *, steps: int,
                  domains=("structured_output",), **sections) -> pathlib.Path:
-    """A tiny-preset stage config at ``path``; ``sections`` update the defaults per section."""
+    """A tiny-preset stage config at ``path``; ``sections`` laid over the defaults
+    (:func:`cascade_jax.config.merge`: mappings key by key, e.g. ``rollout={"sampling": {...}}``)."""
     cfg = {
         "model": {"preset": "tiny", "dtype": "float32"},
         "optimizer": {"lr": 2e-3, "grad_clip": 1.0},
-        "rollout": dict(ROLLOUT),
+        "rollout": copy.deepcopy(ROLLOUT),
         "data": {"domains": list(domains), "batch_prompts": 4, "batch_rows": 8, "seq_len": 256,
                  "tiny_rows_per_domain": 256},
         "stage": {"name": f"test_{objective}", "objective": objective, "steps": steps},
         "eval": {"every": -1, "prompts": 8, "k": 2},
         "run": {"out_dir": str(run_dir)},
     }
-    for sec, vals in sections.items():
-        cfg.setdefault(sec, {}).update(vals)
-    path.write_text(json.dumps(cfg, indent=1))
+    path.write_text(json.dumps(merge(cfg, sections), indent=1))
     return path
 
 

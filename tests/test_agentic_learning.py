@@ -5,7 +5,7 @@ keys of ``k00 … k03`` per table, prompts without the tool spec. Warm start: th
 ``SFT_STEPS`` steps on ``lookup_sft_rows(copy=0.5)`` — the canonical two-turn format, half the
 rows answering the tool's code and half a uniform guess, so the warm start calls the tool and
 answers in the format with some (not full) copying. Then the config's ``stage.steps`` (30) steps
-(``data.batch_prompts`` 8 tasks × ``rollout.n_samples`` 8 episodes each, reward 1 iff the final
+(``data.batch_prompts`` 8 tasks × ``rollout.sampling.n_samples`` 8 episodes each, reward 1 iff the final
 answer is the code and the tool was called).
 
 Claim: the held-out score (``eval.prompts`` 32 tasks × ``eval.k`` 4 episodes, seed

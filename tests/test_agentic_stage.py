@@ -71,8 +71,8 @@ def _config(tmp_path, **agentic):
     return C.from_dict(C.Config, {
         "model": {"preset": "tiny", "dtype": "float32", "overrides": {"pattern": "ME*"}},
         "optimizer": {"lr": 1e-3, "grad_clip": 1.0},
-        "rollout": {"n_samples": N, "max_prompt_len": 64, "max_response_len": 64,
-                    "thinking": False, "num_slots": 4, "steps_per_call": 4, "prefill_sizes": [4]},
+        "rollout": {"sampling": {"n_samples": N, "max_prompt_len": 64, "max_response_len": 64, "thinking": False},
+                    "batching": {"num_slots": 4, "steps_per_call": 4, "prefill_sizes": [4]}},
         "data": {"domains": ["tool_call"], "batch_prompts": G, "tiny_rows_per_domain": 16},
         "agentic": {"env": "lookup", "max_turns": TURNS, "max_new_tokens": 8,
                     "end_on_length": False, "tool_workers": 2, **agentic},
@@ -167,7 +167,7 @@ def test_agentic_config_checks(tmp_path):
     with pytest.raises(C.ConfigError, match=r"agentic.keep_cache: needs the embedded engine or JAX "
                                             r"rollout servers"):
         C.from_dict(C.Config, {"data": {"domains": ["tool_call"]}, "stage": {"objective": "grpo"},
-                     "rollout": {"engine": "sglang", "server_url": "http://x:1"},
+                     "rollout": {"engine": "sglang", "servers": {"url": "http://x:1"}},
                      "agentic": {"env": "lookup", "keep_cache": True}})
     cfg = C.load(ROOT / "configs" / "tiny" / "agentic_tool.json")
     assert cfg.agentic.env == "lookup" and cfg.data.domains == ("tool_call",)
@@ -179,7 +179,7 @@ def test_agentic_config_checks(tmp_path):
         env = SWEEnv()
         reset = env.reset(t)
         env.close()
-        assert len(r.prompt_ids(list(reset.messages), reset.tools)) < swe.rollout.max_prompt_len
+        assert len(r.prompt_ids(list(reset.messages), reset.tools)) < swe.rollout.sampling.max_prompt_len
     with pytest.raises(ValueError, match=r"agentic.task_args: .*n_kays"):
         agentic_stage.step_tasks(dataclasses.replace(
             cfg, agentic=dataclasses.replace(cfg.agentic, task_args={"n_kays": 3})), 2, 0)
@@ -242,10 +242,10 @@ def test_swe_agent_config_runs_a_step(tmp_path):
     1,664-token rows compile); the config's loading is in ``test_agentic_config_checks``."""
     cfg = C.load(ROOT / "configs" / "tiny" / "swe_agent.json")
     assert cfg.agentic.env == "swe" and cfg.data.domains == ("swe",)
-    T = cfg.rollout.max_prompt_len + cfg.rollout.max_response_len
+    T = cfg.rollout.sampling.max_prompt_len + cfg.rollout.sampling.max_response_len
+    cfg = C.replace_path(C.replace_path(cfg, "rollout.sampling.n_samples", 2), "rollout.batching.num_slots", 2)
     cfg = dataclasses.replace(
         cfg, data=dataclasses.replace(cfg.data, batch_prompts=1),
-        rollout=dataclasses.replace(cfg.rollout, n_samples=2, num_slots=2),
         agentic=dataclasses.replace(cfg.agentic, max_turns=2, max_new_tokens=8),
         run=dataclasses.replace(cfg.run, out_dir=str(tmp_path / "run")))
     stage = Stage(cfg, tmp_path / "run", B.build(cfg), log=lambda s: None)

@@ -18,8 +18,8 @@ from tests.runner_support import Child
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHORT = ["--set=stage.steps=2", "--set=eval.prompts=1", "--set=eval.k=1",
-         "--set=run.checkpoint_every=1", "--set=data.batch_prompts=2", "--set=rollout.n_samples=2",
-         "--set=rollout.max_response_len=16", "--set=data.batch_rows=2"]
+         "--set=run.checkpoint_every=1", "--set=data.batch_prompts=2", "--set=rollout.sampling.n_samples=2",
+         "--set=rollout.sampling.max_response_len=16", "--set=data.batch_rows=2"]
 STAGES = ["sft", "rlhf_teacher", "if_rl", "multi_domain_rl", "mopd", "rlhf", "long_context_rl",
           "code_rl", "swe_rl"]
 

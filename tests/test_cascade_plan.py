@@ -87,7 +87,7 @@ def test_tiny_stage_configs_share_shapes():
         assert cfg.data.domains == ref.data.domains  # same domains as the 30B stage
         assert cfg.stage.kl_coef == ref.stage.kl_coef and cfg.stage.is_correction == ref.stage.is_correction
         if cfg.stage.objective != "sft":
-            r = cfg.rollout
+            r = cfg.rollout.sampling
             shapes.add((r.max_prompt_len, r.max_response_len, cfg.data.batch_prompts * r.n_samples))
             assert r.max_prompt_len == (384 if "tool_call" in cfg.data.domains else 128), name
     assert len(shapes) == 2, shapes
@@ -110,7 +110,7 @@ def test_30b_stage_config_plans(name):
 
     cfg = P.load_stage_config(name, "nano-30b-a3b")
     obj = cfg.stage.objective
-    seq = cfg.data.seq_len if obj == "sft" else cfg.rollout.max_prompt_len + cfg.rollout.max_response_len
+    seq = cfg.data.seq_len if obj == "sft" else cfg.rollout.sampling.max_prompt_len + cfg.rollout.sampling.max_response_len
     args = (os.path.join(REPO, "launch", "plan.py"), "--preset=nano-30b-a3b", "--mesh=fsdp:8",
             f"--objective={obj}", f"--seq-len={seq}", "--json")
     if name == "sft":

@@ -119,10 +119,10 @@ def test_grpo_overrides_apply_to_grpo_runs_only():
     kw = dict(teachers=t, steps=4, eval_every=2, seed=0, overrides=spec.overrides,
               grpo_overrides=spec.grpo_overrides)
     m, g = S.method_config(base, "mopd", **kw), S.method_config(base, "grpo", **kw)
-    assert (g.rollout.n_samples, g.data.batch_prompts, g.optimizer.lr) == (8, 8, 5e-4)
-    assert (m.rollout.n_samples, m.data.batch_prompts) == (base.rollout.n_samples, base.data.batch_prompts)
+    assert (g.rollout.sampling.n_samples, g.data.batch_prompts, g.optimizer.lr) == (8, 8, 5e-4)
+    assert (m.rollout.sampling.n_samples, m.data.batch_prompts) == (base.rollout.sampling.n_samples, base.data.batch_prompts)
     assert m.optimizer == base.optimizer
-    assert m.rollout.n_samples * m.data.batch_prompts == g.rollout.n_samples * g.data.batch_prompts
+    assert m.rollout.sampling.n_samples * m.data.batch_prompts == g.rollout.sampling.n_samples * g.data.batch_prompts
 
 
 # --------------------------------------------------------------------------------------------

@@ -39,7 +39,7 @@ def test_unknown_section():
     ("stage.steps=1.5", "stage.steps: expected int"),
     ("stage.objective=ppo", "stage.objective: must be one of"),
     ("stage.loss_norm=row", "stage.loss_norm: must be one of"),
-    ("rollout.top_p=0", "rollout.top_p"),
+    ("rollout.sampling.top_p=0", "rollout.sampling.top_p"),
     ("mesh.tensor=0", "mesh.tensor"),
     ("data.tiny_near_miss_rate=1.5", "data.tiny_near_miss_rate: must be in \\[0, 1\\]"),
     ("optimizer=3", "optimizer: expected a mapping"),
@@ -53,11 +53,11 @@ def test_bad_overrides(override, match):
 
 def test_overrides_parse_json_values():
     cfg = C.apply_overrides(C.Config(), [
-        "optimizer.lr=2e-6", "stage.steps=52", "stage.objective=mopd", "rollout.thinking=false",
+        "optimizer.lr=2e-6", "stage.steps=52", "stage.objective=mopd", "rollout.sampling.thinking=false",
         "data.domains=[\"math\", \"mcq\"]", "model.overrides.dt_floor=0.001", "run.out_dir=/x/y",
     ])
     assert cfg.optimizer.lr == 2e-6 and cfg.stage.steps == 52 and cfg.stage.objective == "mopd"
-    assert cfg.rollout.thinking is False and cfg.data.domains == ("math", "mcq")
+    assert cfg.rollout.sampling.thinking is False and cfg.data.domains == ("math", "mcq")
     assert cfg.model.overrides == {"dt_floor": 0.001} and cfg.run.out_dir == "/x/y"
     # int given for a float field is accepted and widened
     assert C.apply_overrides(cfg, ["optimizer.lr=1"]).optimizer.lr == 1.0
@@ -75,7 +75,7 @@ def test_configs_are_immutable_and_hashable_sections():
 
 
 def test_cross_field_validation():
-    with pytest.raises(C.ConfigError, match="rollout.server_url"):
+    with pytest.raises(C.ConfigError, match="rollout.servers.url"):
         C.from_dict(C.Config, {"rollout": {"engine": "sglang"}})
     with pytest.raises(C.ConfigError, match="at most one axis"):
         C.MeshConfig(data=-1, fsdp=-1)
@@ -101,10 +101,10 @@ def test_paper_scale_preset_needs_real_data_sources():
 
 
 def test_overrides_are_validated_together_in_any_order():
-    want = ["rollout.server_urls=[\"http://h:1\"]", "rollout.engine=jax_server"]
+    want = ["rollout.servers.urls=[\"http://h:1\"]", "rollout.engine=jax_server"]
     for order in (want, want[::-1]):
         cfg = C.apply_overrides(C.Config(), order)
-        assert cfg.rollout.engine == "jax_server" and cfg.rollout.server_urls == ("http://h:1",)
+        assert cfg.rollout.engine == "jax_server" and cfg.rollout.servers.urls == ("http://h:1",)
     with pytest.raises(C.ConfigError, match="unknown key 'rollout.enginez'"):
         C.apply_overrides(C.Config(), ["rollout.enginez=jax"])
     with pytest.raises(C.ConfigError, match="'optimizer.lr' is a value, not a section"):
@@ -116,7 +116,8 @@ def test_tiny_stages_compose_to_their_values_before_the_base():
     loads to the same config as the stand-alone file it replaced (``fixtures/...``: the nine
     files as they were before the base existed), except the checkpoint cadence, which the
     preemption-safe defaults set afterwards on purpose (:data:`runner.loop.BOOKKEEPING_KEYS`).
-    Both sides go through today's defaults, so a field added later compares equal."""
+    Both sides go through today's defaults, so a field added later compares equal, and the
+    fixture's old layout (the flat ``rollout`` keys) through :func:`cascade_jax.config.migrate_dict`."""
     before = json.loads((REPO / "tests" / "fixtures" / "tiny_stages_before_base.json").read_text())
     tiny = [n for n in configs.stage_names() if n.startswith("tiny/")]
     assert set(before) <= set(tiny) and "tiny/base" not in tiny
@@ -124,7 +125,7 @@ def test_tiny_stages_compose_to_their_values_before_the_base():
         assert json.loads(configs.stage_path(name).read_text())["base"] == "base.json", name
     cadence = ("checkpoint_every", "checkpoint_every_s")
     for name in before:
-        want = C.to_dict(C.from_dict(C.Config, before[name]))
+        want = C.to_dict(C.from_dict(C.Config, C.migrate_dict(before[name])))
         got = C.to_dict(C.load(str(configs.stage_path(name))))
         for d in (want, got):
             for k in cadence:

@@ -22,8 +22,8 @@ TOK = tiny_tokenizer()
 
 
 def _cfg(*more):
-    return C.apply_overrides(C.Config(), ["data.batch_prompts=24", "rollout.n_samples=4",
-                                          "rollout.max_prompt_len=512", "data.tiny_rows_per_domain=64",
+    return C.apply_overrides(C.Config(), ["data.batch_prompts=24", "rollout.sampling.n_samples=4",
+                                          "rollout.sampling.max_prompt_len=512", "data.tiny_rows_per_domain=64",
                                           *more])
 
 
@@ -37,7 +37,7 @@ def test_domain_ids_are_one_table():
 
 
 def test_batch_contents_render_and_expand():
-    cfg = _cfg("data.oversample=1.5", 'data.domains=["math", "mcq", "tool_call"]', "rollout.thinking=false")
+    cfg = _cfg("data.oversample=1.5", 'data.domains=["math", "mcq", "tool_call"]', "rollout.sampling.thinking=false")
     pb = next(prompt_batches(cfg, TOK))
     P = math.ceil(24 * 1.5)
     assert len(pb) == P and pb.tokens.shape == (P, 512) and pb.n_samples == 4 and pb.step == 0
@@ -75,7 +75,7 @@ def test_mixing_weights_55_30_15():
     # the paper's stage config with its data swapped for the built-in tiny rows (weights kept)
     cfg = C.apply_overrides(cfg, ["model.preset=tiny", 'data.sources=[{"format": "tiny"}]',
                                   "data.batch_prompts=128",
-                                  "rollout.max_prompt_len=512", "data.tiny_rows_per_domain=64"])
+                                  "rollout.sampling.max_prompt_len=512", "data.tiny_rows_per_domain=64"])
     it = prompt_batches(cfg, TOK)
     assert it.weights == {"mcq": 0.55, "tool_call": 0.30, "structured_output": 0.15}
     counts = Counter(d for _ in range(40) for d in next(it).domains)
@@ -180,8 +180,8 @@ def test_missing_domain_empty_source_and_overlong_prompts(tmp_path):
     rows = _rl_rows()
     rows[3]["question"]["text"] = "very long " * 200
     write_jsonl(rows, tmp_path / "long.jsonl")
-    it = prompt_batches(_jsonl_cfg(tmp_path / "long.jsonl", "rollout.max_prompt_len=64"), TOK)
+    it = prompt_batches(_jsonl_cfg(tmp_path / "long.jsonl", "rollout.sampling.max_prompt_len=64"), TOK)
     ids = [r for _ in range(4) for r in next(it).row_ids]  # two epochs of the 9 usable rows
     assert "q3" not in ids and it.stats["overlong"] == 2 and len(set(ids)) == 9
     with pytest.raises(DataError, match="no prompt of its 10 fits"):
-        next(prompt_batches(_jsonl_cfg(tmp_path / "long.jsonl", "rollout.max_prompt_len=4"), TOK))
+        next(prompt_batches(_jsonl_cfg(tmp_path / "long.jsonl", "rollout.sampling.max_prompt_len=4"), TOK))

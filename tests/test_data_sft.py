@@ -334,7 +334,7 @@ def test_bench_packing_reports_ffd_and_baseline():
 @pytest.mark.parametrize("thinking", [True, False])
 def test_tiny_sft_rows_match_the_rollout_thinking_mode(thinking):
     """Tiny SFT turns have the shape RL prompts of the same mode open and the scorer grades."""
-    cfg = C.apply_overrides(C.Config(), [f"rollout.thinking={str(thinking).lower()}", 'data.domains=["math"]',
+    cfg = C.apply_overrides(C.Config(), [f"rollout.sampling.thinking={str(thinking).lower()}", 'data.domains=["math"]',
                                          "data.seq_len=256", "data.batch_rows=1"])
     b = next(sft_batches(cfg, TOK))
     text = TOK.decode(b.tokens[0][b.segment_ids[0] == 1])

@@ -40,7 +40,7 @@ def test_evaluate_counts_every_sample_and_changes_nothing(tiny_cfg, tiny_params)
     params = tiny_params(cfg)
     tok = data.tiny_tokenizer()
     config = C.from_dict(C.Config, {"data": {"domains": ["math"]}, "eval": {"prompts": 3, "k": 2},
-                                    "rollout": {"max_prompt_len": 64, "max_response_len": 12}})
+                                    "rollout": {"sampling": {"max_prompt_len": 64, "max_response_len": 12}}})
     prompts = E.heldout_prompts(config, tok, ["math"])
     assert len(prompts) == 3
     kw = dict(k=2, max_new_tokens=12, temperature=1.0, seed=5)

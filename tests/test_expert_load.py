@@ -125,8 +125,8 @@ def test_runner_metrics_carry_expert_load(tmp_path, tiny_cfg):
     cfg = C.from_dict(C.Config, {
         "model": {"preset": "tiny", "dtype": "float32"},
         "optimizer": {"lr": 2e-3},
-        "rollout": {"n_samples": 2, "max_prompt_len": 64, "max_response_len": 4, "num_slots": 4,
-                    "steps_per_call": 4},
+        "rollout": {"sampling": {"n_samples": 2, "max_prompt_len": 64, "max_response_len": 4},
+                    "batching": {"num_slots": 4, "steps_per_call": 4}},
         "data": {"domains": ["structured_output"], "batch_prompts": 2, "tiny_rows_per_domain": 32},
         "stage": {"name": "expert_load", "objective": "grpo", "steps": 1},
         "eval": {"every": -1},

@@ -11,13 +11,13 @@ def _run(launch_run):
 
 
 def test_demo_runs(tmp_path, _run):
-    r = _run("--stage=demo", f"--set=run.out_dir={tmp_path}", "--set=rollout.max_response_len=6",
-             "--set=rollout.n_samples=2")
+    r = _run("--stage=demo", f"--set=run.out_dir={tmp_path}", "--set=rollout.sampling.max_response_len=6",
+             "--set=rollout.sampling.n_samples=2")
     assert r.returncode == 0, r.stderr
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["new_tokens"] == 2 * 2 * 6 and report["decode_tokens_per_s"] > 0
     assert (tmp_path / "checkpoint" / "model.safetensors").exists()
-    assert json.loads((tmp_path / "run_config.json").read_text())["rollout"]["n_samples"] == 2
+    assert json.loads((tmp_path / "run_config.json").read_text())["rollout"]["sampling"]["n_samples"] == 2
 
 
 def test_bad_key_and_stage(_run):

@@ -136,8 +136,8 @@ def test_rl_prompts_all_too_long_exit_3_and_write_nothing(tmp_path, tmp_path_fac
     r = _run(tmp_path_factory, "run.py", "--stage=tiny/multi_domain_rl", f"--run-dir={run}",
              "--no-progress", '--set=data.sources=[{"path": "%s", "format": "jsonl"}]' % src,
              '--set=data.domains=["math"]', "--set=data.domain_weights={}",
-             "--set=rollout.max_prompt_len=8", timeout=120)
-    _one_error(r, 3, "domain math", "rollout.max_prompt_len = 8")
+             "--set=rollout.sampling.max_prompt_len=8", timeout=120)
+    _one_error(r, 3, "domain math", "rollout.sampling.max_prompt_len = 8")
     assert not run.exists()
 
 
@@ -480,8 +480,8 @@ def test_rl_temperature_zero_names_the_field_without_a_refused_switch():
     from cascade_jax.runner.errors import ConfigError
 
     cfg = C.load(str(ROOT / "configs" / "tiny" / "multi_domain_rl.json"))
-    cfg = C.replace_path(cfg, "rollout.temperature", 0.0)
-    with pytest.raises(ConfigError, match=r"rollout.temperature: RL needs sampling") as e:
+    cfg = C.replace_path(cfg, "rollout.sampling.temperature", 0.0)
+    with pytest.raises(ConfigError, match=r"rollout.sampling.temperature: RL needs sampling") as e:
         B.validate(cfg)
     assert "greedy" not in str(e.value).replace("0 is greedy decoding", "")
 

@@ -24,7 +24,8 @@ from tests.runner_support import (Child, assert_same_state, checkpoint_state, cl
 
 STEPS = 3
 ENGINE = {"num_slots": 8, "steps_per_call": 8, "prefill_sizes": [1]}
-ROLL = {"n_samples": 2, "max_prompt_len": 64, "max_response_len": 12, "thinking": True, **ENGINE}
+SAMPLING = {"n_samples": 2, "max_prompt_len": 64, "max_response_len": 12, "thinking": True}
+ROLL = {"sampling": SAMPLING, "batching": ENGINE}
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +41,7 @@ def runs(tmp_path_factory):
         nh.save_checkpoint(nh.init_params(cfg, jax.random.key(seed), np.float32), cfg, str(path))
         save_tokenizer(tiny_tokenizer(), path)
     extra = ["--num-slots", str(ENGINE["num_slots"]), "--steps-per-call", str(ENGINE["steps_per_call"]),
-             "--prefill-sizes", "1", "--max-len", str(ROLL["max_prompt_len"] + ROLL["max_response_len"]),
+             "--prefill-sizes", "1", "--max-len", str(SAMPLING["max_prompt_len"] + SAMPLING["max_response_len"]),
              "--no-warmup"]
     launcher = Launcher(serve_command(extra=extra), n=2, checkpoint=str(hub), weight_version="0",
                         env=cli_env(tmp_path_factory), log_dir=str(d), health_timeout_s=600)
@@ -49,8 +50,8 @@ def runs(tmp_path_factory):
         def config(name, url):
             return write_config(d / f"{name}.json", "mopd", d / name, steps=STEPS,
                                 domains=("structured_output", "math"),
-                                rollout={**ROLL, "engine": "jax_server", "server_url": url,
-                                         "weight_sync": "disk", "max_policy_lag": 1},
+                                rollout={**ROLL, "engine": "jax_server", "servers": {"url": url},
+                                         "sync": {"method": "disk"}, "max_policy_lag": 1},
                                 model={"checkpoint": str(hub)},
                                 stage={"teachers": {"structured_output": str(teacher), "math": str(teacher)},
                                        "is_correction": "icepop"},

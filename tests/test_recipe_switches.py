@@ -13,7 +13,7 @@ import pytest
 
 import cascade_jax.rl as rl
 import configs
-from cascade_jax.config import ConfigError, OptimizerConfig, RolloutConfig
+from cascade_jax.config import ConfigError, OptimizerConfig, RolloutConfig, ServersSection
 from cascade_jax.config import load as load_config
 from cascade_jax.runner.build import model_config
 
@@ -106,13 +106,14 @@ def test_optimizer_switch_errors(field, value, msg):
 
 
 def test_max_policy_lag_errors():
+    served = ServersSection(url="http://h:1")
     assert RolloutConfig().max_policy_lag == 0  # strictly on-policy by default (the paper)
     for bad in (2, -1):
         with pytest.raises(ConfigError, match="rollout.max_policy_lag: must be 0"):
-            RolloutConfig(engine="jax_server", server_url="http://h:1", max_policy_lag=bad)
+            RolloutConfig(engine="jax_server", servers=served, max_policy_lag=bad)
     with pytest.raises(ConfigError, match="rollout.max_policy_lag: 1 needs a served engine"):
         RolloutConfig(engine="jax", max_policy_lag=1)
-    assert RolloutConfig(engine="jax_server", server_url="http://h:1", max_policy_lag=1).max_policy_lag == 1
+    assert RolloutConfig(engine="jax_server", servers=served, max_policy_lag=1).max_policy_lag == 1
 
 
 @pytest.mark.parametrize("stage", ["sft", "if_rl", "multi_domain_rl", "mopd", "rlhf", "rlhf_teacher",

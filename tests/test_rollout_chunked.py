@@ -146,7 +146,7 @@ def test_prefill_chunk_bad_values_name_the_field(engines):
     with pytest.raises(ValueError, match="prefill_chunk: not supported by ExactEngine"):
         ExactEngine(ECFG, whole.params(), num_slots=2, max_len=64, prefill_chunk=8)
     for bad in (-1, 1.5, True):
-        with pytest.raises(C.ConfigError, match="rollout.prefill_chunk"):
+        with pytest.raises(C.ConfigError, match="rollout.batching.prefill_chunk"):
             C.from_dict(C.Config, {"rollout": {"prefill_chunk": bad}})
 
 

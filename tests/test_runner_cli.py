@@ -46,20 +46,20 @@ def test_exit_codes_are_distinct():
 def test_no_arguments_is_the_tiny_demo():
     cfg = R.resolve_config(R.parse_args([]))
     assert cfg.stage.objective == "demo" and cfg.model.preset == "tiny"
-    assert cfg.rollout.max_prompt_len + cfg.rollout.max_response_len <= 64
-    assert cfg.data.batch_prompts * cfg.rollout.n_samples <= 16
+    assert cfg.rollout.sampling.max_prompt_len + cfg.rollout.sampling.max_response_len <= 64
+    assert cfg.data.batch_prompts * cfg.rollout.sampling.n_samples <= 16
 
 
 def test_config_errors(capsys, tmp_path):
     _fails(capsys, tmp_path, 2, ["unknown stage 'nope'", "tiny/sft"], "--stage=nope")
     _fails(capsys, tmp_path, 2, ["optimizer.lrr", "warmup_steps"], "--stage=tiny/sft",
            "--set=optimizer.lrr=1")
-    _fails(capsys, tmp_path, 2, ["rollout.temperature", "greedy"], "--stage=tiny/multi_domain_rl",
-           "--set=rollout.temperature=0")
-    _fails(capsys, tmp_path, 2, ["rollout.top_p", "(0, 1]"], "--stage=tiny/multi_domain_rl",
-           "--set=rollout.top_p=1.5")
-    _fails(capsys, tmp_path, 2, ["rollout.top_p"], "--stage=tiny/multi_domain_rl",
-           "--set=rollout.top_p=0")
+    _fails(capsys, tmp_path, 2, ["rollout.sampling.temperature", "greedy"], "--stage=tiny/multi_domain_rl",
+           "--set=rollout.sampling.temperature=0")
+    _fails(capsys, tmp_path, 2, ["rollout.sampling.top_p", "(0, 1]"], "--stage=tiny/multi_domain_rl",
+           "--set=rollout.sampling.top_p=1.5")
+    _fails(capsys, tmp_path, 2, ["rollout.sampling.top_p"], "--stage=tiny/multi_domain_rl",
+           "--set=rollout.sampling.top_p=0")
     # the paper-scale rollout lengths on the tiny model: refused up front, not OOM later
     _fails(capsys, tmp_path, 2, ["max_response_len", "max_position_embeddings"],
            "--stage=multi_domain_rl", "--preset=tiny")
@@ -133,10 +133,10 @@ def test_print_config_resolves_everything(capsys, tmp_path, hub):
 def test_subprocess_one_line_and_code(tmp_path):
     """The real process: exit code and a single stderr line (no traceback)."""
     r = subprocess.run([sys.executable, str(ROOT / "launch" / "run.py"), "--stage=tiny/sft",
-                        "--set=rollout.top_p=2", f"--run-dir={tmp_path}/r"],
+                        "--set=rollout.sampling.top_p=2", f"--run-dir={tmp_path}/r"],
                        capture_output=True, text=True, timeout=120,
                        env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"})
-    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "rollout.top_p" in r.stderr
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "rollout.sampling.top_p" in r.stderr
 
 
 def test_unreachable_rollout_server(capsys, tmp_path):
@@ -146,7 +146,7 @@ def test_unreachable_rollout_server(capsys, tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     _fails(capsys, tmp_path, 6, ["rollout server", f"127.0.0.1:{port}", "not reachable"],
-           "--stage=tiny/multi_domain_rl", f"--set=rollout.server_url=http://127.0.0.1:{port}",
+           "--stage=tiny/multi_domain_rl", f"--set=rollout.servers.url=http://127.0.0.1:{port}",
            "--set=rollout.engine=jax_server")
 
 

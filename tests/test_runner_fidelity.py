@@ -1,5 +1,5 @@
-"""Rollout fidelity reached through the stage runner: ``rollout.zero_mismatch`` and
-``rollout.routing_replay`` on a tiny GRPO stage (``run_stage`` in process).
+"""Rollout fidelity reached through the stage runner: ``rollout.fidelity.zero_mismatch`` and
+``rollout.fidelity.routing_replay`` on a tiny GRPO stage (``run_stage`` in process).
 
 With both on, every token is drawn from the trainer's own batch-invariant log-probs and the
 rollout's experts are replayed, so the logged step metrics must show ``mismatch_abs_max == 0``
@@ -21,8 +21,9 @@ def _config(run_dir, *, on: bool, dtype: str = "float32") -> C.Config:
     return C.from_dict(C.Config, {
         "model": {"preset": "tiny", "dtype": dtype},
         "optimizer": {"lr": 2e-3},
-        "rollout": {"n_samples": 2, "max_prompt_len": 64, "max_response_len": 6, "num_slots": 4,
-                    "steps_per_call": 6, "zero_mismatch": on, "routing_replay": on},
+        "rollout": {"sampling": {"n_samples": 2, "max_prompt_len": 64, "max_response_len": 6},
+                    "batching": {"num_slots": 4, "steps_per_call": 6},
+                    "fidelity": {"zero_mismatch": on, "routing_replay": on}},
         "data": {"domains": ["structured_output"], "batch_prompts": 2, "tiny_rows_per_domain": 32},
         "stage": {"name": "fidelity", "objective": "grpo", "steps": 2},
         "eval": {"every": -1},
@@ -49,7 +50,7 @@ def test_routing_replay_alone_logs_routing_and_keeps_the_decode_mismatch(tmp_pat
     """Routing replay with the cached decode in bf16: the engine's experts reach the batch (the
     routing metrics are logged) and, without zero-mismatch, the log-probs still differ."""
     cfg = C.replace_path(_config(tmp_path / "rr", on=False, dtype="bfloat16"),
-                         "rollout.routing_replay", True)
+                         "rollout.fidelity.routing_replay", True)
     run_stage(cfg, progress=False, log=lambda m: None)
     steps = _steps(tmp_path / "rr")
     assert len(steps) == 2
@@ -61,10 +62,12 @@ def test_routing_replay_alone_logs_routing_and_keeps_the_decode_mismatch(tmp_pat
 
 @pytest.mark.parametrize("field,value", [("top_p", 0.9), ("top_k", 5), ("engine", "sglang")])
 def test_zero_mismatch_rejects_unsupported_settings(field, value):
-    r = {"zero_mismatch": True, field: value}
+    r = {"fidelity": {"zero_mismatch": True}}
     if field == "engine":
-        r["server_url"] = "http://127.0.0.1:1"
-    with pytest.raises(C.ConfigError, match=f"rollout.zero_mismatch.*{field}"):
+        r.update(engine=value, servers={"url": "http://127.0.0.1:1"})
+    else:
+        r["sampling"] = {field: value}
+    with pytest.raises(C.ConfigError, match=f"rollout.fidelity.zero_mismatch.*{field}"):
         C.from_dict(C.Config, {"rollout": r})
 
 
@@ -75,13 +78,13 @@ def test_routing_replay_and_zero_mismatch_accept_served_engines():
     from models import nemotron_h as nh
 
     for engine in ("sglang", "jax_server"):
-        cfg = C.from_dict(C.Config, {"rollout": {"routing_replay": True, "engine": engine,
-                                                 "server_url": "http://127.0.0.1:1"}})
+        cfg = C.from_dict(C.Config, {"rollout": {"fidelity": {"routing_replay": True}, "engine": engine,
+                                                 "servers": {"url": "http://127.0.0.1:1"}}})
         client = make_engine(cfg.rollout, model_cfg=nh.preset("tiny"))
         try:
             assert client.routed_layout.moe_layers == tuple(i for i, c in enumerate(nh.preset("tiny").pattern)
                                                             if c == "E")
         finally:
             client.close()
-    C.from_dict(C.Config, {"rollout": {"zero_mismatch": True, "engine": "jax_server",
-                                       "server_url": "http://127.0.0.1:1"}})
+    C.from_dict(C.Config, {"rollout": {"fidelity": {"zero_mismatch": True}, "engine": "jax_server",
+                                       "servers": {"url": "http://127.0.0.1:1"}}})

@@ -153,7 +153,7 @@ def _child(config_path: str) -> None:
     if jax.device_count() > 1:  # a batch that does not split over the mesh's batch axes
         odd = C.replace_path(cfg, "data.batch_rows", 3)
         if cfg.stage.objective != "sft":  # 3 prompts x 3 samples
-            odd = C.replace_path(C.replace_path(cfg, "data.batch_prompts", 3), "rollout.n_samples", 3)
+            odd = C.replace_path(C.replace_path(cfg, "data.batch_prompts", 3), "rollout.sampling.n_samples", 3)
         try:
             B.build_mesh(odd)
         except B.ConfigError as e:

@@ -187,15 +187,15 @@ def test_packer_records_the_contract():
 def test_runner_requests_are_the_contract_with_a_seed():
     """What ``Stage._requests`` built before the contract, field for field: the engines read
     nothing else, so the tokens and log-probs of a run are unchanged."""
-    cfg = C.apply_overrides(C.Config(), ["rollout.temperature=0.6", "rollout.top_p=0.9",
-                                         "rollout.top_k=7", "rollout.n_samples=3",
-                                         "rollout.max_response_len=40"])
+    cfg = C.apply_overrides(C.Config(), ["rollout.sampling.temperature=0.6", "rollout.sampling.top_p=0.9",
+                                         "rollout.sampling.top_k=7", "rollout.sampling.n_samples=3",
+                                         "rollout.sampling.max_response_len=40"])
     tok = types.SimpleNamespace(eos_id=5)
     host = types.SimpleNamespace(config=cfg, tok=tok, state=types.SimpleNamespace(step=4),
                                  parts=types.SimpleNamespace(sampling=B.build_sampling(cfg, tok)))
     prompts = [types.SimpleNamespace(ids=[1, 2], domain="math", metadata={"a": 1})]
     (req,) = Stage._requests(host, prompts, [123])
-    r = cfg.rollout
+    r = cfg.rollout.sampling
     before = SamplingParams(max_new_tokens=r.max_response_len, temperature=r.temperature, top_p=r.top_p,
                             top_k=r.top_k, n=r.n_samples, seed=123, stop_token_ids=(tok.eos_id,))
     assert req.sampling == before and req.rid == "s4-123" and req.prompt_ids == (1, 2)
@@ -203,7 +203,7 @@ def test_runner_requests_are_the_contract_with_a_seed():
 
 def test_greedy_switch_is_gone_with_a_migration_message():
     with pytest.raises(C.ConfigError, match=r'rollout.greedy: removed; temperature 0 means greedy: write '
-                                            r'"rollout": \{"temperature": 0\}'):
+                                            r'"rollout": \{"sampling": \{"temperature": 0\}\}'):
         C.from_dict(C.Config, {"rollout": {"greedy": True, "temperature": 0.0}})
     with pytest.raises(C.ConfigError, match=r"eval.greedy: removed; eval.temperature alone sets the "
                                             r"sampling \(0 = greedy\): drop eval.greedy"):
@@ -212,7 +212,7 @@ def test_greedy_switch_is_gone_with_a_migration_message():
         C.apply_overrides(C.Config(), ["rollout.greedy=true"])
     with pytest.raises(C.ConfigError, match="eval.greedy: removed"):
         C.replace_path(C.Config(), "eval.greedy", True)
-    assert C.from_dict(C.Config, {"rollout": {"temperature": 0}}).rollout.temperature == 0.0
+    assert C.from_dict(C.Config, {"rollout": {"sampling": {"temperature": 0}}}).rollout.sampling.temperature == 0.0
 
 
 def test_run_dir_written_with_greedy_still_resumes(tmp_path):
@@ -223,6 +223,6 @@ def test_run_dir_written_with_greedy_still_resumes(tmp_path):
     (tmp_path / "run_config.json").write_text(json.dumps(old))
     (tmp_path / "checkpoints" / "1").mkdir(parents=True)  # a started run (runner.loop.started)
     assert check_run_dir(cfg, tmp_path) is True
-    other = C.replace_path(cfg, "rollout.temperature", 0.5)
-    with pytest.raises(RunDirError, match=r"differs in rollout.temperature\)"):
+    other = C.replace_path(cfg, "rollout.sampling.temperature", 0.5)
+    with pytest.raises(RunDirError, match=r"differs in rollout.sampling.temperature\)"):
         check_run_dir(other, tmp_path)

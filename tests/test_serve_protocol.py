@@ -175,9 +175,10 @@ def test_torch_peer_broadcasts_over_gloo_and_times_out():
 
 def test_config_builds_client_and_syncer(tiny, tmp_path):
     cfg, _ = tiny
-    rc = C.from_dict(C.RolloutConfig, {"engine": "jax_server", "server_urls": ["http://127.0.0.1:1", "http://127.0.0.1:2"],
-                                       "router_url": "http://127.0.0.1:3", "api_key": "k", "keep_versions": 3,
-                                       "max_concurrency": 5})
+    rc = C.from_dict(C.RolloutConfig, {"engine": "jax_server", "sync": {"keep_versions": 3},
+                                       "servers": {"urls": ["http://127.0.0.1:1", "http://127.0.0.1:2"],
+                                                   "router_url": "http://127.0.0.1:3", "api_key": "k",
+                                                   "max_concurrency": 5}})
     eng = make_engine(rc, model_cfg=cfg, sync_dir=str(tmp_path))
     try:
         assert isinstance(eng, ServerClient) and eng.urls == ["http://127.0.0.1:1", "http://127.0.0.1:2"]
@@ -185,21 +186,21 @@ def test_config_builds_client_and_syncer(tiny, tmp_path):
         assert isinstance(eng.syncer, DiskWeightSync) and eng.syncer.keep == 3
     finally:
         eng.close()
-    rc2 = C.from_dict(C.RolloutConfig, {"engine": "sglang", "server_url": "http://127.0.0.1:1", "weight_sync": "nccl",
-                                        "nccl_backend": "gloo", "nccl_bucket_mb": 8})
+    rc2 = C.from_dict(C.RolloutConfig, {"engine": "sglang", "servers": {"url": "http://127.0.0.1:1"},
+                                        "sync": {"method": "nccl", "nccl_backend": "gloo", "nccl_bucket_mb": 8}})
     eng = make_engine(rc2, model_cfg=cfg)
     try:
         assert isinstance(eng.syncer, NcclWeightSync) and eng.syncer.bucket_bytes == 8 << 20
     finally:
         eng.close()
-    for over, field in [({"engine": "sglang"}, "rollout.server_url"),
-                        ({"server_urls": ["localhost:1"]}, r"rollout.server_urls\[0\]"),
-                        ({"router_url": "ftp://x"}, "rollout.router_url"),
-                        ({"keep_versions": 0}, "rollout.keep_versions"),
-                        ({"sync_timeout_s": 0}, "rollout.sync_timeout_s"),
-                        ({"weight_sync": "rsync"}, "weight_sync")]:
-        with pytest.raises(C.ConfigError, match=field):
-            C.from_dict(C.RolloutConfig, over)
+    for over, field in [({"engine": "sglang"}, "rollout.servers.url: required"),
+                        ({"servers": {"urls": ["localhost:1"]}}, r"rollout.servers.urls\[0\]: expected"),
+                        ({"servers": {"router_url": "ftp://x"}}, "rollout.servers.router_url: expected"),
+                        ({"sync": {"keep_versions": 0}}, "rollout.sync.keep_versions: must be"),
+                        ({"sync": {"timeout_s": 0}}, "rollout.sync.timeout_s: must be"),
+                        ({"sync": {"method": "rsync"}}, "rollout.sync.method: must be one of")]:
+        with pytest.raises(C.ConfigError, match=f"^{field}"):
+            C.from_dict(C.Config, {"rollout": over})
 
 
 def test_client_fails_cleanly_when_no_server_answers():

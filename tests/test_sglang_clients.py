@@ -180,7 +180,7 @@ def test_slime_style_streaming_is_cumulative_and_matches_one_shot(server):
 
 
 def test_project_client_asks_for_and_decodes_routed_experts(server):
-    """``ServerClient(routed_experts=model_cfg)`` (what ``rollout.routing_replay`` builds for a
+    """``ServerClient(routed_experts=model_cfg)`` (what ``rollout.fidelity.routing_replay`` builds for a
     served engine): each sample carries ``routed_experts [P + R - 1, L_moe, K]``, the trainer's
     routing of its tokens (as top-k sets)."""
     from cascade_jax.rollout import Request, SamplingParams, ServerClient

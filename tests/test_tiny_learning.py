@@ -44,17 +44,15 @@ def _tiny_cfg(tmp, name, objective, steps, **sections):
     from cascade_jax import config as C
 
     d = {"model": tiny_stage_model(),
-         "rollout": {"n_samples": 8, "max_prompt_len": 48, "max_response_len": 16,
-                     "thinking": False},
+         "rollout": {"sampling": {"n_samples": 8, "max_prompt_len": 48, "max_response_len": 16,
+                                  "thinking": False}},
          "data": {"domains": ["structured_output"], "batch_prompts": 16, "batch_rows": 4,
                   "seq_len": 256, "tiny_rows_per_domain": 512,
                   "tiny_near_miss_rate": 0.0},  # SFT on the references: content, not slips
          "stage": {"name": name, "objective": objective, "steps": steps},
          "eval": {"every": steps, "prompts": 32, "k": 4},
          "run": {"out_dir": str(tmp / name)}}
-    for sec, vals in sections.items():
-        d.setdefault(sec, {}).update(vals)
-    return C.from_dict(C.Config, d)
+    return C.from_dict(C.Config, C.merge(d, sections))
 
 
 MOPD_DOMAINS = ("structured_output", "math")
@@ -119,7 +117,7 @@ def test_mopd_stage_pulls_each_domain_toward_its_teacher(tiny_sft, tmp_path_fact
                 "math": str(tiny_sft / "exports" / "step_40")}
     cfg = _tiny_cfg(d, "mopd", "mopd", MOPD_STEPS, model={"checkpoint": str(tiny_sft / "exports" / "step_20")},
                     data={"domains": list(MOPD_DOMAINS), "batch_prompts": 16},
-                    rollout={"n_samples": 2},
+                    rollout={"sampling": {"n_samples": 2}},
                     optimizer={"lr": 5e-4, "warmup_init_lr": 1e-4, "warmup_steps": 3, "grad_clip": 1.0},
                     stage={"teachers": teachers, "is_correction": "icepop"},
                     run={"out_dir": str(d / "run")})

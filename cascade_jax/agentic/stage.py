@@ -2,11 +2,11 @@
 
 With ``agentic.env`` set (docs/agentic.md §8) the runner's RL step draws, instead of one-shot
 prompt → response rollouts, ``G = data.batch_prompts`` tasks of the environment (generated from
-the step's key: :func:`step_tasks`) × ``n = rollout.n_samples`` episodes each through
+the step's key: :func:`step_tasks`) × ``n = rollout.sampling.n_samples`` episodes each through
 :func:`~cascade_jax.agentic.driver.run_episodes` on the stage's engine (the embedded engine, or
 served engines through :class:`~cascade_jax.agentic.driver.BlockingEngine`), then packs them
 (:func:`~cascade_jax.agentic.driver.pack_episodes`) into the padded ``[G·n, T]`` RLBatch the GRPO
-step consumes, ``T = rollout.max_prompt_len + rollout.max_response_len`` (one program):
+step consumes, ``T = rollout.sampling.max_prompt_len + rollout.sampling.max_response_len`` (one program):
 
 * ``loss_mask`` 1 only on the model's own sampled tokens of every turn (prompt, template
   context and tool results 0), ``rollout_logp`` the engine's sampling log-probs there;
@@ -59,7 +59,7 @@ def step_tasks(config: Config, n: int, seed: int) -> list:
 
 def episode_limits(config: Config) -> EpisodeLimits:
     """The episode limits of the stage (:class:`AgenticConfig` doc)."""
-    a, r = config.agentic, config.rollout
+    a, r = config.agentic, config.rollout.sampling
     return EpisodeLimits(max_turns=a.max_turns, max_tokens=r.max_prompt_len + r.max_response_len,
                          max_new_tokens=a.max_new_tokens or r.max_response_len,
                          end_on_length=a.end_on_length)
@@ -80,7 +80,7 @@ def draw_episodes(config: Config, engine, renderer: ChatRenderer, tasks: list, *
                             temperature=sampling.temperature, top_p=sampling.top_p,
                             top_k=sampling.top_k, seed=seed, tool_workers=a.tool_workers,
                             domain=AGENTIC_DOMAINS[a.env], stats=stats, keep_cache=a.keep_cache,
-                            timeout_s=config.rollout.request_timeout_s * a.max_turns)
+                            timeout_s=config.rollout.servers.request_timeout_s * a.max_turns)
     finally:
         if blocking is not None:
             blocking.close()
@@ -94,8 +94,8 @@ def agentic_batch(config: Config, engine, renderer: ChatRenderer, sampling: Samp
     domain's mean reward, groups with reward variance, turns per episode, sampled tokens per
     episode (p50), the share of truncated episodes, and the generation / tool share of the
     rollout's wall time."""
-    G, n = config.data.batch_prompts, config.rollout.n_samples
-    r = config.rollout
+    r = config.rollout.sampling
+    G, n = config.data.batch_prompts, r.n_samples
     tasks = step_tasks(config, G, seed)
     stats = DriverStats()
     eps = draw_episodes(config, engine, renderer, tasks, n=n, seed=seed, sampling=sampling,

@@ -263,7 +263,8 @@ def method_config(base, method: str, *, teachers, steps: int, eval_every: int, s
     token TIS correction, no teachers) and applies ``grpo_overrides`` last."""
     if method not in ("mopd", "grpo"):
         raise StudyError(f"unknown method {method!r}; valid: mopd, grpo")
-    cfg = C.apply_overrides(base, list(overrides) + (list(grpo_overrides) if method == "grpo" else []))
+    given = list(overrides) + (list(grpo_overrides) if method == "grpo" else [])
+    cfg = C.apply_overrides(base, [C.migrate_override(s) for s in given])  # declarations keep old keys
     sets = [("stage.steps", steps), ("eval.every", eval_every), ("run.seed", seed),
             ("data.shuffle_seed", seed)]
     if method == "mopd":

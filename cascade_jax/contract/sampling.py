@@ -12,7 +12,7 @@ Log-probs at temperature ``τ`` (SGLang's default semantics)::
     τ = 0:  greedy decoding, y = argmax z;  log p(y) = log softmax(z)[y]
 
 so :attr:`SamplingParams.logprob_temperature` (``τ``, or 1 for ``τ = 0``) is the one temperature
-every log-prob of a batch is computed at. In a run config ``rollout.temperature`` carries ``τ``
+every log-prob of a batch is computed at. In a run config ``rollout.sampling.temperature`` carries ``τ``
 (``0`` = greedy; there is no separate greedy switch) and
 :func:`cascade_jax.rollout.factory.sampling_params` builds the contract from it.
 """
@@ -91,7 +91,7 @@ def check_temperature(recorded: Optional[SamplingParams], expected: Optional[Sam
         raise SamplingMismatchError(
             f"{what}: the batch was sampled at temperature {recorded.temperature} but the step "
             f"computes log-probs at temperature {expected.temperature}; build both from the same "
-            f"rollout.temperature (cascade_jax.rollout.factory.sampling_params)")
+            f"rollout.sampling.temperature (cascade_jax.rollout.factory.sampling_params)")
 
 
 def shared_sampling(samplings, *, what: str) -> SamplingParams:

@@ -17,14 +17,14 @@ Batch ``k`` draws its per-domain counts from a multinomial over the domain weigh
 (``data.domain_weights``; default: proportional to the rows per domain, i.e. the blend of the
 data itself) with a generator seeded by ``(shuffle_seed, k)``; each domain serves prompts from its
 own permutation of its pool, reshuffled (seed ``(shuffle_seed, domain, epoch)``) at every pass.
-Prompts whose rendering is longer than ``rollout.max_prompt_len`` tokens (or bad rows, with
+Prompts whose rendering is longer than ``rollout.sampling.max_prompt_len`` tokens (or bad rows, with
 ``data.on_bad_row = "skip"``) are skipped, counted, and replaced by the domain's next prompt;
 :meth:`PromptIterator.check` fails early for a domain none of whose prompts fits.
 The state is ``(k, per-domain epoch and cursor, counters)``.
 
 ``oversample`` (>= 1) draws more prompts than ``batch_prompts`` so that dynamic filtering (drop
 groups whose ``n`` rewards are all equal) can still fill a batch; ``n_samples`` =
-``rollout.n_samples`` responses per prompt.
+``rollout.sampling.n_samples`` responses per prompt.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ _STATE_VERSION = 1
 @dataclasses.dataclass(frozen=True)
 class PromptBatch:
     """``P`` rendered prompts. Arrays: ``tokens`` [P, L] int32 (right-padded with the pad id,
-    ``L = rollout.max_prompt_len``), ``lengths`` [P] int32, ``domain_ids`` [P] int32
+    ``L = rollout.sampling.max_prompt_len``), ``lengths`` [P] int32, ``domain_ids`` [P] int32
     (:func:`cascade_jax.domains.domain_id`). Per prompt: ``domains`` (names), ``prompts`` (the
     last user message text, for the scorers), ``texts`` (the rendered prompt), ``messages``,
     ``tools``, ``metadata`` (verifier metadata for ``make_scorer(domain)``), ``row_ids``.
@@ -121,7 +121,7 @@ class PromptIterator:
     """Infinite iterator of :class:`PromptBatch` with exact :meth:`get_state` / :meth:`set_state`."""
 
     def __init__(self, config, tokenizer: Tokenizer, *, process_index: int = 0, process_count: int = 1):
-        data, r = config.data, config.rollout
+        data, r = config.data, config.rollout.sampling
         loaded = load_prompt_rows(config, process_index=process_index, process_count=process_count)
         self._pools = loaded["pools"]
         self._domains = list(self._pools)
@@ -185,7 +185,7 @@ class PromptIterator:
             if got is None:
                 continue
             return (where, row, *got)
-        raise DataError(f"domain {d}: no prompt of its {len(pool)} fits rollout.max_prompt_len "
+        raise DataError(f"domain {d}: no prompt of its {len(pool)} fits rollout.sampling.max_prompt_len "
                         f"= {self.max_prompt_len} tokens")
 
     def _render(self, where: str, row: dict):
@@ -206,7 +206,7 @@ class PromptIterator:
         return text, ids
 
     def check(self) -> None:
-        """Every domain has a prompt that renders within ``rollout.max_prompt_len`` tokens
+        """Every domain has a prompt that renders within ``rollout.sampling.max_prompt_len`` tokens
         (scanning each pool in its first epoch's order until one fits: one prompt per domain
         for usable data), else a :class:`DataError` naming the domain and the limit -- before a
         run writes anything. The iterator's state is untouched."""
@@ -226,8 +226,8 @@ class PromptIterator:
                 longest = max(longest, n)
             else:
                 raise DataError(f"domain {d}: none of its {len(pool)} prompts fits "
-                                f"rollout.max_prompt_len = {self.max_prompt_len} tokens (the "
-                                f"longest has {longest}); raise rollout.max_prompt_len")
+                                f"rollout.sampling.max_prompt_len = {self.max_prompt_len} tokens (the "
+                                f"longest has {longest}); raise rollout.sampling.max_prompt_len")
 
     def __iter__(self):
         return self

@@ -112,7 +112,7 @@ def _examples(config, tokenizer: Tokenizer, process_index: int, process_count: i
     for i, src in enumerate(data.sources):
         reader = open_source(src, domains=data.domains, tiny_rows_per_domain=data.tiny_rows_per_domain,
                              tiny_near_miss_rate=data.tiny_near_miss_rate, seed=data.shuffle_seed,
-                             thinking=config.rollout.thinking)
+                             thinking=config.rollout.sampling.thinking)
         if len(reader) < process_count:
             raise DataError(f"{src.path or 'tiny'}: {len(reader)} rows < {process_count} processes")
         ds = grain.MapDataset.source(reader).shuffle(seed=_seed(data.shuffle_seed, i))

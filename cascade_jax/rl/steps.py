@@ -11,7 +11,7 @@ outputs. Keyword arguments are static; bind them with :func:`functools.partial` 
 
 Temperature (the sampling contract, :mod:`cascade_jax.contract.sampling`): the RL steps compute
 ``log π(y) = log softmax(z / τ)[y]`` at the temperature of their ``sampling`` argument (the run's
-contract, ``rollout.temperature``), else of the batch's recorded ``batch.sampling``, else
+contract, ``rollout.sampling.temperature``), else of the batch's recorded ``batch.sampling``, else
 ``τ = 1``; ``τ = 0`` (greedy) computes ``log softmax(z)[y]``. A batch recorded at another
 temperature than the step's raises :class:`~cascade_jax.contract.sampling.SamplingMismatchError`
 (at trace time: ``batch.sampling`` is static).

@@ -188,7 +188,7 @@ class ServerClient:
     def update_weights(self, params, version: str) -> None:
         """Push ``params`` as ``version`` through the configured weight syncer."""
         if self.syncer is None:
-            raise RolloutError("update_weights: this client has no weight syncer (rollout.weight_sync)")
+            raise RolloutError("update_weights: this client has no weight syncer (rollout.sync)")
         self.syncer.update(params, version)
 
     def weight_version(self) -> str:
@@ -425,7 +425,7 @@ class ServedTeachers:
                 raise SamplingMismatchError(
                     f"served teachers: servers score at temperature 1, the rollouts were sampled at "
                     f"temperature {tau.temperature}; use in-process teachers (stage.teachers) or "
-                    f"rollout.temperature 1")
+                    f"rollout.sampling.temperature 1")
         return score_by_domain(rollouts, self.by_domain,
                                lambda client, prompts, responses: client.score(prompts, responses))
 

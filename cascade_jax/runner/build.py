@@ -177,12 +177,12 @@ def check_batch_fits_mesh(config: C.Config, mesh: Mesh) -> None:
     cdev = 1
     for a in rules.activations["seq"]:
         cdev *= shape.get(a, 1)
-    obj, d, r = config.stage.objective, config.data, config.rollout
+    obj, d, r = config.stage.objective, config.data, config.rollout.sampling
     if obj == "sft":
         rows, rows_field, t, t_field = d.batch_rows, "data.batch_rows", d.seq_len, "data.seq_len"
     elif obj in ("grpo", "mopd"):
-        rows, rows_field = d.batch_prompts * r.n_samples, "data.batch_prompts x rollout.n_samples"
-        t, t_field = r.max_prompt_len + r.max_response_len, "rollout.max_prompt_len + max_response_len"
+        rows, rows_field = d.batch_prompts * r.n_samples, "data.batch_prompts x rollout.sampling.n_samples"
+        t, t_field = r.max_prompt_len + r.max_response_len, "rollout.sampling.max_prompt_len + max_response_len"
     else:
         return
     axes = " x ".join(f"{a}={shape.get(a, 1)}" for a in rules.activations["batch"])
@@ -251,7 +251,7 @@ def build_engine(config: C.Config, model_cfg: nh.ModelConfig, params: dict,
                  tokenizer: Tokenizer) -> R.RolloutEngine:
     """The rollout engine of ``rollout.engine`` (``cascade_jax.rollout.make_engine``): the
     embedded JAX engine, or the client of ``launch/serve.py`` / SGLang servers with its weight
-    syncer (disk versions under ``rollout.weight_sync_dir``, default ``<run dir>/weights``).
+    syncer (disk versions under ``rollout.sync.dir``, default ``<run dir>/weights``).
     An unreachable server is :class:`RolloutUnavailable`."""
     r = config.rollout
     sync_dir = str(pathlib.Path(config.run.out_dir) / "weights")
@@ -261,7 +261,7 @@ def build_engine(config: C.Config, model_cfg: nh.ModelConfig, params: dict,
     except ValueError as e:
         raise ConfigError(f"rollout: {e}") from None
     if r.engine != "jax":
-        urls = ", ".join(getattr(eng, "urls", []) or [str(r.server_url)])
+        urls = ", ".join(getattr(eng, "urls", []) or r.servers.all_urls())
         try:
             healthy = eng.health()
         except R.RolloutError:
@@ -271,12 +271,13 @@ def build_engine(config: C.Config, model_cfg: nh.ModelConfig, params: dict,
             if close is not None:
                 close()
             raise RolloutUnavailable(f"rollout server(s) {urls}: not reachable or not healthy")
-        if r.zero_mismatch:  # the servers must sample as the trainer recomputes
+        if r.fidelity.zero_mismatch:  # the servers must sample as the trainer recomputes
             try:
-                eng.check_server_args(zero_mismatch=True, context_length=r.max_prompt_len + r.max_response_len)
+                eng.check_server_args(zero_mismatch=True,
+                                      context_length=r.sampling.max_prompt_len + r.sampling.max_response_len)
             except R.RolloutError as e:
                 eng.close()
-                raise ConfigError(f"rollout.zero_mismatch: {e}") from None
+                raise ConfigError(f"rollout.fidelity.zero_mismatch: {e}") from None
     return eng
 
 
@@ -312,11 +313,11 @@ def build_teachers(config: C.Config, student_cfg: nh.ModelConfig) -> Teachers:
 
 def build_sampling(config: C.Config, tokenizer: Optional[Tokenizer] = None) -> SamplingParams:
     """The run's sampling contract (``cascade_jax.rollout.factory.sampling_params`` of
-    ``config.rollout``, stopping at the tokenizer's EOS): what every request is sampled with,
+    ``config.rollout.sampling``, stopping at the tokenizer's EOS): what every request is sampled with,
     what each ``RLBatch`` records and what the train step, the teachers and the KL reference
     compute their log-probs at."""
     stop = () if tokenizer is None else (tokenizer.eos_id,)
-    return sampling_params(config.rollout, stop_token_ids=stop)
+    return sampling_params(config.rollout.sampling, stop_token_ids=stop)
 
 
 # --------------------------------------------------------------------------------------------
@@ -334,8 +335,7 @@ def train_step_static(config: C.Config, sampling: Optional[SamplingParams] = Non
     if obj in ("grpo", "mopd"):
         static.update(settings=rl.loss_settings(config.stage),
                       sampling=sampling or build_sampling(config))
-        r = config.rollout
-        if r.zero_mismatch:  # the kernel-invariant model's log-probs (rollout.exact.ExactEngine)
+        if config.rollout.fidelity.zero_mismatch:  # the kernel-invariant model's log-probs (rollout.exact.ExactEngine)
             static.update(model=invariant)
     return static
 
@@ -400,18 +400,18 @@ def validate(config: C.Config) -> None:
     batch shape, sampling settings for RL (the files a stage reads:
     :func:`cascade_jax.runner.preflight.check_inputs`)."""
     mcfg = model_config(config)
-    r, st = config.rollout, config.stage
+    r, st = config.rollout.sampling, config.stage
     if st.objective in ("grpo", "mopd", "demo"):
         total = r.max_prompt_len + r.max_response_len
         if total > mcfg.max_position_embeddings:
             raise ConfigError(
-                f"rollout.max_prompt_len + rollout.max_response_len = {total} exceeds the model's "
+                f"rollout.sampling.max_prompt_len + rollout.sampling.max_response_len = {total} exceeds the model's "
                 f"max_position_embeddings {mcfg.max_position_embeddings} (model.preset "
-                f"{config.model.preset!r}); lower rollout.max_response_len")
+                f"{config.model.preset!r}); lower rollout.sampling.max_response_len")
     if st.objective in ("grpo", "mopd"):
         stage_domains(config)
         if r.temperature <= 0:
-            raise ConfigError(f"rollout.temperature: RL needs sampling (> 0; 0 is greedy decoding), "
+            raise ConfigError(f"rollout.sampling.temperature: RL needs sampling (> 0; 0 is greedy decoding), "
                               f"got {r.temperature}")
     if st.objective == "sft" and config.data.seq_len > mcfg.max_position_embeddings:
         raise ConfigError(f"data.seq_len {config.data.seq_len} exceeds the model's "

@@ -176,11 +176,11 @@ def check_lengths(config, model_cfg, flag: str = "eval.max_response_len") -> Non
     (``max_position_embeddings``); else a ``ConfigError`` naming ``flag`` -- before any
     memory is sized by them."""
     e = config.eval
-    max_new = e.max_response_len or config.rollout.max_response_len
-    total = config.rollout.max_prompt_len + max_new
+    max_new = e.max_response_len or config.rollout.sampling.max_response_len
+    total = config.rollout.sampling.max_prompt_len + max_new
     if total > model_cfg.max_position_embeddings:
-        room = model_cfg.max_position_embeddings - config.rollout.max_prompt_len
-        raise ConfigError(f"{flag} {max_new}: prompts of up to {config.rollout.max_prompt_len} tokens "
+        room = model_cfg.max_position_embeddings - config.rollout.sampling.max_prompt_len
+        raise ConfigError(f"{flag} {max_new}: prompts of up to {config.rollout.sampling.max_prompt_len} tokens "
                           f"plus {max_new} new tokens exceed the model's context of "
                           f"{model_cfg.max_position_embeddings} tokens; at most {max(room, 0)}")
 
@@ -206,16 +206,16 @@ def evaluate_checkpoint(config, phase=None, *, checkpoint=..., domains=None, pro
     tok = B.build_tokenizer(config)
     domains = B.stage_domains(config)
     e = config.eval
-    max_new = e.max_response_len or config.rollout.max_response_len
+    max_new = e.max_response_len or config.rollout.sampling.max_response_len
     prompts = heldout_prompts(config, tok, domains)
     phase(f"generating {len(prompts)} prompts x {e.k} samples of up to {max_new} tokens "
           f"({', '.join(domains)}), then scoring")
     engine = JaxEngine(model_cfg, params, num_slots=min(len(prompts) * e.k, 256),
-                       max_len=config.rollout.max_prompt_len + max_new)
+                       max_len=config.rollout.sampling.max_prompt_len + max_new)
     res = evaluate(engine, tok, prompts, B.build_scorers(config), k=e.k, max_new_tokens=max_new,
                    temperature=e.temperature, top_p=e.top_p, top_k=e.top_k,
                    seed=e.seed, progress=progress)
     settings = {"k": e.k, "prompts": e.prompts, "temperature": e.temperature,
                 "top_p": e.top_p, "top_k": e.top_k, "max_new_tokens": max_new, "seed": e.seed,
-                "thinking": config.rollout.thinking}
+                "thinking": config.rollout.sampling.thinking}
     return {"checkpoint": config.model.checkpoint, "settings": settings, **res}

@@ -113,13 +113,16 @@ def started(run_dir: pathlib.Path) -> bool:
     return has_ckpt or (run_dir / "hub" / "config.json").is_file()
 
 
-def check_run_dir(config: C.Config, run_dir: pathlib.Path, *, fresh: bool = False) -> bool:
+def check_run_dir(config: C.Config, run_dir: pathlib.Path, *, fresh: bool = False,
+                  log: Optional[Callable[[str], None]] = None) -> bool:
     """Whether ``run_dir`` holds this run (resume) — ``False`` for a new run dir, or one whose
     earlier run stopped before its first checkpoint (:func:`started`). A different run there
     raises :class:`RunDirError` naming the differing keys unless ``fresh``; so does an input of
     the run (``--init``, a teacher, the tokenizer, data) that lies among the run dir's own
     artefacts, which this run would overwrite (``fresh`` or not). Keys of
-    :data:`BOOKKEEPING_KEYS` (checkpoint cadence, logging) may differ."""
+    :data:`BOOKKEEPING_KEYS` (checkpoint cadence, logging) may differ. A ``run_config.json`` of an
+    older layout (the flat ``rollout`` keys) is compared after :func:`cascade_jax.config.migrate_dict`,
+    the move said through ``log``; the resumed run writes it back in today's layout."""
     run_dir = pathlib.Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise RunDirError(f"run dir {run_dir}: exists and is not a directory")
@@ -140,13 +143,23 @@ def check_run_dir(config: C.Config, run_dir: pathlib.Path, *, fresh: bool = Fals
             return False
         raise RunDirError(f"run dir {run_dir}: unreadable run_config.json ({e}); pass --fresh "
                           f"to start over") from None
-    keys = [k for k in _diff(C.migrate_dict(old), C.to_dict(config)) if k not in BOOKKEEPING_KEYS]
+    try:
+        moved, now = C.moved_keys(old), C.migrate_dict(old)
+    except C.ConfigError as e:
+        if not started(run_dir):
+            return False
+        raise RunDirError(f"run dir {run_dir}: run_config.json: {e}; fix it by hand or pass --fresh") from None
+    keys = [k for k in _diff(now, C.to_dict(config)) if k not in BOOKKEEPING_KEYS]
     if keys:
         if not started(run_dir):
             return False
         shown = ", ".join(keys[:8]) + (" ..." if len(keys) > 8 else "")
         raise RunDirError(f"run dir {run_dir} holds a different run (differs in {shown}); pass "
                           f"--fresh to replace it or choose another --run-dir")
+    if moved and log is not None:
+        shown = ", ".join(f"{a} -> {b}" for a, b in moved[:4]) + (" ..." if len(moved) > 4 else "")
+        log(f"run dir {run_dir}: run_config.json is in the layout before the rollout sections; "
+            f"migrated ({len(moved)} key(s): {shown}) and rewritten on resume")
     return True
 
 
@@ -196,7 +209,7 @@ def _data_report(stage: Stage, log, reported: dict) -> dict:
         if n and not reported.get(key):
             reported[key] = True
             where = (getattr(it, "first_skipped", None) or {}).get(key)
-            limit = ("rollout.max_prompt_len" if stage.obj != "sft" else "data.seq_len")
+            limit = ("rollout.sampling.max_prompt_len" if stage.obj != "sft" else "data.seq_len")
             log(f"data: {n} row(s) so far {text.replace('the length limit', limit)}"
                 + (f" (first: {where})" if where else "")
                 + f"; counted as data/{key} in metrics.jsonl")
@@ -235,7 +248,7 @@ def _run_stage(config: C.Config, run_dir: pathlib.Path, *, fresh: bool, argv, lo
     bar.set_phase("validating")
     B.validate(config)
     check_inputs(config)  # every missing teacher / data / tokenizer path, named at once
-    resume = check_run_dir(config, run_dir, fresh=fresh)
+    resume = check_run_dir(config, run_dir, fresh=fresh, log=log)
     bar.set_phase("building (model, data, compile)")
     parts = B.build(config)
     writer = jax.process_index() == 0

@@ -197,7 +197,7 @@ class Stage:
                 for p, sd in zip(prompts, seeds)]
 
     def _generate(self, reqs):
-        """Rollouts of ``reqs`` from the engine (with ``rollout.zero_mismatch`` the engine is the
+        """Rollouts of ``reqs`` from the engine (with ``rollout.fidelity.zero_mismatch`` the engine is the
         zero-mismatch :class:`cascade_jax.rollout.exact.ExactEngine` and the trainer uses the
         same kernel-invariant model, or servers run ``--zero-mismatch`` themselves)."""
         return self.parts.rl.engine.generate(reqs)
@@ -205,10 +205,10 @@ class Stage:
     def _routing_mismatch(self, batch: rl.RLBatch) -> dict:
         """Rollout experts (``batch.routed_experts``) vs the trainer's unreplayed forward with the
         current weights over the response tokens (``rl.routing_mismatch``); with
-        ``rollout.zero_mismatch`` the trainer's model is the kernel-invariant one."""
+        ``rollout.fidelity.zero_mismatch`` the trainer's model is the kernel-invariant one."""
         if self._route_fn is None:
             mcfg = self.parts.model_cfg
-            model = invariant if self.config.rollout.zero_mismatch else nh
+            model = invariant if self.config.rollout.fidelity.zero_mismatch else nh
             self._route_fn = jax.jit(lambda p, t, pos, seg: model.hidden_states(
                 p, t, mcfg, positions=pos, segment_ids=seg, return_routed_experts=True)[1])
         used = self._route_fn(self.compute_params(), batch.tokens, batch.positions, batch.segment_ids)
@@ -216,7 +216,7 @@ class Stage:
 
     def _score(self, prompts, rollouts) -> np.ndarray:
         """``[n_prompts, n]`` rewards; each domain's prompts go to its scorer in one call."""
-        n = self.config.rollout.n_samples
+        n = self.config.rollout.sampling.n_samples
         texts = [[self.tok.decode(s.response_ids, skip_special_tokens=True) for s in g]
                  for g in rollouts.groups]
         out = np.zeros((len(prompts), n), np.float32)
@@ -271,7 +271,7 @@ class Stage:
             with timer("teacher"):
                 teacher = self.parts.rl.teachers.score(ro)
         batch = pack_rollouts(ro, rewards, teacher_logp=teacher, layout="padded",
-                              seq_len=cfg.rollout.max_prompt_len + cfg.rollout.max_response_len,
+                              seq_len=cfg.rollout.sampling.max_prompt_len + cfg.rollout.sampling.max_response_len,
                               num_experts=self.parts.model_cfg.n_routed_experts)
         versions = np.asarray([weight_step(s.weight_version) for s in ro.samples()], np.int32)
         batch = batch.replace(policy_version=jnp.asarray(versions))  # always present: one program
@@ -300,7 +300,7 @@ class Stage:
                 raise RolloutUnavailable(f"rollouts of step {step + 1}: {e}") from None
 
     def _renderer(self) -> ChatRenderer:
-        return ChatRenderer(self.tok, thinking=self.config.rollout.thinking)
+        return ChatRenderer(self.tok, thinking=self.config.rollout.sampling.thinking)
 
     def _ref_logp(self, batch: rl.RLBatch) -> rl.RLBatch:
         """``ref_logp [B, T]``: log-probs ``log softmax(z / τ)[y]`` of the batch under the
@@ -374,7 +374,7 @@ class Stage:
             self._eval_prompts = E.heldout_prompts(cfg, self.tok, B.stage_domains(cfg))
         e = cfg.eval
         res = E.evaluate(self.parts.rl.engine, self.tok, self._eval_prompts, self.parts.rl.scorers, k=e.k,
-                         max_new_tokens=e.max_response_len or cfg.rollout.max_response_len,
+                         max_new_tokens=e.max_response_len or cfg.rollout.sampling.max_response_len,
                          temperature=e.temperature, top_p=e.top_p,
                          top_k=e.top_k, seed=e.seed)
         return {"step": step, **res}

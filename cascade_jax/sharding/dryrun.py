@@ -261,7 +261,7 @@ def _finish(prog: dict, target: Target, *, devices: int, tokens: float, useful_p
 
 
 def _row_shape(config: C.Config):
-    obj, d, r = config.stage.objective, config.data, config.rollout
+    obj, d, r = config.stage.objective, config.data, config.rollout.sampling
     if obj == "sft":
         return d.batch_rows, d.seq_len
     return d.batch_prompts * r.n_samples, r.max_prompt_len + r.max_response_len
@@ -513,11 +513,11 @@ def _sync_program(config, mcfg, mesh, rmesh, target, dtype, train_resident, log)
 def _engine_programs(config, mcfg, rmesh, target, dtype, want, log):
     """The engine's admission (prefill) and decode programs on the rollout mesh."""
 
-    r = config.rollout
-    S, max_len = r.num_slots, r.max_prompt_len + r.max_response_len
+    s, bt, fid = config.rollout.sampling, config.rollout.batching, config.rollout.fidelity
+    S, max_len = bt.num_slots, s.max_prompt_len + s.max_response_len
     eng = JaxEngine.__new__(JaxEngine)  # the programs only: no weights, no cache allocated
     eng.model, eng.model_cfg, eng.num_slots, eng.max_len = nh, mcfg, S, max_len
-    eng.steps_per_call, eng.return_routed_experts, eng.max_stop_tokens = r.steps_per_call, r.routing_replay, 8
+    eng.steps_per_call, eng.return_routed_experts, eng.max_stop_tokens = bt.steps_per_call, fid.routing_replay, 8
     eng.keep_sessions = False
     rshape = mesh_shape(rmesh)
     ndev = math.prod(rshape.values())
@@ -533,7 +533,7 @@ def _engine_programs(config, mcfg, rmesh, target, dtype, want, log):
              "temp": sds((S,), jnp.float32), "top_p": sds((S,), jnp.float32),
              "top_k": sds((S,), jnp.int32), "budget": sds((S,), jnp.int32),
              "stops": sds((S, 8), jnp.int32), "done": sds((S,), jnp.bool_)}
-    if r.routing_replay:
+    if fid.routing_replay:
         slots["rx"] = sds((S, max_len, mcfg.pattern.count("E"), mcfg.num_experts_per_tok), jnp.int32)
     slots = _sized(slots, layout.slot_shardings(slots, rmesh))  # recorded experts split like the cache
     # the engine's own jitted programs (JaxEngine._programs): its in / out shardings, traced
@@ -541,26 +541,26 @@ def _engine_programs(config, mcfg, rmesh, target, dtype, want, log):
     eng.mesh, eng.rules, eng._a2a = rmesh, RULES, "auto"  # the padded exchange on a CPU host
     eng._param_sh, eng._cache = param_shardings(mcfg, rmesh), cache
     eng._slots_sh = {k: v.sharding for k, v in slots.items()}
-    eng.prefill_sizes = (max(r.prefill_sizes) if r.prefill_sizes else S,)
+    eng.prefill_sizes = (max(bt.prefill_sizes) if bt.prefill_sizes else S,)
     admit_fn, decode_fn = eng._programs()
     out = []
     mesh_d = {k: v for k, v in rshape.items() if v > 1}
-    chunk = getattr(r, "prefill_chunk", 0)
+    chunk = bt.prefill_chunk
     eng.prefill_chunk = chunk or None
     if "rollout_prefill" in want:
-        nb = max(r.prefill_sizes) if r.prefill_sizes else S
+        nb = max(bt.prefill_sizes) if bt.prefill_sizes else S
         # the admitted rows split over the mesh's batch axes, as the cache's slots are
-        rows_sh = layout.rows_sharding(nb, rmesh, what="rollout.prefill_sizes rows")
+        rows_sh = layout.rows_sharding(nb, rmesh, what="rollout.batching.prefill_sizes rows")
         rsd = lambda shp, dt: jax.ShapeDtypeStruct(shp, dt, sharding=rows_sh)
         if chunk:  # chunked: the continuation program bounds it; keys span the whole row
-            Tb = min(b for b in default_prompt_buckets(max_len) if b >= min(chunk, r.max_prompt_len))
+            Tb = min(b for b in default_prompt_buckets(max_len) if b >= min(chunk, s.max_prompt_len))
             program, meta_cols, kv_len = eng._extend_program(), 8, max_len
             shape = f"{nb} x {Tb}-token chunks (prefill_chunk {chunk}) into {S} slots x {max_len}"
             row_cache = jax.tree.map(lambda x: jax.ShapeDtypeStruct((nb,) + x.shape[1:], x.dtype), cache)
             fl = lambda: jaxpr_flops(jax.make_jaxpr(lambda p, c, t: nh.prefill_continue(
                 p, c, t, t[:, 0], mcfg, last_only=True))(params, row_cache, args[4]))
         else:  # one call per prompt bucket
-            Tb = min(b for b in default_prompt_buckets(max_len) if b >= r.max_prompt_len)
+            Tb = min(b for b in default_prompt_buckets(max_len) if b >= s.max_prompt_len)
             program, meta_cols, kv_len = admit_fn, 6, Tb
             shape = f"{nb} x {Tb} into {S} slots x {max_len}"
             fl = lambda: jaxpr_flops(jax.make_jaxpr(lambda p, t: nh.prefill(
@@ -578,19 +578,19 @@ def _engine_programs(config, mcfg, rmesh, target, dtype, want, log):
         out.append(_finish(prog, target, devices=ndev, tokens=nb * Tb,
                            useful_per_token=_model_flops_per_token(mcfg, kv_len, False), correction=corr))
     if "rollout_decode" in want:
-        log(f"compiling rollout_decode ({S} slots x {r.steps_per_call} tokens) ...")
+        log(f"compiling rollout_decode ({S} slots x {bt.steps_per_call} tokens) ...")
         tokv = sds((S,), jnp.int32)
         fl = lambda: jaxpr_flops(jax.make_jaxpr(lambda p, c, t: nh.decode_step(
-            p, c, t, t, mcfg))(params, cache, tokv)) * r.steps_per_call
+            p, c, t, t, mcfg))(params, cache, tokv)) * bt.steps_per_call
         m, flops, secs = _compile(decode_fn, (params, cache, logits, slots, sds((), jnp.int32)),
                                   mesh=rmesh, donate=(1, 2, 3), flops_fn=fl)
         prog = {"program": "rollout_decode", "mesh": mesh_d, "devices": ndev,
-                "shape": f"{S} slots x {max_len}, {r.steps_per_call} tokens per call",
+                "shape": f"{S} slots x {max_len}, {bt.steps_per_call} tokens per call",
                 "params_bytes": p_bytes, "optimizer_bytes": 0, "cache_bytes": c_bytes,
                 "seconds": secs, "flops": flops, **m}
         # every token step reads the weights and the cache once
-        hbm = r.steps_per_call * (p_bytes + c_bytes)
-        out.append(_finish(prog, target, devices=ndev, tokens=S * r.steps_per_call,
+        hbm = bt.steps_per_call * (p_bytes + c_bytes)
+        out.append(_finish(prog, target, devices=ndev, tokens=S * bt.steps_per_call,
                            useful_per_token=_model_flops_per_token(mcfg, max_len, False),
                            hbm_bytes=hbm))
     return out
