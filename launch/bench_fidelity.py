@@ -25,8 +25,9 @@ response length and mode the train-step mismatch metrics of every step, the rout
 (rollout experts vs an unreplayed trainer forward, and vs the experts the trainer used), and the
 wall-clock of generation and of the train step of the last step (after compilation, median of
 ``--repeats`` rounds that run the three modes in turn, so load on a shared machine hits them
-alike) with their ratios to the default mode of the same length, measured in the same run. Both
-engines' cost is linear in the response length; 2048 is for a GPU (``--response-lens``).
+alike) with their ratios to the default mode of the same length, measured in the same run. A
+default decode step attends over the whole cache (``max_len``), a zero-mismatch one over the key
+blocks up to the slot's position; 2048 is for a GPU (``--response-lens``).
 
     JAX_PLATFORMS=cpu .venv/bin/python launch/bench_fidelity.py --response-lens 16,256
 """
