@@ -18,11 +18,11 @@ launch_run           ``run(*args, timeout=600, fault=None)``: ``python launch/ru
 One session directory (:data:`SESSION_DIR`) per test run, shared by the ``pytest -n N``
 (xdist) workers: it holds one persistent XLA compilation cache (:data:`JIT_CACHE`), used in every
 worker and in every child that inherits the environment, and the session's SFT'd tiny checkpoint
-(``runner_support.sft_run``, built once under a file lock). With the cache, tests that build their own ``jax.jit`` of a
-program another test already compiled (the tiny model's forward and gradient at the same
-shapes, engines of the same sizes) load it instead of compiling it again (measured: the tiny
-model's gradient re-jitted 12.3 CPU s -> 1.8 CPU s). A loaded executable is the compiled one
-(same results, same ``memory_analysis`` / ``cost_analysis``).
+(``runner_support.sft_run``, built once under a file lock). With the cache, tests that build
+their own ``jax.jit`` of a program another test already compiled (the tiny model's forward and
+gradient at the same shapes, engines of the same sizes) load it instead of compiling it again
+(measured: the tiny model's gradient re-jitted 12.3 CPU s -> 1.8 CPU s). A loaded executable is
+the compiled one (same results, same ``memory_analysis`` / ``cost_analysis``).
 """
 
 from __future__ import annotations

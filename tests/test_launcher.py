@@ -4,7 +4,6 @@ hold a port or accelerator memory."""
 
 from __future__ import annotations
 
-import os
 import pathlib
 import sys
 import time
