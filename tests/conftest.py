@@ -15,6 +15,8 @@ launch_run           ``run(*args, timeout=600, fault=None)``: ``python launch/ru
                      (``runner_support.run_cli``)
 ===================  ==========================================================================
 
+The longest files start first (:data:`LONGEST_FIRST`).
+
 One session directory (:data:`SESSION_DIR`) per test run, shared by the ``pytest -n N``
 (xdist) workers: it holds one persistent XLA compilation cache (:data:`JIT_CACHE`), used in every
 worker and in every child that inherits the environment, and the session's SFT'd tiny checkpoint
@@ -59,6 +61,25 @@ os.environ[runner_support.CACHE_ENV] = JIT_CACHE
 jax.config.update("jax_compilation_cache_dir", JIT_CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+#: the longest test files first (wall seconds of their tests, 2 xdist workers on a loaded 2-core
+#: machine, 2026-12-07: 640 ... 190). ``--dist loadfile --no-loadscope-reorder`` (``launch/test.sh``)
+#: hands files to the workers in collection order, so these start first and the many short files fill the gaps at the end instead of one
+#: worker finishing a long file alone. ``test_runner_resume`` builds the session's SFT run, which
+#: ``test_runner_served`` waits for: they stay far apart.
+LONGEST_FIRST = (
+    "test_fidelity_train_step.py", "test_preempt_multihost.py", "test_runner_resume.py",
+    "test_sharding_plan.py", "test_cascade_e2e.py", "test_rollout_chunked.py",
+    "test_sharding_steps.py", "test_fidelity_engine.py", "test_newcomer.py",
+    "test_sharding_scan.py", "test_zero_mismatch.py", "test_runner_fidelity.py",
+    "test_runner_sharded.py", "test_model.py", "test_accept.py", "test_expert_load.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: files keep their order
 
 
 def pytest_unconfigure(config):
