@@ -46,9 +46,10 @@ The decode cache is :func:`models.nemotron_h.init_cache`'s (K/V and conv state i
 hold ``d``-rounded values exactly; SSM state fp32). Cost: decode pads its ``S`` rows to a tile
 (``ROW_TILE`` rows per GEMM, and ``ROW_TILE / G`` queries per attention tile); the training
 forward computes about half of the (query tile, key block) pairs (``O(T²)`` like the default),
-the SSM as a per-step scan, and the routed experts plus each used expert's tile padding; the
-trainer uses these numbers as values only and takes its gradient through the default model
-(``cascade_jax.rl.logprobs``).
+the SSM as a per-step scan, and the routed experts plus each used expert's tile padding. The
+forward is not reverse-differentiable (the attention chunks and the expert tiles are loops of
+data-dependent length): the trainer uses these numbers as values only and takes its gradient
+through the default model (``GRADIENT_MODEL``; ``cascade_jax.rl.logprobs``).
 
 Only the padded layout is supported (one sequence per row from column 0, positions ``arange``):
 what the rollout engine produces and the zero-mismatch trainer consumes.
