@@ -396,9 +396,10 @@ def _experts_grouped(p, x, idx, dtype):
     a pair's result depends on its token row and ``e``'s weights only (not on the batch, the
     other tokens, its tile or its place in it); the outputs are gathered back to ``[n, K, H]``.
     The routed FLOPs plus padding of at most ``ROW_TILE − 1`` rows per used expert: ``K/E`` of
-    what running every expert on every token costs (the form this replaced; 2.0x slower on the
-    tiny model's ``E/K = 4`` at 1056 tokens, 3-4x at ``E/K = 16``, equal for a 4-token decode
-    step, 2-core CPU; the paper's ``E/K = 128/6`` would pay 21x)."""
+    what running every expert on every token costs (the form this replaced, in CPU time on a
+    2-core CPU: 2.0x slower on the tiny model's ``E/K = 4`` at 1056 tokens and equal on a 4-token
+    decode step; 3.1-4.2x slower at 1056 tokens and 2.8x on 4 tokens at ``E/K = 16``; the paper's
+    ``E/K = 128/6`` would pay 21x the FLOPs), so it is the only form."""
     E, H, F = p["experts_up"].shape
     n, K = idx.shape
     R = ROW_TILE
