@@ -23,9 +23,11 @@ Both engines get the same requests (``--prompts`` prompts x ``--group`` samples,
 ``--stop-every``-th token id a stop token: mixed response lengths). Prints one JSON object: per
 response length and mode the train-step mismatch metrics of every step, the routing mismatch
 (rollout experts vs an unreplayed trainer forward, and vs the experts the trainer used), and the
-wall-clock of generation and of the train step of the last step (after compilation, median of
-``--repeats`` rounds that run the three modes in turn, so load on a shared machine hits them
-alike) with their ratios to the default mode of the same length, measured in the same run. A
+wall-clock and process CPU time of generation and of the train step of the last step (after
+compilation, medians of ``--repeats`` rounds that run the three modes in turn, so load on a
+shared machine hits them alike) with their ratios to the default mode of the same length,
+measured in the same run (``*_ratio_to_default``: wall; ``*_cpu_ratio_to_default``: CPU time,
+the steadier one on a loaded CPU host; on an accelerator read the wall ratios). A
 default decode step attends over the whole cache (``max_len``), a zero-mismatch one over the key
 blocks up to the slot's position; 2048 is for a GPU (``--response-lens``).
 
@@ -45,20 +47,22 @@ import numpy as np
 
 
 def _seconds(fn):
-    """Wall-clock seconds of ``fn()`` (its outputs ready)."""
-    t0 = time.perf_counter()
+    """``(wall-clock, process CPU)`` seconds of ``fn()`` (its outputs ready)."""
+    t0, c0 = time.perf_counter(), time.process_time()
     jax.block_until_ready(fn())
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
 def _interleaved(fns: dict, repeats: int) -> dict:
-    """``{name: median seconds}`` of the compiled ``fns``, timed in ``repeats`` rounds that each
-    run every function once in turn (a shared machine's load hits every mode alike)."""
+    """``{name: (median wall seconds, median CPU seconds)}`` of the compiled ``fns``, timed in
+    ``repeats`` rounds that each run every function once in turn (a shared machine's load hits
+    every mode alike; on the CPU backend the process's CPU time, all threads, is the steadier
+    measure of the work under load)."""
     times = {k: [] for k in fns}
     for _ in range(repeats):
         for k, fn in fns.items():
             times[k].append(_seconds(fn))
-    return {k: float(np.median(v)) for k, v in times.items()}
+    return {k: tuple(float(x) for x in np.median(np.asarray(v), axis=0)) for k, v in times.items()}
 
 
 def main(argv=None):
@@ -193,11 +197,13 @@ def main(argv=None):
         gen = _interleaved({m: g for m, (g, _) in timed.items()}, args.repeats)
         train = _interleaved({m: t for m, (_, t) in timed.items()}, args.repeats)
         for mode, r in report["modes"].items():
-            r["generate_s"], r["train_step_s"] = gen[mode], train[mode]
+            (r["generate_s"], r["generate_cpu_s"]), (r["train_step_s"], r["train_step_cpu_s"]) = (
+                gen[mode], train[mode])
         base = report["modes"]["default"]
         for mode, r in report["modes"].items():
-            r["generate_ratio_to_default"] = r["generate_s"] / base["generate_s"]
-            r["train_step_ratio_to_default"] = r["train_step_s"] / base["train_step_s"]
+            for k in ("generate", "train_step"):
+                r[f"{k}_ratio_to_default"] = r[f"{k}_s"] / base[f"{k}_s"]
+                r[f"{k}_cpu_ratio_to_default"] = r[f"{k}_cpu_s"] / base[f"{k}_cpu_s"]
         return report
 
     lens = [int(x) for x in args.response_lens.split(",") if x]

@@ -3,12 +3,14 @@ recomputed log-prob bit for bit (``np.array_equal``), in fp32 and bf16, for mixe
 sequences from several prompts decoded over refilled slots, with the trainer at other batch
 sizes. Also the mismatch / routing metrics on hand-computed cases, the routed-expert packer, and
 the rule the kernel-invariant model's GEMMs rest on (fixed-shape tiles: a row's result does not
-depend on the row count nor on its place in the tile)."""
+depend on the row count nor on its place in the tile), and the two invariant kernels built on it
+whose work follows the data: the grouped MoE and the causally skipping block attention."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from models.nemotron_h.invariant import ROW_TILE, idot
+from models.nemotron_h import invariant
+from models.nemotron_h.invariant import KV_BLOCK, Q_CHUNK, ROW_TILE, idot
 import pytest
 
 from cascade_jax import rl
@@ -184,3 +186,102 @@ def test_tiled_gemm_rows_do_not_depend_on_row_count_or_place(bf16):
                                             argnums=(0, 1), has_aux=True))
         (_, y), _ = grad_y(x[:30].reshape(2, 15, K), w)
         assert np.array_equal(np.asarray(y).reshape(30, N), alone[:30]), (K, N)
+
+
+sg = jax.lax.stop_gradient
+
+
+def _bf16(a):
+    return jax.lax.reduce_precision(a, exponent_bits=8, mantissa_bits=7)
+
+
+@pytest.mark.parametrize("bf16", [pytest.param(False, marks=pytest.mark.slow), True],
+                         ids=["fp32", "bf16"])
+def test_grouped_moe_rows_do_not_depend_on_batch_or_place(bf16):
+    """``invariant.moe`` (pairs sorted by expert into tiles of one expert): a token's output is
+    the same bits alone (a 1-token decode step), in a 3-token batch, in a 2 x 40 training batch,
+    with the tokens shuffled, under ``jit`` and inside a ``value_and_grad`` program, on the tiny
+    model (E/K = 8/2, routed by its router) and at E/K = 32/2 with routing replay crowding 70 of 80
+    tokens onto one expert (a group of several tiles). The invariant kernels are forward only
+    (loops of data-dependent length): in a gradient program they give values, as in the trainer.
+    Against the default model's ``moe_mixer`` (XLA's sort + grouped matmul, the same experts):
+    fp32 |Δ| <= 1e-6 · max|ref|; bf16 <= 2^-7 · max|ref| (one bf16 rounding of the output at its
+    largest value)."""
+    dtype = jnp.bfloat16 if bf16 else jnp.float32
+    rnd = _bf16 if bf16 else (lambda a: a)
+    for over, crowded in (({}, False), ({"n_routed_experts": 32, "n_group": 1}, True)):
+        cfg = nh.preset("tiny", **over)
+        params = rl.compute_params(nh.init_params(cfg, jax.random.key(0), jnp.float32),
+                                   nh.param_specs(cfg), dtype)
+        p = params["layers"][cfg.pattern.index("E")]["mixer"]
+        x = rnd(jax.random.normal(jax.random.key(1), (2, 40, cfg.hidden_size)))
+        ids = None
+        if crowded:
+            E = cfg.n_routed_experts
+            crowd = np.array(jax.random.randint(jax.random.key(2), (2, 40, 2), 0, E))
+            crowd[..., 0][np.arange(80).reshape(2, 40) % 8 != 0] = 3  # 70 tokens on expert 3
+            crowd[..., 1] = np.where(crowd[..., 1] == crowd[..., 0], (crowd[..., 0] + 1) % E,
+                                     crowd[..., 1])
+            ids = jnp.asarray(crowd, jnp.int32)
+        sl = lambda a, b, c: None if ids is None else ids[a, b:c]
+        f = jax.jit(lambda p, x, i: invariant.moe(p, x, cfg, dtype, i))
+        y, used = f(p, x, ids)
+        y = np.asarray(y)
+        assert np.array_equal(np.asarray(f(p, x[1, 7:8], sl(1, 7, 8))[0]), y[1, 7:8])
+        assert np.array_equal(np.asarray(f(p, x[0, 30:33], sl(0, 30, 33))[0]), y[0, 30:33])
+        perm = np.random.default_rng(0).permutation(80)
+        xs = x.reshape(80, -1)[perm].reshape(2, 40, -1)
+        ps = None if ids is None else ids.reshape(80, 2)[perm].reshape(2, 40, 2)
+        back = np.empty_like(y.reshape(80, -1))
+        back[perm] = np.asarray(f(p, xs, ps)[0]).reshape(80, -1)
+        assert np.array_equal(back, y.reshape(80, -1))
+        # in a gradient program as the trainer runs it: values from the invariant kernels
+        # (forward only), the gradient from the default model
+        ref_fn = lambda p, x: nh.model.moe_mixer(p, x.astype(dtype), cfg, expert_ids=ids,
+                                                 return_expert_ids=True)
+        g = jax.jit(jax.value_and_grad(lambda p, x: (
+            jnp.sum(ref_fn(p, x)[0] ** 2), (invariant.moe(sg(p), sg(x), cfg, dtype, ids)[0],
+                                            ref_fn(p, x))), has_aux=True, argnums=(0, 1)))
+        (_, (y_g, (r, r_used))), _ = g(p, x)
+        assert np.array_equal(np.asarray(y_g), y)
+        assert np.array_equal(np.asarray(r_used), np.asarray(used))
+        r = np.asarray(r, np.float32)
+        tol = (2.0 ** -7 if bf16 else 1e-6) * np.abs(r).max()
+        assert np.abs(y - r).max() <= tol, (over, np.abs(y - r).max(), tol)
+
+
+def test_block_attention_training_form_equals_decode_across_query_chunks():
+    """A 2 x 300-token causal attention (GQA 4/2 heads; ``Q_CHUNK`` queries per chunk, so several
+    chunks, each visiting the key blocks up to its last query only) equals, bit for bit at 24
+    positions spread over the row, the decode form (one query, a 320-key cache with the future
+    keys garbage), fp32 and bf16 values; and equals softmax attention (float64 numpy) to
+    1e-5 in fp32."""
+    T, D = 300, 16
+    assert T > 2 * Q_CHUNK
+    Tk = -(-T // KV_BLOCK) * KV_BLOCK
+    ks = jax.random.split(jax.random.key(0), 3)
+    q0, k0, v0 = (jax.random.normal(kk, (2, T, h, D)) for kk, h in zip(ks, (4, 2, 2)))
+    at = np.linspace(0, T - 1, 24).astype(np.int32)
+    for dtype, rnd in ((jnp.float32, lambda a: a), (jnp.bfloat16, _bf16)):
+        q, k, v = rnd(q0), rnd(k0), rnd(v0)
+        pad = lambda a: jnp.pad(a, ((0, 0), (0, Tk - T), (0, 0), (0, 0)))
+        full = jax.jit(lambda q, k, v: invariant.block_attention(
+            q, pad(k), pad(v), jnp.broadcast_to(jnp.arange(T), (2, T)), dtype))(q, k, v)
+        garbage = jnp.full((2, Tk - T, 2, D), 7.0)
+        kc, vc = (jnp.concatenate([a, garbage], 1) for a in (k, v))
+        for b in range(2):  # decode: 24 slots, slot i at position at[i]
+            n = len(at)
+            kc_b = jnp.broadcast_to(kc[b], (n, Tk, 2, D))
+            vc_b = jnp.broadcast_to(vc[b], (n, Tk, 2, D))
+            kc_b = jnp.where(jnp.arange(Tk)[None, :, None, None] <= at[:, None, None, None], kc_b, 9.0)
+            dec = jax.jit(lambda q, k, v, pos: invariant.block_attention(q, k, v, pos[:, None], dtype))(
+                q[b, at][:, None], kc_b, vc_b, jnp.asarray(at))
+            assert np.array_equal(np.asarray(dec[:, 0]), np.asarray(full[b, at])), (dtype, b)
+        if dtype == jnp.float32:
+            qn = np.asarray(q, np.float64)
+            kn, vn = (np.repeat(np.asarray(a, np.float64), 2, axis=2) for a in (k, v))  # GQA
+            s = np.einsum("bqhd,bkhd->bhqk", qn, kn) / np.sqrt(D)
+            s = np.where(np.tril(np.ones((T, T), bool)), s, -np.inf)
+            w = np.exp(s - s.max(-1, keepdims=True))
+            ref = np.einsum("bhqk,bkhd->bqhd", w / w.sum(-1, keepdims=True), vn)
+            assert np.abs(np.asarray(full) - ref).max() <= 1e-5

@@ -40,7 +40,7 @@ hooks (``use_partitioner(None)``), the sampler's single-device program, also in 
 Kernel-invariant mode (``model=models.nemotron_h.invariant``, the trainer side of
 :class:`cascade_jax.rollout.exact.ExactEngine`): the model's kernels themselves compute each
 token independently of the batch, the row length and the program (fixed-shape GEMM tiles,
-fixed key blocks, the per-step Mamba recurrence, dense tiled experts, explicit bf16 rounding;
+fixed key blocks, the per-step Mamba recurrence, grouped tiled experts, explicit bf16 rounding;
 :mod:`models.nemotron_h.invariant`), and the logits product is the same tiled GEMM
 (``head_dot``), so no per-row map and no ``row_len`` are needed: any batch of padded rows gives
 the cached-decode engine's numbers. :func:`_invariant_rows` returns them as the value of a

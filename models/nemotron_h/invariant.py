@@ -19,31 +19,37 @@ bf16 roundings move with fusion (``xla_allow_excess_precision`` drops convert pa
   ``K×N`` shapes from 17×33 to 64×1040, fp32 and bf16 values, 1 to 300 rows at two offsets,
   under ``jit`` and inside ``value_and_grad``). The loop matters: ``vmap`` of a tiled product
   becomes one batched dot whose rows do differ (64×1024, 17×33), so :func:`tile_map` is never
-  vmapped. Batched GEMMs of a fixed matrix shape whose batch size varies (attention, the MoE
-  down projection) behave the same way;
+  vmapped. Batched GEMMs of a fixed matrix shape whose batch size varies (attention) behave
+  the same way;
 * attention runs over fixed key blocks of ``KV_BLOCK`` positions aligned at 0, in order, with
   the online softmax ``m' = max(m, max_b s)``, ``l' = l·e^{m−m'} + Σ_b e^{s−m'}``,
   ``acc' = acc·e^{m−m'} + Σ_b e^{s−m'} v``; per (row, KV head) the query rows are padded to
   tiles of ``ROW_TILE`` and each tile meets each key block in two GEMMs of fixed shape
   (``[ROW_TILE, D]·[D, KV_BLOCK]`` and ``[ROW_TILE, KV_BLOCK]·[KV_BLOCK, D]``); a block wholly in
   a query's future is an exact no-op (``e^{0} = 1``, ``+0``), so a training row of ``T`` keys
-  and a decode cache of ``max_len`` keys give the same bits;
+  and a decode cache of ``max_len`` keys give the same bits whichever future blocks are
+  visited: the tiles run in chunks of ``Q_CHUNK`` queries and a chunk visits the blocks up to
+  its last query only (causal skipping; a decode step is one chunk);
 * the Mamba SSM is the per-step recurrence ``s_t = s_{t−1}·e^{Δ_t A} + (Δ_t x_t) ⊗ B_t``,
   ``y_t = Σ_n s_t C_t`` in both (the training forward scans it over ``T``; a padded step has
   ``Δ = 0`` and leaves ``s`` bit-unchanged); the causal conv is ``Σ_k w_k x_{t−K+1+k}`` in
   ``k`` order in both;
-* MoE: every expert runs on every token by fixed-shape tiles (dense: ``E/K`` times the routed
-  FLOPs, but GEMMs; no sort, no grouped matmul whose shape follows the routing), each token's
-  ``K`` outputs picked and added in top-k order;
+* MoE, grouped: the (token, expert) pairs sorted by expert into tiles of ``ROW_TILE`` rows of
+  one expert each (each group zero-padded), every tile one ``[ROW_TILE, H] @ [H, F]`` and one
+  ``[ROW_TILE, F] @ [F, H]`` GEMM of that expert's weights, so a pair's result depends on its
+  token and the expert only (not on the sort, the tile or the place in it); each token's
+  ``K`` outputs weighted and added in top-k order;
 * the reductions that are not contractions (norms, the SSM's ``Σ_n``, softmax sums) are a fixed
   pairwise tree of elementwise adds (:func:`tree_sum`).
 
 The decode cache is :func:`models.nemotron_h.init_cache`'s (K/V and conv state in ``d``, which
 hold ``d``-rounded values exactly; SSM state fp32). Cost: decode pads its ``S`` rows to a tile
 (``ROW_TILE`` rows per GEMM, and ``ROW_TILE / G`` queries per attention tile); the training
-forward computes every key block for every query (future blocks are no-ops, ``O(T²)`` like the
-default), the SSM as a per-step scan and all experts densely; the trainer uses these numbers as
-values only and takes its gradient through the default model (``cascade_jax.rl.logprobs``).
+forward computes about half of the (query tile, key block) pairs (``O(T²)`` like the default),
+the SSM as a per-step scan, and the routed experts plus each used expert's tile padding. The
+forward is not reverse-differentiable (the attention chunks and the expert tiles are loops of
+data-dependent length): the trainer uses these numbers as values only and takes its gradient
+through the default model (``GRADIENT_MODEL``; ``cascade_jax.rl.logprobs``).
 
 Only the padded layout is supported (one sequence per row from column 0, positions ``arange``):
 what the rollout engine produces and the zero-mismatch trainer consumes.
@@ -66,6 +72,7 @@ __all__ = ["KV_BLOCK", "ROW_TILE", "tree_sum", "tile_map", "idot", "hidden_state
 f32 = jnp.float32
 KV_BLOCK = 16  # key positions per attention block (decode caches: max_len a multiple of it)
 ROW_TILE = 16  # rows per GEMM tile (tile_map): every projection runs at [ROW_TILE, K] @ [K, N]
+Q_CHUNK = 128  # query positions per attention chunk (block_attention's causal skipping)
 
 
 def _round(x, dtype):
@@ -243,24 +250,26 @@ def _bgemm(a, b, contract_b: int):
                                       preferred_element_type=f32))
 
 
-def block_attention(q, k, v, q_pos, dtype, *, upto_last: bool = False):
+def block_attention(q, k, v, q_pos, dtype):
     """``q [B, Tq, Hq, D]`` at positions ``q_pos [B, Tq]`` over keys ``k, v [B, Tk, Hkv, D]`` at
     positions ``arange(Tk)`` (``Tk`` a multiple of ``KV_BLOCK``; key ``s`` visible iff
     ``s <= q_pos``; ``k, v`` are read in float32), block by block in order (module doc) ->
     ``[B, Tq, Hq, D]`` rounded.
 
-    ``upto_last`` (decode): visit only the blocks ``j <= max(q_pos) // KV_BLOCK`` (a loop of
-    dynamic length) instead of all ``Tk / KV_BLOCK``, so a decode step costs O(position), not
-    O(max_len). The blocks it skips lie wholly after every query, and such a block leaves the
-    running ``(m, l, acc)`` bit for bit as they were (every score is ``-inf``: ``m`` unchanged,
-    ``alpha = 1``, ``p = 0``), so the result is the same bits either way; the training form, at
-    ``Tk = T`` rounded up, visits exactly the blocks up to its last query too.
-
     By fixed-shape GEMM tiles: per (row, KV head) the ``Tq·G`` query rows (``G = Hq/Hkv``,
-    query-major) are padded to tiles of ``ROW_TILE`` rows, and every tile meets every key block
-    in the same two GEMMs, ``S = Q_tile [ROW_TILE, D] · K_jᵀ [D, KV_BLOCK]`` and
+    query-major) are padded to tiles of ``ROW_TILE`` rows, and a tile meets a key block in the
+    same two GEMMs, ``S = Q_tile [ROW_TILE, D] · K_jᵀ [D, KV_BLOCK]`` and
     ``P_tile [ROW_TILE, KV_BLOCK] · V_j [KV_BLOCK, D]`` (a batch of such matrices; the batch size
-    varies with ``B`` and ``Tq``, the matrix shape never does)."""
+    varies, the matrix shape never does).
+
+    Causal skipping: the tiles run in chunks of ``Q_CHUNK`` query positions (a loop over the
+    chunks; a decode step is one chunk), and a chunk visits only the key blocks
+    ``j <= max(q_pos in the chunk) // KV_BLOCK`` (a loop of dynamic length), so a decode step
+    costs O(position) and a training row about half of all (query tile, key block) pairs. A
+    block a query does not visit lies wholly in its future, and visiting such a block leaves
+    the running ``(m, l, acc)`` bit for bit as they were (every score is ``-inf``: ``m``
+    unchanged, ``alpha = e^0 = 1``, ``p = 0``), so every query row gets the same bits whichever
+    blocks its chunk visits past its own, and whatever chunk it lands in."""
     B, Tq, Hq, D = q.shape
     Tk, Hkv = k.shape[1], k.shape[2]
     G = Hq // Hkv
@@ -268,38 +277,42 @@ def block_attention(q, k, v, q_pos, dtype, *, upto_last: bool = False):
     R = ROW_TILE
     M = Tq * G
     nt = -(-M // R)
+    nc = -(-nt // max(1, Q_CHUNK * G // R))  # chunks of at most Q_CHUNK queries, as even as
+    ct = -(-nt // nc)  # can be: tiles per chunk (how many does not change a tile's bits)
     qr = jnp.moveaxis(q.reshape(B, Tq, Hkv, G, D), 2, 1).reshape(B, Hkv, M, D)
-    qr = jnp.pad(qr, ((0, 0), (0, 0), (0, nt * R - M), (0, 0))).reshape(B, Hkv, nt, R, D)
-    pos = jnp.pad(jnp.repeat(q_pos, G, axis=1), ((0, 0), (0, nt * R - M)))  # padded rows: key 0
-    pos = pos.reshape(B, 1, nt, R, 1)
+    qr = jnp.pad(qr, ((0, 0), (0, 0), (0, nc * ct * R - M), (0, 0))).reshape(B, Hkv, nc, ct, R, D)
+    pos = jnp.pad(jnp.repeat(q_pos, G, axis=1), ((0, 0), (0, nc * ct * R - M)))  # padded: key 0
+    pos = pos.reshape(B, 1, nc, ct, R, 1)
     kb = jnp.moveaxis(k.reshape(B, nb, KV_BLOCK, Hkv, D), 3, 2)  # [B, nb, Hkv, KV_BLOCK, D]
     vb = jnp.moveaxis(v.reshape(B, nb, KV_BLOCK, Hkv, D), 3, 2)
     kb, vb = jnp.moveaxis(kb, 1, 0), jnp.moveaxis(vb, 1, 0)  # [nb, B, Hkv, KV_BLOCK, D]
     scale = D ** -0.5
+    tiles = lambda x: jnp.broadcast_to(x[:, :, None], (B, Hkv, ct, KV_BLOCK, D))
 
-    def body(c, xs):
-        m, l, acc = c
-        kj, vj, j = xs
-        kj, vj = kj.astype(f32), vj.astype(f32)
-        tiles = lambda x: jnp.broadcast_to(x[:, :, None], (B, Hkv, nt, KV_BLOCK, D))
-        s = _apart(_bgemm(qr, tiles(kj), -1) * scale)  # [B, Hkv, nt, R, KV_BLOCK]
-        kpos = j * KV_BLOCK + jnp.arange(KV_BLOCK)
-        s = jnp.where(kpos <= pos, s, -jnp.inf)
-        m_new = jnp.maximum(m, jnp.max(s, axis=-1))
-        alpha = jnp.exp(m - m_new)
-        pr = jnp.exp(s - m_new[..., None])
-        l = _apart(l * alpha) + tree_sum(pr)
-        acc = _apart(acc * alpha[..., None]) + _bgemm(_round(pr, dtype), tiles(vj), -2)
-        return (m_new, l, acc), None
+    def chunk(xs):  # qc [B, Hkv, ct, R, D], pc [B, 1, ct, R, 1]
+        qc, pc = xs
 
-    init = (jnp.full((B, Hkv, nt, R), -jnp.inf, f32), jnp.zeros((B, Hkv, nt, R), f32),
-            jnp.zeros((B, Hkv, nt, R, D), f32))
-    if upto_last:
-        n_visit = jnp.minimum(jnp.max(q_pos) // KV_BLOCK + 1, nb)
-        m, l, acc = jax.lax.fori_loop(0, n_visit, lambda j, c: body(c, (kb[j], vb[j], j))[0], init)
-    else:
-        (m, l, acc), _ = jax.lax.scan(body, init, (kb, vb, jnp.arange(nb)))
-    o = _round(acc / l[..., None], dtype).reshape(B, Hkv, nt * R, D)[:, :, :M]
+        def body(j, c):
+            m, l, acc = c
+            kj, vj = kb[j].astype(f32), vb[j].astype(f32)
+            s = _apart(_bgemm(qc, tiles(kj), -1) * scale)  # [B, Hkv, ct, R, KV_BLOCK]
+            kpos = j * KV_BLOCK + jnp.arange(KV_BLOCK)
+            s = jnp.where(kpos <= pc, s, -jnp.inf)
+            m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+            alpha = jnp.exp(m - m_new)
+            pr = jnp.exp(s - m_new[..., None])
+            l = _apart(l * alpha) + tree_sum(pr)
+            acc = _apart(acc * alpha[..., None]) + _bgemm(_round(pr, dtype), tiles(vj), -2)
+            return m_new, l, acc
+
+        init = (jnp.full((B, Hkv, ct, R), -jnp.inf, f32), jnp.zeros((B, Hkv, ct, R), f32),
+                jnp.zeros((B, Hkv, ct, R, D), f32))
+        n_visit = jnp.minimum(jnp.max(pc) // KV_BLOCK + 1, nb)
+        m, l, acc = jax.lax.fori_loop(0, n_visit, body, init)
+        return _round(acc / l[..., None], dtype)  # [B, Hkv, ct, R, D]
+
+    o = jax.lax.map(chunk, (jnp.moveaxis(qr, 2, 0), jnp.moveaxis(pos, 2, 0)))  # [nc, B, Hkv, ...]
+    o = jnp.moveaxis(o, 0, 2).reshape(B, Hkv, nc * ct * R, D)[:, :, :M]
     return jnp.moveaxis(o.reshape(B, Hkv, Tq, G, D), 1, 2).reshape(B, Tq, Hq, D)
 
 
@@ -323,7 +336,7 @@ def attention_step(p, u, state, positions, cfg: ModelConfig, dtype):
     b = jnp.arange(u.shape[0])
     kc = state["k"].at[b, positions].set(k[:, 0].astype(state["k"].dtype))
     vc = state["v"].at[b, positions].set(v[:, 0].astype(state["v"].dtype))
-    o = block_attention(q, kc, vc, positions[:, None], dtype, upto_last=True)
+    o = block_attention(q, kc, vc, positions[:, None], dtype)
     return _round(idot(o.reshape(u.shape[0], -1), p["o_proj"]), dtype), {"k": kc, "v": vc}
 
 
@@ -364,29 +377,67 @@ def route(p, x, cfg: ModelConfig, expert_ids=None):
     return w * cfg.routed_scaling_factor, idx.astype(jnp.int32)
 
 
-def moe(p, x, cfg: ModelConfig, dtype, expert_ids=None):
-    """``x [..., H]`` -> ``(out [..., H], ids [..., K])``: every expert applied to every token
-    by fixed-shape GEMM tiles (up ``[ROW_TILE, H] @ [H, E·F]``, down ``E`` batched
-    ``[ROW_TILE, F] @ [F, H]``; dense, so ``E/K`` times the routed FLOPs), each token's ``K``
-    outputs picked and added in top-k order, then the shared expert. No sort, no grouped
-    matmul whose shape would follow the routing."""
-    w, idx = route(p, x, cfg, expert_ids)
-    E, H, F = p["experts_up"].shape
-    up = jnp.moveaxis(p["experts_up"].astype(f32), 0, 1).reshape(H, E * F)
-    down = p["experts_down"].astype(f32)  # [E, F, H]
-
-    def tile(t):  # [ROW_TILE, H] -> [ROW_TILE, E·H]
-        h = _relu2(_round(_gemm(t, up), dtype), dtype).reshape(t.shape[0], E, F)
-        y = jax.lax.dot_general(jnp.moveaxis(h, 1, 0), down, (((2,), (1,)), ((0,), (0,))),
-                                precision=jax.lax.Precision.HIGHEST, preferred_element_type=f32)
-        return _round(jnp.moveaxis(y, 0, 1), dtype).reshape(t.shape[0], E * H)
-
-    y_all = tile_map(tile, x).reshape(*x.shape[:-1], E, H)
-    y = jnp.take_along_axis(y_all, idx[..., None], axis=-2)  # [..., K, H]
+def _combine(w, y, dtype):
+    """``Σ_j w_j y_j`` over the top-k axis in top-k order: ``w [..., K]``, ``y [..., K, H]``."""
     acc = _apart(w[..., 0, None] * y[..., 0, :])
-    for j in range(1, cfg.num_experts_per_tok):
+    for j in range(1, w.shape[-1]):
         acc = acc + _apart(w[..., j, None] * y[..., j, :])
-    out = _round(acc, dtype)
+    return _round(acc, dtype)
+
+
+def _experts_grouped(p, x, idx, dtype):
+    """Each token through its ``K`` experts only: ``x [n, H]``, ``idx [n, K]`` -> ``y [n, K, H]``.
+
+    The ``n·K`` (token, expert) pairs are sorted by expert (stable) and laid out expert by
+    expert, each expert's group zero-padded to a multiple of ``ROW_TILE`` rows, so every tile
+    holds rows of one expert ``e``; a loop over the used tiles (their number follows the
+    routing, at most ``(n·K + min(E, n·K)·(ROW_TILE−1)) / ROW_TILE``) runs
+    ``relu2([ROW_TILE, H] @ up_e [H, F]) @ down_e [F, H]`` on each, two GEMMs of fixed shape, so
+    a pair's result depends on its token row and ``e``'s weights only (not on the batch, the
+    other tokens, its tile or its place in it); the outputs are gathered back to ``[n, K, H]``.
+    The routed FLOPs plus padding of at most ``ROW_TILE − 1`` rows per used expert: ``K/E`` of
+    what running every expert on every token costs (the form this replaced, in CPU time on a
+    2-core CPU: 2.0x slower on the tiny model's ``E/K = 4`` at 1056 tokens and equal on a 4-token
+    decode step; 3.1-4.2x slower at 1056 tokens and 2.8x on 4 tokens at ``E/K = 16``; the paper's
+    ``E/K = 128/6`` would pay 21x the FLOPs), so it is the only form."""
+    E, H, F = p["experts_up"].shape
+    n, K = idx.shape
+    R = ROW_TILE
+    a = n * K
+    n_tiles = (a + min(E, a) * (R - 1)) // R  # a bound on the tiles any routing needs
+    e = idx.reshape(a)
+    order = jnp.argsort(e, stable=True)  # pairs grouped by expert
+    counts = jnp.zeros((E,), jnp.int32).at[e].add(1)
+    padded = -(-counts // R) * R
+    pstart = jnp.cumsum(padded) - padded  # each expert's first row in the tiled layout
+    cstart = jnp.cumsum(counts) - counts  # its first pair in the sorted order
+    es = e[order]
+    dest = jnp.zeros((a,), jnp.int32).at[order].set(pstart[es] + jnp.arange(a) - cstart[es])
+    src = jnp.full((n_tiles * R,), n, jnp.int32).at[dest].set(jnp.arange(a) // K)  # n: padding
+    tile_e = jnp.minimum(jnp.searchsorted(jnp.cumsum(padded), jnp.arange(n_tiles) * R,
+                                          side="right"), E - 1).astype(jnp.int32)
+    rows = jnp.concatenate([x.astype(f32), jnp.zeros((1, H), f32)])
+    up, down = p["experts_up"], p["experts_down"]
+
+    def body(t, out):
+        xt = rows[jax.lax.dynamic_slice_in_dim(src, t * R, R)]  # [R, H]
+        h = _relu2(_round(_gemm(xt, up[tile_e[t]].astype(f32)), dtype), dtype)
+        y = _round(_gemm(h, down[tile_e[t]].astype(f32)), dtype)
+        return jax.lax.dynamic_update_slice_in_dim(out, y, t * R, 0)
+
+    used = jnp.sum(padded) // R
+    out = jax.lax.fori_loop(0, used, body, jnp.zeros((n_tiles * R, H), f32))
+    return out[dest].reshape(n, K, H)
+
+
+def moe(p, x, cfg: ModelConfig, dtype, expert_ids=None):
+    """``x [..., H]`` -> ``(out [..., H], ids [..., K])``: each token's ``K`` routed experts by
+    fixed-shape GEMM tiles of one expert each (:func:`_experts_grouped`), their outputs
+    weighted and added in top-k order, then the shared expert."""
+    w, idx = route(p, x, cfg, expert_ids)
+    lead, H = x.shape[:-1], x.shape[-1]
+    y = _experts_grouped(p, x.reshape(-1, H), idx.reshape(-1, idx.shape[-1]), dtype)
+    out = _combine(w, y.reshape(*lead, *y.shape[-2:]), dtype)
     if cfg.n_shared_experts:
         out = _round(out + mlp(x, p["shared_up"], p["shared_down"], dtype), dtype)
     return out, idx
