@@ -114,7 +114,7 @@ def test_overrides_are_validated_together_in_any_order():
 #: Stage values changed on purpose after the base existed (each with its reason), applied to the
 #: fixture's side: tiny/rlhf_teacher learned on some seeds only at lr 1e-3 / 20 steps (issue 24,
 #: docs/mopd.md).
-CHANGED_SINCE_BASE = {"tiny/rlhf_teacher": ["optimizer.lr=5e-4", "stage.steps=30",
+CHANGED_SINCE_BASE = {"tiny/rlhf_teacher": ["optimizer.lr=5e-4", "stage.steps=40",
                                             "stage.dynamic_filtering=true"]}
 
 
