@@ -149,7 +149,7 @@ def test_mopd_stage_pulls_each_domain_toward_its_teacher(tiny_sft, tmp_path_fact
 #: Reported, not asserted (README): the rlhf stage (0.91 -> 0.84: MOPD had already distilled the
 #: side-branch teacher, 0.94) and MOPD's other domains (math 0.68 -> 0.46, teacher 0.63).
 CASCADE_GAINS = {
-    "rlhf_teacher": ("rlhf", 0.2),  # 0.49 -> 0.94
+    "rlhf_teacher": ("rlhf", 0.2),  # 0.49 -> 0.94 (then 20 steps at lr 1e-3; docs/mopd.md §1)
     "if_rl": ("instruction_following", 0.12),  # 0.49 -> 0.76
     "multi_domain_rl": ("structured_output", 0.1),  # 0.68 -> 0.91 (mcq 0.90 -> 0.96, tool_call 0.91 -> 0.88)
     "mopd": ("rlhf", 0.25),  # 0.39 -> 0.91
@@ -183,6 +183,32 @@ def test_full_tiny_cascade(full_cascade):
         after = reg[stage]["scores"][dom]
         print(f"{stage}: {dom} {before:.3f} -> {after:.3f}")
         assert after - before >= margin, (stage, dom, before, after)
+
+
+#: Seeds of the rlhf_teacher stage beyond the cascade's own (run.seed 0), each from the cascade's
+#: SFT export: the stage must learn on every seed, not on a lucky one (issue 24).
+RLHF_TEACHER_SEEDS = (1, 2)
+
+
+@pytest.mark.slow  # about 5 min per seed on 2 busy cores after the cascade
+@pytest.mark.parametrize("seed", RLHF_TEACHER_SEEDS)
+def test_rlhf_teacher_stage_learns_on_other_seeds(full_cascade, tmp_path, launch_run, seed):
+    """The default tiny rlhf_teacher stage (``configs/tiny/rlhf_teacher.json``) from the cascade's
+    SFT export with ``run.seed`` = ``data.shuffle_seed`` = ``seed`` raises rlhf avg@4 (win rate
+    against the fixed baseline, 32 held-out prompts x 4 samples) by >= 0.2, the gain
+    :data:`CASCADE_GAINS` asks of the cascade's own run (about 4.5 standard errors of one score,
+    0.044). Measured on 2 busy CPU cores from one SFT checkpoint (docs/mopd.md §1): +0.42 to
+    +0.49 on each of seeds 0-8 (0.40 -> 0.82 .. 0.89); the old config (lr 1e-3, 20 steps, no
+    dynamic filtering) gave -0.01 / +0.32 / +0.03 on seeds 0-2."""
+    d = tmp_path / "rlhf_teacher"
+    steps = json.loads((ROOT / "configs" / "tiny" / "rlhf_teacher.json").read_text())["stage"]["steps"]
+    r = launch_run("--stage=tiny/rlhf_teacher", f"--init={full_cascade / 'sft'}", f"--run-dir={d}",
+                   f"--set=run.seed={seed}", f"--set=data.shuffle_seed={seed}",
+                   f"--set=eval.every={steps}", timeout=1800)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ev = [m["eval/rlhf/avg@4"] for m in metrics(d) if "eval/rlhf/avg@4" in m]
+    print(f"seed {seed}: rlhf {ev[0]:.3f} -> {ev[-1]:.3f}")
+    assert len(ev) == 2 and ev[1] - ev[0] >= 0.2, ev
 
 
 @pytest.mark.slow  # 11 min wall on 2 idle cores after the cascade
