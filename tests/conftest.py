@@ -63,17 +63,23 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
-#: the longest test files first (wall seconds of their tests, 2 xdist workers on a loaded 2-core
-#: machine, 2026-12-07: 640 ... 190). ``--dist loadfile --no-loadscope-reorder`` (``launch/test.sh``)
-#: hands files to the workers in collection order, so these start first and the many short files fill the gaps at the end instead of one
-#: worker finishing a long file alone. ``test_runner_resume`` builds the session's SFT run, which
-#: ``test_runner_served`` waits for: they stay far apart.
+#: the longest test files first, per tier (wall seconds of their tests, 2 xdist workers on a
+#: loaded 2-core machine, 2026-12-07). ``--dist loadfile --no-loadscope-reorder``
+#: (``launch/test.sh``) hands files to the workers in collection order, so these start first and
+#: the many short files fill the gaps at the end instead of one worker finishing a long file
+#: alone; a tier collects only its own files. ``test_runner_resume`` builds the session's SFT
+#: run, which ``test_runner_served`` waits for: they stay far apart.
 LONGEST_FIRST = (
-    "test_fidelity_train_step.py", "test_preempt_multihost.py", "test_runner_resume.py",
-    "test_sharding_plan.py", "test_cascade_e2e.py", "test_rollout_chunked.py",
-    "test_sharding_steps.py", "test_fidelity_engine.py", "test_newcomer.py",
-    "test_sharding_scan.py", "test_zero_mismatch.py", "test_runner_fidelity.py",
-    "test_runner_sharded.py", "test_model.py", "test_accept.py", "test_expert_load.py",
+    # the fast tier (launch/test.sh)
+    "test_newcomer.py", "test_rl_steps.py", "test_model.py", "test_rollout_engine.py",
+    "test_sglang_clients.py", "test_dryrun.py", "test_serve_rollout.py", "test_kernels_xla_flash.py",
+    "test_runner_cli.py", "test_eval_progress.py", "test_kernels_tuning.py", "test_parity.py",
+    # the integration tier (launch/test.sh --integration)
+    "test_preempt_multihost.py", "test_runner_resume.py", "test_cascade_e2e.py",
+    "test_sharding_steps.py", "test_fidelity_train_step.py", "test_sharding_plan.py",
+    "test_rollout_chunked.py", "test_fidelity_engine.py", "test_sharding_scan.py",
+    "test_zero_mismatch.py", "test_runner_fidelity.py", "test_runner_sharded.py",
+    "test_accept.py", "test_expert_load.py",
 )
 
 

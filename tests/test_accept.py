@@ -14,6 +14,8 @@ import pytest
 from launch import accept
 from tests.runner_support import cache_dir
 
+pytestmark = pytest.mark.integration  # the integration tier (setup.cfg; launch/test.sh --integration)
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 

@@ -81,6 +81,7 @@ def _config(tmp_path, **agentic):
         "run": {"out_dir": str(tmp_path / "run")}})
 
 
+@pytest.mark.integration
 def test_stage_draws_episode_rows_and_trains_on_them(tmp_path, monkeypatch):
     monkeypatch.setitem(agentic_stage.ENVIRONMENTS, "lookup", (TickEnv, tick_tasks))
     cfg = _config(tmp_path)

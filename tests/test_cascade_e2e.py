@@ -16,6 +16,8 @@ import pytest
 
 from tests.runner_support import Child
 
+pytestmark = pytest.mark.integration  # the integration tier (setup.cfg; launch/test.sh --integration)
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHORT = ["--set=stage.steps=2", "--set=eval.prompts=1", "--set=eval.k=1",
          "--set=run.checkpoint_every=1", "--set=data.batch_prompts=2", "--set=rollout.sampling.n_samples=2",

@@ -130,6 +130,7 @@ def _tiny_param_bytes(dtype_bytes: dict) -> int:
     return total
 
 
+@pytest.mark.integration
 def test_tiny_rl_stage_dry_run_on_simulated_devices():
     """run.py sets the device count itself (none in the environment): 4 devices, fsdp 4; the
     rollout programs on a 2-device tensor mesh. The fp32 master's bytes per device lie between
@@ -168,6 +169,7 @@ def test_tiny_rl_stage_dry_run_on_simulated_devices():
     assert rep["fits"] and all(q["flops"] > 0 for n, q in progs.items() if n != "weight_sync")
 
 
+@pytest.mark.integration
 def test_dry_run_reexecutes_when_jax_started_with_fewer_devices(capfd):
     """Called in a process whose jax already runs on one device, run.py re-executes itself with
     the simulated devices (the report then comes from the child)."""

@@ -94,6 +94,7 @@ def _batch(B=4, T=12, seed=0):
         finish_reason=jnp.zeros((B,), jnp.int32), domain_ids=jnp.zeros((B,), jnp.int32))
 
 
+@pytest.mark.integration
 def test_train_steps_report_expert_load():
     params = nh.init_params(CFG, jax.random.key(0), dtype=jnp.float32)
     batch = _batch()
@@ -118,6 +119,7 @@ def test_train_steps_report_expert_load():
             assert float(m[k]) == pytest.approx(want[k], rel=1e-5, abs=1e-6), (objective, accum, k)
 
 
+@pytest.mark.integration
 def test_runner_metrics_carry_expert_load(tmp_path, tiny_cfg):
     from cascade_jax import config as C
     from cascade_jax.runner import run_stage

@@ -79,6 +79,7 @@ def _train_step_metrics(cfg, master, batch, dtype, temperature):
     return {k: float(m[k]) for k in ("mismatch_abs_max", "mismatch_exact_frac", "grad_norm")}
 
 
+@pytest.mark.integration
 def test_invariant_model_matches_the_default_model():
     """The invariant kernels compute the default model's function: fp32 hidden states and
     log-probs agree to rounding (|Δ| <= 1e-5 on O(1) values), and the cached prefill + decode
@@ -111,6 +112,7 @@ def test_invariant_model_matches_the_default_model():
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, pytest.param(jnp.float32, marks=pytest.mark.slow)],
                          ids=["bf16", "fp32"])
+@pytest.mark.integration
 def test_engine_logprobs_equal_the_train_step_bitwise(dtype):
     cfg, master, params = _params(dtype)
     reqs = _requests(24)
@@ -185,6 +187,7 @@ def test_engine_rows_of_512_tokens_through_the_train_step(dtype):
     assert metrics["mismatch_abs_max"] == 0.0 and metrics["mismatch_exact_frac"] == 1.0, metrics
 
 
+@pytest.mark.integration
 def test_served_engine_zero_mismatch_with_routed_experts():
     """``launch/serve.py --zero-mismatch`` (a :class:`RolloutServer` around a started
     :class:`ExactEngine`): a ``/generate`` body of two prompts x ``n = 2`` (four samples over two

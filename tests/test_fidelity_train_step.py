@@ -29,6 +29,8 @@ from cascade_jax import rl
 from cascade_jax.config import OptimizerConfig
 from models import nemotron_h as nh
 
+pytestmark = pytest.mark.integration  # the integration tier (setup.cfg; launch/test.sh --integration)
+
 CHUNK = 128  # vocab chunk (the tiny vocabulary of 512 = 4 chunks)
 
 

@@ -24,6 +24,7 @@ def _run(full: bool):
     return run_on_cpu_devices(__file__, *(["--full"] if full else []), timeout=600)
 
 
+@pytest.mark.integration
 def test_context_parallel_matches_unsharded():
     res = _run(full=False)
     assert set(res) == {"attention_packed_contiguous", "attention_zigzag", "ssd_pallas_segments", "ssd_xla_plain"}

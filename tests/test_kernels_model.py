@@ -10,10 +10,12 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from models import nemotron_h as nh
 
 
+@pytest.mark.integration
 def test_model_with_pallas_kernels_matches_xla():
     cfg_x = nh.preset("tiny", pattern="M*E", moe_impl="xla", attention_impl="xla", ssd_impl="xla")
     cfg_p = dataclasses.replace(cfg_x, moe_impl="pallas", attention_impl="pallas", ssd_impl="pallas")

@@ -112,6 +112,7 @@ def test_prefill_decode_matches_forward(tiny, prefill_len):
         np.testing.assert_allclose(out, ref[:, t], atol=TOL, rtol=0, err_msg=f"step {t}")
 
 
+@pytest.mark.integration
 def test_ragged_prefill_then_decode(tiny):
     """Right-padded prompts of different lengths, decoded with per-row positions."""
     cfg, params = tiny
@@ -144,6 +145,7 @@ def test_packed_equals_separate(tiny):
         start += len(s)
 
 
+@pytest.mark.integration
 def test_remat_and_frozen_router(tiny):
     cfg, params = tiny
     toks = jax.random.randint(jax.random.key(4), (1, 12), 0, cfg.vocab_size)

@@ -48,6 +48,7 @@ def _one_error(r, code: int, *needles) -> str:
 STEPS = 5
 
 
+@pytest.mark.integration
 def test_sigterm_checkpoints_exits_75_and_resumes_bit_identically(tmp_path, tmp_path_factory):
     def cfg(name, **run):
         return write_config(tmp_path / f"{name}.json", "sft", tmp_path / name, steps=STEPS,
@@ -348,6 +349,7 @@ def _interrupt_registry_eval_then_resume(cmd, env, cwd, cascade_dir: pathlib.Pat
         assert "terminate called" not in text and "Traceback" not in text, text[-3000:]
 
 
+@pytest.mark.integration
 def test_ctrl_c_in_the_cascade_registry_evaluation_exits_130_and_reruns(tmp_path, tmp_path_factory):
     cdir = tmp_path / "cascade"
     cmd = launch_cmd("run.py", "--stage=cascade", f"--run-dir={cdir}", "--no-progress",
@@ -356,6 +358,7 @@ def test_ctrl_c_in_the_cascade_registry_evaluation_exits_130_and_reruns(tmp_path
     _interrupt_registry_eval_then_resume(cmd, env, None, cdir)
 
 
+@pytest.mark.integration
 def test_ctrl_c_in_study_exits_130_and_reruns(tmp_path, tmp_path_factory):
     cmd = launch_cmd("study.py", f"--study-dir={tmp_path / 'study'}", "--no-progress",
                *[f"--cascade-set={s}" for s in CHEAP_CASCADE])

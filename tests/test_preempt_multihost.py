@@ -17,8 +17,12 @@ import pathlib
 import re
 import signal
 
+import pytest
+
 from cascade_jax.rollout.launcher import free_port
 from tests.runner_support import Child, cli_env, launch_cmd, write_config
+
+pytestmark = pytest.mark.integration  # the integration tier (setup.cfg; launch/test.sh --integration)
 
 STEPS = 6
 HOLD = 2

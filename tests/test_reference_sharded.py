@@ -15,6 +15,9 @@ import types
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
+
+pytestmark = pytest.mark.integration  # the integration tier (setup.cfg; launch/test.sh --integration)
 
 TOL = 1e-5
 

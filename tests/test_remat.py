@@ -39,6 +39,7 @@ def _checkpoints(jaxpr) -> int:
 
 
 @pytest.mark.parametrize("scan", [pytest.param(False, marks=pytest.mark.slow), True])
+@pytest.mark.integration
 def test_per_kind_remat_keeps_forward_and_gradients(scan):
     params = nh.init_params(CFG, jax.random.key(0), dtype=jnp.float32)
     rng = np.random.default_rng(0)

@@ -25,6 +25,8 @@ from tests.test_agentic_engine import LIMITS as AGENT_LIMITS
 from tests.test_agentic_engine import TASKS as AGENT_TASKS
 from tests.test_agentic_engine import CountingEnv
 
+pytestmark = pytest.mark.integration  # the integration tier (setup.cfg; launch/test.sh --integration)
+
 TOL = 1e-5
 prefill = jax.jit(nh.prefill, static_argnames=("cfg", "max_len", "last_only"))
 prefill_continue = jax.jit(nh.prefill_continue, static_argnames=("cfg", "last_only"))

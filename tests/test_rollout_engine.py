@@ -276,6 +276,7 @@ def test_bad_requests_name_the_field(engine, kw, field):
     assert engine.health() and engine.num_queued() == 0
 
 
+@pytest.mark.integration
 def test_routed_experts_follow_sglang_layout_and_match_the_forward(engine):
     """``return_routed_experts``: each sample carries ``[P + R - 1, L_moe, K]`` expert ids (the
     prompt's from prefill, each fed response token's from decode), equal as top-k sets to the

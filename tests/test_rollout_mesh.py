@@ -45,6 +45,8 @@ from models import nemotron_h as nh
 from tests.multidevice import REPO, child_env, run_on_cpu_devices
 from tests.serve_support import served
 
+pytestmark = pytest.mark.integration  # the integration tier (setup.cfg; launch/test.sh --integration)
+
 LOGP_TOL = 1e-6
 MESH = "tensor:2,expert:4"
 ENGINE = dict(num_slots=8, max_len=48, prompt_buckets=(32,), prefill_sizes=(8,), steps_per_call=4)

@@ -150,6 +150,7 @@ def test_unreachable_rollout_server(capsys, tmp_path):
            "--set=rollout.engine=jax_server")
 
 
+@pytest.mark.integration
 def test_profile_steps_trace_the_named_steps(tmp_path):
     """``run.profile_steps`` numbers steps as ``metrics.jsonl`` does: ``[2]`` on a 2-step SFT
     stage writes exactly one ``jax.profiler`` trace (an ``.xplane.pb``) under ``profile/`` (a

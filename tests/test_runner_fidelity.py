@@ -36,6 +36,7 @@ def _steps(run_dir) -> list:
     return [r for r in rows if "mismatch_abs_max" in r]
 
 
+@pytest.mark.integration
 def test_both_options_give_zero_mismatch_and_replayed_routing(tmp_path):
     run_stage(_config(tmp_path / "on", on=True), progress=False, log=lambda m: None)
     steps = _steps(tmp_path / "on")
@@ -46,6 +47,7 @@ def test_both_options_give_zero_mismatch_and_replayed_routing(tmp_path):
         assert m["routing_token_diff_frac"] == 0.0 and m["routing_layer_diff_frac"] == 0.0
 
 
+@pytest.mark.integration
 def test_routing_replay_alone_logs_routing_and_keeps_the_decode_mismatch(tmp_path):
     """Routing replay with the cached decode in bf16: the engine's experts reach the batch (the
     routing metrics are logged) and, without zero-mismatch, the log-probs still differ."""

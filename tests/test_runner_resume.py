@@ -12,6 +12,8 @@ from safetensors.numpy import load_file
 
 from tests.runner_support import assert_same_state, metrics, run_cli, sft_run, write_config
 
+pytestmark = pytest.mark.integration  # the integration tier (setup.cfg; launch/test.sh --integration)
+
 STEPS = 4
 SEED = 0  # seeds the kill points
 

@@ -28,6 +28,8 @@ from cascade_jax.rollout.launcher import Launcher, serve_command
 from models import nemotron_h as nh
 from tests.runner_support import cache_dir, metrics, run_cli, sft_run, write_config
 
+pytestmark = pytest.mark.integration  # the integration tier (setup.cfg; launch/test.sh --integration)
+
 STEPS = 3
 #: the engine settings both runs share (the server gets the same as flags)
 ENGINE = {"num_slots": 16, "steps_per_call": 8, "prefill_sizes": [1]}

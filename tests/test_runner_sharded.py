@@ -29,6 +29,8 @@ import pytest
 
 from tests.multidevice import run_on_cpu_devices
 
+pytestmark = pytest.mark.integration  # the integration tier (setup.cfg; launch/test.sh --integration)
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PARAM_TOL = 2e-6
 LOSS_TOL = 1e-4

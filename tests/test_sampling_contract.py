@@ -142,6 +142,7 @@ def rl_batch(params, tau, record):
                       sampling=SamplingParams(temperature=tau) if record else None)
 
 
+@pytest.mark.integration
 def test_train_step_reads_the_contract_temperature(tiny_params):
     params = tiny_params(CFG, 1)
     state = rl.TrainState.create(params, optax.sgd(1e-3))

@@ -216,6 +216,7 @@ def test_client_fails_cleanly_when_no_server_answers():
         c.close()
 
 
+@pytest.mark.integration
 def test_return_routed_experts_in_sglang_layout():
     """``/generate`` with ``return_routed_experts``: ``meta_info.routed_experts`` decodes with
     SGLang 0.5.23's own formula (``np.frombuffer(base64.b64decode(s), np.int32)``, reshaped to
@@ -269,6 +270,7 @@ def test_return_routed_experts_in_sglang_layout():
         assert "routed_experts" not in plain["meta_info"]
 
 
+@pytest.mark.integration
 def test_zero_mismatch_server_logprobs_equal_the_trainer_bit_for_bit():
     """``--zero-mismatch``: ``/generate`` samples from the trainer's batch-invariant log-probs,
     so ``rl.token_logprobs(..., row_len=max_len)`` recomputes the returned ones exactly (fp32);

@@ -7,7 +7,11 @@ parameter equal the unsharded model's within 1e-5 relative to each quantity's la
 
 import json
 
+import pytest
+
 from tests.multidevice import run_on_cpu_devices
+
+pytestmark = pytest.mark.integration  # the integration tier (setup.cfg; launch/test.sh --integration)
 
 TOL = 1e-5
 

@@ -25,7 +25,11 @@ CPU."""
 
 import json
 
+import pytest
+
 from tests.multidevice import run_on_cpu_devices
+
+pytestmark = pytest.mark.integration  # the integration tier (setup.cfg; launch/test.sh --integration)
 
 EP_TOL = 1e-5
 LOCAL_TOL = 1e-6

@@ -82,6 +82,7 @@ def test_plan_remat_flag_takes_a_policy_or_one_per_layer_kind():
         cfg("moe:bogus")
 
 
+@pytest.mark.integration
 def test_tiny_plan_bytes():
     from models import nemotron_h as nh
 
@@ -116,6 +117,7 @@ def test_impossible_meshes_name_the_axis():
     assert p.returncode != 0 and "mesh.a2a='ragged'" in p.stderr and "not implemented on CPU" in p.stderr
 
 
+@pytest.mark.integration
 def test_long_keys_plan_blockwise_and_full_score_limit_refused(monkeypatch):
     """From 131072 keys XLA:CPU's compiler dies (SIGFPE) on the full-score XLA reference
     attention (``XLA_CPU_MAX_KEYS``). ``impl="xla"`` runs the blockwise form from
@@ -196,6 +198,7 @@ def _check_30b(r, sizes):
     assert r["fits"] == (r["total_bytes"] <= r["device_memory_bytes"])
 
 
+@pytest.mark.integration
 def test_nano_30b_plan_64_devices():
     """The acceptance plan: nano-30b-a3b GRPO step, 64 sequences of 8K on fsdp=64: 53 s on
     2 cores (trace+lower ~5 s, compile ~45 s with the planner's default codegen-free compile;

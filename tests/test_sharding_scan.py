@@ -15,6 +15,8 @@ import pytest
 from models import nemotron_h as nh
 from models.nemotron_h.layer_scan import layer_groups
 
+pytestmark = pytest.mark.integration  # the integration tier (setup.cfg; launch/test.sh --integration)
+
 TOL = 1e-6
 GRAD_TOL = 1e-5
 CFG = nh.preset("tiny", pattern="ME*ME*-", vocab_size=64, n_group=1, topk_group=1)  # (ME*)x2, -

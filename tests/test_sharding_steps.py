@@ -39,6 +39,8 @@ import pytest
 
 from tests.multidevice import run_on_cpu_devices
 
+pytestmark = pytest.mark.integration  # the integration tier (setup.cfg; launch/test.sh --integration)
+
 INIT_TOL = 2.5e-7  # 1 ulp of fp32 relative to each leaf's largest magnitude
 GRAD_TOL = 2e-5
 PARAM_TOL = 1e-6  # with Adam eps 1e-4 (module docstring)

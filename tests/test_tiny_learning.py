@@ -26,6 +26,7 @@ from tests.runner_support import metrics, tiny_stage_model
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.integration
 def test_tiny_sft_stage_lowers_heldout_loss(tmp_path_factory, launch_run):
     """Held-out loss of the packaged tiny SFT config, 24 steps of 4 rows x 256 tokens: it must
     fall below 20% of its initial value (measured: 6.306 -> 0.314 on 2 CPU cores)."""

@@ -41,6 +41,7 @@ def _batch(samples, T):
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.integration
 def test_sampling_logprobs_equal_trainer_bitwise(dtype):
     cfg = nh.preset("tiny")
     master = nh.init_params(cfg, jax.random.key(0), jnp.float32)
