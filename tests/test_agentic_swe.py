@@ -171,7 +171,7 @@ def test_tiny_task_family(monkeypatch):
         assert not t["declare_tools"] and len(t["PASS_TO_PASS"]) == 2
         path, old, new = gold_edit(t)
         assert path == "calc/core.py" and t["files"][path].count(old) == 1
-        assert [c for a, c in zip(old, new) if a != c] == [new[-5]]  # one operator differs
+        assert [c for a, c in zip(old, new) if a != c] == [new[-3]]  # one operator differs
         cands = fix_candidates(t)
         assert len(cands) == 3 and new in cands and old in cands
         assert [c.replace("+", "-").replace("*", "-") for c in cands] == [new.replace(
@@ -209,8 +209,14 @@ def test_swe_sft_rows_are_the_canonical_episode(monkeypatch, renderer):
             assert ep.reward == float(new == gold_edit(task)[2]), ep.info
             _, ids, mask = render_chat(tok, row["messages"], thinking=False,
                                        add_generation_prompt=False)
-            np.testing.assert_array_equal(ids, ep.tokens)
-            np.testing.assert_array_equal(mask, ep.loss_mask)
+            T = len(ep.tokens)  # the rendering ends with the template's newline after the stop
+            assert tok.decode(ids[T:]) == "\n"
+            np.testing.assert_array_equal(ids[:T], ep.tokens)
+            # the SFT loss covers every sampled token of the episode (and the non-thinking
+            # template's empty think block, which the episode's generation prompt holds)
+            assert np.all(np.asarray(mask)[:T][ep.loss_mask == 1] == 1)
+            extra = np.asarray(ids[:T])[(np.asarray(mask)[:T] == 1) & (ep.loss_mask == 0)]
+            assert tok.decode(extra) == "<think></think>" * 3, tok.decode(extra)
             json.dumps(row)  # the jsonl source layout
         declared = swe_sft_rows(1, seed=7, limits=LIMITS)[0]
     assert declared["tools"] == list(SWE_TOOLS)
