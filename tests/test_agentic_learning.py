@@ -1,6 +1,8 @@
-"""GRPO on the tiny lookup domain through the runner's Stage (``configs/tiny/agentic_tool.json``).
+"""GRPO on the tiny agentic domains through the runner's Stage: the lookup domain
+(``configs/tiny/agentic_tool.json``, below) and agentic SWE (``configs/tiny/swe_agent.json``:
+:func:`test_grpo_raises_the_heldout_swe_score`), each from a format SFT warm start.
 
-Design (decided before the run; docs/agentic.md §6): one-character codes from ``ABCD``, two
+Lookup design (decided before the run; docs/agentic.md §6): one-character codes from ``ABCD``, two
 keys of ``k00 … k03`` per table, prompts without the tool spec. Warm start: the tiny preset SFT'd
 ``SFT_STEPS`` steps on ``lookup_sft_rows(copy=0.5)`` — the canonical two-turn format, half the
 rows answering the tool's code and half a uniform guess, so the warm start calls the tool and
@@ -113,15 +115,17 @@ SWE_SFT_STEPS, SWE_SFT_ROWS, SWE_SFT_LR, SWE_SFT_LEN = 400, 8, 2e-3, 576
 
 @pytest.mark.slow
 def test_grpo_raises_the_heldout_swe_score(tmp_path):
-    """The tiny agentic SWE domain (``configs/tiny/swe_agent.json``: ``calc/core.py`` with two
-    of add / mul / sub, one of them with a one-operator bug; prompts without the tool spec).
+    """The tiny agentic SWE domain (``configs/tiny/swe_agent.json``: ``calc/core.py`` with one
+    of add / mul / sub and a one-operator bug in its one-line body; prompts without the tool
+    spec).
     Warm start: ``SWE_SFT_STEPS`` SFT steps on ``swe_sft_rows(512, copy=COPY)`` — the canonical
     view / str_replace / finish episode, half the rows writing the fix and half a uniform draw of
     the three operator candidates (a demonstrator that fixes with chance 0.5 + 0.5 / 3 = 0.67).
     Then the config's ``stage.steps`` GRPO steps (reward 1 iff FAIL_TO_PASS and PASS_TO_PASS
     pass in the sandbox). Claim, as for the lookup: the held-out score (``eval.prompts`` 32
     tasks × ``eval.k`` 4 episodes, temperature 1) gains at least two standard errors of the
-    gain. Measured: see docs/agentic.md §6."""
+    gain. Measured: 0.172 -> 0.438, standard error of the gain 0.055 (4.8 of them); slow: about
+    30 min on 2 cores shared with other jobs (load average 6-8). docs/agentic.md §6."""
     cfg = tiny_config("swe_agent", tmp_path)
     parts = B.build(cfg)
     loss = warm_start(parts, swe_sft_rows(512, seed=12345, copy=COPY, **cfg.agentic.task_args),
