@@ -124,8 +124,8 @@ def test_grpo_raises_the_heldout_swe_score(tmp_path):
     Then the config's ``stage.steps`` GRPO steps (reward 1 iff FAIL_TO_PASS and PASS_TO_PASS
     pass in the sandbox). Claim, as for the lookup: the held-out score (``eval.prompts`` 32
     tasks × ``eval.k`` 4 episodes, temperature 1) gains at least two standard errors of the
-    gain. Measured: 0.172 -> 0.438, standard error of the gain 0.055 (4.8 of them); slow: about
-    30 min on 2 cores shared with other jobs (load average 6-8). docs/agentic.md §6."""
+    gain. Measured: 0.172 -> 0.438, standard error of the gain 0.055 (4.8 of them); slow: 23 min
+    on 2 cores shared with other jobs (load average 5-7). docs/agentic.md §6."""
     cfg = tiny_config("swe_agent", tmp_path)
     parts = B.build(cfg)
     loss = warm_start(parts, swe_sft_rows(512, seed=12345, copy=COPY, **cfg.agentic.task_args),

@@ -21,10 +21,10 @@ from cascade_jax.agentic.episode import EpisodeLimits, ScriptedPolicy, run_episo
 from cascade_jax.agentic.render import ChatRenderer
 from cascade_jax.agentic.swe import (SWE_TOOLS, SWEEnv, evaluate_workspace, swe_sft_rows,
                                      swe_solution, task_test_ids)
-from cascade_jax.agentic.swe_tasks import (ARITH_FUNCTIONS, fix_candidates, gold_edit, materialize,
-                                           swe_tasks)
-from cascade_jax.data.chat import render_chat
+from cascade_jax.agentic.swe_tasks import (ARITH_FUNCTIONS, FUNCTIONS, fix_candidates, gold_edit,
+                                           materialize, swe_tasks)
 from cascade_jax.agentic.tools import ToolLimits, Workspace
+from cascade_jax.data.chat import render_chat
 from cascade_jax.data.tokenizer import tiny_tokenizer
 from cascade_jax.rewards import sandbox
 from cascade_jax.rewards.tool_call import format_tool_call as call
@@ -176,7 +176,10 @@ def test_tiny_task_family(monkeypatch):
         assert len(cands) == 3 and new in cands and old in cands
         assert [c.replace("+", "-").replace("*", "-") for c in cands] == [new.replace(
             "+", "-").replace("*", "-")] * 3
-    assert fix_candidates(swe_tasks(1, seed=0)[0])  # lines without + - * have the fix only
+    line = {"metadata": {"fix": ("    for x in xs[1:]:\n", "    for x in xs:\n")}}
+    assert fix_candidates(line) == ["    for x in xs:"]  # no operator: the fix only
+    fact = {"metadata": {"fix": FUNCTIONS["factorial"][1][::-1]}}
+    assert fix_candidates(fact) == [f"    for k in range(1, n {o} 1):" for o in "+-*"]
     with tracked_sandbox(monkeypatch):
         for t in tasks[:2]:
             ids = t["FAIL_TO_PASS"] + t["PASS_TO_PASS"]

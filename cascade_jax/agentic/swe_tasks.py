@@ -10,7 +10,7 @@ one-operator change (``+``, ``-``, ``*``). Fields, as SWE-bench / SWE-Gym name t
 ``instance_id``        ``tiny__<package>-<seed>-<n>``
 ``repo``               the package name
 ``files``              the repository snapshot ``{path: text}`` (the buggy package, its
-                       ``tests/test_core.py`` covering the three correct functions)
+                       ``tests/test_core.py`` covering the correct functions)
 ``problem_statement``  the issue: the buggy function, an input, the expected and the actual result
 ``patch``              the gold fix (unified diff, ``a/`` ``b/`` prefixes)
 ``test_patch``         adds ``tests/test_issue.py`` with the tests of the buggy function
