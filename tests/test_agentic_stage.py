@@ -239,8 +239,8 @@ def test_swe_agent_config_runs_a_step(tmp_path):
     """``configs/tiny/swe_agent.json`` (the agentic SWE stage over the generated tiny SWE tasks)
     builds and runs one GRPO step through the Stage, its batch and group sizes cut to 1 task ×
     2 episodes of at most 2 turns of 8 tokens (the config's row length kept); the episodes'
-    rewards are the sandboxed test runs' (0 or 1). Slow (about 1 min on 2 shared cores: the
-    1,664-token rows compile); the config's loading is in ``test_agentic_config_checks``."""
+    rewards are the sandboxed test runs' (0 or 1). Slow (the 576-token rows compile); the
+    config's loading is in ``test_agentic_config_checks``."""
     cfg = C.load(ROOT / "configs" / "tiny" / "swe_agent.json")
     assert cfg.agentic.env == "swe" and cfg.data.domains == ("swe",)
     T = cfg.rollout.sampling.max_prompt_len + cfg.rollout.sampling.max_response_len

@@ -16,7 +16,7 @@ from .env import Environment, Reset, Step, Tool, ToolEnvironment, tool_spec
 from .episode import Episode, EpisodeLimits, EpisodeRun, ScriptedPolicy, run_episode
 from .lookup import LookupEnv, lookup_tasks, score_lookup
 from .render import AssistantTurn, ChatRenderer, EpisodeRow, RenderError
-from .swe import SWEEnv, evaluate_workspace
+from .swe import SWEEnv, evaluate_workspace, swe_sft_rows
 from .swe_tasks import swe_tasks
 from .tools import ToolLimits, ToolResult, Workspace
 
@@ -24,4 +24,4 @@ __all__ = ["DriverStats", "pack_episodes", "run_episodes", "Environment", "Reset
            "ToolEnvironment", "tool_spec", "Episode", "EpisodeLimits", "EpisodeRun",
            "ScriptedPolicy", "run_episode", "LookupEnv", "lookup_tasks", "score_lookup",
            "AssistantTurn", "ChatRenderer", "EpisodeRow", "RenderError", "SWEEnv",
-           "evaluate_workspace", "swe_tasks", "ToolLimits", "ToolResult", "Workspace"]
+           "evaluate_workspace", "swe_sft_rows", "swe_tasks", "ToolLimits", "ToolResult", "Workspace"]

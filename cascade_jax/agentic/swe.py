@@ -30,12 +30,15 @@ import re
 import shlex
 from typing import Any, Mapping, Optional
 
+import numpy as np
+
 from .env import Reset, Tool, ToolEnvironment, tool_spec
 from .render import AssistantTurn
-from .swe_tasks import materialize
+from .swe_tasks import fix_candidates, gold_edit, materialize, swe_tasks
 from .tools import REPO_MOUNT, ToolLimits, Workspace
 
-__all__ = ["SWEEnv", "SWE_TOOLS", "SWE_SYSTEM", "task_test_ids", "evaluate_workspace"]
+__all__ = ["SWEEnv", "SWE_TOOLS", "SWE_SYSTEM", "task_test_ids", "evaluate_workspace",
+           "swe_prompt", "swe_solution", "swe_sft_rows"]
 
 SWE_SYSTEM = ("You are a software engineer. The repository is checked out at /repo. Fix the issue "
               "the user describes by editing the code with the tools; run commands to explore "
@@ -100,6 +103,13 @@ def evaluate_workspace(ws: Workspace, task: Mapping[str, Any]) -> tuple[float, d
                            "tests": outcome}
 
 
+def swe_prompt(task: Mapping[str, Any]) -> tuple[dict, dict]:
+    """The episode's first messages: the system prompt and the issue."""
+    user = (f"<issue>\n{task['problem_statement']}\n</issue>\n"
+            f"The repository is at {REPO_MOUNT}. Fix the issue.")
+    return {"role": "system", "content": SWE_SYSTEM}, {"role": "user", "content": user}
+
+
 class SWEEnv(ToolEnvironment):
     """One SWE episode (module doc). ``limits``: the tools' sandbox limits and quotas."""
 
@@ -119,10 +129,7 @@ class SWEEnv(ToolEnvironment):
             raise ValueError("problem_statement: a SWE task needs the issue text")
         self.task = task
         self.ws = Workspace(materialize(task), self.limits)
-        user = (f"<issue>\n{task['problem_statement']}\n</issue>\n"
-                f"The repository is at {REPO_MOUNT}. Fix the issue.")
-        return Reset(({"role": "system", "content": SWE_SYSTEM}, {"role": "user", "content": user}),
-                     SWE_TOOLS)
+        return Reset(swe_prompt(task), SWE_TOOLS if task.get("declare_tools", True) else None)
 
     def _bash(self, command: str) -> str:
         return self.ws.run_shell(command).text
@@ -155,3 +162,53 @@ class SWEEnv(ToolEnvironment):
     def close(self) -> None:
         if self.ws is not None:
             self.ws.close()
+
+
+def swe_solution(task: Mapping[str, Any], new_str: Optional[str] = None) -> list[tuple[str, dict]]:
+    """The canonical episode's tool calls ``[(name, arguments)]``: view the module, replace the
+    bug's line by ``new_str`` (default the fix, :func:`~.swe_tasks.gold_edit`), finish."""
+    path, old, fix = gold_edit(task)
+    return [("str_replace_editor", {"command": "view", "path": path}),
+            ("str_replace_editor", {"command": "str_replace", "path": path, "old_str": old,
+                                    "new_str": fix if new_str is None else new_str}),
+            ("finish", {})]
+
+
+def swe_sft_rows(n: int, seed: int = 0, *, copy: float = 1.0, limits: ToolLimits = ToolLimits(),
+                 **task_args) -> list[dict]:
+    """``n`` SFT rows ``{"messages"[, "tools"]}`` (the ``jsonl`` source layout): the canonical
+    episode (:func:`swe_solution`) of :func:`~.swe_tasks.swe_tasks` ``(n, seed, **task_args)`` as
+    the episode renders it (system, issue, three assistant tool calls, the tools' observations).
+    The observations are the real tools' output in the sandbox (one run per distinct module
+    text and edit: the only inputs of the view and the replacement). ``copy``: the share of
+    rows whose replacement is the fix; the others replace the bug's line by a uniform draw from
+    :func:`~.swe_tasks.fix_candidates` (seeded by ``seed``; one of three is the fix for the
+    arithmetic family), so a warm start learns the scaffold from a demonstrator that fixes the
+    task with chance ``copy + (1 - copy) / 3``."""
+    if not 0.0 <= copy <= 1.0:
+        raise ValueError(f"copy: the share of rows writing the fix must be in [0, 1], got {copy}")
+    draw = np.random.default_rng([seed, 1])
+    seen: dict = {}
+    rows = []
+    for task in swe_tasks(n, seed=seed, **task_args):
+        cands = fix_candidates(task)
+        pick = cands[int(draw.integers(0, len(cands)))]
+        new_str = gold_edit(task)[2] if draw.random() < copy else pick
+        calls = swe_solution(task, new_str)
+        key = json.dumps([task["files"][calls[0][1]["path"]], calls], sort_keys=True)
+        if key not in seen:
+            env = SWEEnv(limits)
+            try:
+                env.reset(task)
+                seen[key] = [env.call(name, a) for name, a in calls[:-1]]
+            finally:
+                env.close()
+        msgs = list(swe_prompt(task))
+        for (name, args), obs in zip(calls, seen[key] + [None]):
+            msgs.append({"role": "assistant", "content": "", "tool_calls": [
+                {"type": "function", "function": {"name": name, "arguments": args}}]})
+            if obs is not None:
+                msgs.append({"role": "tool", "content": obs})
+        rows.append({"messages": msgs,
+                     **({"tools": list(SWE_TOOLS)} if task["declare_tools"] else {})})
+    return rows

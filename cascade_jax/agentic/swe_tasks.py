@@ -1,13 +1,16 @@
 """Seeded small Python repositories with SWE-bench-format tasks (for tests and the tiny preset).
 
-Each task is a one-module package with four functions drawn from :data:`FUNCTIONS`; one of them
-carries an injected bug (a mutated line). Fields, as SWE-bench / SWE-Gym name them:
+Each task is a one-module package with ``n_functions`` (default four) functions drawn from
+``functions`` (default :data:`DEFAULT_FUNCTIONS`, names of :data:`FUNCTIONS`); one of them carries
+an injected bug (a mutated line). The tiny preset's family (``configs/tiny/swe_agent.json``) is
+``functions=ARITH_FUNCTIONS``, ``n_functions=1``, one package: one-line functions whose bug is a
+one-operator change (``+``, ``-``, ``*``). Fields, as SWE-bench / SWE-Gym name them:
 
 =====================  ==========================================================================
 ``instance_id``        ``tiny__<package>-<seed>-<n>``
 ``repo``               the package name
 ``files``              the repository snapshot ``{path: text}`` (the buggy package, its
-                       ``tests/test_core.py`` covering the three correct functions)
+                       ``tests/test_core.py`` covering the correct functions)
 ``problem_statement``  the issue: the buggy function, an input, the expected and the actual result
 ``patch``              the gold fix (unified diff, ``a/`` ``b/`` prefixes)
 ``test_patch``         adds ``tests/test_issue.py`` with the tests of the buggy function
@@ -34,7 +37,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-__all__ = ["FUNCTIONS", "swe_tasks", "unified_diff", "materialize", "gold_edit"]
+__all__ = ["FUNCTIONS", "DEFAULT_FUNCTIONS", "ARITH_FUNCTIONS", "OPERATORS", "swe_tasks",
+           "unified_diff", "materialize", "gold_edit", "fix_candidates"]
 
 #: name -> (correct source, (correct line, buggy line), input generator name)
 FUNCTIONS = {
@@ -55,7 +59,20 @@ FUNCTIONS = {
     "reverse_words": ("def reverse_words(text):\n    return ' '.join(text.split()[::-1])\n",
                       ("    return ' '.join(text.split()[::-1])\n",
                        "    return ' '.join(text.split()[1::-1])\n"), "words"),
+    "add": ("def add(a, b):\n    return a + b\n",
+            ("    return a + b\n", "    return a - b\n"), "pair"),
+    "sub": ("def sub(x, y):\n    return x - y\n",
+            ("    return x - y\n", "    return x + y\n"), "pair"),
+    "mul": ("def mul(m, n):\n    return m * n\n",
+            ("    return m * n\n", "    return m + n\n"), "pair"),
 }
+#: the default draw (the four-function repositories)
+DEFAULT_FUNCTIONS = ("clamp", "factorial", "is_even", "maximum", "mean", "reverse_words", "total")
+#: the tiny preset's one-line functions (the bug: one operator of :data:`OPERATORS`; distinct
+#: argument names, so no function's line is another's buggy line)
+ARITH_FUNCTIONS = ("add", "mul", "sub")
+#: the operators a fix candidate may put in the bug's line (:func:`fix_candidates`)
+OPERATORS = ("+", "-", "*")
 _PACKAGES = ("mathkit", "numtools", "calclib", "arith", "smallops", "listutil")
 _WORDS = ("red", "blue", "green", "cat", "dog", "sun", "moon", "tree")
 
@@ -65,6 +82,8 @@ def _inputs(kind: str, rng: np.random.Generator) -> tuple:
         return ([int(v) for v in rng.integers(-9, 10, int(rng.integers(2, 6)))],)
     if kind == "int":
         return (int(rng.integers(-50, 50)),)
+    if kind == "pair":
+        return (int(rng.integers(1, 10)), int(rng.integers(1, 10)))
     if kind == "small":
         return (int(rng.integers(2, 7)),)
     if kind == "clamp":
@@ -92,17 +111,26 @@ def _test_fn(test_name: str, fn: str, args: tuple, expected) -> str:
     return f"def {test_name}():\n    assert {fn}(*{args!r}) == {expected!r}\n"
 
 
-def swe_tasks(n: int, seed: int = 0) -> list[dict]:
-    """``n`` task rows (module doc), deterministic in ``seed``."""
-    if n < 0:
-        raise ValueError(f"n: must be >= 0, got {n}")
+def swe_tasks(n: int, seed: int = 0, *, functions=DEFAULT_FUNCTIONS, n_functions: int = 4,
+              packages=_PACKAGES, declare_tools: bool = True) -> list[dict]:
+    """``n`` task rows (module doc), deterministic in ``seed``: each a package named from
+    ``packages`` with ``n_functions`` distinct functions of ``functions`` (names of
+    :data:`FUNCTIONS`), one of them buggy. ``declare_tools=False`` marks the tasks to start
+    without the tool spec in the prompt (the template's ~1,000-token tool block): a model SFT'd
+    on the scaffold's canonical episodes knows the tools (the tiny stage's short rows)."""
+    functions, packages = tuple(functions), tuple(packages)
+    unknown = [f for f in functions if f not in FUNCTIONS]
+    if n < 0 or unknown or not 1 <= n_functions <= len(functions) or not packages:
+        raise ValueError(f"n / functions / n_functions / packages: need n >= 0, names of FUNCTIONS "
+                         f"(unknown: {unknown}), 1 <= n_functions <= len(functions) and a package "
+                         f"name, got {n}, {n_functions} of {len(functions)}, {packages!r}")
     rng = np.random.default_rng(seed)
-    names = sorted(FUNCTIONS)
+    names = sorted(functions)
     out = []
     for t in range(n):
-        pkg = _PACKAGES[int(rng.integers(0, len(_PACKAGES)))]
-        chosen = [names[int(i)] for i in rng.choice(len(names), size=4, replace=False)]
-        bug = chosen[int(rng.integers(0, 4))]
+        pkg = packages[int(rng.integers(0, len(packages)))]
+        chosen = [names[int(i)] for i in rng.choice(len(names), size=n_functions, replace=False)]
+        bug = chosen[int(rng.integers(0, n_functions))]
         good_src = "\n\n".join(FUNCTIONS[f][0] for f in chosen)
         right, wrong = FUNCTIONS[bug][1]
         bug_src = FUNCTIONS[bug][0].replace(right, wrong)
@@ -143,6 +171,7 @@ def swe_tasks(n: int, seed: int = 0) -> list[dict]:
             "FAIL_TO_PASS": f2p,
             "PASS_TO_PASS": p2p,
             "metadata": {"buggy_function": bug, "fix": (wrong, right), "module": f"{pkg}/core.py"},
+            "declare_tools": bool(declare_tools),
         })
     return out
 
@@ -152,6 +181,19 @@ def gold_edit(task: Mapping[str, Any]) -> tuple[str, str, str]:
     meta = task["metadata"]
     wrong, right = meta["fix"]
     return meta["module"], wrong.rstrip("\n"), right.rstrip("\n")
+
+
+def fix_candidates(task: Mapping[str, Any]) -> list[str]:
+    """The replacements of the bug's line a demonstrator may write (``new_str``, no newline):
+    the correct line with its first operator of :data:`OPERATORS` replaced by each of them, in
+    that order (one is the fix, one the bug itself for a one-operator bug); a line without such
+    an operator has the fix as its only candidate."""
+    right = task["metadata"]["fix"][1].rstrip("\n")
+    hits = [(right.find(f" {op} "), op) for op in OPERATORS if f" {op} " in right]
+    if not hits:
+        return [right]
+    at, op = min(hits)
+    return [right[:at] + f" {o} " + right[at + len(op) + 2:] for o in OPERATORS]
 
 
 _SNAPSHOTS: dict = {}
