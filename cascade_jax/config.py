@@ -478,7 +478,9 @@ class DataConfig:
 
     RL: ``batch_prompts`` prompts per step (times ``oversample`` for dynamic filtering) drawn
     from ``domains`` (empty: every domain in the sources) with ``domain_weights`` (empty:
-    proportional to the rows per domain). SFT: ``batch_rows`` packed rows of ``seq_len`` tokens
+    proportional to the rows per domain); ``domain_draw``: how a batch's per-domain counts are
+    drawn from the weights, ``multinomial`` (independent draws) or ``stratified`` (every domain
+    gets ``floor`` or ``ceil`` of its expected count, same expectation; ``cascade_jax.data.prompts``). SFT: ``batch_rows`` packed rows of ``seq_len`` tokens
     per step; examples longer than ``seq_len`` are dropped or truncated (``overlong``);
     ``pack_buffer`` examples of look-ahead for packing. ``on_bad_row``: ``error`` (naming
     file:line) or ``skip`` (counted). ``tokenizer``: directory with ``tokenizer.json`` (default:
@@ -490,6 +492,7 @@ class DataConfig:
     sources: tuple[DataSource, ...] = (DataSource(format="tiny"),)
     domains: tuple = ()
     domain_weights: dict = dataclasses.field(default_factory=dict)
+    domain_draw: Literal["multinomial", "stratified"] = "multinomial"
     batch_prompts: int = 128
     oversample: float = 1.0
     batch_rows: int = 1

@@ -44,6 +44,21 @@ def test_verdicts_hand_computed():
     assert not x["held"] and "MOPD reaches it at never" in x["numbers"]
 
 
+def test_final_near_teacher_verdict_hand_computed():
+    """Held iff MOPD's last seed mean >= teacher - tolerance; GRPO's curve plays no part."""
+    spec = S.spec_from_dict({**SPEC, "claims": [
+        {"name": "math_near", "kind": "final_near_teacher", "domain": "math", "tolerance": 0.05},
+        {"name": "mcq_near", "kind": "final_near_teacher", "domain": "mcq", "tolerance": 0.05}]})
+    # MOPD math seeds end 0.79 / 0.80 / 0.81 (mean 0.80); mcq ends 0.6 on every seed
+    curves = _curves([0.2, 0.6, 0.8, 0.8], [0.9] * 4, [0.3, 0.4, 0.5, 0.6], [0.9] * 4)
+    v = {x["claim"]: x for x in S.verdicts(spec, curves, {"math": 0.84, "mcq": 0.66})}
+    assert v["math_near"]["held"] and math.isclose(v["math_near"]["level"], 0.79)
+    assert not v["mcq_near"]["held"] and math.isclose(v["mcq_near"]["level"], 0.61)
+    assert "MOPD 0.600" in v["mcq_near"]["numbers"] and "teacher 0.660" in v["mcq_near"]["numbers"]
+    with pytest.raises(S.StudyError, match="no teacher score for domain 'mcq'"):
+        S.verdicts(spec, curves, {"math": 0.84})
+
+
 def test_regressions_reported():
     curves = _curves([0.2, 0.6, 0.8, 0.8], [0.2] * 4, [0.5, 0.4, 0.3, 0.2], [0.5] * 4)
     r = {(x["method"], x["domain"]): x for x in S.regressions(curves, ["math", "mcq"])}
@@ -60,6 +75,8 @@ def test_regressions_reported():
     ({"claims": [{"name": "a", "kind": "final_gain", "domain": "code", "margin": 0}]},
      "domain 'code' is not among"),
     ({"stepz": 3}, "unknown key\\(s\\) stepz"),
+    ({"claims": [{"name": "a", "kind": "final_near_teacher", "domain": "math", "margin": 0.1}]},
+     "unknown key\\(s\\) margin"),
 ])
 def test_bad_study_configs(patch, match):
     with pytest.raises(S.StudyError, match=match):

@@ -88,6 +88,37 @@ def test_mixing_weights_55_30_15():
     assert it2.weights == {"math": 0.5, "mcq": 0.5}
 
 
+
+def test_stratified_draws_keep_each_count_within_one_of_its_expectation():
+    """``data.domain_draw=stratified``: ``c_d`` in ``{floor(B w_d), ceil(B w_d)}`` in every batch,
+    the batch size exact, and the long-run share of each domain equal to its weight up to the
+    rounding of one batch (independent of the multinomial's spread)."""
+    weights = {"math": 0.55, "mcq": 0.30, "rlhf": 0.15}
+    cfg = _cfg('data.domains=["math", "mcq", "rlhf"]', f"data.domain_weights={json.dumps(weights)}",
+               "data.batch_prompts=8", "data.domain_draw=stratified")
+    it = prompt_batches(cfg, TOK)
+    total, n_batches = Counter(), 300
+    for _ in range(n_batches):
+        c = Counter(next(it).domains)
+        assert sum(c.values()) == 8
+        for d, w in weights.items():
+            assert c[d] in (math.floor(8 * w), math.ceil(8 * w)), (d, c)
+        total.update(c)
+    # systematic sampling with a uniform offset: E[c_d] = 8 w_d; the share's std over 300
+    # batches <= 0.5 / 8 / sqrt(300) = 0.0036, so 0.012 is more than 3 standard deviations
+    for d, w in weights.items():
+        assert abs(total[d] / (8 * n_batches) - w) < 0.012, (d, total[d] / (8 * n_batches))
+    # equal weights over 6 domains, 8 prompts: every domain in every batch (the multinomial
+    # leaves one out with probability 1 - 6! S(8, 6) / 6^8 = 0.89 per batch)
+    six = ["math", "instruction_following", "tool_call", "mcq", "structured_output", "rlhf"]
+    it6 = prompt_batches(_cfg(f"data.domains={json.dumps(six)}", "data.batch_prompts=8",
+                              "data.domain_draw=stratified"), TOK)
+    for _ in range(20):
+        c = Counter(next(it6).domains)
+        assert set(c) == set(six) and sorted(c.values()) == [1, 1, 1, 1, 2, 2], c
+    multi = prompt_batches(_cfg(f"data.domains={json.dumps(six)}", "data.batch_prompts=8"), TOK)
+    assert any(len(set(next(multi).domains)) < 6 for _ in range(20))
+
 _RESUME = """
 import json, sys
 from cascade_jax import config as C

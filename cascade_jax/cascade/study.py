@@ -14,6 +14,8 @@ Claim kinds (``curves[method] = {"steps": [...], "scores": {domain: [mean over s
   the teacher's level in fewer steps than GRPO".
 - ``final_gain`` (``domain``, ``margin``): held iff ``mean_mopd(last) - mean_grpo(last) >=
   margin`` -- "at matched steps MOPD scores at least ``margin`` higher".
+- ``final_near_teacher`` (``domain``, ``tolerance``): held iff ``mean_mopd(last) >= teacher -
+  tolerance`` -- "after MOPD the domain is within ``tolerance`` of its teacher or above it".
 
 Regressions of other domains are reported (``regressions``), never asserted.
 """
@@ -46,7 +48,8 @@ class StudyError(ValueError):
 
 
 _KINDS = {"steps_to_teacher": {"domain", "tolerance", "margin_steps"},
-          "final_gain": {"domain", "margin"}}
+          "final_gain": {"domain", "margin"},
+          "final_near_teacher": {"domain", "tolerance"}}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,7 +203,16 @@ def verdicts(spec: StudySpec, curves: Mapping[str, Mapping[str, dict]],
     for c in spec.claims:
         sm, mm, mat_m = seed_mean(curves["mopd"], c.domain)
         sg, mg, mat_g = seed_mean(curves["grpo"], c.domain)
-        if c.kind == "steps_to_teacher":
+        if c.kind in ("steps_to_teacher", "final_near_teacher") and c.domain not in teacher_scores:
+            raise StudyError(f"claim {c.name!r}: no teacher score for domain {c.domain!r}")
+        if c.kind == "final_near_teacher":
+            level = teacher_scores[c.domain] - c.tolerance
+            held = bool(mm[-1] >= level)
+            nums = (f"at step {int(sm[-1])}: MOPD {mm[-1]:.3f} (seeds {np.round(mat_m[:, -1], 3).tolist()}) "
+                    f"vs teacher {teacher_scores[c.domain]:.3f} - tol {c.tolerance:g} = {level:.3f}")
+            out.append({"claim": c.name, "kind": c.kind, "domain": c.domain, "held": held,
+                        "numbers": nums, "level": level})
+        elif c.kind == "steps_to_teacher":
             if c.domain not in teacher_scores:
                 raise StudyError(f"claim {c.name!r}: no teacher score for domain {c.domain!r}")
             level = teacher_scores[c.domain] - c.tolerance

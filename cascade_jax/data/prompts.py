@@ -13,9 +13,17 @@ canonical rows (:mod:`cascade_jax.data.rows`; a domain is required) and grouped 
 domain; ``data.domains`` restricts the domains (a listed domain without rows is an error). Each
 process keeps the pool elements ``p, p+P, ...`` (disjoint shards).
 
-Batch ``k`` draws its per-domain counts from a multinomial over the domain weights
+Batch ``k`` of ``B`` prompts draws its per-domain counts ``c_d`` from the domain weights ``w_d``
 (``data.domain_weights``; default: proportional to the rows per domain, i.e. the blend of the
-data itself) with a generator seeded by ``(shuffle_seed, k)``; each domain serves prompts from its
+data itself) with a generator seeded by ``(shuffle_seed, k)``, as ``data.domain_draw`` says:
+
+- ``multinomial``: ``c ~ Multinomial(B, w)``; a domain of weight 1/6 gets no prompt in a batch of
+  8 with probability ``(5/6)^8 = 0.23``.
+- ``stratified`` (systematic sampling): with ``u ~ U[0, 1)`` and ``W_d = sum_{e <= d} w_e``,
+  ``c_d = floor(B W_d + u) - floor(B W_{d-1} + u)``, so ``c_d`` is ``floor(B w_d)`` or
+  ``ceil(B w_d)`` and ``E[c_d] = B w_d`` exactly, as for the multinomial, without its spread.
+
+Each domain serves prompts from its
 own permutation of its pool, reshuffled (seed ``(shuffle_seed, domain, epoch)``) at every pass.
 Prompts whose rendering is longer than ``rollout.sampling.max_prompt_len`` tokens (or bad rows, with
 ``data.on_bad_row = "skip"``) are skipped, counted, and replaced by the domain's next prompt;
@@ -131,6 +139,7 @@ class PromptIterator:
             raise DataError(f"data.domain_weights: all weights are 0 for domains {self._domains}")
         self._weights = w / w.sum()
         self.batch_size = math.ceil(data.batch_prompts * data.oversample / process_count)
+        self.domain_draw = data.domain_draw
         self.n_samples = r.n_samples
         self.max_prompt_len = r.max_prompt_len
         self.thinking = r.thinking
@@ -234,7 +243,13 @@ class PromptIterator:
 
     def __next__(self) -> PromptBatch:
         rng = np.random.default_rng([self._seed, self._step, 0x5EED])
-        counts = rng.multinomial(self.batch_size, self._weights)
+        if self.domain_draw == "stratified":
+            edges = np.floor(self.batch_size * np.concatenate([[0.0], np.cumsum(self._weights)])
+                             + rng.random())
+            edges[-1] = edges[0] + self.batch_size  # the cumulative sum may round below 1
+            counts = np.diff(edges).astype(np.int64)
+        else:
+            counts = rng.multinomial(self.batch_size, self._weights)
         picked = []
         for d, c in zip(self._domains, counts):
             picked += [(d, *self._take(d)) for _ in range(int(c))]
