@@ -7,7 +7,8 @@ steps over >= 3 seeds, judged against claims declared in the study config before
 
 Flags: ``--config`` (the study: claims, start stage, steps, seeds; the steps of the runs are set
 there), ``--cascade-dir``, ``--study-dir``, ``--preset``, ``--cascade-set KEY=VALUE``
-(repeatable), ``--no-progress``. If the cascade dir has not finished the study's start stage,
+(repeatable), ``--seeds S,S,S`` (the same claims on another seed set: a replication, in its
+own study dir), ``--no-progress``. If the cascade dir has not finished the study's start stage,
 the cascade runs up to it first -- in the default ``runs/cascade``, or in a ``--cascade-dir``
 that holds a cascade (``cascade_state.json``); a ``--cascade-dir`` that does not is an error
 (a mistyped path would otherwise start a whole new cascade).
@@ -46,6 +47,9 @@ def main(argv=None) -> int:
     ap.add_argument("--preset", default="tiny", help="cascade preset (tiny, nano-30b-a3b)")
     ap.add_argument("--cascade-set", dest="cascade_overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="overrides for the cascade stages, if the cascade must run first")
+    ap.add_argument("--seeds", default=None, metavar="S,S,S",
+                    help="run the declared claims on these seeds (>= 3) instead of the study's own: "
+                         "a replication on another seed set, in its own --study-dir")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
 
@@ -66,15 +70,21 @@ def main(argv=None) -> int:
                                f"{P.STATE_FILE}); pass the dir a cascade ran in, or leave the "
                                f"flag out to run one in runs/cascade")
         spec = S.load_spec(args.config)
+        seeds = None
+        if args.seeds is not None:
+            try:
+                seeds = [int(x) for x in args.seeds.split(",")]
+            except ValueError:
+                raise S.StudyError(f"--seeds {args.seeds!r}: expected comma-separated integers") from None
         enable_compilation_cache()
-        S.declare(args.study_dir, spec)  # before any training
+        S.declare(args.study_dir, spec, seeds)  # before any training
         state = P.load_state(args.cascade_dir)["stages"]
         if state.get(spec.start, {}).get("status") != "done":
             upto = list(P.STAGE_NAMES[:P.STAGE_NAMES.index(spec.start) + 1])
             run_cascade(args.cascade_dir, preset=args.preset, overrides=args.cascade_overrides,
                         stages=upto, progress=not args.no_progress)
         res = S.run_study(args.study_dir, spec, cascade_dir=args.cascade_dir, preset=args.preset,
-                          progress=not args.no_progress)
+                          progress=not args.no_progress, seeds=seeds)
     except (S.StudyError, R.RegistryError, C.ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

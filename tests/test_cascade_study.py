@@ -94,6 +94,21 @@ def test_claims_declared_before_and_frozen(tmp_path):
         S.declare(tmp_path, moved)
 
 
+def test_a_replication_on_other_seeds_declares_its_seeds(tmp_path):
+    """``seeds=`` runs the same claims on another seed set: its ``claims.json`` names those seeds
+    (so a study dir never mixes seed sets) and fewer than 3 or repeated seeds are refused."""
+    spec = S.spec_from_dict(SPEC)
+    S.declare(tmp_path / "a", spec, seeds=[3, 4, 5])
+    decl = json.loads((tmp_path / "a" / "claims.json").read_text())
+    assert decl["seeds"] == [3, 4, 5] and decl["claims"] == S.declare(tmp_path / "b", spec)["claims"]
+    assert json.loads((tmp_path / "b" / "claims.json").read_text())["seeds"] == [0, 1, 2]
+    with pytest.raises(S.StudyError, match="declared different claims"):
+        S.declare(tmp_path / "a", spec)  # the declared seeds in a dir that ran 3, 4, 5
+    for bad in ([3, 4], [3, 3, 4]):
+        with pytest.raises(S.StudyError, match="at least 3 distinct seeds"):
+            S.declare(tmp_path / "c", spec, seeds=bad)
+
+
 def test_shipped_study_config_declares_claims():
     spec = S.load_spec(S_PATH)
     assert len(spec.seeds) >= 3 and {c.domain for c in spec.claims} <= set(spec.domains)

@@ -217,6 +217,12 @@ def test_study_mistyped_cascade_dir_is_an_error(tmp_path):
     assert not (tmp_path / "cascde").exists() and not (tmp_path / "s").exists()
 
 
+def test_study_bad_seeds_flag_is_an_error(tmp_path):
+    r = _quick(str(ROOT / "launch" / "study.py"), "--seeds=3,x,5", f"--study-dir={tmp_path / 's'}")
+    _one_error(r, 2, "--seeds '3,x,5'", "comma-separated integers")
+    assert not (tmp_path / "s").exists()
+
+
 def _config_only_hub(d: pathlib.Path) -> pathlib.Path:
     """A directory with the tiny preset's ``config.json`` (enough for checks that need only the
     model's shape; loading weights from it would fail)."""

@@ -153,18 +153,30 @@ def load_spec(path) -> StudySpec:
     return spec_from_dict(d, name=pathlib.Path(path).stem)
 
 
-def declare(study_dir, spec: StudySpec) -> dict:
-    """Write ``claims.json`` (the claims and the settings they are judged under) before any run;
-    if it exists, it must be identical (else :class:`StudyError`). A study the repository's ledger
-    declares must match its declaration there (:func:`ledger.check_declared`)."""
+def _run_seeds(spec: StudySpec, seeds) -> tuple:
+    """The seeds a run uses: the declared ``spec.seeds``, or ``seeds`` (>= 3) for a run of the
+    same claims on another seed set (a replication; the ledger records each run's seeds)."""
+    if seeds is None:
+        return tuple(spec.seeds)
+    seeds = tuple(int(s) for s in seeds)
+    if len(seeds) < 3 or len(set(seeds)) != len(seeds):
+        raise StudyError(f"seeds: at least 3 distinct seeds, got {list(seeds)}")
+    return seeds
+
+
+def declare(study_dir, spec: StudySpec, seeds=None) -> dict:
+    """Write ``claims.json`` (the claims and the settings they are judged under, with the seeds
+    of this run: ``seeds`` or the declared ones) before any run; if it exists, it must be
+    identical (else :class:`StudyError`). A study the repository's ledger declares must match its
+    declaration there (:func:`ledger.check_declared`)."""
     study_dir = pathlib.Path(study_dir)
     try:
         L.check_declared(spec)
     except L.LedgerError as e:
         raise StudyError(str(e)) from None
     decl = {"claims": [dataclasses.asdict(c) for c in spec.claims], "start": spec.start,
-            "steps": spec.steps, "eval_every": spec.eval_every, "seeds": list(spec.seeds),
-            "domains": list(spec.domains)}
+            "steps": spec.steps, "eval_every": spec.eval_every,
+            "seeds": list(_run_seeds(spec, seeds)), "domains": list(spec.domains)}
     path = study_dir / "claims.json"
     if path.exists():
         old = json.loads(path.read_text())
@@ -290,16 +302,18 @@ def method_config(base, method: str, *, teachers, steps: int, eval_every: int, s
 
 
 def run_study(study_dir, spec: StudySpec, *, cascade_dir, preset: str = "tiny",
-              progress: bool = False, log=None) -> dict:
+              progress: bool = False, log=None, seeds=None) -> dict:
     """Declare the claims, run MOPD and GRPO for ``spec.steps`` from the cascade's ``spec.start``
-    export over ``spec.seeds`` (each run resumable), evaluate, and write
-    ``study_result.json`` (curves, teacher scores, verdicts, regressions) plus ``report.md``."""
+    export over ``spec.seeds`` (or ``seeds``: the same claims on another seed set; each run
+    resumable), evaluate, and write ``study_result.json`` (curves, teacher scores, verdicts,
+    regressions) plus ``report.md``."""
     import os
     import sys
 
     log = log or (lambda m: print(m, file=sys.stderr, flush=True))
     study_dir, cdir = pathlib.Path(study_dir), pathlib.Path(cascade_dir)
-    declare(study_dir, spec)
+    declare(study_dir, spec, seeds)
+    seeds = _run_seeds(spec, seeds)
     state = P.load_state(cdir)["stages"]
     if state.get(spec.start, {}).get("status") != "done":
         raise StudyError(f"start stage {spec.start!r} has not finished in {cdir}; run the cascade "
@@ -327,7 +341,7 @@ def run_study(study_dir, spec: StudySpec, *, cascade_dir, preset: str = "tiny",
 
     curves = {"mopd": {}, "grpo": {}}
     for method in ("mopd", "grpo"):
-        for seed in spec.seeds:
+        for seed in seeds:
             run_dir = study_dir / f"{method}_seed{seed}"
             cfg = method_config(base, method, teachers=teachers, steps=spec.steps,
                                 eval_every=spec.eval_every, seed=seed, overrides=spec.overrides,
@@ -338,7 +352,7 @@ def run_study(study_dir, spec: StudySpec, *, cascade_dir, preset: str = "tiny",
                 run_stage(cfg, run_dir, progress=progress, log=log)
             curves[method][str(seed)] = _eval_curve(run_dir, domains, start_scores)
     result = {"start": spec.start, "start_checkpoint": os.path.relpath(start_ck, study_dir),
-              "domains": domains, "seeds": list(spec.seeds), "steps": spec.steps,
+              "domains": domains, "seeds": list(seeds), "steps": spec.steps,
               "teachers": {d: os.path.relpath(p, study_dir) for d, p in teachers.items()},
               "teacher_scores": teacher_scores, "start_scores": start_scores, "curves": curves,
               "verdicts": verdicts(spec, curves, teacher_scores),
