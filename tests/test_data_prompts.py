@@ -119,6 +119,18 @@ def test_stratified_draws_keep_each_count_within_one_of_its_expectation():
     multi = prompt_batches(_cfg(f"data.domains={json.dumps(six)}", "data.batch_prompts=8"), TOK)
     assert any(len(set(next(multi).domains)) < 6 for _ in range(20))
 
+
+def test_heldout_prompts_do_not_depend_on_the_training_draw():
+    """The eval's prompts and their order (hence the engine's sample seeds) are the same whether
+    the stage trains with multinomial or stratified draws: one checkpoint, one score."""
+    from cascade_jax.runner.evaluate import heldout_prompts
+
+    doms = ["math", "rlhf", "structured_output"]
+    got = [heldout_prompts(_cfg(f"data.domains={json.dumps(doms)}", "eval.prompts=16",
+                                f"data.domain_draw={draw}"), TOK, doms)
+           for draw in ("multinomial", "stratified")]
+    assert len(got[0]) == 48 and got[0] == got[1]
+
 _RESUME = """
 import json, sys
 from cascade_jax import config as C

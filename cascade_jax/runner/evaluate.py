@@ -66,11 +66,13 @@ def prompts_of(pb) -> list[EvalPrompt]:
 
 def heldout_prompts(config, tokenizer, domains: Sequence[str]) -> list[EvalPrompt]:
     """``eval.prompts`` prompts per domain from the data pipeline with ``data.shuffle_seed =
-    eval.seed`` (for the tiny domains that seed draws a different, fixed example set)."""
+    eval.seed`` (for the tiny domains that seed draws a different, fixed example set). The
+    prompts and their order do not depend on the training stream's ``data.domain_draw``."""
     out = []
     for dom in domains:
         c = config
         for k, v in (("data.domains", [dom]), ("data.domain_weights", {}),
+                     ("data.domain_draw", "multinomial"),
                      ("data.batch_prompts", config.eval.prompts), ("data.oversample", 1.0),
                      ("data.shuffle_seed", config.eval.seed)):
             c = C.replace_path(c, k, v)
