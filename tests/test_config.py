@@ -113,10 +113,13 @@ def test_overrides_are_validated_together_in_any_order():
 
 #: Stage values changed on purpose after the base existed (each with its reason), applied to the
 #: fixture's side: tiny/rlhf_teacher learned on some seeds only at lr 1e-3 / 20 steps, tiny/if_rl
-#: gained +0.00 .. +0.11 at 8 prompts / 20 steps (issue 24, docs/mopd.md §1, §2).
+#: gained +0.00 .. +0.11 at 8 prompts / 20 steps, tiny/mopd gained half as much rlhf at 8 prompts
+#: x 8 samples with multinomial domain draws (issue 24, docs/mopd.md §1, §2, §5).
 CHANGED_SINCE_BASE = {"tiny/rlhf_teacher": ["optimizer.lr=5e-4", "stage.steps=40",
                                             "stage.dynamic_filtering=true"],
-                      "tiny/if_rl": ["data.batch_prompts=16", "stage.steps=40"]}
+                      "tiny/if_rl": ["data.batch_prompts=16", "stage.steps=40"],
+                      "tiny/mopd": ["data.batch_prompts=16", "rollout.sampling.n_samples=4",
+                                    "data.domain_draw=stratified"]}
 
 
 def test_tiny_stages_compose_to_their_values_before_the_base():
