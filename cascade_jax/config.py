@@ -447,9 +447,8 @@ class DataSource:
     TensorFlow; ``split`` names the split), ``tiny`` (the built-in tiny domains of
     ``cascade_jax.data.tiny``), or ``generated``: the rows a Python function returns, ``path``
     naming it ``module:function``, called as ``function(seed=data.shuffle_seed, **args)`` (e.g.
-    ``cascade_jax.agentic.swe:swe_sft_rows``, the canonical agentic episodes as SFT rows):
-    demonstrations for SFT (the cascade's registry evaluation, which draws its prompts from the
-    first stage's sources, leaves them out).
+    ``cascade_jax.agentic.swe:swe_sft_rows``, the canonical agentic episodes as SFT rows;
+    ``configs/tiny/sft_agentic.json``).
     ``fields``: canonical field -> key in the row (dotted paths reach nested keys), e.g.
     ``{"messages": "conversation", "domain": "env", "metadata.answer": "expected_answer"}``;
     unmapped canonical fields are read under their own name (see ``cascade_jax.data.rows``).

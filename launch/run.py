@@ -221,7 +221,7 @@ def _print_cascade_config(args) -> int:
     try:
         out = {n: C.to_dict(P.stage_config(n, preset=preset, cascade_dir=cdir,
                                            overrides=args.overrides))
-               for n in (s.name for s in P.cascade_stages(preset))}
+               for n in P.STAGE_NAMES}
     except C.ConfigError as e:
         raise E.ConfigError(str(e)) from None
     print(json.dumps(out, indent=2))

@@ -23,7 +23,7 @@ SHORT = ["--set=stage.steps=2", "--set=eval.prompts=1", "--set=eval.k=1",
          "--set=run.checkpoint_every=1", "--set=data.batch_prompts=2", "--set=rollout.sampling.n_samples=2",
          "--set=rollout.sampling.max_response_len=16", "--set=data.batch_rows=2"]
 STAGES = ["sft", "rlhf_teacher", "if_rl", "multi_domain_rl", "mopd", "rlhf", "long_context_rl",
-          "code_rl", "swe_rl", "swe_agent_rl"]
+          "code_rl", "swe_rl"]
 
 
 def _env():
@@ -94,8 +94,6 @@ def test_tiny_cascade_end_to_end_with_kills(tmp_path):
     assert cfg("rlhf_teacher")["model"]["checkpoint"] == str(cdir / "sft/hub")
     assert cfg("if_rl")["model"]["checkpoint"] == str(cdir / "sft/hub")
     assert cfg("swe_rl")["model"]["checkpoint"] == str(cdir / "code_rl/hub")
-    assert cfg("swe_agent_rl")["model"]["checkpoint"] == str(cdir / "swe_rl/hub")
-    assert st["swe_agent_rl"]["episodes"]["domain"] == "swe"  # its own episode evaluation
     # the paper's MOPD teachers, from the registry
     teachers = cfg("mopd")["stage"]["teachers"]
     assert teachers["math"] == str(cdir / "sft/hub")

@@ -10,24 +10,16 @@ from cascade_jax import config as C
 from cascade_jax.cascade import plan as P
 
 
-PAPER = ["sft", "if_rl", "multi_domain_rl", "mopd", "rlhf", "long_context_rl", "code_rl", "swe_rl"]
-
-
-@pytest.mark.parametrize("preset, main", [
-    ("nano-30b-a3b", PAPER),
-    # the tiny cascade ends with agentic SWE RL: its tasks are generated (docs/agentic.md §6);
-    # the paper-scale configs have no agentic task source, so that cascade stops at swe_rl
-    ("tiny", PAPER + ["swe_agent_rl"])])
-def test_order_is_the_papers_with_the_side_branch_before_mopd(preset, main):
-    stages = P.cascade_stages(preset)
-    assert [s.name for s in stages if not s.branch] == main
-    spec = {s.name: s for s in stages}
+def test_order_is_the_papers_with_the_side_branch_before_mopd():
+    main = [s.name for s in P.CASCADE if not s.branch]
+    assert main == ["sft", "if_rl", "multi_domain_rl", "mopd", "rlhf", "long_context_rl",
+                    "code_rl", "swe_rl"]
+    spec = {s.name: s for s in P.CASCADE}
     assert spec["rlhf_teacher"].start == "sft" and spec["rlhf_teacher"].branch
     # each main-line stage starts from the previous main-line stage
     assert [spec[n].start for n in main] == [None] + main[:-1]
-    names = [s.name for s in stages]
+    names = list(P.STAGE_NAMES)
     assert names.index("rlhf_teacher") < names.index("mopd")
-    assert [n for n in P.STAGE_NAMES if n in names] == names  # one order for every preset
 
 
 def test_stage_config_wiring(tmp_path):
@@ -43,8 +35,6 @@ def test_stage_config_wiring(tmp_path):
         P.stage_config("sft", preset="huge", cascade_dir=tmp_path)
     with pytest.raises(C.ConfigError, match="stage.stepz"):
         P.stage_config("sft", preset="nano-30b-a3b", cascade_dir=tmp_path, overrides=["stage.stepz=1"])
-    with pytest.raises(C.ConfigError, match="'swe_agent_rl' is not in the nano-30b-a3b cascade"):
-        P.stage_config("swe_agent_rl", preset="nano-30b-a3b", cascade_dir=tmp_path)
 
 
 def test_state_file_round_trip_and_errors(tmp_path):
@@ -60,10 +50,7 @@ def test_state_file_round_trip_and_errors(tmp_path):
         P.load_state(tmp_path)
 
 
-PAPER_STAGES = [s.name for s in P.cascade_stages("nano-30b-a3b")]
-
-
-@pytest.mark.parametrize("name", PAPER_STAGES)
+@pytest.mark.parametrize("name", P.STAGE_NAMES)
 def test_30b_stage_config_builds_without_allocating(name):
     """Config validates, the model builds abstractly, the optimizer state has a shape."""
     from models import nemotron_h as nh
@@ -92,41 +79,24 @@ def test_tiny_stage_configs_share_shapes():
     prompts of 384 tokens (its tool-declaring system prompt is ~354 tiny tokens), the others
     128 (padding every stage to 384 would cost ~2.5x the train-step time). Every stage trains
     on 64 rows per step except if_rl, which draws 16 prompts per step (128 rows; at 8 it
-    learned on some seeds only: docs/mopd.md §2) and so compiles its own train step, and the
-    agentic swe_agent_rl (tiny only), whose episodes of up to 4 turns need rows of 256 + 320
-    tokens (8 tasks x 4 episodes: 32 rows; configs/tiny/swe_agent.json, docs/agentic.md §6)."""
+    learned on some seeds only: docs/mopd.md §2) and so compiles its own train step."""
     shapes = set()
-    for spec in P.cascade_stages("tiny"):
-        name = spec.name
+    for name in P.STAGE_NAMES:
         cfg = P.load_stage_config(name, "tiny")
         assert cfg.stage.name == name and cfg.model.preset == "tiny"
-        ref = P.load_stage_config("swe_rl" if name == "swe_agent_rl" else name, "nano-30b-a3b")
+        ref = P.load_stage_config(name, "nano-30b-a3b")
         assert cfg.stage.objective == ref.stage.objective
         assert cfg.data.domains == ref.data.domains  # same domains as the 30B stage
         assert cfg.stage.kl_coef == ref.stage.kl_coef and cfg.stage.is_correction == ref.stage.is_correction
         if cfg.stage.objective != "sft":
             r = cfg.rollout.sampling
             shapes.add((r.max_prompt_len, r.max_response_len, cfg.data.batch_prompts * r.n_samples))
-            if not cfg.agentic.env:
-                assert r.max_prompt_len == (384 if "tool_call" in cfg.data.domains else 128), name
-    # (prompt, response, rows)
-    assert shapes == {(128, 48, 64), (384, 48, 64), (128, 48, 128), (256, 320, 32)}, shapes
-
-
-def test_tiny_sft_teaches_the_agentic_stages_scaffold():
-    """The tiny SFT mix holds the canonical episodes of the agentic stage's own task family
-    (``swe_sft_rows`` with the stage's ``agentic.task_args``; that they fit its rows:
-    tests/test_agentic_cascade.py)."""
-    sft, agent = P.load_stage_config("sft", "tiny"), P.load_stage_config("swe_agent_rl", "tiny")
-    gen = [s for s in sft.data.sources if s.format == "generated"]
-    assert [s.path for s in gen] == ["cascade_jax.agentic.swe:swe_sft_rows"]
-    args = dict(gen[0].args)
-    assert {k: args.pop(k) for k in ("n", "copy")} == {"n": 512, "copy": 0.5}
-    assert args == agent.agentic.task_args
+            assert r.max_prompt_len == (384 if "tool_call" in cfg.data.domains else 128), name
+    assert shapes == {(128, 48, 64), (384, 48, 64), (128, 48, 128)}, shapes  # (prompt, response, rows)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", PAPER_STAGES)
+@pytest.mark.parametrize("name", P.STAGE_NAMES)
 def test_30b_stage_config_plans(name):
     """The sharding planner compiles the stage's train step for the 30B model ahead of time on 8
     simulated devices (fsdp) at the stage's sequence length, without allocating weights.

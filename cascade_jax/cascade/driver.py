@@ -15,7 +15,6 @@ resumes from the stage's own checkpoints. MOPD's ``stage.teachers`` come from th
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import pathlib
@@ -28,7 +27,7 @@ from cascade_jax import domains as D
 from cascade_jax.cascade import plan as P
 from cascade_jax.cascade import registry as R
 from cascade_jax.runner import evaluate as E
-from cascade_jax.cascade.report import read_metrics, write_report
+from cascade_jax.cascade.report import write_report
 from cascade_jax.runner import run_stage
 from cascade_jax.runner.build import resolve_init
 
@@ -94,8 +93,7 @@ def run_cascade(cascade_dir: Union[str, os.PathLike], *, preset: str = "tiny",
     """
     log = log or (lambda m: print(m, file=sys.stderr, flush=True))
     cdir = pathlib.Path(cascade_dir)
-    plan = P.cascade_stages(preset)
-    wanted = list(stages) if stages is not None else [s.name for s in plan]
+    wanted = list(stages) if stages is not None else list(P.STAGE_NAMES)
     for n in wanted:  # every stage's config resolves before anything is written
         P.stage_config(n, preset=preset, cascade_dir=cdir, overrides=overrides)
     state = P.load_state(cdir)
@@ -113,11 +111,8 @@ def run_cascade(cascade_dir: Union[str, os.PathLike], *, preset: str = "tiny",
     # Every registry row is evaluated with the same settings: the first stage's rollout and
     # eval sections (its max_prompt_len fits every domain's prompts), whatever each stage trains
     # with, so the score matrix compares checkpoints and nothing else.
-    # Generated sources are SFT demonstrations (the agentic episodes), not evaluation prompts.
     cfg0 = P.stage_config(P.CASCADE[0].name, preset=preset, cascade_dir=cdir,
                           start_checkpoint=base_checkpoint, overrides=overrides)
-    cfg0 = dataclasses.replace(cfg0, data=dataclasses.replace(cfg0.data, sources=tuple(
-        s for s in cfg0.data.sources if s.format != "generated")))
     # The starting model's scores (the first stage's "before").
     if BASE not in R.load_registry(reg_path)["checkpoints"]:
         t0 = time.perf_counter()
@@ -126,7 +121,7 @@ def run_cascade(cascade_dir: Union[str, os.PathLike], *, preset: str = "tiny",
                               eval_s=round(time.perf_counter() - t0, 2))
         log(f"[cascade] base scores: {_fmt(_avg(res))}")
 
-    for spec in plan:
+    for spec in P.CASCADE:
         if spec.name not in wanted:
             continue
         st = P.load_state(cdir)["stages"].get(spec.name, {})
@@ -162,8 +157,7 @@ def run_cascade(cascade_dir: Union[str, os.PathLike], *, preset: str = "tiny",
             hub = os.path.relpath(summary["hub"], cdir) if os.path.isabs(summary["hub"]) else \
                 os.path.relpath(os.path.abspath(summary["hub"]), os.path.abspath(cdir))
             P.update_stage_state(cdir, spec.name, status="trained", hub=hub, wall_s=round(wall, 2),
-                                 resumed_from=summary.get("resumed_from", 0),
-                                 **_episode_scores(cfg, cdir / spec.name))
+                                 resumed_from=summary.get("resumed_from", 0))
         st = P.load_state(cdir)["stages"][spec.name]
         t0 = time.perf_counter()
         res = _registry_eval(spec.name, cfg0, str(cdir / st["hub"]), eval_domains, log)
@@ -178,25 +172,6 @@ def run_cascade(cascade_dir: Union[str, os.PathLike], *, preset: str = "tiny",
         path = write_report(cdir, title=f"Cascade report ({preset})")
         log(f"[cascade] report: {path}")
     return P.load_state(cdir)
-
-
-def _episode_scores(cfg: C.Config, run_dir: pathlib.Path) -> dict:
-    """An agentic stage's own-domain scores: the registry evaluates every checkpoint on one-shot
-    prompts, so a stage of ``agentic.env`` records its own held-out episode evaluation (its
-    ``eval.every`` evaluations in ``metrics.jsonl``: avg@k of ``eval.prompts`` tasks x ``eval.k``
-    episodes and its standard error) at its first and last evaluated step:
-    ``{"episodes": {"domain", "before", "before_se", "before_step", "after", "after_se",
-    "after_step"}}``; ``{}`` for other stages or without an evaluation."""
-    if not cfg.agentic.env:
-        return {}
-    dom, k = C.AGENTIC_DOMAINS[cfg.agentic.env], cfg.eval.k
-    evals = [(m["step"], m[f"eval/{dom}/avg@{k}"], m.get(f"eval/{dom}/se"))
-             for m in read_metrics(run_dir) if f"eval/{dom}/avg@{k}" in m]
-    if not evals:
-        return {}
-    (s0, v0, se0), (s1, v1, se1) = evals[0], evals[-1]
-    return {"episodes": {"domain": dom, "before": v0, "before_se": se0, "before_step": s0,
-                         "after": v1, "after_se": se1, "after_step": s1}}
 
 
 def _fmt(scores: dict) -> str:

@@ -2,11 +2,8 @@
 
 Order (the paper's): SFT -> IF-RL -> multi-domain RL -> MOPD -> RLHF -> long-context RL -> code
 RL -> SWE RL, plus the side branch MOPD needs: an RLHF run started from the SFT checkpoint
-(``rlhf_teacher``). The tiny cascade ends with agentic SWE RL (``swe_agent_rl``: multi-turn
-episodes of the sandboxed SWE scaffold, docs/agentic.md §6), a stage of that preset only (its
-tasks are generated; the paper-scale configs have no agentic task source). Each stage starts
-from the final Hub export of the stage named in its ``start`` field; the first starts from the
-preset (random init) or a given base checkpoint.
+(``rlhf_teacher``). Each stage starts from the final Hub export of the stage named in its
+``start`` field; the first starts from the preset (random init) or a given base checkpoint.
 
 A cascade dir holds one run dir per stage (``<cascade_dir>/<stage>/``), ``teachers.json`` (the
 registry), ``cascade_state.json`` (this module) and the report. The state file records, per stage,
@@ -28,8 +25,8 @@ from typing import Optional, Sequence, Union
 import configs
 from cascade_jax import config as C
 
-__all__ = ["StageSpec", "CASCADE", "STAGE_NAMES", "cascade_stages", "STATE_FILE", "CONFIG_ROOT",
-           "PRESET_DIRS", "stage_config_path", "load_stage_config", "stage_config", "load_state",
+__all__ = ["StageSpec", "CASCADE", "STAGE_NAMES", "STATE_FILE", "CONFIG_ROOT", "PRESET_DIRS",
+           "stage_config_path", "load_stage_config", "stage_config", "load_state",
            "save_state", "update_stage_state"]
 
 
@@ -37,13 +34,11 @@ __all__ = ["StageSpec", "CASCADE", "STAGE_NAMES", "cascade_stages", "STATE_FILE"
 class StageSpec:
     """One cascade stage: ``name`` is its config file stem and run-dir name; ``start`` the stage
     whose final export it starts from (``None``: the base model); ``branch`` marks a side branch
-    (trained and registered as a teacher, but no main-line stage starts from it); ``presets``
-    the presets whose cascade has the stage (``None``: every preset)."""
+    (trained and registered as a teacher, but no main-line stage starts from it)."""
 
     name: str
     start: Optional[str]
     branch: bool = False
-    presets: Optional[tuple[str, ...]] = None
 
 
 #: Execution order. The side branch runs right after SFT, so every MOPD teacher exists before MOPD.
@@ -57,9 +52,7 @@ CASCADE: tuple[StageSpec, ...] = (
     StageSpec("long_context_rl", "rlhf"),
     StageSpec("code_rl", "long_context_rl"),
     StageSpec("swe_rl", "code_rl"),
-    StageSpec("swe_agent_rl", "swe_rl", presets=("tiny",)),
 )
-#: every stage of any preset (the state file's valid keys); :func:`cascade_stages` per preset
 STAGE_NAMES: tuple[str, ...] = tuple(s.name for s in CASCADE)
 STATE_FILE = "cascade_state.json"
 CONFIG_ROOT = configs.root()  # the packaged configs (installed as package data)
@@ -67,20 +60,12 @@ CONFIG_ROOT = configs.root()  # the packaged configs (installed as package data)
 PRESET_DIRS = {"nano-30b-a3b": ".", "tiny": "tiny"}
 
 
-def cascade_stages(preset: str = "tiny") -> tuple[StageSpec, ...]:
-    """The stages of ``preset``'s cascade, in execution order."""
-    if preset not in PRESET_DIRS:
-        raise C.ConfigError(f"--preset: unknown cascade preset {preset!r}; valid: "
-                            f"{', '.join(sorted(PRESET_DIRS))}")
-    return tuple(s for s in CASCADE if s.presets is None or preset in s.presets)
-
-
 def stage_config_path(name: str, preset: str = "tiny", root: pathlib.Path = CONFIG_ROOT) -> pathlib.Path:
     if name not in STAGE_NAMES:
         raise C.ConfigError(f"unknown cascade stage {name!r}; stages: {', '.join(STAGE_NAMES)}")
-    if name not in {s.name for s in cascade_stages(preset)}:
-        raise C.ConfigError(f"cascade stage {name!r} is not in the {preset} cascade; its stages: "
-                            f"{', '.join(s.name for s in cascade_stages(preset))}")
+    if preset not in PRESET_DIRS:
+        raise C.ConfigError(f"--preset: unknown cascade preset {preset!r}; valid: "
+                            f"{', '.join(sorted(PRESET_DIRS))}")
     return (root / PRESET_DIRS[preset] / f"{name}.json").resolve()
 
 

@@ -89,10 +89,7 @@ def _stages(cascade_dir) -> list[str]:
 def own_domain_gains(cascade_dir) -> list[dict]:
     """Per finished stage and each of its own domains: the eval score at its start checkpoint
     and after it, and the gain. The start is the stage named in :data:`plan.CASCADE` (the first
-    stage's start is the registry's ``base`` entry when present). An agentic stage's own domain
-    is its episodes (domain ``"<domain> (episodes)"``): its own held-out episode evaluation at
-    its first and last evaluated step (the cascade state's ``episodes``), not the registry's
-    one-shot prompts."""
+    stage's start is the registry's ``base`` entry when present)."""
     reg = R.load_registry(pathlib.Path(cascade_dir) / R.REGISTRY_FILE)["checkpoints"]
     state = P.load_state(cascade_dir)["stages"]
     out = []
@@ -101,12 +98,6 @@ def own_domain_gains(cascade_dir) -> list[dict]:
         if st.get("status") != "done" or spec.name not in reg:
             continue
         start = spec.start or "base"
-        ep = st.get("episodes")
-        if ep is not None:
-            out.append({"stage": spec.name, "domain": f"{ep['domain']} (episodes)", "start": start,
-                        "before": ep["before"], "after": ep["after"],
-                        "gain": ep["after"] - ep["before"]})
-            continue
         for dom in st.get("domains", []):
             after = reg[spec.name]["scores"].get(dom)
             before = reg.get(start, {}).get("scores", {}).get(dom)

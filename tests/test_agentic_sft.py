@@ -1,32 +1,46 @@
-"""The agentic stage of the tiny cascade (``swe_agent_rl``, docs/agentic.md §6): the SFT mix's
-generated source of canonical SWE episodes, and the stage's own-domain score (its episode
-evaluation, not the registry's one-shot prompts) in the cascade state and report."""
-
-import json
+"""The tiny SFT with the agentic SWE scaffold in its mix (``configs/tiny/sft_agentic.json``,
+docs/agentic.md §6): a ``generated`` data source of the canonical SWE episodes of the agentic
+stage's own task family, mixed with the tiny domains."""
 
 import numpy as np
 import pytest
 
 from cascade_jax import config as C
 from cascade_jax.agentic.swe import swe_sft_rows
-from cascade_jax.cascade import driver as Drv
-from cascade_jax.cascade import plan as P
-from cascade_jax.cascade import registry as R
-from cascade_jax.cascade import report as Rep
 from cascade_jax.data.chat import render_chat
 from cascade_jax.data.rows import DataError
 from cascade_jax.data.sft import Example, example_dataset
 from cascade_jax.data.sources import open_source
 from cascade_jax.runner import build as B
+from tests.runner_support import ROOT
+
+
+def _tiny(name: str) -> C.Config:
+    return C.load(ROOT / "configs" / "tiny" / f"{name}.json")
+
+
+def test_sft_mix_holds_the_agentic_stages_task_family():
+    """The generated source is ``swe_sft_rows`` of the agentic SWE stage's own
+    ``agentic.task_args`` (``configs/tiny/swe_agent.json``), half the rows writing the fix;
+    everything else is the tiny SFT config's."""
+    sft, mix, agent = _tiny("sft"), _tiny("sft_agentic"), _tiny("swe_agent")
+    gen = [s for s in mix.data.sources if s.format == "generated"]
+    assert [s.path for s in gen] == ["cascade_jax.agentic.swe:swe_sft_rows"]
+    args = dict(gen[0].args)
+    assert {k: args.pop(k) for k in ("n", "copy")} == {"n": 512, "copy": 0.5}
+    assert args == agent.agentic.task_args
+    assert [s for s in mix.data.sources if s.format != "generated"] == \
+        [C.DataSource(format="tiny", weight=1 - gen[0].weight)]
+    assert (mix.optimizer, mix.stage.steps, mix.eval) == (sft.optimizer, sft.stage.steps, sft.eval)
 
 
 def test_sft_mix_renders_the_canonical_episodes_whole():
-    """Every generated element of the tiny SFT mix is the canonical episode of
+    """Every generated element of the agentic SFT mix is the canonical episode of
     ``swe_sft_rows(seed=data.shuffle_seed, **args)`` rendered as the chat template renders it
     (token- and mask-identical, nothing dropped as overlong at ``data.seq_len``), and the mix
     draws it at the source's weight: over the first 2000 elements the share is within 3
     binomial standard errors of 0.1 (sd sqrt(0.1 * 0.9 / 2000) = 0.0067)."""
-    cfg = P.load_stage_config("sft", "tiny")
+    cfg = _tiny("sft_agentic")
     tok = B.build_tokenizer(cfg)
     src = next(s for s in cfg.data.sources if s.format == "generated")
     rows = swe_sft_rows(seed=cfg.data.shuffle_seed, **src.args)
@@ -57,30 +71,3 @@ def test_generated_source_errors_name_the_bad_field():
     with pytest.raises(DataError, match="args: .*missing 1 required positional argument: 'n'"):
         open_source(C.DataSource(format="generated", path="cascade_jax.agentic.swe:swe_sft_rows",
                                  args={"copy": 0.5}))
-
-
-def test_agentic_stage_scores_come_from_its_episode_evaluation(tmp_path):
-    """The cascade records an agentic stage's first and last episode evaluation from its
-    ``metrics.jsonl``; the report's own-domain row is that gain, not the registry's one-shot
-    ``swe`` score."""
-    cfg = P.load_stage_config("swe_agent_rl", "tiny")
-    run = tmp_path / "swe_agent_rl"
-    run.mkdir()
-    rows = [{"step": 0, "eval/swe/avg@4": 0.25, "eval/swe/se": 0.04},
-            {"step": 3, "loss": 0.1, "reward/swe": 0.3},
-            {"step": 16, "eval/swe/avg@4": 0.5, "eval/swe/se": 0.05}]
-    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    ep = Drv._episode_scores(cfg, run)["episodes"]
-    assert ep == {"domain": "swe", "before": 0.25, "before_se": 0.04, "before_step": 0,
-                  "after": 0.5, "after_se": 0.05, "after_step": 16}
-    assert Drv._episode_scores(P.load_stage_config("swe_rl", "tiny"), run) == {}
-
-    for name, score in (("swe_rl", 0.9), ("swe_agent_rl", 0.1)):
-        R.register_checkpoint(tmp_path / R.REGISTRY_FILE, name, str(tmp_path / name), {"swe": score})
-    P.update_stage_state(tmp_path, "swe_rl", status="done", domains=["swe"])
-    P.update_stage_state(tmp_path, "swe_agent_rl", status="done", domains=["swe"], episodes=ep)
-    g = {(x["stage"], x["domain"]): x for x in Rep.own_domain_gains(tmp_path)}
-    assert ("swe_agent_rl", "swe") not in g
-    row = g[("swe_agent_rl", "swe (episodes)")]
-    assert row["start"] == "swe_rl" and row["before"] == 0.25 and row["after"] == 0.5
-    np.testing.assert_allclose(row["gain"], 0.25, atol=1e-12)
