@@ -444,8 +444,11 @@ class DataSource:
     ``path``: a file, a glob or a directory (all matching files, sorted); unused for ``tiny``.
     ``format``: ``jsonl`` (plain or ``.gz``), ``parquet``, ``array_record`` (records are UTF-8
     JSON rows), ``tfds`` (a prepared TFDS dataset directory, ArrayRecord files, read without
-    TensorFlow; ``split`` names the split), or ``tiny`` (the built-in tiny domains of
-    ``cascade_jax.data.tiny``).
+    TensorFlow; ``split`` names the split), ``tiny`` (the built-in tiny domains of
+    ``cascade_jax.data.tiny``), or ``generated``: the rows a Python function returns, ``path``
+    naming it ``module:function``, called as ``function(seed=data.shuffle_seed, **args)`` (e.g.
+    ``cascade_jax.agentic.swe:swe_sft_rows``, the canonical agentic episodes as SFT rows;
+    ``configs/tiny/sft_agentic.json``).
     ``fields``: canonical field -> key in the row (dotted paths reach nested keys), e.g.
     ``{"messages": "conversation", "domain": "env", "metadata.answer": "expected_answer"}``;
     unmapped canonical fields are read under their own name (see ``cascade_jax.data.rows``).
@@ -454,11 +457,12 @@ class DataSource:
     """
 
     path: str = ""
-    format: Literal["jsonl", "parquet", "array_record", "tfds", "tiny"] = "jsonl"
+    format: Literal["jsonl", "parquet", "array_record", "tfds", "tiny", "generated"] = "jsonl"
     fields: dict = dataclasses.field(default_factory=dict)
     weight: float = 1.0
     domain: Optional[str] = None
     split: str = "train"
+    args: dict = dataclasses.field(default_factory=dict)
 
     __hash__ = _hash_by_value
 
@@ -467,6 +471,12 @@ class DataSource:
             raise ConfigError(f"weight: must be > 0, got {self.weight}")
         if self.format != "tiny" and not self.path:
             raise ConfigError(f"path: required for format {self.format!r}")
+        if self.format == "generated" and self.path.count(":") != 1:
+            raise ConfigError(f"path: a generated source names its function 'module:function', "
+                              f"got {self.path!r}")
+        if self.args and self.format != "generated":
+            raise ConfigError(f"args: only a generated source takes arguments, not format "
+                              f"{self.format!r}")
         for k, v in self.fields.items():
             if not isinstance(v, str) or not v:
                 raise ConfigError(f"fields.{k}: expected a non-empty row key, got {v!r}")

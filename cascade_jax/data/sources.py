@@ -18,6 +18,9 @@ not parse (reported or skipped downstream, per ``data.on_bad_row``).
   writes).
 * tiny: the built-in tiny domains (``cascade_jax.data.tiny``), ``tiny_rows_per_domain`` rows
   per domain, as ``{"prompt", "response", "domain", "metadata", "tools"}`` rows.
+* generated: the list of rows ``module:function(seed=seed, **source.args)`` returns (the
+  function imported by name when the source opens), e.g. the canonical agentic episodes
+  ``cascade_jax.agentic.swe:swe_sft_rows`` as ``{"messages", "tools"}`` SFT rows.
 
 A missing path, a glob matching nothing, or a source with no rows is a :class:`DataError` when
 the source is opened, before any training starts.
@@ -28,6 +31,7 @@ from __future__ import annotations
 import bisect
 import glob
 import gzip
+import importlib
 import json
 import mmap
 import os
@@ -274,6 +278,31 @@ class TinySource:
         return self._rows[i]
 
 
+class GeneratedSource:
+    """The rows ``function(seed=seed, **args)`` returns, ``function`` named ``module:function``
+    (module doc); locations ``"<module:function>:N"``."""
+
+    def __init__(self, ref: str, args: dict, seed: int):
+        mod, _, name = ref.partition(":")
+        try:
+            fn = getattr(importlib.import_module(mod), name)
+        except (ImportError, AttributeError) as e:
+            raise DataError(f"{ref}: cannot import the generated source's function ({e})") from None
+        try:
+            rows = fn(seed=seed, **args)
+        except TypeError as e:
+            raise DataError(f"{ref}: args: {e}") from None
+        if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+            raise DataError(f"{ref}: expected a list of row dicts, got {type(rows).__name__}")
+        self._rows = [(f"{ref}:{j}", r) for j, r in enumerate(rows)]
+
+    def __len__(self):
+        return len(self._rows)
+
+    def __getitem__(self, i):
+        return self._rows[i]
+
+
 def open_source(source, *, domains: Sequence[str] = (), tiny_rows_per_domain: int = 1024,
                 tiny_near_miss_rate: Optional[float] = None, seed: int = 0, thinking: bool = True):
     """A random-access source for one ``DataSource`` config; errors if missing or empty, or if
@@ -286,6 +315,8 @@ def open_source(source, *, domains: Sequence[str] = (), tiny_rows_per_domain: in
     fmt = source.format
     if fmt == "tiny":
         src = TinySource(domains, tiny_rows_per_domain, seed, thinking, tiny_near_miss_rate)
+    elif fmt == "generated":
+        src = GeneratedSource(source.path, dict(source.args), seed)
     elif fmt == "tfds":
         if not os.path.isdir(source.path):
             raise DataError(f"{source.path}: no such TFDS dataset directory")

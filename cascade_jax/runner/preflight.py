@@ -65,7 +65,7 @@ def check_inputs(config: C.Config) -> None:
             if not os.path.exists(path):
                 missing.setdefault("teachers", []).append(f"stage.teachers.{dom} {path}")
     for i, s in enumerate(config.data.sources):
-        if s.format != "tiny" and s.path and not _exists(s.path):
+        if s.format not in ("tiny", "generated") and s.path and not _exists(s.path):
             missing.setdefault("data", []).append(f"data.sources[{i}].path {s.path}")
     if config.data.tokenizer and not os.path.exists(config.data.tokenizer):
         missing.setdefault("tokenizer", []).append(f"data.tokenizer {config.data.tokenizer}")

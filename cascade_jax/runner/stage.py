@@ -381,10 +381,10 @@ class Stage:
 
     def _heldout_sft(self) -> list:
         """Held-out SFT batches (``ceil(eval.prompts / data.batch_rows)`` of them): the tiny
-        sources regenerated with ``data.shuffle_seed = eval.seed`` (different examples). File
-        sources have no held-out split here: empty (no SFT eval)."""
+        and generated sources regenerated with ``data.shuffle_seed = eval.seed`` (different
+        examples). File sources have no held-out split here: empty (no SFT eval)."""
         cfg = self.config
-        if any(s.format != "tiny" for s in cfg.data.sources):
+        if any(s.format not in ("tiny", "generated") for s in cfg.data.sources):
             return []
         c = C.replace_path(cfg, "data.shuffle_seed", cfg.eval.seed)
         it = data.sft_batches(c, self.tok)
