@@ -490,8 +490,8 @@ class DataConfig:
     from ``domains`` (empty: every domain in the sources) with ``domain_weights`` (empty:
     proportional to the rows per domain); ``domain_draw``: how a batch's per-domain counts are
     drawn from the weights, ``multinomial`` (independent draws) or ``stratified`` (every domain
-    gets ``floor`` or ``ceil`` of its expected count, same expectation; ``cascade_jax.data.prompts``). SFT: ``batch_rows`` packed rows of ``seq_len`` tokens
-    per step; examples longer than ``seq_len`` are dropped or truncated (``overlong``);
+    gets ``floor`` or ``ceil`` of its expected count, same expectation;
+    ``cascade_jax.data.prompts``). SFT: ``batch_rows`` packed rows of ``seq_len`` tokens per step; examples longer than ``seq_len`` are dropped or truncated (``overlong``);
     ``pack_buffer`` examples of look-ahead for packing. ``on_bad_row``: ``error`` (naming
     file:line) or ``skip`` (counted). ``tokenizer``: directory with ``tokenizer.json`` (default:
     ``model.checkpoint``, else the tiny tokenizer). ``num_epochs``: ``None`` repeats forever.
