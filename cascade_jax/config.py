@@ -491,8 +491,9 @@ class DataConfig:
     proportional to the rows per domain); ``domain_draw``: how a batch's per-domain counts are
     drawn from the weights, ``multinomial`` (independent draws) or ``stratified`` (every domain
     gets ``floor`` or ``ceil`` of its expected count, same expectation;
-    ``cascade_jax.data.prompts``). SFT: ``batch_rows`` packed rows of ``seq_len`` tokens per step;
-    examples longer than ``seq_len`` are dropped or truncated (``overlong``); ``pack_buffer`` examples of look-ahead for packing. ``on_bad_row``: ``error`` (naming
+    ``cascade_jax.data.prompts``). SFT: ``batch_rows`` packed rows of ``seq_len`` tokens per
+    step; examples longer than ``seq_len`` are dropped or truncated (``overlong``);
+    ``pack_buffer`` examples of look-ahead for packing. ``on_bad_row``: ``error`` (naming
     file:line) or ``skip`` (counted). ``tokenizer``: directory with ``tokenizer.json`` (default:
     ``model.checkpoint``, else the tiny tokenizer). ``num_epochs``: ``None`` repeats forever.
     The built-in tiny source: ``tiny_rows_per_domain`` rows per domain, of which a share
