@@ -193,6 +193,10 @@ def test_tiny_task_family(monkeypatch):
         swe_tasks(1, functions=("add", "div"))
     with pytest.raises(ValueError, match=r"n_functions"):
         swe_tasks(1, functions=("add",), n_functions=2)
+    with pytest.raises(ValueError, match=r"^n: must be >= 0, got -1"):
+        swe_tasks(-1)
+    with pytest.raises(ValueError, match=r"^packages: at least one"):
+        swe_tasks(1, packages=())
 
 
 @pytest.mark.timeout(120)

@@ -120,10 +120,15 @@ def swe_tasks(n: int, seed: int = 0, *, functions=DEFAULT_FUNCTIONS, n_functions
     on the scaffold's canonical episodes knows the tools (the tiny stage's short rows)."""
     functions, packages = tuple(functions), tuple(packages)
     unknown = [f for f in functions if f not in FUNCTIONS]
-    if n < 0 or unknown or not 1 <= n_functions <= len(functions) or not packages:
-        raise ValueError(f"n / functions / n_functions / packages: need n >= 0, names of FUNCTIONS "
-                         f"(unknown: {unknown}), 1 <= n_functions <= len(functions) and a package "
-                         f"name, got {n}, {n_functions} of {len(functions)}, {packages!r}")
+    if n < 0:
+        raise ValueError(f"n: must be >= 0, got {n}")
+    if unknown:
+        raise ValueError(f"functions: names of functions in FUNCTIONS, unknown: {unknown}")
+    if not 1 <= n_functions <= len(functions):
+        raise ValueError(f"n_functions: must be in [1, {len(functions)}] (the functions given), "
+                         f"got {n_functions}")
+    if not packages:
+        raise ValueError("packages: at least one package name")
     rng = np.random.default_rng(seed)
     names = sorted(functions)
     out = []
