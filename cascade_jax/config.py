@@ -554,6 +554,9 @@ class StageConfig:
     #: MOPD loss normalisation (rl.losses.mopd_loss): "sequence" (the paper's Eq. 4), "token"
     #: (per token over the global batch, NVIDIA's replication) or "domain" (each domain equal)
     loss_norm: Literal["sequence", "token", "domain"] = "sequence"
+    #: MOPD per-domain loss weight λ_d (domain name -> weight >= 0; absent domains weigh 1):
+    #: scales the domain's part of the loss after ``loss_norm`` (rl.losses.mopd_loss)
+    domain_loss_weights: dict = dataclasses.field(default_factory=dict)
 
     __hash__ = _hash_by_value
 
@@ -566,6 +569,13 @@ class StageConfig:
         if self.loss_norm not in ("sequence", "token", "domain"):
             raise ConfigError(f"stage.loss_norm: must be one of ['sequence', 'token', 'domain'], "
                               f"got {self.loss_norm!r}")
+        for k, w in self.domain_loss_weights.items():
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 <= w < float("inf"):
+                raise ConfigError(f"stage.domain_loss_weights.{k}: expected a finite weight >= 0, "
+                                  f"got {w!r}")
+        if self.domain_loss_weights and self.objective != "mopd":
+            raise ConfigError(f"stage.domain_loss_weights: read only by objective 'mopd', this "
+                              f"stage's objective is {self.objective!r}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -340,6 +340,42 @@ def test_mopd_loss_normalisations_hand_computed(per):
     np.testing.assert_allclose(float(jnp.abs(g).sum()), gw.sum(), rtol=1e-6)
 
 
+# λ_3 = 2 (structured_output, B), λ_4 = 0.5 (math, A and C), by hand from the case above:
+#   token:    L = (0.5·5.5 + 2·1) / 7;                share = 0.5·3.5 / (0.5·3.5 + 2·2)
+#   sequence: L = (0.5·0.5/1 + 2·1/4 + 0.5·5/2) / 3 = 2/3;
+#             weights A 0.5·0.5/3, C 0.5·3/6, B 2·2/12 → share = (1/12 + 1/4) / (1/12 + 1/4 + 1/3)
+#   domain:   L = (0.5·5.5/3 + 2·1/4) / 2;            share = (0.5·3.5/6) / (0.5·3.5/6 + 2·2/8)
+HAND_MOPD_WEIGHTED = {"token": (4.75 / 7, 1.75 / 5.75), "sequence": (2 / 3, 0.5),
+                      "domain": ((2.75 / 3 + 0.5) / 2, (1.75 / 6) / (1.75 / 6 + 0.5))}
+
+
+@pytest.mark.parametrize("per", sorted(HAND_MOPD_WEIGHTED))
+def test_mopd_loss_domain_weight_hand_computed(per):
+    """``domain_weight`` λ_d scales each domain's part of the loss after the normalisation:
+    the loss, the gradient (−λ c a per token, w = 1) and the domain's share, by hand."""
+    lp, teacher, mask, dom = _hand_mopd_case()
+    lam = np.ones(9, np.float32)
+    lam[3], lam[4] = 2.0, 0.5
+    f = lambda x: rl.mopd_loss(x, jnp.asarray(teacher), jnp.asarray(lp), jnp.asarray(mask),
+                               normalization=per, domain_index=jnp.asarray(dom), num_domains=9,
+                               domain_weight=jnp.asarray(lam))
+    loss, m = f(jnp.asarray(lp))
+    want_loss, want_share = HAND_MOPD_WEIGHTED[per]
+    np.testing.assert_allclose(float(loss), want_loss, rtol=1e-6)
+    gw = np.asarray(m["domain_grad_weight"])
+    np.testing.assert_allclose(gw[4] / gw.sum(), want_share, rtol=1e-6)
+    g = np.asarray(jax.grad(lambda x: f(x)[0])(jnp.asarray(lp)))
+    np.testing.assert_allclose(np.abs(g).sum(), gw.sum(), rtol=1e-6)
+    # against the unweighted gradient: each token's gradient times its domain's λ
+    g1 = jax.grad(lambda x: rl.mopd_loss(x, jnp.asarray(teacher), jnp.asarray(lp), jnp.asarray(mask),
+                                         normalization=per, domain_index=jnp.asarray(dom),
+                                         num_domains=9)[0])(jnp.asarray(lp))
+    np.testing.assert_allclose(g, np.asarray(g1) * lam[dom], rtol=1e-6)
+    with pytest.raises(ValueError, match="domain_weight needs domain_index"):
+        rl.mopd_loss(jnp.asarray(lp), jnp.asarray(teacher), jnp.asarray(lp), jnp.asarray(mask),
+                     normalization=per, domain_weight=jnp.asarray(lam))
+
+
 def test_mopd_domain_normalisation_micro_batches_sum_to_batch():
     """Rows split in two micro-batches, each given the whole batch's per-domain token counts:
     the two losses sum to the one-batch loss."""

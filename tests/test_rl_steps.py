@@ -16,7 +16,7 @@ import pytest
 
 import cascade_jax.rl as rl
 from cascade_jax import config as C
-from cascade_jax.config import OptimizerConfig, StageConfig
+from cascade_jax.config import ConfigError, OptimizerConfig, StageConfig
 from cascade_jax.rollout import JaxEngine, Request, SamplingParams
 from cascade_jax.rollout.packing import pack_rollouts
 from cascade_jax.runner import build as RB
@@ -281,6 +281,42 @@ def test_mopd_step_loss_norm_and_domain_metrics(norm):
     np.testing.assert_allclose(m1["mopd/loss_share/math"] + m1["mopd/loss_share/structured_output"],
                                1.0, rtol=1e-6)
     assert 0.0 < float(m1["mopd/loss_share/math"]) < 1.0
+
+
+def test_mopd_step_domain_loss_weights():
+    """``stage.domain_loss_weights`` reaches the step: its gradient is ``mopd_loss``'s with
+    ``domain_weight`` λ (math 3, structured_output 0.5, the rest 1), also over micro-batches;
+    unknown domains and bad weights are refused naming the key."""
+    params, batch = make_batch(CFG, seed=8)
+    dom = np.array([4, 3, 4, 4, 3, 4, 3, 4], np.int32)  # math, structured_output
+    batch = batch.replace(domain_ids=jnp.asarray(dom), finish_reason=jnp.zeros((8,), jnp.int32))
+    stage = StageConfig(objective="mopd", loss_norm="token",
+                        domain_loss_weights={"math": 3, "structured_output": 0.5})
+    settings = rl.loss_settings(stage)
+    lam = np.ones(9, np.float32)
+    lam[4], lam[3] = 3.0, 0.5
+    assert settings.domain_weights == tuple(lam.tolist())
+    kw = dict(model_cfg=CFG, compute_dtype=F32, settings=settings)
+    g1, _ = grads_of(jax.jit(functools.partial(rl.mopd_train_step, **kw)), params, batch)
+    g2, _ = grads_of(jax.jit(functools.partial(rl.mopd_train_step, grad_accum=2, **kw)), params, batch)
+    g0, _ = grads_of(jax.jit(functools.partial(rl.mopd_train_step, model_cfg=CFG, compute_dtype=F32,
+                                               settings=rl.loss_settings(dataclasses.replace(
+                                                   stage, domain_loss_weights={})))), params, batch)
+    lp_of = lambda p: rl.token_logprobs(p, batch, CFG)[0]
+    mask = batch.loss_mask * rl.segment_start_mask(batch.segment_ids)
+    dom_tok = jnp.broadcast_to(jnp.asarray(dom)[:, None], mask.shape)
+    want = jax.jit(jax.grad(lambda p: rl.mopd_loss(
+        lp_of(p), batch.teacher_logp, batch.rollout_logp, mask, normalization="token",
+        domain_index=dom_tok, num_domains=9, domain_weight=jnp.asarray(lam))[0]))(params)
+    assert_tree_close(g1, want, 1e-5)
+    assert_tree_close(g2, g1, 1e-5)
+    assert not all(np.allclose(a, b) for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)))
+    with pytest.raises(ConfigError, match="stage.domain_loss_weights.maths: unknown domain"):
+        rl.loss_settings(StageConfig(objective="mopd", domain_loss_weights={"maths": 2}))
+    with pytest.raises(ConfigError, match="stage.domain_loss_weights.math: expected a finite weight"):
+        StageConfig(objective="mopd", domain_loss_weights={"math": -1})
+    with pytest.raises(ConfigError, match="stage.domain_loss_weights: read only by objective 'mopd'"):
+        StageConfig(objective="grpo", domain_loss_weights={"math": 2})
 
 
 def test_finite_differences_sft():

@@ -96,7 +96,8 @@ def mopd_loss(logp: jax.Array, teacher_logp: jax.Array, inference_logp: jax.Arra
               normalization: Literal["sequence", "token", "domain"] = "sequence",
               seq_index: Optional[jax.Array] = None, num_segments: Optional[int] = None,
               num_sequences=None, num_tokens=None, domain_index: Optional[jax.Array] = None,
-              num_domains: Optional[int] = None, domain_tokens: Optional[jax.Array] = None):
+              num_domains: Optional[int] = None, domain_tokens: Optional[jax.Array] = None,
+              domain_weight: Optional[jax.Array] = None):
     """Multi-domain on-policy distillation loss (docs/algorithms.md §6, Eqs. 2–4).
 
     Per sampled token ``y_t`` (sampled from π_inf)::
@@ -104,9 +105,11 @@ def mopd_loss(logp: jax.Array, teacher_logp: jax.Array, inference_logp: jax.Arra
         a_t = sg(lp_teacher,t − lp_t)                      (+ c·Â_seq if ``advantages``)
         r_t = exp(sg(lp_t) − lp_inf,t)
         w_t = r_t · 1[is_low ≤ r_t ≤ is_high]              (masked, not clamped)
-        L   = −Σ_{b,t} mask · c_t · w_t a_t lp_t
+        L   = −Σ_{b,t} mask · λ_d(t) · c_t · w_t a_t lp_t
 
-    with the normalisation coefficient ``c_t`` of ``normalization``:
+    with the normalisation coefficient ``c_t`` of ``normalization`` and the per-domain loss
+    weight ``λ_d`` (``domain_weight``, ``[num_domains]``, default all 1; it scales a domain's
+    part of the loss after normalisation, e.g. ``λ = 2`` counts each of its tokens twice):
 
     * ``"sequence"`` (the paper's Eq. 4): ``c_t = 1 / (N_seq · |V(y)|)`` — each sequence weighs
       the same, its tokens share ``1/N_seq``;
@@ -124,14 +127,15 @@ def mopd_loss(logp: jax.Array, teacher_logp: jax.Array, inference_logp: jax.Arra
     ``seq_index [B, T]`` and static ``num_segments``. ``"domain"`` needs ``domain_index [B, T]``
     (int, each token's domain in ``[0, num_domains)``) and static ``num_domains``.
     ``advantages`` (``[B]`` or ``[B, T]``, optional) mixes an outcome-reward (GRPO) advantage
-    into ``a_t`` with weight ``advantage_coef``.
+    into ``a_t`` with weight ``advantage_coef``. ``domain_weight`` needs ``domain_index`` and
+    ``num_domains`` too.
 
     Metrics: ``reverse_kl`` = mean over valid tokens of ``lp − lp_teacher`` (sampled-token
     estimate of KL(π_train‖π_teacher)), ``mopd_adv_mean``, IS stats (masked fraction = tokens
     outside the band). With ``domain_index`` and ``num_domains`` also two ``[num_domains]``
     vectors, sums over this (micro-)batch: ``domain_tokens`` (valid tokens per domain) and
-    ``domain_grad_weight`` = ``Σ_{t∈d} mask · c_t · w_t · |a_t|``, the domain's part of the
-    gradient's weight (``∇L = −Σ mask c w a ∇lp``); its share of the sum over domains is the
+    ``domain_grad_weight`` = ``Σ_{t∈d} mask · λ_d · c_t · w_t · |a_t|``, the domain's part of
+    the gradient's weight (``∇L = −Σ mask λ c w a ∇lp``); its share of the sum over domains is the
     domain's share of the loss.
     """
     logp = logp.astype(jnp.float32)
@@ -142,8 +146,13 @@ def mopd_loss(logp: jax.Array, teacher_logp: jax.Array, inference_logp: jax.Arra
         extra = extra[:, None] if extra.ndim == 1 else extra
         adv = adv + advantage_coef * extra
     w, is_m = is_weights(logp, inference_logp, m, mode="icepop", low=is_low, high=is_high)
-    tok = w * adv * logp * m  # w is already 0 off the mask
     per_domain = domain_index is not None and num_domains is not None
+    lam = 1.0
+    if domain_weight is not None:
+        if not per_domain:
+            raise ValueError("mopd_loss: domain_weight needs domain_index and a static num_domains")
+        lam = jnp.asarray(domain_weight, jnp.float32)[domain_index.astype(jnp.int32)]
+    tok = w * adv * logp * m * lam  # w is already 0 off the mask
     if per_domain:
         dom = domain_index.astype(jnp.int32).ravel()
         dom_m = jax.ops.segment_sum(m.ravel(), dom, num_domains)
@@ -185,8 +194,8 @@ def mopd_loss(logp: jax.Array, teacher_logp: jax.Array, inference_logp: jax.Arra
     }
     if per_domain:
         metrics["domain_tokens"] = dom_m
-        metrics["domain_grad_weight"] = jax.ops.segment_sum((m * coef * w * jnp.abs(adv)).ravel(),
-                                                            dom, num_domains)
+        metrics["domain_grad_weight"] = jax.ops.segment_sum(
+            (m * lam * coef * w * jnp.abs(adv)).ravel(), dom, num_domains)
     return loss, metrics
 
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal, Optional, Union
 
-from cascade_jax.config import StageConfig
+from cascade_jax import domains as D
+from cascade_jax.config import ConfigError, StageConfig
 
 __all__ = ["GRPOSettings", "MOPDSettings", "LossSettings", "loss_settings"]
 
@@ -88,6 +89,8 @@ class MOPDSettings:
         (0: pure distillation; the rewards are not read).
       leave_one_out: the mixed advantage's baseline (as :class:`GRPOSettings`); read only when
         ``grpo_coef > 0``.
+      domain_weights: ``λ_d`` per domain id (``len(domains.DOMAINS)`` weights ``>= 0``), the
+        loss is ``−Σ mask · λ_d(t) · c_t · w_t · a_t · lp_t``; empty: every ``λ_d = 1``.
     """
 
     is_low: float = 0.5
@@ -95,9 +98,14 @@ class MOPDSettings:
     loss_norm: Literal["sequence", "token", "domain"] = "sequence"
     grpo_coef: float = 0.0
     leave_one_out: bool = False
+    domain_weights: tuple = ()
 
     def __post_init__(self):
         _check_band("MOPDSettings", self.is_low, self.is_high)
+        if self.domain_weights and (len(self.domain_weights) != len(D.DOMAINS)
+                                    or not all(0.0 <= w < float("inf") for w in self.domain_weights)):
+            raise ValueError(f"MOPDSettings.domain_weights: need {len(D.DOMAINS)} finite weights "
+                             f">= 0 (one per domain id) or none, got {self.domain_weights!r}")
         if self.loss_norm not in LOSS_NORMS:
             raise ValueError(f"MOPDSettings.loss_norm: must be one of {list(LOSS_NORMS)}, "
                              f"got {self.loss_norm!r}")
@@ -106,6 +114,18 @@ class MOPDSettings:
 
 
 LossSettings = Union[GRPOSettings, MOPDSettings]
+
+
+def _domain_weights(by_name: dict) -> tuple:
+    """``stage.domain_loss_weights`` (name -> weight) as one weight per domain id (missing
+    names weigh 1); ``()`` when none is given (every weight 1, the default program)."""
+    if not by_name:
+        return ()
+    unknown = sorted(set(by_name) - set(D.DOMAIN_IDS))
+    if unknown:
+        raise ConfigError(f"stage.domain_loss_weights.{unknown[0]}: unknown domain; valid: "
+                          f"{list(D.DOMAINS)}")
+    return tuple(float(by_name.get(name, 1.0)) for name in D.DOMAINS)
 
 
 def loss_settings(stage: StageConfig) -> Optional[LossSettings]:
@@ -120,5 +140,6 @@ def loss_settings(stage: StageConfig) -> Optional[LossSettings]:
                             dynamic_filtering=stage.dynamic_filtering)
     if stage.objective == "mopd":
         return MOPDSettings(is_low=stage.is_low, is_high=stage.is_high, loss_norm=stage.loss_norm,
-                            leave_one_out=stage.leave_one_out)
+                            leave_one_out=stage.leave_one_out,
+                            domain_weights=_domain_weights(stage.domain_loss_weights))
     return None

@@ -242,7 +242,8 @@ def mopd_train_step(state: TrainState, batch: RLBatch, *, model_cfg,
     domain teacher's log-probs (``rollout.teachers.Teachers.score``), ``batch.rollout_logp`` the
     inference engine's. ``L = mopd_loss(lp, teacher_logp, rollout_logp, loss_mask,
     is_low, is_high)`` normalised by ``settings.loss_norm`` (per sequence, per token or per
-    domain, with the whole batch's sequence / token / per-domain token counts);
+    domain, with the whole batch's sequence / token / per-domain token counts) and weighted per
+    domain by ``settings.domain_weights``;
     ``settings.grpo_coef > 0`` mixes in ``grpo_coef · Â`` from the rewards
     (:class:`~cascade_jax.rl.settings.MOPDSettings`). ``sampling``: the run's sampling
     contract; ``lp`` (and the teachers' log-probs) at its temperature (module doc).
@@ -284,7 +285,8 @@ def mopd_train_step(state: TrainState, batch: RLBatch, *, model_cfg,
                          normalization=s.loss_norm, seq_index=mb.get("seq"),
                          num_segments=n_seq if packed else None,
                          num_sequences=n_valid_seq, num_tokens=num_tokens,
-                         domain_index=mb["dom"], num_domains=n_dom, domain_tokens=domain_tokens)
+                         domain_index=mb["dom"], num_domains=n_dom, domain_tokens=domain_tokens,
+                         domain_weight=jnp.asarray(s.domain_weights) if s.domain_weights else None)
 
     loss_fn = _policy_loss(objective, model_cfg=model_cfg, compute_dtype=compute_dtype,
                            temperature=temperature, vocab_chunk=vocab_chunk, model=model,
