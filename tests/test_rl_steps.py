@@ -317,6 +317,8 @@ def test_mopd_step_domain_loss_weights():
         StageConfig(objective="mopd", domain_loss_weights={"math": -1})
     with pytest.raises(ConfigError, match="stage.domain_loss_weights: read only by objective 'mopd'"):
         StageConfig(objective="grpo", domain_loss_weights={"math": 2})
+    with pytest.raises(ValueError, match="MOPDSettings.domain_weights: need 9 finite weights"):
+        rl.MOPDSettings(domain_weights=(1.0, 2.0))
 
 
 def test_finite_differences_sft():
