@@ -209,7 +209,7 @@ def _gain_on_seed(full_cascade, run_dir, launch_run, stage: str, domain: str, se
     return ev[0], ev[1]
 
 
-@pytest.mark.slow  # about 5 min per seed on 2 busy cores after the cascade
+@pytest.mark.slow  # 5-9 min per seed on 2 busy cores after the cascade (16 prompts per step)
 @pytest.mark.parametrize("seed", RLHF_TEACHER_SEEDS)
 def test_rlhf_teacher_stage_learns_on_other_seeds(full_cascade, tmp_path, launch_run, seed):
     """The default tiny rlhf_teacher stage (``configs/tiny/rlhf_teacher.json``) from the cascade's
