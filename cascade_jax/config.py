@@ -33,6 +33,8 @@ import types
 import typing
 from typing import Any, Literal, Optional, Sequence
 
+from cascade_jax import domains as D
+
 __all__ = [
     "ConfigError", "ModelSection", "MeshConfig", "A2A_MODES", "OptimizerConfig", "RolloutConfig",
     "DataSource", "DataConfig", "StageConfig", "RunConfig", "EvalConfig", "AgenticConfig", "AGENTIC_DOMAINS", "Config", "from_dict", "to_dict", "to_json",
@@ -570,6 +572,9 @@ class StageConfig:
             raise ConfigError(f"stage.loss_norm: must be one of ['sequence', 'token', 'domain'], "
                               f"got {self.loss_norm!r}")
         for k, w in self.domain_loss_weights.items():
+            if k not in D.DOMAIN_IDS:
+                raise ConfigError(f"stage.domain_loss_weights.{k}: unknown domain; valid: "
+                                  f"{list(D.DOMAINS)}")
             if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 <= w < float("inf"):
                 raise ConfigError(f"stage.domain_loss_weights.{k}: expected a finite weight >= 0, "
                                   f"got {w!r}")
