@@ -1,6 +1,7 @@
 """The tiny SFT with the agentic SWE scaffold in its mix (``configs/tiny/sft_agentic.json``,
 docs/agentic.md §6): a ``generated`` data source of the canonical SWE episodes of the agentic
-stage's own task family, mixed with the tiny domains."""
+stage's own task family, mixed with the tiny domains; and the agentic stage's warm start from a
+cascade checkpoint (``configs/tiny/swe_agent_sft.json``): the same episodes alone."""
 
 import numpy as np
 import pytest
@@ -32,6 +33,20 @@ def test_sft_mix_holds_the_agentic_stages_task_family():
     assert [s for s in mix.data.sources if s.format != "generated"] == \
         [C.DataSource(format="tiny", weight=1 - gen[0].weight)]
     assert (mix.optimizer, mix.stage.steps, mix.eval) == (sft.optimizer, sft.stage.steps, sft.eval)
+
+
+def test_agentic_warm_start_is_the_stages_episodes_alone():
+    """``tiny/swe_agent_sft`` SFTs on ``swe_sft_rows`` of the agentic SWE stage's own
+    ``agentic.task_args`` and nothing else (docs/agentic.md §6: from the cascade's ``swe_rl``
+    export it starts the stage at 0.62 and erases the other domains), in rows that hold a whole
+    episode."""
+    warm, agent = _tiny("swe_agent_sft"), _tiny("swe_agent")
+    (src,) = warm.data.sources
+    assert (src.format, src.path, src.domain) == ("generated", "cascade_jax.agentic.swe:swe_sft_rows", "swe")
+    args = dict(src.args)
+    assert {k: args.pop(k) for k in ("n", "copy")} == {"n": 512, "copy": 0.5}
+    assert args == agent.agentic.task_args
+    assert warm.stage.objective == "sft" and warm.data.seq_len == _tiny("sft_agentic").data.seq_len
 
 
 def test_sft_mix_renders_the_canonical_episodes_whole():
