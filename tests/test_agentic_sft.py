@@ -20,16 +20,22 @@ def _tiny(name: str) -> C.Config:
     return C.load(ROOT / "configs" / "tiny" / f"{name}.json")
 
 
+def _episode_source_args(source: C.DataSource) -> dict:
+    """The ``swe_sft_rows`` source's ``args`` without ``n`` and ``copy``, which must be 512 rows
+    with half of them writing the fix (what is left must be the agentic stage's task family)."""
+    assert source.path == "cascade_jax.agentic.swe:swe_sft_rows", source
+    args = dict(source.args)
+    assert {k: args.pop(k) for k in ("n", "copy")} == {"n": 512, "copy": 0.5}
+    return args
+
+
 def test_sft_mix_holds_the_agentic_stages_task_family():
     """The generated source is ``swe_sft_rows`` of the agentic SWE stage's own
     ``agentic.task_args`` (``configs/tiny/swe_agent.json``), half the rows writing the fix;
     everything else is the tiny SFT config's."""
     sft, mix, agent = _tiny("sft"), _tiny("sft_agentic"), _tiny("swe_agent")
     gen = [s for s in mix.data.sources if s.format == "generated"]
-    assert [s.path for s in gen] == ["cascade_jax.agentic.swe:swe_sft_rows"]
-    args = dict(gen[0].args)
-    assert {k: args.pop(k) for k in ("n", "copy")} == {"n": 512, "copy": 0.5}
-    assert args == agent.agentic.task_args
+    assert len(gen) == 1 and _episode_source_args(gen[0]) == agent.agentic.task_args
     assert [s for s in mix.data.sources if s.format != "generated"] == \
         [C.DataSource(format="tiny", weight=1 - gen[0].weight)]
     assert (mix.optimizer, mix.stage.steps, mix.eval) == (sft.optimizer, sft.stage.steps, sft.eval)
@@ -42,10 +48,8 @@ def test_agentic_warm_start_is_the_stages_episodes_alone():
     episode."""
     warm, agent = _tiny("swe_agent_sft"), _tiny("swe_agent")
     (src,) = warm.data.sources
-    assert (src.format, src.path, src.domain) == ("generated", "cascade_jax.agentic.swe:swe_sft_rows", "swe")
-    args = dict(src.args)
-    assert {k: args.pop(k) for k in ("n", "copy")} == {"n": 512, "copy": 0.5}
-    assert args == agent.agentic.task_args
+    assert (src.format, src.domain) == ("generated", "swe")
+    assert _episode_source_args(src) == agent.agentic.task_args
     assert warm.stage.objective == "sft" and warm.data.seq_len == _tiny("sft_agentic").data.seq_len
 
 
