@@ -559,6 +559,12 @@ class StageConfig:
     #: MOPD per-domain loss weight λ_d (domain name -> weight >= 0; absent domains weigh 1):
     #: scales the domain's part of the loss after ``loss_norm`` (rl.losses.mopd_loss)
     domain_loss_weights: dict = dataclasses.field(default_factory=dict)
+    #: MOPD forward-KL weight β (rl.losses.mopd_loss; 0 = the paper's loss): adds
+    #: β · KL(teacher ‖ student) over the teacher's ``teacher_topk`` most likely tokens at each
+    #: sampled prefix (docs/mopd.md §10)
+    forward_kl_coef: float = 0.0
+    #: how many of the teacher's most likely tokens per position the forward-KL term reads
+    teacher_topk: int = 0
 
     __hash__ = _hash_by_value
 
@@ -578,6 +584,19 @@ class StageConfig:
             if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 <= w < float("inf"):
                 raise ConfigError(f"stage.domain_loss_weights.{k}: expected a finite weight >= 0, "
                                   f"got {w!r}")
+        if isinstance(self.forward_kl_coef, bool) or not 0 <= self.forward_kl_coef < float("inf"):
+            raise ConfigError(f"stage.forward_kl_coef: expected a finite number >= 0, got "
+                              f"{self.forward_kl_coef!r}")
+        if isinstance(self.teacher_topk, bool) or not isinstance(self.teacher_topk, int) \
+                or self.teacher_topk < 0:
+            raise ConfigError(f"stage.teacher_topk: expected an integer >= 0, got "
+                              f"{self.teacher_topk!r}")
+        if (self.forward_kl_coef > 0) != (self.teacher_topk > 0):
+            raise ConfigError(f"stage.forward_kl_coef / stage.teacher_topk: set both (> 0) or "
+                              f"neither, got {self.forward_kl_coef} / {self.teacher_topk}")
+        if self.forward_kl_coef and self.objective != "mopd":
+            raise ConfigError(f"stage.forward_kl_coef: read only by objective 'mopd', this "
+                              f"stage's objective is {self.objective!r}")
         if self.domain_loss_weights and self.objective != "mopd":
             raise ConfigError(f"stage.domain_loss_weights: read only by objective 'mopd', this "
                               f"stage's objective is {self.objective!r}")

@@ -497,3 +497,138 @@ def test_chunked_logprobs_never_materialises_full_logits():
     walk(jaxpr.jaxpr)
     assert (B, T, C) in shapes
     assert not any(len(s) >= 3 and s[-1] == V and np.prod(s) >= B * T * V for s in shapes), shapes
+
+
+# ---------------------------------------------------------------------------------------------
+# MOPD's top-K forward-KL term (docs/mopd.md §10)
+
+
+@pytest.mark.parametrize("chunk", [37, 10])
+def test_chunked_topk_logprobs_and_extra_ids_match_numpy(chunk):
+    """The streaming top-K (ids and log-probs, most likely first) and the log-probs of given
+    ids equal numpy's full log-softmax at temperature τ, over vocabulary chunks that do not
+    divide V; the extra ids' gradient equals the full log-softmax's."""
+    rng = np.random.default_rng(3)
+    h = rng.normal(size=(2, 5, 8)).astype(np.float32)
+    W = rng.normal(size=(8, 37)).astype(np.float32)
+    y = rng.integers(0, 37, (2, 5))
+    ids = rng.integers(0, 37, (2, 5, 4))
+    tau = 1.5
+    z = (h.astype(np.float64) @ W) / tau
+    ls = z - (np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1)) + z.max(-1))[..., None]
+    top_ids, top_lp = rl.chunked_topk_logprobs(jnp.asarray(h), jnp.asarray(W), 6, temperature=tau,
+                                               vocab_chunk=chunk)
+    want_ids = np.argsort(-ls, -1)[..., :6]
+    np.testing.assert_array_equal(np.asarray(top_ids), want_ids)
+    np.testing.assert_allclose(top_lp, np.take_along_axis(ls, want_ids, -1), rtol=1e-5, atol=1e-5)
+    lp, _, extra = rl.chunked_logprobs(jnp.asarray(h), jnp.asarray(W), jnp.asarray(y),
+                                       temperature=tau, vocab_chunk=chunk, extra_ids=jnp.asarray(ids))
+    np.testing.assert_allclose(extra, np.take_along_axis(ls, ids, -1), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(lp, np.take_along_axis(ls, y[..., None], -1)[..., 0], rtol=1e-5,
+                               atol=1e-5)
+    cw = jnp.asarray(rng.normal(size=ids.shape).astype(np.float32))
+    full = lambda W_: (jnp.take_along_axis(jax.nn.log_softmax(jnp.asarray(h) @ W_ / tau, -1),
+                                           jnp.asarray(ids), -1) * cw).sum()
+    chunked = lambda W_: (rl.chunked_logprobs(jnp.asarray(h), W_, jnp.asarray(y), temperature=tau,
+                                              vocab_chunk=chunk, extra_ids=jnp.asarray(ids))[2]
+                          * cw).sum()
+    np.testing.assert_allclose(jax.grad(chunked)(jnp.asarray(W)), jax.grad(full)(jnp.asarray(W)),
+                               rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"k must be in \[1, 37\]"):
+        rl.chunked_topk_logprobs(jnp.asarray(h), jnp.asarray(W), 38)
+
+
+def _fkl_case(rng, B=3, T=6, K=5, V=9):
+    """Student logits, a teacher distribution, its top-K and a mask (row 2 half padding)."""
+    z = rng.normal(size=(B, T, V)).astype(np.float32)
+    tz = (2 * rng.normal(size=(B, T, V))).astype(np.float32)
+    tls = tz - np.log(np.exp(tz).sum(-1, keepdims=True))
+    ids = np.argsort(-tls, -1)[..., :K]
+    mask = np.ones((B, T), np.float32)
+    mask[:, 0] = 0
+    mask[2, 3:] = 0
+    return z, tls, ids, np.take_along_axis(tls, ids, -1), mask
+
+
+@pytest.mark.parametrize("per", ["sequence", "token"])
+def test_mopd_forward_kl_term_matches_numpy_and_its_gradient(per):
+    """L(β) − L(0) = β Σ mask c_t Σ_k q_k (log q_k − log p_k) (numpy, loops), and its gradient
+    on the student's logits is β c_t (Q_K p − q) / τ: large where the student is sure of a
+    token the teacher rejects, where the sampled-token term's gradient vanishes."""
+    rng = np.random.default_rng(4)
+    z, tls, ids, tlp_k, mask = _fkl_case(rng)
+    tau, beta = 1.5, 0.7
+    B, T, V = z.shape
+    y = rng.integers(0, V, (B, T))
+    teacher = np.take_along_axis(tls, y[..., None], -1)[..., 0]
+
+    def loss(z_, coef):
+        ls = jax.nn.log_softmax(z_ / tau, -1)
+        lp = jnp.take_along_axis(ls, jnp.asarray(y)[..., None], -1)[..., 0]
+        slp_k = jnp.take_along_axis(ls, jnp.asarray(ids), -1)
+        return rl.mopd_loss(lp, jnp.asarray(teacher), jax.lax.stop_gradient(lp), jnp.asarray(mask),
+                            normalization=per, forward_kl_coef=coef,
+                            teacher_topk_logp=jnp.asarray(tlp_k), student_topk_logp=slp_k)
+
+    (l1, m1), (l0, _) = loss(jnp.asarray(z), beta), loss(jnp.asarray(z), 0.0)
+    zz = z.astype(np.float64) / tau
+    ls = zz - np.log(np.exp(zz).sum(-1, keepdims=True))
+    c = np.zeros((B, T))
+    F = np.zeros((B, T))
+    for b in range(B):
+        for t in range(T):
+            c[b, t] = 1 / (B * mask[b].sum()) if per == "sequence" else 1 / mask.sum()
+            F[b, t] = sum(np.exp(tlp_k[b, t, k]) * (tlp_k[b, t, k] - ls[b, t, ids[b, t, k]])
+                          for k in range(ids.shape[-1]))
+    np.testing.assert_allclose(float(l1) - float(l0), beta * (mask * c * F).sum(), rtol=1e-5)
+    np.testing.assert_allclose(float(m1["forward_kl_topk"]), (F * mask).sum() / mask.sum(), rtol=1e-5)
+    g1 = np.asarray(jax.grad(lambda z_: loss(z_, beta)[0])(jnp.asarray(z)))
+    g0 = np.asarray(jax.grad(lambda z_: loss(z_, 0.0)[0])(jnp.asarray(z)))
+    p = np.exp(ls)
+    q = np.zeros_like(p)
+    np.put_along_axis(q, ids, np.exp(tlp_k), -1)
+    want = beta * (mask * c)[..., None] * (q.sum(-1, keepdims=True) * p - q) / tau
+    np.testing.assert_allclose(g1 - g0, want, rtol=1e-4, atol=1e-7)
+
+
+def test_mopd_forward_kl_moves_a_saturated_decision():
+    """One decision, student p(space) = 0.999, teacher q(space) = 0.01 (q(".") = 0.98): the
+    sampled-token gradient on the logits (sampled "space", advantage log q − log p) is at most
+    |a| (1 − p) ≈ 0.0046 per logit, the forward-KL term's (β = 1) is (p − q) ≈ 0.98 on the
+    space logit (hand-computed)."""
+    V = 3  # [space, ".", other]
+    p = np.array([0.999, 0.0005, 0.0005])
+    q = np.array([0.01, 0.98, 0.01])
+    z = jnp.asarray(np.log(p)[None, None], jnp.float32)  # [1, 1, 3]
+    ids = jnp.arange(V)[None, None]
+    mask = jnp.ones((1, 1))
+
+    def loss(z_, coef):
+        ls = jax.nn.log_softmax(z_, -1)
+        return rl.mopd_loss(ls[..., 0], jnp.log(jnp.asarray(q[None, None, :1], jnp.float32))[..., 0],
+                            jax.lax.stop_gradient(ls[..., 0]), mask, forward_kl_coef=coef,
+                            teacher_topk_logp=jnp.log(jnp.asarray(q, jnp.float32))[None, None],
+                            student_topk_logp=jnp.take_along_axis(ls, ids, -1))[0]
+
+    g_sampled = np.asarray(jax.grad(lambda z_: loss(z_, 0.0))(z))[0, 0]
+    g_both = np.asarray(jax.grad(lambda z_: loss(z_, 1.0))(z))[0, 0]
+    a = np.log(0.01) - np.log(0.999)
+    # fp32: p(space) = 0.999 is stored to ~6e-8, so 1 − p and the gradient carry ~3e-7 absolute
+    np.testing.assert_allclose(g_sampled, -a * (np.eye(V)[0] - p), rtol=1e-4, atol=1e-6)
+    assert np.abs(g_sampled).max() < 0.005
+    np.testing.assert_allclose(g_both - g_sampled, p - q, rtol=1e-4, atol=1e-6)
+
+
+def test_mopd_forward_kl_needs_both_topk_arrays_and_config_checks():
+    d = hand_batch()
+    a = [jnp.asarray(d[k]) for k in ("lp", "teacher", "roll", "mask")]
+    with pytest.raises(ValueError, match="needs teacher_topk_logp and student_topk_logp"):
+        rl.mopd_loss(*a, forward_kl_coef=1.0)
+    with pytest.raises(ConfigError, match="stage.forward_kl_coef / stage.teacher_topk: set both"):
+        StageConfig(objective="mopd", forward_kl_coef=1.0)
+    with pytest.raises(ConfigError, match="stage.forward_kl_coef: read only by objective 'mopd'"):
+        StageConfig(objective="grpo", forward_kl_coef=1.0, teacher_topk=4)
+    with pytest.raises(ConfigError, match="stage.teacher_topk: expected an integer >= 0"):
+        StageConfig(objective="mopd", forward_kl_coef=1.0, teacher_topk=2.5)
+    with pytest.raises(ValueError, match="MOPDSettings.teacher_topk"):
+        rl.MOPDSettings(forward_kl_coef=1.0)

@@ -488,3 +488,47 @@ def test_engine_batch_logprobs_match_trainer():
     best = full.max(-1)[:, :-1]
     np.testing.assert_allclose(np.asarray(g.rollout_logp[:, 1:]),
                                np.asarray(best * g.loss_mask[:, 1:]), atol=2e-5)
+
+
+def test_mopd_step_forward_kl_term():
+    """``stage.forward_kl_coef`` / ``teacher_topk`` reach the step: with a teacher's top-K
+    (another tiny model, ``rl.token_topk_logprobs`` at τ = 1.5) in the batch, the step's
+    gradient is that of ``mopd_loss`` plus ``β Σ mask c_t Σ_k q_k (log q_k − log p_k)`` with
+    ``log p`` from a full-vocabulary log-softmax of the model's logits (an independent path:
+    no chunking), also over micro-batches; a batch without the top-K is refused."""
+    params, batch = make_batch(CFG, seed=9)
+    batch = batch.replace(finish_reason=jnp.zeros((8,), jnp.int32))
+    tau, K, beta = 1.5, 6, 0.5
+    teacher = init(CFG, jax.random.key(77))
+    ids, tlp = jax.jit(functools.partial(rl.token_topk_logprobs, cfg=CFG, k=K, temperature=tau))(
+        teacher, batch)
+    mask = batch.loss_mask * rl.segment_start_mask(batch.segment_ids)
+    batch = batch.replace(teacher_topk_ids=ids, teacher_topk_logp=tlp,
+                          sampling=SamplingParams(temperature=tau))
+    stage = StageConfig(objective="mopd", forward_kl_coef=beta, teacher_topk=K)
+    kw = dict(model_cfg=CFG, compute_dtype=F32, settings=rl.loss_settings(stage))
+    g1, m1 = grads_of(jax.jit(functools.partial(rl.mopd_train_step, **kw)), params, batch)
+    g2, _ = grads_of(jax.jit(functools.partial(rl.mopd_train_step, grad_accum=2, **kw)), params, batch)
+    assert_tree_close(g2, g1, 1e-5)
+
+    def reference(p):
+        h = nh.hidden_states(p, batch.tokens, CFG, positions=batch.positions,
+                             segment_ids=batch.segment_ids)
+        ls = jax.nn.log_softmax((h @ p["lm_head"]) / tau, -1)
+        ls = jnp.pad(ls[:, :-1], ((0, 0), (1, 0), (0, 0)))  # aligned: entry t predicts token t
+        lp = jnp.take_along_axis(ls, batch.tokens[..., None], -1)[..., 0] * mask
+        slp_k = jnp.take_along_axis(ls, ids, -1)
+        base = rl.mopd_loss(lp, batch.teacher_logp, batch.rollout_logp, mask)[0]
+        F = (jnp.exp(tlp) * (tlp - slp_k)).sum(-1)
+        c = 1.0 / ((mask.sum(1) > 0).sum() * jnp.maximum(mask.sum(1), 1.0))[:, None]
+        return base + beta * (c * mask * F).sum(), (F * mask).sum() / mask.sum()
+
+    g_ref, fkl_ref = jax.jit(jax.grad(reference, has_aux=True))(params)
+    assert_tree_close(g1, g_ref, 1e-5)
+    np.testing.assert_allclose(float(m1["forward_kl_topk"]), float(fkl_ref), rtol=1e-5)
+    g0, _ = grads_of(jax.jit(functools.partial(rl.mopd_train_step, model_cfg=CFG, compute_dtype=F32,
+                                               settings=rl.loss_settings(StageConfig(objective="mopd")))),
+                     params, batch)
+    assert max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0))) > 1e-3
+    with pytest.raises(ValueError, match="needs batch.teacher_topk_ids"):
+        rl.mopd_train_step(sgd_state(params), batch.replace(teacher_topk_ids=None), **kw)

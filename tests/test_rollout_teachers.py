@@ -2,6 +2,8 @@
 domain; scores equal the trainer's routed teacher log-probs on the packed batch (fp32, 1e-5);
 missing routes are errors naming the domain."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -68,3 +70,46 @@ def test_missing_routes_name_the_domain(checkpoints):
         teachers.score(rollouts(("math", None)))
     with pytest.raises(ValueError, match="unknown domain"):
         Teachers.from_checkpoints({"maths": checkpoints[0]})
+
+
+def test_topk_scores_match_the_full_distribution_and_pack_aligned(checkpoints):
+    """``score(topk=K)``: the log-probs are ``score()``'s, and at each response position the K
+    ids / log-probs are the top K of the teacher's full log-softmax at the rollouts' τ for that
+    token's prefix (computed here from the model's logits); the packer puts them at the
+    response tokens' columns, the train step's student side reads the same ids there."""
+    a, b = checkpoints
+    teachers = Teachers.from_checkpoints({"math": a, "mcq": a, "code": b}, dtype=jnp.float32)
+    ro = rollouts()
+    tau = 1.5
+    ro = Rollouts(tuple(dataclasses.replace(r, sampling=SamplingParams(n=2, temperature=tau))
+                        for r in ro.requests), ro.groups)
+    K = 5
+    plain, top = teachers.score(ro), teachers.score(ro, topk=K)
+    params = {d: nh.load_checkpoint(p, dtype=jnp.float32)[1] for d, p in (("a", a), ("b", b))}
+    for n, (req, smp) in enumerate((r, s) for r, g in zip(ro.requests, ro.groups) for s in g):
+        np.testing.assert_array_equal(top[n].logp, plain[n])
+        seq = np.concatenate([smp.prompt_ids, smp.response_ids])[None]
+        pp = params["b" if req.domain == "code" else "a"]
+        z = np.asarray(nh.hidden_states(pp, jnp.asarray(seq), CFG)[0] @ pp["lm_head"], np.float64) / tau
+        ls = z - (np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1)) + z.max(-1))[:, None]
+        P, R = len(smp.prompt_ids), len(smp.response_ids)
+        want = ls[P - 1:P + R - 1]  # the distribution each response token was drawn from
+        want_ids = np.argsort(-want, -1)[:, :K]
+        np.testing.assert_array_equal(top[n].topk_ids, want_ids)
+        np.testing.assert_allclose(top[n].topk_logp, np.take_along_axis(want, want_ids, -1),
+                                   atol=1e-5)
+        np.testing.assert_allclose(top[n].logp, want[np.arange(R), smp.response_ids], atol=1e-5)
+    batch = pack_rollouts(ro, np.zeros(6), teacher_logp=top)
+    np.testing.assert_array_equal(np.asarray(batch.teacher_logp),
+                                  np.asarray(pack_rollouts(ro, np.zeros(6), teacher_logp=plain).teacher_logp))
+    m = np.asarray(batch.loss_mask) > 0
+    ids, lp = np.asarray(batch.teacher_topk_ids), np.asarray(batch.teacher_topk_logp)
+    assert ids.shape == lp.shape == m.shape + (K,)
+    got = [ids[r][m[r]] for r in range(m.shape[0])]
+    for g, t in zip(got, top):
+        np.testing.assert_array_equal(g, t.topk_ids)
+    assert not ids[~m].any() and not lp[~m].any()
+    bad = list(top)
+    bad[3] = bad[3]._replace(topk_ids=bad[3].topk_ids[:, :2])
+    with pytest.raises(ValueError, match=r"teacher_logp\[3\]: expected TopKScores"):
+        pack_rollouts(ro, np.zeros(6), teacher_logp=bad)

@@ -74,6 +74,10 @@ class RLBatch:
       ref_logp      float32 log π_ref(token) for the KL term, or ``None``
       seq_index     int32   packed layout only: sequence id of each token in [0, N); ``None``
                             for the padded layout (sequence = row)
+    Per token and candidate, ``[B, T, K]`` (optional; MOPD's forward-KL term):
+      teacher_topk_ids  int32   the teacher's K most likely tokens at each response token's
+                                position (the distribution the token was drawn from; 0 elsewhere)
+      teacher_topk_logp float32 their teacher log-probs (0 elsewhere)
     Per token and MoE layer, ``[B, T, L_moe, K]`` (optional):
       routed_experts int32  routing replay (R3): the experts the rollout engine routed each
                             token to (the trainer's MoE then uses them); -1 where the engine
@@ -107,6 +111,8 @@ class RLBatch:
     seq_index: Optional[jax.Array] = None
     policy_version: Optional[jax.Array] = None
     routed_experts: Optional[jax.Array] = None
+    teacher_topk_ids: Optional[jax.Array] = None
+    teacher_topk_logp: Optional[jax.Array] = None
     sampling: Optional[SamplingParams] = None
 
     @property

@@ -2,7 +2,8 @@
 
 Pure array functions (no model needed): :func:`group_advantages`, :func:`grpo_advantages`,
 :func:`grpo_loss`, :func:`mopd_loss`, :func:`sft_loss`, :func:`is_weights`,
-:func:`chunked_logprobs`. Model-level: :func:`token_logprobs`,
+:func:`chunked_logprobs`, :func:`chunked_topk_logprobs`. Model-level: :func:`token_logprobs`,
+:func:`token_topk_logprobs`,
 :class:`TrainState`, :func:`make_optimizer`, the train steps. Generation (the token sampler, the
 rollout engine, the packer) lives in :mod:`cascade_jax.rollout`.
 
@@ -25,8 +26,9 @@ from .batch import (FINISH_ABORT, FINISH_LENGTH, FINISH_STOP, RLBatch, SFTBatch,
                     pack_routed_experts, response_lengths, sequence_index)
 from .is_correction import is_weights, masked_mean, masked_quantile
 from .expert_load import expert_counts, load_metrics
-from .logprobs import (DEFAULT_VOCAB_CHUNK, chunked_logprobs, inverse_temperature,
-                       next_token_logprobs, token_logprobs)
+from .logprobs import (DEFAULT_VOCAB_CHUNK, chunked_logprobs, chunked_topk_logprobs,
+                       inverse_temperature, next_token_logprobs, token_logprobs,
+                       token_topk_logprobs)
 from .mismatch import logprob_mismatch, routing_mismatch
 from .losses import grpo_loss, k3_kl, mopd_loss, segment_start_mask, sft_loss
 from .optim import (TrainState, compute_params, decay_mask, lr_schedule, make_optimizer,
@@ -40,7 +42,8 @@ __all__ = [
     "FINISH_ABORT", "FINISH_LENGTH", "FINISH_STOP", "RLBatch", "SFTBatch", "num_sequences",
     "response_lengths", "sequence_index",
     "is_weights", "masked_mean", "masked_quantile",
-    "DEFAULT_VOCAB_CHUNK", "chunked_logprobs", "token_logprobs",
+    "DEFAULT_VOCAB_CHUNK", "chunked_logprobs", "chunked_topk_logprobs", "token_logprobs",
+    "token_topk_logprobs",
     "next_token_logprobs", "inverse_temperature", "logprob_mismatch", "routing_mismatch",
     "pack_routed_experts", "expert_counts", "load_metrics",
     "grpo_loss", "k3_kl", "mopd_loss", "segment_start_mask", "sft_loss",

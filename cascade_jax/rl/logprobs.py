@@ -62,7 +62,7 @@ from models.nemotron_h.partitioning import use_partitioner
 
 from .losses import segment_start_mask
 
-__all__ = ["chunked_logprobs", "token_logprobs", "next_token_logprobs",
+__all__ = ["chunked_logprobs", "chunked_topk_logprobs", "token_logprobs", "token_topk_logprobs", "next_token_logprobs",
            "invariant_next_logprobs",
            "inverse_temperature",
            "DEFAULT_VOCAB_CHUNK"]
@@ -73,26 +73,80 @@ sg = jax.lax.stop_gradient
 
 def chunked_logprobs(hidden: jax.Array, lm_head: jax.Array, targets: jax.Array, *,
                      temperature: float = 1.0, vocab_chunk: int = DEFAULT_VOCAB_CHUNK,
-                     fixed_order: bool = False, head_dot=None):
+                     fixed_order: bool = False, head_dot=None, extra_ids=None):
     """``(logp, entropy)``, each ``[B, T]`` float32, of ``targets [B, T]`` under the logits
     ``hidden [B, T, H] @ lm_head [H, V] / temperature`` (matmul in the inputs' dtype with fp32
     accumulation), without materialising ``[B, T, V]``. Gradients flow into ``hidden`` and
     ``lm_head`` through ``logp`` only. ``fixed_order``: vocabulary sums in a written-out order
-    (:func:`_tree_sum`), the same in every program (batch-invariant mode)."""
+    (:func:`_tree_sum`), the same in every program (batch-invariant mode).
+
+    ``extra_ids [B, T, K]`` (int, in ``[0, V)``): also ``extra_logp [B, T, K]``, the
+    log-probs ``z_t[extra_ids[b, t, k]] − logsumexp(z_t)`` of K more tokens at each position
+    (e.g. a teacher's top-K), from the same chunk loop; gradients flow through them too.
+    Returns ``(logp, entropy, extra_logp)`` then."""
     w_chunks, starts, C = _vocab_chunks(lm_head, vocab_chunk)
     inv_t = 1.0 / float(temperature)
     targets = targets.astype(jnp.int32)
+    V = lm_head.shape[1]
+    if extra_ids is None:
+        @jax.checkpoint
+        def body(carry, xs):
+            return _chunk_step(carry, xs, hidden, targets, inv_t, C, V, fixed_order,
+                               head_dot)[0], None
 
-    @jax.checkpoint
-    def body(carry, xs):
-        return _chunk_step(carry, xs, hidden, targets, inv_t, C, lm_head.shape[1],
-                           fixed_order, head_dot)[0], None
+        (m, s, u, picked), _ = jax.lax.scan(body, _chunk_init(targets.shape), (w_chunks, starts))
+    else:
+        extra_ids = extra_ids.astype(jnp.int32)
 
-    (m, s, u, picked), _ = jax.lax.scan(body, _chunk_init(targets.shape), (w_chunks, starts))
+        @jax.checkpoint
+        def body(carry, xs):
+            inner, extra = carry
+            inner, z = _chunk_step(inner, xs, hidden, targets, inv_t, C, V, fixed_order,
+                                   head_dot)
+            local = extra_ids - xs[1]
+            inside = (local >= 0) & (local < C)
+            z_k = jnp.take_along_axis(z, jnp.clip(local, 0, C - 1), -1)
+            return (inner, extra + jnp.where(inside, z_k, 0.0)), None
+
+        init = (_chunk_init(targets.shape), jnp.zeros(extra_ids.shape, jnp.float32))
+        ((m, s, u, picked), extra), _ = jax.lax.scan(body, init, (w_chunks, starts))
     lse = m + jnp.log(s)
     logp = picked - lse
     entropy = sg(lse - u / s)
-    return logp, entropy
+    if extra_ids is None:
+        return logp, entropy
+    return logp, entropy, extra - lse[..., None]
+
+
+def chunked_topk_logprobs(hidden: jax.Array, lm_head: jax.Array, k: int, *,
+                          temperature: float = 1.0, vocab_chunk: int = DEFAULT_VOCAB_CHUNK):
+    """``(ids, logp)``, each ``[B, T, k]`` (int32, float32): the ``k`` most likely tokens of
+    ``softmax(hidden [B, T, H] @ lm_head [H, V] / temperature)`` at every position, most likely
+    first, and their log-probs ``z[id] − logsumexp(z)``, without materialising ``[B, T, V]``:
+    a streaming top-k (merge the running top-k with each vocabulary chunk's logits) beside the
+    streaming logsumexp of :func:`chunked_logprobs`. No gradient (a teacher's distribution)."""
+    V = lm_head.shape[1]
+    if not 1 <= k <= V:
+        raise ValueError(f"chunked_topk_logprobs: k must be in [1, {V}], got {k}")
+    w_chunks, starts, C = _vocab_chunks(lm_head, vocab_chunk)
+    inv_t = 1.0 / float(temperature)
+    shape = hidden.shape[:-1]
+    targets = jnp.zeros(shape, jnp.int32)
+
+    def body(carry, xs):
+        inner, top_z, top_id = carry
+        inner, z = _chunk_step(inner, xs, hidden, targets, inv_t, C, V)
+        ids = jnp.broadcast_to(xs[1] + jnp.arange(C, dtype=jnp.int32), z.shape)
+        z_all = jnp.concatenate([top_z, z], -1)
+        id_all = jnp.concatenate([top_id, ids], -1)
+        top_z, at = jax.lax.top_k(z_all, k)
+        return (inner, top_z, jnp.take_along_axis(id_all, at, -1)), None
+
+    init = (_chunk_init(shape), jnp.full(shape + (k,), -jnp.inf, jnp.float32),
+            jnp.zeros(shape + (k,), jnp.int32))
+    ((m, s, _, _), top_z, top_id), _ = jax.lax.scan(body, init, (w_chunks, starts))
+    lse = m + jnp.log(s)
+    return sg(top_id), sg(top_z - lse[..., None])
 
 
 def _vocab_chunks(lm_head, vocab_chunk: int):
@@ -161,7 +215,8 @@ def _chunk_step(carry, xs, hidden, targets, inv_t, C: int, V: int, fixed_order: 
 
 def token_logprobs(params, batch, cfg, *, temperature: float = 1.0,
                    vocab_chunk: int = DEFAULT_VOCAB_CHUNK, model=None, routed_experts=None,
-                   row_len: Optional[int] = None, return_routed_experts: bool = False):
+                   row_len: Optional[int] = None, return_routed_experts: bool = False,
+                   extra_ids=None):
     """``(logp, entropy)`` ``[B, T]`` float32 of ``batch.tokens`` under the policy ``params``.
 
     ``logp[b, t] = log π(tokens[b, t] | tokens[b, <t])`` at temperature ``τ`` (aligned with the
@@ -177,12 +232,27 @@ def token_logprobs(params, batch, cfg, *, temperature: float = 1.0,
     starting at column 0), as the rollout engine's rows are.
     ``return_routed_experts``: returns ``(logp, entropy, experts [B, T, L_moe, K] int32)``, the
     experts the forward used (for expert-load statistics; no second forward).
+    ``extra_ids [B, T, K]``: the log-probs of K more candidate tokens at each position (aligned
+    like ``logp``: ``extra_logp[b, t, k] = log π(extra_ids[b, t, k] | tokens[b, <t])``, 0 where
+    ``logp`` is), returned last; default model path only (not with ``row_len`` or the
+    kernel-invariant model, whose programs are pinned to the sampler's).
     """
     if model is None:
         model = nemotron_h
     if routed_experts is None:
         routed_experts = getattr(batch, "routed_experts", None)
     experts = None
+    if extra_ids is not None:
+        if row_len is not None or getattr(model, "KERNEL_INVARIANT", False):
+            raise ValueError("token_logprobs: extra_ids (a teacher's top-K) is not available in "
+                             "the zero-mismatch modes (row_len / the kernel-invariant model)")
+        lp, ent, experts, extra = _logprobs(
+            params, batch.tokens, batch.positions, batch.segment_ids, routed_experts, cfg, model,
+            temperature, vocab_chunk, return_routed_experts=return_routed_experts,
+            extra_ids=extra_ids)
+        valid = segment_start_mask(batch.segment_ids)
+        head = (lp * valid, ent * valid) + ((experts,) if return_routed_experts else ())
+        return head + (extra * valid[..., None],)
     if getattr(model, "KERNEL_INVARIANT", False):  # the invariant kernels: values, any shape
         static = (cfg, model, float(temperature), int(vocab_chunk), bool(return_routed_experts))
         rows = (batch.tokens, batch.positions, batch.segment_ids, routed_experts)
@@ -335,16 +405,41 @@ def _model_hidden(params, tokens, positions, segment_ids, routed_experts, cfg, m
 
 
 def _logprobs(params, tokens, positions, segment_ids, routed_experts, cfg, model, temperature,
-              vocab_chunk, fixed_order=False, return_routed_experts=False):
+              vocab_chunk, fixed_order=False, return_routed_experts=False, extra_ids=None):
     """Aligned ``(lp, ent, experts)``: ``lp``/``ent`` ``[B, T]`` (entry 0 is 0; no segment mask
-    applied yet), ``experts [B, T, L_moe, K]`` when ``return_routed_experts`` else None."""
+    applied yet), ``experts [B, T, L_moe, K]`` when ``return_routed_experts`` else None; with
+    ``extra_ids [B, T, K]`` also the aligned ``[B, T, K]`` log-probs of those ids, last."""
     kw = {"return_routed_experts": True} if return_routed_experts else {}
     out = _model_hidden(params, tokens, positions, segment_ids, routed_experts, cfg, model, **kw)
     h, experts = out if return_routed_experts else (out, None)
+    pad = lambda x: jnp.pad(x, ((0, 0), (1, 0)) + ((0, 0),) * (x.ndim - 2))
+    if extra_ids is not None:
+        lp, ent, extra = chunked_logprobs(h[:, :-1], params["lm_head"], tokens[:, 1:],
+                                          temperature=temperature, vocab_chunk=vocab_chunk,
+                                          fixed_order=fixed_order, extra_ids=extra_ids[:, 1:])
+        return pad(lp), pad(ent), experts, pad(extra)
     lp, ent = chunked_logprobs(h[:, :-1], params["lm_head"], tokens[:, 1:],
                                temperature=temperature, vocab_chunk=vocab_chunk,
                                fixed_order=fixed_order)
-    return jnp.pad(lp, ((0, 0), (1, 0))), jnp.pad(ent, ((0, 0), (1, 0))), experts
+    return pad(lp), pad(ent), experts
+
+
+def token_topk_logprobs(params, batch, cfg, k: int, *, temperature: float = 1.0,
+                        vocab_chunk: int = DEFAULT_VOCAB_CHUNK, model=None):
+    """``(ids, logp)`` ``[B, T, k]`` (int32, float32): at each position ``t`` the ``k`` most
+    likely tokens of ``π(· | tokens[b, <t])`` at temperature ``τ`` and their log-probs, aligned
+    like :func:`token_logprobs` (the distribution ``tokens[b, t]`` was drawn from; ids and
+    log-probs 0 where there is no prefix in the same segment). A teacher's side of the top-K
+    forward-KL term of :func:`cascade_jax.rl.losses.mopd_loss` (``forward_kl_coef``); the
+    default model's forward, no gradient."""
+    if model is None:
+        model = nemotron_h
+    h = _model_hidden(params, batch.tokens, batch.positions, batch.segment_ids, None, cfg, model)
+    ids, lp = chunked_topk_logprobs(h[:, :-1], params["lm_head"], k, temperature=temperature,
+                                    vocab_chunk=vocab_chunk)
+    valid = segment_start_mask(batch.segment_ids)[..., None]
+    pad = lambda x: jnp.pad(x, ((0, 0), (1, 0), (0, 0)))
+    return pad(ids) * valid.astype(jnp.int32), pad(lp) * valid
 
 
 def next_token_logprobs(params, tokens: jax.Array, lengths: jax.Array, cfg, *,

@@ -97,7 +97,9 @@ def mopd_loss(logp: jax.Array, teacher_logp: jax.Array, inference_logp: jax.Arra
               seq_index: Optional[jax.Array] = None, num_segments: Optional[int] = None,
               num_sequences=None, num_tokens=None, domain_index: Optional[jax.Array] = None,
               num_domains: Optional[int] = None, domain_tokens: Optional[jax.Array] = None,
-              domain_weight: Optional[jax.Array] = None):
+              domain_weight: Optional[jax.Array] = None, forward_kl_coef: float = 0.0,
+              teacher_topk_logp: Optional[jax.Array] = None,
+              student_topk_logp: Optional[jax.Array] = None):
     """Multi-domain on-policy distillation loss (docs/algorithms.md §6, Eqs. 2–4).
 
     Per sampled token ``y_t`` (sampled from π_inf)::
@@ -129,6 +131,20 @@ def mopd_loss(logp: jax.Array, teacher_logp: jax.Array, inference_logp: jax.Arra
     ``advantages`` (``[B]`` or ``[B, T]``, optional) mixes an outcome-reward (GRPO) advantage
     into ``a_t`` with weight ``advantage_coef``. ``domain_weight`` needs ``domain_index`` and
     ``num_domains`` too.
+
+    Forward-KL term (``forward_kl_coef`` β > 0; not in the paper): at each sampled token's
+    prefix, the teacher's top-K distribution ``q_k = exp(teacher_topk_logp)`` (``[B, T, K]``)
+    and the student's log-probs of the same K tokens ``student_topk_logp`` (``[B, T, K]``, with
+    gradient) give the truncated forward KL::
+
+        F_t = Σ_k q_k (log q_k − log p_k)        (= KL(π_teacher ‖ π_train) when K = V)
+        L  += β · Σ_{b,t} mask · λ_d(t) · c_t · F_t
+
+    not IS-weighted (it is an objective at the prefix, whichever policy sampled it). With
+    ``p = softmax(z / τ)`` its gradient on the logits is ``(Q_K · p − q) / τ`` (``Q_K = Σ_k
+    q_k``), which stays large where the student is sure of a token the teacher rejects — the
+    case where the sampled-token term's gradient ``a_t (onehot(y_t) − p) / τ`` vanishes
+    (docs/mopd.md §9-§10). Metric ``forward_kl_topk`` = masked mean of ``F_t``.
 
     Metrics: ``reverse_kl`` = mean over valid tokens of ``lp − lp_teacher`` (sampled-token
     estimate of KL(π_train‖π_teacher)), ``mopd_adv_mean``, IS stats (masked fraction = tokens
@@ -185,6 +201,14 @@ def mopd_loss(logp: jax.Array, teacher_logp: jax.Array, inference_logp: jax.Arra
         loss = -(coef * tok).sum()
     else:
         raise ValueError(f"unknown normalization {normalization!r}; valid: sequence, token, domain")
+    fkl = None
+    if forward_kl_coef:
+        if teacher_topk_logp is None or student_topk_logp is None:
+            raise ValueError("mopd_loss: forward_kl_coef > 0 needs teacher_topk_logp and "
+                             "student_topk_logp [B, T, K]")
+        q_lp = teacher_topk_logp.astype(jnp.float32)
+        fkl = (jnp.exp(q_lp) * (q_lp - student_topk_logp.astype(jnp.float32))).sum(-1)
+        loss = loss + forward_kl_coef * (coef * m * lam * fkl).sum()
     rkl = sg(logp) - teacher_logp.astype(jnp.float32)
     metrics = {
         "reverse_kl": masked_mean(rkl, m),
@@ -192,6 +216,8 @@ def mopd_loss(logp: jax.Array, teacher_logp: jax.Array, inference_logp: jax.Arra
         "num_tokens": m.sum(),
         **is_m,
     }
+    if fkl is not None:
+        metrics["forward_kl_topk"] = masked_mean(sg(fkl), m)
     if per_domain:
         metrics["domain_tokens"] = dom_m
         metrics["domain_grad_weight"] = jax.ops.segment_sum(

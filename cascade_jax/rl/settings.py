@@ -91,6 +91,12 @@ class MOPDSettings:
         ``grpo_coef > 0``.
       domain_weights: ``λ_d`` per domain id (``len(domains.DOMAINS)`` weights ``>= 0``), the
         loss is ``−Σ mask · λ_d(t) · c_t · w_t · a_t · lp_t``; empty: every ``λ_d = 1``.
+      forward_kl_coef: ``β ≥ 0``, weight of the top-K forward-KL term
+        ``β · Σ mask · λ_d · c_t · Σ_k q_k (log q_k − log p_k)`` over the teacher's ``teacher_topk``
+        most likely tokens at each prefix (0: the paper's loss; the batch then needs
+        ``teacher_topk_ids`` / ``teacher_topk_logp``).
+      teacher_topk: ``K``, how many of the teacher's most likely tokens the batch carries per
+        position (read when ``forward_kl_coef > 0``; the vocabulary size gives the full KL).
     """
 
     is_low: float = 0.5
@@ -99,9 +105,16 @@ class MOPDSettings:
     grpo_coef: float = 0.0
     leave_one_out: bool = False
     domain_weights: tuple = ()
+    forward_kl_coef: float = 0.0
+    teacher_topk: int = 0
 
     def __post_init__(self):
         _check_band("MOPDSettings", self.is_low, self.is_high)
+        if not self.forward_kl_coef >= 0.0:
+            raise ValueError(f"MOPDSettings.forward_kl_coef: must be >= 0, got {self.forward_kl_coef}")
+        if self.forward_kl_coef > 0 and self.teacher_topk < 1:
+            raise ValueError(f"MOPDSettings.teacher_topk: forward_kl_coef > 0 needs teacher_topk "
+                             f">= 1, got {self.teacher_topk}")
         if self.domain_weights and (len(self.domain_weights) != len(D.DOMAINS)
                                     or not all(0.0 <= w < float("inf") for w in self.domain_weights)):
             raise ValueError(f"MOPDSettings.domain_weights: need {len(D.DOMAINS)} finite weights "
@@ -138,5 +151,6 @@ def loss_settings(stage: StageConfig) -> Optional[LossSettings]:
     if stage.objective == "mopd":
         return MOPDSettings(is_low=stage.is_low, is_high=stage.is_high, loss_norm=stage.loss_norm,
                             leave_one_out=stage.leave_one_out,
-                            domain_weights=_domain_weights(stage.domain_loss_weights))
+                            domain_weights=_domain_weights(stage.domain_loss_weights),
+                            forward_kl_coef=stage.forward_kl_coef, teacher_topk=stage.teacher_topk)
     return None

@@ -145,11 +145,14 @@ def _policy_loss(objective: Callable, *, model_cfg, compute_dtype, temperature: 
         params = compute_params(master, specs, compute_dtype)
         view = SFTBatch(tokens=mb["tokens"], positions=mb["positions"],
                         segment_ids=mb["segment_ids"], loss_mask=mb["mask"])
+        topk_ids = mb.get("teacher_topk_ids")
         out = token_logprobs(params, view, model_cfg, temperature=temperature,
                              vocab_chunk=vocab_chunk, model=model,
                              routed_experts=mb.get("routed_experts"), row_len=row_len,
-                             return_routed_experts=moe)
+                             return_routed_experts=moe, extra_ids=topk_ids)
         lp, ent = out[:2]
+        if topk_ids is not None:  # the student's log-probs of the teacher's top-K tokens
+            mb = {**mb, "student_topk_logp": out[-1]}
         loss, m = objective(lp, mb)
         m = {**m, "entropy": masked_mean(ent, mb["mask"])}
         if moe:  # expert-load counts over the micro-batch's valid tokens (.expert_load)
@@ -245,8 +248,10 @@ def mopd_train_step(state: TrainState, batch: RLBatch, *, model_cfg,
     domain, with the whole batch's sequence / token / per-domain token counts) and weighted per
     domain by ``settings.domain_weights``;
     ``settings.grpo_coef > 0`` mixes in ``grpo_coef · Â`` from the rewards
-    (:class:`~cascade_jax.rl.settings.MOPDSettings`). ``sampling``: the run's sampling
-    contract; ``lp`` (and the teachers' log-probs) at its temperature (module doc).
+    (:class:`~cascade_jax.rl.settings.MOPDSettings`); ``settings.forward_kl_coef > 0`` adds
+    the top-K forward-KL term over ``batch.teacher_topk_ids`` / ``teacher_topk_logp`` (the
+    student's log-probs of those tokens come from the same forward). ``sampling``: the run's
+    sampling contract; ``lp`` (and the teachers' log-probs) at its temperature (module doc).
 
     Per domain ``d`` (the ``len(domains.DOMAINS)`` domain ids) the metrics add two vectors:
     ``mopd/domain_tokens`` (valid response tokens of the batch) and ``mopd/domain_loss_share``
@@ -269,6 +274,13 @@ def mopd_train_step(state: TrainState, batch: RLBatch, *, model_cfg,
     domain_tokens = jax.ops.segment_sum(mask.ravel(), dom_tok.ravel(), num_segments=n_dom)
     micro = _micro(batch, mask, teacher_logp=batch.teacher_logp, rollout_logp=batch.rollout_logp,
                    dom=dom_tok)
+    if s.forward_kl_coef:
+        if batch.teacher_topk_ids is None or batch.teacher_topk_logp is None:
+            raise ValueError("mopd_train_step: settings.forward_kl_coef > 0 needs "
+                             "batch.teacher_topk_ids / teacher_topk_logp (teachers scored with "
+                             "topk)")
+        micro.update(teacher_topk_ids=batch.teacher_topk_ids,
+                     teacher_topk_logp=batch.teacher_topk_logp)
     packed = batch.seq_index is not None
     if packed:
         micro["seq"] = seq
@@ -286,7 +298,10 @@ def mopd_train_step(state: TrainState, batch: RLBatch, *, model_cfg,
                          num_segments=n_seq if packed else None,
                          num_sequences=n_valid_seq, num_tokens=num_tokens,
                          domain_index=mb["dom"], num_domains=n_dom, domain_tokens=domain_tokens,
-                         domain_weight=jnp.asarray(s.domain_weights) if s.domain_weights else None)
+                         domain_weight=jnp.asarray(s.domain_weights) if s.domain_weights else None,
+                         forward_kl_coef=s.forward_kl_coef,
+                         teacher_topk_logp=mb.get("teacher_topk_logp"),
+                         student_topk_logp=mb.get("student_topk_logp"))
 
     loss_fn = _policy_loss(objective, model_cfg=model_cfg, compute_dtype=compute_dtype,
                            temperature=temperature, vocab_chunk=vocab_chunk, model=model,

@@ -7,7 +7,10 @@ predicts token ``t`` from tokens ``< t``):
 * ``loss_mask`` 1 on the response tokens, 0 on the prompt and padding;
 * ``rollout_logp`` the engine's sampling log-probs on the response tokens, 0 elsewhere;
 * ``teacher_logp`` the teacher's log-probs on the response tokens (0 elsewhere) when
-  ``teacher_logp`` is given, else ``None`` (never zeros: MOPD refuses a batch without it).
+  ``teacher_logp`` is given, else ``None`` (never zeros: MOPD refuses a batch without it);
+  when its entries are :class:`~cascade_jax.rollout.scoring.TopKScores` (teachers scored with
+  ``topk``), also ``teacher_topk_ids`` / ``teacher_topk_logp`` ``[rows, T, K]``: the teacher's
+  K most likely tokens and their log-probs at each response token's position (0 elsewhere).
 
 Per sequence: ``rewards``; ``group_ids`` = index of the request (``+ group_offset``);
 ``finish_reason`` codes ``rl.batch.FINISH_*`` (stop 0, length 1, abort 2; aborted samples are
@@ -40,6 +43,7 @@ from cascade_jax import domains
 from cascade_jax.contract.sampling import shared_sampling
 from cascade_jax.rl.batch import RLBatch, pack_routed_experts
 
+from .scoring import TopKScores
 from .types import FINISH_REASONS, Rollouts
 
 __all__ = ["pack_rollouts", "finish_code", "domain_code", "version_code"]
@@ -69,7 +73,8 @@ def pack_rollouts(rollouts: Rollouts, rewards, *, teacher_logp: Optional[Sequenc
                   num_rows: Optional[int] = None, group_offset: int = 0,
                   num_experts: Optional[int] = None) -> RLBatch:
     """Build an :class:`RLBatch` (module doc). ``rewards`` ``[N]`` (one per sample, group by
-    group); ``teacher_logp`` ``None`` or ``N`` arrays ``[len(response)]``."""
+    group); ``teacher_logp`` ``None``, ``N`` arrays ``[len(response)]`` or ``N``
+    :class:`~cascade_jax.rollout.scoring.TopKScores` (one K for all)."""
     samples = rollouts.samples()
     N = len(samples)
     if N == 0:
@@ -77,9 +82,20 @@ def pack_rollouts(rollouts: Rollouts, rewards, *, teacher_logp: Optional[Sequenc
     rewards = np.asarray(rewards, np.float32).reshape(-1)
     if rewards.shape[0] != N:
         raise ValueError(f"rewards: {rewards.shape[0]} values for {N} samples")
+    topk = None  # [N] TopKScores when the teachers were scored with their top-K
     if teacher_logp is not None:
         if len(teacher_logp) != N:
             raise ValueError(f"teacher_logp: {len(teacher_logp)} entries for {N} samples")
+        if N and isinstance(teacher_logp[0], TopKScores):
+            topk, teacher_logp = list(teacher_logp), [t.logp if isinstance(t, TopKScores) else t
+                                                      for t in teacher_logp]
+            K = np.shape(topk[0].topk_ids)[-1]
+            for n, (t, s) in enumerate(zip(topk, samples)):
+                want = (len(s.response_ids), K)
+                if not isinstance(t, TopKScores) or np.shape(t.topk_ids) != want \
+                        or np.shape(t.topk_logp) != want:
+                    raise ValueError(f"teacher_logp[{n}]: expected TopKScores with top-K arrays "
+                                     f"of shape {want} (one K for all samples)")
         for n, (t, s) in enumerate(zip(teacher_logp, samples)):
             if t is None:
                 raise ValueError(f"teacher_logp[{n}]: missing (pass teacher_logp=None for none)")
@@ -133,6 +149,9 @@ def pack_rollouts(rollouts: Rollouts, rewards, *, teacher_logp: Optional[Sequenc
     loss_mask = np.zeros((rows, T), np.float32)
     rollout_logp = np.zeros((rows, T), np.float32)
     teacher = np.zeros((rows, T), np.float32) if teacher_logp is not None else None
+    if topk is not None:
+        top_ids = np.zeros((rows, T, K), np.int32)
+        top_lp = np.zeros((rows, T, K), np.float32)
     seq_index = np.zeros((rows, T), np.int32)
     seg_counter = np.zeros(rows, np.int32)
     for n, (s, (r, o)) in enumerate(zip(samples, place)):
@@ -147,6 +166,9 @@ def pack_rollouts(rollouts: Rollouts, rewards, *, teacher_logp: Optional[Sequenc
         rollout_logp[r, o + P:o + P + R] = s.logprobs
         if teacher is not None:
             teacher[r, o + P:o + P + R] = np.asarray(teacher_logp[n], np.float32)
+        if topk is not None:
+            top_ids[r, o + P:o + P + R] = topk[n].topk_ids
+            top_lp[r, o + P:o + P + R] = topk[n].topk_logp
     routed = None
     if any(s.routed_experts is not None for s in samples):
         if num_experts is None:
@@ -173,6 +195,8 @@ def pack_rollouts(rollouts: Rollouts, rewards, *, teacher_logp: Optional[Sequenc
         group_ids=jnp.asarray(group_ids), finish_reason=jnp.asarray(finish),
         domain_ids=jnp.asarray(domain_ids),
         teacher_logp=None if teacher is None else jnp.asarray(teacher),
+        teacher_topk_ids=None if topk is None else jnp.asarray(top_ids),
+        teacher_topk_logp=None if topk is None else jnp.asarray(top_lp),
         seq_index=jnp.asarray(seq_index) if layout == "packed" else None,
         policy_version=None if version is None else jnp.asarray(version),
         routed_experts=None if routed is None else jnp.asarray(routed), sampling=sampling)

@@ -13,17 +13,17 @@ power-of-two length (>= 16), so repeated calls reuse a handful of compiled progr
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from cascade_jax.contract import SFTBatch
-from cascade_jax.rl.logprobs import token_logprobs
+from cascade_jax.rl.logprobs import token_logprobs, token_topk_logprobs
 from models import nemotron_h
 
-__all__ = ["score_logprobs", "pow2_at_least"]
+__all__ = ["score_logprobs", "TopKScores", "pow2_at_least"]
 
 
 def pow2_at_least(n: int) -> int:
@@ -31,24 +31,35 @@ def pow2_at_least(n: int) -> int:
     return 1 << max(0, int(n - 1).bit_length())
 
 
-@functools.partial(jax.jit, static_argnames=("model_cfg", "model", "temperature"))
-def _score_rows(params, tokens, segment_ids, model_cfg, model, temperature=1.0):
+@functools.partial(jax.jit, static_argnames=("model_cfg", "model", "temperature", "topk"))
+def _score_rows(params, tokens, segment_ids, model_cfg, model, temperature=1.0, topk=0):
     """``[B, T]`` log-probs of ``tokens [B, T]`` given their prefixes at ``temperature``,
     aligned with the tokens (:func:`~cascade_jax.rl.logprobs.token_logprobs`; column 0 and
-    padding are 0)."""
+    padding are 0); with ``topk > 0`` a tuple ``(logp, ids [B, T, topk], topk_logp [B, T,
+    topk])`` (:func:`~cascade_jax.rl.logprobs.token_topk_logprobs`)."""
     pos = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
     rows = SFTBatch(tokens=tokens, positions=pos, segment_ids=segment_ids,
                     loss_mask=jnp.zeros(tokens.shape, jnp.float32))
-    return token_logprobs(params, rows, model_cfg, temperature=temperature, model=model)[0]
+    lp = token_logprobs(params, rows, model_cfg, temperature=temperature, model=model)[0]
+    if not topk:
+        return lp
+    return (lp,) + token_topk_logprobs(params, rows, model_cfg, topk, temperature=temperature,
+                                       model=model)
 
 
 def score_logprobs(params, model_cfg, prompts: Sequence[Sequence[int]],
                    responses: Sequence[Sequence[int]], *, batch_size: int = 8,
-                   model=None, temperature: float = 1.0) -> list:
+                   model=None, temperature: float = 1.0, topk: int = 0) -> list:
     """For every pair a ``[len(response)]`` float32 array of teacher-forced log-probs under
     ``params`` at ``temperature`` ``τ > 0`` (module doc; a sampling contract's
     ``logprob_temperature``). ``ValueError`` naming the pair for an empty prompt or a token id
-    outside the vocabulary, or for ``τ <= 0``."""
+    outside the vocabulary, or for ``τ <= 0``.
+
+    ``topk > 0``: every pair's entry is a :class:`TopKScores` instead: the log-probs and, at
+    each response position, the ``topk`` most likely tokens of the distribution the response
+    token was drawn from (``[len(response), topk]`` ids and log-probs, most likely first)."""
+    if topk < 0 or topk > int(model_cfg.vocab_size):
+        raise ValueError(f"topk: must be in [0, {int(model_cfg.vocab_size)}], got {topk}")
     if not temperature > 0:
         raise ValueError(f"temperature: must be > 0 (a greedy contract scores at 1), got {temperature}")
     if model is None:
@@ -75,9 +86,27 @@ def score_logprobs(params, model_cfg, prompts: Sequence[Sequence[int]],
             seq = pairs[i][0] + pairs[i][1]
             tokens[r, :len(seq)] = seq
             seg[r, :len(seq)] = 1
-        lp = np.asarray(_score_rows(params, tokens, seg, model_cfg, model,
-                                    temperature=float(temperature)))  # [nb, T]
+        got = _score_rows(params, tokens, seg, model_cfg, model,
+                          temperature=float(temperature), topk=int(topk))
+        lp, ids, top_lp = (got if topk else (got, None, None))
+        lp = np.asarray(lp)  # [nb, T]
+        ids = None if ids is None else np.asarray(ids)
+        top_lp = None if top_lp is None else np.asarray(top_lp)
         for r, i in enumerate(idx):
             P, R = len(pairs[i][0]), len(pairs[i][1])
             out[i] = lp[r, P:P + R].astype(np.float32)
+            if topk:
+                out[i] = TopKScores(out[i], ids[r, P:P + R].astype(np.int32),
+                                    top_lp[r, P:P + R].astype(np.float32))
     return out
+
+
+class TopKScores(NamedTuple):
+    """A response's teacher scores with its top-K distribution (:func:`score_logprobs`,
+    ``topk > 0``): ``logp [R]`` of the response tokens, ``topk_ids [R, K]`` int32 and
+    ``topk_logp [R, K]`` float32 — the K most likely tokens at each position and their
+    log-probs, most likely first."""
+
+    logp: np.ndarray
+    topk_ids: np.ndarray
+    topk_logp: np.ndarray

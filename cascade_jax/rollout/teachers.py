@@ -66,9 +66,12 @@ class Teachers:
         """Distinct teacher parameter sets."""
         return len({id(p) for _, p in self.by_domain.values()})
 
-    def score(self, rollouts: Rollouts) -> list:
+    def score(self, rollouts: Rollouts, *, topk: int = 0) -> list:
         """Per sample (``rollouts.samples()`` order) the ``[R]`` float32 teacher log-probs at
-        the rollouts' sampling temperature (module doc)."""
+        the rollouts' sampling temperature (module doc); with ``topk > 0`` a
+        :class:`~cascade_jax.rollout.scoring.TopKScores` per sample (also the teacher's
+        ``topk`` most likely tokens at each response position and their log-probs, for the
+        forward-KL term of :func:`~cascade_jax.rl.losses.mopd_loss`)."""
         if not rollouts.requests:
             return []
         tau = shared_sampling([r.sampling for r in rollouts.requests],
@@ -77,7 +80,7 @@ class Teachers:
             rollouts, self.by_domain,
             lambda teacher, prompts, responses: score_logprobs(
                 teacher[1], teacher[0], prompts, responses, batch_size=self.batch_size,
-                model=self.model, temperature=tau),
+                model=self.model, temperature=tau, topk=topk),
             key=lambda teacher: id(teacher[1]))
 
 

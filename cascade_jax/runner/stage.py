@@ -269,7 +269,8 @@ class Stage:
         teacher = None
         if self.obj == "mopd":
             with timer("teacher"):
-                teacher = self.parts.rl.teachers.score(ro)
+                topk = cfg.stage.teacher_topk if cfg.stage.forward_kl_coef else 0
+                teacher = self.parts.rl.teachers.score(ro, topk=topk)
         batch = pack_rollouts(ro, rewards, teacher_logp=teacher, layout="padded",
                               seq_len=cfg.rollout.sampling.max_prompt_len + cfg.rollout.sampling.max_response_len,
                               num_experts=self.parts.model_cfg.n_routed_experts)
