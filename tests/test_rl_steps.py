@@ -497,7 +497,8 @@ def test_mopd_step_forward_kl_term():
     ``log p`` from a full-vocabulary log-softmax of the model's logits (an independent path:
     no chunking), also over micro-batches; a batch without the top-K is refused."""
     params, batch = make_batch(CFG, seed=9)
-    batch = batch.replace(finish_reason=jnp.zeros((8,), jnp.int32))
+    dom = np.array([4, 3, 4, 4, 3, 4, 3, 4], np.int32)  # math, structured_output
+    batch = batch.replace(finish_reason=jnp.zeros((8,), jnp.int32), domain_ids=jnp.asarray(dom))
     tau, K, beta = 1.5, 6, 0.5
     teacher = init(CFG, jax.random.key(77))
     ids, tlp = jax.jit(functools.partial(rl.token_topk_logprobs, cfg=CFG, k=K, temperature=tau))(
@@ -521,11 +522,16 @@ def test_mopd_step_forward_kl_term():
         base = rl.mopd_loss(lp, batch.teacher_logp, batch.rollout_logp, mask)[0]
         F = (jnp.exp(tlp) * (tlp - slp_k)).sum(-1)
         c = 1.0 / ((mask.sum(1) > 0).sum() * jnp.maximum(mask.sum(1), 1.0))[:, None]
-        return base + beta * (c * mask * F).sum(), (F * mask).sum() / mask.sum()
+        return base + beta * (c * mask * F).sum(), F * mask
 
     g_ref, fkl_ref = jax.jit(jax.grad(reference, has_aux=True))(params)
     assert_tree_close(g1, g_ref, 1e-5)
-    np.testing.assert_allclose(float(m1["forward_kl_topk"]), float(fkl_ref), rtol=1e-5)
+    fkl_ref, m_np = np.asarray(fkl_ref), np.asarray(mask)
+    np.testing.assert_allclose(float(m1["forward_kl_topk"]), fkl_ref.sum() / m_np.sum(), rtol=1e-5)
+    named = rl.domain_metrics(m1, ["math", "structured_output"])
+    for name, i in (("math", 4), ("structured_output", 3)):  # per-domain means
+        np.testing.assert_allclose(named[f"mopd/forward_kl/{name}"],
+                                   fkl_ref[dom == i].sum() / m_np[dom == i].sum(), rtol=1e-5)
     g0, _ = grads_of(jax.jit(functools.partial(rl.mopd_train_step, model_cfg=CFG, compute_dtype=F32,
                                                settings=rl.loss_settings(StageConfig(objective="mopd")))),
                      params, batch)

@@ -152,7 +152,8 @@ def mopd_loss(logp: jax.Array, teacher_logp: jax.Array, inference_logp: jax.Arra
     vectors, sums over this (micro-)batch: ``domain_tokens`` (valid tokens per domain) and
     ``domain_grad_weight`` = ``Σ_{t∈d} mask · λ_d · c_t · w_t · |a_t|``, the domain's part of
     the gradient's weight (``∇L = −Σ mask λ c w a ∇lp``); its share of the sum over domains is the
-    domain's share of the loss.
+    domain's share of the loss; with the forward-KL term also ``domain_forward_kl``
+    (``Σ_{t∈d} mask · F_t``).
     """
     logp = logp.astype(jnp.float32)
     m = mask.astype(jnp.float32)
@@ -222,6 +223,9 @@ def mopd_loss(logp: jax.Array, teacher_logp: jax.Array, inference_logp: jax.Arra
         metrics["domain_tokens"] = dom_m
         metrics["domain_grad_weight"] = jax.ops.segment_sum(
             (m * lam * coef * w * jnp.abs(adv)).ravel(), dom, num_domains)
+        if fkl is not None:
+            metrics["domain_forward_kl"] = jax.ops.segment_sum((sg(fkl) * m).ravel(), dom,
+                                                               num_domains)
     return loss, metrics
 
 

@@ -55,7 +55,8 @@ from .settings import GRPOSettings, MOPDSettings
 __all__ = ["grpo_train_step", "mopd_train_step", "sft_train_step", "make_train_step",
            "accumulate_gradients", "domain_metrics"]
 
-_SUM_KEYS = ("loss", "pg_loss", "num_tokens", COUNTS_KEY, "domain_tokens", "domain_grad_weight")
+_SUM_KEYS = ("loss", "pg_loss", "num_tokens", COUNTS_KEY, "domain_tokens", "domain_grad_weight",
+             "domain_forward_kl")
 
 
 def _split(x: jax.Array, k: int) -> jax.Array:
@@ -256,7 +257,9 @@ def mopd_train_step(state: TrainState, batch: RLBatch, *, model_cfg,
     Per domain ``d`` (the ``len(domains.DOMAINS)`` domain ids) the metrics add two vectors:
     ``mopd/domain_tokens`` (valid response tokens of the batch) and ``mopd/domain_loss_share``
     (the domain's share of the gradient weight ``Σ mask · c_t · w_t · |a_t|``,
-    :func:`~cascade_jax.rl.losses.mopd_loss`; the shares sum to 1 over the batch's domains);
+    :func:`~cascade_jax.rl.losses.mopd_loss`; the shares sum to 1 over the batch's domains;
+    the sampled-token term's weight only), and with the forward-KL term
+    ``mopd/domain_forward_kl`` (its mean ``F_t`` over the domain's valid tokens);
     :func:`domain_metrics` names them per domain."""
     if batch.teacher_logp is None:
         raise ValueError("mopd_train_step: batch.teacher_logp is required")
@@ -310,6 +313,9 @@ def mopd_train_step(state: TrainState, batch: RLBatch, *, model_cfg,
     tokens, gw = metrics.pop("domain_tokens"), metrics.pop("domain_grad_weight")
     metrics["mopd/domain_tokens"] = tokens
     metrics["mopd/domain_loss_share"] = gw / jnp.maximum(gw.sum(), 1e-30)
+    if "domain_forward_kl" in metrics:  # per-domain mean of the top-K forward KL
+        metrics["mopd/domain_forward_kl"] = (metrics.pop("domain_forward_kl")
+                                             / jnp.maximum(tokens, 1.0))
     metrics = {**metrics, **extra, **_length_metrics(batch),
                "reward_mean": batch.rewards.astype(jnp.float32).mean(),
                "num_sequences": n_valid_seq.astype(jnp.float32)}
@@ -319,8 +325,8 @@ def mopd_train_step(state: TrainState, batch: RLBatch, *, model_cfg,
 def domain_metrics(metrics: dict, domains) -> dict:
     """``metrics`` of :func:`mopd_train_step` with its per-domain vectors named: for each
     domain name in ``domains`` (e.g. the stage's teachers; unknown names are skipped), in
-    sorted order, ``mopd/tokens/<d>`` and ``mopd/loss_share/<d>``; the vectors
-    ``mopd/domain_tokens`` / ``mopd/domain_loss_share`` are dropped. Other metrics pass
+    sorted order, ``mopd/tokens/<d>`` and ``mopd/loss_share/<d>`` (and ``mopd/forward_kl/<d>``
+    when the step has the forward-KL term); the vectors are dropped. Other metrics pass
     through unchanged (so does a dict without the vectors). Host side: the named values are
     numpy scalars."""
     if "mopd/domain_tokens" not in metrics:
@@ -331,6 +337,10 @@ def domain_metrics(metrics: dict, domains) -> dict:
     for name in sorted(set(domains) & set(D.DOMAIN_IDS)):
         out[f"mopd/tokens/{name}"] = tokens[D.DOMAIN_IDS[name]]
         out[f"mopd/loss_share/{name}"] = share[D.DOMAIN_IDS[name]]
+    if "mopd/domain_forward_kl" in out:
+        fkl = np.asarray(out.pop("mopd/domain_forward_kl"))
+        for name in sorted(set(domains) & set(D.DOMAIN_IDS)):
+            out[f"mopd/forward_kl/{name}"] = fkl[D.DOMAIN_IDS[name]]
     return out
 
 
