@@ -415,10 +415,16 @@ class ServedTeachers:
             self.by_domain[d] = c
         self._owned = list(made.values())
 
-    def score(self, rollouts: Rollouts) -> list:
+    def score(self, rollouts: Rollouts, *, topk: int = 0) -> list:
         """Per sample the teacher log-probs at temperature 1: servers' prompt log-probs are
         always at temperature 1 (docs/rollout-protocol.md §3), so rollouts sampled at another
-        temperature (the sampling contract's) are refused rather than scored inconsistently."""
+        temperature (the sampling contract's) are refused rather than scored inconsistently.
+        ``topk > 0`` (the teachers' top-K for MOPD's forward-KL term) is refused: served
+        teachers return the scored tokens' log-probs only (use in-process teachers)."""
+        if topk:
+            raise ValueError(f"served teachers: topk={topk} (stage.teacher_topk, MOPD's forward-KL "
+                             f"term) needs in-process teachers (stage.teachers); servers score "
+                             f"the response tokens only")
         if rollouts.requests:
             tau = shared_sampling([r.sampling for r in rollouts.requests], what="served teachers")
             if tau.logprob_temperature != 1.0:
