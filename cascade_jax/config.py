@@ -564,6 +564,7 @@ class StageConfig:
     #: sampled prefix (docs/mopd.md §10)
     forward_kl_coef: float = 0.0
     #: how many of the teacher's most likely tokens per position the forward-KL term reads
+    #: (read only when ``forward_kl_coef > 0``)
     teacher_topk: int = 0
 
     __hash__ = _hash_by_value
@@ -591,9 +592,10 @@ class StageConfig:
                 or self.teacher_topk < 0:
             raise ConfigError(f"stage.teacher_topk: expected an integer >= 0, got "
                               f"{self.teacher_topk!r}")
-        if (self.forward_kl_coef > 0) != (self.teacher_topk > 0):
-            raise ConfigError(f"stage.forward_kl_coef / stage.teacher_topk: set both (> 0) or "
-                              f"neither, got {self.forward_kl_coef} / {self.teacher_topk}")
+        if self.forward_kl_coef > 0 and self.teacher_topk < 1:
+            raise ConfigError(f"stage.teacher_topk: stage.forward_kl_coef > 0 needs teacher_topk "
+                              f">= 1 (the teacher's K most likely tokens per position), got "
+                              f"{self.teacher_topk}")
         if self.forward_kl_coef and self.objective != "mopd":
             raise ConfigError(f"stage.forward_kl_coef: read only by objective 'mopd', this "
                               f"stage's objective is {self.objective!r}")

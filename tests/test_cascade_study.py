@@ -155,6 +155,10 @@ def test_grpo_overrides_apply_to_grpo_runs_only():
     assert (m.rollout.sampling.n_samples, m.data.batch_prompts) == (base.rollout.sampling.n_samples, base.data.batch_prompts)
     assert m.optimizer == base.optimizer
     assert m.rollout.sampling.n_samples * m.data.batch_prompts == g.rollout.sampling.n_samples * g.data.batch_prompts
+    # the MOPD-only forward-KL term: the MOPD arm keeps the stage's, the GRPO arm has none
+    assert (m.stage.forward_kl_coef, m.stage.teacher_topk) == (base.stage.forward_kl_coef,
+                                                               base.stage.teacher_topk)
+    assert (g.stage.forward_kl_coef, g.stage.teacher_topk) == (0.0, 0)
 
 
 # --------------------------------------------------------------------------------------------

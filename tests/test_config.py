@@ -115,13 +115,15 @@ def test_overrides_are_validated_together_in_any_order():
 #: fixture's side: tiny/rlhf_teacher learned on some seeds only at lr 1e-3 / 20 steps (and at 8
 #: prompts per step on one SFT of another machine kind), tiny/if_rl
 #: gained +0.00 .. +0.11 at 8 prompts / 20 steps, tiny/mopd gained half as much rlhf at 8 prompts
-#: x 8 samples with multinomial domain draws and stalled at τ = 1 from a near-deterministic start
-#: (issue 24, docs/mopd.md §1, §2, §5, §7).
+#: x 8 samples with multinomial domain draws and stalled at τ = 1 from a near-deterministic start,
+#: and stopped short of its rlhf teacher without the top-K forward-KL term
+#: (issue 24, docs/mopd.md §1, §2, §5, §7, §10).
 CHANGED_SINCE_BASE = {"tiny/rlhf_teacher": ["optimizer.lr=5e-4", "stage.steps=40",
                                             "stage.dynamic_filtering=true", "data.batch_prompts=16"],
                       "tiny/if_rl": ["data.batch_prompts=16", "stage.steps=40"],
                       "tiny/mopd": ["data.batch_prompts=16", "rollout.sampling.n_samples=4",
-                                    "data.domain_draw=stratified", "rollout.sampling.temperature=1.5"]}
+                                    "data.domain_draw=stratified", "rollout.sampling.temperature=1.5",
+                                    "stage.forward_kl_coef=1.0", "stage.teacher_topk=16"]}
 
 
 def test_tiny_stages_compose_to_their_values_before_the_base():

@@ -624,7 +624,7 @@ def test_mopd_forward_kl_needs_both_topk_arrays_and_config_checks():
     a = [jnp.asarray(d[k]) for k in ("lp", "teacher", "roll", "mask")]
     with pytest.raises(ValueError, match="needs teacher_topk_logp and student_topk_logp"):
         rl.mopd_loss(*a, forward_kl_coef=1.0)
-    with pytest.raises(ConfigError, match="stage.forward_kl_coef / stage.teacher_topk: set both"):
+    with pytest.raises(ConfigError, match="stage.teacher_topk: stage.forward_kl_coef > 0 needs"):
         StageConfig(objective="mopd", forward_kl_coef=1.0)
     with pytest.raises(ConfigError, match="stage.forward_kl_coef: read only by objective 'mopd'"):
         StageConfig(objective="grpo", forward_kl_coef=1.0, teacher_topk=4)

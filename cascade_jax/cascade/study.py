@@ -282,7 +282,8 @@ def method_config(base, method: str, *, teachers, steps: int, eval_every: int, s
                   overrides: Sequence[str] = (), grpo_overrides: Sequence[str] = ()):
     """The stage config of ``method`` (``mopd`` or ``grpo``) from the MOPD stage config ``base``:
     same start, domains, optimizer and sampling; GRPO swaps the objective (outcome rewards,
-    token TIS correction, no teachers) and applies ``grpo_overrides`` last."""
+    token TIS correction, no teachers, no forward-KL term) after ``overrides`` and
+    ``grpo_overrides``."""
     if method not in ("mopd", "grpo"):
         raise StudyError(f"unknown method {method!r}; valid: mopd, grpo")
     given = list(overrides) + (list(grpo_overrides) if method == "grpo" else [])
@@ -291,8 +292,9 @@ def method_config(base, method: str, *, teachers, steps: int, eval_every: int, s
             ("data.shuffle_seed", seed)]
     if method == "mopd":
         sets += [("stage.teachers", dict(teachers))]
-    elif method == "grpo":
-        sets += [("stage.objective", "grpo"), ("stage.name", "grpo_continue"),
+    elif method == "grpo":  # MOPD-only terms off first (they are refused with objective grpo)
+        sets += [("stage.forward_kl_coef", 0.0), ("stage.teacher_topk", 0),
+                 ("stage.objective", "grpo"), ("stage.name", "grpo_continue"),
                  ("stage.is_correction", "tis"), ("stage.teachers", {})]
     for k, v in sets:
         cfg = C.replace_path(cfg, k, v)
