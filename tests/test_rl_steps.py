@@ -501,7 +501,7 @@ def test_mopd_step_forward_kl_term():
     batch = batch.replace(finish_reason=jnp.zeros((8,), jnp.int32), domain_ids=jnp.asarray(dom))
     tau, K, beta = 1.5, 6, 0.5
     teacher = init(CFG, jax.random.key(77))
-    ids, tlp = jax.jit(functools.partial(rl.token_topk_logprobs, cfg=CFG, k=K, temperature=tau))(
+    _, ids, tlp = jax.jit(functools.partial(rl.token_topk_logprobs, cfg=CFG, k=K, temperature=tau))(
         teacher, batch)
     mask = batch.loss_mask * rl.segment_start_mask(batch.segment_ids)
     batch = batch.replace(teacher_topk_ids=ids, teacher_topk_logp=tlp,

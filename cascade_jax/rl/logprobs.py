@@ -62,7 +62,8 @@ from models.nemotron_h.partitioning import use_partitioner
 
 from .losses import segment_start_mask
 
-__all__ = ["chunked_logprobs", "chunked_topk_logprobs", "token_logprobs", "token_topk_logprobs", "next_token_logprobs",
+__all__ = ["chunked_logprobs", "chunked_topk_logprobs", "token_logprobs", "token_topk_logprobs",
+           "next_token_logprobs",
            "invariant_next_logprobs",
            "inverse_temperature",
            "DEFAULT_VOCAB_CHUNK"]
@@ -426,20 +427,27 @@ def _logprobs(params, tokens, positions, segment_ids, routed_experts, cfg, model
 
 def token_topk_logprobs(params, batch, cfg, k: int, *, temperature: float = 1.0,
                         vocab_chunk: int = DEFAULT_VOCAB_CHUNK, model=None):
-    """``(ids, logp)`` ``[B, T, k]`` (int32, float32): at each position ``t`` the ``k`` most
-    likely tokens of ``π(· | tokens[b, <t])`` at temperature ``τ`` and their log-probs, aligned
-    like :func:`token_logprobs` (the distribution ``tokens[b, t]`` was drawn from; ids and
-    log-probs 0 where there is no prefix in the same segment). A teacher's side of the top-K
-    forward-KL term of :func:`cascade_jax.rl.losses.mopd_loss` (``forward_kl_coef``); the
-    default model's forward, no gradient."""
+    """``(logp [B, T], ids [B, T, k], topk_logp [B, T, k])`` (float32, int32, float32) from one
+    forward: the tokens' own log-probs as :func:`token_logprobs` computes them, and at each
+    position ``t`` the ``k`` most likely tokens of ``π(· | tokens[b, <t])`` at temperature ``τ``
+    with their log-probs, most likely first, aligned the same way (the distribution
+    ``tokens[b, t]`` was drawn from; everything 0 where there is no prefix in the same
+    segment). A teacher's side of the top-K forward-KL term of
+    :func:`cascade_jax.rl.losses.mopd_loss` (``forward_kl_coef``); the default model path
+    (not the zero-mismatch modes), no gradient through the top-K."""
     if model is None:
         model = nemotron_h
+    if getattr(model, "KERNEL_INVARIANT", False):
+        raise ValueError("token_topk_logprobs: not available for the kernel-invariant model")
     h = _model_hidden(params, batch.tokens, batch.positions, batch.segment_ids, None, cfg, model)
-    ids, lp = chunked_topk_logprobs(h[:, :-1], params["lm_head"], k, temperature=temperature,
-                                    vocab_chunk=vocab_chunk)
-    valid = segment_start_mask(batch.segment_ids)[..., None]
-    pad = lambda x: jnp.pad(x, ((0, 0), (1, 0), (0, 0)))
-    return pad(ids) * valid.astype(jnp.int32), pad(lp) * valid
+    lp, _ = chunked_logprobs(h[:, :-1], params["lm_head"], batch.tokens[:, 1:],
+                             temperature=temperature, vocab_chunk=vocab_chunk)
+    ids, top_lp = chunked_topk_logprobs(h[:, :-1], params["lm_head"], k, temperature=temperature,
+                                        vocab_chunk=vocab_chunk)
+    valid = segment_start_mask(batch.segment_ids)
+    pad = lambda x: jnp.pad(x, ((0, 0), (1, 0)) + ((0, 0),) * (x.ndim - 2))
+    return (pad(lp) * valid, pad(ids) * valid[..., None].astype(jnp.int32),
+            pad(top_lp) * valid[..., None])
 
 
 def next_token_logprobs(params, tokens: jax.Array, lengths: jax.Array, cfg, *,

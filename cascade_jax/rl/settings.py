@@ -93,7 +93,7 @@ class MOPDSettings:
         loss is ``−Σ mask · λ_d(t) · c_t · w_t · a_t · lp_t``; empty: every ``λ_d = 1``.
       forward_kl_coef: ``β ≥ 0``, weight of the top-K forward-KL term
         ``β · Σ mask · λ_d · c_t · Σ_k q_k (log q_k − log p_k)`` over the teacher's ``teacher_topk``
-        most likely tokens at each prefix (0: the paper's loss; the batch then needs
+        most likely tokens at each prefix (0: the paper's loss; > 0: the batch must carry
         ``teacher_topk_ids`` / ``teacher_topk_logp``).
       teacher_topk: ``K``, how many of the teacher's most likely tokens the batch carries per
         position (read when ``forward_kl_coef > 0``; the vocabulary size gives the full KL).

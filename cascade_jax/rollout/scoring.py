@@ -40,11 +40,10 @@ def _score_rows(params, tokens, segment_ids, model_cfg, model, temperature=1.0, 
     pos = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
     rows = SFTBatch(tokens=tokens, positions=pos, segment_ids=segment_ids,
                     loss_mask=jnp.zeros(tokens.shape, jnp.float32))
-    lp = token_logprobs(params, rows, model_cfg, temperature=temperature, model=model)[0]
-    if not topk:
-        return lp
-    return (lp,) + token_topk_logprobs(params, rows, model_cfg, topk, temperature=temperature,
-                                       model=model)
+    if topk:  # one forward for both
+        return token_topk_logprobs(params, rows, model_cfg, topk, temperature=temperature,
+                                   model=model)
+    return token_logprobs(params, rows, model_cfg, temperature=temperature, model=model)[0]
 
 
 def score_logprobs(params, model_cfg, prompts: Sequence[Sequence[int]],
