@@ -84,6 +84,27 @@ def test_decode_reply_checks_fields():
     np.testing.assert_array_equal(lp, np.float32([-1.0, -2.0]))
     with pytest.raises(RolloutError, match="input_token_logprobs"):
         api.decode_score({"meta_info": {"input_token_logprobs": [[None, 1, None]]}}, 1, 2)
+    # top-K scoring: SGLang's input_top_logprobs (entry i predicts input token i; null at 0)
+    body = api.encode_score((1,), (2, 3), rid="s", top_logprobs_num=2)
+    assert body["top_logprobs_num"] == 2 and "top_logprobs_num" not in api.encode_score((1,), (2,), rid="s")
+    reply = {"meta_info": {"weight_version": "7", "input_token_logprobs": [
+        [None, 1, None], [-1.0, 2, None], [-2.0, 3, None]], "input_top_logprobs": [
+        None, [[-0.5, 9, "a"], [-1.0, 2, "b"]], [[-0.1, 4, None], [-2.0, 3, None]]]}}
+    lp, ids, top, v = api.decode_score(reply, 1, 2, topk=2)
+    np.testing.assert_array_equal(lp, np.float32([-1.0, -2.0]))
+    np.testing.assert_array_equal(ids, [[9, 2], [4, 3]])
+    np.testing.assert_array_equal(top, np.float32([[-0.5, -1.0], [-0.1, -2.0]]))
+    assert v == "7" and ids.dtype == np.int32
+    for mutate, field in [(lambda m: m.pop("input_top_logprobs"), r"input_top_logprobs:"),
+                          (lambda m: m["input_top_logprobs"].__setitem__(2, [[-0.1, 4, None]]),
+                           r"input_top_logprobs\[2\]"),
+                          (lambda m: m["input_top_logprobs"].__setitem__(1, [[-0.5, 9.0], [-1, 2]]),
+                           r"input_top_logprobs\[1\]\[0\]")]:
+        bad = {"meta_info": {k: (list(v_) if isinstance(v_, list) else v_)
+                             for k, v_ in reply["meta_info"].items()}}
+        mutate(bad["meta_info"])
+        with pytest.raises(RolloutError, match=field):
+            api.decode_score(bad, 1, 2, topk=2)
 
 
 def test_hub_tensors_roundtrip_and_single_dtype_buckets(tiny):

@@ -156,8 +156,28 @@ def test_served_teachers_route_by_domain(stack):
         with pytest.raises(ValueError, match="swe"):
             teachers.score(stack.client.generate([Request(prompt_ids=(1,), sampling=SamplingParams(max_new_tokens=1),
                                                           domain="swe")]))
+        # top-K (MOPD's forward-KL term) through SGLang's input_top_logprobs: the same log-probs,
+        # and each response position's 4 most likely tokens of the trainer's full distribution
+        top = teachers.score(rollouts, topk=4)
+        for t, g, smp in zip(top, got, samples):
+            np.testing.assert_allclose(t.logp, g, atol=TOL)
+            want_ids, want_lp = _reference_topk(stack.params[0], stack.cfg, smp, 4)
+            np.testing.assert_array_equal(t.topk_ids, want_ids)
+            np.testing.assert_allclose(t.topk_logp, want_lp, atol=TOL)
     finally:
         teachers.close()
+
+
+def _reference_topk(params, cfg, sample, k):
+    """The top ``k`` of ``log_softmax`` of the model's logits (fp64 softmax, numpy) at each
+    response token's prefix."""
+    seq = np.concatenate([sample.prompt_ids, sample.response_ids]).astype(np.int32)
+    z = np.asarray(nh.hidden_states(params, seq[None], cfg)[0] @ params["lm_head"], np.float64)
+    ls = z - (np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1)) + z.max(-1))[:, None]
+    P, R = len(sample.prompt_ids), len(sample.response_ids)
+    ls = ls[P - 1:P + R - 1]
+    ids = np.argsort(-ls, -1)[:, :k]
+    return ids, np.take_along_axis(ls, ids, -1)
 
 
 def test_router_forwards_generate_broadcasts_flush_and_404s_updates(stack):

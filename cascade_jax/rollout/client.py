@@ -35,6 +35,7 @@ from cascade_jax import domains
 from cascade_jax.contract.sampling import SamplingMismatchError, shared_sampling
 
 from . import sglang_api
+from .scoring import TopKScores
 from .types import Request, RolloutError, Rollouts
 from .teachers import score_by_domain
 
@@ -163,14 +164,18 @@ class ServerClient:
         groups = tuple(tuple(results[(i, k)] for k in range(r.sampling.n)) for i, r in enumerate(requests))
         return Rollouts(requests=tuple(requests), groups=groups)
 
-    def score(self, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]]) -> list:
+    def score(self, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], *,
+              topk: int = 0) -> list:
         """Teacher-forced log-probs by ``/generate`` with ``max_new_tokens: 0``,
         ``return_logprob`` and ``logprob_start_len: 0`` (the last ``len(response)`` entries of
-        ``input_token_logprobs``)."""
-        return self.score_with_version(prompts, responses)[0]
+        ``input_token_logprobs``), at temperature 1. ``topk > 0`` also asks
+        ``top_logprobs_num: topk`` and returns a
+        :class:`~cascade_jax.rollout.scoring.TopKScores` per pair (each response position's
+        ``topk`` most likely tokens, from ``input_top_logprobs``)."""
+        return self.score_with_version(prompts, responses, topk=topk)[0]
 
-    def score_with_version(self, prompts, responses, *, urls: Optional[Sequence[str]] = None
-                           ) -> tuple[list, list]:
+    def score_with_version(self, prompts, responses, *, urls: Optional[Sequence[str]] = None,
+                           topk: int = 0) -> tuple[list, list]:
         """:meth:`score` plus the ``weight_version`` each pair was scored with; ``urls`` (a
         subset of the servers) bypasses the router, e.g. to verify each server."""
         if len(prompts) != len(responses):
@@ -180,10 +185,12 @@ class ServerClient:
         for j, (p, r) in enumerate(zip(prompts, responses)):
             if len(p) < 1:
                 raise ValueError(f"score: prompt {j} is empty (the first token has no log-prob)")
-            jobs.append(_Job(j, lambda a, p=p, r=r, j=j: sglang_api.encode_score(p, r, rid=f"{call}-{j}-a{a}"),
-                             lambda reply, p=p, r=r: sglang_api.decode_score(reply, len(p), len(r))))
+            jobs.append(_Job(j, lambda a, p=p, r=r, j=j: sglang_api.encode_score(
+                p, r, rid=f"{call}-{j}-a{a}", top_logprobs_num=topk),
+                lambda reply, p=p, r=r: sglang_api.decode_score(reply, len(p), len(r), topk=topk)))
         results = self._run(self._execute(jobs, urls))
-        return [results[j][0] for j in range(len(jobs))], [results[j][1] for j in range(len(jobs))]
+        scores = [results[j][0] if not topk else TopKScores(*results[j][:3]) for j in range(len(jobs))]
+        return scores, [results[j][-1] for j in range(len(jobs))]
 
     def update_weights(self, params, version: str) -> None:
         """Push ``params`` as ``version`` through the configured weight syncer."""
@@ -419,12 +426,8 @@ class ServedTeachers:
         """Per sample the teacher log-probs at temperature 1: servers' prompt log-probs are
         always at temperature 1 (docs/rollout-protocol.md §3), so rollouts sampled at another
         temperature (the sampling contract's) are refused rather than scored inconsistently.
-        ``topk > 0`` (the teachers' top-K for MOPD's forward-KL term) is refused: served
-        teachers return the scored tokens' log-probs only (use in-process teachers)."""
-        if topk:
-            raise ValueError(f"served teachers: topk={topk} (stage.teacher_topk, MOPD's forward-KL "
-                             f"term) needs in-process teachers (stage.teachers); servers score "
-                             f"the response tokens only")
+        ``topk > 0``: a :class:`~cascade_jax.rollout.scoring.TopKScores` per sample (the
+        servers' ``input_top_logprobs``; MOPD's forward-KL term), as the in-process teachers'."""
         if rollouts.requests:
             tau = shared_sampling([r.sampling for r in rollouts.requests], what="served teachers")
             if tau.logprob_temperature != 1.0:
@@ -433,7 +436,8 @@ class ServedTeachers:
                     f"temperature {tau.temperature}; use in-process teachers (stage.teachers) or "
                     f"rollout.sampling.temperature 1")
         return score_by_domain(rollouts, self.by_domain,
-                               lambda client, prompts, responses: client.score(prompts, responses))
+                               lambda client, prompts, responses: client.score(prompts, responses,
+                                                                               topk=topk))
 
     def close(self) -> None:
         """Close the clients this object made from URLs."""

@@ -530,11 +530,17 @@ def encode_generate(prompt_ids: Sequence[int], sp: SamplingParams, *, rid: str, 
     return body
 
 
-def encode_score(prompt_ids: Sequence[int], response_ids: Sequence[int], *, rid: str) -> dict:
-    """Teacher-forced scoring body: ``prompt + response``, no new tokens, input log-probs from 0."""
-    return {"input_ids": [int(t) for t in prompt_ids] + [int(t) for t in response_ids], "rid": rid,
+def encode_score(prompt_ids: Sequence[int], response_ids: Sequence[int], *, rid: str,
+                 top_logprobs_num: int = 0) -> dict:
+    """Teacher-forced scoring body: ``prompt + response``, no new tokens, input log-probs from 0
+    (with ``top_logprobs_num > 0`` also each position's top ``top_logprobs_num``,
+    ``input_top_logprobs``)."""
+    body = {"input_ids": [int(t) for t in prompt_ids] + [int(t) for t in response_ids], "rid": rid,
             "return_logprob": True, "logprob_start_len": 0,
             "sampling_params": {"max_new_tokens": 0, "temperature": 1.0}}
+    if top_logprobs_num:
+        body["top_logprobs_num"] = int(top_logprobs_num)
+    return body
 
 
 def _bad(field: str, msg: str):
@@ -585,8 +591,11 @@ def decode_sample(item: Any, prompt_ids: Sequence[int], routed_layout: Optional[
                   routed_experts=rx)
 
 
-def decode_score(item: Any, n_prompt: int, n_response: int) -> tuple[np.ndarray, str]:
-    """``([n_response] float32 log-probs of the response, weight_version)`` from a scoring reply."""
+def decode_score(item: Any, n_prompt: int, n_response: int, *, topk: int = 0) -> tuple:
+    """``([n_response] float32 log-probs of the response, weight_version)`` from a scoring reply;
+    with ``topk > 0`` ``(logp, topk_ids [n_response, topk] int32, topk_logp [n_response, topk]
+    float32, weight_version)`` from ``input_top_logprobs`` at the response positions (entry
+    ``i`` is the distribution that predicts input token ``i``), in the reply's order."""
     meta = _meta(item)
     triples = meta.get("input_token_logprobs")
     total = n_prompt + n_response
@@ -598,4 +607,25 @@ def decode_score(item: Any, n_prompt: int, n_response: int) -> tuple[np.ndarray,
         if not isinstance(tr, list) or not tr or isinstance(tr[0], bool) or not isinstance(tr[0], (int, float)):
             raise _bad(f"meta_info.input_token_logprobs[{i}]", f"expected [logprob, token_id, ...], got {tr!r}")
         out.append(float(tr[0]))
-    return np.asarray(out, np.float32), str(meta.get("weight_version"))
+    logp, version = np.asarray(out, np.float32), str(meta.get("weight_version"))
+    if not topk:
+        return logp, version
+    tops = meta.get("input_top_logprobs")
+    if not isinstance(tops, list) or len(tops) != total:
+        raise _bad("meta_info.input_top_logprobs",
+                   f"expected {total} entries, got {len(tops) if isinstance(tops, list) else tops!r}")
+    ids = np.zeros((n_response, topk), np.int32)
+    lps = np.zeros((n_response, topk), np.float32)
+    for r, i in enumerate(range(n_prompt, total)):
+        entry = tops[i]
+        if not isinstance(entry, list) or len(entry) != topk:
+            raise _bad(f"meta_info.input_top_logprobs[{i}]",
+                       f"expected {topk} [logprob, token_id, ...] entries, got {str(entry)[:200]}")
+        for k, tr in enumerate(entry):
+            if (not isinstance(tr, list) or len(tr) < 2 or isinstance(tr[0], bool)
+                    or not isinstance(tr[0], (int, float)) or isinstance(tr[1], bool)
+                    or not isinstance(tr[1], int)):
+                raise _bad(f"meta_info.input_top_logprobs[{i}][{k}]",
+                           f"expected [logprob, token_id, ...], got {tr!r}")
+            lps[r, k], ids[r, k] = float(tr[0]), int(tr[1])
+    return logp, ids, lps, version
